@@ -1,0 +1,355 @@
+//! f32 matrix multiply for the CPU backend: C = A·Bᵀ (+ bias, activation), blocked for the
+//! cache (BLIS loop order) with packed panels and an AVX-512 register-tile microkernel,
+//! falling back to a portable kernel. All scratch memory is passed in, so a call never
+//! allocates.
+//!
+//! A is m×k row-major with row stride `lda`. B is n×k addressed by two strides, so both a
+//! PyTorch weight (out, in) and a transposed operand (attention's P·V reads V as Bᵀ) work.
+
+use super::math;
+use super::pool::{split, SendPtr, ThreadPool};
+
+/// Microkernel tile: MR rows × NR columns of C held in registers (12 × 2 zmm = 24 of 32).
+pub const MR: usize = 12;
+pub const NR: usize = 32;
+/// Cache blocking: a KC×NC packed B block lives in L2, a KC×NR panel of it in L1, and an
+/// MC×KC packed A block in L2.
+const KC: usize = 256;
+const MC: usize = 144;
+const NC: usize = 384;
+
+/// f32 elements of scratch each thread needs.
+pub const SCRATCH_PER_THREAD: usize = KC * NC + MC * KC;
+
+/// What happens to each output element after the dot product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    GeluTanh,
+}
+
+/// The B operand: element (row j, col p) at `data[j·rs + p·cs]`.
+#[derive(Clone, Copy)]
+pub struct BMat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> BMat<'a> {
+    /// A PyTorch linear weight (out, in), row-major.
+    pub fn weight(data: &'a [f32], k: usize) -> Self {
+        BMat { data, rs: k, cs: 1 }
+    }
+}
+
+/// One GEMM problem. C is written through a raw pointer so threads can own disjoint tiles.
+#[derive(Clone, Copy)]
+pub struct Gemm<'a> {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub a: &'a [f32],
+    pub lda: usize,
+    pub b: BMat<'a>,
+    pub bias: Option<&'a [f32]>,
+    pub act: Act,
+    pub c: SendPtr,
+    pub ldc: usize,
+}
+
+type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
+
+/// The best microkernel this CPU runs, chosen once.
+#[derive(Clone, Copy)]
+pub struct Gemmer {
+    kernel: Kernel,
+    pub name: &'static str,
+}
+
+impl Gemmer {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::is_x86_feature_detected!("avx512f") {
+                return Gemmer {
+                    kernel: kernel_avx512,
+                    name: "avx512",
+                };
+            }
+        }
+        Self::portable()
+    }
+
+    /// The plain-Rust kernel (also used by tests to cross-check the SIMD one).
+    pub fn portable() -> Self {
+        Gemmer {
+            kernel: kernel_portable,
+            name: "portable",
+        }
+    }
+
+    /// Runs `g` on every thread of `pool`, splitting the larger output dimension.
+    /// `scratch` holds `SCRATCH_PER_THREAD` floats per pool thread.
+    pub fn run(&self, pool: &ThreadPool, scratch: &mut [f32], g: &Gemm) {
+        let threads = pool.threads();
+        assert!(scratch.len() >= threads * SCRATCH_PER_THREAD, "GEMM scratch too small");
+        check_bounds(g);
+        let scratch = SendPtr(scratch.as_mut_ptr());
+        let by_cols = g.n >= threads * 2 * NR || g.m < threads * MR;
+        let work = |tid: usize| {
+            let (rows, cols) = if by_cols {
+                (0..g.m, split(g.n, threads, tid, NR))
+            } else {
+                (split(g.m, threads, tid, MR), 0..g.n)
+            };
+            // SAFETY: each thread uses its own scratch slice and its own C tile.
+            let mine = unsafe {
+                std::slice::from_raw_parts_mut(scratch.get().add(tid * SCRATCH_PER_THREAD), SCRATCH_PER_THREAD)
+            };
+            self.block(g, rows, cols, mine);
+        };
+        if g.m * g.n * g.k < 1 << 16 {
+            // Too small to be worth waking the workers.
+            work_single(self, g, scratch);
+        } else {
+            pool.run(&work);
+        }
+    }
+
+    /// Single-threaded GEMM (used inside already-parallel loops such as attention heads).
+    pub fn run_single(&self, scratch: &mut [f32], g: &Gemm) {
+        assert!(scratch.len() >= SCRATCH_PER_THREAD, "GEMM scratch too small");
+        check_bounds(g);
+        self.block(g, 0..g.m, 0..g.n, scratch);
+    }
+
+    /// C[rows, cols] for one thread: the BLIS jc → pc → ic → jr → ir loop nest.
+    fn block(&self, g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, scratch: &mut [f32]) {
+        if rows.is_empty() || cols.is_empty() {
+            return;
+        }
+        let (bpack, apack) = scratch.split_at_mut(KC * NC);
+        let mut j0 = cols.start;
+        while j0 < cols.end {
+            let nc = NC.min(cols.end - j0);
+            let mut p0 = 0;
+            while p0 < g.k {
+                let kc = KC.min(g.k - p0);
+                pack_b(g.b, j0, nc, p0, kc, bpack);
+                let mut i0 = rows.start;
+                while i0 < rows.end {
+                    let mc = MC.min(rows.end - i0);
+                    pack_a(g.a, g.lda, i0, mc, p0, kc, apack);
+                    for jp in 0..nc.div_ceil(NR) {
+                        let nr = NR.min(nc - jp * NR);
+                        for ip in 0..mc.div_ceil(MR) {
+                            let mr = MR.min(mc - ip * MR);
+                            // SAFETY: bounds were checked in `check_bounds`; the packed
+                            // panels are padded to full MR/NR tiles.
+                            unsafe {
+                                let c = g.c.get().add((i0 + ip * MR) * g.ldc + j0 + jp * NR);
+                                (self.kernel)(
+                                    kc,
+                                    apack.as_ptr().add(ip * MR * kc),
+                                    bpack.as_ptr().add(jp * NR * kc),
+                                    c,
+                                    g.ldc,
+                                    mr,
+                                    nr,
+                                    p0 > 0,
+                                );
+                            }
+                        }
+                    }
+                    i0 += mc;
+                }
+                p0 += kc;
+            }
+            if g.k == 0 {
+                zero_tile(g, rows.clone(), j0..j0 + nc);
+            }
+            epilogue(g, rows.clone(), j0..j0 + nc);
+            j0 += nc;
+        }
+    }
+}
+
+fn work_single(gm: &Gemmer, g: &Gemm, scratch: SendPtr) {
+    // SAFETY: the caller checked the scratch length for at least one thread.
+    let mine = unsafe { std::slice::from_raw_parts_mut(scratch.get(), SCRATCH_PER_THREAD) };
+    gm.block(g, 0..g.m, 0..g.n, mine);
+}
+
+/// Panics (a programming error, never input-reachable) if any operand is too short.
+fn check_bounds(g: &Gemm) {
+    if g.m == 0 || g.n == 0 {
+        return;
+    }
+    assert!(g.lda >= g.k && g.a.len() >= (g.m - 1) * g.lda + g.k, "GEMM: A too small");
+    if g.k > 0 {
+        let last = (g.n - 1) * g.b.rs + (g.k - 1) * g.b.cs;
+        assert!(g.b.data.len() > last, "GEMM: B too small");
+    }
+    assert!(g.ldc >= g.n, "GEMM: ldc < n");
+    if let Some(bias) = g.bias {
+        assert!(bias.len() >= g.n, "GEMM: bias too small");
+    }
+}
+
+/// Packs B[j0.., p0..] into NR-wide panels, p-major inside each panel, zero-padding
+/// columns past the edge: `out[jp·kc·NR + p·NR + jj] = B(j0 + jp·NR + jj, p0 + p)`.
+fn pack_b(b: BMat, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    for jp in 0..nc.div_ceil(NR) {
+        let panel = &mut out[jp * NR * kc..(jp + 1) * NR * kc];
+        let width = NR.min(nc - jp * NR);
+        if b.cs == 1 {
+            // Rows of B are contiguous in p: read a row, scatter with stride NR.
+            for jj in 0..NR {
+                if jj < width {
+                    let row = &b.data[(j0 + jp * NR + jj) * b.rs + p0..][..kc];
+                    for (p, &v) in row.iter().enumerate() {
+                        panel[p * NR + jj] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * NR + jj] = 0.0;
+                    }
+                }
+            }
+        } else {
+            for p in 0..kc {
+                let dst = &mut panel[p * NR..(p + 1) * NR];
+                for (jj, d) in dst.iter_mut().enumerate() {
+                    *d = if jj < width {
+                        b.data[(j0 + jp * NR + jj) * b.rs + (p0 + p) * b.cs]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Packs A[i0.., p0..] into MR-tall panels, p-major: `out[ip·kc·MR + p·MR + ii]`,
+/// repeating a valid row past the edge (those results are never stored).
+fn pack_a(a: &[f32], lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    for ip in 0..mc.div_ceil(MR) {
+        let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
+        let height = MR.min(mc - ip * MR);
+        for ii in 0..MR {
+            let r = i0 + ip * MR + ii.min(height - 1);
+            let row = &a[r * lda + p0..][..kc];
+            for (p, &v) in row.iter().enumerate() {
+                panel[p * MR + ii] = v;
+            }
+        }
+    }
+}
+
+fn zero_tile(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    for i in rows {
+        // SAFETY: inside this thread's C tile, bounds checked.
+        let row = unsafe { std::slice::from_raw_parts_mut(g.c.get().add(i * g.ldc + cols.start), cols.len()) };
+        row.fill(0.0);
+    }
+}
+
+fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    if g.bias.is_none() && g.act == Act::None {
+        return;
+    }
+    for i in rows {
+        // SAFETY: inside this thread's C tile, bounds checked.
+        let row = unsafe { std::slice::from_raw_parts_mut(g.c.get().add(i * g.ldc + cols.start), cols.len()) };
+        if let Some(bias) = g.bias {
+            for (v, b) in row.iter_mut().zip(&bias[cols.clone()]) {
+                *v += b;
+            }
+        }
+        if g.act == Act::GeluTanh {
+            for v in row.iter_mut() {
+                *v = math::gelu_tanh(*v);
+            }
+        }
+    }
+}
+
+/// Portable microkernel: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc.
+///
+/// # Safety
+/// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds.
+unsafe fn kernel_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] += ap[i] * bp[j];
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        for (cv, &v) in crow.iter_mut().zip(row) {
+            *cv = if accumulate { *cv + v } else { v };
+        }
+    }
+}
+
+/// AVX-512 microkernel: 12 rows × 32 columns in 24 zmm accumulators; per k step two B
+/// loads, twelve broadcasts and 24 FMAs. Edge columns use masked loads/stores.
+///
+/// # Safety
+/// As [`kernel_portable`], and the CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*ap.add(i));
+            acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+            acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+        }
+    }
+    let mask = |lo: usize| -> __mmask16 {
+        let w = nr.saturating_sub(lo).min(16);
+        ((1u32 << w) - 1) as __mmask16
+    };
+    let (m0, m1) = (mask(0), mask(16));
+    for (i, acc_i) in acc.iter().enumerate().take(mr) {
+        let cp = c.add(i * ldc);
+        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+        }
+        _mm512_mask_storeu_ps(cp, m0, v0);
+        _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+    }
+}

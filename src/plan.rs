@@ -1,0 +1,174 @@
+//! Memory planning: every buffer a backend needs, named and sized from the config before
+//! anything runs, laid out in one allocation (the arena) at 64-byte-aligned offsets.
+
+use std::alloc::Layout;
+use std::fmt;
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+
+/// Element type of a planned buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    F16,
+}
+
+impl Dt {
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::F16 => 2,
+        }
+    }
+}
+
+/// Index of a buffer in its plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufId(usize);
+
+/// One named buffer.
+#[derive(Clone, Debug)]
+pub struct Buffer {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: Dt,
+    /// Byte offset in the arena.
+    pub offset: usize,
+}
+
+impl Buffer {
+    pub fn elems(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn bytes(&self) -> usize {
+        self.elems() * self.dtype.size()
+    }
+}
+
+const ALIGN: usize = 64;
+
+/// The full list of buffers and the memory held outside the arena (e.g. mapped weights).
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    pub title: String,
+    buffers: Vec<Buffer>,
+    total: usize,
+    outside: Vec<(String, usize)>,
+}
+
+impl Plan {
+    pub fn new(title: impl Into<String>) -> Self {
+        Plan {
+            title: title.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds a buffer of `shape` elements of `dtype`.
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], dtype: Dt) -> BufId {
+        let offset = self.total.next_multiple_of(ALIGN);
+        let b = Buffer {
+            name: name.into(),
+            shape: shape.to_vec(),
+            dtype,
+            offset,
+        };
+        self.total = offset + b.bytes();
+        self.buffers.push(b);
+        BufId(self.buffers.len() - 1)
+    }
+
+    /// Records memory the backend holds outside the arena, for the printed breakdown.
+    pub fn outside(&mut self, what: impl Into<String>, bytes: usize) {
+        self.outside.push((what.into(), bytes));
+    }
+
+    pub fn get(&self, id: BufId) -> &Buffer {
+        &self.buffers[id.0]
+    }
+    pub fn buffers(&self) -> &[Buffer] {
+        &self.buffers
+    }
+    /// Bytes of the one arena allocation.
+    pub fn total_bytes(&self) -> usize {
+        self.total.next_multiple_of(ALIGN)
+    }
+    pub fn outside_bytes(&self) -> usize {
+        self.outside.iter().map(|(_, b)| b).sum()
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{}: arena {:.2} MiB in one allocation, {} buffers",
+            self.title,
+            mib(self.total_bytes()),
+            self.buffers.len()
+        )?;
+        for b in &self.buffers {
+            let shape = b.shape.iter().map(usize::to_string).collect::<Vec<_>>().join("×");
+            let dt = match b.dtype {
+                Dt::F32 => "f32",
+                Dt::F16 => "f16",
+            };
+            writeln!(f, "  {:<18} {:>22} {:<3} {:>10.3} MiB", b.name, shape, dt, mib(b.bytes()))?;
+        }
+        for (what, bytes) in &self.outside {
+            writeln!(f, "  outside the arena: {what}: {:.2} MiB", mib(*bytes))?;
+        }
+        Ok(())
+    }
+}
+
+/// The one allocation a plan describes, zero-initialised.
+pub struct Arena {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+// SAFETY: the arena is plain memory owned by this value.
+unsafe impl Send for Arena {}
+
+impl Arena {
+    /// Allocates the plan's arena, or reports how much memory was asked for.
+    pub fn new(plan: &Plan) -> Result<Self> {
+        let size = plan.total_bytes().max(ALIGN);
+        let layout = Layout::from_size_align(size, ALIGN)
+            .map_err(|_| Error::invalid("arena size", format!("{size} bytes is not allocatable")))?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or_else(|| {
+            Error::invalid(
+                "memory",
+                format!("not enough memory for the {:.1} MiB arena:\n{plan}", mib(size)),
+            )
+        })?;
+        Ok(Arena { ptr, layout })
+    }
+
+    /// A raw pointer to an f32 buffer of the plan this arena was made from.
+    pub fn f32_ptr(&self, buf: &Buffer) -> *mut f32 {
+        debug_assert_eq!(buf.dtype, Dt::F32);
+        debug_assert!(buf.offset + buf.bytes() <= self.layout.size());
+        // SAFETY: offsets come from the plan this arena was sized for.
+        unsafe { self.ptr.as_ptr().add(buf.offset).cast() }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}

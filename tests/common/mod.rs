@@ -1,0 +1,60 @@
+//! Shared test helpers: fixture paths and the one tolerance policy.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use icdit::tensorfile::TensorFile;
+
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// A forward reference: inputs and the official output.
+pub struct Reference {
+    pub x: Vec<f32>,
+    pub t: Vec<i64>,
+    pub y: Vec<i64>,
+    pub out: Vec<f32>,
+    pub out_f64: Option<Vec<f32>>,
+}
+
+pub fn reference(rel: &str) -> Reference {
+    let f = TensorFile::open(&fixture(rel)).unwrap_or_else(|e| panic!("{e}"));
+    Reference {
+        x: f.read_f32("x").unwrap().1,
+        t: f.read_i64("t").unwrap().1,
+        y: f.read_i64("y").unwrap().1,
+        out: f.read_f32("out").unwrap().1,
+        out_f64: f.get("out_f64").map(|_| f.read_f32("out_f64").unwrap().1),
+    }
+}
+
+/// Relative L2 error ‖a − e‖ / ‖e‖, computed in f64.
+pub fn rel_l2(a: &[f32], e: &[f32]) -> f64 {
+    assert_eq!(a.len(), e.len(), "length mismatch");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&a, &e) in a.iter().zip(e) {
+        num += (a as f64 - e as f64).powi(2);
+        den += (e as f64).powi(2);
+    }
+    (num / den).sqrt()
+}
+
+/// Asserts `a` matches `e` within relative L2 `tol`, after checking the reference is not
+/// trivial; prints the measured error and, on failure, the worst elements.
+pub fn assert_close(what: &str, a: &[f32], e: &[f32], tol: f64) -> f64 {
+    let rms = (e.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / e.len() as f64).sqrt();
+    assert!(rms > 1e-3, "{what}: reference is trivial (rms {rms})");
+    assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite output");
+    let err = rel_l2(a, e);
+    println!("{what}: relative L2 error {err:.3e} (tolerance {tol:.0e}, reference rms {rms:.3})");
+    if !(err <= tol) {
+        let mut idx: Vec<usize> = (0..a.len()).collect();
+        idx.sort_by(|&i, &j| (a[j] - e[j]).abs().total_cmp(&(a[i] - e[i]).abs()));
+        for &i in idx.iter().take(8) {
+            eprintln!("  [{i}] got {} expected {} (diff {:.3e})", a[i], e[i], a[i] - e[i]);
+        }
+        panic!("{what}: relative L2 error {err:.3e} exceeds {tol:.0e}");
+    }
+    err
+}
