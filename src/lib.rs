@@ -10,6 +10,7 @@ pub mod cpu;
 pub mod embed;
 pub mod error;
 pub mod forward;
+pub mod inspect;
 pub mod plan;
 pub mod tensorfile;
 pub mod weights;

@@ -353,3 +353,72 @@ unsafe fn kernel_avx512(
         _mm512_mask_storeu_ps(cp.add(16), m1, v1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Checks C = A·Bᵀ + bias (+GELU) against an f64 reference for one shape and B layout.
+    fn check(gm: &Gemmer, pool: &ThreadPool, m: usize, n: usize, k: usize, transposed_b: bool, act: Act) {
+        let mut s = (m * 131 + n * 7 + k) as u64;
+        let lda = k + 3; // a padded row stride
+        let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut s)).collect();
+        let bdata: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+        let b = if transposed_b {
+            BMat { data: &bdata, rs: 1, cs: n } // B(j, p) = data[p·n + j]
+        } else {
+            BMat::weight(&bdata, k)
+        };
+        let bias: Vec<f32> = (0..n).map(|_| lcg(&mut s)).collect();
+        let ldc = n + 5;
+        let mut c = vec![f32::NAN; m * ldc];
+        let mut scratch = vec![0.0; pool.threads() * SCRATCH_PER_THREAD];
+        let g = Gemm { m, n, k, a: &a, lda, b, bias: Some(&bias), act, c: SendPtr(c.as_mut_ptr()), ldc };
+        gm.run(pool, &mut scratch, &g);
+        let mut worst = 0.0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let mut e = bias[j] as f64;
+                for p in 0..k {
+                    e += a[i * lda + p] as f64 * b.data[j * b.rs + p * b.cs] as f64;
+                }
+                if act == Act::GeluTanh {
+                    e = 0.5 * e * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (e + 0.044715 * e * e * e)).tanh());
+                }
+                worst = worst.max((c[i * ldc + j] as f64 - e).abs() / (1.0 + e.abs()));
+            }
+            // Padding columns of C are never written.
+            assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|v| v.is_nan()), "wrote past n");
+        }
+        // f32 accumulation over k terms of size ≤ 0.25: error ~ k · 2⁻²⁴ at worst.
+        let tol = 1e-6 * (k as f64).max(16.0);
+        assert!(worst < tol, "{} m{m} n{n} k{k} transposed {transposed_b}: worst {worst:.2e} > {tol:.1e}", gm.name);
+    }
+
+    #[test]
+    fn gemm_matches_f64_reference_at_edge_shapes() {
+        let pool = ThreadPool::new(2).unwrap();
+        for gm in [Gemmer::detect(), Gemmer::portable()] {
+            for &(m, n, k) in &[
+                (1, 1, 1),
+                (13, 33, 7),   // one past MR and NR
+                (12, 32, 256), // exactly one tile, one K block
+                (37, 100, 300), // crosses a K block, ragged everywhere
+                (150, 400, 72), // crosses MC and NC
+                (2, 6912, 144), // modulation-like: tiny m, wide n
+                (256, 72, 256), // attention P·V shape
+                (5, 3, 0),      // empty K: C = bias
+            ] {
+                for transposed in [false, true] {
+                    check(&gm, &pool, m, n, k, transposed, Act::None);
+                }
+            }
+            check(&gm, &pool, 40, 130, 50, false, Act::GeluTanh);
+        }
+    }
+}

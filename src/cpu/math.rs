@@ -27,18 +27,14 @@ pub fn exp(x: f32) -> f32 {
     p * scale
 }
 
-/// tanh(x) = 1 − 2/(e^{2x} + 1), saturating for |x| > 9 where f32 tanh is ±1 anyway.
-#[inline(always)]
-pub fn tanh(x: f32) -> f32 {
-    let x = x.clamp(-9.0, 9.0);
-    1.0 - 2.0 / (exp(2.0 * x) + 1.0)
-}
-
-/// GELU with the tanh approximation, as DiT's MLP uses (`approximate="tanh"`).
+/// GELU with the tanh approximation, as DiT's MLP uses (`approximate="tanh"`):
+/// 0.5·x·(1 + tanh(u)) computed as x·σ(2u), which is the same function without the
+/// cancellation of 1 + tanh(u) for negative u.
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
-    const K: f32 = 0.797_884_6; // √(2/π)
-    0.5 * x * (1.0 + tanh(K * (x + 0.044715 * x * x * x)))
+    const K2: f32 = 2.0 * 0.797_884_6; // 2·√(2/π)
+    let u2 = K2 * (x + 0.044715 * x * x * x);
+    x / (1.0 + exp(-u2))
 }
 
 /// SiLU x·σ(x).

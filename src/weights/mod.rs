@@ -4,11 +4,13 @@
 mod diffusers;
 mod official;
 mod store;
+mod synth;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub use store::{StoreBuilder, TRef, WeightStore};
+pub use synth::write_random_official;
 
 use crate::config::{DitConfig, Numerics, SampleSpace};
 use crate::error::{Error, Result};
@@ -141,7 +143,7 @@ impl DitModel {
         self.store.get(r)
     }
 
-    /// Bytes of the mapped files.
+    /// Bytes of the mapped files (0 for a model generated in memory).
     pub fn file_bytes(&self) -> usize {
         self.store.files().iter().map(TensorFile::len_bytes).sum()
     }

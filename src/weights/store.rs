@@ -119,7 +119,7 @@ impl StoreBuilder {
     /// The file a tensor lives in (or the first file), for error messages.
     pub fn path_of(&self, name: &str) -> std::path::PathBuf {
         let f = self.index.get(name).copied().unwrap_or(0);
-        self.files[f].path().to_path_buf()
+        self.files.get(f).map_or_else(|| "(in memory)".into(), |f| f.path().to_path_buf())
     }
 
     pub fn file(&self, i: usize) -> &TensorFile {
@@ -233,14 +233,14 @@ impl StoreBuilder {
             let mut names = self.missing.clone();
             names.sort();
             return Err(Error::MissingTensors {
-                path: self.files[0].path().to_path_buf(),
+                path: self.path_of(""),
                 names,
             });
         }
         let extra = self.unused(allowed_extra);
         if !extra.is_empty() {
             return Err(Error::UnexpectedTensors {
-                path: self.files[0].path().to_path_buf(),
+                path: self.path_of(""),
                 names: extra,
             });
         }
