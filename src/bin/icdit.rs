@@ -24,6 +24,8 @@ enum Command {
     Inspect(InspectArgs),
     /// One model evaluation on given inputs, for cross-checking other implementations.
     Forward(ForwardArgs),
+    /// Times repeated forward passes (random weights of a DiT family, or a checkpoint).
+    BenchForward(BenchArgs),
 }
 
 /// Flags shared by every command that loads weights.
@@ -87,11 +89,39 @@ struct ForwardArgs {
     threads: usize,
 }
 
+#[derive(Args)]
+struct BenchArgs {
+    /// A DiT family member with seeded random weights (XL/2, L/2, B/2, S/2, ...).
+    #[arg(long, default_value = "XL/2", conflicts_with = "weights")]
+    family: String,
+    /// Image size in pixels for --family (latent side = size / 8).
+    #[arg(long, default_value_t = 256)]
+    image_size: usize,
+    /// Benchmark a checkpoint instead of random weights.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Model rows per forward (2 = one image with guidance).
+    #[arg(long, default_value_t = 2)]
+    rows: usize,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Timed passes (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Untimed passes first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Forward(a) => forward(a),
+        Command::BenchForward(a) => bench_forward(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -160,6 +190,62 @@ fn forward(a: ForwardArgs) -> Result<(), Error> {
         engine.threads(),
         engine.gemm_kernel(),
         a.out.display()
+    );
+    Ok(())
+}
+
+fn bench_forward(a: BenchArgs) -> Result<(), Error> {
+    let model = match &a.weights {
+        Some(p) => a.model.load(p)?,
+        None => {
+            let cfg = icdit::DitConfig::family(&a.family, a.image_size / 8).ok_or_else(|| Error::Invalid {
+                what: "family",
+                reason: format!("`{}`: expected XL/2, XL/4, XL/8, L/2, …, S/8", a.family),
+            })?;
+            DitModel::random(&cfg, 0)?
+        }
+    };
+    let model = Arc::new(model);
+    let cfg = model.config;
+    let rows = a.rows.max(1);
+    let mut engine = CpuEngine::new(
+        Arc::clone(&model),
+        &CpuOptions {
+            max_batch: rows,
+            guidance: false,
+            threads: a.threads,
+        },
+    )?;
+    let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();
+    let y: Vec<i64> = (0..rows).map(|r| (r % cfg.label_rows()) as i64).collect();
+    let mut out = vec![0.0f32; rows * cfg.output_elems()];
+    for _ in 0..a.warmup {
+        engine.forward(&x, &t, &y, &mut out)?;
+    }
+    let mut ms = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs.max(1) {
+        let start = Instant::now();
+        engine.forward(&x, &t, &y, &mut out)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let gflops = 2.0 * cfg.forward_macs() as f64 * rows as f64 / (median * 1e-3) / 1e9;
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "icdit-cpu",
+            "model": model.source.display().to_string(),
+            "rows": rows,
+            "threads": engine.threads(),
+            "gemm_kernel": engine.gemm_kernel(),
+            "median_ms": median,
+            "min_ms": sorted[0],
+            "runs_ms": ms,
+            "gflops": gflops,
+        })
     );
     Ok(())
 }

@@ -90,13 +90,41 @@ impl Gemmer {
     }
 
     /// Runs `g` on every thread of `pool`, splitting the larger output dimension.
-    /// `scratch` holds `SCRATCH_PER_THREAD` floats per pool thread.
-    pub fn run(&self, pool: &ThreadPool, scratch: &mut [f32], g: &Gemm) {
+    /// `scratch` holds `SCRATCH_PER_THREAD` floats per pool thread; `packed_a` holds at
+    /// least [`packed_a_len`]`(m, k)` floats, shared by the threads when they split columns
+    /// (A is then packed once, cooperatively, instead of once per thread and column block).
+    pub fn run(&self, pool: &ThreadPool, scratch: &mut [f32], packed_a: &mut [f32], g: &Gemm) {
         let threads = pool.threads();
         assert!(scratch.len() >= threads * SCRATCH_PER_THREAD, "GEMM scratch too small");
         check_bounds(g);
         let scratch = SendPtr(scratch.as_mut_ptr());
+        if g.m * g.n * g.k < 1 << 16 || threads == 1 {
+            // Too small to be worth waking the workers (or nobody to wake).
+            // SAFETY: the scratch length was checked for at least one thread.
+            let mine = unsafe { std::slice::from_raw_parts_mut(scratch.get(), SCRATCH_PER_THREAD) };
+            self.block(g, 0..g.m, 0..g.n, mine, None);
+            return;
+        }
         let by_cols = g.n >= threads * 2 * NR || g.m < threads * MR;
+        let m_pad = g.m.next_multiple_of(MR);
+        let shared = by_cols && g.m > MR && packed_a.len() >= packed_a_len(g.m, g.k);
+        if shared {
+            let dst = SendPtr(packed_a.as_mut_ptr());
+            pool.run(&|tid| {
+                let rows = split(g.m, threads, tid, MR);
+                let mut p0 = 0;
+                while p0 < g.k && !rows.is_empty() {
+                    let kc = KC.min(g.k - p0);
+                    // SAFETY: each thread writes the panels of its own MR-aligned rows.
+                    let out = unsafe {
+                        std::slice::from_raw_parts_mut(dst.get().add(p0 * m_pad + rows.start * kc), rows.len().next_multiple_of(MR) * kc)
+                    };
+                    pack_a(g.a, g.lda, rows.start, rows.len(), p0, kc, out);
+                    p0 += kc;
+                }
+            });
+        }
+        let pre = shared.then(|| &packed_a[..packed_a_len(g.m, g.k)]);
         let work = |tid: usize| {
             let (rows, cols) = if by_cols {
                 (0..g.m, split(g.n, threads, tid, NR))
@@ -107,25 +135,28 @@ impl Gemmer {
             let mine = unsafe {
                 std::slice::from_raw_parts_mut(scratch.get().add(tid * SCRATCH_PER_THREAD), SCRATCH_PER_THREAD)
             };
-            self.block(g, rows, cols, mine);
+            self.block(g, rows, cols, mine, pre);
         };
-        if g.m * g.n * g.k < 1 << 16 {
-            // Too small to be worth waking the workers.
-            work_single(self, g, scratch);
-        } else {
-            pool.run(&work);
-        }
+        pool.run(&work);
     }
 
     /// Single-threaded GEMM (used inside already-parallel loops such as attention heads).
     pub fn run_single(&self, scratch: &mut [f32], g: &Gemm) {
         assert!(scratch.len() >= SCRATCH_PER_THREAD, "GEMM scratch too small");
         check_bounds(g);
-        self.block(g, 0..g.m, 0..g.n, scratch);
+        self.block(g, 0..g.m, 0..g.n, scratch, None);
     }
 
-    /// C[rows, cols] for one thread: the BLIS jc → pc → ic → jr → ir loop nest.
-    fn block(&self, g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>, scratch: &mut [f32]) {
+    /// C[rows, cols] for one thread: the BLIS jc → pc → ic → jr → ir loop nest. With
+    /// `pre`, A was packed for all rows already (layout of [`packed_a_len`]).
+    fn block(
+        &self,
+        g: &Gemm,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        pre: Option<&[f32]>,
+    ) {
         if rows.is_empty() || cols.is_empty() {
             return;
         }
@@ -140,7 +171,13 @@ impl Gemmer {
                 let mut i0 = rows.start;
                 while i0 < rows.end {
                     let mc = MC.min(rows.end - i0);
-                    pack_a(g.a, g.lda, i0, mc, p0, kc, apack);
+                    let apanels: &[f32] = match pre {
+                        Some(pre) => &pre[p0 * g.m.next_multiple_of(MR) + i0 * kc..],
+                        None => {
+                            pack_a(g.a, g.lda, i0, mc, p0, kc, apack);
+                            apack
+                        }
+                    };
                     for jp in 0..nc.div_ceil(NR) {
                         let nr = NR.min(nc - jp * NR);
                         for ip in 0..mc.div_ceil(MR) {
@@ -151,7 +188,7 @@ impl Gemmer {
                                 let c = g.c.get().add((i0 + ip * MR) * g.ldc + j0 + jp * NR);
                                 (self.kernel)(
                                     kc,
-                                    apack.as_ptr().add(ip * MR * kc),
+                                    apanels.as_ptr().add(ip * MR * kc),
                                     bpack.as_ptr().add(jp * NR * kc),
                                     c,
                                     g.ldc,
@@ -175,10 +212,9 @@ impl Gemmer {
     }
 }
 
-fn work_single(gm: &Gemmer, g: &Gemm, scratch: SendPtr) {
-    // SAFETY: the caller checked the scratch length for at least one thread.
-    let mine = unsafe { std::slice::from_raw_parts_mut(scratch.get(), SCRATCH_PER_THREAD) };
-    gm.block(g, 0..g.m, 0..g.n, mine);
+/// Floats of a whole packed A (rows padded to MR): the shared buffer of [`Gemmer::run`].
+pub fn packed_a_len(m: usize, k: usize) -> usize {
+    m.next_multiple_of(MR) * k
 }
 
 /// Panics (a programming error, never input-reachable) if any operand is too short.
@@ -199,22 +235,30 @@ fn check_bounds(g: &Gemm) {
 
 /// Packs B[j0.., p0..] into NR-wide panels, p-major inside each panel, zero-padding
 /// columns past the edge: `out[jp·kc·NR + p·NR + jj] = B(j0 + jp·NR + jj, p0 + p)`.
+#[inline(never)]
 fn pack_b(b: BMat, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
     for jp in 0..nc.div_ceil(NR) {
         let panel = &mut out[jp * NR * kc..(jp + 1) * NR * kc];
         let width = NR.min(nc - jp * NR);
-        if b.cs == 1 {
-            // Rows of B are contiguous in p: read a row, scatter with stride NR.
-            for jj in 0..NR {
-                if jj < width {
-                    let row = &b.data[(j0 + jp * NR + jj) * b.rs + p0..][..kc];
-                    for (p, &v) in row.iter().enumerate() {
-                        panel[p * NR + jj] = v;
-                    }
-                } else {
-                    for p in 0..kc {
-                        panel[p * NR + jj] = 0.0;
-                    }
+        let base = j0 + jp * NR;
+        if b.cs == 1 && gather_ok(b.rs) {
+            // SAFETY: rows base..base+width, columns p0..p0+kc are in bounds (check_bounds)
+            // and the CPU has AVX-512 (gather_ok).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                pack_b_panel_gather(&b.data[base * b.rs + p0..], b.rs, kc, width, panel)
+            };
+        } else if b.cs == 1 {
+            // Rows of B are contiguous in p. Walking all NR rows in lockstep keeps NR
+            // memory streams in flight (the weights are cold: this is a DRAM read).
+            let rows: [&[f32]; NR] = std::array::from_fn(|jj| {
+                let j = base + jj.min(width - 1);
+                &b.data[j * b.rs + p0..][..kc]
+            });
+            for p in 0..kc {
+                let dst = &mut panel[p * NR..(p + 1) * NR];
+                for jj in 0..NR {
+                    dst[jj] = if jj < width { rows[jj][p] } else { 0.0 };
                 }
             }
         } else {
@@ -232,8 +276,38 @@ fn pack_b(b: BMat, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) 
     }
 }
 
+/// Whether the gather path of `pack_b` applies: AVX-512 and row offsets that fit in i32.
+#[inline]
+fn gather_ok(rs: usize) -> bool {
+    cfg!(target_arch = "x86_64") && rs.checked_mul(NR).is_some_and(|v| v < i32::MAX as usize) && math::has_avx512()
+}
+
+/// One B panel by AVX-512 gathers: for each p, the NR values B(j, p) of the panel's rows
+/// come in with two 16-lane gathers (rows past `width` masked to zero).
+///
+/// # Safety
+/// `src[jj·rs + p]` must be in bounds for jj < width, p < kc, and the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_panel_gather(src: &[f32], rs: usize, kc: usize, width: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let lanes = |lo: i32| _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), _mm512_set1_epi32(rs as i32));
+    let (idx0, idx1) = (lanes(0), lanes(16));
+    let mask = |lo: usize| -> __mmask16 { ((1u32 << width.saturating_sub(lo).min(16)) - 1) as __mmask16 };
+    let (m0, m1) = (mask(0), mask(16));
+    let zero = _mm512_setzero_ps();
+    let ptr = src.as_ptr();
+    for p in 0..kc {
+        let v0 = _mm512_mask_i32gather_ps::<4>(zero, m0, idx0, ptr.add(p));
+        let v1 = _mm512_mask_i32gather_ps::<4>(zero, m1, idx1, ptr.add(p));
+        _mm512_storeu_ps(panel.as_mut_ptr().add(p * NR), v0);
+        _mm512_storeu_ps(panel.as_mut_ptr().add(p * NR + 16), v1);
+    }
+}
+
 /// Packs A[i0.., p0..] into MR-tall panels, p-major: `out[ip·kc·MR + p·MR + ii]`,
 /// repeating a valid row past the edge (those results are never stored).
+#[inline(never)]
 fn pack_a(a: &[f32], lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
     for ip in 0..mc.div_ceil(MR) {
         let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
@@ -256,6 +330,7 @@ fn zero_tile(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize
     }
 }
 
+#[inline(never)]
 fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
     if g.bias.is_none() && g.act == Act::None {
         return;
@@ -263,16 +338,7 @@ fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>
     for i in rows {
         // SAFETY: inside this thread's C tile, bounds checked.
         let row = unsafe { std::slice::from_raw_parts_mut(g.c.get().add(i * g.ldc + cols.start), cols.len()) };
-        if let Some(bias) = g.bias {
-            for (v, b) in row.iter_mut().zip(&bias[cols.clone()]) {
-                *v += b;
-            }
-        }
-        if g.act == Act::GeluTanh {
-            for v in row.iter_mut() {
-                *v = math::gelu_tanh(*v);
-            }
-        }
+        math::bias_act(row, g.bias.map(|b| &b[cols.clone()]), g.act == Act::GeluTanh);
     }
 }
 
@@ -378,8 +444,9 @@ mod tests {
         let ldc = n + 5;
         let mut c = vec![f32::NAN; m * ldc];
         let mut scratch = vec![0.0; pool.threads() * SCRATCH_PER_THREAD];
+        let mut packed = vec![0.0; packed_a_len(m, k)];
         let g = Gemm { m, n, k, a: &a, lda, b, bias: Some(&bias), act, c: SendPtr(c.as_mut_ptr()), ldc };
-        gm.run(pool, &mut scratch, &g);
+        gm.run(pool, &mut scratch, &mut packed, &g);
         let mut worst = 0.0f64;
         for i in 0..m {
             for j in 0..n {

@@ -13,7 +13,11 @@ pub fn exp(x: f32) -> f32 {
     // Adding then subtracting 1.5·2^23 rounds to the nearest integer without a branch.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    // The rounded integer also sits in the low mantissa bits of `shifted` (no float→int
+    // conversion, which would keep the loop from vectorising).
+    let ni = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     p = p * r + 1.0 / 720.0;
@@ -23,7 +27,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let scale = f32::from_bits((ni.wrapping_add(127) as u32) << 23);
     p * scale
 }
 
@@ -68,6 +72,128 @@ mod tests {
             assert!((gelu_tanh(x) as f64 - g).abs() < 2e-7 * (1.0 + g.abs()), "gelu({x})");
             let s = xd / (1.0 + (-xd).exp());
             assert!((silu(x) as f64 - s).abs() < 2e-7 * (1.0 + s.abs()), "silu({x})");
+        }
+    }
+}
+
+/// Sum with 16 independent partial sums: vectorises, and is more accurate than serial.
+#[inline(always)]
+pub fn lanes_sum(x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for ch in chunks {
+        for (a, v) in acc.iter_mut().zip(ch) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// Whether this CPU runs the AVX-512 builds of the loops below (checked once; cheap).
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX-512 when the CPU has
+/// it, and as portable code otherwise. The body is written once; the compiler vectorises
+/// it for each target (the elementwise helpers above are `#[inline(always)]`).
+macro_rules! simd_fn {
+    ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512dq,avx512vl,fma")]
+            unsafe fn fast($($arg: $ty),*) {
+                body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                if $crate::cpu::math::has_avx512() {
+                    // SAFETY: the CPU supports the features `fast` was compiled for.
+                    return unsafe { fast($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+
+simd_fn! {
+    /// row += bias, then GELU-tanh if `gelu`.
+    pub fn bias_act(row: &mut [f32], bias: Option<&[f32]>, gelu: bool) {
+        if let Some(bias) = bias {
+            for (v, b) in row.iter_mut().zip(bias) {
+                *v += b;
+            }
+        }
+        if gelu {
+            for v in row.iter_mut() {
+                *v = gelu_tanh(*v);
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// In-place softmax of `row · scale`, max-subtracted.
+    pub fn softmax_scaled(row: &mut [f32], scale: f32) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
+        for v in row.iter_mut() {
+            *v = exp(*v * scale - max);
+        }
+        let inv = 1.0 / lanes_sum(row);
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+    }
+}
+
+simd_fn! {
+    /// LayerNorm without affine (biased variance, two passes, eps inside the root) fused
+    /// with the adaLN modulation `·(1 + scale) + shift` (reference doc A.6).
+    pub fn layer_norm_modulate(x: &[f32], shift: &[f32], scale: &[f32], eps: f32, out: &mut [f32]) {
+        let n = x.len() as f32;
+        let mean = lanes_sum(x) / n;
+        let mut acc = [0.0f32; 16];
+        let chunks = x.chunks_exact(16);
+        let tail: f32 = chunks.remainder().iter().map(|v| (v - mean) * (v - mean)).sum();
+        for ch in chunks {
+            for (a, v) in acc.iter_mut().zip(ch) {
+                *a += (v - mean) * (v - mean);
+            }
+        }
+        let inv = 1.0 / ((acc.iter().sum::<f32>() + tail) / n + eps).sqrt();
+        for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+            *o = (v - mean) * inv * (1.0 + sc) + sh;
+        }
+    }
+}
+
+simd_fn! {
+    /// x += gate ⊙ y.
+    pub fn gated_add(x: &mut [f32], gate: &[f32], y: &[f32]) {
+        for ((xv, g), yv) in x.iter_mut().zip(gate).zip(y) {
+            *xv += g * yv;
+        }
+    }
+}
+
+simd_fn! {
+    /// x += y.
+    pub fn add(x: &mut [f32], y: &[f32]) {
+        for (xv, yv) in x.iter_mut().zip(y) {
+            *xv += yv;
         }
     }
 }

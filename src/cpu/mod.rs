@@ -56,6 +56,7 @@ struct Bufs {
     silu_c: BufId,
     modv: BufId,
     gemm_scratch: BufId,
+    gemm_packed_a: BufId,
     attn_scratch: BufId,
 }
 
@@ -86,6 +87,11 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize) -> (Plan, Bufs) {
         silu_c: p.add("silu_c", &[rows, c], Dt::F32),
         modv: p.add("modulation", &[rows, 6 * c], Dt::F32),
         gemm_scratch: p.add("gemm_scratch", &[threads, gemm::SCRATCH_PER_THREAD], Dt::F32),
+        gemm_packed_a: p.add(
+            "gemm_packed_a",
+            &[gemm::packed_a_len(rows * n, c.max(m).max(cfg.patch_dim()).max(FREQ_DIM))],
+            Dt::F32,
+        ),
         attn_scratch: p.add("attn_scores", &[threads, n * n], Dt::F32),
     };
     (p, bufs)
@@ -283,7 +289,10 @@ impl CpuEngine {
         // SAFETY: a and c are distinct arena buffers; the scratch buffer is a third.
         let a_slice = unsafe { std::slice::from_raw_parts(ap.get(), m * k) };
         let (sp, slen) = self.ptr(self.bufs.gemm_scratch);
-        let scratch = unsafe { std::slice::from_raw_parts_mut(sp.get(), slen) };
+        let (pp, plen) = self.ptr(self.bufs.gemm_packed_a);
+        let (scratch, packed) = unsafe {
+            (std::slice::from_raw_parts_mut(sp.get(), slen), std::slice::from_raw_parts_mut(pp.get(), plen))
+        };
         let g = Gemm {
             m,
             n,
@@ -296,7 +305,7 @@ impl CpuEngine {
             c: cp,
             ldc: n,
         };
-        self.gemm.run(&self.pool, scratch, &g);
+        self.gemm.run(&self.pool, scratch, packed, &g);
     }
 
     /// Runs `f(range)` over `0..total` split across the pool.
@@ -345,9 +354,7 @@ impl DitOps for CpuEngine {
             for tok in range {
                 // SAFETY: each token updates its own row of x.
                 let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
-                for (v, pe) in row.iter_mut().zip(&pos[(tok % n) * c..][..c]) {
-                    *v += pe;
-                }
+                math::add(row, &pos[(tok % n) * c..][..c]);
             }
         });
     }
@@ -414,7 +421,7 @@ impl DitOps for CpuEngine {
             c: mp,
             ldc: 6 * c,
         };
-        self.gemm.run(&self.pool, scratch, &g);
+        self.gemm.run(&self.pool, scratch, &mut [], &g);
     }
 
     fn norm_modulate(&mut self, shift: usize, scale: usize, eps: f32, rows: usize) {
@@ -434,7 +441,7 @@ impl DitOps for CpuEngine {
                         std::slice::from_raw_parts(m.get().add(r * 6 * c + scale * c), c),
                     )
                 };
-                layer_norm_modulate(xr, sh, sc, eps, hr);
+                math::layer_norm_modulate(xr, sh, sc, eps, hr);
             }
         });
     }
@@ -500,7 +507,7 @@ impl DitOps for CpuEngine {
                     },
                 );
                 for row in scores.chunks_exact_mut(n) {
-                    softmax_scaled(row, scale);
+                    math::softmax_scaled(row, scale);
                 }
                 // O = P·v: B(j = d, p = token) = v[token, d], i.e. rs 1, cs 3C.
                 gemmer.run_single(
@@ -543,9 +550,7 @@ impl DitOps for CpuEngine {
                         std::slice::from_raw_parts(m.get().add(r * 6 * c + gate * c), c),
                     )
                 };
-                for ((xv, sv), gv) in xr.iter_mut().zip(sr).zip(gr) {
-                    *xv += gv * sv;
-                }
+                math::gated_add(xr, gr, sr);
             }
         });
     }
@@ -573,40 +578,5 @@ impl DitOps for CpuEngine {
                 }
             }
         });
-    }
-}
-
-/// LayerNorm without affine (biased variance, two passes) fused with the adaLN modulation
-/// `·(1 + scale) + shift`.
-fn layer_norm_modulate(x: &[f32], shift: &[f32], scale: &[f32], eps: f32, out: &mut [f32]) {
-    let n = x.len() as f32;
-    let mean = lanes_sum(x.iter().copied()) / n;
-    let var = lanes_sum(x.iter().map(|v| (v - mean) * (v - mean))) / n;
-    let inv = 1.0 / (var + eps).sqrt();
-    for (((o, &v), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
-        *o = (v - mean) * inv * (1.0 + sc) + sh;
-    }
-}
-
-/// A sum with 16 independent partial sums (vectorisable, and more accurate than serial).
-fn lanes_sum(it: impl Iterator<Item = f32>) -> f32 {
-    let mut acc = [0.0f32; 16];
-    for (i, v) in it.enumerate() {
-        acc[i & 15] += v;
-    }
-    acc.iter().sum()
-}
-
-/// In-place softmax of `row · scale`, max-subtracted.
-fn softmax_scaled(row: &mut [f32], scale: f32) {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * scale;
-    let mut acc = [0.0f32; 16];
-    for (i, v) in row.iter_mut().enumerate() {
-        *v = math::exp(*v * scale - max);
-        acc[i & 15] += *v;
-    }
-    let inv = 1.0 / acc.iter().sum::<f32>();
-    for v in row.iter_mut() {
-        *v *= inv;
     }
 }
