@@ -1,1 +1,73 @@
-fn main(){}
+//! CPU reference backend benchmarks: the DiT-XL/2 GEMM shapes and whole forward passes,
+//! with throughput in FLOPs (2 per multiply-accumulate). Weights are generated in memory
+//! from a seed, so nothing is downloaded. Run: `cargo bench --bench cpu_forward`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
+use icdit::cpu::pool::{SendPtr, ThreadPool};
+use icdit::{CpuEngine, CpuOptions, DitConfig, DitModel};
+
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The four linear layers of a DiT-XL/2 block at batch 2 (512 token rows).
+fn gemm_shapes(c: &mut Criterion) {
+    let pool = ThreadPool::new(threads()).expect("threads");
+    let gm = Gemmer::detect();
+    let mut group = c.benchmark_group(format!("cpu-{}/gemm_xl2_rows512", gm.name));
+    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, n, k) in [("qkv", 3456, 1152), ("proj", 1152, 1152), ("fc1", 4608, 1152), ("fc2", 1152, 4608)] {
+        let m = 512;
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 * 0.01 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 * 0.01 - 0.4).collect();
+        let bias = vec![0.1f32; n];
+        let mut out = vec![0.0f32; m * n];
+        let mut scratch = vec![0.0f32; pool.threads() * gemm::SCRATCH_PER_THREAD];
+        let mut packed = vec![0.0f32; gemm::packed_a_len(m, k)];
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        group.bench_function(BenchmarkId::new(name, format!("{m}x{n}x{k}")), |bch| {
+            bch.iter(|| {
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    a: &a,
+                    lda: k,
+                    b: BMat::weight(&w, k),
+                    bias: Some(&bias),
+                    act: gemm::Act::None,
+                    c: SendPtr(out.as_mut_ptr()),
+                    ldc: n,
+                };
+                gm.run(&pool, &mut scratch, &mut packed, &g);
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Whole forward passes: DiT-XL/2 with guidance (2 rows) and a small DiT-S/2 at batch 2.
+fn forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu/forward");
+    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    for (family, rows) in [("XL/2", 2usize), ("S/2", 2)] {
+        let cfg = DitConfig::family(family, 32).expect("family");
+        let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
+        let mut engine = CpuEngine::new(model, &CpuOptions { max_batch: rows, guidance: false, threads: 0 }).expect("engine");
+        let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let t: Vec<i64> = vec![500; rows];
+        let y: Vec<i64> = (0..rows as i64).collect();
+        let mut out = vec![0.0f32; rows * cfg.output_elems()];
+        group.throughput(Throughput::Elements(2 * cfg.forward_macs() * rows as u64));
+        let id = BenchmarkId::new(format!("{}-{}", family.replace('/', ""), engine.gemm_kernel()), format!("rows{rows}"));
+        group.bench_function(id, |b| b.iter(|| engine.forward(&x, &t, &y, &mut out).expect("forward")));
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemm_shapes, forward);
+criterion_main!(benches);

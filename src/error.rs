@@ -86,14 +86,24 @@ fn list(names: &[String]) -> String {
 }
 
 impl Error {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    /// Process exit status for the command line: 2 for invalid settings or requests,
+    /// 3 for weights or input files that are malformed or do not fit, 4 for I/O failures.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Invalid { .. } => 2,
+            Error::Io { .. } => 4,
+            _ => 3,
+        }
+    }
+
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
             source,
         }
     }
 
-    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+    pub fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
         Error::Invalid {
             what,
             reason: reason.into(),

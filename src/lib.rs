@@ -3,20 +3,28 @@
 //! Weights are memory-mapped from safetensors (official or diffusers layout), every buffer a
 //! backend needs is planned up front and held in one arena, and the DiT forward pass is
 //! written once ([`forward::forward`]) against the fused operations each backend provides.
-//! [`cpu::CpuEngine`] is the f32 reference backend.
+//! [`cpu::CpuEngine`] is the f32 reference backend; [`gpu`] holds the device abstraction the
+//! CUDA pipeline runs on (a CPU emulation of CUDA in every build, a GPU with feature `cuda`).
 
 pub mod config;
 pub mod cpu;
+pub mod diffusion;
 pub mod embed;
+pub mod engine;
 pub mod error;
 pub mod forward;
+pub mod gpu;
+pub mod image;
 pub mod inspect;
+pub mod noise;
 pub mod plan;
 pub mod tensorfile;
 pub mod weights;
 
 pub use config::{DitConfig, Numerics, SampleSpace};
 pub use cpu::{CpuEngine, CpuOptions};
+pub use diffusion::Sampler;
+pub use engine::{Engine, EngineOptions, GuidedChannels, Request};
 pub use error::{Error, Result};
 pub use weights::{DitModel, Layout, LoadOptions};
 

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
+
+mod sample;
 use icdit::inspect::Report;
 use icdit::tensorfile::{write_safetensors, TensorFile};
 use icdit::{CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
@@ -26,11 +28,13 @@ enum Command {
     Forward(ForwardArgs),
     /// Times repeated forward passes (random weights of a DiT family, or a checkpoint).
     BenchForward(BenchArgs),
+    /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
+    Sample(sample::SampleArgs),
 }
 
 /// Flags shared by every command that loads weights.
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Attention heads, when neither the file nor the DiT family table tells.
     #[arg(long)]
     num_heads: Option<usize>,
@@ -40,7 +44,7 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self, path: &std::path::Path) -> Result<DitModel, Error> {
+    pub(crate) fn load(&self, path: &std::path::Path) -> Result<DitModel, Error> {
         DitModel::load(
             path,
             &LoadOptions {
@@ -122,12 +126,13 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect(a),
         Command::Forward(a) => forward(a),
         Command::BenchForward(a) => bench_forward(a),
+        Command::Sample(a) => sample::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -1,0 +1,162 @@
+//! [`EmuDevice`]: the kernels compiled as C++ against kernels/emu, run on the CPU. Device
+//! memory is one host allocation; launches run to completion before `launch` returns (the
+//! stream is trivially in order), and an emulation error (a barrier not every thread reaches,
+//! a warp collective with mismatched masks, a deadlock, a misaligned wmma or cp.async
+//! address) comes back from `launch` as an error naming the kernel, block and thread.
+
+use std::alloc::Layout;
+use std::ffi::{c_char, c_void, CStr};
+use std::ptr::NonNull;
+use std::time::Instant;
+
+use super::{ArenaRange, Device, EmuEntry, Kernel, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+
+extern "C" {
+    // kernels/emu/runtime.cpp
+    fn icdit_emu_launch(
+        entry: EmuEntry,
+        args: *const *mut c_void,
+        grid: *const u32,
+        block: *const u32,
+        dyn_smem_bytes: u32,
+        workers: u32,
+        err: *mut c_char,
+        err_cap: usize,
+    ) -> i32;
+}
+
+/// Alignment of the arena, as cudaMalloc's.
+const ARENA_ALIGN: usize = 256;
+
+/// The CUDA execution model emulated on the CPU; see the module documentation.
+pub struct EmuDevice {
+    base: NonNull<u8>,
+    layout: Layout,
+    workers: u32,
+    name: String,
+}
+
+// SAFETY: the arena is plain memory owned by the device; nothing else refers to it.
+unsafe impl Send for EmuDevice {}
+
+impl EmuDevice {
+    /// An emulated device holding `plan`'s arena, running blocks on `ICDIT_EMU_THREADS` OS
+    /// threads (default: the available parallelism).
+    pub fn new(plan: &Plan) -> Result<Self> {
+        let workers = std::env::var("ICDIT_EMU_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+        Self::with_threads(plan, workers)
+    }
+
+    /// As [`EmuDevice::new`] with an explicit number of OS threads (at least 1).
+    pub fn with_threads(plan: &Plan, workers: u32) -> Result<Self> {
+        let bytes = plan.total_bytes().max(ARENA_ALIGN);
+        let layout = Layout::from_size_align(bytes, ARENA_ALIGN)
+            .map_err(|_| Error::invalid("arena size", format!("{bytes} bytes is not allocatable")))?;
+        // SAFETY: the layout has non-zero size.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        let base = NonNull::new(ptr).ok_or_else(|| {
+            Error::invalid("memory", format!("cannot allocate the emulated device's {bytes}-byte arena"))
+        })?;
+        // Device memory starts as garbage on a GPU; here as all ones, which is NaN in f16 and
+        // f32, so a kernel reading memory nothing wrote produces NaN rather than plausible zeros.
+        // SAFETY: `bytes` bytes were just allocated at `base`.
+        unsafe { std::ptr::write_bytes(base.as_ptr(), 0xff, bytes) };
+        let workers = workers.max(1);
+        Ok(EmuDevice {
+            base,
+            layout,
+            workers,
+            name: format!("emulated GPU ({workers} thread{})", if workers == 1 { "" } else { "s" }),
+        })
+    }
+
+    fn host_ptr(&self, addr: u64) -> *mut u8 {
+        addr as usize as *mut u8
+    }
+}
+
+impl Drop for EmuDevice {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `with_threads` with this layout.
+        unsafe { std::alloc::dealloc(self.base.as_ptr(), self.layout) }
+    }
+}
+
+impl Device for EmuDevice {
+    type Event = Instant;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn arena(&self) -> ArenaRange {
+        ArenaRange {
+            base: self.base.as_ptr() as usize as u64,
+            bytes: self.layout.size(),
+        }
+    }
+
+    fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
+        check_range(self.arena(), dst, src.len())?;
+        // SAFETY: the destination range lies inside the arena, which no Rust reference aliases.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.host_ptr(dst), src.len()) };
+        Ok(())
+    }
+
+    fn download_bytes(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        check_range(self.arena(), src, dst.len())?;
+        // SAFETY: the source range lies inside the arena.
+        unsafe { std::ptr::copy_nonoverlapping(self.host_ptr(src), dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn record_event(&self) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f32> {
+        Ok(end.saturating_duration_since(*start).as_secs_f32() * 1e3)
+    }
+
+    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
+        cfg.check(kernel)?;
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: `args` matches the kernel's parameters (the caller's contract), the entry
+        // reads exactly those, and the arrays outlive the call, which runs the whole grid.
+        let rc = unsafe {
+            icdit_emu_launch(
+                kernel.emu,
+                args.as_ptr(),
+                cfg.grid.as_ptr(),
+                cfg.block.as_ptr(),
+                cfg.dyn_smem,
+                self.workers,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the runtime writes a NUL-terminated message into `err` on failure.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        Err(Error::invalid("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
+    }
+}
+
+fn check_range(arena: ArenaRange, addr: u64, len: usize) -> Result<()> {
+    if addr < arena.base || addr - arena.base + len as u64 > arena.bytes as u64 {
+        return Err(Error::invalid("device copy", format!("{len} bytes at {addr:#x} are outside the arena")));
+    }
+    Ok(())
+}

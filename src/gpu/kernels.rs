@@ -1,0 +1,92 @@
+//! The table of exported kernels: for each, its C signature written once in Rust, from which
+//! come the emulation's declaration and entry, the [`Kernel`] every device resolves at
+//! initialisation, and a raw `launch` whose parameter types are that signature (C `int` is
+//! `i32`, `T*` is [`DevPtr<T>`]). The typed launchers of [`super::launch`] are its only users.
+//!
+//! Adding a kernel: export it from a kernels/*.cu file as `extern "C" __global__`, add its
+//! signature here under that file's stem, and write its launcher in `launch.rs`.
+
+use std::ffi::c_void;
+
+use super::{f16, DevPtr, Device, Kernel, LaunchCfg};
+use crate::error::Result;
+
+macro_rules! kernels {
+    ($( $module:literal => { $( $name:ident ( $($arg:ident : $ty:ty),* $(,)? ); )* } )*) => {
+        #[allow(non_camel_case_types, clippy::enum_variant_names)]
+        enum Id { $($($name,)*)* }
+
+        /// Every kernel, in table order (`Kernel::id` indexes this).
+        pub static ALL: &[&Kernel] = &[$($(&$name::KERNEL,)*)*];
+
+        $($(
+            #[doc = concat!("`", stringify!($name), "` of kernels/", $module, ".cu.")]
+            pub mod $name {
+                use super::*;
+
+                extern "C" {
+                    // The C++ build of the kernel (the emulation).
+                    fn $name($($arg: $ty),*);
+                }
+
+                unsafe extern "C" fn entry(args: *const *mut c_void) {
+                    let mut _p = args;
+                    $(
+                        // SAFETY: `launch` below built `args` from exactly these parameters.
+                        let $arg: $ty = unsafe {
+                            let v = *(*_p as *const $ty);
+                            _p = _p.add(1);
+                            v
+                        };
+                    )*
+                    // SAFETY: the launcher checked that the pointers cover what the kernel reads
+                    // and writes.
+                    unsafe { $name($($arg),*) }
+                }
+
+                pub static KERNEL: Kernel = Kernel {
+                    name: stringify!($name),
+                    module: $module,
+                    id: Id::$name as usize,
+                    emu: entry,
+                };
+
+                /// Launches the kernel with exactly its C parameters.
+                ///
+                /// # Safety
+                /// As [`Device::launch`]: the pointers must cover what the kernel accesses.
+                pub(crate) unsafe fn launch<D: Device + ?Sized>(
+                    dev: &D, cfg: &LaunchCfg, $($arg: $ty),*
+                ) -> Result<()> {
+                    $( let mut $arg = $arg; )*
+                    let args = [$( &mut $arg as *mut $ty as *mut c_void ),*];
+                    // SAFETY: forwarded to the caller.
+                    unsafe { dev.launch(&KERNEL, cfg, &args) }
+                }
+            }
+        )*)*
+    };
+}
+
+kernels! {
+    "convert" => {
+        convert_f32_to_f16(out: DevPtr<f16>, input: DevPtr<f32>, n: i32);
+        convert_f16_to_f32(out: DevPtr<f32>, input: DevPtr<f16>, n: i32);
+    }
+    "layernorm" => {
+        layernorm_modulate_f16(out: DevPtr<f16>, x: DevPtr<f16>, shift: DevPtr<f16>,
+            scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
+    }
+    "residual" => {
+        gated_residual_add_f16(x: DevPtr<f16>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
+            tokens: i32, channels: i32, gate_stride: i32);
+    }
+    "gemm" => {
+        gemm_bias_f16(out: DevPtr<f16>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
+            m: i32, n: i32, k: i32);
+        gemm_bias_gelu_f16(out: DevPtr<f16>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
+            m: i32, n: i32, k: i32);
+        gemm_bias_f32(out: DevPtr<f32>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
+            m: i32, n: i32, k: i32);
+    }
+}

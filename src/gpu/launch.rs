@@ -1,0 +1,235 @@
+//! Typed launchers: exactly one per kernel, with the kernel's C parameters as fixed-width
+//! types (buffers as [`DevSlice`]s, so lengths and alignment can be checked here, before a
+//! kernel could read past them). Grid and block sizes are computed here and nowhere else.
+//! Each function names the kernel it launches and the file that documents it.
+
+use super::{f16, kernels, DevSlice, Device, LaunchCfg, MAX_DYN_SMEM};
+use crate::error::{Error, Result};
+
+fn invalid(kernel: &str, reason: String) -> Error {
+    Error::invalid("kernel arguments", format!("{kernel}: {reason}"))
+}
+
+fn positive(kernel: &str, args: &[(&str, i32)]) -> Result<()> {
+    match args.iter().find(|(_, v)| *v <= 0) {
+        Some((name, v)) => Err(invalid(kernel, format!("{name} = {v} must be positive"))),
+        None => Ok(()),
+    }
+}
+
+/// `s` holds at least `elems` elements and starts at a multiple of `align` bytes.
+fn covers<T>(kernel: &str, what: &str, s: DevSlice<T>, elems: i64, align: u64) -> Result<()> {
+    if (s.len as i64) < elems {
+        return Err(invalid(kernel, format!("{what} has {} elements, needs {elems}", s.len)));
+    }
+    if s.addr % align != 0 {
+        return Err(invalid(kernel, format!("{what} at {:#x} is not {align}-byte aligned", s.addr)));
+    }
+    Ok(())
+}
+
+fn blocks(n: i64, per_block: i64, cap: i64) -> u32 {
+    ((n + per_block - 1) / per_block).clamp(1, cap) as u32
+}
+
+/// Grid-stride elementwise kernels: 256 threads, at most 1024 blocks (enough to fill an H100
+/// several times over; fewer blocks also keep the emulation's per-block setup small).
+fn elementwise(n: i64) -> LaunchCfg {
+    LaunchCfg {
+        grid: [blocks(n, 256, 1024), 1, 1],
+        block: [256, 1, 1],
+        dyn_smem: 0,
+    }
+}
+
+/// `out[i] = f16(input[i])`, round to nearest even (kernels/convert.cu).
+pub fn convert_f32_to_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    input: DevSlice<f32>,
+    n: i32,
+) -> Result<()> {
+    const K: &str = "convert_f32_to_f16";
+    positive(K, &[("n", n)])?;
+    covers(K, "out", out, n as i64, 2)?;
+    covers(K, "input", input, n as i64, 4)?;
+    // SAFETY: both buffers hold n elements.
+    unsafe { kernels::convert_f32_to_f16::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
+}
+
+/// `out[i] = f32(input[i])` (kernels/convert.cu).
+pub fn convert_f16_to_f32<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f32>,
+    input: DevSlice<f16>,
+    n: i32,
+) -> Result<()> {
+    const K: &str = "convert_f16_to_f32";
+    positive(K, &[("n", n)])?;
+    covers(K, "out", out, n as i64, 4)?;
+    covers(K, "input", input, n as i64, 2)?;
+    // SAFETY: both buffers hold n elements.
+    unsafe { kernels::convert_f16_to_f32::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
+}
+
+/// Rows of `rows / tokens` batch items whose modulation rows are `mod_stride` apart: the
+/// modulation slice must reach the last item's `channels` values.
+fn modulation_elems(rows: i32, tokens: i32, channels: i32, stride: i32) -> i64 {
+    let items = (rows as i64 + tokens as i64 - 1) / tokens as i64;
+    (items - 1) * stride as i64 + channels as i64
+}
+
+/// `out = LayerNorm(x)·(1 + scale) + shift` per row, shift and scale per batch item
+/// (kernels/layernorm.cu). x, out: (rows, channels); one block per row.
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_modulate_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    x: DevSlice<f16>,
+    shift: DevSlice<f16>,
+    scale: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    mod_stride: i32,
+    eps: f32,
+) -> Result<()> {
+    const K: &str = "layernorm_modulate_f16";
+    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    let row_bytes = channels as i64 * 4;
+    if channels % 2 != 0 || mod_stride % 2 != 0 || mod_stride < channels || row_bytes > MAX_DYN_SMEM as i64 {
+        return Err(invalid(
+            K,
+            format!("channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels", MAX_DYN_SMEM / 4),
+        ));
+    }
+    let elems = rows as i64 * channels as i64;
+    let modulation = modulation_elems(rows, tokens, channels, mod_stride);
+    covers(K, "out", out, elems, 4)?;
+    covers(K, "x", x, elems, 4)?;
+    covers(K, "shift", shift, modulation, 4)?;
+    covers(K, "scale", scale, modulation, 4)?;
+    let cfg = LaunchCfg {
+        grid: [rows as u32, 1, 1],
+        block: [256, 1, 1], // LN_THREADS in the kernel
+        dyn_smem: row_bytes as u32,
+    };
+    // SAFETY: out and x hold rows × channels, shift and scale every batch item's row.
+    unsafe {
+        kernels::layernorm_modulate_f16::launch(
+            dev, &cfg, out.ptr(), x.ptr(), shift.ptr(), scale.ptr(), tokens, channels, mod_stride, eps,
+        )
+    }
+}
+
+/// `x += gate ⊙ y`, gate per batch item (kernels/residual.cu). x, y: (rows, channels).
+#[allow(clippy::too_many_arguments)]
+pub fn gated_residual_add_f16<D: Device + ?Sized>(
+    dev: &D,
+    x: DevSlice<f16>,
+    y: DevSlice<f16>,
+    gate: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    gate_stride: i32,
+) -> Result<()> {
+    const K: &str = "gated_residual_add_f16";
+    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    if channels % 2 != 0 || gate_stride % 2 != 0 || gate_stride < channels {
+        return Err(invalid(
+            K,
+            format!("channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"),
+        ));
+    }
+    let elems = rows as i64 * channels as i64;
+    covers(K, "x", x, elems, 4)?;
+    covers(K, "y", y, elems, 4)?;
+    covers(K, "gate", gate, modulation_elems(rows, tokens, channels, gate_stride), 4)?;
+    // SAFETY: x and y hold rows × channels, gate every batch item's row.
+    unsafe {
+        kernels::gated_residual_add_f16::launch(
+            dev, &elementwise(elems / 2), x.ptr(), y.ptr(), gate.ptr(), rows, tokens, channels, gate_stride,
+        )
+    }
+}
+
+/// Checks of the three GEMM launchers and their geometry: 64×64 output tiles, 128 threads
+/// (BM, BN, THREADS in kernels/gemm.cu).
+fn gemm_cfg<O>(
+    kernel: &str,
+    out: DevSlice<O>,
+    a: DevSlice<f16>,
+    w: DevSlice<f16>,
+    bias: DevSlice<f16>,
+    m: i32,
+    n: i32,
+    k: i32,
+) -> Result<LaunchCfg> {
+    positive(kernel, &[("m", m), ("n", n), ("k", k)])?;
+    let (m64, n64, k64) = (m as i64, n as i64, k as i64);
+    covers(kernel, "out", out, m64 * n64, size_of::<O>() as u64)?;
+    covers(kernel, "a", a, m64 * k64, 2)?;
+    covers(kernel, "w", w, n64 * k64, 2)?;
+    covers(kernel, "bias", bias, n64, 2)?;
+    let grid_y = (m64 + 63) / 64;
+    if grid_y > 65535 {
+        return Err(invalid(kernel, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
+    }
+    Ok(LaunchCfg {
+        grid: [((n64 + 63) / 64) as u32, grid_y as u32, 1],
+        block: [128, 1, 1],
+        dyn_smem: 0,
+    })
+}
+
+/// `out = a·wᵀ + bias` in f16: a (m, k), w (n, k), bias (n), out (m, n) (kernels/gemm.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    a: DevSlice<f16>,
+    w: DevSlice<f16>,
+    bias: DevSlice<f16>,
+    m: i32,
+    n: i32,
+    k: i32,
+) -> Result<()> {
+    let cfg = gemm_cfg("gemm_bias_f16", out, a, w, bias, m, n, k)?;
+    // SAFETY: gemm_cfg checked every buffer against m, n, k.
+    unsafe { kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+}
+
+/// `out = GELU_tanh(a·wᵀ + bias)` in f16 (kernels/gemm.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias_gelu_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    a: DevSlice<f16>,
+    w: DevSlice<f16>,
+    bias: DevSlice<f16>,
+    m: i32,
+    n: i32,
+    k: i32,
+) -> Result<()> {
+    let cfg = gemm_cfg("gemm_bias_gelu_f16", out, a, w, bias, m, n, k)?;
+    // SAFETY: gemm_cfg checked every buffer against m, n, k.
+    unsafe { kernels::gemm_bias_gelu_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+}
+
+/// `out = a·wᵀ + bias` in f32 (kernels/gemm.cu).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bias_f32<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f32>,
+    a: DevSlice<f16>,
+    w: DevSlice<f16>,
+    bias: DevSlice<f16>,
+    m: i32,
+    n: i32,
+    k: i32,
+) -> Result<()> {
+    let cfg = gemm_cfg("gemm_bias_f32", out, a, w, bias, m, n, k)?;
+    // SAFETY: gemm_cfg checked every buffer against m, n, k.
+    unsafe { kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+}

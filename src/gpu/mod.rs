@@ -1,0 +1,240 @@
+//! The device abstraction the GPU pipeline is written against, and its two implementations:
+//! [`EmuDevice`] runs the kernels of `kernels/*.cu` compiled as C++ on a CPU emulation of the
+//! CUDA execution model (every build; docs/gpu-emulation.md), `CudaDevice` runs the same
+//! kernels on a GPU through the CUDA driver (feature `cuda`).
+//!
+//! A device owns one arena allocation sized by a [`Plan`](crate::plan::Plan), copies between
+//! host and arena, launches kernels in order on one stream, and records events. Kernels are
+//! launched only through the typed launchers of [`launch`], one per kernel, so pipeline code
+//! is the same for both devices: it is generic over `D: Device`.
+
+pub mod kernels;
+pub mod launch;
+
+mod emu;
+pub use emu::EmuDevice;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::CudaDevice;
+
+use std::ffi::c_void;
+use std::marker::PhantomData;
+
+use crate::error::{Error, Result};
+use crate::plan::{Buffer, Dt};
+
+pub use half::f16;
+
+/// Element types that live in device memory, tied to the plan's dtypes.
+pub trait DevType: bytemuck::Pod {
+    const DT: Dt;
+}
+impl DevType for f32 {
+    const DT: Dt = Dt::F32;
+}
+impl DevType for f16 {
+    const DT: Dt = Dt::F16;
+}
+
+/// A device address of `T` elements, passed to kernels as the C pointer `T*`: 8 bytes, the
+/// CUDA device pointer (or the host address, in the emulation).
+#[repr(transparent)]
+pub struct DevPtr<T> {
+    addr: u64,
+    _t: PhantomData<fn() -> T>,
+}
+impl<T> Clone for DevPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DevPtr<T> {}
+impl<T> DevPtr<T> {
+    pub fn addr(self) -> u64 {
+        self.addr
+    }
+}
+
+/// `len` elements of `T` inside a device's arena.
+pub struct DevSlice<T> {
+    addr: u64,
+    len: usize,
+    _t: PhantomData<fn() -> T>,
+}
+impl<T> Clone for DevSlice<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for DevSlice<T> {}
+impl<T> std::fmt::Debug for DevSlice<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DevSlice({:#x}, {} × {})", self.addr, self.len, std::any::type_name::<T>())
+    }
+}
+
+impl<T> DevSlice<T> {
+    pub fn len(self) -> usize {
+        self.len
+    }
+    pub fn is_empty(self) -> bool {
+        self.len == 0
+    }
+    pub fn ptr(self) -> DevPtr<T> {
+        DevPtr {
+            addr: self.addr,
+            _t: PhantomData,
+        }
+    }
+    /// Elements `start .. start + len` (e.g. one chunk of a modulation vector).
+    pub fn sub(self, start: usize, len: usize) -> Result<Self> {
+        if start.checked_add(len).is_none_or(|end| end > self.len) {
+            return Err(Error::invalid(
+                "device slice",
+                format!("{start}..{start}+{len} is outside {self:?}"),
+            ));
+        }
+        Ok(DevSlice {
+            addr: self.addr + (start * size_of::<T>()) as u64,
+            len,
+            _t: PhantomData,
+        })
+    }
+    fn bytes(self) -> usize {
+        self.len * size_of::<T>()
+    }
+}
+
+/// Grid, block and dynamic shared memory of one launch, as `cuLaunchKernel` takes them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchCfg {
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub dyn_smem: u32,
+}
+
+/// Dynamic shared memory a kernel may use without opting in (cuFuncSetAttribute): 48 KiB.
+pub const MAX_DYN_SMEM: u32 = 48 * 1024;
+
+impl LaunchCfg {
+    /// Checks the limits every CUDA GPU since sm_30 shares, so both devices refuse the same
+    /// launches.
+    pub fn check(&self, kernel: &Kernel) -> Result<()> {
+        let [gx, gy, gz] = self.grid;
+        let [bx, by, bz] = self.block;
+        let threads = bx as u64 * by as u64 * bz as u64;
+        let bad = if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
+            "grid"
+        } else if threads == 0 || threads > 1024 || bz > 64 {
+            "block"
+        } else if self.dyn_smem > MAX_DYN_SMEM {
+            "dynamic shared memory"
+        } else {
+            return Ok(());
+        };
+        Err(Error::invalid("kernel launch", format!("{}: {bad} out of range in {self:?}", kernel.name)))
+    }
+}
+
+/// The emulation's entry for one kernel: reads the argument array and calls the C++ kernel.
+pub type EmuEntry = unsafe extern "C" fn(args: *const *mut c_void);
+
+/// One exported kernel: its C name, the kernels/*.cu file (module) it lives in, its index in
+/// the table every device resolves at initialisation, and its emulation entry.
+pub struct Kernel {
+    pub name: &'static str,
+    pub module: &'static str,
+    pub id: usize,
+    pub(crate) emu: EmuEntry,
+}
+
+/// Where the arena lies in device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct ArenaRange {
+    pub base: u64,
+    pub bytes: usize,
+}
+
+/// A place to run the GPU pipeline: the emulation or a CUDA GPU.
+pub trait Device {
+    /// A point in the device's stream, for timing.
+    type Event;
+
+    /// What runs the kernels, for logs and benchmark names.
+    fn name(&self) -> &str;
+    /// The one arena allocation, made at construction from a plan.
+    fn arena(&self) -> ArenaRange;
+    /// Copies host bytes to `dst` in the arena once earlier work on the stream is done;
+    /// returns when the copy has completed. `dst .. dst + src.len()` is inside the arena.
+    fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()>;
+    /// Waits for the stream, then copies arena bytes at `src` to the host.
+    fn download_bytes(&self, src: u64, dst: &mut [u8]) -> Result<()>;
+    /// Waits until all work issued so far is done; reports errors of earlier launches.
+    fn synchronize(&self) -> Result<()>;
+    fn record_event(&self) -> Result<Self::Event>;
+    /// Milliseconds between two recorded events (waits for `end`).
+    fn elapsed_ms(&self, start: &Self::Event, end: &Self::Event) -> Result<f32>;
+    /// Launches `kernel` on the stream.
+    ///
+    /// # Safety
+    /// `args` points at one value per kernel parameter, of the parameter's C type, and every
+    /// pointer among them addresses enough arena memory for what the kernel reads and writes.
+    /// Only the typed launchers in [`launch`] call this.
+    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()>;
+
+    /// Starts recording launches into a graph instead of running them. Not implemented yet on
+    /// either device: the pipeline runs launches directly until graph capture lands.
+    fn begin_capture(&self) -> Result<()> {
+        Err(Error::invalid("graph capture", format!("not implemented yet on {}", self.name())))
+    }
+
+    /// The arena buffer `buf` of a plan, as `T` elements.
+    fn slice<T: DevType>(&self, buf: &Buffer) -> Result<DevSlice<T>> {
+        if buf.dtype != T::DT {
+            return Err(Error::invalid(
+                "device slice",
+                format!("buffer `{}` holds {:?}, not {:?}", buf.name, buf.dtype, T::DT),
+            ));
+        }
+        let arena = self.arena();
+        if buf.offset + buf.bytes() > arena.bytes {
+            return Err(Error::invalid(
+                "device slice",
+                format!("buffer `{}` ends past the {}-byte arena", buf.name, arena.bytes),
+            ));
+        }
+        Ok(DevSlice {
+            addr: arena.base + buf.offset as u64,
+            len: buf.elems(),
+            _t: PhantomData,
+        })
+    }
+
+    /// Copies `src` into `dst`, which must have the same length.
+    fn upload<T: DevType>(&self, dst: DevSlice<T>, src: &[T]) -> Result<()> {
+        check_copy(self.arena(), dst, src.len())?;
+        self.upload_bytes(dst.addr, bytemuck::cast_slice(src))
+    }
+
+    /// Copies `src` to `dst`, which must have the same length.
+    fn download<T: DevType>(&self, src: DevSlice<T>, dst: &mut [T]) -> Result<()> {
+        check_copy(self.arena(), src, dst.len())?;
+        self.download_bytes(src.addr, bytemuck::cast_slice_mut(dst))
+    }
+}
+
+fn check_copy<T>(arena: ArenaRange, dev: DevSlice<T>, host_len: usize) -> Result<()> {
+    if dev.len != host_len {
+        return Err(Error::invalid(
+            "device copy",
+            format!("host slice of {host_len} elements against {dev:?}"),
+        ));
+    }
+    let inside = dev.addr >= arena.base && dev.addr - arena.base + dev.bytes() as u64 <= arena.bytes as u64;
+    if !inside {
+        return Err(Error::invalid("device copy", format!("{dev:?} is outside the arena")));
+    }
+    Ok(())
+}
