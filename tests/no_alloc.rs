@@ -1,11 +1,16 @@
-//! Proves the CPU forward pass allocates nothing after set-up: a counting global allocator
-//! sees every heap allocation on every thread (the worker pool included).
+//! Proves the CPU forward pass and the sampling engine allocate nothing after set-up: a
+//! counting global allocator sees every heap allocation on every thread (the worker pools
+//! included). The tests take a lock so one test's set-up is never counted in another.
+
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use icdit::{CpuEngine, CpuOptions, DitConfig, DitModel};
+use icdit::{CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, LoadOptions, Request, Sampler};
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 struct Counting;
 
@@ -30,6 +35,7 @@ static GLOBAL: Counting = Counting;
 
 #[test]
 fn cpu_forward_allocates_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // Shapes large enough that every op runs multi-threaded (N = 64 tokens, rows 4).
     let cfg = DitConfig {
         input_size: 16,
@@ -70,4 +76,27 @@ fn cpu_forward_allocates_nothing() {
     assert!(ALLOCS.load(Ordering::SeqCst) > before, "counting allocator is not counting");
     // And the pass did real work.
     assert!(out.iter().any(|v| v.abs() > 1e-3) && out.iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn sample_allocates_nothing_after_the_first_call() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
+    for sampler in [Sampler::Ddpm, Sampler::Ddim { eta: 0.0 }] {
+        let opts = EngineOptions { max_batch: 3, respacing: "25".into(), sampler, cfg_scale: 3.0, threads: 2, ..Default::default() };
+        let mut engine = Engine::new(Arc::clone(&m), &opts).unwrap();
+        let classes = [1i64, 5, 9];
+        let mut out = vec![0.0; 3 * m.config.image_elems()];
+        let mut steps = 0usize;
+        engine.sample(&Request::new(&classes, 1), &mut out, &mut |_| {}).unwrap();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        for seed in 0..3 {
+            engine.sample(&Request::new(&classes, seed), &mut out, &mut |_| steps += 1).unwrap();
+        }
+        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        println!("{sampler:?}: {during} allocations in 3 requests of {} steps", engine.steps());
+        assert_eq!(during, 0);
+        assert_eq!(steps, 3 * engine.steps());
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    }
 }

@@ -1,0 +1,118 @@
+//! The Engine API (allocation-freedom is in no_alloc.rs): determinism across runs, thread
+//! counts and batch composition, and clear errors for impossible settings.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::fixture;
+use icdit::{DitModel, Engine, EngineOptions, Error, LoadOptions, Request, Sampler};
+
+fn model() -> Arc<DitModel> {
+    Arc::new(DitModel::load(&fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap())
+}
+
+fn opts(batch: usize, sampler: Sampler, threads: usize) -> EngineOptions {
+    EngineOptions {
+        max_batch: batch,
+        respacing: "25".into(),
+        sampler,
+        cfg_scale: 3.0,
+        threads,
+        ..Default::default()
+    }
+}
+
+fn run(engine: &mut Engine, classes: &[i64], seed: u64, first: u64) -> Vec<f32> {
+    let img = engine.model().config.image_elems();
+    let mut out = vec![0.0; classes.len() * img];
+    let req = Request {
+        first_index: first,
+        ..Request::new(classes, seed)
+    };
+    engine.sample(&req, &mut out, &mut |_| {}).unwrap();
+    out
+}
+
+#[test]
+fn same_seed_same_bits_across_runs_and_thread_counts() {
+    let m = model();
+    let classes = [0i64, 3, 7, 2];
+    let mut one = Engine::new(Arc::clone(&m), &opts(4, Sampler::Ddpm, 1)).unwrap();
+    let mut two = Engine::new(Arc::clone(&m), &opts(4, Sampler::Ddpm, 2)).unwrap();
+    let a = run(&mut one, &classes, 42, 0);
+    assert_eq!(a, run(&mut one, &classes, 42, 0), "repeat on one engine");
+    assert_eq!(a, run(&mut two, &classes, 42, 0), "1 vs 2 threads");
+    assert_ne!(a, run(&mut one, &classes, 43, 0), "another seed");
+}
+
+#[test]
+fn an_image_does_not_depend_on_its_batch() {
+    let m = model();
+    let img = m.config.image_elems();
+    let mut engine = Engine::new(Arc::clone(&m), &opts(4, Sampler::Ddpm, 2)).unwrap();
+    let classes = [4i64, 8, 1, 6];
+    let whole = run(&mut engine, &classes, 9, 0);
+    for k in 0..4 {
+        let alone = run(&mut engine, &classes[k..k + 1], 9, k as u64);
+        assert_eq!(alone, whole[k * img..(k + 1) * img], "image {k} alone vs in the batch");
+    }
+    // A batch starting at image 2 reproduces images 2 and 3.
+    assert_eq!(run(&mut engine, &classes[2..], 9, 2), whole[2 * img..]);
+}
+
+#[test]
+fn guidance_scale_one_runs_unguided() {
+    let m = model();
+    let mut o = opts(2, Sampler::Ddim { eta: 0.0 }, 2);
+    o.cfg_scale = 1.0;
+    let mut plain = Engine::new(Arc::clone(&m), &o).unwrap();
+    let guided_rows = Engine::new(Arc::clone(&m), &opts(2, Sampler::Ddim { eta: 0.0 }, 2)).unwrap();
+    // The unguided engine plans half the model rows.
+    assert!(plain.arena_bytes() < guided_rows.arena_bytes());
+    let out = run(&mut plain, &[1, 2], 0, 0);
+    assert!(out.iter().all(|v| v.is_finite()));
+}
+
+fn err_of(r: Result<Engine, Error>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn impossible_settings_are_refused() {
+    let m = model();
+    let mut o = opts(1, Sampler::Ddpm, 1);
+    o.respacing = "ddim300".into();
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("ddim300"));
+    o.respacing = "0".into();
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("respacing"));
+    let mut o = opts(1, Sampler::Ddpm, 1);
+    o.cfg_scale = 0.5;
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("cfg scale"));
+    o.cfg_scale = f32::NAN;
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("cfg scale"));
+    let mut o = opts(0, Sampler::Ddpm, 1);
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("max batch"));
+    o = opts(1, Sampler::Ddim { eta: -1.0 }, 1);
+    assert!(err_of(Engine::new(Arc::clone(&m), &o)).contains("eta"));
+
+    let mut engine = Engine::new(Arc::clone(&m), &opts(2, Sampler::Ddpm, 1)).unwrap();
+    let img = m.config.image_elems();
+    let mut out = vec![0.0; 2 * img];
+    let e = engine.sample(&Request::new(&[1, 10], 0), &mut out, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("class 10"), "{e}");
+    let e = engine.sample(&Request::new(&[1, 2, 3], 0), &mut vec![0.0; 3 * img], &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("1..=2"), "{e}");
+    let z = vec![0.0; img];
+    let req = Request { noise: Some(&z), ..Request::new(&[1, 2], 0) };
+    let e = engine.sample(&req, &mut out, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("noise"), "{e}");
+    let mut z = vec![0.0; 2 * img];
+    z[5] = f32::INFINITY;
+    let req = Request { noise: Some(&z), ..Request::new(&[1, 2], 0) };
+    let e = engine.sample(&req, &mut out, &mut |_| {}).unwrap_err();
+    assert!(e.to_string().contains("not finite"), "{e}");
+}
