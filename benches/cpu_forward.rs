@@ -39,6 +39,7 @@ fn gemm_shapes(c: &mut Criterion) {
                     lda: k,
                     b: BMat::weight(&w, k),
                     bias: Some(&bias),
+                    add: None,
                     act: gemm::Act::None,
                     c: SendPtr(out.as_mut_ptr()),
                     ldc: n,
@@ -57,7 +58,7 @@ fn forward(c: &mut Criterion) {
     for (family, rows) in [("XL/2", 2usize), ("S/2", 2)] {
         let cfg = DitConfig::family(family, 32).expect("family");
         let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
-        let mut engine = CpuEngine::new(model, &CpuOptions { max_batch: rows, guidance: false, threads: 0 }).expect("engine");
+        let mut engine = CpuEngine::new(model, &CpuOptions { max_batch: rows, guidance: false, threads: 0, ..Default::default() }).expect("engine");
         let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
         let t: Vec<i64> = vec![500; rows];
         let y: Vec<i64> = (0..rows as i64).collect();

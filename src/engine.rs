@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::cpu::{CpuEngine, CpuOptions};
+use crate::cpu::{CacheMode, CpuEngine, CpuOptions};
+use crate::forward::StepKind;
 use crate::diffusion::{self, Sampler, Schedule, Variance};
 use crate::error::{Error, Result};
 use crate::noise;
@@ -22,6 +23,41 @@ pub enum GuidedChannels {
     All,
 }
 
+/// Which steps are full (refreshing the caches) under a caching policy, counted in model
+/// calls in sampling order from 0, as icc counts them (reference doc E.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FullSteps {
+    /// Full iff step index mod N == 0.
+    Period(usize),
+    /// An explicit list of full step indices (must include 0).
+    List(Vec<usize>),
+}
+
+impl FullSteps {
+    pub fn is_full(&self, step: usize) -> bool {
+        match self {
+            FullSteps::Period(n) => step % n == 0,
+            FullSteps::List(l) => l.contains(&step),
+        }
+    }
+
+    fn validate(&self, steps: usize) -> Result<()> {
+        match self {
+            FullSteps::Period(0) => Err(Error::invalid("period", "must be at least 1")),
+            FullSteps::Period(_) => Ok(()),
+            FullSteps::List(l) => {
+                if !l.contains(&0) {
+                    return Err(Error::invalid("full steps", "the list must include step 0: the first step fills the caches"));
+                }
+                if let Some(bad) = l.iter().find(|&&s| s >= steps) {
+                    return Err(Error::invalid("full steps", format!("step {bad} is past the last step {}", steps - 1)));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
 /// How an engine samples; fixed when it is built.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -35,6 +71,10 @@ pub struct EngineOptions {
     pub guided_channels: GuidedChannels,
     /// CPU threads (0: all cores).
     pub threads: usize,
+    /// Caching policy: none, naive reuse, or increment-calibrated with factors.
+    pub cache: CacheMode,
+    /// Which steps are full under a caching policy.
+    pub full_steps: FullSteps,
 }
 
 impl Default for EngineOptions {
@@ -46,6 +86,8 @@ impl Default for EngineOptions {
             cfg_scale: 4.0,
             guided_channels: GuidedChannels::OfficialThree,
             threads: 0,
+            cache: CacheMode::None,
+            full_steps: FullSteps::Period(2),
         }
     }
 }
@@ -129,6 +171,9 @@ impl Engine {
             ));
         }
         let schedule = Schedule::new(&opts.respacing)?;
+        if !matches!(opts.cache, CacheMode::None) {
+            opts.full_steps.validate(schedule.len())?;
+        }
         let guided = opts.cfg_scale > 1.0;
         let rows = opts.max_batch * if guided { 2 } else { 1 };
         let backend = CpuEngine::new(
@@ -137,6 +182,7 @@ impl Engine {
                 max_batch: opts.max_batch,
                 guidance: guided,
                 threads: opts.threads,
+                cache: opts.cache.clone(),
             },
         )?;
         let (img, out) = (cfg.image_elems(), cfg.output_elems());
@@ -263,7 +309,8 @@ impl Engine {
                         std::slice::from_raw_parts_mut(self.arena.f32_ptr(pout), rows * cfg.output_elems()),
                     )
                 };
-                self.backend.forward(min, &self.t[..rows], &self.y[..rows], mout)?;
+                let kind = self.step_kind(index);
+                self.backend.forward_step(min, &self.t[..rows], &self.y[..rows], mout, kind)?;
             }
             self.guide(n);
             if stochastic && k != 0 {
@@ -290,6 +337,16 @@ impl Engine {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
         }
         Ok(())
+    }
+
+    /// The kind of model call at sampling step `index` under the engine's policy.
+    pub fn step_kind(&self, index: usize) -> StepKind {
+        match &self.opts.cache {
+            CacheMode::None => StepKind::Plain,
+            _ if self.opts.full_steps.is_full(index) => StepKind::Full,
+            CacheMode::Reuse => StepKind::Reuse,
+            CacheMode::Icc(_) => StepKind::Calibrated,
+        }
     }
 
     fn validate(&self, req: &Request, out_len: usize) -> Result<()> {

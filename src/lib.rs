@@ -12,6 +12,7 @@ pub mod diffusion;
 pub mod embed;
 pub mod engine;
 pub mod error;
+pub mod factors;
 pub mod forward;
 pub mod gpu;
 pub mod image;
@@ -22,9 +23,10 @@ pub mod tensorfile;
 pub mod weights;
 
 pub use config::{DitConfig, Numerics, SampleSpace};
-pub use cpu::{CpuEngine, CpuOptions};
+pub use cpu::{CacheMode, CpuEngine, CpuOptions};
 pub use diffusion::Sampler;
-pub use engine::{Engine, EngineOptions, GuidedChannels, Request};
+pub use engine::{Engine, EngineOptions, FullSteps, GuidedChannels, Request};
+pub use factors::Factors;
 pub use error::{Error, Result};
 pub use weights::{DitModel, Layout, LoadOptions};
 

@@ -63,6 +63,23 @@ fn box_muller(r: [u32; 4]) -> [f32; 4] {
     [p[0], p[1], q[0], q[1]]
 }
 
+/// Stream step reserved for class-label draws (never a noise step).
+const LABEL_STEP: u32 = u32::MAX;
+
+/// Class labels for images `first..first + count` drawn from the seed, uniformly in
+/// `0..num_classes` (multiply-shift of a 32-bit Philox output: bias < num_classes / 2³²).
+/// Like the noise, image k's label does not depend on the batch around it.
+pub fn class_labels(seed: u64, first: u64, count: usize, num_classes: usize) -> Vec<i64> {
+    let key = [seed as u32, (seed >> 32) as u32];
+    (0..count as u64)
+        .map(|i| {
+            let image = first + i;
+            let r = philox4x32_10([0, image as u32, (image >> 32) as u32, LABEL_STEP], key);
+            ((r[0] as u64 * num_classes as u64) >> 32) as i64
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,6 +96,17 @@ mod tests {
             philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
+    }
+
+    #[test]
+    fn labels_are_uniform_and_batch_independent() {
+        let all = class_labels(3, 0, 10_000, 10);
+        let mut counts = [0usize; 10];
+        for &l in &all {
+            counts[l as usize] += 1;
+        }
+        assert!(counts.iter().all(|&c| (900..1100).contains(&c)), "{counts:?}");
+        assert_eq!(class_labels(3, 500, 20, 10), all[500..520]);
     }
 
     #[test]

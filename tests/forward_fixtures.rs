@@ -17,8 +17,7 @@ fn run(model: DitModel, refr: &common::Reference, portable: bool) -> Vec<f32> {
     let opts = CpuOptions {
         max_batch: rows,
         guidance: false,
-        threads: 2,
-    };
+        threads: 2, ..Default::default() };
     let mut engine = CpuEngine::new(Arc::clone(&model), &opts).unwrap();
     if portable {
         engine = engine.with_portable_gemm();
@@ -121,7 +120,7 @@ fn rows_are_independent() {
     let refr = reference("hd72/forward.safetensors");
     let model = Arc::new(load("hd72/official.safetensors", Numerics::Official));
     let whole = run(load("hd72/official.safetensors", Numerics::Official), &refr, false);
-    let mut engine = CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 4, guidance: false, threads: 2 }).unwrap();
+    let mut engine = CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 4, guidance: false, threads: 2, ..Default::default() }).unwrap();
     let (xi, oi) = (model.config.image_elems(), model.config.output_elems());
     for r in 0..refr.t.len() {
         let mut out = vec![0.0; oi];

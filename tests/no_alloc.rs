@@ -53,8 +53,7 @@ fn cpu_forward_allocates_nothing() {
     let opts = CpuOptions {
         max_batch: 2,
         guidance: true,
-        threads: 2,
-    };
+        threads: 2, ..Default::default() };
     let mut engine = CpuEngine::new(model, &opts).unwrap();
     let rows = 4;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();

@@ -41,6 +41,7 @@ fn sample(model: Arc<DitModel>, sampler: Sampler, cfg: f32, labels: &[i64], z: &
         cfg_scale: cfg,
         guided_channels: GuidedChannels::OfficialThree,
         threads: 2,
+        ..Default::default()
     };
     let mut engine = Engine::new(model, &opts).unwrap();
     let mut out = vec![0.0; z.len()];

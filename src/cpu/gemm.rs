@@ -53,6 +53,8 @@ pub struct Gemm<'a> {
     pub lda: usize,
     pub b: BMat<'a>,
     pub bias: Option<&'a [f32]>,
+    /// A matrix added to the product before the activation: (data, row stride).
+    pub add: Option<(&'a [f32], usize)>,
     pub act: Act,
     pub c: SendPtr,
     pub ldc: usize,
@@ -231,6 +233,9 @@ fn check_bounds(g: &Gemm) {
     if let Some(bias) = g.bias {
         assert!(bias.len() >= g.n, "GEMM: bias too small");
     }
+    if let Some((m, ld)) = g.add {
+        assert!(ld >= g.n && m.len() >= (g.m - 1) * ld + g.n, "GEMM: added matrix too small");
+    }
 }
 
 /// Packs B[j0.., p0..] into NR-wide panels, p-major inside each panel, zero-padding
@@ -332,13 +337,14 @@ fn zero_tile(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize
 
 #[inline(never)]
 fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
-    if g.bias.is_none() && g.act == Act::None {
+    if g.bias.is_none() && g.add.is_none() && g.act == Act::None {
         return;
     }
     for i in rows {
         // SAFETY: inside this thread's C tile, bounds checked.
         let row = unsafe { std::slice::from_raw_parts_mut(g.c.get().add(i * g.ldc + cols.start), cols.len()) };
-        math::bias_act(row, g.bias.map(|b| &b[cols.clone()]), g.act == Act::GeluTanh);
+        let add = g.add.map(|(m, ld)| &m[i * ld + cols.start..i * ld + cols.end]);
+        math::bias_act(row, g.bias.map(|b| &b[cols.clone()]), add, g.act == Act::GeluTanh);
     }
 }
 
@@ -445,12 +451,13 @@ mod tests {
         let mut c = vec![f32::NAN; m * ldc];
         let mut scratch = vec![0.0; pool.threads() * SCRATCH_PER_THREAD];
         let mut packed = vec![0.0; packed_a_len(m, k)];
-        let g = Gemm { m, n, k, a: &a, lda, b, bias: Some(&bias), act, c: SendPtr(c.as_mut_ptr()), ldc };
+        let add: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+        let g = Gemm { m, n, k, a: &a, lda, b, bias: Some(&bias), add: Some((&add, n)), act, c: SendPtr(c.as_mut_ptr()), ldc };
         gm.run(pool, &mut scratch, &mut packed, &g);
         let mut worst = 0.0f64;
         for i in 0..m {
             for j in 0..n {
-                let mut e = bias[j] as f64;
+                let mut e = bias[j] as f64 + add[i * n + j] as f64;
                 for p in 0..k {
                     e += a[i * lda + p] as f64 * b.data[j * b.rs + p * b.cs] as f64;
                 }

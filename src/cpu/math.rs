@@ -130,11 +130,16 @@ macro_rules! simd_fn {
 }
 
 simd_fn! {
-    /// row += bias, then GELU-tanh if `gelu`.
-    pub fn bias_act(row: &mut [f32], bias: Option<&[f32]>, gelu: bool) {
+    /// row += bias, row += add, then GELU-tanh if `gelu`.
+    pub fn bias_act(row: &mut [f32], bias: Option<&[f32]>, add: Option<&[f32]>, gelu: bool) {
         if let Some(bias) = bias {
             for (v, b) in row.iter_mut().zip(bias) {
                 *v += b;
+            }
+        }
+        if let Some(add) = add {
+            for (v, a) in row.iter_mut().zip(add) {
+                *v += a;
             }
         }
         if gelu {
@@ -194,6 +199,24 @@ simd_fn! {
     pub fn add(x: &mut [f32], y: &[f32]) {
         for (xv, yv) in x.iter_mut().zip(y) {
             *xv += yv;
+        }
+    }
+}
+
+simd_fn! {
+    /// dst = GELU-tanh(src).
+    pub fn gelu_into(src: &[f32], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = gelu_tanh(*s);
+        }
+    }
+}
+
+simd_fn! {
+    /// dst = a − b.
+    pub fn sub_into(a: &[f32], b: &[f32], dst: &mut [f32]) {
+        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
+            *d = x - y;
         }
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod gemm;
 pub mod math;
+mod ops;
 pub mod pool;
 
 use std::sync::Arc;
@@ -11,11 +12,24 @@ use std::sync::Arc;
 use crate::config::{DitConfig, FREQ_DIM};
 use crate::embed;
 use crate::error::{Error, Result};
-use crate::forward::{self, Act, Activation, DitOps, Linear, Modulation};
+use crate::factors::Factors;
+use crate::forward::{self, Act, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
-use crate::weights::{DitModel, TRef};
+use crate::weights::DitModel;
 use gemm::{BMat, Gemm, Gemmer};
 use pool::{split, SendPtr, ThreadPool};
+
+/// Which block caches an engine keeps (reference doc E).
+#[derive(Clone, Debug, Default)]
+pub enum CacheMode {
+    /// None: only plain forward passes.
+    #[default]
+    None,
+    /// Caches for full and reuse steps (naive caching).
+    Reuse,
+    /// Caches plus rank-r factors for full, calibrated and reuse steps.
+    Icc(Arc<Factors>),
+}
 
 /// How to size a CPU engine.
 #[derive(Clone, Debug)]
@@ -26,6 +40,8 @@ pub struct CpuOptions {
     pub guidance: bool,
     /// Worker threads including the caller; 0 means all available cores.
     pub threads: usize,
+    /// Block caches and factors to plan for.
+    pub cache: CacheMode,
 }
 
 impl Default for CpuOptions {
@@ -34,6 +50,7 @@ impl Default for CpuOptions {
             max_batch: 1,
             guidance: false,
             threads: 0,
+            cache: CacheMode::None,
         }
     }
 }
@@ -58,6 +75,11 @@ struct Bufs {
     gemm_scratch: BufId,
     gemm_packed_a: BufId,
     attn_scratch: BufId,
+    /// Per block, the eight cache slots (in `Slot::ALL` order); empty without caching.
+    cache: Vec<[BufId; 8]>,
+    /// x − x_s and the rank-r projection of calibrated steps.
+    delta: Option<BufId>,
+    lowrank: Option<BufId>,
 }
 
 /// Rows (model batch) a plan must hold for `opts`.
@@ -66,7 +88,7 @@ pub fn planned_rows(opts: &CpuOptions) -> usize {
 }
 
 /// The memory plan of the CPU forward pass for `cfg`.
-fn plan(cfg: &DitConfig, rows: usize, threads: usize) -> (Plan, Bufs) {
+fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Plan, Bufs) {
     let (n, c, m) = (cfg.tokens(), cfg.hidden_size, cfg.mlp_hidden());
     let (i, p2) = (cfg.input_size, cfg.patch_size * cfg.patch_size);
     let mut p = Plan::new(format!("CPU forward plan ({rows} rows, {threads} threads)"));
@@ -93,14 +115,28 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize) -> (Plan, Bufs) {
             Dt::F32,
         ),
         attn_scratch: p.add("attn_scores", &[threads, n * n], Dt::F32),
+        cache: Vec::new(),
+        delta: None,
+        lowrank: None,
     };
+    let mut bufs = bufs;
+    if !matches!(cache, CacheMode::None) {
+        bufs.cache = (0..cfg.depth)
+            .map(|i| Slot::ALL.map(|s| p.add(format!("cache.{i}.{}", s.name()), &[rows, n, s.width(cfg)], Dt::F32)))
+            .collect();
+    }
+    if let CacheMode::Icc(f) = cache {
+        let (qkv_rank, one_rank) = f.max_ranks();
+        bufs.delta = Some(p.add("icc_delta", &[rows, n, m], Dt::F32));
+        bufs.lowrank = Some(p.add("icc_lowrank", &[rows, n, qkv_rank.max(one_rank)], Dt::F32));
+    }
     (p, bufs)
 }
 
 /// Plans (without allocating) the CPU forward for a model: for `inspect` and memory checks.
 pub fn plan_for(model: &DitModel, opts: &CpuOptions) -> Plan {
     let threads = resolve_threads(opts.threads);
-    let (mut p, _) = plan(&model.config, planned_rows(opts).max(1), threads);
+    let (mut p, _) = plan(&model.config, planned_rows(opts).max(1), threads, &opts.cache);
     add_weight_notes(&mut p, model);
     p
 }
@@ -131,6 +167,9 @@ pub struct CpuEngine {
     /// Staged request: timesteps (as f32, as the model casts them) and labels.
     t: Vec<f32>,
     y: Vec<usize>,
+    cache: CacheMode,
+    /// Rows of the last full step, whose activations the caches hold.
+    cached_rows: Option<usize>,
 }
 
 impl CpuEngine {
@@ -144,7 +183,15 @@ impl CpuEngine {
         if threads > 1024 {
             return Err(Error::invalid("threads", format!("{threads} is more than 1024")));
         }
-        let (mut plan, bufs) = plan(&model.config, max_rows, threads);
+        if let CacheMode::Icc(f) = &opts.cache {
+            if f.blocks.len() != model.config.depth {
+                return Err(Error::invalid(
+                    "factors",
+                    format!("{}: {} blocks of factors for a {}-block model", f.source.display(), f.blocks.len(), model.config.depth),
+                ));
+            }
+        }
+        let (mut plan, bufs) = plan(&model.config, max_rows, threads, &opts.cache);
         add_weight_notes(&mut plan, &model);
         let arena = Arena::new(&plan)?;
         let pool = ThreadPool::new(threads).map_err(|e| Error::invalid("threads", format!("cannot start {threads} threads: {e}")))?;
@@ -160,6 +207,8 @@ impl CpuEngine {
             freqs,
             t: vec![0.0; max_rows],
             y: vec![0; max_rows],
+            cache: opts.cache.clone(),
+            cached_rows: None,
         })
     }
 
@@ -188,6 +237,28 @@ impl CpuEngine {
     /// One model evaluation: `x` (B, Cin, I, I), `t` original timesteps 0..=999, `y` labels
     /// (the null class allowed) → `out` (B, Cout, I, I). Allocates nothing.
     pub fn forward(&mut self, x: &[f32], t: &[i64], y: &[i64], out: &mut [f32]) -> Result<()> {
+        self.forward_step(x, t, y, out, StepKind::Plain)
+    }
+
+    /// A forward pass of the given kind: `Full` refreshes the caches, `Calibrated` and
+    /// `Reuse` use them (and need a full step with the same rows before them).
+    pub fn forward_step(&mut self, x: &[f32], t: &[i64], y: &[i64], out: &mut [f32], kind: StepKind) -> Result<()> {
+        match (kind, &self.cache) {
+            (StepKind::Plain, _) => {}
+            (_, CacheMode::None) => {
+                return Err(Error::invalid("step kind", format!("{kind:?} steps need an engine built with a cache mode")))
+            }
+            (StepKind::Calibrated, CacheMode::Reuse) => {
+                return Err(Error::invalid("step kind", "calibrated steps need factors (cache mode icc)"))
+            }
+            _ => {}
+        }
+        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(t.len()) {
+            return Err(Error::invalid(
+                "step kind",
+                format!("a {kind:?} step needs a full step with the same {} rows before it", t.len()),
+            ));
+        }
         let rows = self.stage(x, t, y)?;
         let need = rows * self.model.config.output_elems();
         if out.len() != need {
@@ -197,7 +268,10 @@ impl CpuEngine {
             ));
         }
         let (cfg, eps) = (self.model.config, self.model.mlp_norm_eps);
-        forward::forward(self, &cfg, eps, rows);
+        forward::forward(self, &cfg, eps, rows, kind);
+        if kind == StepKind::Full {
+            self.cached_rows = Some(rows);
+        }
         out.copy_from_slice(&self.slice(self.bufs.image)[..need]);
         Ok(())
     }
@@ -278,34 +352,51 @@ impl CpuEngine {
             Act::Y => self.bufs.y,
             Act::Mlp => self.bufs.mlp,
             Act::Out => self.bufs.out,
+            Act::Cache(i, slot) => self.bufs.cache[i][slot as usize],
         }
     }
 
-    /// C = A·Wᵀ (+ bias, activation) with A, C arena buffers and W a weight.
-    fn gemm(&mut self, a: BufId, w: TRef, bias: TRef, c: BufId, m: usize, n: usize, k: usize, act: gemm::Act) {
-        let (ap, alen) = self.ptr(a);
-        let (cp, clen) = self.ptr(c);
-        assert!(a != c && m * k <= alen && m * n <= clen, "GEMM operands");
-        // SAFETY: a and c are distinct arena buffers; the scratch buffer is a third.
-        let a_slice = unsafe { std::slice::from_raw_parts(ap.get(), m * k) };
+    /// An arena buffer as a read-only slice of `len` elements.
+    ///
+    /// # Safety
+    /// No `&mut` to the same buffer may be alive (ops pass distinct buffers by construction).
+    unsafe fn view(&self, id: BufId, len: usize) -> &[f32] {
+        let (p, total) = self.ptr(id);
+        assert!(len <= total, "view past the end of `{}`", self.plan.get(id).name);
+        std::slice::from_raw_parts(p.get(), len)
+    }
+
+    /// C = A·Bᵀ (+ bias, + added matrix, activation) on the pool, with the shared scratch.
+    fn gemm(&self, g: &Gemm) {
         let (sp, slen) = self.ptr(self.bufs.gemm_scratch);
         let (pp, plen) = self.ptr(self.bufs.gemm_packed_a);
+        // SAFETY: the scratch buffers are used by nothing else during the call.
         let (scratch, packed) = unsafe {
             (std::slice::from_raw_parts_mut(sp.get(), slen), std::slice::from_raw_parts_mut(pp.get(), plen))
         };
-        let g = Gemm {
+        self.gemm.run(&self.pool, scratch, packed, g);
+    }
+
+    /// dst[m, n] = A[m, k]·Wᵀ + b with A, dst arena buffers and W, b a weight and bias.
+    fn linear_weights(&self, a: BufId, w: &[f32], bias: &[f32], c: BufId, m: usize, n: usize, k: usize, act: gemm::Act) {
+        assert!(a != c, "GEMM input and output alias");
+        let (cp, clen) = self.ptr(c);
+        assert!(m * n <= clen, "GEMM output too small");
+        // SAFETY: a and c are distinct arena buffers.
+        let a = unsafe { self.view(a, m * k) };
+        self.gemm(&Gemm {
             m,
             n,
             k,
-            a: a_slice,
+            a,
             lda: k,
-            b: BMat::weight(self.model.w(w), k),
-            bias: Some(self.model.w(bias)),
+            b: BMat::weight(w, k),
+            bias: Some(bias),
+            add: None,
             act,
             c: cp,
             ldc: n,
-        };
-        self.gemm.run(&self.pool, scratch, packed, &g);
+        });
     }
 
     /// Runs `f(range)` over `0..total` split across the pool.
@@ -316,267 +407,5 @@ impl CpuEngine {
         } else {
             self.pool.run(&|tid| f(split(total, threads, tid, 1)));
         }
-    }
-}
-
-impl DitOps for CpuEngine {
-    fn embed_patches(&mut self, rows: usize) {
-        let cfg = &self.model.config;
-        let (p, g, cin, isz) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.input_size);
-        let (n, pd, c) = (cfg.tokens(), cfg.patch_dim(), cfg.hidden_size);
-        let (inp, _) = self.ptr(self.bufs.input);
-        let (pat, _) = self.ptr(self.bufs.patches);
-        // Patch vector order is (channel, kh, kw), channel slowest (reference doc A.1).
-        self.par(rows * n, |range| {
-            for tok in range {
-                let (r, t) = (tok / n, tok % n);
-                let (gi, gj) = (t / g, t % g);
-                for ch in 0..cin {
-                    for a in 0..p {
-                        for b in 0..p {
-                            // SAFETY: indices are within the planned input/patch buffers,
-                            // and each token writes only its own patch row.
-                            unsafe {
-                                let src = ((r * cin + ch) * isz + gi * p + a) * isz + gj * p + b;
-                                *pat.get().add(tok * pd + (ch * p + a) * p + b) = *inp.get().add(src);
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        let t = &self.model.tensors;
-        let (pw, pb, pe) = (t.patch_w, t.patch_b, t.pos_embed);
-        self.gemm(self.bufs.patches, pw, pb, self.bufs.x, rows * n, c, pd, gemm::Act::None);
-        let pos = self.model.w(pe);
-        let (x, _) = self.ptr(self.bufs.x);
-        self.par(rows * n, |range| {
-            for tok in range {
-                // SAFETY: each token updates its own row of x.
-                let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
-                math::add(row, &pos[(tok % n) * c..][..c]);
-            }
-        });
-    }
-
-    fn embed_conditioning(&mut self, rows: usize) {
-        let c = self.model.config.hidden_size;
-        let freqs = self.freqs;
-        for r in 0..rows {
-            let t = self.t[r];
-            embed::timestep_embedding(t, &freqs, &mut self.slice_mut(self.bufs.tfreq)[r * FREQ_DIM..][..FREQ_DIM]);
-        }
-        let tw = &self.model.tensors;
-        let (w0, b0, w2, b2, table) = (tw.t_mlp0_w, tw.t_mlp0_b, tw.t_mlp2_w, tw.t_mlp2_b, tw.label_table);
-        self.gemm(self.bufs.tfreq, w0, b0, self.bufs.temb, rows, c, FREQ_DIM, gemm::Act::None);
-        for v in &mut self.slice_mut(self.bufs.temb)[..rows * c] {
-            *v = math::silu(*v);
-        }
-        self.gemm(self.bufs.temb, w2, b2, self.bufs.c, rows, c, c, gemm::Act::None);
-        let model = Arc::clone(&self.model);
-        let table = model.w(table);
-        for r in 0..rows {
-            let y = self.y[r];
-            let cr = &mut self.slice_mut(self.bufs.c)[r * c..][..c];
-            for (v, e) in cr.iter_mut().zip(&table[y * c..][..c]) {
-                *v += e;
-            }
-        }
-        let (cb, sc) = (self.bufs.c, self.bufs.silu_c);
-        for k in 0..rows * c {
-            let v = self.slice(cb)[k];
-            self.slice_mut(sc)[k] = math::silu(v);
-        }
-    }
-
-    fn modulation(&mut self, which: Modulation, rows: usize) {
-        let c = self.model.config.hidden_size;
-        let (w, b, width) = match which {
-            Modulation::Block(i) => {
-                let bt = &self.model.tensors.blocks[i];
-                (bt.ada_w, bt.ada_b, 6 * c)
-            }
-            Modulation::Final => (self.model.tensors.final_ada_w, self.model.tensors.final_ada_b, 2 * c),
-        };
-        // Written with row stride 6C whatever the width, so chunk k is always at k·C.
-        let (ap, _) = self.ptr(self.bufs.silu_c);
-        let (mp, _) = self.ptr(self.bufs.modv);
-        let (sp, slen) = self.ptr(self.bufs.gemm_scratch);
-        // SAFETY: three distinct arena buffers.
-        let (a, scratch) = unsafe {
-            (
-                std::slice::from_raw_parts(ap.get(), rows * c),
-                std::slice::from_raw_parts_mut(sp.get(), slen),
-            )
-        };
-        let g = Gemm {
-            m: rows,
-            n: width,
-            k: c,
-            a,
-            lda: c,
-            b: BMat::weight(self.model.w(w), c),
-            bias: Some(self.model.w(b)),
-            act: gemm::Act::None,
-            c: mp,
-            ldc: 6 * c,
-        };
-        self.gemm.run(&self.pool, scratch, &mut [], &g);
-    }
-
-    fn norm_modulate(&mut self, shift: usize, scale: usize, eps: f32, rows: usize) {
-        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
-        let (x, _) = self.ptr(self.bufs.x);
-        let (h, _) = self.ptr(self.bufs.h);
-        let (m, _) = self.ptr(self.bufs.modv);
-        self.par(rows * n, |range| {
-            for tok in range {
-                let r = tok / n;
-                // SAFETY: x and modulation are only read; each token writes its own row of h.
-                let (xr, hr, sh, sc) = unsafe {
-                    (
-                        std::slice::from_raw_parts(x.get().add(tok * c), c),
-                        std::slice::from_raw_parts_mut(h.get().add(tok * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + shift * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + scale * c), c),
-                    )
-                };
-                math::layer_norm_modulate(xr, sh, sc, eps, hr);
-            }
-        });
-    }
-
-    fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        let cfg = &self.model.config;
-        let (n, c, mh) = (cfg.tokens(), cfg.hidden_size, cfg.mlp_hidden());
-        let fin = cfg.patch_size * cfg.patch_size * cfg.out_channels();
-        let t = &self.model.tensors;
-        let (w, b, out, k) = match layer {
-            Linear::Qkv(i) => (t.blocks[i].qkv_w, t.blocks[i].qkv_b, 3 * c, c),
-            Linear::Proj(i) => (t.blocks[i].proj_w, t.blocks[i].proj_b, c, c),
-            Linear::Fc1(i) => (t.blocks[i].fc1_w, t.blocks[i].fc1_b, mh, c),
-            Linear::Fc2(i) => (t.blocks[i].fc2_w, t.blocks[i].fc2_b, c, mh),
-            Linear::Final => (t.final_w, t.final_b, fin, c),
-        };
-        let act = match act {
-            Activation::None => gemm::Act::None,
-            Activation::GeluTanh => gemm::Act::GeluTanh,
-        };
-        self.gemm(self.act_buf(src), w, b, self.act_buf(dst), rows * n, out, k, act);
-    }
-
-    fn attention(&mut self, rows: usize) {
-        let cfg = &self.model.config;
-        let (n, c, heads, d) = (cfg.tokens(), cfg.hidden_size, cfg.num_heads, cfg.head_dim());
-        let scale = 1.0 / (d as f32).sqrt();
-        let (qkv, qlen) = self.ptr(self.bufs.qkv);
-        let (attn, _) = self.ptr(self.bufs.attn);
-        let (ss, _) = self.ptr(self.bufs.attn_scratch);
-        let (gs, _) = self.ptr(self.bufs.gemm_scratch);
-        let gemmer = self.gemm;
-        let threads = self.pool.threads();
-        // SAFETY (whole closure): qkv is read-only; each (row, head) job writes its own
-        // D-column slice of attn; each thread uses its own score and GEMM scratch slices.
-        let job = |tid: usize| {
-            let qkv = unsafe { std::slice::from_raw_parts(qkv.get(), qlen) };
-            let scores = unsafe { std::slice::from_raw_parts_mut(ss.get().add(tid * n * n), n * n) };
-            let scratch = unsafe {
-                std::slice::from_raw_parts_mut(gs.get().add(tid * gemm::SCRATCH_PER_THREAD), gemm::SCRATCH_PER_THREAD)
-            };
-            for job in split(rows * heads, threads, tid, 1) {
-                let (r, hd) = (job / heads, job % heads);
-                let base = r * n * 3 * c + hd * d;
-                // S = q·kᵀ: A = q rows (stride 3C), B = k rows (stride 3C).
-                gemmer.run_single(
-                    scratch,
-                    &Gemm {
-                        m: n,
-                        n,
-                        k: d,
-                        a: &qkv[base..],
-                        lda: 3 * c,
-                        b: BMat {
-                            data: &qkv[base + c..],
-                            rs: 3 * c,
-                            cs: 1,
-                        },
-                        bias: None,
-                        act: gemm::Act::None,
-                        c: SendPtr(scores.as_mut_ptr()),
-                        ldc: n,
-                    },
-                );
-                for row in scores.chunks_exact_mut(n) {
-                    math::softmax_scaled(row, scale);
-                }
-                // O = P·v: B(j = d, p = token) = v[token, d], i.e. rs 1, cs 3C.
-                gemmer.run_single(
-                    scratch,
-                    &Gemm {
-                        m: n,
-                        n: d,
-                        k: n,
-                        a: scores,
-                        lda: n,
-                        b: BMat {
-                            data: &qkv[base + 2 * c..],
-                            rs: 1,
-                            cs: 3 * c,
-                        },
-                        bias: None,
-                        act: gemm::Act::None,
-                        c: SendPtr(unsafe { attn.get().add(r * n * c + hd * d) }),
-                        ldc: c,
-                    },
-                );
-            }
-        };
-        self.pool.run(&job);
-    }
-
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
-        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
-        let (x, _) = self.ptr(self.bufs.x);
-        let (s, _) = self.ptr(self.act_buf(src));
-        let (m, _) = self.ptr(self.bufs.modv);
-        self.par(rows * n, |range| {
-            for tok in range {
-                let r = tok / n;
-                // SAFETY: each token updates its own row of x; src and gate are read-only.
-                let (xr, sr, gr) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(x.get().add(tok * c), c),
-                        std::slice::from_raw_parts(s.get().add(tok * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + gate * c), c),
-                    )
-                };
-                math::gated_add(xr, gr, sr);
-            }
-        });
-    }
-
-    fn unpatchify(&mut self, rows: usize) {
-        let cfg = &self.model.config;
-        let (p, g, co, isz, n) = (cfg.patch_size, cfg.grid(), cfg.out_channels(), cfg.input_size, cfg.tokens());
-        let (out, _) = self.ptr(self.bufs.out);
-        let (img, _) = self.ptr(self.bufs.image);
-        // img[r, ch, i·p + a, j·p + b] = out[r, i·G + j, (a·p + b)·Cout + ch] (reference doc A.8).
-        self.par(rows * n, |range| {
-            for tok in range {
-                let (r, t) = (tok / n, tok % n);
-                let (gi, gj) = (t / g, t % g);
-                for a in 0..p {
-                    for b in 0..p {
-                        for ch in 0..co {
-                            // SAFETY: each token writes its own p×p patch of every channel.
-                            unsafe {
-                                let v = *out.get().add(tok * p * p * co + (a * p + b) * co + ch);
-                                *img.get().add(((r * co + ch) * isz + gi * p + a) * isz + gj * p + b) = v;
-                            }
-                        }
-                    }
-                }
-            }
-        });
     }
 }

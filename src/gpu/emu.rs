@@ -9,7 +9,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 use std::time::Instant;
 
-use super::{ArenaRange, Device, EmuEntry, Kernel, LaunchCfg};
+use super::{check_range, ArenaRange, Device, EmuEntry, Kernel, LaunchCfg};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
@@ -152,11 +152,4 @@ impl Device for EmuDevice {
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
         Err(Error::invalid("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
     }
-}
-
-fn check_range(arena: ArenaRange, addr: u64, len: usize) -> Result<()> {
-    if addr < arena.base || addr - arena.base + len as u64 > arena.bytes as u64 {
-        return Err(Error::invalid("device copy", format!("{len} bytes at {addr:#x} are outside the arena")));
-    }
-    Ok(())
 }

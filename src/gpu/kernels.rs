@@ -11,6 +11,58 @@ use std::ffi::c_void;
 use super::{f16, DevPtr, Device, Kernel, LaunchCfg};
 use crate::error::Result;
 
+/// One kernel's module: its emulation declaration and entry, its [`Kernel`], its raw launch.
+macro_rules! kernel_mod {
+    ($module:literal, $id:expr, $name:ident ( $($arg:ident : $ty:ty),* )) => {
+        #[doc = concat!("`", stringify!($name), "` of kernels/", $module, ".cu.")]
+        pub mod $name {
+            use super::*;
+
+            extern "C" {
+                // The C++ build of the kernel (the emulation).
+                fn $name($($arg: $ty),*);
+            }
+
+            unsafe extern "C" fn entry(args: *const *mut c_void) {
+                let mut _p = args;
+                $(
+                    // SAFETY: `launch` below built `args` from exactly these parameters.
+                    let $arg: $ty = unsafe {
+                        let v = *(*_p as *const $ty);
+                        _p = _p.add(1);
+                        v
+                    };
+                )*
+                // SAFETY: the launcher checked that the pointers cover what the kernel reads
+                // and writes.
+                unsafe { $name($($arg),*) }
+            }
+
+            pub static KERNEL: Kernel = Kernel {
+                name: stringify!($name),
+                module: $module,
+                id: $id,
+                emu: entry,
+            };
+
+            /// Launches the kernel with exactly its C parameters.
+            ///
+            /// # Safety
+            /// As [`Device::launch`]: the pointers must cover what the kernel accesses.
+            pub(crate) unsafe fn launch<D: Device + ?Sized>(
+                dev: &D, cfg: &LaunchCfg, $($arg: $ty),*
+            ) -> Result<()> {
+                $( let mut $arg = $arg; )*
+                let args = [$( &mut $arg as *mut $ty as *mut c_void ),*];
+                // SAFETY: forwarded to the caller.
+                unsafe { dev.launch(&KERNEL, cfg, &args) }
+            }
+        }
+    };
+}
+pub(crate) use kernel_mod;
+
+/// The table: an index per kernel, [`ALL`], and a [`kernel_mod!`] each.
 macro_rules! kernels {
     ($( $module:literal => { $( $name:ident ( $($arg:ident : $ty:ty),* $(,)? ); )* } )*) => {
         #[allow(non_camel_case_types, clippy::enum_variant_names)]
@@ -19,52 +71,7 @@ macro_rules! kernels {
         /// Every kernel, in table order (`Kernel::id` indexes this).
         pub static ALL: &[&Kernel] = &[$($(&$name::KERNEL,)*)*];
 
-        $($(
-            #[doc = concat!("`", stringify!($name), "` of kernels/", $module, ".cu.")]
-            pub mod $name {
-                use super::*;
-
-                extern "C" {
-                    // The C++ build of the kernel (the emulation).
-                    fn $name($($arg: $ty),*);
-                }
-
-                unsafe extern "C" fn entry(args: *const *mut c_void) {
-                    let mut _p = args;
-                    $(
-                        // SAFETY: `launch` below built `args` from exactly these parameters.
-                        let $arg: $ty = unsafe {
-                            let v = *(*_p as *const $ty);
-                            _p = _p.add(1);
-                            v
-                        };
-                    )*
-                    // SAFETY: the launcher checked that the pointers cover what the kernel reads
-                    // and writes.
-                    unsafe { $name($($arg),*) }
-                }
-
-                pub static KERNEL: Kernel = Kernel {
-                    name: stringify!($name),
-                    module: $module,
-                    id: Id::$name as usize,
-                    emu: entry,
-                };
-
-                /// Launches the kernel with exactly its C parameters.
-                ///
-                /// # Safety
-                /// As [`Device::launch`]: the pointers must cover what the kernel accesses.
-                pub(crate) unsafe fn launch<D: Device + ?Sized>(
-                    dev: &D, cfg: &LaunchCfg, $($arg: $ty),*
-                ) -> Result<()> {
-                    $( let mut $arg = $arg; )*
-                    let args = [$( &mut $arg as *mut $ty as *mut c_void ),*];
-                    // SAFETY: forwarded to the caller.
-                    unsafe { dev.launch(&KERNEL, cfg, &args) }
-                }
-            }
-        )*)*
+        $($( kernel_mod!($module, Id::$name as usize, $name($($arg: $ty),*)); )*)*
     };
 }
 

@@ -13,6 +13,8 @@ pub mod launch;
 
 mod emu;
 pub use emu::EmuDevice;
+#[cfg(test)]
+mod emu_selftest;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -232,9 +234,16 @@ fn check_copy<T>(arena: ArenaRange, dev: DevSlice<T>, host_len: usize) -> Result
             format!("host slice of {host_len} elements against {dev:?}"),
         ));
     }
-    let inside = dev.addr >= arena.base && dev.addr - arena.base + dev.bytes() as u64 <= arena.bytes as u64;
-    if !inside {
-        return Err(Error::invalid("device copy", format!("{dev:?} is outside the arena")));
+    check_range(arena, dev.addr, dev.bytes())
+}
+
+/// `len` bytes at device address `addr` lie inside the arena.
+fn check_range(arena: ArenaRange, addr: u64, len: usize) -> Result<()> {
+    if addr < arena.base || addr - arena.base + len as u64 > arena.bytes as u64 {
+        return Err(Error::invalid(
+            "device copy",
+            format!("{len} bytes at {addr:#x} are outside the arena"),
+        ));
     }
     Ok(())
 }

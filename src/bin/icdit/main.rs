@@ -142,8 +142,7 @@ fn inspect(a: InspectArgs) -> Result<(), Error> {
     let opts = CpuOptions {
         max_batch: a.batch,
         guidance: a.cfg,
-        threads: 0,
-    };
+        threads: 0, ..Default::default() };
     let report = Report::new(&model, &opts);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
@@ -180,8 +179,7 @@ fn forward(a: ForwardArgs) -> Result<(), Error> {
         &CpuOptions {
             max_batch: b,
             guidance: false,
-            threads: a.threads,
-        },
+            threads: a.threads, ..Default::default() },
     )?;
     let mut out = vec![0.0f32; b * cfg.output_elems()];
     let start = Instant::now();
@@ -218,8 +216,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
         &CpuOptions {
             max_batch: rows,
             guidance: false,
-            threads: a.threads,
-        },
+            threads: a.threads, ..Default::default() },
     )?;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();

@@ -9,7 +9,7 @@ use clap::Args;
 use icdit::diffusion::Sampler;
 use icdit::engine::{Engine, EngineOptions, GuidedChannels, Request};
 use icdit::tensorfile::{write_safetensors, TensorFile};
-use icdit::{DitModel, Error, SampleSpace};
+use icdit::{CacheMode, DitModel, Error, Factors, FullSteps, SampleSpace};
 
 use crate::ModelArgs;
 
@@ -68,6 +68,18 @@ pub struct SampleArgs {
     /// `step_noise` f32 [steps, B, C, H, W].
     #[arg(long)]
     noise: Option<PathBuf>,
+    /// Caching: `none`, `reuse` (naive caching) or `icc` (increment-calibrated, needs --factors).
+    #[arg(long, default_value = "none")]
+    cache: String,
+    /// Under caching, every N-th step (counted from the first) is a full step.
+    #[arg(long, default_value_t = 2, conflicts_with = "full_steps")]
+    period: usize,
+    /// Under caching, the full steps as a comma-separated list of step indices (0 first).
+    #[arg(long, value_delimiter = ',')]
+    full_steps: Vec<usize>,
+    /// Rank-r factors for `--cache icc` (made by `icdit calibrate`).
+    #[arg(long)]
+    factors: Option<PathBuf>,
     /// Images per engine call.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -121,7 +133,18 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     } else {
         a.batch.clamp(1, classes.len())
     };
+    let cache = match (a.cache.as_str(), &a.factors) {
+        ("none", None) => CacheMode::None,
+        ("reuse", None) => CacheMode::Reuse,
+        ("icc", Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
+        ("icc", None) => return Err(Error::invalid("--cache icc", "needs --factors FILE (see `icdit calibrate`)")),
+        ("none" | "reuse", Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
+        (other, _) => return Err(Error::invalid("--cache", format!("`{other}`: expected none, reuse or icc"))),
+    };
+    let full_steps = if a.full_steps.is_empty() { FullSteps::Period(a.period) } else { FullSteps::List(a.full_steps.clone()) };
     let opts = EngineOptions {
+        cache,
+        full_steps,
         max_batch: batch,
         respacing,
         sampler,
@@ -220,6 +243,7 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
             "steps": steps,
             "cfg_scale": cfg_scale,
             "guided_channels": if a.guide_all_channels { "all" } else { "official-3" },
+            "cache": a.cache,
             "batch": batch,
             "threads": engine.threads(),
             "arena_bytes": engine.arena_bytes(),
@@ -274,16 +298,7 @@ fn choose_classes(a: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
         if count == 0 {
             return Err(Error::invalid("--random-classes", "must be at least 1"));
         }
-        // Labels from the seed: a Philox stream of its own (image index u64::MAX).
-        let mut u = vec![0f32; count.next_multiple_of(4)];
-        icdit::noise::fill_normal(a.seed, u64::MAX, u32::MAX, &mut u);
-        return Ok(u[..count]
-            .iter()
-            .map(|z| {
-                let p = 0.5 * (1.0 + erf(*z as f64 / std::f64::consts::SQRT_2));
-                ((p * n as f64) as i64).min(n as i64 - 1)
-            })
-            .collect());
+        return Ok(icdit::noise::class_labels(a.seed, 0, count, n));
     }
     if a.per_class == 0 {
         return Err(Error::invalid("--per-class", "must be at least 1"));
@@ -292,28 +307,6 @@ fn choose_classes(a: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
         Ok((0..n as i64).flat_map(|c| std::iter::repeat_n(c, a.per_class)).collect())
     } else {
         Ok(SAMPLE_PY_CLASSES.iter().copied().filter(|&c| (c as usize) < n).collect())
-    }
-}
-
-/// The error function (Abramowitz–Stegun 7.1.26 is too coarse for exact label draws, so a
-/// series/continued-fraction-free form via erfc of high accuracy is used).
-fn erf(x: f64) -> f64 {
-    // W. J. Cody's rational approximations would be exact to 1e-16; a 1e-7 Horner form
-    // suffices: labels only need a uniform draw.
-    let t = 1.0 / (1.0 + 0.5 * x.abs());
-    let y = 1.0
-        - t * (-x * x - 1.265_512_23
-            + t * (1.000_023_68
-                + t * (0.374_091_96
-                    + t * (0.096_784_18
-                        + t * (-0.186_288_06
-                            + t * (0.278_868_07
-                                + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77)))))))))
-            .exp();
-    if x >= 0.0 {
-        y
-    } else {
-        -y
     }
 }
 

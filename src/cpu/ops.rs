@@ -1,0 +1,355 @@
+//! The CPU implementation of the DiT operations ([`DitOps`]): each op reads and writes
+//! arena buffers through raw pointers, splitting rows or tokens across the thread pool.
+//! Every op writes only buffers distinct from the ones it reads (the forward pass never
+//! aliases them), and each thread writes a disjoint range.
+
+use std::sync::Arc;
+
+use super::gemm::{self, BMat, Gemm};
+use super::pool::{split, SendPtr};
+use super::{math, CacheMode, CpuEngine};
+use crate::config::FREQ_DIM;
+use crate::embed;
+use crate::factors::LayerType;
+use crate::forward::{Act, Activation, DitOps, Linear, Modulation};
+
+fn gemm_act(a: Activation) -> gemm::Act {
+    match a {
+        Activation::None => gemm::Act::None,
+        Activation::GeluTanh => gemm::Act::GeluTanh,
+    }
+}
+
+impl CpuEngine {
+    /// (weight, bias, out features, in features) of a linear layer.
+    fn layer_weights(&self, layer: Linear) -> (&[f32], &[f32], usize, usize) {
+        let cfg = &self.model.config;
+        let (c, mh) = (cfg.hidden_size, cfg.mlp_hidden());
+        let fin = cfg.patch_size * cfg.patch_size * cfg.out_channels();
+        let t = &self.model.tensors;
+        let (w, b, out, k) = match layer {
+            Linear::Qkv(i) => (t.blocks[i].qkv_w, t.blocks[i].qkv_b, 3 * c, c),
+            Linear::Proj(i) => (t.blocks[i].proj_w, t.blocks[i].proj_b, c, c),
+            Linear::Fc1(i) => (t.blocks[i].fc1_w, t.blocks[i].fc1_b, mh, c),
+            Linear::Fc2(i) => (t.blocks[i].fc2_w, t.blocks[i].fc2_b, c, mh),
+            Linear::Final => (t.final_w, t.final_b, fin, c),
+        };
+        (self.model.w(w), self.model.w(b), out, k)
+    }
+}
+
+impl DitOps for CpuEngine {
+    fn embed_patches(&mut self, rows: usize) {
+        let cfg = &self.model.config;
+        let (p, g, cin, isz) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.input_size);
+        let (n, pd, c) = (cfg.tokens(), cfg.patch_dim(), cfg.hidden_size);
+        let (inp, _) = self.ptr(self.bufs.input);
+        let (pat, _) = self.ptr(self.bufs.patches);
+        // Patch vector order is (channel, kh, kw), channel slowest (reference doc A.1).
+        self.par(rows * n, |range| {
+            for tok in range {
+                let (r, t) = (tok / n, tok % n);
+                let (gi, gj) = (t / g, t % g);
+                for ch in 0..cin {
+                    for a in 0..p {
+                        for b in 0..p {
+                            // SAFETY: indices are within the planned input/patch buffers,
+                            // and each token writes only its own patch row.
+                            unsafe {
+                                let src = ((r * cin + ch) * isz + gi * p + a) * isz + gj * p + b;
+                                *pat.get().add(tok * pd + (ch * p + a) * p + b) = *inp.get().add(src);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let t = &self.model.tensors;
+        let (pw, pb) = (self.model.w(t.patch_w), self.model.w(t.patch_b));
+        self.linear_weights(self.bufs.patches, pw, pb, self.bufs.x, rows * n, c, pd, gemm::Act::None);
+        let pos = self.model.w(t.pos_embed);
+        let (x, _) = self.ptr(self.bufs.x);
+        self.par(rows * n, |range| {
+            for tok in range {
+                // SAFETY: each token updates its own row of x.
+                let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
+                math::add(row, &pos[(tok % n) * c..][..c]);
+            }
+        });
+    }
+
+    fn embed_conditioning(&mut self, rows: usize) {
+        let c = self.model.config.hidden_size;
+        let freqs = self.freqs;
+        for r in 0..rows {
+            let t = self.t[r];
+            embed::timestep_embedding(t, &freqs, &mut self.slice_mut(self.bufs.tfreq)[r * FREQ_DIM..][..FREQ_DIM]);
+        }
+        let model = Arc::clone(&self.model);
+        let tw = &model.tensors;
+        self.linear_weights(self.bufs.tfreq, model.w(tw.t_mlp0_w), model.w(tw.t_mlp0_b), self.bufs.temb, rows, c, FREQ_DIM, gemm::Act::None);
+        for v in &mut self.slice_mut(self.bufs.temb)[..rows * c] {
+            *v = math::silu(*v);
+        }
+        self.linear_weights(self.bufs.temb, model.w(tw.t_mlp2_w), model.w(tw.t_mlp2_b), self.bufs.c, rows, c, c, gemm::Act::None);
+        let table = model.w(tw.label_table);
+        for r in 0..rows {
+            let y = self.y[r];
+            let cr = &mut self.slice_mut(self.bufs.c)[r * c..][..c];
+            math::add(cr, &table[y * c..][..c]);
+        }
+        let (cb, sc) = (self.bufs.c, self.bufs.silu_c);
+        for k in 0..rows * c {
+            let v = self.slice(cb)[k];
+            self.slice_mut(sc)[k] = math::silu(v);
+        }
+    }
+
+    fn modulation(&mut self, which: Modulation, rows: usize) {
+        let c = self.model.config.hidden_size;
+        let t = &self.model.tensors;
+        let (w, b, width) = match which {
+            Modulation::Block(i) => (t.blocks[i].ada_w, t.blocks[i].ada_b, 6 * c),
+            Modulation::Final => (t.final_ada_w, t.final_ada_b, 2 * c),
+        };
+        // Written with row stride 6C whatever the width, so chunk k is always at k·C.
+        let (mp, _) = self.ptr(self.bufs.modv);
+        // SAFETY: silu_c is only read, modulation only written.
+        let a = unsafe { self.view(self.bufs.silu_c, rows * c) };
+        self.gemm(&Gemm {
+            m: rows,
+            n: width,
+            k: c,
+            a,
+            lda: c,
+            b: BMat::weight(self.model.w(w), c),
+            bias: Some(self.model.w(b)),
+            add: None,
+            act: gemm::Act::None,
+            c: mp,
+            ldc: 6 * c,
+        });
+    }
+
+    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
+        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
+        let (x, _) = self.ptr(self.bufs.x);
+        let (h, _) = self.ptr(self.act_buf(dst));
+        let (m, _) = self.ptr(self.bufs.modv);
+        self.par(rows * n, |range| {
+            for tok in range {
+                let r = tok / n;
+                // SAFETY: x and modulation are only read; each token writes its own row of dst.
+                let (xr, hr, sh, sc) = unsafe {
+                    (
+                        std::slice::from_raw_parts(x.get().add(tok * c), c),
+                        std::slice::from_raw_parts_mut(h.get().add(tok * c), c),
+                        std::slice::from_raw_parts(m.get().add(r * 6 * c + shift * c), c),
+                        std::slice::from_raw_parts(m.get().add(r * 6 * c + scale * c), c),
+                    )
+                };
+                math::layer_norm_modulate(xr, sh, sc, eps, hr);
+            }
+        });
+    }
+
+    fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
+        let n = self.model.config.tokens();
+        let (w, b, out, k) = self.layer_weights(layer);
+        self.linear_weights(self.act_buf(src), w, b, self.act_buf(dst), rows * n, out, k, gemm_act(act));
+    }
+
+    fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
+        let CacheMode::Icc(factors) = &self.cache else {
+            unreachable!("forward_step checks calibrated steps have factors")
+        };
+        let factors = Arc::clone(factors);
+        let cfg = &self.model.config;
+        let (n, c) = (cfg.tokens(), cfg.hidden_size);
+        let (i, xs, ys) = layer.slots().expect("only block linears are calibrated");
+        let (_, _, out, inp) = self.layer_weights(layer);
+        let m = rows * n;
+        let (delta, low) = (self.bufs.delta.expect("planned"), self.bufs.lowrank.expect("planned"));
+        // Δ = x − x_s (reference doc E.4: the increment is taken in the input space).
+        {
+            // SAFETY: src and the cached input are only read; delta only written.
+            let (a, b) = unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
+            let (d, _) = self.ptr(delta);
+            self.par(m, |range| {
+                // SAFETY: each thread writes its own rows of delta.
+                let dst = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * inp), range.len() * inp) };
+                math::sub_into(&a[range.start * inp..range.end * inp], &b[range.start * inp..range.end * inp], dst);
+            });
+        }
+        let block = &factors.blocks[i];
+        // The low-rank parts: (down of each output group, up, output column offset).
+        let (down, rank_total, parts): (&[f32], usize, &[(LayerType, usize)]) = match layer {
+            Linear::Qkv(_) => (
+                factors.w(block.qkv_down),
+                block.qkv_rank(),
+                &[(LayerType::Q, 0), (LayerType::K, 1), (LayerType::V, 2)],
+            ),
+            Linear::Proj(_) => (factors.w(block.get(LayerType::Proj).down), block.get(LayerType::Proj).rank, &[(LayerType::Proj, 0)]),
+            Linear::Fc1(_) => (factors.w(block.get(LayerType::Fc1).down), block.get(LayerType::Fc1).rank, &[(LayerType::Fc1, 0)]),
+            Linear::Fc2(_) => (factors.w(block.get(LayerType::Fc2).down), block.get(LayerType::Fc2).rank, &[(LayerType::Fc2, 0)]),
+            Linear::Final => unreachable!(),
+        };
+        // T = Δ·downᵀ, all of q/k/v's projections in one GEMM.
+        let (lp, _) = self.ptr(low);
+        // SAFETY: delta is only read here, lowrank only written.
+        let d = unsafe { self.view(delta, m * inp) };
+        self.gemm(&Gemm {
+            m,
+            n: rank_total,
+            k: inp,
+            a: d,
+            lda: inp,
+            b: BMat::weight(down, inp),
+            bias: None,
+            add: None,
+            act: gemm::Act::None,
+            c: lp,
+            ldc: rank_total.max(1),
+        });
+        // dst = act(y_s + T·upᵀ), one output group (C or M columns) per factorised layer.
+        let group = out / parts.len();
+        let (dp, _) = self.ptr(self.act_buf(dst));
+        // SAFETY: lowrank and the cached output are only read; dst only written.
+        let (t, ycache) = unsafe { (self.view(low, m * rank_total.max(1)), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
+        let mut r0 = 0;
+        for &(lt, g) in parts {
+            let f = block.get(lt);
+            self.gemm(&Gemm {
+                m,
+                n: group,
+                k: f.rank,
+                a: &t[r0..],
+                lda: rank_total.max(1),
+                b: BMat::weight(factors.w(f.up), f.rank),
+                bias: None,
+                add: Some((&ycache[g * group..], out)),
+                act: gemm_act(act),
+                c: SendPtr(unsafe { dp.get().add(g * group) }),
+                ldc: out,
+            });
+            r0 += f.rank;
+        }
+        let _ = c;
+    }
+
+    fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
+        let (n, m) = (self.model.config.tokens(), self.model.config.mlp_hidden());
+        // SAFETY: src is only read; dst is a distinct buffer, split by rows across threads.
+        let s = unsafe { self.view(self.act_buf(src), rows * n * m) };
+        let (d, _) = self.ptr(self.act_buf(dst));
+        self.par(rows * n, |range| {
+            let out = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * m), range.len() * m) };
+            math::gelu_into(&s[range.start * m..range.end * m], out);
+        });
+    }
+
+    fn attention(&mut self, src: Act, dst: Act, rows: usize) {
+        let cfg = &self.model.config;
+        let (n, c, heads, d) = (cfg.tokens(), cfg.hidden_size, cfg.num_heads, cfg.head_dim());
+        let scale = 1.0 / (d as f32).sqrt();
+        let (qkv, qlen) = self.ptr(self.act_buf(src));
+        let (attn, _) = self.ptr(self.act_buf(dst));
+        let (ss, _) = self.ptr(self.bufs.attn_scratch);
+        let (gs, _) = self.ptr(self.bufs.gemm_scratch);
+        let gemmer = self.gemm;
+        let threads = self.pool.threads();
+        // SAFETY (whole closure): qkv is read-only; each (row, head) job writes its own
+        // D-column slice of attn; each thread uses its own score and GEMM scratch slices.
+        let job = |tid: usize| {
+            let qkv = unsafe { std::slice::from_raw_parts(qkv.get(), qlen) };
+            let scores = unsafe { std::slice::from_raw_parts_mut(ss.get().add(tid * n * n), n * n) };
+            let scratch = unsafe {
+                std::slice::from_raw_parts_mut(gs.get().add(tid * gemm::SCRATCH_PER_THREAD), gemm::SCRATCH_PER_THREAD)
+            };
+            for job in split(rows * heads, threads, tid, 1) {
+                let (r, hd) = (job / heads, job % heads);
+                let base = r * n * 3 * c + hd * d;
+                // S = q·kᵀ: A = q rows (stride 3C), B = k rows (stride 3C).
+                let qk = Gemm {
+                    m: n,
+                    n,
+                    k: d,
+                    a: &qkv[base..],
+                    lda: 3 * c,
+                    b: BMat { data: &qkv[base + c..], rs: 3 * c, cs: 1 },
+                    bias: None,
+                    add: None,
+                    act: gemm::Act::None,
+                    c: SendPtr(scores.as_mut_ptr()),
+                    ldc: n,
+                };
+                gemmer.run_single(scratch, &qk);
+                for row in scores.chunks_exact_mut(n) {
+                    math::softmax_scaled(row, scale);
+                }
+                // O = P·v: B(j = d, p = token) = v[token, d], i.e. rs 1, cs 3C.
+                let pv = Gemm {
+                    m: n,
+                    n: d,
+                    k: n,
+                    a: scores,
+                    lda: n,
+                    b: BMat { data: &qkv[base + 2 * c..], rs: 1, cs: 3 * c },
+                    bias: None,
+                    add: None,
+                    act: gemm::Act::None,
+                    c: SendPtr(unsafe { attn.get().add(r * n * c + hd * d) }),
+                    ldc: c,
+                };
+                gemmer.run_single(scratch, &pv);
+            }
+        };
+        self.pool.run(&job);
+    }
+
+    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
+        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
+        let (x, _) = self.ptr(self.bufs.x);
+        let (s, _) = self.ptr(self.act_buf(src));
+        let (m, _) = self.ptr(self.bufs.modv);
+        self.par(rows * n, |range| {
+            for tok in range {
+                let r = tok / n;
+                // SAFETY: each token updates its own row of x; src and gate are read-only.
+                let (xr, sr, gr) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(x.get().add(tok * c), c),
+                        std::slice::from_raw_parts(s.get().add(tok * c), c),
+                        std::slice::from_raw_parts(m.get().add(r * 6 * c + gate * c), c),
+                    )
+                };
+                math::gated_add(xr, gr, sr);
+            }
+        });
+    }
+
+    fn unpatchify(&mut self, rows: usize) {
+        let cfg = &self.model.config;
+        let (p, g, co, isz, n) = (cfg.patch_size, cfg.grid(), cfg.out_channels(), cfg.input_size, cfg.tokens());
+        let (out, _) = self.ptr(self.bufs.out);
+        let (img, _) = self.ptr(self.bufs.image);
+        // img[r, ch, i·p + a, j·p + b] = out[r, i·G + j, (a·p + b)·Cout + ch] (reference doc A.8).
+        self.par(rows * n, |range| {
+            for tok in range {
+                let (r, t) = (tok / n, tok % n);
+                let (gi, gj) = (t / g, t % g);
+                for a in 0..p {
+                    for b in 0..p {
+                        for ch in 0..co {
+                            // SAFETY: each token writes its own p×p patch of every channel.
+                            unsafe {
+                                let v = *out.get().add(tok * p * p * co + (a * p + b) * co + ch);
+                                *img.get().add(((r * co + ch) * isz + gi * p + a) * isz + gj * p + b) = v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

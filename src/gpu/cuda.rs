@@ -1,0 +1,184 @@
+//! `CudaDevice`: the kernels on a CUDA GPU through the driver API (cust 0.3.2). The fatbins
+//! build.rs made from kernels/*.cu are embedded in the library; `open` loads every module
+//! once and resolves every kernel of [`kernels::ALL`] into a table indexed by `Kernel::id`,
+//! so a launch is one `cuLaunchKernel` with no lookup. All work goes to one non-blocking
+//! stream; copies wait for it. Use a device from the thread that opened it (the CUDA
+//! context is current there), which its raw handles enforce by making it neither Send nor
+//! Sync.
+
+use std::ffi::c_void;
+use std::ptr;
+
+use cust::context::Context;
+use cust::device::{Device as CuDevice, DeviceAttribute};
+use cust::error::CudaError;
+use cust::event::{Event, EventFlags};
+use cust::memory::DeviceBuffer;
+use cust::module::Module;
+use cust::stream::{Stream, StreamFlags};
+use cust::sys as cu;
+use cust::CudaFlags;
+
+use super::{check_range, kernels, ArenaRange, Device, Kernel, LaunchCfg};
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+
+/// A byte image with the alignment the driver expects of a fatbin.
+#[repr(C, align(16))]
+pub(crate) struct Aligned<T: ?Sized>(pub T);
+
+// ARCH and MODULES, written by build.rs.
+include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
+
+fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::invalid("CUDA call", format!("{what}: {e:?}"))
+}
+
+fn check(what: &str, r: cu::CUresult) -> Result<()> {
+    if r == cu::CUresult::CUDA_SUCCESS {
+        Ok(())
+    } else {
+        Err(cuda_err(what, r))
+    }
+}
+
+/// A CUDA GPU holding one arena; see the module documentation.
+pub struct CudaDevice {
+    // Declaration order is drop order: the context goes last.
+    functions: Vec<cu::CUfunction>,
+    stream: Stream,
+    _arena: DeviceBuffer<u8>,
+    base: u64,
+    bytes: usize,
+    _modules: Vec<Module>,
+    name: String,
+    _context: Context,
+}
+
+impl CudaDevice {
+    /// The first GPU with `plan`'s arena allocated on it, or `None` when the driver reports
+    /// no device (for example the driver library of a machine without a GPU).
+    pub fn open(plan: &Plan) -> Result<Option<Self>> {
+        match cust::init(CudaFlags::empty()) {
+            Ok(()) => {}
+            Err(CudaError::NoDevice) => return Ok(None),
+            Err(e) => return Err(cuda_err("cuInit", e)),
+        }
+        if CuDevice::num_devices().map_err(|e| cuda_err("cuDeviceGetCount", e))? == 0 {
+            return Ok(None);
+        }
+        let device = CuDevice::get_device(0).map_err(|e| cuda_err("cuDeviceGet", e))?;
+        let attr = |a| device.get_attribute(a).map_err(|e| cuda_err("cuDeviceGetAttribute", e));
+        let (major, minor) = (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?);
+        let gpu = device.name().map_err(|e| cuda_err("cuDeviceGetName", e))?;
+        let context = Context::new(device).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
+        let stream = Stream::new(StreamFlags::NON_BLOCKING, None).map_err(|e| cuda_err("cuStreamCreate", e))?;
+
+        let mut modules = Vec::with_capacity(MODULES.len());
+        for (name, image) in MODULES {
+            let m = Module::from_fatbin(&image.0, &[]).map_err(|e| {
+                cuda_err(
+                    &format!("loading kernels/{name}.cu (built for sm_{ARCH}, set ICDIT_CUDA_ARCH) on {gpu} (sm_{major}{minor})"),
+                    e,
+                )
+            })?;
+            modules.push(m);
+        }
+        let mut functions = Vec::with_capacity(kernels::ALL.len());
+        for k in kernels::ALL {
+            let index = MODULES.iter().position(|(name, _)| *name == k.module).ok_or_else(|| {
+                Error::invalid("CUDA kernels", format!("{}: no module kernels/{}.cu was built", k.name, k.module))
+            })?;
+            let f = modules[index]
+                .get_function(k.name)
+                .map_err(|e| cuda_err(&format!("resolving {} in kernels/{}.cu", k.name, k.module), e))?;
+            functions.push(f.to_raw());
+        }
+
+        let bytes = plan.total_bytes().max(256);
+        // SAFETY: device memory of u8 has no invalid bit patterns; it is written before read.
+        let arena = unsafe { DeviceBuffer::<u8>::uninitialized(bytes) }
+            .map_err(|e| cuda_err(&format!("allocating the {bytes}-byte arena on {gpu}"), e))?;
+        let base = arena.as_device_ptr().as_raw();
+        Ok(Some(CudaDevice {
+            functions,
+            stream,
+            _arena: arena,
+            base,
+            bytes,
+            _modules: modules,
+            name: format!("{gpu} (sm_{major}{minor}, kernels for sm_{ARCH})"),
+            _context: context,
+        }))
+    }
+}
+
+impl Device for CudaDevice {
+    type Event = Event;
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn arena(&self) -> ArenaRange {
+        ArenaRange { base: self.base, bytes: self.bytes }
+    }
+
+    fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
+        check_range(self.arena(), dst, src.len())?;
+        // SAFETY: the range lies inside the arena; `src` outlives the copy (we wait for it).
+        let r = unsafe { cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.stream.as_inner()) };
+        check("cuMemcpyHtoDAsync", r)?;
+        self.synchronize()
+    }
+
+    fn download_bytes(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        check_range(self.arena(), src, dst.len())?;
+        // SAFETY: the range lies inside the arena; `dst` outlives the copy (we wait for it).
+        let r = unsafe { cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src, dst.len(), self.stream.as_inner()) };
+        check("cuMemcpyDtoHAsync", r)?;
+        self.synchronize()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize (errors of earlier launches show here)", e))
+    }
+
+    fn record_event(&self) -> Result<Event> {
+        let e = Event::new(EventFlags::DEFAULT).map_err(|e| cuda_err("cuEventCreate", e))?;
+        e.record(&self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
+        Ok(e)
+    }
+
+    fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
+        end.synchronize().map_err(|e| cuda_err("cuEventSynchronize", e))?;
+        end.elapsed_time_f32(start).map_err(|e| cuda_err("cuEventElapsedTime", e))
+    }
+
+    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
+        cfg.check(kernel)?;
+        let f = *self
+            .functions
+            .get(kernel.id)
+            .ok_or_else(|| Error::invalid("kernel launch", format!("{} is not in the kernel table", kernel.name)))?;
+        let ([gx, gy, gz], [bx, by, bz]) = (cfg.grid, cfg.block);
+        // SAFETY: `f` was resolved from a loaded module; `args` holds one pointer per kernel
+        // parameter (the caller's contract), which the driver reads before returning.
+        let r = unsafe {
+            cu::cuLaunchKernel(
+                f,
+                gx,
+                gy,
+                gz,
+                bx,
+                by,
+                bz,
+                cfg.dyn_smem,
+                self.stream.as_inner(),
+                args.as_ptr() as *mut *mut c_void,
+                ptr::null_mut(),
+            )
+        };
+        check(kernel.name, r)
+    }
+}
