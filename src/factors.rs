@@ -197,6 +197,11 @@ impl Factors {
         })
     }
 
+    /// The same factors described by `info` (e.g. with the model fingerprint filled in).
+    pub fn with_info(self, info: FactorInfo) -> Factors {
+        Factors { info, ..self }
+    }
+
     #[inline]
     pub fn w(&self, r: TRef) -> &[f32] {
         self.store.get(r)

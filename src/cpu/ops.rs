@@ -215,8 +215,9 @@ impl DitOps for CpuEngine {
         let group = out / parts.len();
         let (dp, _) = self.ptr(self.act_buf(dst));
         // SAFETY: lowrank and the cached output are only read; dst only written.
-        let (t, ycache) = unsafe { (self.view(low, m * rank_total.max(1)), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
+        let (t, ycache) = unsafe { (self.view(low, m * rank_total), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
         let mut r0 = 0;
+        let _ = c;
         for &(lt, g) in parts {
             let f = block.get(lt);
             self.gemm(&Gemm {
@@ -234,7 +235,6 @@ impl DitOps for CpuEngine {
             });
             r0 += f.rank;
         }
-        let _ = c;
     }
 
     fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
