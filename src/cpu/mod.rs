@@ -276,6 +276,15 @@ impl CpuEngine {
         Ok(())
     }
 
+    /// The activations a full step left in a cache slot: (rows, N, width), for the rows
+    /// of the last full step. `None` without caches or before any full step.
+    pub fn cache_slot(&self, block: usize, slot: Slot) -> Option<&[f32]> {
+        let rows = self.cached_rows?;
+        let id = *self.bufs.cache.get(block)?.get(slot as usize)?;
+        let len = rows * self.model.config.tokens() * slot.width(&self.model.config);
+        Some(&self.slice(id)[..len])
+    }
+
     /// Validates a request and copies it into the arena; returns the row count.
     fn stage(&mut self, x: &[f32], t: &[i64], y: &[i64]) -> Result<usize> {
         let cfg = &self.model.config;

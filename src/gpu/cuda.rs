@@ -30,6 +30,10 @@ pub(crate) struct Aligned<T: ?Sized>(pub T);
 // ARCH and MODULES, written by build.rs.
 include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 
+/// What ptxas reported (`-Xptxas -v`) for every embedded kernel: registers, shared memory,
+/// stack frame and spills. tests/gpu_ptxas.rs fails on any spill or local memory.
+pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));
+
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::invalid("CUDA call", format!("{what}: {e:?}"))
 }

@@ -60,6 +60,7 @@ macro_rules! kernel_mod {
         }
     };
 }
+#[cfg(test)]
 pub(crate) use kernel_mod;
 
 /// The table: an index per kernel, [`ALL`], and a [`kernel_mod!`] each.

@@ -19,7 +19,7 @@ mod emu_selftest;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::CudaDevice;
+pub use cuda::{CudaDevice, PTXAS_REPORT};
 
 use std::ffi::c_void;
 use std::marker::PhantomData;

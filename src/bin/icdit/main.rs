@@ -8,6 +8,16 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 
+/// Writes a line to stdout; a closed pipe (`icdit … | head`) is not an error worth a panic.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+pub(crate) use outln;
+
+mod calibrate;
 mod sample;
 use icdit::inspect::Report;
 use icdit::tensorfile::{write_safetensors, TensorFile};
@@ -30,6 +40,8 @@ enum Command {
     BenchForward(BenchArgs),
     /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
     Sample(sample::SampleArgs),
+    /// Compute rank-r factors (SVD or channel-aware SVD) for increment-calibrated caching.
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 /// Flags shared by every command that loads weights.
@@ -127,6 +139,7 @@ fn main() -> ExitCode {
         Command::Forward(a) => forward(a),
         Command::BenchForward(a) => bench_forward(a),
         Command::Sample(a) => sample::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -145,11 +158,11 @@ fn inspect(a: InspectArgs) -> Result<(), Error> {
         threads: 0, ..Default::default() };
     let report = Report::new(&model, &opts);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+        outln!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
-        println!("{report}");
+        outln!("{report}");
         if a.plan {
-            print!("{}", icdit::cpu::plan_for(&model, &opts));
+            outln!("{}", icdit::cpu::plan_for(&model, &opts));
         }
     }
     Ok(())
@@ -235,7 +248,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
     let gflops = 2.0 * cfg.forward_macs() as f64 * rows as f64 / (median * 1e-3) / 1e9;
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "impl": "icdit-cpu",

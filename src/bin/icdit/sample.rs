@@ -252,7 +252,7 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
             "step_ms": step_ms,
             "outputs": paths,
         });
-        println!("{report}");
+        outln!("{report}");
     }
     Ok(())
 }
@@ -265,7 +265,7 @@ fn sampler_name(s: Sampler) -> String {
 }
 
 /// The bundled model, relative to the working directory or to the source checkout.
-fn default_weights() -> PathBuf {
+pub fn default_weights() -> PathBuf {
     let here = PathBuf::from(DEFAULT_WEIGHTS);
     if here.exists() {
         return here;

@@ -1,0 +1,209 @@
+//! `icdit calibrate`: rank-r factors for increment-calibrated caching.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use icdit::calibrate::{self, CalibSet, Method};
+use icdit::engine::{Engine, EngineOptions, Request};
+use icdit::{DitModel, Error};
+
+use crate::ModelArgs;
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Weights (official .safetensors or diffusers folder); default: the bundled model.
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// `svd` or `ca-svd` (channel-aware, needs calibration data).
+    #[arg(long, default_value = "ca-svd")]
+    method: String,
+    /// Rank of every factorised layer.
+    #[arg(long, default_value_t = 128)]
+    rank: usize,
+    /// Per-type ranks overriding --rank.
+    #[arg(long)]
+    rank_qkv: Option<usize>,
+    #[arg(long)]
+    rank_proj: Option<usize>,
+    #[arg(long)]
+    rank_fc1: Option<usize>,
+    #[arg(long)]
+    rank_fc2: Option<usize>,
+    /// Output factor file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Calibration data: safetensors with `latents` f32 [M, C, H, W] and `labels` i64 [M],
+    /// optionally `timesteps` i64 [M] (original timesteps) and `noise` f32 [M, C, H, W].
+    #[arg(long, conflicts_with = "calib_self")]
+    calib_latents: Option<PathBuf>,
+    /// Calibrate on N samples the model draws itself (full compute), noised as icc does.
+    #[arg(long)]
+    calib_self: Option<usize>,
+    /// Samples per statistics forward (icc: 16).
+    #[arg(long, default_value_t = 16)]
+    calib_batch: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn bar(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new(len as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(&format!("{what} {{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}}"))
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        b
+    })
+}
+
+pub fn run(a: CalibrateArgs) -> Result<(), Error> {
+    let weights = a.weights.clone().unwrap_or_else(crate::sample::default_weights);
+    let model = Arc::new(a.model.load(&weights)?);
+    let method = match a.method.as_str() {
+        "svd" => Method::Svd,
+        "ca-svd" => Method::CaSvd,
+        "cd-svd" => return Err(Error::invalid("method", "cd-svd (change-aware statistics) is not implemented yet; use svd or ca-svd")),
+        other => return Err(Error::invalid("method", format!("`{other}`: expected svd or ca-svd"))),
+    };
+    let ranks = [
+        a.rank_qkv.unwrap_or(a.rank),
+        a.rank_qkv.unwrap_or(a.rank),
+        a.rank_qkv.unwrap_or(a.rank),
+        a.rank_proj.unwrap_or(a.rank),
+        a.rank_fc1.unwrap_or(a.rank),
+        a.rank_fc2.unwrap_or(a.rank),
+    ];
+    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.threads };
+    let start = Instant::now();
+    let mut settings = serde_json::json!({ "method": a.method, "seed": a.seed });
+
+    let vectors = if method == Method::CaSvd {
+        let set = match (&a.calib_latents, a.calib_self) {
+            (Some(p), _) => {
+                settings["calib_latents"] = p.display().to_string().into();
+                CalibSet::load(p, &model, a.seed)?
+            }
+            (None, Some(n)) => {
+                settings["calib_self"] = n.into();
+                self_set(&model, n, a.seed, threads)?
+            }
+            (None, None) => {
+                return Err(Error::invalid("calibration data", "ca-svd needs --calib-latents FILE or --calib-self N"))
+            }
+        };
+        settings["calib_samples"] = set.len().into();
+        settings["calib_batch"] = a.calib_batch.into();
+        let b = bar(set.len() / a.calib_batch.max(1), "statistics");
+        let stats = calibrate::collect_stats(&model, &set, a.calib_batch, a.threads, &mut |d, _| {
+            if let Some(b) = &b {
+                b.set_position(d as u64);
+            }
+        })?;
+        if let Some(b) = b {
+            b.finish_and_clear();
+        }
+        Some(calibrate::weight_vectors(&stats, model.config.hidden_size))
+    } else {
+        None
+    };
+    let stats_s = start.elapsed().as_secs_f64();
+    let b = bar(6 * model.config.depth, "factorising");
+    let (layers, report) = calibrate::compute_factors(&model, ranks, vectors.as_deref(), threads, &|d, _| {
+        if let Some(b) = &b {
+            b.set_position(d as u64);
+        }
+    })?;
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+    let factors = calibrate::build_factors(&model, method, ranks, layers, &report, settings)?;
+    factors.save(&a.out)?;
+    let secs = start.elapsed().as_secs_f64();
+
+    if a.json {
+        outln!(
+            "{}",
+            serde_json::json!({ "out": a.out.display().to_string(), "seconds": secs, "statistics_seconds": stats_s, "info": factors.info })
+        );
+    } else {
+        outln!("{:>5} {:>5} {:>5} {:>8} {:>10} {:>10}", "block", "layer", "rank", "energy", "rel_err", "weighted");
+        for r in &report {
+            outln!(
+                "{:>5} {:>5} {:>5} {:>8.4} {:>10.4e} {:>10.4e}",
+                r.block,
+                r.layer.name(),
+                r.rank,
+                r.energy,
+                r.rel_error,
+                r.rel_error_weighted
+            );
+        }
+    }
+    eprintln!(
+        "calibrated {} factors ({}, ranks q/k/v {} proj {} fc1 {} fc2 {}) in {secs:.1} s ({stats_s:.1} s statistics); wrote {}",
+        6 * model.config.depth,
+        a.method,
+        ranks[0],
+        ranks[3],
+        ranks[4],
+        ranks[5],
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// `--calib-self N`: the model samples N clean images itself (full compute, DDIM over
+/// "50", guidance 1.5 as icc's evaluation), then labels get icc's 10% dropout, and the
+/// statistics pass noises them at seeded timesteps.
+fn self_set(model: &Arc<DitModel>, n: usize, seed: u64, threads: usize) -> Result<CalibSet, Error> {
+    let cfg = model.config;
+    if n == 0 {
+        return Err(Error::invalid("--calib-self", "must be at least 1"));
+    }
+    let classes = icdit::noise::class_labels(seed, 0, n, cfg.num_classes);
+    let batch = n.min(16);
+    let opts = EngineOptions {
+        max_batch: batch,
+        respacing: "50".into(),
+        sampler: icdit::Sampler::Ddim { eta: 0.0 },
+        cfg_scale: 1.5,
+        threads,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(Arc::clone(model), &opts)?;
+    let img = cfg.image_elems();
+    let mut latents = vec![0.0f32; n * img];
+    let b = bar(n.div_ceil(batch), "self-sampling");
+    for (i, chunk) in classes.chunks(batch).enumerate() {
+        let first = i * batch;
+        let req = Request { first_index: first as u64, ..Request::new(chunk, seed) };
+        engine.sample(&req, &mut latents[first * img..(first + chunk.len()) * img], &mut |_| {})?;
+        if let Some(b) = &b {
+            b.inc(1);
+        }
+    }
+    if let Some(b) = b {
+        b.finish_and_clear();
+    }
+    // Label dropout with p = 0.1 (icc's training-style drop before the statistics forward).
+    let drop = icdit::noise::class_labels(seed ^ 0x64726f70, 0, n, 10);
+    let labels: Vec<i64> = classes
+        .iter()
+        .zip(&drop)
+        .map(|(&c, &d)| if d == 0 && cfg.label_rows() > cfg.num_classes { cfg.null_class() as i64 } else { c })
+        .collect();
+    Ok(CalibSet::from_samples(latents, labels, &cfg, seed))
+}
