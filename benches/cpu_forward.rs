@@ -8,7 +8,10 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
-use icdit::{CpuEngine, CpuOptions, DitConfig, DitModel};
+use icdit::cost;
+use icdit::factors::{FactorInfo, LayerType};
+use icdit::forward::StepKind;
+use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
 
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -70,5 +73,55 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm_shapes, forward);
+/// Random factors of a uniform rank for every block (benchmarks only measure speed).
+fn random_factors(model: &DitModel, rank: usize) -> Factors {
+    let (c, m) = (model.config.hidden_size, model.config.mlp_hidden());
+    let mut seed = 1u32;
+    let mut v = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.02 - 0.01
+            })
+            .collect()
+    };
+    let layers = (0..model.config.depth)
+        .map(|_| {
+            LayerType::ALL.map(|t| {
+                let (o, i) = t.shape(c, m);
+                (v(o * rank), v(rank * i), rank)
+            })
+        })
+        .collect();
+    Factors::from_parts(model, FactorInfo { method: "random".into(), ..Default::default() }, layers).expect("factors")
+}
+
+/// One DiT-XL/2 step of each kind at batch 1 with guidance (2 rows): full (refreshing the
+/// caches), calibrated at rank 128 (icc's default), and naive reuse. Throughput counts the
+/// MACs of each kind (icc's accounting), so the calibrated/full time ratio is visible
+/// directly; the target is ≤ 0.35×.
+fn steps(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu/xl2_step_rows2");
+    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    let cfg = DitConfig::xl2_256();
+    let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
+    let factors = Arc::new(random_factors(&model, 128));
+    let ranks = factors.ranks();
+    let rows = 2;
+    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::Icc(factors) };
+    let mut engine = CpuEngine::new(Arc::clone(&model), &opts).expect("engine");
+    let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let (t, y) = ([500i64, 500], [207i64, 1000]);
+    let mut out = vec![0.0f32; rows * cfg.output_elems()];
+    engine.forward_step(&x, &t, &y, &mut out, StepKind::Full).expect("full step");
+    for (name, kind) in [("full", StepKind::Full), ("calibrated_r128", StepKind::Calibrated), ("reuse", StepKind::Reuse)] {
+        group.throughput(Throughput::Elements(2 * rows as u64 * cost::step_macs(&cfg, kind, &ranks)));
+        group.bench_function(BenchmarkId::new(format!("{name}-{}", engine.gemm_kernel()), "rows2"), |b| {
+            b.iter(|| engine.forward_step(&x, &t, &y, &mut out, kind).expect("step"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, gemm_shapes, forward, steps);
 criterion_main!(benches);

@@ -7,6 +7,7 @@
 //! CUDA pipeline runs on (a CPU emulation of CUDA in every build, a GPU with feature `cuda`).
 
 pub mod config;
+pub mod cost;
 pub mod calibrate;
 pub mod cpu;
 pub mod diffusion;

@@ -37,3 +37,22 @@ fn impossible_configs_are_refused() {
     c.input_size = 33;
     assert!(c.validate("test").unwrap_err().to_string().contains("not a multiple of patch_size"));
 }
+
+#[test]
+fn icc_mac_accounting_matches_reference() {
+    use icdit::cost::{schedule_macs, step_macs};
+    use icdit::forward::StepKind;
+    let xl = DitConfig::xl2_256();
+    let ranks = vec![[128usize; 6]; 28];
+    assert_eq!(step_macs(&xl, StepKind::Full, &ranks), 118_621_421_568);
+    assert_eq!(step_macs(&xl, StepKind::Calibrated, &ranks), 23_494_606_848);
+    assert_eq!(step_macs(&xl, StepKind::Reuse, &ranks), 241_385_472);
+    // icc's default: 100 steps, period 2 → ratio 0.5990.
+    let kinds = (0..100).map(|s| if s % 2 == 0 { StepKind::Full } else { StepKind::Calibrated });
+    let (mean, ratio) = schedule_macs(&xl, kinds, &ranks);
+    assert!((mean / 1e9 - 71.06).abs() < 0.01 && (ratio - 0.5990).abs() < 1e-4, "{mean} {ratio}");
+    for (r, want) in [(32usize, 9.23), (64, 13.98), (256, 42.52)] {
+        let g = step_macs(&xl, StepKind::Calibrated, &vec![[r; 6]; 28]) as f64 / 1e9;
+        assert!((g - want).abs() < 0.01, "rank {r}: {g}");
+    }
+}

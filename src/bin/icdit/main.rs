@@ -15,7 +15,6 @@ macro_rules! outln {
         let _ = writeln!(std::io::stdout().lock(), $($t)*);
     }};
 }
-pub(crate) use outln;
 
 mod calibrate;
 mod sample;

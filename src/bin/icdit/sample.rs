@@ -154,6 +154,13 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     };
     let mut engine = Engine::new(Arc::clone(&model), &opts)?;
     let steps = engine.steps();
+    let ranks = match &opts.cache {
+        CacheMode::Icc(f) => f.ranks(),
+        _ => Vec::new(),
+    };
+    let kinds: Vec<_> = (0..steps).map(|i| engine.step_kind(i)).collect();
+    let (mean_macs, macs_ratio) = icdit::cost::schedule_macs(&cfg, kinds.iter().copied(), &ranks);
+    let full_steps_taken = kinds.iter().filter(|k| matches!(k, icdit::forward::StepKind::Full | icdit::forward::StepKind::Plain)).count();
 
     let img = cfg.image_elems();
     let mut samples = vec![0.0f32; classes.len() * img];
@@ -222,11 +229,12 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     let median_step = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
-        "sampled {} images ({} steps, {}, cfg {}) in {:.2} s ({:.1} ms per step, {} threads); wrote {}",
+        "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {} threads); wrote {}",
         classes.len(),
         steps,
         sampler_name(sampler),
         cfg_scale,
+        a.cache,
         secs,
         median_step,
         engine.threads(),
@@ -244,6 +252,9 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
             "cfg_scale": cfg_scale,
             "guided_channels": if a.guide_all_channels { "all" } else { "official-3" },
             "cache": a.cache,
+            "full_steps": full_steps_taken,
+            "mean_gmacs_per_step_per_image": mean_macs / 1e9,
+            "compute_ratio": macs_ratio,
             "batch": batch,
             "threads": engine.threads(),
             "arena_bytes": engine.arena_bytes(),
