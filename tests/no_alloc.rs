@@ -8,7 +8,8 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use icdit::{CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, LoadOptions, Request, Sampler};
+use icdit::factors::{FactorInfo, LayerType};
+use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions, Request, Sampler};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -81,8 +82,24 @@ fn cpu_forward_allocates_nothing() {
 fn sample_allocates_nothing_after_the_first_call() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
-    for sampler in [Sampler::Ddpm, Sampler::Ddim { eta: 0.0 }] {
-        let opts = EngineOptions { max_batch: 3, respacing: "25".into(), sampler, cfg_scale: 3.0, threads: 2, ..Default::default() };
+    // Rank-4 factors from the model's own weights (values do not matter here, shapes do).
+    let (c, mh) = (m.config.hidden_size, m.config.mlp_hidden());
+    let layers = (0..m.config.depth)
+        .map(|_| LayerType::ALL.map(|t| {
+            let (o, i) = t.shape(c, mh);
+            (vec![0.01f32; o * 4], vec![0.02f32; 4 * i], 4)
+        }))
+        .collect();
+    let factors = Arc::new(Factors::from_parts(&m, FactorInfo::default(), layers).unwrap());
+    let policies = [
+        (Sampler::Ddpm, CacheMode::None),
+        (Sampler::Ddim { eta: 0.0 }, CacheMode::None),
+        (Sampler::Ddpm, CacheMode::Reuse),
+        (Sampler::Ddim { eta: 0.0 }, CacheMode::Icc(factors)),
+    ];
+    for (sampler, cache) in policies {
+        let label = format!("{sampler:?} / {cache:?}");
+        let opts = EngineOptions { max_batch: 3, respacing: "25".into(), sampler, cfg_scale: 3.0, threads: 2, cache, full_steps: FullSteps::Period(3), ..Default::default() };
         let mut engine = Engine::new(Arc::clone(&m), &opts).unwrap();
         let classes = [1i64, 5, 9];
         let mut out = vec![0.0; 3 * m.config.image_elems()];
@@ -93,7 +110,8 @@ fn sample_allocates_nothing_after_the_first_call() {
             engine.sample(&Request::new(&classes, seed), &mut out, &mut |_| steps += 1).unwrap();
         }
         let during = ALLOCS.load(Ordering::SeqCst) - before;
-        println!("{sampler:?}: {during} allocations in 3 requests of {} steps", engine.steps());
+        let kinds: Vec<_> = (0..engine.steps()).map(|i| engine.step_kind(i)).collect();
+        println!("{label}: {during} allocations in 3 requests of {} steps ({kinds:?})", engine.steps());
         assert_eq!(during, 0);
         assert_eq!(steps, 3 * engine.steps());
         assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
