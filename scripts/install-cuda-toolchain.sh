@@ -33,9 +33,9 @@ if [[ ! -f "$VENV/.done-nvcc" ]]; then
         "nvidia-nvvm==13.0.*" "nvidia-cuda-cccl==13.0.*"
     touch "$VENV/.done-nvcc"
 fi
-SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-ROOT="$SITE/nvidia/cu13"
-[[ -x "$ROOT/bin/nvcc" && -f "$ROOT/include/cuda.h" ]] || {
+# (Found by glob rather than by asking the venv's python, so a restored cache still works.)
+ROOT=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -n1)
+[[ -n "$ROOT" && -x "$ROOT/bin/nvcc" && -f "$ROOT/include/cuda.h" ]] || {
     echo "install-cuda-toolchain: $ROOT/bin/nvcc or include/cuda.h missing after install" >&2
     exit 1
 }
@@ -56,7 +56,7 @@ if [[ ! -e "$ROOT/lib64/libcuda.so" ]]; then
         echo "install-cuda-toolchain: cannot read the Debian mirror from /etc/apt" >&2
         exit 1
     }
-    echo "deb $uri $suite main contrib non-free" >"$APT/sources.list"
+    echo "deb $uri $suite non-free" >"$APT/sources.list"  # libcuda1 lives in non-free
     opts=(-o "Dir::Etc::SourceList=$APT/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
           -o "Dir::State::Lists=$APT/lists" -o "Dir::Cache=$APT/cache"
           -o "Debug::NoLocking=1" -o "APT::Sandbox::User=root")
@@ -67,8 +67,8 @@ if [[ ! -e "$ROOT/lib64/libcuda.so" ]]; then
     lib=$(find "$APT/unpacked" -name 'libcuda.so.[0-9]*.*' -type f | head -n1)
     [[ -n "$lib" ]] || { echo "install-cuda-toolchain: no libcuda.so.* in $deb" >&2; exit 1; }
     mkdir -p "$ROOT/lib64"
-    ln -sf "$lib" "$ROOT/lib64/libcuda.so.1"
-    ln -sf "$lib" "$ROOT/lib64/libcuda.so"
+    ln -sfr "$lib" "$ROOT/lib64/libcuda.so.1"  # relative: the cache folder may move
+    ln -sfr "$lib" "$ROOT/lib64/libcuda.so"
 fi
 
 cat >"$ENV_FILE" <<EOF

@@ -19,7 +19,10 @@ struct Usage {
 /// The number before `unit` in `line` ("80 registers" → 80).
 fn number_before(line: &str, unit: &str) -> Option<u32> {
     let head = &line[..line.find(unit)?];
-    head.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).last()?.parse().ok()
+    head.split(|c: char| !c.is_ascii_digit())
+        .rfind(|s| !s.is_empty())?
+        .parse()
+        .ok()
 }
 
 fn parse(report: &str) -> Vec<(String, String, Usage)> {
@@ -27,7 +30,12 @@ fn parse(report: &str) -> Vec<(String, String, Usage)> {
     for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            let arch = rest.split("for '").nth(1).unwrap_or_default().trim_end_matches('\'').to_string();
+            let arch = rest
+                .split("for '")
+                .nth(1)
+                .unwrap_or_default()
+                .trim_end_matches('\'')
+                .to_string();
             out.push((name, arch, Usage::default()));
         } else if let Some((_, _, u)) = out.last_mut() {
             if line.contains("stack frame") {
@@ -48,16 +56,34 @@ fn parse(report: &str) -> Vec<(String, String, Usage)> {
 #[test]
 fn every_kernel_fits_in_registers() {
     let usage = parse(PTXAS_REPORT);
-    println!("ptxas resource usage per kernel:");
-    println!("  {:<26} {:<7} {:>9} {:>10} {:>11} {:>14}", "kernel", "arch", "registers", "smem (B)", "stack (B)", "spills st/ld");
+    // One print, so the table stays whole when other tests print at the same time.
+    let mut table = format!(
+        "ptxas resource usage per kernel:\n  {:<26} {:<7} {:>9} {:>10} {:>11} {:>14}\n",
+        "kernel", "arch", "registers", "smem (B)", "stack (B)", "spills st/ld"
+    );
     for (name, arch, u) in &usage {
-        println!("  {name:<26} {arch:<7} {:>9} {:>10} {:>11} {:>8}/{}", u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads);
+        table += &format!(
+            "  {name:<26} {arch:<7} {:>9} {:>10} {:>11} {:>8}/{}\n",
+            u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads
+        );
     }
+    print!("{table}");
     for k in kernels::ALL {
-        assert!(usage.iter().any(|(n, _, _)| n == k.name), "{} is missing from the ptxas report:\n{PTXAS_REPORT}", k.name);
+        assert!(
+            usage.iter().any(|(n, _, _)| n == k.name),
+            "{} is missing from the ptxas report:\n{PTXAS_REPORT}",
+            k.name
+        );
     }
-    let bad: Vec<_> = usage.iter().filter(|(_, _, u)| u.stack + u.spill_stores + u.spill_loads > 0).map(|(n, _, _)| n).collect();
-    assert!(bad.is_empty(), "kernels with spills or local memory: {bad:?}\n{PTXAS_REPORT}");
+    let bad: Vec<_> = usage
+        .iter()
+        .filter(|(_, _, u)| u.stack + u.spill_stores + u.spill_loads > 0)
+        .map(|(n, _, _)| n)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "kernels with spills or local memory: {bad:?}\n{PTXAS_REPORT}"
+    );
 }
 
 /// The parser must see a spill when there is one (a report of the shape ptxas prints).
@@ -71,5 +97,8 @@ fn parser_sees_spills_and_local_memory() {
     assert_eq!(u.len(), 1);
     let (name, arch, u) = &u[0];
     assert_eq!((name.as_str(), arch.as_str()), ("k", "sm_90"));
-    assert_eq!((u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads), (255, 4096, 24, 12, 8));
+    assert_eq!(
+        (u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads),
+        (255, 4096, 24, 12, 8)
+    );
 }

@@ -3,8 +3,9 @@
 //
 // Model (design and limits: docs/gpu-emulation.md):
 //   - A launch runs its blocks on a few OS threads; a block's threads run as fibers on one OS
-//     thread, each until it blocks (barrier, warp collective) or returns, in index order
-//     (reverse order for odd blocks, so hazards in both directions show).
+//     thread, each until it blocks (barrier, warp collective) or returns. One warp runs as far
+//     ahead of the others as the barriers let it, lanes in index order (odd blocks: last warp
+//     and last lane first), so a missing barrier shows as wrong data in either direction.
 //   - Static __shared__ variables are `static __thread`: one copy per OS thread, i.e. per block
 //     being run. Dynamic shared memory comes from dynamic_shared<T>() (device.cuh) and is
 //     filled with 0xFF (NaN for f16/f32) before every block, like uninitialised memory.

@@ -49,6 +49,7 @@ macro_rules! kernel_mod {
             ///
             /// # Safety
             /// As [`Device::launch`]: the pointers must cover what the kernel accesses.
+            #[allow(clippy::too_many_arguments)]
             pub(crate) unsafe fn launch<D: Device + ?Sized>(
                 dev: &D, cfg: &LaunchCfg, $($arg: $ty),*
             ) -> Result<()> {

@@ -20,10 +20,16 @@ fn positive(kernel: &str, args: &[(&str, i32)]) -> Result<()> {
 /// `s` holds at least `elems` elements and starts at a multiple of `align` bytes.
 fn covers<T>(kernel: &str, what: &str, s: DevSlice<T>, elems: i64, align: u64) -> Result<()> {
     if (s.len as i64) < elems {
-        return Err(invalid(kernel, format!("{what} has {} elements, needs {elems}", s.len)));
+        return Err(invalid(
+            kernel,
+            format!("{what} has {} elements, needs {elems}", s.len),
+        ));
     }
-    if s.addr % align != 0 {
-        return Err(invalid(kernel, format!("{what} at {:#x} is not {align}-byte aligned", s.addr)));
+    if !s.addr.is_multiple_of(align) {
+        return Err(invalid(
+            kernel,
+            format!("{what} at {:#x} is not {align}-byte aligned", s.addr),
+        ));
     }
     Ok(())
 }
@@ -54,7 +60,9 @@ pub fn convert_f32_to_f16<D: Device + ?Sized>(
     covers(K, "out", out, n as i64, 2)?;
     covers(K, "input", input, n as i64, 4)?;
     // SAFETY: both buffers hold n elements.
-    unsafe { kernels::convert_f32_to_f16::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
+    unsafe {
+        kernels::convert_f32_to_f16::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n)
+    }
 }
 
 /// `out[i] = f32(input[i])` (kernels/convert.cu).
@@ -69,7 +77,9 @@ pub fn convert_f16_to_f32<D: Device + ?Sized>(
     covers(K, "out", out, n as i64, 4)?;
     covers(K, "input", input, n as i64, 2)?;
     // SAFETY: both buffers hold n elements.
-    unsafe { kernels::convert_f16_to_f32::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
+    unsafe {
+        kernels::convert_f16_to_f32::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n)
+    }
 }
 
 /// Rows of `rows / tokens` batch items whose modulation rows are `mod_stride` apart: the
@@ -95,9 +105,16 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     eps: f32,
 ) -> Result<()> {
     const K: &str = "layernorm_modulate_f16";
-    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    positive(
+        K,
+        &[("rows", rows), ("tokens", tokens), ("channels", channels)],
+    )?;
     let row_bytes = channels as i64 * 4;
-    if channels % 2 != 0 || mod_stride % 2 != 0 || mod_stride < channels || row_bytes > MAX_DYN_SMEM as i64 {
+    if channels % 2 != 0
+        || mod_stride % 2 != 0
+        || mod_stride < channels
+        || row_bytes > MAX_DYN_SMEM as i64
+    {
         return Err(invalid(
             K,
             format!("channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels", MAX_DYN_SMEM / 4),
@@ -117,7 +134,16 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     // SAFETY: out and x hold rows × channels, shift and scale every batch item's row.
     unsafe {
         kernels::layernorm_modulate_f16::launch(
-            dev, &cfg, out.ptr(), x.ptr(), shift.ptr(), scale.ptr(), tokens, channels, mod_stride, eps,
+            dev,
+            &cfg,
+            out.ptr(),
+            x.ptr(),
+            shift.ptr(),
+            scale.ptr(),
+            tokens,
+            channels,
+            mod_stride,
+            eps,
         )
     }
 }
@@ -135,27 +161,47 @@ pub fn gated_residual_add_f16<D: Device + ?Sized>(
     gate_stride: i32,
 ) -> Result<()> {
     const K: &str = "gated_residual_add_f16";
-    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    positive(
+        K,
+        &[("rows", rows), ("tokens", tokens), ("channels", channels)],
+    )?;
     if channels % 2 != 0 || gate_stride % 2 != 0 || gate_stride < channels {
         return Err(invalid(
             K,
-            format!("channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"),
+            format!(
+                "channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"
+            ),
         ));
     }
     let elems = rows as i64 * channels as i64;
     covers(K, "x", x, elems, 4)?;
     covers(K, "y", y, elems, 4)?;
-    covers(K, "gate", gate, modulation_elems(rows, tokens, channels, gate_stride), 4)?;
+    covers(
+        K,
+        "gate",
+        gate,
+        modulation_elems(rows, tokens, channels, gate_stride),
+        4,
+    )?;
     // SAFETY: x and y hold rows × channels, gate every batch item's row.
     unsafe {
         kernels::gated_residual_add_f16::launch(
-            dev, &elementwise(elems / 2), x.ptr(), y.ptr(), gate.ptr(), rows, tokens, channels, gate_stride,
+            dev,
+            &elementwise(elems / 2),
+            x.ptr(),
+            y.ptr(),
+            gate.ptr(),
+            rows,
+            tokens,
+            channels,
+            gate_stride,
         )
     }
 }
 
 /// Checks of the three GEMM launchers and their geometry: 64×64 output tiles, 128 threads
 /// (BM, BN, THREADS in kernels/gemm.cu).
+#[allow(clippy::too_many_arguments)]
 fn gemm_cfg<O>(
     kernel: &str,
     out: DevSlice<O>,
@@ -174,7 +220,10 @@ fn gemm_cfg<O>(
     covers(kernel, "bias", bias, n64, 2)?;
     let grid_y = (m64 + 63) / 64;
     if grid_y > 65535 {
-        return Err(invalid(kernel, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
+        return Err(invalid(
+            kernel,
+            format!("m = {m} needs {grid_y} row tiles, more than 65535"),
+        ));
     }
     Ok(LaunchCfg {
         grid: [((n64 + 63) / 64) as u32, grid_y as u32, 1],
@@ -197,7 +246,9 @@ pub fn gemm_bias_f16<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_f16", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+    unsafe {
+        kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k)
+    }
 }
 
 /// `out = GELU_tanh(a·wᵀ + bias)` in f16 (kernels/gemm.cu).
@@ -214,7 +265,19 @@ pub fn gemm_bias_gelu_f16<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_gelu_f16", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_gelu_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+    unsafe {
+        kernels::gemm_bias_gelu_f16::launch(
+            dev,
+            &cfg,
+            out.ptr(),
+            a.ptr(),
+            w.ptr(),
+            bias.ptr(),
+            m,
+            n,
+            k,
+        )
+    }
 }
 
 /// `out = a·wᵀ + bias` in f32 (kernels/gemm.cu).
@@ -231,5 +294,7 @@ pub fn gemm_bias_f32<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_f32", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
+    unsafe {
+        kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k)
+    }
 }

@@ -73,7 +73,13 @@ impl<T> Clone for DevSlice<T> {
 impl<T> Copy for DevSlice<T> {}
 impl<T> std::fmt::Debug for DevSlice<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "DevSlice({:#x}, {} × {})", self.addr, self.len, std::any::type_name::<T>())
+        write!(
+            f,
+            "DevSlice({:#x}, {} × {})",
+            self.addr,
+            self.len,
+            std::any::type_name::<T>()
+        )
     }
 }
 
@@ -127,16 +133,20 @@ impl LaunchCfg {
         let [gx, gy, gz] = self.grid;
         let [bx, by, bz] = self.block;
         let threads = bx as u64 * by as u64 * bz as u64;
-        let bad = if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
-            "grid"
-        } else if threads == 0 || threads > 1024 || bz > 64 {
-            "block"
-        } else if self.dyn_smem > MAX_DYN_SMEM {
-            "dynamic shared memory"
-        } else {
-            return Ok(());
-        };
-        Err(Error::invalid("kernel launch", format!("{}: {bad} out of range in {self:?}", kernel.name)))
+        let bad =
+            if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
+                "grid"
+            } else if threads == 0 || threads > 1024 || bz > 64 {
+                "block"
+            } else if self.dyn_smem > MAX_DYN_SMEM {
+                "dynamic shared memory"
+            } else {
+                return Ok(());
+            };
+        Err(Error::invalid(
+            "kernel launch",
+            format!("{}: {bad} out of range in {self:?}", kernel.name),
+        ))
     }
 }
 
@@ -189,7 +199,10 @@ pub trait Device {
     /// Starts recording launches into a graph instead of running them. Not implemented yet on
     /// either device: the pipeline runs launches directly until graph capture lands.
     fn begin_capture(&self) -> Result<()> {
-        Err(Error::invalid("graph capture", format!("not implemented yet on {}", self.name())))
+        Err(Error::invalid(
+            "graph capture",
+            format!("not implemented yet on {}", self.name()),
+        ))
     }
 
     /// The arena buffer `buf` of a plan, as `T` elements.
@@ -197,14 +210,22 @@ pub trait Device {
         if buf.dtype != T::DT {
             return Err(Error::invalid(
                 "device slice",
-                format!("buffer `{}` holds {:?}, not {:?}", buf.name, buf.dtype, T::DT),
+                format!(
+                    "buffer `{}` holds {:?}, not {:?}",
+                    buf.name,
+                    buf.dtype,
+                    T::DT
+                ),
             ));
         }
         let arena = self.arena();
         if buf.offset + buf.bytes() > arena.bytes {
             return Err(Error::invalid(
                 "device slice",
-                format!("buffer `{}` ends past the {}-byte arena", buf.name, arena.bytes),
+                format!(
+                    "buffer `{}` ends past the {}-byte arena",
+                    buf.name, arena.bytes
+                ),
             ));
         }
         Ok(DevSlice {
