@@ -33,7 +33,7 @@ pub struct SampleArgs {
     #[arg(long)]
     random_classes: Option<usize>,
     /// Images per class when no classes are given (small models: every class, one grid row each).
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     per_class: usize,
     #[arg(long, default_value_t = 0)]
     seed: u64,

@@ -1,0 +1,197 @@
+"""icdit "shapes-32": a deterministic, class-conditional 32x32 RGB image set drawn by code.
+
+Ten classes that differ by shape, never by colour: each image is one shape (or stripe pattern) in a
+random colour on a random two-colour gradient background, with random position, scale and
+rotation. Shapes are rasterised antialiased (4x4 supersampling) and quantised to 8 bits, then
+mapped to [-1, 1] like the image pipelines DiT trains on.
+
+Rotations are restricted where a free rotation would blur two classes: plus vs X are the same
+shape 45 degrees apart, horizontal vs vertical stripes 90 degrees apart, and a square turned 45
+degrees would read as a diamond. Those classes (and the diamond, a tall rhombus) rotate by at most
++-12 degrees around their canonical angle; circle, ring, triangle and star rotate freely.
+
+Usage:
+  python tools/make_dataset.py --preview docs/training/shapes32-dataset.png   # one row per class
+  python tools/make_dataset.py --count 60000 --cache ~/.cache/icdit/shapes32.npz
+
+Library use (the trainer): `load_or_make(count, seed, cache)` -> (uint8 images (N,32,32,3), int64 labels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+import numpy as np
+
+CLASS_NAMES = [
+    "circle", "square", "triangle", "plus", "ring",
+    "horizontal_stripes", "vertical_stripes", "star", "diamond", "x_cross",
+]
+SIZE = 32
+SUPER = 4  # supersampling factor per axis for antialiasing
+
+
+def _star_inside(u: np.ndarray, v: np.ndarray, inner: float = 0.45) -> np.ndarray:
+    """Filled 5-point star, outer radius 1, one point along +u, inner radius `inner`."""
+    rho = np.hypot(u, v)
+    sector = 2 * np.pi / 5
+    a = np.mod(np.arctan2(v, u), sector)
+    a = np.where(a > sector / 2, sector - a, a)        # fold into [0, pi/5]
+    px, py = rho * np.cos(a), rho * np.sin(a)
+    # Edge from the outer point P=(1,0) to the inner point Q; the origin side is inside.
+    qx, qy = inner * np.cos(sector / 2), inner * np.sin(sector / 2)
+    cross = (qx - 1.0) * py - qy * (px - 1.0)
+    origin_cross = (qx - 1.0) * 0.0 - qy * (0.0 - 1.0)
+    return (cross * origin_cross) >= 0
+
+
+def _triangle_inside(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Filled equilateral triangle, circumradius 1, apex along +v (apothem 0.5)."""
+    d = np.full(u.shape, -np.inf)
+    for ang in (np.pi * 1.5, np.pi / 6, np.pi * 5 / 6):  # outward edge normals
+        d = np.maximum(d, u * np.cos(ang) + v * np.sin(ang))
+    return d <= 0.5
+
+
+def _mask(cls: int, u: np.ndarray, v: np.ndarray, x: np.ndarray, y: np.ndarray, p: dict) -> np.ndarray:
+    """Boolean coverage for one image. (u, v): shape-local coords (unit = shape radius);
+    (x, y): image coords in pixels, rotated by the (small) stripe angle for stripe classes."""
+    r = np.hypot(u, v)
+    if cls == 0:
+        return r <= 1.0
+    if cls == 1:
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.78
+    if cls == 8:                 # rhombus, taller than wide, corners up/down/left/right
+        return np.abs(u) / 0.68 + np.abs(v) / 1.0 <= 1.0
+    if cls == 2:
+        return _triangle_inside(u, v * 1.0 + 0.15)
+    if cls in (3, 9):            # plus / X (X = plus turned 45 deg)
+        w = p["bar"]
+        return ((np.abs(u) <= w) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= w) & (np.abs(u) <= 1.0))
+    if cls == 4:
+        return (r <= 1.0) & (r >= p["ring_in"])
+    if cls in (5, 6):            # stripes over the whole image; 5 varies along y, 6 along x
+        coord = y if cls == 5 else x
+        return np.mod(coord / p["period"] + p["phase"], 1.0) < 0.5
+    if cls == 7:
+        return _star_inside(u, v)
+    raise ValueError(cls)
+
+
+def _rand_colour(rng: np.random.Generator) -> np.ndarray:
+    return rng.uniform(0.0, 1.0, size=3)
+
+
+def _luma(c: np.ndarray) -> float:
+    return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
+
+
+def render(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """One image of class `cls` as uint8 (32, 32, 3)."""
+    n = SIZE * SUPER
+    g = (np.arange(n) + 0.5) / SUPER                      # sample positions in pixel units
+    x, y = np.meshgrid(g, g)                              # x: column, y: row (pixels)
+    # Background: gradient between two colours along a random direction.
+    bg0, bg1 = _rand_colour(rng), _rand_colour(rng)
+    ang = rng.uniform(0, 2 * np.pi)
+    s = ((x - SIZE / 2) * np.cos(ang) + (y - SIZE / 2) * np.sin(ang)) / SIZE + 0.5
+    s = np.clip(s, 0, 1)[..., None] * rng.uniform(0.0, 1.0)
+    bg = bg0 * (1 - s) + bg1 * s
+    # Foreground colour with a clear luminance contrast against the mean background.
+    mean_bg = bg.reshape(-1, 3).mean(0)
+    for _ in range(100):
+        fg = _rand_colour(rng)
+        if abs(_luma(fg) - _luma(mean_bg)) >= 0.3:
+            break
+    # Geometry.
+    radius = rng.uniform(7.0, 12.5)
+    cx, cy = rng.uniform(11.0, 21.0, size=2)
+    if cls in (1, 3, 5, 6, 8):
+        theta = np.deg2rad(rng.uniform(-12, 12))
+    elif cls == 9:
+        theta = np.deg2rad(45 + rng.uniform(-12, 12))
+    else:
+        theta = rng.uniform(0, 2 * np.pi)
+    params = {
+        "bar": rng.uniform(0.2, 0.32),
+        "ring_in": rng.uniform(0.5, 0.68),
+        "period": rng.uniform(5.0, 9.0),
+        "phase": rng.uniform(0, 1),
+    }
+    ct, st = np.cos(theta), np.sin(theta)
+    dx, dy = x - cx, y - cy
+    u = (ct * dx + st * dy) / radius
+    v = (-st * dx + ct * dy) / radius
+    # Stripes rotate about the image centre.
+    xr = ct * (x - SIZE / 2) + st * (y - SIZE / 2)
+    yr = -st * (x - SIZE / 2) + ct * (y - SIZE / 2)
+    m = _mask(cls, u, v, xr, yr, params).astype(np.float64)[..., None]
+    img = bg * (1 - m) + fg * m
+    img = img.reshape(SIZE, SUPER, SIZE, SUPER, 3).mean(axis=(1, 3))
+    return np.clip(np.floor(img * 255 + 0.5), 0, 255).astype(np.uint8)
+
+
+def make(count: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`count` images with labels cycling 0..9 (balanced), each image from its own seeded stream."""
+    imgs = np.empty((count, SIZE, SIZE, 3), dtype=np.uint8)
+    labels = np.arange(count, dtype=np.int64) % len(CLASS_NAMES)
+    for i in range(count):
+        rng = np.random.default_rng([seed, i])
+        imgs[i] = render(int(labels[i]), rng)
+    return imgs, labels
+
+
+def load_or_make(count: int, seed: int, cache: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if cache:
+        path = pathlib.Path(os.path.expanduser(cache))
+        if path.exists():
+            d = np.load(path)
+            if int(d["seed"]) == seed and len(d["labels"]) == count:
+                return d["images"], d["labels"]
+        imgs, labels = make(count, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, images=imgs, labels=labels, seed=np.int64(seed))
+        os.replace(tmp, path)
+        return imgs, labels
+    return make(count, seed)
+
+
+def save_grid(images: np.ndarray, rows: int, path: str, scale: int = 3, pad: int = 2) -> None:
+    """Save uint8 (rows*cols, H, W, 3) images as a grid PNG, upscaled by `scale` (nearest)."""
+    from PIL import Image
+
+    cols = len(images) // rows
+    h, w = images.shape[1] * scale, images.shape[2] * scale
+    canvas = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for idx, im in enumerate(images[: rows * cols]):
+        r, c = divmod(idx, cols)
+        big = im.repeat(scale, 0).repeat(scale, 1)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = big
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--count", type=int, default=0, help="images to generate (0: only the preview)")
+    ap.add_argument("--cache", default=None, help="npz cache path for --count")
+    ap.add_argument("--preview", default=None, help="write a PNG grid, one row per class")
+    ap.add_argument("--per-class", type=int, default=12)
+    args = ap.parse_args()
+    if args.preview:
+        k = len(CLASS_NAMES)
+        imgs, _ = make(k * args.per_class, args.seed)
+        order = np.argsort(np.arange(len(imgs)) % k, kind="stable")   # group by class
+        save_grid(imgs[order], k, args.preview)
+        print(f"wrote {args.preview} ({k} rows: {', '.join(CLASS_NAMES)})")
+    if args.count:
+        imgs, labels = load_or_make(args.count, args.seed, args.cache)
+        print(f"{len(imgs)} images, class counts {np.bincount(labels).tolist()}")
+
+
+if __name__ == "__main__":
+    main()
