@@ -23,7 +23,24 @@ pub enum Method {
     Svd,
     /// Truncated SVD of diag(l)·W·diag(r) with l, r from activation magnitudes.
     CaSvd,
+    /// As CA-SVD, with l, r from the magnitudes of the change of each activation over one
+    /// DDIM step (icc's "delta_mag").
+    CdSvd,
 }
+
+impl Method {
+    /// The spaced indices of the "50" respacing a calibration timestep may take: icc draws
+    /// `randint(0, 50)` for CA-SVD and `randint(1, 50)` for CD-SVD (which steps to t − 1).
+    fn first_index(self) -> usize {
+        match self {
+            Method::CdSvd => 1,
+            _ => 0,
+        }
+    }
+}
+
+/// The respacing icc's statistics use.
+const STATS_SPEC: &str = "50";
 
 /// A calibration set: clean samples x₀, labels (after label dropout), the original
 /// timesteps to noise them at, and the noise (reference doc E.9, steps 1–4).
@@ -44,8 +61,9 @@ impl CalibSet {
 
     /// Reads `latents` (M, C, H, W) and `labels` (M) from a safetensors file; `timesteps`
     /// (original, 0..=999) and `noise` are drawn from `seed` when absent: a uniform spaced
-    /// index of the "50" respacing (icc's `randint(0, 50)`) and standard normals.
-    pub fn load(path: &std::path::Path, model: &DitModel, seed: u64) -> Result<CalibSet> {
+    /// index of the "50" respacing (icc's `randint(0, 50)`, or `randint(1, 50)` for CD-SVD)
+    /// and standard normals.
+    pub fn load(path: &std::path::Path, model: &DitModel, seed: u64, method: Method) -> Result<CalibSet> {
         let cfg = &model.config;
         let f = TensorFile::open(path)?;
         let (shape, latents) = f.read_f32("latents")?;
@@ -61,7 +79,7 @@ impl CalibSet {
         if let Some(bad) = labels.1.iter().find(|&&l| l < 0 || l as usize >= cfg.label_rows()) {
             return Err(Error::invalid("calibration labels", format!("{}: label {bad} is outside 0..={}", path.display(), cfg.null_class())));
         }
-        let drawn = Self::draws(cfg, m, seed);
+        let drawn = Self::draws(cfg, m, seed, method.first_index());
         let timesteps = if f.get("timesteps").is_some() {
             let (s, t) = f.read_i64("timesteps")?;
             if s != [m] || t.iter().any(|&t| !(0..1000).contains(&t)) {
@@ -84,16 +102,16 @@ impl CalibSet {
     }
 
     /// A set from clean samples and labels, with seeded timesteps and noise.
-    pub fn from_samples(latents: Vec<f32>, labels: Vec<i64>, cfg: &crate::DitConfig, seed: u64) -> CalibSet {
-        let (timesteps, noise) = Self::draws(cfg, labels.len(), seed);
+    pub fn from_samples(latents: Vec<f32>, labels: Vec<i64>, cfg: &crate::DitConfig, seed: u64, method: Method) -> CalibSet {
+        let (timesteps, noise) = Self::draws(cfg, labels.len(), seed, method.first_index());
         CalibSet { latents, labels, timesteps, noise }
     }
 
     /// Seeded timesteps and noise for `m` samples.
-    fn draws(cfg: &crate::DitConfig, m: usize, seed: u64) -> (Vec<i64>, Vec<f32>) {
-        let map = crate::diffusion::space_timesteps("50").expect("valid spec");
-        let idx = crate::noise::class_labels(seed ^ 0x7469_6d65, 0, m, map.len());
-        let timesteps = idx.iter().map(|&k| map[k as usize] as i64).collect();
+    fn draws(cfg: &crate::DitConfig, m: usize, seed: u64, first: usize) -> (Vec<i64>, Vec<f32>) {
+        let map = crate::diffusion::space_timesteps(STATS_SPEC).expect("valid spec");
+        let idx = crate::noise::class_labels(seed ^ 0x7469_6d65, 0, m, map.len() - first);
+        let timesteps = idx.iter().map(|&k| map[first + k as usize] as i64).collect();
         let img = cfg.image_elems();
         let mut noise = vec![0.0; m * img];
         for (r, chunk) in noise.chunks_mut(img).enumerate() {
@@ -111,8 +129,17 @@ pub struct Stats {
 }
 
 /// Runs one full-compute forward per batch of noised calibration samples and accumulates
-/// the statistics from the activations the full step leaves in the caches (E.9).
-pub fn collect_stats(model: &Arc<DitModel>, set: &CalibSet, batch: usize, threads: usize, progress: &mut dyn FnMut(usize, usize)) -> Result<Stats> {
+/// the statistics from the activations the full step leaves in the caches (E.9). For
+/// CD-SVD the statistics are of the change of each activation between that forward (at
+/// spaced index k of the "50" respacing) and a second one at k − 1, after one DDIM step.
+pub fn collect_stats(
+    model: &Arc<DitModel>,
+    set: &CalibSet,
+    batch: usize,
+    threads: usize,
+    method: Method,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Stats> {
     let cfg = model.config;
     if batch == 0 {
         return Err(Error::invalid("calibration batch", "must be at least 1"));
@@ -122,11 +149,38 @@ pub fn collect_stats(model: &Arc<DitModel>, set: &CalibSet, batch: usize, thread
         &CpuOptions { max_batch: batch, guidance: false, threads, cache: CacheMode::Reuse },
     )?;
     let full = Schedule::new("")?;
+    let spaced = Schedule::new(STATS_SPEC)?;
     let (img, n) = (cfg.image_elems(), cfg.tokens());
+    let delta = method == Method::CdSvd;
+    // The spaced index of every sample's timestep (CD-SVD steps from it to the one before).
+    let spaced_index: Vec<usize> = if delta {
+        set.timesteps
+            .iter()
+            .map(|&t| match spaced.timestep_map.iter().position(|&s| s as i64 == t) {
+                Some(k) if k >= 1 => Ok(k),
+                _ => Err(Error::invalid(
+                    "calibration timesteps",
+                    format!("cd-svd needs timesteps of the \"{STATS_SPEC}\" respacing other than 0; {t} is not one"),
+                )),
+            })
+            .collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut mag: Vec<[Vec<f32>; 8]> = (0..cfg.depth).map(|_| Slot::ALL.map(|s| vec![0.0f32; s.width(&cfg)])).collect();
+    let mut saved: Vec<[Vec<f32>; 8]> = if delta {
+        (0..cfg.depth).map(|_| Slot::ALL.map(|s| vec![0.0f32; batch * n * s.width(&cfg)])).collect()
+    } else {
+        Vec::new()
+    };
     let mut out = vec![0.0f32; batch * cfg.output_elems()];
     let mut xt = vec![0.0f32; batch * img];
+    let mut t1 = vec![0i64; batch];
+    let zeros = vec![0.0f32; img];
     let batches = set.len() / batch; // icc drops the last partial batch
+    if batches == 0 {
+        return Err(Error::invalid("calibration set", format!("{} samples is fewer than one batch of {batch}", set.len())));
+    }
     for bi in 0..batches {
         let rows = bi * batch..(bi + 1) * batch;
         // q_sample: x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε, coefficients cast to f32 as torch does.
@@ -137,31 +191,52 @@ pub fn collect_stats(model: &Arc<DitModel>, set: &CalibSet, batch: usize, thread
                 xt[j * img + e] = a * set.latents[r * img + e] + b * set.noise[r * img + e];
             }
         }
-        engine.forward_step(&xt, &set.timesteps[rows.clone()], &set.labels[rows.clone()], &mut out, StepKind::Full)?;
+        let labels = &set.labels[rows.clone()];
+        engine.forward_step(&xt, &set.timesteps[rows.clone()], labels, &mut out, StepKind::Full)?;
+        if delta {
+            for (i, block) in saved.iter_mut().enumerate() {
+                for (slot, dst) in Slot::ALL.iter().zip(block.iter_mut()) {
+                    dst.copy_from_slice(engine.cache_slot(i, *slot).expect("a full step filled the caches"));
+                }
+            }
+            // One DDIM (η = 0) step per sample from its spaced index k to k − 1, with the
+            // model's ε (channels 0..Cin), then the second forward at k − 1.
+            let out_img = cfg.output_elems();
+            for (j, r) in rows.clone().enumerate() {
+                let k = spaced_index[r];
+                let eps = &out[j * out_img..j * out_img + img];
+                crate::diffusion::ddim_step(&spaced.coeffs(k), 0.0, &mut xt[j * img..(j + 1) * img], eps, &zeros);
+                t1[j] = spaced.timestep_map[k - 1] as i64;
+            }
+            engine.forward_step(&xt, &t1, labels, &mut out, StepKind::Full)?;
+        }
         for (i, block) in mag.iter_mut().enumerate() {
-            for (slot, acc) in Slot::ALL.iter().zip(block.iter_mut()) {
+            for (s, (slot, acc)) in Slot::ALL.iter().zip(block.iter_mut()).enumerate() {
                 let x = engine.cache_slot(i, *slot).expect("a full step filled the caches");
-                accumulate(x, batch, n, slot.width(&cfg), acc);
+                let prev = delta.then(|| saved[i][s].as_slice());
+                accumulate(x, prev, batch, n, slot.width(&cfg), acc);
             }
         }
         progress(bi + 1, batches);
     }
-    if batches == 0 {
-        return Err(Error::invalid("calibration set", format!("{} samples is fewer than one batch of {batch}", set.len())));
-    }
     Ok(Stats { mag, batches })
 }
 
-/// Per sample: mean over tokens of |x|, min-max normalised over channels (+1e-6 both
-/// sides); then the batch mean is added to `acc`.
-fn accumulate(x: &[f32], rows: usize, n: usize, d: usize, acc: &mut [f32]) {
+/// Per sample: mean over tokens of |x| (or of |x − prev|), min-max normalised over
+/// channels (+1e-6 both sides); then the batch mean is added to `acc`.
+fn accumulate(x: &[f32], prev: Option<&[f32]>, rows: usize, n: usize, d: usize, acc: &mut [f32]) {
     let mut m = vec![0.0f64; d];
     let mut batch_sum = vec![0.0f32; d];
     for r in 0..rows {
         m.iter_mut().for_each(|v| *v = 0.0);
         for tok in 0..n {
-            for (v, &e) in m.iter_mut().zip(&x[(r * n + tok) * d..][..d]) {
-                *v += e.abs() as f64;
+            let row = &x[(r * n + tok) * d..][..d];
+            match prev {
+                None => m.iter_mut().zip(row).for_each(|(v, &e)| *v += e.abs() as f64),
+                Some(p) => {
+                    let prow = &p[(r * n + tok) * d..][..d];
+                    m.iter_mut().zip(row).zip(prow).for_each(|((v, &e), &q)| *v += (e - q).abs() as f64);
+                }
             }
         }
         let mean: Vec<f32> = m.iter().map(|v| (v / n as f64) as f32).collect();
@@ -374,6 +449,7 @@ pub fn build_factors(
         method: match method {
             Method::Svd => "svd".into(),
             Method::CaSvd => "ca-svd".into(),
+            Method::CdSvd => "cd-svd".into(),
         },
         rank: uniform,
         model_fingerprint: Some(crate::factors::fingerprint(model)),

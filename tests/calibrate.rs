@@ -48,8 +48,8 @@ fn products(f: &Factors, m: &DitModel) -> Vec<Vec<f32>> {
 #[test]
 fn ca_svd_statistics_vectors_and_factors_match_icc() {
     let m = model();
-    let set = CalibSet::load(&fixture("icc/calib_hd72.safetensors"), &m, 0).unwrap();
-    let stats = calibrate::collect_stats(&m, &set, 4, 2, &mut |_, _| {}).unwrap();
+    let set = CalibSet::load(&fixture("icc/calib_hd72.safetensors"), &m, 0, Method::CaSvd).unwrap();
+    let stats = calibrate::collect_stats(&m, &set, 4, 2, Method::CaSvd, &mut |_, _| {}).unwrap();
     let f = TensorFile::open(&fixture("icc/stats_hd72.safetensors")).unwrap();
     assert_eq!(stats.batches, 2);
     let mut worst = 0.0f64;

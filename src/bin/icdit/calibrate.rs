@@ -19,7 +19,8 @@ pub struct CalibrateArgs {
     weights: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// `svd` or `ca-svd` (channel-aware, needs calibration data).
+    /// `svd`, `ca-svd` (channel-aware) or `cd-svd` (change-aware); the last two need
+    /// calibration data.
     #[arg(long, default_value = "ca-svd")]
     method: String,
     /// Rank of every factorised layer.
@@ -75,8 +76,8 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
     let method = match a.method.as_str() {
         "svd" => Method::Svd,
         "ca-svd" => Method::CaSvd,
-        "cd-svd" => return Err(Error::invalid("method", "cd-svd (change-aware statistics) is not implemented yet; use svd or ca-svd")),
-        other => return Err(Error::invalid("method", format!("`{other}`: expected svd or ca-svd"))),
+        "cd-svd" => Method::CdSvd,
+        other => return Err(Error::invalid("method", format!("`{other}`: expected svd, ca-svd or cd-svd"))),
     };
     let ranks = [
         a.rank_qkv.unwrap_or(a.rank),
@@ -90,24 +91,24 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
     let start = Instant::now();
     let mut settings = serde_json::json!({ "method": a.method, "seed": a.seed });
 
-    let vectors = if method == Method::CaSvd {
+    let vectors = if method != Method::Svd {
         let set = match (&a.calib_latents, a.calib_self) {
             (Some(p), _) => {
                 settings["calib_latents"] = p.display().to_string().into();
-                CalibSet::load(p, &model, a.seed)?
+                CalibSet::load(p, &model, a.seed, method)?
             }
             (None, Some(n)) => {
                 settings["calib_self"] = n.into();
-                self_set(&model, n, a.seed, threads)?
+                self_set(&model, n, a.seed, threads, method)?
             }
             (None, None) => {
-                return Err(Error::invalid("calibration data", "ca-svd needs --calib-latents FILE or --calib-self N"))
+                return Err(Error::invalid("calibration data", "ca-svd and cd-svd need --calib-latents FILE or --calib-self N"))
             }
         };
         settings["calib_samples"] = set.len().into();
         settings["calib_batch"] = a.calib_batch.into();
         let b = bar(set.len() / a.calib_batch.max(1), "statistics");
-        let stats = calibrate::collect_stats(&model, &set, a.calib_batch, a.threads, &mut |d, _| {
+        let stats = calibrate::collect_stats(&model, &set, a.calib_batch, a.threads, method, &mut |d, _| {
             if let Some(b) = &b {
                 b.set_position(d as u64);
             }
@@ -168,7 +169,7 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
 /// `--calib-self N`: the model samples N clean images itself (full compute, DDIM over
 /// "50", guidance 1.5 as icc's evaluation), then labels get icc's 10% dropout, and the
 /// statistics pass noises them at seeded timesteps.
-fn self_set(model: &Arc<DitModel>, n: usize, seed: u64, threads: usize) -> Result<CalibSet, Error> {
+fn self_set(model: &Arc<DitModel>, n: usize, seed: u64, threads: usize, method: Method) -> Result<CalibSet, Error> {
     let cfg = model.config;
     if n == 0 {
         return Err(Error::invalid("--calib-self", "must be at least 1"));
@@ -205,5 +206,5 @@ fn self_set(model: &Arc<DitModel>, n: usize, seed: u64, threads: usize) -> Resul
         .zip(&drop)
         .map(|(&c, &d)| if d == 0 && cfg.label_rows() > cfg.num_classes { cfg.null_class() as i64 } else { c })
         .collect();
-    Ok(CalibSet::from_samples(latents, labels, &cfg, seed))
+    Ok(CalibSet::from_samples(latents, labels, &cfg, seed, method))
 }
