@@ -88,3 +88,43 @@ fn ca_svd_statistics_vectors_and_factors_match_icc() {
         assert!(worst < 5e-4, "{method:?}: factors differ from icc's by {worst:.2e}");
     }
 }
+
+#[test]
+fn cd_svd_statistics_and_factors_match_icc() {
+    let m = model();
+    let set = CalibSet::load(&fixture("icc/calib_cd_hd72.safetensors"), &m, 0, Method::CdSvd).unwrap();
+    let stats = calibrate::collect_stats(&m, &set, 4, 2, Method::CdSvd, &mut |_, _| {}).unwrap();
+    let f = TensorFile::open(&fixture("icc/stats_cd_hd72.safetensors")).unwrap();
+    let mut worst = 0.0f64;
+    for (i, block) in stats.mag.iter().enumerate() {
+        for (slot, ours) in Slot::ALL.iter().zip(block) {
+            let want = f.read_f32(&format!("blocks.{i}.{}.mag", slot.name())).unwrap().1;
+            worst = worst.max(rel(ours, &want));
+        }
+    }
+    println!("delta statistics: worst relative L2 difference {worst:.2e}");
+    // Differences across one step amplify rounding: measured 1.2e-6, asserted with ~8× margin.
+    assert!(worst < 1e-5, "delta statistics differ from icc's by {worst:.2e}");
+    let vectors = calibrate::weight_vectors(&stats, m.config.hidden_size);
+    let (layers, report) = calibrate::compute_factors(&m, [8; 6], Some(&vectors), 2, &|_, _| {}).unwrap();
+    let ours = calibrate::build_factors(&m, Method::CdSvd, [8; 6], layers, &report, serde_json::json!({})).unwrap();
+    let theirs = Factors::load(&fixture("icc/factors_cdsvd_r8.safetensors"), &m).unwrap();
+    let (po, pt) = (products(&ours, &m), products(&theirs, &m));
+    let worst = po.iter().zip(&pt).map(|(a, b)| rel(a, b)).fold(0.0, f64::max);
+    println!("CdSvd rank 8: worst relative L2 difference of up·down vs icc {worst:.2e}");
+    assert!(worst < 5e-4, "CD-SVD factors differ from icc's by {worst:.2e}");
+}
+
+#[test]
+fn calibration_inputs_are_checked() {
+    let m = model();
+    let err = CalibSet::load(&fixture("hd72/forward.safetensors"), &m, 0, Method::CaSvd).err().expect("refused").to_string();
+    assert!(err.contains("latents"), "{err}");
+    // A CA-SVD set has timesteps that are not all valid CD-SVD starting points (spaced index 0).
+    let set = CalibSet::load(&fixture("icc/calib_hd72.safetensors"), &m, 0, Method::CaSvd).unwrap();
+    let bad = CalibSet { timesteps: vec![0; set.len()], ..set };
+    let err = calibrate::collect_stats(&m, &bad, 4, 1, Method::CdSvd, &mut |_, _| {}).err().expect("refused").to_string();
+    assert!(err.contains("cd-svd"), "{err}");
+    let err = calibrate::compute_factors(&m, [145, 8, 8, 8, 8, 8], None, 1, &|_, _| {}).err().expect("refused").to_string();
+    assert!(err.contains("rank 145"), "{err}");
+}

@@ -158,9 +158,33 @@ class _MockVAE:
     at the point where the real VAE posterior sample would (divided by 0.18215 so that the
     loop's .mul_(0.18215) gives latents of unit scale, like real scaled SD latents)."""
 
+    def __init__(self):
+        self.drawn = []  # each batch's sample() value before the loop's in-place mul_(0.18215)
+
     def encode(self, x):
         def sample():
-            return torch.randn(x.shape[0], 4, 8, 8) / LATENT_SCALE
+            z = torch.randn(x.shape[0], 4, 8, 8) / LATENT_SCALE
+            self.drawn.append(z.clone())
+            return z
+        return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=sample))
+
+
+class _ReplayVAE:
+    """Stand-in for the CD-SVD loop: draws randn(B,4,8,8) where the real VAE draws its posterior
+    sample (so the loop consumes the global RNG as with the real VAE) but returns the values the
+    "mag" run's _MockVAE returned for the same batch: after the loop's mul_(0.18215) the latents
+    are bit for bit those of calib_hd72 (one fixed calibration image set for both statistics)."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.calls = 0
+
+    def encode(self, x):
+        def sample():
+            torch.randn(x.shape[0], 4, 8, 8)
+            z = self.values[self.calls].clone()
+            self.calls += 1
+            return z
         return types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=sample))
 
 
@@ -186,8 +210,18 @@ class _TorchProxy:
         return r
 
 
+def collect_stats(m):
+    out = {}
+    for i, blk in enumerate(m.blocks):
+        for name, sub in STATS:
+            layer = getattr(blk, sub)
+            out[f"blocks.{i}.{name}.mag"] = getattr(layer, name + "_mag").clone()
+            out[f"blocks.{i}.{name}.cnt"] = torch.tensor([getattr(layer, name + "_cnt")], dtype=torch.int64)
+    return out
+
+
 def calibrate(icc, sd, cfg):
-    fd, ud = icc.fd, icc.ud
+    fd = icc.fd
     diffusion = icc.diffusion.create_diffusion(str(CALIB_STEPS))
     timestep_map = torch.tensor(diffusion.timestep_map, dtype=torch.int64)
     model = build(icc.stat.SpDiT, sd, cfg)
@@ -214,9 +248,10 @@ def calibrate(icc, sd, cfg):
     diffusion.q_sample = q_rec
     hook = model.register_forward_pre_hook(fw_rec, with_kwargs=True)
     proxy = _TorchProxy(len(loader))
+    vae = _MockVAE()
     saved_torch, fd.torch = fd.torch, proxy
     try:
-        fd.DiT_wtv_src_stat_loop(model, "mag", _MockVAE(), loader, diffusion, num_epochs=1,
+        fd.DiT_wtv_src_stat_loop(model, "mag", vae, loader, diffusion, num_epochs=1,
                                  spec_range=None, device="cpu")
     finally:
         fd.torch = saved_torch
@@ -238,15 +273,6 @@ def calibrate(icc, sd, cfg):
     calib = {"latents": latents, "labels": labels, "timesteps": timesteps, "noise": noise,
              "spaced_t": spaced_t, "labels_raw": labels_raw.to(torch.int64)}
 
-    def collect_stats(m):
-        out = {}
-        for i, blk in enumerate(m.blocks):
-            for name, sub in STATS:
-                layer = getattr(blk, sub)
-                out[f"blocks.{i}.{name}.mag"] = getattr(layer, name + "_mag").clone()
-                out[f"blocks.{i}.{name}.cnt"] = torch.tensor([getattr(layer, name + "_cnt")], dtype=torch.int64)
-        return out
-
     stats = collect_stats(model)
 
     # The stored set alone reproduces the statistics: fresh model, q_sample at the spaced t, one
@@ -260,8 +286,17 @@ def calibrate(icc, sd, cfg):
     replay_exact = all(torch.equal(stats[k], replay[k]) for k in stats)
     assert replay_exact, "replaying the stored calibration set did not reproduce the statistics"
 
+    vectors, wtv_before, decomp_casvd, diag = weight_vectors_and_factors(icc, model, "mag")
+    return calib, stats, vectors, wtv_before, decomp_casvd, diag, proxy, diffusion, vae.drawn
+
+
+def weight_vectors_and_factors(icc, model, wtv_src):
+    """ICC's DiT_wtv_calc(model, wtv_src, 1000, 1000) and DiT_wsvd_merge_lowrank(model, rank 8,
+    True, True) on a stats model holding accumulated statistics; returns the weight vectors (before
+    and as used by wsvd), the pre-epsilon wtv dict, the factors and ICC's diagnostics."""
+    fd, ud = icc.fd, icc.ud
     # Weight vectors (E.10), captured before wsvd's in-place += 1e-6.
-    fd.DiT_wtv_calc(model, "mag", MAX_RATIO, MAX_RATIO)
+    fd.DiT_wtv_calc(model, wtv_src, MAX_RATIO, MAX_RATIO)
     vectors = {}
     for i, blk in enumerate(model.blocks):
         assert blk.attn.q_rwtv is blk.attn.k_rwtv is blk.attn.v_rwtv  # one shared object
@@ -303,7 +338,120 @@ def calibrate(icc, sd, cfg):
             lw += 1e-6
             assert torch.equal(vectors[f"blocks.{i}.{name}.left_used"], lw)
     diag = {"energy": energy, "abs_error": abs_err, "rel_error": rel_err}
-    return calib, stats, vectors, wtv_before, decomp_casvd, diag, proxy, diffusion
+    return vectors, wtv_before, decomp_casvd, diag
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration statistics ("delta_mag", CD-SVD) with ICC's own loop
+
+def ddim_step_eta0(diffusion, x, t, model_out):
+    """x_{t-1} of ICC's ddim_sample (eta 0, clip_denoised False) written out with its exact f32
+    operations; `t` = spaced index, `model_out` = the model's 8-channel output at timestep_map[t]."""
+    def ext(arr):  # _extract_into_tensor: f64 numpy table -> f32, broadcast
+        return torch.from_numpy(arr)[t].float()[:, None, None, None]
+    eps_model = model_out[:, :x.shape[1]]
+    sra, srm1 = ext(diffusion.sqrt_recip_alphas_cumprod), ext(diffusion.sqrt_recipm1_alphas_cumprod)
+    pred_x0 = sra * x - srm1 * eps_model
+    eps = (sra * x - pred_x0) / srm1            # ddim_sample re-derives eps from pred_xstart
+    ab_prev = ext(diffusion.alphas_cumprod_prev)
+    return pred_x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - 0.0) * eps
+
+
+def calibrate_cd(icc, sd, cfg, vae_values, calib_mag):
+    """func_decomp.DiT_wtv_src_stat_loop(model, "delta_mag", ...) after torch.manual_seed(0), with
+    the same dataset labels and (via _ReplayVAE) the same latents as the "mag" set."""
+    fd = icc.fd
+    diffusion = icc.diffusion.create_diffusion(str(CALIB_STEPS))
+    timestep_map = torch.tensor(diffusion.timestep_map, dtype=torch.int64)
+    model = build(icc.stat.SpDiT, sd, cfg)
+    null = model.y_embedder.num_classes
+
+    torch.manual_seed(CALIB_SEED)
+    labels_raw = torch.randint(0, cfg["num_classes"], (CALIB_SAMPLES,))
+    assert torch.equal(labels_raw, calib_mag["labels_raw"])
+    images = torch.zeros(CALIB_SAMPLES, 3, 8 * cfg["input_size"], 8 * cfg["input_size"])
+    loader = [(images[i:i + CALIB_BATCH], labels_raw[i:i + CALIB_BATCH])
+              for i in range(0, CALIB_SAMPLES, CALIB_BATCH)]
+
+    q_recs, fw_recs, dd_recs = [], [], []
+    q_orig, dd_orig = diffusion.q_sample, diffusion.ddim_sample
+
+    def q_rec(x_start, t, noise=None):
+        q_recs.append((x_start.clone(), t.clone(), noise.clone()))
+        return q_orig(x_start, t, noise=noise)
+
+    def dd_rec(model_, x, t, **kw):
+        assert kw.get("eta", 0.0) == 0.0 and kw.get("noise") is None and kw["clip_denoised"] is False
+        out = dd_orig(model_, x, t, **kw)
+        dd_recs.append((t.clone(), kw["model_kwargs"]["stat_flag"], out["sample"].clone()))
+        return out
+
+    def fw_rec(_mod, args, kwargs):
+        fw_recs.append((args[0].clone(), args[1].clone(), kwargs["y"].clone(), kwargs.get("stat_flag")))
+
+    diffusion.q_sample, diffusion.ddim_sample = q_rec, dd_rec
+    hook = model.register_forward_pre_hook(fw_rec, with_kwargs=True)
+    proxy = _TorchProxy(len(loader))
+    vae = _ReplayVAE(vae_values)
+    saved_torch, fd.torch = fd.torch, proxy
+    try:
+        fd.DiT_wtv_src_stat_loop(model, "delta_mag", vae, loader, diffusion, num_epochs=1,
+                                 spec_range=None, device="cpu")
+    finally:
+        fd.torch = saved_torch
+        hook.remove()
+        diffusion.q_sample, diffusion.ddim_sample = q_orig, dd_orig
+    nb = len(loader)
+    assert len(q_recs) == nb and len(fw_recs) == len(dd_recs) == 2 * nb and vae.calls == nb
+    assert [f[3] for f in fw_recs] == ["cache", "delta_mag"] * nb
+    assert [d[1] for d in dd_recs] == ["cache", "delta_mag"] * nb
+
+    latents = torch.cat([r[0] for r in q_recs])
+    spaced_t2 = torch.cat([r[1] for r in q_recs]).to(torch.int64)
+    noise = torch.cat([r[2] for r in q_recs])
+    fw_cache, fw_delta = fw_recs[0::2], fw_recs[1::2]
+    timesteps = torch.cat([f[1] for f in fw_cache]).to(torch.int64)
+    timesteps_t1 = torch.cat([f[1] for f in fw_delta]).to(torch.int64)
+    labels = torch.cat([f[2] for f in fw_cache]).to(torch.int64)
+    assert torch.equal(labels, torch.cat([f[2] for f in fw_delta]).to(torch.int64))
+    x_t2 = torch.cat([f[0] for f in fw_cache])
+    x_t1 = torch.cat([f[0] for f in fw_delta])
+    assert torch.equal(x_t1, torch.cat([d[2] for d in dd_recs[0::2]]))  # step 2 starts from step 1's sample
+    assert torch.equal(torch.cat([d[0] for d in dd_recs[1::2]]), spaced_t2 - 1)
+    assert bool((spaced_t2 >= 1).all()) and bool((spaced_t2 < CALIB_STEPS).all())
+    assert torch.equal(timesteps, timestep_map[spaced_t2])
+    assert torch.equal(timesteps_t1, timestep_map[spaced_t2 - 1])
+    assert torch.equal(latents, calib_mag["latents"])
+    assert (labels == null).any()
+    dropped = labels == null
+    assert torch.equal(labels[~dropped], labels_raw[~dropped])
+
+    calib = {"latents": latents, "labels": labels, "spaced_t2": spaced_t2, "timesteps": timesteps,
+             "timesteps_t1": timesteps_t1, "noise": noise, "labels_raw": labels_raw.to(torch.int64)}
+    stats = collect_stats(model)
+
+    # Replay from the stored set with plain forwards and the DDIM step written out (no loop, no
+    # RNG, no ddim_sample): x_t2 = q_sample(latents, t2, noise); forward at map[t2] "cache";
+    # x_t1 = ddim_step_eta0(...); forward at map[t2 - 1] "delta_mag".
+    check = build(icc.stat.SpDiT, sd, cfg)
+    x_t1_replay = []
+    for i in range(0, CALIB_SAMPLES, CALIB_BATCH):
+        sl = slice(i, i + CALIB_BATCH)
+        xt2 = diffusion.q_sample(latents[sl], spaced_t2[sl], noise=noise[sl])
+        assert torch.equal(xt2, x_t2[sl])
+        out = check(xt2, timesteps[sl], y=labels[sl], stat_flag="cache")
+        xt1 = ddim_step_eta0(diffusion, xt2, spaced_t2[sl], out)
+        x_t1_replay.append(xt1)
+        check(xt1, timesteps_t1[sl], y=labels[sl], stat_flag="delta_mag")
+    x_t1_replay = torch.cat(x_t1_replay)
+    x_t1_exact = torch.equal(x_t1_replay, x_t1)
+    assert x_t1_exact, f"x_t1 replay differs: rel {rel_l2(x_t1_replay, x_t1)}"
+    replay = collect_stats(check)
+    replay_exact = all(torch.equal(stats[k], replay[k]) for k in stats)
+    assert replay_exact, "replaying the stored CD calibration set did not reproduce the statistics"
+
+    vectors, wtv_before, decomp, diag = weight_vectors_and_factors(icc, model, "delta_mag")
+    return calib, stats, x_t1, vectors, wtv_before, decomp, diag, proxy
 
 
 def casvd_from_vectors(icc, sd, cfg, wtv_before, rank):
@@ -472,7 +620,7 @@ def main():
          factor_meta("svd", RANK, icc_function="func_decomp.DiT_wsvd_merge_lowrank (no weight vectors)"))
 
     # 2-4. calibration set, statistics, weight vectors, CA-SVD
-    calib, stats, vectors, wtv_before, decomp_casvd, diag_casvd, proxy, d50 = calibrate(icc, sd, cfg)
+    calib, stats, vectors, wtv_before, decomp_casvd, diag_casvd, proxy, d50, vae_drawn = calibrate(icc, sd, cfg)
     forced = "none" if proxy.forced_row is None else f"row {proxy.forced_row}"
     save(calib, out("calib_hd72.safetensors"), {
         "batch_size": str(CALIB_BATCH), "num_batches": str(CALIB_SAMPLES // CALIB_BATCH),
@@ -491,6 +639,29 @@ def main():
     again = casvd_from_vectors(icc, sd, cfg, wtv_before, RANK)
     casvd_from_vectors_exact = all(torch.equal(a, b) for k in again for a, b in zip(again[k], decomp_casvd[k]))
     assert casvd_from_vectors_exact
+
+    # 4b. CD-SVD ("delta_mag") statistics and factors on the same latents
+    calib_cd, stats_cd, x_t1, vectors_cd, wtv_cd, decomp_cdsvd, diag_cdsvd, proxy_cd = calibrate_cd(
+        icc, sd, cfg, vae_drawn, calib)
+    forced_cd = "none" if proxy_cd.forced_row is None else f"row {proxy_cd.forced_row}"
+    save(calib_cd, out("calib_cd_hd72.safetensors"), {
+        "batch_size": str(CALIB_BATCH), "num_batches": str(CALIB_SAMPLES // CALIB_BATCH),
+        "spec": str(CALIB_STEPS), "seed": str(CALIB_SEED), "label_dropout": str(LABEL_DROPOUT),
+        "null_class": str(cfg["num_classes"]), "forced_null": forced_cd, "stat_flag": "delta_mag",
+        "note": "latents = x0 as passed to q_sample (== calib_hd72 latents); spaced_t2 in [1, 50) of the "
+                "'50' respacing; timesteps = timestep_map[spaced_t2] (cache forward); timesteps_t1 = "
+                "timestep_map[spaced_t2 - 1] (delta_mag forward); labels after dropout"})
+    save({**stats_cd, **vectors_cd, "x_t1": x_t1}, out("stats_cd_hd72.safetensors"), {
+        "stat_flag": "delta_mag", "alpha": str(ALPHA), "max_ratio_left": str(MAX_RATIO),
+        "max_ratio_right": str(MAX_RATIO), "batch_size": str(CALIB_BATCH),
+        "calib": "calib_cd_hd72.safetensors"})
+    save(factor_tensors(decomp_cdsvd), out("factors_cdsvd_r8.safetensors"),
+         factor_meta("cd-svd", RANK, icc_function="func_decomp.DiT_wsvd_merge_lowrank (ena_lwtv/ena_rwtv True)",
+                     wtv_src="delta_mag", alpha=ALPHA, max_ratio_left=MAX_RATIO, max_ratio_right=MAX_RATIO,
+                     calib="calib_cd_hd72.safetensors", stats="stats_cd_hd72.safetensors"))
+    again_cd = casvd_from_vectors(icc, sd, cfg, wtv_cd, RANK)
+    cdsvd_from_vectors_exact = all(torch.equal(a, b) for k in again_cd for a, b in zip(again_cd[k], decomp_cdsvd[k]))
+    assert cdsvd_from_vectors_exact
 
     # 5-6. sampling
     d10 = icc.diffusion.create_diffusion(SAMPLE_SPEC)
@@ -536,12 +707,19 @@ def main():
         conv_ok = converter_self_test(decomp_svd, out("factors_svd_r8.safetensors"), tmp)
 
     gaps = rank_gaps(sd, vectors, depth, RANK)
+    gaps["cdsvd"] = rank_gaps(sd, vectors_cd, depth, RANK)["casvd"]
     nulls = [i for i, v in enumerate(calib["labels"].tolist()) if v == cfg["num_classes"]]
     report = {
         "calib": {"spaced_t": calib["spaced_t"].tolist(), "timesteps": calib["timesteps"].tolist(),
                   "labels_raw": calib["labels_raw"].tolist(), "labels": calib["labels"].tolist(),
                   "null_rows": nulls, "forced_null": forced,
                   "dropout_draws": [fmt(v) for v in torch.cat(proxy.draws).tolist()]},
+        "calib_cd": {"spaced_t2": calib_cd["spaced_t2"].tolist(), "timesteps": calib_cd["timesteps"].tolist(),
+                     "timesteps_t1": calib_cd["timesteps_t1"].tolist(), "labels": calib_cd["labels"].tolist(),
+                     "null_rows": [i for i, v in enumerate(calib_cd["labels"].tolist()) if v == cfg["num_classes"]],
+                     "forced_null": forced_cd,
+                     "dropout_draws": [fmt(v) for v in torch.cat(proxy_cd.draws).tolist()]},
+        "cdsvd_rel_error_per_block": {k: [fmt(v) for v in vs] for k, vs in diag_cdsvd["rel_error"].items()},
         "rel_l2_vs_full": {k: fmt(v) for k, v in rel.items()},
         "rel_l2_per_step_vs_traj_full": {k: [fmt(v) for v in vs] for k, vs in rel_steps.items()},
         "macs_ratio": {k: fmt(v) for k, v in macs.items()},
@@ -551,6 +729,8 @@ def main():
         "svd_energy_per_block": {k: [fmt(v) for v in vs] for k, vs in diag_svd["energy"].items()},
         "rank8_relative_gap_s7_s8": gaps,
         "checks": {"stats_replay_exact": True, "casvd_from_stored_vectors_exact": casvd_from_vectors_exact,
+                   "cd_stats_replay_exact": True, "cd_x_t1_replay_exact": True,
+                   "cdsvd_from_stored_vectors_exact": cdsvd_from_vectors_exact,
                    "sample_full_equals_official_DiT_forward_with_cfg": official_exact,
                    "sample_full_equals_diffusion_ddim_hd72_sample_cfg_and_traj_cfg": ref_exact,
                    "converter_self_test": conv_ok},
@@ -641,6 +821,48 @@ def write_readme(out_dir, report, icc_shas, model_sha, vers, full_rank):
           f"* `factors_casvd_r8.safetensors` ({sizes['factors_casvd_r8.safetensors']} B): CA-SVD rank {RANK}:",
           "  `func_decomp.DiT_wsvd_merge_lowrank(model, ranks, True, True)` on the stats model right after",
           "  `DiT_wtv_calc` (trap-12 epsilon behaviour included), then `DiT_get_decomp_weight`.",
+          f"* `calib_cd_hd72.safetensors` ({sizes['calib_cd_hd72.safetensors']} B): the CD-SVD (\"delta_mag\") calibration",
+          "  set, same 8 samples / 2 batches of 4. Produced by ICC's own loop",
+          "  `func_decomp.DiT_wtv_src_stat_loop(model, \"delta_mag\", vae, loader, create_diffusion(\"50\"),",
+          f"  num_epochs=1, spec_range=None, device=\"cpu\")` (`DiT_wtv_src_stat_loop_delta_mag`) on a fresh",
+          f"  `models_stat_svd.SpDiT`, after `torch.manual_seed({CALIB_SEED})` and the same `labels_raw` draw and loader as",
+          "  the \"mag\" set. VAE stand-in: `sample()` draws `randn(B,4,8,8)` where the real posterior sample",
+          "  would (so the RNG stream is consumed as with a VAE) but returns the value the \"mag\" run's mock",
+          "  returned for that batch, so `latents` equal calib_hd72's bit for bit (asserted). Per batch ICC does,",
+          "  in this order: (1) `t2 = randint(1, 50, (B,))` (spaced index, never 0); (2) latents =",
+          "  `vae...sample().mul_(0.18215)`; (3) `rand(B) < 0.1` -> label `num_classes` (10); (4) `noise =",
+          "  randn_like(x0)`, `x_t2 = q_sample(x0, t2, noise)`; (5) `x_t1 = ddim_sample(model, x_t2, t2,",
+          "  clip_denoised=False, model_kwargs={y, stat_flag: \"cache\"})[\"sample\"]`: ONE plain (non-CFG) forward",
+          "  at original t = `timestep_map[t2]` that stores every tracked X (`*_cache`, no count, no mag), then",
+          "  the DDIM eta-0 update (ddim_sample draws a `randn_like` it multiplies by sigma = 0: no effect, not",
+          "  stored); (6) `ddim_sample(model, x_t1, t1 = t2 - 1, ..., stat_flag: \"delta_mag\")`: ONE plain forward",
+          "  of `x_t1` at `timestep_map[t2 - 1]` with the same labels, accumulating `|X - X_cache|` (its sample is",
+          "  discarded; it also draws one unused `randn_like`). Stored: `latents` f32 [8,4,8,8] (x0 into q_sample),",
+          "  `labels` i64 [8] (after dropout), `spaced_t2` i64 [8], `timesteps` i64 [8] = `timestep_map[spaced_t2]`",
+          "  (cache forward), `timesteps_t1` i64 [8] = `timestep_map[spaced_t2 - 1]` (delta forward), `noise` f32",
+          "  [8,4,8,8] (q_sample noise), `labels_raw` i64 [8]. Null class: rows "
+          f"{report['calib_cd']['null_rows']}, forced: {report['calib_cd']['forced_null']}.",
+          f"  spaced_t2 {report['calib_cd']['spaced_t2']} -> timesteps {report['calib_cd']['timesteps']},",
+          f"  timesteps_t1 {report['calib_cd']['timesteps_t1']}; labels {report['calib_cd']['labels']}.",
+          "  (t2 and the dropout draws differ from the \"mag\" set's: other draw ranges and RNG positions.)",
+          f"* `stats_cd_hd72.safetensors` ({sizes['stats_cd_hd72.safetensors']} B): the \"delta_mag\" statistics, same",
+          "  keys and shapes as stats_hd72: `blocks.{i}.{X}.mag` = running sum over batches of the batch-mean of",
+          "  the per-sample min-max-normalised (identical formula, eps 1e-6) token-mean |X(x_t1, t1) - X(x_t2, t2)|,",
+          "  `cnt` = 2 (only the delta forwards count); weight vectors `blocks.{i}.{...}.{left,right}` from",
+          "  `DiT_wtv_calc(model, \"delta_mag\", 1000, 1000)` (= the \"mag\" formula: alpha 0.5, shift2ratio) and",
+          "  `{left,right}_used` (trap-12 epsilons, asserted); plus `x_t1` f32 [8,4,8,8] = the input of the delta",
+          "  forwards (= the first ddim_sample's sample, asserted). Replay checked bit for bit without ICC's loop,",
+          "  RNG or ddim_sample: per batch `x_t2 = q_sample(latents, spaced_t2, noise)`; `out = model(x_t2,",
+          "  timesteps, y=labels, stat_flag=\"cache\")`; with `T(a)` = f64 table `a[spaced_t2]` rounded to f32,",
+          "  `e = out[:, :4]`, `x0 = T(sqrt_recip_alphas_cumprod)·x_t2 − T(sqrt_recipm1_alphas_cumprod)·e`,",
+          "  `eps = (T(sqrt_recip_alphas_cumprod)·x_t2 − x0) / T(sqrt_recipm1_alphas_cumprod)` (re-derived),",
+          "  `x_t1 = x0·sqrt(T(alphas_cumprod_prev)) + sqrt(1 − T(alphas_cumprod_prev))·eps` (sqrt in f32; the",
+          "  spaced \"50\" tables, so alphas_cumprod_prev[t2] = ᾱ at timestep_map[t2 − 1], 1 at t2 = 0);",
+          "  `model(x_t1, timesteps_t1, y=labels, stat_flag=\"delta_mag\")`.",
+          f"* `factors_cdsvd_r8.safetensors` ({sizes['factors_cdsvd_r8.safetensors']} B): CD-SVD rank {RANK}: as",
+          "  factors_casvd_r8 but on the delta_mag statistics (`DiT_wsvd_merge_lowrank(model, ranks, True, True)`",
+          "  right after `DiT_wtv_calc(model, \"delta_mag\", ...)`); metadata method \"cd-svd\". `DiT_set_wtv` with",
+          "  the stored pre-epsilon vectors reproduces it bit for bit (checked).",
           f"* `sample_icc_hd72.safetensors` ({sizes['sample_icc_hd72.safetensors']} B): DDIM eta 0 over",
           "  `create_diffusion(\"10\")` with ICC's `models_sp_step_decomp.SpDiT(**dit_config, use_inc=...)`,",
           "  `adapters.sched_sp_step.get_sched(10, \"PERIOD\", dict(period=p))`, `model.sched_attach(sched)`,",
@@ -679,12 +901,16 @@ def write_readme(out_dir, report, icc_shas, model_sha, vers, full_rank):
           "  not agree bit for bit): compare `up @ down` (or per-column sign-normalised factors) with a",
           "  tolerance. The rank-8 truncation is well separated: min relative gap (s7 - s8)/s7 is",
           f"  {min(min(v) for v in report['rank8_relative_gap_s7_s8']['svd'].values())} (SVD) and "
-          f"{min(min(v) for v in report['rank8_relative_gap_s7_s8']['casvd'].values())} (CA-SVD).",
+          f"{min(min(v) for v in report['rank8_relative_gap_s7_s8']['casvd'].values())} (CA-SVD), "
+          f"{min(min(v) for v in report['rank8_relative_gap_s7_s8']['cdsvd'].values())} (CD-SVD).",
           "* Trap 12 is real: `right_used` of q / k / v = `right` plus 1, 2, 3 successive in-place f32",
           "  `+= 1e-6` (asserted bit for bit); every `left_used` = `left` + 1e-6.",
           "* The statistics forward is a plain, non-CFG forward of the batch with the dropped labels, at the",
           "  original t; `qkv_y`, `proj_y`, `fc1_y`, `fc2_y` include the bias; `fc1_y` is pre-GELU, `fc2_x`",
           "  post-GELU; qkv_y is min-max-normalised over all 3C channels jointly before the q/k/v split.",
+          "* CD-SVD (\"delta_mag\") differs from \"mag\" only in the loop: t2 from [1, 50), two plain forwards per",
+          "  batch (cache at map[t2] on x_t2, delta at map[t2 - 1] on the DDIM eta-0 result x_t1, same labels),",
+          "  |X - X_cache| instead of |X|, one count per batch; normalisation and weight-vector maths are shared.",
           "* The null label in ICC's statistics loop is `model.y_embedder.num_classes` (10 here);",
           "  `sample_ddp_sp_step.py` hard-codes 1000 for the CFG null label, so for a non-1000-class model the",
           "  CFG rows here use `num_classes` instead (the only place a value had to be chosen).",
