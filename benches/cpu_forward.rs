@@ -39,6 +39,7 @@ fn gemm_shapes(c: &mut Criterion) {
                     n,
                     k,
                     a: &a,
+                    a_minus: None,
                     lda: k,
                     b: BMat::weight(&w, k),
                     bias: Some(&bias),

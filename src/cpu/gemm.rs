@@ -50,6 +50,9 @@ pub struct Gemm<'a> {
     pub n: usize,
     pub k: usize,
     pub a: &'a [f32],
+    /// When set, the A operand is `a − a_minus` (same layout), formed while packing:
+    /// calibrated steps multiply the increment x − x_s without storing it.
+    pub a_minus: Option<&'a [f32]>,
     pub lda: usize,
     pub b: BMat<'a>,
     pub bias: Option<&'a [f32]>,
@@ -121,7 +124,7 @@ impl Gemmer {
                     let out = unsafe {
                         std::slice::from_raw_parts_mut(dst.get().add(p0 * m_pad + rows.start * kc), rows.len().next_multiple_of(MR) * kc)
                     };
-                    pack_a(g.a, g.lda, rows.start, rows.len(), p0, kc, out);
+                    pack_a(g.a, g.a_minus, g.lda, rows.start, rows.len(), p0, kc, out);
                     p0 += kc;
                 }
             });
@@ -176,7 +179,7 @@ impl Gemmer {
                     let apanels: &[f32] = match pre {
                         Some(pre) => &pre[p0 * g.m.next_multiple_of(MR) + i0 * kc..],
                         None => {
-                            pack_a(g.a, g.lda, i0, mc, p0, kc, apack);
+                            pack_a(g.a, g.a_minus, g.lda, i0, mc, p0, kc, apack);
                             apack
                         }
                     };
@@ -226,6 +229,9 @@ fn check_bounds(g: &Gemm) {
     }
     if g.k > 0 {
         assert!(g.lda >= g.k && g.a.len() >= (g.m - 1) * g.lda + g.k, "GEMM: A too small");
+        if let Some(m) = g.a_minus {
+            assert!(m.len() >= (g.m - 1) * g.lda + g.k, "GEMM: subtracted A too small");
+        }
         let last = (g.n - 1) * g.b.rs + (g.k - 1) * g.b.cs;
         assert!(g.b.data.len() > last, "GEMM: B too small");
     }
@@ -310,18 +316,69 @@ unsafe fn pack_b_panel_gather(src: &[f32], rs: usize, kc: usize, width: usize, p
     }
 }
 
+/// One A panel by AVX-512 gathers: for each p, the MR values A(i, p) of the panel's rows
+/// in one 12-lane gather (rows past `height` repeat the last valid row, as `pack_a` does).
+///
+/// # Safety
+/// `src[ii·lda + p]` must be in bounds for ii < height, p < kc; the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_panel_gather(src: &[f32], minus: Option<&[f32]>, lda: usize, kc: usize, height: usize, panel: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let mut rows = [0i32; 16];
+    for (ii, r) in rows.iter_mut().enumerate().take(MR) {
+        *r = (ii.min(height - 1) * lda) as i32;
+    }
+    let idx = _mm512_loadu_si512(rows.as_ptr().cast());
+    let mask: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
+    let zero = _mm512_setzero_ps();
+    let ptr = src.as_ptr();
+    match minus {
+        None => {
+            for p in 0..kc {
+                let v = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, ptr.add(p));
+                _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), mask, v);
+            }
+        }
+        Some(m) => {
+            let mptr = m.as_ptr();
+            for p in 0..kc {
+                let v = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, ptr.add(p));
+                let w = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, mptr.add(p));
+                _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), mask, _mm512_sub_ps(v, w));
+            }
+        }
+    }
+}
+
 /// Packs A[i0.., p0..] into MR-tall panels, p-major: `out[ip·kc·MR + p·MR + ii]`,
 /// repeating a valid row past the edge (those results are never stored).
 #[inline(never)]
-fn pack_a(a: &[f32], lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+#[allow(clippy::too_many_arguments)]
+fn pack_a(a: &[f32], minus: Option<&[f32]>, lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    let gather = cfg!(target_arch = "x86_64") && lda.checked_mul(MR).is_some_and(|v| v < i32::MAX as usize) && math::has_avx512();
     for ip in 0..mc.div_ceil(MR) {
         let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
         let height = MR.min(mc - ip * MR);
+        if gather {
+            // SAFETY: rows i0 + ip·MR .. + height and columns p0 .. p0 + kc are in bounds
+            // (check_bounds); the CPU has AVX-512 (checked above).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                let at = (i0 + ip * MR) * lda + p0;
+                pack_a_panel_gather(&a[at..], minus.map(|m| &m[at..]), lda, kc, height, panel)
+            };
+            continue;
+        }
         for ii in 0..MR {
             let r = i0 + ip * MR + ii.min(height - 1);
             let row = &a[r * lda + p0..][..kc];
-            for (p, &v) in row.iter().enumerate() {
-                panel[p * MR + ii] = v;
+            match minus {
+                None => row.iter().enumerate().for_each(|(p, &v)| panel[p * MR + ii] = v),
+                Some(m) => {
+                    let mrow = &m[r * lda + p0..][..kc];
+                    row.iter().zip(mrow).enumerate().for_each(|(p, (&v, &w))| panel[p * MR + ii] = v - w);
+                }
             }
         }
     }
@@ -452,14 +509,15 @@ mod tests {
         let mut scratch = vec![0.0; pool.threads() * SCRATCH_PER_THREAD];
         let mut packed = vec![0.0; packed_a_len(m, k)];
         let add: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
-        let g = Gemm { m, n, k, a: &a, lda, b, bias: Some(&bias), add: Some((&add, n)), act, c: SendPtr(c.as_mut_ptr()), ldc };
+        let minus: Vec<f32> = (0..m * lda).map(|_| lcg(&mut s) * 0.5).collect();
+        let g = Gemm { m, n, k, a: &a, a_minus: Some(&minus), lda, b, bias: Some(&bias), add: Some((&add, n)), act, c: SendPtr(c.as_mut_ptr()), ldc };
         gm.run(pool, &mut scratch, &mut packed, &g);
         let mut worst = 0.0f64;
         for i in 0..m {
             for j in 0..n {
                 let mut e = bias[j] as f64 + add[i * n + j] as f64;
                 for p in 0..k {
-                    e += a[i * lda + p] as f64 * b.data[j * b.rs + p * b.cs] as f64;
+                    e += (a[i * lda + p] - minus[i * lda + p]) as f64 * b.data[j * b.rs + p * b.cs] as f64;
                 }
                 if act == Act::GeluTanh {
                     e = 0.5 * e * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (e + 0.044715 * e * e * e)).tanh());

@@ -211,12 +211,3 @@ simd_fn! {
         }
     }
 }
-
-simd_fn! {
-    /// dst = a − b.
-    pub fn sub_into(a: &[f32], b: &[f32], dst: &mut [f32]) {
-        for ((d, x), y) in dst.iter_mut().zip(a).zip(b) {
-            *d = x - y;
-        }
-    }
-}

@@ -77,8 +77,7 @@ struct Bufs {
     attn_scratch: BufId,
     /// Per block, the eight cache slots (in `Slot::ALL` order); empty without caching.
     cache: Vec<[BufId; 8]>,
-    /// x − x_s and the rank-r projection of calibrated steps.
-    delta: Option<BufId>,
+    /// The rank-r projection (x − x_s)·downᵀ of calibrated steps.
     lowrank: Option<BufId>,
 }
 
@@ -116,7 +115,6 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         ),
         attn_scratch: p.add("attn_scores", &[threads, n * n], Dt::F32),
         cache: Vec::new(),
-        delta: None,
         lowrank: None,
     };
     let mut bufs = bufs;
@@ -127,7 +125,6 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
     }
     if let CacheMode::Icc(f) = cache {
         let (qkv_rank, one_rank) = f.max_ranks();
-        bufs.delta = Some(p.add("icc_delta", &[rows, n, m], Dt::F32));
         bufs.lowrank = Some(p.add("icc_lowrank", &[rows, n, qkv_rank.max(one_rank)], Dt::F32));
     }
     (p, bufs)
@@ -398,6 +395,7 @@ impl CpuEngine {
             n,
             k,
             a,
+            a_minus: None,
             lda: k,
             b: BMat::weight(w, k),
             bias: Some(bias),

@@ -121,6 +121,7 @@ impl DitOps for CpuEngine {
             n: width,
             k: c,
             a,
+            a_minus: None,
             lda: c,
             b: BMat::weight(self.model.w(w), c),
             bias: Some(self.model.w(b)),
@@ -165,22 +166,11 @@ impl DitOps for CpuEngine {
         };
         let factors = Arc::clone(factors);
         let cfg = &self.model.config;
-        let (n, c) = (cfg.tokens(), cfg.hidden_size);
+        let n = cfg.tokens();
         let (i, xs, ys) = layer.slots().expect("only block linears are calibrated");
         let (_, _, out, inp) = self.layer_weights(layer);
         let m = rows * n;
-        let (delta, low) = (self.bufs.delta.expect("planned"), self.bufs.lowrank.expect("planned"));
-        // Δ = x − x_s (reference doc E.4: the increment is taken in the input space).
-        {
-            // SAFETY: src and the cached input are only read; delta only written.
-            let (a, b) = unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
-            let (d, _) = self.ptr(delta);
-            self.par(m, |range| {
-                // SAFETY: each thread writes its own rows of delta.
-                let dst = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * inp), range.len() * inp) };
-                math::sub_into(&a[range.start * inp..range.end * inp], &b[range.start * inp..range.end * inp], dst);
-            });
-        }
+        let low = self.bufs.lowrank.expect("planned");
         let block = &factors.blocks[i];
         // The low-rank parts: (down of each output group, up, output column offset).
         let (down, rank_total, parts): (&[f32], usize, &[(LayerType, usize)]) = match layer {
@@ -194,15 +184,17 @@ impl DitOps for CpuEngine {
             Linear::Fc2(_) => (factors.w(block.get(LayerType::Fc2).down), block.get(LayerType::Fc2).rank, &[(LayerType::Fc2, 0)]),
             Linear::Final => unreachable!(),
         };
-        // T = Δ·downᵀ, all of q/k/v's projections in one GEMM.
+        // T = (x − x_s)·downᵀ, all of q/k/v's projections in one GEMM; the increment
+        // x − x_s (reference doc E.4) is formed while packing, never stored.
         let (lp, _) = self.ptr(low);
-        // SAFETY: delta is only read here, lowrank only written.
-        let d = unsafe { self.view(delta, m * inp) };
+        // SAFETY: src and the cached input are only read; lowrank only written.
+        let (x, xs_cache) = unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
         self.gemm(&Gemm {
             m,
             n: rank_total,
             k: inp,
-            a: d,
+            a: x,
+            a_minus: Some(xs_cache),
             lda: inp,
             b: BMat::weight(down, inp),
             bias: None,
@@ -217,7 +209,6 @@ impl DitOps for CpuEngine {
         // SAFETY: lowrank and the cached output are only read; dst only written.
         let (t, ycache) = unsafe { (self.view(low, m * rank_total), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
         let mut r0 = 0;
-        let _ = c;
         for &(lt, g) in parts {
             let f = block.get(lt);
             self.gemm(&Gemm {
@@ -225,6 +216,7 @@ impl DitOps for CpuEngine {
                 n: group,
                 k: f.rank,
                 a: &t[r0..],
+                a_minus: None,
                 lda: rank_total.max(1),
                 b: BMat::weight(factors.w(f.up), f.rank),
                 bias: None,
@@ -275,6 +267,7 @@ impl DitOps for CpuEngine {
                     n,
                     k: d,
                     a: &qkv[base..],
+                    a_minus: None,
                     lda: 3 * c,
                     b: BMat { data: &qkv[base + c..], rs: 3 * c, cs: 1 },
                     bias: None,
@@ -293,6 +286,7 @@ impl DitOps for CpuEngine {
                     n: d,
                     k: n,
                     a: scores,
+                    a_minus: None,
                     lda: n,
                     b: BMat { data: &qkv[base + 2 * c..], rs: 1, cs: 3 * c },
                     bias: None,
