@@ -18,8 +18,7 @@ use std::process::Command;
 const DEFAULT_ARCH: &str = "90";
 
 fn main() {
-    let root =
-        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let kernels = root.join("kernels");
 
@@ -43,9 +42,7 @@ fn watch_dir(dir: &Path, cu: &mut Vec<PathBuf>) {
             watch_dir(&path, cu);
         } else {
             println!("cargo:rerun-if-changed={}", path.display());
-            if dir.file_name().is_some_and(|n| n == "kernels")
-                && path.extension().is_some_and(|e| e == "cu")
-            {
+            if dir.file_name().is_some_and(|n| n == "kernels") && path.extension().is_some_and(|e| e == "cu") {
                 cu.push(path);
             }
         }
@@ -53,10 +50,7 @@ fn watch_dir(dir: &Path, cu: &mut Vec<PathBuf>) {
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem()
-        .expect("kernel files have names")
-        .to_string_lossy()
-        .into_owned()
+    path.file_stem().expect("kernel files have names").to_string_lossy().into_owned()
 }
 
 /// The kernels as C++ on the emulation. Each .cu is compiled through a one-line .cpp that
@@ -88,8 +82,7 @@ fn build_emulation(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         let wrapper = wrap_dir.join(format!("{}.cpp", stem(cu)));
         let text = format!("#include \"{}\"\n", cu.display());
         if fs::read_to_string(&wrapper).ok().as_deref() != Some(text.as_str()) {
-            fs::write(&wrapper, text)
-                .unwrap_or_else(|e| fail(&format!("{}: {e}", wrapper.display())));
+            fs::write(&wrapper, text).unwrap_or_else(|e| fail(&format!("{}: {e}", wrapper.display())));
         }
         build.file(wrapper);
     }
@@ -101,9 +94,7 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let arch = env::var("ICDIT_CUDA_ARCH").unwrap_or_else(|_| DEFAULT_ARCH.to_string());
-    let digits_end = arch
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(arch.len());
+    let digits_end = arch.find(|c: char| !c.is_ascii_digit()).unwrap_or(arch.len());
     let (digits, suffix) = arch.split_at(digits_end);
     if !matches!(digits.parse::<u32>(), Ok(n) if n >= 80) || !matches!(suffix, "" | "a" | "f") {
         fail(&format!(
@@ -114,22 +105,10 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
     let nvcc = find_nvcc();
 
     let mut modules = String::new();
-    writeln!(
-        modules,
-        "/// Target architecture of the embedded kernels (`ICDIT_CUDA_ARCH`)."
-    )
-    .unwrap();
+    writeln!(modules, "/// Target architecture of the embedded kernels (`ICDIT_CUDA_ARCH`).").unwrap();
     writeln!(modules, "pub(crate) const ARCH: &str = {arch:?};").unwrap();
-    writeln!(
-        modules,
-        "/// One fatbin per kernels/*.cu: (file stem, image)."
-    )
-    .unwrap();
-    writeln!(
-        modules,
-        "pub(crate) static MODULES: &[(&str, &Aligned<[u8]>)] = &["
-    )
-    .unwrap();
+    writeln!(modules, "/// One fatbin per kernels/*.cu: (file stem, image).").unwrap();
+    writeln!(modules, "pub(crate) static MODULES: &[(&str, &Aligned<[u8]>)] = &[").unwrap();
     let mut report = String::new();
     for cu in sources {
         let name = stem(cu);
@@ -139,9 +118,7 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         // driver can JIT for a newer GPU. Measurements behind this choice: docs/gpu-emulation.md.
         let output = Command::new(&nvcc)
             .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
-            .arg(format!(
-                "-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"
-            ))
+            .arg(format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"))
             .arg("-I")
             .arg(kernels)
             .arg("-o")
@@ -151,30 +128,16 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
             .unwrap_or_else(|e| fail(&format!("cannot run {}: {e}", nvcc.display())));
         let log = String::from_utf8_lossy(&output.stderr);
         if !output.status.success() {
-            fail(&format!(
-                "nvcc failed on {}:\n{log}{}",
-                cu.display(),
-                String::from_utf8_lossy(&output.stdout)
-            ));
+            fail(&format!("nvcc failed on {}:\n{log}{}", cu.display(), String::from_utf8_lossy(&output.stdout)));
         }
         writeln!(report, "## {name}.cu (sm_{arch})\n{log}").unwrap();
-        writeln!(
-            modules,
-            "    ({name:?}, &Aligned(*include_bytes!({:?}))),",
-            fatbin.display().to_string()
-        )
-        .unwrap();
+        writeln!(modules, "    ({name:?}, &Aligned(*include_bytes!({:?}))),", fatbin.display().to_string()).unwrap();
     }
     writeln!(modules, "];").unwrap();
     let report_path = out.join("ptxas-report.txt");
-    fs::write(&report_path, report)
-        .unwrap_or_else(|e| fail(&format!("{}: {e}", report_path.display())));
-    fs::write(out.join("cuda_modules.rs"), modules)
-        .unwrap_or_else(|e| fail(&format!("cuda_modules.rs: {e}")));
-    println!(
-        "cargo:rustc-env=ICDIT_PTXAS_REPORT={}",
-        report_path.display()
-    );
+    fs::write(&report_path, report).unwrap_or_else(|e| fail(&format!("{}: {e}", report_path.display())));
+    fs::write(out.join("cuda_modules.rs"), modules).unwrap_or_else(|e| fail(&format!("cuda_modules.rs: {e}")));
+    println!("cargo:rustc-env=ICDIT_PTXAS_REPORT={}", report_path.display());
 }
 
 /// `ICDIT_NVCC`, else `$CUDA_PATH/bin/nvcc`, else `nvcc` on PATH; checked by running it.

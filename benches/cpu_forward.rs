@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use icdit::cost;
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
-use icdit::cost;
 use icdit::factors::{FactorInfo, LayerType};
 use icdit::forward::StepKind;
 use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
@@ -62,13 +62,16 @@ fn forward(c: &mut Criterion) {
     for (family, rows) in [("XL/2", 2usize), ("S/2", 2)] {
         let cfg = DitConfig::family(family, 32).expect("family");
         let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
-        let mut engine = CpuEngine::new(model, &CpuOptions { max_batch: rows, guidance: false, threads: 0, ..Default::default() }).expect("engine");
+        let mut engine =
+            CpuEngine::new(model, &CpuOptions { max_batch: rows, guidance: false, threads: 0, ..Default::default() })
+                .expect("engine");
         let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
         let t: Vec<i64> = vec![500; rows];
         let y: Vec<i64> = (0..rows as i64).collect();
         let mut out = vec![0.0f32; rows * cfg.output_elems()];
         group.throughput(Throughput::Elements(2 * cfg.forward_macs() * rows as u64));
-        let id = BenchmarkId::new(format!("{}-{}", family.replace('/', ""), engine.gemm_kernel()), format!("rows{rows}"));
+        let id =
+            BenchmarkId::new(format!("{}-{}", family.replace('/', ""), engine.gemm_kernel()), format!("rows{rows}"));
         group.bench_function(id, |b| b.iter(|| engine.forward(&x, &t, &y, &mut out).expect("forward")));
     }
     group.finish();
@@ -115,7 +118,9 @@ fn steps(c: &mut Criterion) {
     let (t, y) = ([500i64, 500], [207i64, 1000]);
     let mut out = vec![0.0f32; rows * cfg.output_elems()];
     engine.forward_step(&x, &t, &y, &mut out, StepKind::Full).expect("full step");
-    for (name, kind) in [("full", StepKind::Full), ("calibrated_r128", StepKind::Calibrated), ("reuse", StepKind::Reuse)] {
+    for (name, kind) in
+        [("full", StepKind::Full), ("calibrated_r128", StepKind::Calibrated), ("reuse", StepKind::Reuse)]
+    {
         group.throughput(Throughput::Elements(2 * rows as u64 * cost::step_macs(&cfg, kind, &ranks)));
         group.bench_function(BenchmarkId::new(format!("{name}-{}", engine.gemm_kernel()), "rows2"), |b| {
             b.iter(|| engine.forward_step(&x, &t, &y, &mut out, kind).expect("step"))

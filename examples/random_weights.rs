@@ -9,7 +9,12 @@ use icdit::DitConfig;
 
 fn main() -> Result<(), icdit::Error> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = || icdit::Error::invalid("arguments", "expected FAMILY IMAGE_SIZE OUT [f32|f16|bf16], e.g. XL/2 256 xl.safetensors");
+    let usage = || {
+        icdit::Error::invalid(
+            "arguments",
+            "expected FAMILY IMAGE_SIZE OUT [f32|f16|bf16], e.g. XL/2 256 xl.safetensors",
+        )
+    };
     let (family, size, out) = match &args[..] {
         [f, s, o, ..] => (f.as_str(), s.parse::<usize>().map_err(|_| usage())?, o),
         _ => return Err(usage()),

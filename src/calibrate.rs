@@ -70,20 +70,36 @@ impl CalibSet {
         let m = shape.first().copied().unwrap_or(0);
         let want = [m, cfg.in_channels, cfg.input_size, cfg.input_size];
         if shape != want || m == 0 {
-            return Err(Error::Shape { path: path.into(), tensor: "latents".into(), expected: want.to_vec(), found: shape });
+            return Err(Error::Shape {
+                path: path.into(),
+                tensor: "latents".into(),
+                expected: want.to_vec(),
+                found: shape,
+            });
         }
         let labels = f.read_i64("labels")?;
         if labels.0 != [m] {
-            return Err(Error::Shape { path: path.into(), tensor: "labels".into(), expected: vec![m], found: labels.0 });
+            return Err(Error::Shape {
+                path: path.into(),
+                tensor: "labels".into(),
+                expected: vec![m],
+                found: labels.0,
+            });
         }
         if let Some(bad) = labels.1.iter().find(|&&l| l < 0 || l as usize >= cfg.label_rows()) {
-            return Err(Error::invalid("calibration labels", format!("{}: label {bad} is outside 0..={}", path.display(), cfg.null_class())));
+            return Err(Error::invalid(
+                "calibration labels",
+                format!("{}: label {bad} is outside 0..={}", path.display(), cfg.null_class()),
+            ));
         }
         let drawn = Self::draws(cfg, m, seed, method.first_index());
         let timesteps = if f.get("timesteps").is_some() {
             let (s, t) = f.read_i64("timesteps")?;
             if s != [m] || t.iter().any(|&t| !(0..1000).contains(&t)) {
-                return Err(Error::invalid("calibration timesteps", format!("{}: expected {m} original timesteps in 0..=999", path.display())));
+                return Err(Error::invalid(
+                    "calibration timesteps",
+                    format!("{}: expected {m} original timesteps in 0..=999", path.display()),
+                ));
             }
             t
         } else {
@@ -92,7 +108,12 @@ impl CalibSet {
         let noise = if f.get("noise").is_some() {
             let (s, n) = f.read_f32("noise")?;
             if s != want {
-                return Err(Error::Shape { path: path.into(), tensor: "noise".into(), expected: want.to_vec(), found: s });
+                return Err(Error::Shape {
+                    path: path.into(),
+                    tensor: "noise".into(),
+                    expected: want.to_vec(),
+                    found: s,
+                });
             }
             n
         } else {
@@ -102,7 +123,13 @@ impl CalibSet {
     }
 
     /// A set from clean samples and labels, with seeded timesteps and noise.
-    pub fn from_samples(latents: Vec<f32>, labels: Vec<i64>, cfg: &crate::DitConfig, seed: u64, method: Method) -> CalibSet {
+    pub fn from_samples(
+        latents: Vec<f32>,
+        labels: Vec<i64>,
+        cfg: &crate::DitConfig,
+        seed: u64,
+        method: Method,
+    ) -> CalibSet {
         let (timesteps, noise) = Self::draws(cfg, labels.len(), seed, method.first_index());
         CalibSet { latents, labels, timesteps, noise }
     }
@@ -179,7 +206,10 @@ pub fn collect_stats(
     let zeros = vec![0.0f32; img];
     let batches = set.len() / batch; // icc drops the last partial batch
     if batches == 0 {
-        return Err(Error::invalid("calibration set", format!("{} samples is fewer than one batch of {batch}", set.len())));
+        return Err(Error::invalid(
+            "calibration set",
+            format!("{} samples is fewer than one batch of {batch}", set.len()),
+        ));
     }
     for bi in 0..batches {
         let rows = bi * batch..(bi + 1) * batch;
@@ -325,7 +355,13 @@ pub struct LayerReport {
 
 /// Factorises W (out, in) at `rank`, optionally scaled by (left, right) vectors (E.8):
 /// W' = diag(l)·W·diag(r) = U S Vᵀ; up = diag(1/l)·U_r·S_r, down = V_rᵀ·diag(1/r).
-pub fn factorize(w: &[f32], out: usize, inp: usize, rank: usize, vectors: Option<(&[f32], &[f32])>) -> Result<(Vec<f32>, Vec<f32>, f64, f64, f64)> {
+pub fn factorize(
+    w: &[f32],
+    out: usize,
+    inp: usize,
+    rank: usize,
+    vectors: Option<(&[f32], &[f32])>,
+) -> Result<(Vec<f32>, Vec<f32>, f64, f64, f64)> {
     let (l, r) = match vectors {
         Some((l, r)) => (l.to_vec(), r.to_vec()),
         None => (vec![1.0; out], vec![1.0; inp]),
@@ -429,7 +465,14 @@ pub fn compute_factors(
     for (b, t, r) in results {
         let (up, down, energy, rel_error, rel_error_weighted) = r?;
         layers[b][t] = (up, down, ranks[t]);
-        report.push(LayerReport { block: b, layer: LayerType::ALL[t], rank: ranks[t], energy, rel_error, rel_error_weighted });
+        report.push(LayerReport {
+            block: b,
+            layer: LayerType::ALL[t],
+            rank: ranks[t],
+            energy,
+            rel_error,
+            rel_error_weighted,
+        });
     }
     report.sort_by_key(|r| (r.block, r.layer as usize));
     Ok((layers, report))

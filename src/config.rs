@@ -24,10 +24,7 @@ impl std::str::FromStr for Numerics {
         match s {
             "official" => Ok(Numerics::Official),
             "diffusers" => Ok(Numerics::Diffusers),
-            other => Err(Error::invalid(
-                "numerics",
-                format!("`{other}`: expected `official` or `diffusers`"),
-            )),
+            other => Err(Error::invalid("numerics", format!("`{other}`: expected `official` or `diffusers`"))),
         }
     }
 }
@@ -174,12 +171,7 @@ impl DitConfig {
 
     /// Checks the config is one the forward pass can run; `origin` names where it came from.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let fail = |reason: String| {
-            Err(Error::Config {
-                origin: origin.to_string(),
-                reason,
-            })
-        };
+        let fail = |reason: String| Err(Error::Config { origin: origin.to_string(), reason });
         let positive = [
             ("input_size", self.input_size),
             ("patch_size", self.patch_size),
@@ -195,16 +187,10 @@ impl DitConfig {
             }
         }
         if self.input_size % self.patch_size != 0 {
-            return fail(format!(
-                "input_size {} is not a multiple of patch_size {}",
-                self.input_size, self.patch_size
-            ));
+            return fail(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
         }
         if self.hidden_size % self.num_heads != 0 {
-            return fail(format!(
-                "hidden_size {} is not divisible by num_heads {}",
-                self.hidden_size, self.num_heads
-            ));
+            return fail(format!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
         // The sin-cos position embedding splits C into four equal parts (reference doc A.2).
         if self.hidden_size % 4 != 0 {
@@ -214,10 +200,7 @@ impl DitConfig {
             return fail(format!("mlp_ratio {} must be a positive number", self.mlp_ratio));
         }
         if !(0.0..1.0).contains(&self.class_dropout_prob) {
-            return fail(format!(
-                "class_dropout_prob {} must be in [0, 1)",
-                self.class_dropout_prob
-            ));
+            return fail(format!("class_dropout_prob {} must be in [0, 1)", self.class_dropout_prob));
         }
         // Guard the arithmetic of every size computed from the config.
         let big = 1usize << 20;

@@ -36,7 +36,9 @@ pub fn step_macs(cfg: &DitConfig, kind: StepKind, ranks: &[[usize; 6]]) -> u64 {
     let blocks: u64 = match kind {
         StepKind::Plain | StepKind::Full => cfg.depth as u64 * full_block_macs(cfg),
         StepKind::Reuse => cfg.depth as u64 * reuse_block_macs(cfg),
-        StepKind::Calibrated => (0..cfg.depth).map(|i| calibrated_block_macs(cfg, ranks.get(i).copied().unwrap_or([0; 6]))).sum(),
+        StepKind::Calibrated => {
+            (0..cfg.depth).map(|i| calibrated_block_macs(cfg, ranks.get(i).copied().unwrap_or([0; 6]))).sum()
+        }
     };
     blocks + pre_post_macs(cfg)
 }

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 
 use crate::cpu::{CacheMode, CpuEngine, CpuOptions};
-use crate::forward::StepKind;
 use crate::diffusion::{self, Sampler, Schedule, Variance};
 use crate::error::{Error, Result};
+use crate::forward::StepKind;
 use crate::noise;
 use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::weights::DitModel;
@@ -47,10 +47,16 @@ impl FullSteps {
             FullSteps::Period(_) => Ok(()),
             FullSteps::List(l) => {
                 if !l.contains(&0) {
-                    return Err(Error::invalid("full steps", "the list must include step 0: the first step fills the caches"));
+                    return Err(Error::invalid(
+                        "full steps",
+                        "the list must include step 0: the first step fills the caches",
+                    ));
                 }
                 if let Some(bad) = l.iter().find(|&&s| s >= steps) {
-                    return Err(Error::invalid("full steps", format!("step {bad} is past the last step {}", steps - 1)));
+                    return Err(Error::invalid(
+                        "full steps",
+                        format!("step {bad} is past the last step {}", steps - 1),
+                    ));
                 }
                 Ok(())
             }
@@ -109,13 +115,7 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     pub fn new(classes: &'a [i64], seed: u64) -> Self {
-        Request {
-            classes,
-            seed,
-            first_index: 0,
-            noise: None,
-            step_noise: None,
-        }
+        Request { classes, seed, first_index: 0, noise: None, step_noise: None }
     }
 }
 
@@ -201,16 +201,7 @@ impl Engine {
             noise: plan.add("step_noise", &[n, img], Dt::F32),
         };
         let arena = Arena::new(&plan)?;
-        Ok(Engine {
-            backend,
-            schedule,
-            opts: opts.clone(),
-            plan,
-            arena,
-            bufs,
-            t: vec![0; rows],
-            y: vec![0; rows],
-        })
+        Ok(Engine { backend, schedule, opts: opts.clone(), plan, arena, bufs, t: vec![0; rows], y: vec![0; rows] })
     }
 
     pub fn model(&self) -> &Arc<DitModel> {
@@ -326,11 +317,7 @@ impl Engine {
                 }
             }
             self.step(k, n);
-            progress(Step {
-                index,
-                total: steps,
-                timestep,
-            });
+            progress(Step { index, total: steps, timestep });
         }
         out.copy_from_slice(&self.buf(self.bufs.x)[..n * img]);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
@@ -363,7 +350,11 @@ impl Engine {
             if c < 0 || c as usize >= cfg.num_classes {
                 return Err(Error::invalid(
                     "class",
-                    format!("class {c} (image {i}) is not one of the model's {} classes 0..{}", cfg.num_classes, cfg.num_classes - 1),
+                    format!(
+                        "class {c} (image {i}) is not one of the model's {} classes 0..{}",
+                        cfg.num_classes,
+                        cfg.num_classes - 1
+                    ),
                 ));
             }
         }
@@ -425,7 +416,8 @@ impl Engine {
         let c = self.schedule.coeffs(k);
         let sampler = self.opts.sampler;
         let b = &self.bufs;
-        let (px, pe, pn, po) = (self.plan.get(b.x), self.plan.get(b.eps), self.plan.get(b.noise), self.plan.get(b.model_out));
+        let (px, pe, pn, po) =
+            (self.plan.get(b.x), self.plan.get(b.eps), self.plan.get(b.noise), self.plan.get(b.model_out));
         // SAFETY: four distinct buffers of the sampler arena; x is the only one written.
         let (x, eps, noise, out) = unsafe {
             (

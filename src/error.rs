@@ -30,20 +30,10 @@ pub enum Error {
     UnexpectedTensors { path: PathBuf, names: Vec<String> },
 
     #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
-    Shape {
-        path: PathBuf,
-        tensor: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
 
     #[error("{path}: tensor `{tensor}` has dtype {found}, expected {expected}")]
-    Dtype {
-        path: PathBuf,
-        tensor: String,
-        found: String,
-        expected: &'static str,
-    },
+    Dtype { path: PathBuf, tensor: String, found: String, expected: &'static str },
 
     /// Neither published DiT layout was recognised.
     #[error("{path}: unrecognised checkpoint layout: {reason}")]
@@ -60,11 +50,7 @@ pub enum Error {
          (depth {depth}): it is not in the file's metadata or config.json and this is not \
          a known DiT family; pass --num-heads N"
     )]
-    UnknownHeads {
-        path: PathBuf,
-        hidden_size: usize,
-        depth: usize,
-    },
+    UnknownHeads { path: PathBuf, hidden_size: usize, depth: usize },
 
     /// A request that cannot be served as given (wrong batch size, unknown class, ...).
     #[error("invalid {what}: {reason}")]
@@ -73,12 +59,7 @@ pub enum Error {
 
 fn list(names: &[String]) -> String {
     const SHOWN: usize = 12;
-    let mut s = names
-        .iter()
-        .take(SHOWN)
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ");
+    let mut s = names.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(", … and {} more", names.len() - SHOWN));
     }
@@ -97,16 +78,10 @@ impl Error {
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            source,
-        }
+        Error::Io { path: path.into(), source }
     }
 
     pub fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
-        Error::Invalid {
-            what,
-            reason: reason.into(),
-        }
+        Error::Invalid { what, reason: reason.into() }
     }
 }

@@ -29,7 +29,8 @@ pub enum LayerType {
 }
 
 impl LayerType {
-    pub const ALL: [LayerType; 6] = [LayerType::Q, LayerType::K, LayerType::V, LayerType::Proj, LayerType::Fc1, LayerType::Fc2];
+    pub const ALL: [LayerType; 6] =
+        [LayerType::Q, LayerType::K, LayerType::V, LayerType::Proj, LayerType::Fc1, LayerType::Fc2];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -128,10 +129,7 @@ impl Factors {
                 origin: format!("{} (metadata `{META_KEY}`)", path.display()),
                 reason: e.to_string(),
             })?,
-            None => FactorInfo {
-                method: "unknown".into(),
-                ..Default::default()
-            },
+            None => FactorInfo { method: "unknown".into(), ..Default::default() },
         };
         if let Some(fp) = &info.model_fingerprint {
             let ours = fingerprint(model);
@@ -148,16 +146,15 @@ impl Factors {
         let mut b = StoreBuilder::new(vec![file]);
         let blocks = register(&mut b, model, path)?;
         let (store, _) = b.finish(|_| false)?;
-        Ok(Factors {
-            info,
-            source: path.to_path_buf(),
-            blocks,
-            store,
-        })
+        Ok(Factors { info, source: path.to_path_buf(), blocks, store })
     }
 
     /// Factors held in memory: `layers[block][type] = (up (out·r), down (r·in), r)`.
-    pub fn from_parts(model: &DitModel, info: FactorInfo, layers: Vec<[(Vec<f32>, Vec<f32>, usize); 6]>) -> Result<Factors> {
+    pub fn from_parts(
+        model: &DitModel,
+        info: FactorInfo,
+        layers: Vec<[(Vec<f32>, Vec<f32>, usize); 6]>,
+    ) -> Result<Factors> {
         let cfg = &model.config;
         if layers.len() != cfg.depth {
             return Err(Error::invalid("factors", format!("{} blocks for a {}-block model", layers.len(), cfg.depth)));
@@ -171,7 +168,10 @@ impl Factors {
             for (t, (up, down, r)) in LayerType::ALL.into_iter().zip(block) {
                 let (o, inp) = t.shape(c, m);
                 if up.len() != o * r || down.len() != r * inp || r > o.min(inp) {
-                    return Err(Error::invalid("factors", format!("{}: rank {r} does not fit ({o}, {inp})", t.prefix(i))));
+                    return Err(Error::invalid(
+                        "factors",
+                        format!("{}: rank {r} does not fit ({o}, {inp})", t.prefix(i)),
+                    ));
                 }
                 if matches!(t, LayerType::Q | LayerType::K | LayerType::V) {
                     qkv_down.extend_from_slice(&down);
@@ -183,18 +183,10 @@ impl Factors {
             }
             let ql = qkv_down.len();
             let qkv_down = b.generated(ql, move |out| out.copy_from_slice(&qkv_down));
-            blocks.push(BlockFactors {
-                layers: refs.try_into().expect("six layer types"),
-                qkv_down,
-            });
+            blocks.push(BlockFactors { layers: refs.try_into().expect("six layer types"), qkv_down });
         }
         let (store, _) = b.finish(|_| false)?;
-        Ok(Factors {
-            info,
-            source: PathBuf::from("(in memory)"),
-            blocks,
-            store,
-        })
+        Ok(Factors { info, source: PathBuf::from("(in memory)"), blocks, store })
     }
 
     /// The same factors described by `info` (e.g. with the model fingerprint filled in).
@@ -284,10 +276,7 @@ fn register(b: &mut StoreBuilder, model: &DitModel, path: &Path) -> Result<Vec<B
             layers.push(LayerFactors { up, down, rank });
         }
         let qkv_down = b.concat(&qkv_parts)?;
-        blocks.push(BlockFactors {
-            layers: layers.try_into().expect("six layer types"),
-            qkv_down,
-        });
+        blocks.push(BlockFactors { layers: layers.try_into().expect("six layer types"), qkv_down });
     }
     Ok(blocks)
 }
@@ -297,7 +286,8 @@ fn register(b: &mut StoreBuilder, model: &DitModel, path: &Path) -> Result<Vec<B
 /// evenly spaced values. Cheap (no full read of a 2.7 GB model) and enough to tell models apart.
 pub fn fingerprint(model: &DitModel) -> String {
     let t = &model.tensors;
-    let mut refs = vec![t.pos_embed, t.patch_w, t.patch_b, t.t_mlp0_w, t.t_mlp0_b, t.t_mlp2_w, t.t_mlp2_b, t.label_table];
+    let mut refs =
+        vec![t.pos_embed, t.patch_w, t.patch_b, t.t_mlp0_w, t.t_mlp0_b, t.t_mlp2_w, t.t_mlp2_b, t.label_table];
     for b in &t.blocks {
         refs.extend([b.qkv_w, b.qkv_b, b.proj_w, b.proj_b, b.fc1_w, b.fc1_b, b.fc2_w, b.fc2_b, b.ada_w, b.ada_b]);
     }

@@ -21,16 +21,8 @@ pub enum Slot {
 }
 
 impl Slot {
-    pub const ALL: [Slot; 8] = [
-        Slot::QkvX,
-        Slot::QkvY,
-        Slot::ProjX,
-        Slot::ProjY,
-        Slot::Fc1X,
-        Slot::Fc1Y,
-        Slot::Fc2X,
-        Slot::Fc2Y,
-    ];
+    pub const ALL: [Slot; 8] =
+        [Slot::QkvX, Slot::QkvY, Slot::ProjX, Slot::ProjY, Slot::Fc1X, Slot::Fc1Y, Slot::Fc2X, Slot::Fc2Y];
 
     /// Width (features per token) of the slot for `cfg`.
     pub fn width(self, cfg: &DitConfig) -> usize {

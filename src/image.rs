@@ -60,12 +60,8 @@ pub fn write_png(path: &Path, pixels: &[u8], width: usize, height: usize, channe
         let mut enc = png::Encoder::new(&mut bytes, width as u32, height as u32);
         enc.set_color(if channels == 3 { png::ColorType::Rgb } else { png::ColorType::Grayscale });
         enc.set_depth(png::BitDepth::Eight);
-        let mut writer = enc
-            .write_header()
-            .map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
-        writer
-            .write_image_data(pixels)
-            .map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
+        let mut writer = enc.write_header().map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
+        writer.write_image_data(pixels).map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
     }
     crate::atomic_write(path, &bytes)
 }

@@ -99,11 +99,7 @@ impl std::fmt::Display for Report {
             "input         {} × {}×{} ({:?} space), {} tokens",
             self.in_channels, self.input_size, self.input_size, self.space, self.tokens
         )?;
-        writeln!(
-            f,
-            "output        {} channels (learn_sigma {})",
-            self.out_channels, self.learn_sigma
-        )?;
+        writeln!(f, "output        {} channels (learn_sigma {})", self.out_channels, self.learn_sigma)?;
         writeln!(f, "classes       {} (+ null class {})", self.num_classes, self.num_classes)?;
         if let Some(names) = &self.class_names {
             writeln!(f, "class names   {}", names.join(", "))?;

@@ -6,9 +6,9 @@
 //! [`cpu::CpuEngine`] is the f32 reference backend; [`gpu`] holds the device abstraction the
 //! CUDA pipeline runs on (a CPU emulation of CUDA in every build, a GPU with feature `cuda`).
 
+pub mod calibrate;
 pub mod config;
 pub mod cost;
-pub mod calibrate;
 pub mod cpu;
 pub mod diffusion;
 pub mod embed;
@@ -28,8 +28,8 @@ pub use config::{DitConfig, Numerics, SampleSpace};
 pub use cpu::{CacheMode, CpuEngine, CpuOptions};
 pub use diffusion::Sampler;
 pub use engine::{Engine, EngineOptions, FullSteps, GuidedChannels, Request};
-pub use factors::Factors;
 pub use error::{Error, Result};
+pub use factors::Factors;
 pub use weights::{DitModel, Layout, LoadOptions};
 
 use std::io::Write;

@@ -59,21 +59,13 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(title: impl Into<String>) -> Self {
-        Plan {
-            title: title.into(),
-            ..Default::default()
-        }
+        Plan { title: title.into(), ..Default::default() }
     }
 
     /// Adds a buffer of `shape` elements of `dtype`.
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], dtype: Dt) -> BufId {
         let offset = self.total.next_multiple_of(ALIGN);
-        let b = Buffer {
-            name: name.into(),
-            shape: shape.to_vec(),
-            dtype,
-            offset,
-        };
+        let b = Buffer { name: name.into(), shape: shape.to_vec(), dtype, offset };
         self.total = offset + b.bytes();
         self.buffers.push(b);
         BufId(self.buffers.len() - 1)
@@ -145,10 +137,7 @@ impl Arena {
         // SAFETY: the layout has non-zero size.
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or_else(|| {
-            Error::invalid(
-                "memory",
-                format!("not enough memory for the {:.1} MiB arena:\n{plan}", mib(size)),
-            )
+            Error::invalid("memory", format!("not enough memory for the {:.1} MiB arena:\n{plan}", mib(size)))
         })?;
         Ok(Arena { ptr, layout })
     }

@@ -63,10 +63,7 @@ pub struct TensorFile {
 
 impl std::fmt::Debug for TensorFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorFile")
-            .field("path", &self.path)
-            .field("tensors", &self.tensors.len())
-            .finish()
+        f.debug_struct("TensorFile").field("path", &self.path).field("tensors", &self.tensors.len()).finish()
     }
 }
 
@@ -78,10 +75,7 @@ impl TensorFile {
         // SAFETY: the map is read-only; like every mmap-based loader we rely on the file
         // not being truncated underneath us while it is mapped.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let bad = |reason: String| Error::BadSafetensors {
-            path: path.to_path_buf(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadSafetensors { path: path.to_path_buf(), reason };
         let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| bad(describe(&e, map.len())))?;
         let data_start = 8 + header_len;
         let mut tensors = HashMap::new();
@@ -98,12 +92,7 @@ impl TensorFile {
             );
         }
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(TensorFile {
-            path: path.to_path_buf(),
-            map,
-            tensors,
-            metadata,
-        })
+        Ok(TensorFile { path: path.to_path_buf(), map, tensors, metadata })
     }
 
     pub fn path(&self) -> &Path {
@@ -188,14 +177,12 @@ impl TensorFile {
         let entry = self.require(name)?;
         let bytes = self.bytes(entry);
         let values = match entry.dtype {
-            Dtype::I64 => bytes
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk")))
-                .collect(),
-            Dtype::I32 => bytes
-                .chunks_exact(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4-byte chunk")) as i64)
-                .collect(),
+            Dtype::I64 => {
+                bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk"))).collect()
+            }
+            Dtype::I32 => {
+                bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4-byte chunk")) as i64).collect()
+            }
             other => {
                 return Err(Error::Dtype {
                     path: self.path.clone(),
@@ -217,10 +204,7 @@ impl TensorFile {
     }
 
     pub fn require(&self, name: &str) -> Result<&TensorEntry> {
-        self.get(name).ok_or_else(|| Error::MissingTensors {
-            path: self.path.clone(),
-            names: vec![name.to_string()],
-        })
+        self.get(name).ok_or_else(|| Error::MissingTensors { path: self.path.clone(), names: vec![name.to_string()] })
     }
 }
 
@@ -233,9 +217,9 @@ fn describe(e: &safetensors::SafeTensorError, file_len: usize) -> String {
         E::InvalidHeaderLength => format!("header length field points past the end of the {file_len}-byte file"),
         E::InvalidHeader(_) => "header is not UTF-8 text".into(),
         E::InvalidHeaderDeserialization(e) => format!("header is not valid safetensors JSON ({e})"),
-        E::MetadataIncompleteBuffer => format!(
-            "tensor data does not match the file size of {file_len} bytes (truncated or padded file)"
-        ),
+        E::MetadataIncompleteBuffer => {
+            format!("tensor data does not match the file size of {file_len} bytes (truncated or padded file)")
+        }
         E::InvalidOffset(name) => format!("tensor `{name}` has offsets that are not contiguous or out of order"),
         E::TensorInvalidInfo => "a tensor's byte length does not match its dtype and shape".into(),
         E::ValidationOverflow => "a tensor's size overflows".into(),
@@ -263,7 +247,7 @@ pub fn write_safetensors(
             .map_err(|e| Error::invalid("tensor to write", format!("{name}: {e}")))?;
         views.push((name.to_string(), view));
     }
-    let bytes = safetensors::serialize(views, metadata)
-        .map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, metadata).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
     crate::atomic_write(path, &bytes)
 }

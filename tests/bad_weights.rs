@@ -49,10 +49,8 @@ fn read_all(path: &Path) -> (Tensors, HashMap<String, String>) {
 }
 
 fn write_all(path: &Path, t: &Tensors, meta: &HashMap<String, String>) {
-    let views: Vec<(String, TensorView)> = t
-        .iter()
-        .map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
+    let views: Vec<(String, TensorView)> =
+        t.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
     let bytes = safetensors::serialize(views, Some(meta.clone())).unwrap();
     std::fs::write(path, bytes).unwrap();
 }
@@ -70,7 +68,10 @@ fn expect_err(path: &Path, check: impl Fn(&Error) -> bool, words: &[&str]) {
     let msg = err.to_string();
     println!("{msg}");
     assert!(check(&err), "wrong error kind: {err:?}");
-    assert!(msg.contains(&path.display().to_string()) || msg.contains(path.file_name().unwrap().to_str().unwrap()), "error does not name the file: {msg}");
+    assert!(
+        msg.contains(&path.display().to_string()) || msg.contains(path.file_name().unwrap().to_str().unwrap()),
+        "error does not name the file: {msg}"
+    );
     for w in words {
         assert!(msg.contains(w), "error lacks `{w}`: {msg}");
     }
@@ -205,8 +206,11 @@ fn unknown_head_count_needs_the_flag() {
     // With the flag it loads, and a flag contradicting the metadata is refused.
     let m = DitModel::load(&p, &LoadOptions { num_heads: Some(2), ..Default::default() }).unwrap();
     assert_eq!(m.config.num_heads, 2);
-    let err = DitModel::load(&fixture("hd72/official.safetensors"), &LoadOptions { num_heads: Some(4), ..Default::default() })
-        .unwrap_err();
+    let err = DitModel::load(
+        &fixture("hd72/official.safetensors"),
+        &LoadOptions { num_heads: Some(4), ..Default::default() },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("--num-heads says 4"), "{err}");
 }
 

@@ -75,7 +75,9 @@ fn ca_svd_statistics_vectors_and_factors_match_icc() {
     println!("weight vectors: worst relative L2 difference {worst:.2e}");
     assert!(worst < 1e-5, "weight vectors differ from icc's by {worst:.2e}");
 
-    for (method, vecs, file) in [(Method::CaSvd, Some(vectors.as_slice()), "factors_casvd_r8"), (Method::Svd, None, "factors_svd_r8")] {
+    for (method, vecs, file) in
+        [(Method::CaSvd, Some(vectors.as_slice()), "factors_casvd_r8"), (Method::Svd, None, "factors_svd_r8")]
+    {
         let (layers, report) = calibrate::compute_factors(&m, [8; 6], vecs, 2, &|_, _| {}).unwrap();
         let ours = calibrate::build_factors(&m, method, [8; 6], layers, &report, serde_json::json!({})).unwrap();
         let theirs = Factors::load(&fixture(&format!("icc/{file}.safetensors")), &m).unwrap();
@@ -118,13 +120,16 @@ fn cd_svd_statistics_and_factors_match_icc() {
 #[test]
 fn calibration_inputs_are_checked() {
     let m = model();
-    let err = CalibSet::load(&fixture("hd72/forward.safetensors"), &m, 0, Method::CaSvd).err().expect("refused").to_string();
+    let err =
+        CalibSet::load(&fixture("hd72/forward.safetensors"), &m, 0, Method::CaSvd).err().expect("refused").to_string();
     assert!(err.contains("latents"), "{err}");
     // A CA-SVD set has timesteps that are not all valid CD-SVD starting points (spaced index 0).
     let set = CalibSet::load(&fixture("icc/calib_hd72.safetensors"), &m, 0, Method::CaSvd).unwrap();
     let bad = CalibSet { timesteps: vec![0; set.len()], ..set };
-    let err = calibrate::collect_stats(&m, &bad, 4, 1, Method::CdSvd, &mut |_, _| {}).err().expect("refused").to_string();
+    let err =
+        calibrate::collect_stats(&m, &bad, 4, 1, Method::CdSvd, &mut |_, _| {}).err().expect("refused").to_string();
     assert!(err.contains("cd-svd"), "{err}");
-    let err = calibrate::compute_factors(&m, [145, 8, 8, 8, 8, 8], None, 1, &|_, _| {}).err().expect("refused").to_string();
+    let err =
+        calibrate::compute_factors(&m, [145, 8, 8, 8, 8, 8], None, 1, &|_, _| {}).err().expect("refused").to_string();
     assert!(err.contains("rank 145"), "{err}");
 }

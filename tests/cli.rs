@@ -32,7 +32,18 @@ fn inspect_json_has_the_documented_keys() {
     let o = icdit(&["inspect", &fixture("p4_nosigma/diffusers").display().to_string(), "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    for key in ["layout", "depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "out_channels", "learn_sigma", "num_classes"] {
+    for key in [
+        "layout",
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "patch_size",
+        "input_size",
+        "in_channels",
+        "out_channels",
+        "learn_sigma",
+        "num_classes",
+    ] {
         assert!(v.get(key).is_some(), "missing {key}");
     }
     assert_eq!(v["layout"], "diffusers");
@@ -54,8 +65,20 @@ fn forward_command_reproduces_the_fixture() {
 fn sample_writes_latents_and_a_json_report() {
     let out = tmp("latents.safetensors");
     let o = icdit(&[
-        "sample", "--weights", &hd72(), "--class", "1,2,3", "--steps", "10", "--seed", "5",
-        "--out-latents", &out.display().to_string(), "--json", "--threads", "2",
+        "sample",
+        "--weights",
+        &hd72(),
+        "--class",
+        "1,2,3",
+        "--steps",
+        "10",
+        "--seed",
+        "5",
+        "--out-latents",
+        &out.display().to_string(),
+        "--json",
+        "--threads",
+        "2",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -68,7 +91,19 @@ fn sample_writes_latents_and_a_json_report() {
     assert_eq!(f.read_i64("labels").unwrap().1, vec![1, 2, 3]);
     // The same command gives the same bits.
     let again = tmp("latents2.safetensors");
-    let o = icdit(&["sample", "--weights", &hd72(), "--class", "1,2,3", "--steps", "10", "--seed", "5", "--out-latents", &again.display().to_string()]);
+    let o = icdit(&[
+        "sample",
+        "--weights",
+        &hd72(),
+        "--class",
+        "1,2,3",
+        "--steps",
+        "10",
+        "--seed",
+        "5",
+        "--out-latents",
+        &again.display().to_string(),
+    ]);
     assert!(o.status.success());
     assert_eq!(TensorFile::open(&again).unwrap().read_f32("latents").unwrap().1, latents);
 }
@@ -110,7 +145,17 @@ fn unwritable_output_leaves_no_partial_file() {
     let dir = tmp("outdir");
     std::fs::create_dir_all(&dir).unwrap();
     // The output path is an existing directory: the final rename must fail.
-    let o = icdit(&["sample", "--weights", &hd72(), "--class", "1", "--steps", "2", "--out-latents", &dir.display().to_string()]);
+    let o = icdit(&[
+        "sample",
+        "--weights",
+        &hd72(),
+        "--class",
+        "1",
+        "--steps",
+        "2",
+        "--out-latents",
+        &dir.display().to_string(),
+    ]);
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
         .unwrap()
@@ -118,7 +163,17 @@ fn unwritable_output_leaves_no_partial_file() {
         .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
-    let o = icdit(&["sample", "--weights", &hd72(), "--class", "1", "--steps", "2", "--out-latents", "/nonexistent-dir/x.safetensors"]);
+    let o = icdit(&[
+        "sample",
+        "--weights",
+        &hd72(),
+        "--class",
+        "1",
+        "--steps",
+        "2",
+        "--out-latents",
+        "/nonexistent-dir/x.safetensors",
+    ]);
     assert_eq!(o.status.code(), Some(4));
     assert!(stderr(&o).contains("/nonexistent-dir/x.safetensors"), "{}", stderr(&o));
 }

@@ -13,23 +13,13 @@ fn model() -> Arc<DitModel> {
 }
 
 fn opts(batch: usize, sampler: Sampler, threads: usize) -> EngineOptions {
-    EngineOptions {
-        max_batch: batch,
-        respacing: "25".into(),
-        sampler,
-        cfg_scale: 3.0,
-        threads,
-        ..Default::default()
-    }
+    EngineOptions { max_batch: batch, respacing: "25".into(), sampler, cfg_scale: 3.0, threads, ..Default::default() }
 }
 
 fn run(engine: &mut Engine, classes: &[i64], seed: u64, first: u64) -> Vec<f32> {
     let img = engine.model().config.image_elems();
     let mut out = vec![0.0; classes.len() * img];
-    let req = Request {
-        first_index: first,
-        ..Request::new(classes, seed)
-    };
+    let req = Request { first_index: first, ..Request::new(classes, seed) };
     engine.sample(&req, &mut out, &mut |_| {}).unwrap();
     out
 }

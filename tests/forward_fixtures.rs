@@ -14,10 +14,7 @@ const TOL: f64 = 1e-5;
 fn run(model: DitModel, refr: &common::Reference, portable: bool) -> Vec<f32> {
     let model = Arc::new(model);
     let rows = refr.t.len();
-    let opts = CpuOptions {
-        max_batch: rows,
-        guidance: false,
-        threads: 2, ..Default::default() };
+    let opts = CpuOptions { max_batch: rows, guidance: false, threads: 2, ..Default::default() };
     let mut engine = CpuEngine::new(Arc::clone(&model), &opts).unwrap();
     if portable {
         engine = engine.with_portable_gemm();
@@ -28,14 +25,7 @@ fn run(model: DitModel, refr: &common::Reference, portable: bool) -> Vec<f32> {
 }
 
 fn load(rel: &str, numerics: Numerics) -> DitModel {
-    DitModel::load(
-        &fixture(rel),
-        &LoadOptions {
-            num_heads: None,
-            numerics,
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
+    DitModel::load(&fixture(rel), &LoadOptions { num_heads: None, numerics }).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn check_official(name: &str) {
@@ -120,13 +110,15 @@ fn rows_are_independent() {
     let refr = reference("hd72/forward.safetensors");
     let model = Arc::new(load("hd72/official.safetensors", Numerics::Official));
     let whole = run(load("hd72/official.safetensors", Numerics::Official), &refr, false);
-    let mut engine = CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 4, guidance: false, threads: 2, ..Default::default() }).unwrap();
+    let mut engine = CpuEngine::new(
+        Arc::clone(&model),
+        &CpuOptions { max_batch: 4, guidance: false, threads: 2, ..Default::default() },
+    )
+    .unwrap();
     let (xi, oi) = (model.config.image_elems(), model.config.output_elems());
     for r in 0..refr.t.len() {
         let mut out = vec![0.0; oi];
-        engine
-            .forward(&refr.x[r * xi..(r + 1) * xi], &refr.t[r..r + 1], &refr.y[r..r + 1], &mut out)
-            .unwrap();
+        engine.forward(&refr.x[r * xi..(r + 1) * xi], &refr.t[r..r + 1], &refr.y[r..r + 1], &mut out).unwrap();
         let err = rel_l2(&out, &whole[r * oi..(r + 1) * oi]);
         assert!(err < 1e-6, "row {r}: batch-of-one differs from batched ({err:.3e})");
     }

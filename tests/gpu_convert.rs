@@ -26,17 +26,7 @@ fn rounding_cases() -> Vec<f32> {
     }
     // Edges: the largest finite f16, the overflow threshold 65520 (a tie that rounds to
     // infinity), the smallest subnormal 2^-24 and half of it (a tie that rounds to zero).
-    for x in [
-        65504.0f32,
-        65519.996,
-        65520.0,
-        1e6,
-        f32::MAX,
-        5.960_464_5e-8,
-        2.980_232_2e-8,
-        2.980_232_5e-8,
-        1e-30,
-    ] {
+    for x in [65504.0f32, 65519.996, 65520.0, 1e6, f32::MAX, 5.960_464_5e-8, 2.980_232_2e-8, 2.980_232_5e-8, 1e-30] {
         v.push(x);
         v.push(-x);
     }
@@ -52,10 +42,7 @@ fn check_f32_to_f16<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let input = rounding_cases();
     let n = input.len();
     let mut plan = Plan::new("convert_f32_to_f16 test");
-    let (bi, bo) = (
-        add(&mut plan, "in", n, Dt::F32),
-        add(&mut plan, "out", n, Dt::F16),
-    );
+    let (bi, bo) = (add(&mut plan, "in", n, Dt::F32), add(&mut plan, "out", n, Dt::F16));
     let Some(dev) = open(&plan) else { return };
     let (i, o) = (put(&dev, &plan, bi, &input), out::<f16, _>(&dev, &plan, bo));
     launch::convert_f32_to_f16(&dev, o, i, n as i32).unwrap();
@@ -64,21 +51,14 @@ fn check_f32_to_f16<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     // The reference itself: ties go to even (1 + 2^-11 lies between 1 and 1 + 2^-10).
     assert_eq!(f16::from_f32(1.0 + 1.0 / 2048.0).to_bits(), 0x3c00);
     assert_eq!(f16::from_f32(65520.0), f16::INFINITY);
-    assert_bits_eq(
-        &format!("convert_f32_to_f16 ({} inputs, {})", n, dev.name()),
-        &got,
-        &expected,
-    );
+    assert_bits_eq(&format!("convert_f32_to_f16 ({} inputs, {})", n, dev.name()), &got, &expected);
 }
 
 fn check_f16_to_f32<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let input: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
     let n = input.len();
     let mut plan = Plan::new("convert_f16_to_f32 test");
-    let (bi, bo) = (
-        add(&mut plan, "in", n, Dt::F16),
-        add(&mut plan, "out", n, Dt::F32),
-    );
+    let (bi, bo) = (add(&mut plan, "in", n, Dt::F16), add(&mut plan, "out", n, Dt::F32));
     let Some(dev) = open(&plan) else { return };
     let (i, o) = (put(&dev, &plan, bi, &input), out::<f32, _>(&dev, &plan, bo));
     launch::convert_f16_to_f32(&dev, o, i, n as i32).unwrap();

@@ -37,12 +37,7 @@ struct Shape {
 }
 
 const fn s(m: usize, n: usize, k: usize) -> Shape {
-    Shape {
-        m,
-        n,
-        k,
-        misaligned_a: false,
-    }
+    Shape { m, n, k, misaligned_a: false }
 }
 
 const SHAPES: &[Shape] = &[
@@ -52,12 +47,7 @@ const SHAPES: &[Shape] = &[
     s(48, 80, 1152), // DiT-XL hidden size as K: 36 k steps through both stages
     s(33, 1152, 72), // N = hidden size, K = head dim
     s(1, 3, 5),      // a single row
-    Shape {
-        m: 65,
-        n: 129,
-        k: 40,
-        misaligned_a: true,
-    },
+    Shape { m: 65, n: 129, k: 40, misaligned_a: true },
 ];
 
 fn gelu(x: f64) -> f64 {
@@ -65,14 +55,7 @@ fn gelu(x: f64) -> f64 {
 }
 
 /// Runs one kernel on one shape; returns the outputs as f32.
-fn run<D: Device>(
-    dev: &D,
-    plan: &Plan,
-    bufs: &Bufs,
-    kind: Kind,
-    data: &Data,
-    sh: &Shape,
-) -> Vec<f32> {
+fn run<D: Device>(dev: &D, plan: &Plan, bufs: &Bufs, kind: Kind, data: &Data, sh: &Shape) -> Vec<f32> {
     let a_all = put(dev, plan, bufs.a, &data.a_padded);
     let a = a_all.sub(sh.misaligned_a as usize, sh.m * sh.k).unwrap();
     let w = put(dev, plan, bufs.w, &data.w);
@@ -91,10 +74,7 @@ fn run<D: Device>(
             } else {
                 launch::gemm_bias_gelu_f16(dev, o, a, w, b, m, n, k).unwrap();
             }
-            get::<f16, _>(dev, plan, bufs.out16)
-                .iter()
-                .map(|h| h.to_f32())
-                .collect()
+            get::<f16, _>(dev, plan, bufs.out16).iter().map(|h| h.to_f32()).collect()
         }
     }
 }
@@ -143,12 +123,7 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>, kinds: &[Kind]) {
     for sh in SHAPES {
         let mut plan = Plan::new("gemm test");
         let bufs = Bufs {
-            a: add(
-                &mut plan,
-                "a",
-                sh.m * sh.k + sh.misaligned_a as usize,
-                Dt::F16,
-            ),
+            a: add(&mut plan, "a", sh.m * sh.k + sh.misaligned_a as usize, Dt::F16),
             w: add(&mut plan, "w", sh.n * sh.k, Dt::F16),
             bias: add(&mut plan, "bias", sh.n, Dt::F16),
             out16: add(&mut plan, "out16", sh.m * sh.n, Dt::F16),
@@ -169,11 +144,7 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>, kinds: &[Kind]) {
         };
 
         // Small integers: exact results.
-        let ints = Data {
-            a_padded: rng.ints(na, 2),
-            w: rng.ints(sh.n * sh.k, 2),
-            bias: rng.ints(sh.n, 4),
-        };
+        let ints = Data { a_padded: rng.ints(na, 2), w: rng.ints(sh.n * sh.k, 2), bias: rng.ints(sh.n, 4) };
         let (exact, _) = reference(&ints, sh);
         assert_nontrivial(&tag(Kind::F32, "integers"), &exact);
         for &kind in kinds.iter().filter(|&&k| k != Kind::GeluF16) {
@@ -182,33 +153,15 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>, kinds: &[Kind]) {
                 Kind::F32 => exact.iter().map(|&e| e as f32).collect(),
                 _ => exact.iter().map(|&e| f16_rne(e).to_f32()).collect(),
             };
-            let bad = (0..got.len())
-                .filter(|&i| got[i].to_bits() != expected[i].to_bits())
-                .collect::<Vec<_>>();
+            let bad = (0..got.len()).filter(|&i| got[i].to_bits() != expected[i].to_bits()).collect::<Vec<_>>();
             for &i in bad.iter().take(8) {
-                eprintln!(
-                    "  [{}, {}] got {} expected {}",
-                    i / sh.n,
-                    i % sh.n,
-                    got[i],
-                    expected[i]
-                );
+                eprintln!("  [{}, {}] got {} expected {}", i / sh.n, i % sh.n, got[i], expected[i]);
             }
-            assert!(
-                bad.is_empty(),
-                "{}: {} of {} elements differ",
-                tag(kind, "integers"),
-                bad.len(),
-                got.len()
-            );
+            assert!(bad.is_empty(), "{}: {} of {} elements differ", tag(kind, "integers"), bad.len(), got.len());
         }
 
         // Uniform values: within the error bound.
-        let vals = Data {
-            a_padded: rng.f16s(na, 1.0),
-            w: rng.f16s(sh.n * sh.k, 1.0),
-            bias: rng.f16s(sh.n, 1.0),
-        };
+        let vals = Data { a_padded: rng.f16s(na, 1.0), w: rng.f16s(sh.n * sh.k, 1.0), bias: rng.f16s(sh.n, 1.0) };
         let (pre, mag) = reference(&vals, sh);
         for &kind in kinds {
             let got = run(&dev, &plan, &bufs, kind, &vals, sh);
@@ -217,10 +170,7 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>, kinds: &[Kind]) {
                 Kind::F32 => (pre.clone(), Box::new(move |i| acc(i) + 1e-30)),
                 Kind::F16 => {
                     let e = pre.clone();
-                    (
-                        pre.clone(),
-                        Box::new(move |i| U16 * e[i].abs() + F16_TINY + (1.0 + U16) * acc(i)),
-                    )
+                    (pre.clone(), Box::new(move |i| U16 * e[i].abs() + F16_TINY + (1.0 + U16) * acc(i)))
                 }
                 Kind::GeluF16 => {
                     let e: Vec<f64> = pre.iter().map(|&x| gelu(x)).collect();
@@ -269,22 +219,13 @@ fn emulated_gemm_512x1152x1152_under_10s() {
     };
     let dev = emu(&plan).unwrap();
     let mut rng = Rng::new(1);
-    let data = Data {
-        a_padded: rng.ints(sh.m * sh.k, 2),
-        w: rng.ints(sh.n * sh.k, 2),
-        bias: rng.ints(sh.n, 4),
-    };
+    let data = Data { a_padded: rng.ints(sh.m * sh.k, 2), w: rng.ints(sh.n * sh.k, 2), bias: rng.ints(sh.n, 4) };
     let start = std::time::Instant::now();
     let got = run(&dev, &plan, &bufs, Kind::F16, &data, &sh);
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "emulated gemm_bias_f16 512×1152×1152 on {}: {secs:.2} s (with copies)",
-        dev.name()
-    );
+    println!("emulated gemm_bias_f16 512×1152×1152 on {}: {secs:.2} s (with copies)", dev.name());
     let (exact, _) = reference(&data, &sh);
-    let bad = (0..got.len())
-        .filter(|&i| got[i] != f16_rne(exact[i]).to_f32())
-        .count();
+    let bad = (0..got.len()).filter(|&i| got[i] != f16_rne(exact[i]).to_f32()).count();
     assert_eq!(bad, 0, "{bad} elements differ from the exact result");
     assert!(secs < 10.0, "took {secs:.2} s, the bar is 10 s");
 }

@@ -27,34 +27,10 @@ struct Case {
 
 const CASES: &[Case] = &[
     // DiT-XL/2 width, shift and scale as chunks 0 and 1 of a 6C modulation row.
-    Case {
-        rows: 6,
-        tokens: 3,
-        channels: 1152,
-        mod_stride: 6 * 1152,
-        offset: 0.5,
-    },
-    Case {
-        rows: 5,
-        tokens: 5,
-        channels: 72,
-        mod_stride: 144,
-        offset: 0.0,
-    }, // most threads idle
-    Case {
-        rows: 3,
-        tokens: 1,
-        channels: 514,
-        mod_stride: 514,
-        offset: -3.0,
-    }, // 257 pairs: one thread does two
-    Case {
-        rows: 8,
-        tokens: 4,
-        channels: 1000,
-        mod_stride: 2004,
-        offset: 40.0,
-    },
+    Case { rows: 6, tokens: 3, channels: 1152, mod_stride: 6 * 1152, offset: 0.5 },
+    Case { rows: 5, tokens: 5, channels: 72, mod_stride: 144, offset: 0.0 }, // most threads idle
+    Case { rows: 3, tokens: 1, channels: 514, mod_stride: 514, offset: -3.0 }, // 257 pairs: one thread does two
+    Case { rows: 8, tokens: 4, channels: 1000, mod_stride: 2004, offset: 40.0 },
 ];
 
 const EPS: f32 = 1e-6;
@@ -72,19 +48,11 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         );
         let Some(dev) = open(&plan) else { return };
         let mut rng = Rng::new(100 + ci as u64);
-        let x: Vec<f16> = (0..rows * ch)
-            .map(|_| f16_rne(c.offset + 2.0 * rng.uniform()))
-            .collect();
+        let x: Vec<f16> = (0..rows * ch).map(|_| f16_rne(c.offset + 2.0 * rng.uniform())).collect();
         let modulation = rng.f16s(mod_len, 1.0);
-        let (dx, dm, dout) = (
-            put(&dev, &plan, bx, &x),
-            put(&dev, &plan, bm, &modulation),
-            out::<f16, _>(&dev, &plan, bo),
-        );
-        let (shift, scale) = (
-            dm.sub(0, mod_len).unwrap(),
-            dm.sub(ch, mod_len - ch).unwrap(),
-        );
+        let (dx, dm, dout) =
+            (put(&dev, &plan, bx, &x), put(&dev, &plan, bm, &modulation), out::<f16, _>(&dev, &plan, bo));
+        let (shift, scale) = (dm.sub(0, mod_len).unwrap(), dm.sub(ch, mod_len - ch).unwrap());
         launch::layernorm_modulate_f16(
             &dev,
             dout,
@@ -98,10 +66,7 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             EPS,
         )
         .unwrap();
-        let got: Vec<f32> = get::<f16, _>(&dev, &plan, bo)
-            .iter()
-            .map(|h| h.to_f32())
-            .collect();
+        let got: Vec<f32> = get::<f16, _>(&dev, &plan, bo).iter().map(|h| h.to_f32()).collect();
 
         let (x, m) = (f64s(&x), f64s(&modulation));
         let d = 2.0 * (ch as f64 / 512.0).ceil() + 13.0;
@@ -118,10 +83,8 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 let (sh, sc) = (m[base + j], m[base + ch + j]);
                 let xh = (row[j] - mean) * rstd;
                 let y = xh * (1.0 + sc) + sh;
-                let dxh = (d + 1.0) * U32 * mean_abs * rstd
-                    + xh.abs() * (((d + 3.0) / 2.0 + 4.0) * U32 + 2.0 * U32);
-                let dy = 2.0
-                    * ((1.0 + sc).abs() * dxh + 3.0 * U32 * ((xh * (1.0 + sc)).abs() + sh.abs()));
+                let dxh = (d + 1.0) * U32 * mean_abs * rstd + xh.abs() * (((d + 3.0) / 2.0 + 4.0) * U32 + 2.0 * U32);
+                let dy = 2.0 * ((1.0 + sc).abs() * dxh + 3.0 * U32 * ((xh * (1.0 + sc)).abs() + sh.abs()));
                 exact[r * ch + j] = y;
                 bound[r * ch + j] = U16 * (y.abs() + dy) + F16_TINY + dy;
             }

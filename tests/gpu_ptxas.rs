@@ -19,10 +19,7 @@ struct Usage {
 /// The number before `unit` in `line` ("80 registers" → 80).
 fn number_before(line: &str, unit: &str) -> Option<u32> {
     let head = &line[..line.find(unit)?];
-    head.split(|c: char| !c.is_ascii_digit())
-        .rfind(|s| !s.is_empty())?
-        .parse()
-        .ok()
+    head.split(|c: char| !c.is_ascii_digit()).rfind(|s| !s.is_empty())?.parse().ok()
 }
 
 fn parse(report: &str) -> Vec<(String, String, Usage)> {
@@ -30,12 +27,7 @@ fn parse(report: &str) -> Vec<(String, String, Usage)> {
     for line in report.lines() {
         if let Some(rest) = line.split("Compiling entry function '").nth(1) {
             let name = rest.split('\'').next().unwrap_or_default().to_string();
-            let arch = rest
-                .split("for '")
-                .nth(1)
-                .unwrap_or_default()
-                .trim_end_matches('\'')
-                .to_string();
+            let arch = rest.split("for '").nth(1).unwrap_or_default().trim_end_matches('\'').to_string();
             out.push((name, arch, Usage::default()));
         } else if let Some((_, _, u)) = out.last_mut() {
             if line.contains("stack frame") {
@@ -75,15 +67,9 @@ fn every_kernel_fits_in_registers() {
             k.name
         );
     }
-    let bad: Vec<_> = usage
-        .iter()
-        .filter(|(_, _, u)| u.stack + u.spill_stores + u.spill_loads > 0)
-        .map(|(n, _, _)| n)
-        .collect();
-    assert!(
-        bad.is_empty(),
-        "kernels with spills or local memory: {bad:?}\n{PTXAS_REPORT}"
-    );
+    let bad: Vec<_> =
+        usage.iter().filter(|(_, _, u)| u.stack + u.spill_stores + u.spill_loads > 0).map(|(n, _, _)| n).collect();
+    assert!(bad.is_empty(), "kernels with spills or local memory: {bad:?}\n{PTXAS_REPORT}");
 }
 
 /// The parser must see a spill when there is one (a report of the shape ptxas prints).
@@ -97,8 +83,5 @@ fn parser_sees_spills_and_local_memory() {
     assert_eq!(u.len(), 1);
     let (name, arch, u) = &u[0];
     assert_eq!((name.as_str(), arch.as_str()), ("k", "sm_90"));
-    assert_eq!(
-        (u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads),
-        (255, 4096, 24, 12, 8)
-    );
+    assert_eq!((u.registers, u.smem, u.stack, u.spill_stores, u.spill_loads), (255, 4096, 24, 12, 8));
 }

@@ -17,30 +17,10 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case {
-        rows: 6,
-        tokens: 3,
-        channels: 1152,
-        gate_stride: 6 * 1152,
-    }, // gate: a chunk of 6C
-    Case {
-        rows: 5,
-        tokens: 5,
-        channels: 10,
-        gate_stride: 20,
-    }, // fewer pairs than threads
-    Case {
-        rows: 9,
-        tokens: 3,
-        channels: 258,
-        gate_stride: 260,
-    },
-    Case {
-        rows: 700,
-        tokens: 350,
-        channels: 1000,
-        gate_stride: 1000,
-    }, // more pairs than the 1024-block grid covers at once
+    Case { rows: 6, tokens: 3, channels: 1152, gate_stride: 6 * 1152 }, // gate: a chunk of 6C
+    Case { rows: 5, tokens: 5, channels: 10, gate_stride: 20 },         // fewer pairs than threads
+    Case { rows: 9, tokens: 3, channels: 258, gate_stride: 260 },
+    Case { rows: 700, tokens: 350, channels: 1000, gate_stride: 1000 }, // more pairs than the 1024-block grid covers at once
 ];
 
 fn mixed(rng: &mut Rng, n: usize) -> Vec<f16> {
@@ -65,27 +45,10 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         );
         let Some(dev) = open(&plan) else { return };
         let mut rng = Rng::new(200 + ci as u64);
-        let (x, y, gate) = (
-            mixed(&mut rng, rows * ch),
-            mixed(&mut rng, rows * ch),
-            mixed(&mut rng, gate_len),
-        );
-        let (dx, dy, dg) = (
-            put(&dev, &plan, bx, &x),
-            put(&dev, &plan, by, &y),
-            put(&dev, &plan, bg, &gate),
-        );
-        launch::gated_residual_add_f16(
-            &dev,
-            dx,
-            dy,
-            dg,
-            rows as i32,
-            c.tokens as i32,
-            ch as i32,
-            c.gate_stride as i32,
-        )
-        .unwrap();
+        let (x, y, gate) = (mixed(&mut rng, rows * ch), mixed(&mut rng, rows * ch), mixed(&mut rng, gate_len));
+        let (dx, dy, dg) = (put(&dev, &plan, bx, &x), put(&dev, &plan, by, &y), put(&dev, &plan, bg, &gate));
+        launch::gated_residual_add_f16(&dev, dx, dy, dg, rows as i32, c.tokens as i32, ch as i32, c.gate_stride as i32)
+            .unwrap();
         let got: Vec<f16> = get(&dev, &plan, bx);
 
         let exact: Vec<f64> = (0..rows * ch)
@@ -94,23 +57,12 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 x[i].to_f64() + g.to_f64() * y[i].to_f64()
             })
             .collect();
-        let finite: Vec<f64> = exact
-            .iter()
-            .copied()
-            .filter(|v| v.abs() < 65504.0)
-            .collect();
-        let what = format!(
-            "gated_residual_add_f16 rows={rows} tokens={} C={ch} ({})",
-            c.tokens,
-            dev.name()
-        );
+        let finite: Vec<f64> = exact.iter().copied().filter(|v| v.abs() < 65504.0).collect();
+        let what = format!("gated_residual_add_f16 rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
         assert_nontrivial(&what, &finite);
         let expected: Vec<f16> = exact.iter().map(|&e| f16_rne(e)).collect();
         let overflow = expected.iter().filter(|h| h.is_infinite()).count();
-        println!(
-            "{what}: {} elements, {overflow} overflow to ±inf",
-            expected.len()
-        );
+        println!("{what}: {} elements, {overflow} overflow to ±inf", expected.len());
         assert_bits_eq(&what, &got, &expected);
     }
 }

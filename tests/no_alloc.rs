@@ -9,7 +9,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use icdit::factors::{FactorInfo, LayerType};
-use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions, Request, Sampler};
+use icdit::{
+    CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions,
+    Request, Sampler,
+};
 
 struct Counting;
 
@@ -55,10 +58,7 @@ fn cpu_forward_allocates_nothing() {
         learn_sigma: true,
     };
     let model = Arc::new(DitModel::random(&cfg, 7).unwrap());
-    let opts = CpuOptions {
-        max_batch: 2,
-        guidance: true,
-        threads: 2, ..Default::default() };
+    let opts = CpuOptions { max_batch: 2, guidance: true, threads: 2, ..Default::default() };
     let mut engine = CpuEngine::new(model, &opts).unwrap();
     let rows = 4;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
@@ -87,10 +87,12 @@ fn sample_allocates_nothing_after_the_first_call() {
     // Rank-4 factors from the model's own weights (values do not matter here, shapes do).
     let (c, mh) = (m.config.hidden_size, m.config.mlp_hidden());
     let layers = (0..m.config.depth)
-        .map(|_| LayerType::ALL.map(|t| {
-            let (o, i) = t.shape(c, mh);
-            (vec![0.01f32; o * 4], vec![0.02f32; 4 * i], 4)
-        }))
+        .map(|_| {
+            LayerType::ALL.map(|t| {
+                let (o, i) = t.shape(c, mh);
+                (vec![0.01f32; o * 4], vec![0.02f32; 4 * i], 4)
+            })
+        })
         .collect();
     let factors = Arc::new(Factors::from_parts(&m, FactorInfo::default(), layers).unwrap());
     let policies = [
@@ -101,7 +103,16 @@ fn sample_allocates_nothing_after_the_first_call() {
     ];
     for (sampler, cache) in policies {
         let label = format!("{sampler:?} / {cache:?}");
-        let opts = EngineOptions { max_batch: 3, respacing: "25".into(), sampler, cfg_scale: 3.0, threads: 2, cache, full_steps: FullSteps::Period(3), ..Default::default() };
+        let opts = EngineOptions {
+            max_batch: 3,
+            respacing: "25".into(),
+            sampler,
+            cfg_scale: 3.0,
+            threads: 2,
+            cache,
+            full_steps: FullSteps::Period(3),
+            ..Default::default()
+        };
         let mut engine = Engine::new(Arc::clone(&m), &opts).unwrap();
         let classes = [1i64, 5, 9];
         let mut out = vec![0.0; 3 * m.config.image_elems()];

@@ -33,7 +33,14 @@ fn model(name: &str) -> Arc<DitModel> {
 }
 
 /// Runs a whole sampling loop from the fixture's z (and step noise).
-fn sample(model: Arc<DitModel>, sampler: Sampler, cfg: f32, labels: &[i64], z: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+fn sample(
+    model: Arc<DitModel>,
+    sampler: Sampler,
+    cfg: f32,
+    labels: &[i64],
+    z: &[f32],
+    noise: Option<&[f32]>,
+) -> Vec<f32> {
     let opts = EngineOptions {
         max_batch: labels.len(),
         respacing: "10".into(),
@@ -45,11 +52,7 @@ fn sample(model: Arc<DitModel>, sampler: Sampler, cfg: f32, labels: &[i64], z: &
     };
     let mut engine = Engine::new(model, &opts).unwrap();
     let mut out = vec![0.0; z.len()];
-    let req = Request {
-        noise: Some(z),
-        step_noise: noise,
-        ..Request::new(labels, 0)
-    };
+    let req = Request { noise: Some(z), step_noise: noise, ..Request::new(labels, 0) };
     engine.sample(&req, &mut out, &mut |_| {}).unwrap();
     out
 }

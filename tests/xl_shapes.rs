@@ -25,7 +25,11 @@ fn xl2_256_and_512_load_and_run() {
 
     // Batch 1 forward at full size: finite, non-trivial, label-dependent.
     let model = Arc::new(model);
-    let mut engine = CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 1, guidance: true, threads: 0, ..Default::default() }).unwrap();
+    let mut engine = CpuEngine::new(
+        Arc::clone(&model),
+        &CpuOptions { max_batch: 1, guidance: true, threads: 0, ..Default::default() },
+    )
+    .unwrap();
     let x: Vec<f32> = (0..2 * xl.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let mut out = vec![0.0; 2 * xl.output_elems()];
     engine.forward(&x, &[500, 500], &[207, 1000], &mut out).unwrap();

@@ -77,10 +77,7 @@ impl Gemmer {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx512f") {
-                return Gemmer {
-                    kernel: kernel_avx512,
-                    name: "avx512",
-                };
+                return Gemmer { kernel: kernel_avx512, name: "avx512" };
             }
         }
         Self::portable()
@@ -88,10 +85,7 @@ impl Gemmer {
 
     /// The plain-Rust kernel (also used by tests to cross-check the SIMD one).
     pub fn portable() -> Self {
-        Gemmer {
-            kernel: kernel_portable,
-            name: "portable",
-        }
+        Gemmer { kernel: kernel_portable, name: "portable" }
     }
 
     /// Runs `g` on every thread of `pool`, splitting the larger output dimension.
@@ -122,7 +116,10 @@ impl Gemmer {
                     let kc = KC.min(g.k - p0);
                     // SAFETY: each thread writes the panels of its own MR-aligned rows.
                     let out = unsafe {
-                        std::slice::from_raw_parts_mut(dst.get().add(p0 * m_pad + rows.start * kc), rows.len().next_multiple_of(MR) * kc)
+                        std::slice::from_raw_parts_mut(
+                            dst.get().add(p0 * m_pad + rows.start * kc),
+                            rows.len().next_multiple_of(MR) * kc,
+                        )
                     };
                     pack_a(g.a, g.a_minus, g.lda, rows.start, rows.len(), p0, kc, out);
                     p0 += kc;
@@ -131,11 +128,8 @@ impl Gemmer {
         }
         let pre = shared.then(|| &packed_a[..packed_a_len(g.m, g.k)]);
         let work = |tid: usize| {
-            let (rows, cols) = if by_cols {
-                (0..g.m, split(g.n, threads, tid, NR))
-            } else {
-                (split(g.m, threads, tid, MR), 0..g.n)
-            };
+            let (rows, cols) =
+                if by_cols { (0..g.m, split(g.n, threads, tid, NR)) } else { (split(g.m, threads, tid, MR), 0..g.n) };
             // SAFETY: each thread uses its own scratch slice and its own C tile.
             let mine = unsafe {
                 std::slice::from_raw_parts_mut(scratch.get().add(tid * SCRATCH_PER_THREAD), SCRATCH_PER_THREAD)
@@ -276,11 +270,7 @@ fn pack_b(b: BMat, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) 
             for p in 0..kc {
                 let dst = &mut panel[p * NR..(p + 1) * NR];
                 for (jj, d) in dst.iter_mut().enumerate() {
-                    *d = if jj < width {
-                        b.data[(j0 + jp * NR + jj) * b.rs + (p0 + p) * b.cs]
-                    } else {
-                        0.0
-                    };
+                    *d = if jj < width { b.data[(j0 + jp * NR + jj) * b.rs + (p0 + p) * b.cs] } else { 0.0 };
                 }
             }
         }
@@ -302,7 +292,15 @@ fn gather_ok(rs: usize) -> bool {
 #[target_feature(enable = "avx512f")]
 unsafe fn pack_b_panel_gather(src: &[f32], rs: usize, kc: usize, width: usize, panel: &mut [f32]) {
     use std::arch::x86_64::*;
-    let lanes = |lo: i32| _mm512_mullo_epi32(_mm512_add_epi32(_mm512_set1_epi32(lo), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)), _mm512_set1_epi32(rs as i32));
+    let lanes = |lo: i32| {
+        _mm512_mullo_epi32(
+            _mm512_add_epi32(
+                _mm512_set1_epi32(lo),
+                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            ),
+            _mm512_set1_epi32(rs as i32),
+        )
+    };
     let (idx0, idx1) = (lanes(0), lanes(16));
     let mask = |lo: usize| -> __mmask16 { ((1u32 << width.saturating_sub(lo).min(16)) - 1) as __mmask16 };
     let (m0, m1) = (mask(0), mask(16));
@@ -323,7 +321,14 @@ unsafe fn pack_b_panel_gather(src: &[f32], rs: usize, kc: usize, width: usize, p
 /// `src[ii·lda + p]` must be in bounds for ii < height, p < kc; the CPU must have AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn pack_a_panel_gather(src: &[f32], minus: Option<&[f32]>, lda: usize, kc: usize, height: usize, panel: &mut [f32]) {
+unsafe fn pack_a_panel_gather(
+    src: &[f32],
+    minus: Option<&[f32]>,
+    lda: usize,
+    kc: usize,
+    height: usize,
+    panel: &mut [f32],
+) {
     use std::arch::x86_64::*;
     let mut rows = [0i32; 16];
     for (ii, r) in rows.iter_mut().enumerate().take(MR) {
@@ -356,7 +361,9 @@ unsafe fn pack_a_panel_gather(src: &[f32], minus: Option<&[f32]>, lda: usize, kc
 #[inline(never)]
 #[allow(clippy::too_many_arguments)]
 fn pack_a(a: &[f32], minus: Option<&[f32]>, lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
-    let gather = cfg!(target_arch = "x86_64") && lda.checked_mul(MR).is_some_and(|v| v < i32::MAX as usize) && math::has_avx512();
+    let gather = cfg!(target_arch = "x86_64")
+        && lda.checked_mul(MR).is_some_and(|v| v < i32::MAX as usize)
+        && math::has_avx512();
     for ip in 0..mc.div_ceil(MR) {
         let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
         let height = MR.min(mc - ip * MR);
@@ -510,7 +517,20 @@ mod tests {
         let mut packed = vec![0.0; packed_a_len(m, k)];
         let add: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
         let minus: Vec<f32> = (0..m * lda).map(|_| lcg(&mut s) * 0.5).collect();
-        let g = Gemm { m, n, k, a: &a, a_minus: Some(&minus), lda, b, bias: Some(&bias), add: Some((&add, n)), act, c: SendPtr(c.as_mut_ptr()), ldc };
+        let g = Gemm {
+            m,
+            n,
+            k,
+            a: &a,
+            a_minus: Some(&minus),
+            lda,
+            b,
+            bias: Some(&bias),
+            add: Some((&add, n)),
+            act,
+            c: SendPtr(c.as_mut_ptr()),
+            ldc,
+        };
         gm.run(pool, &mut scratch, &mut packed, &g);
         let mut worst = 0.0f64;
         for i in 0..m {
@@ -538,8 +558,8 @@ mod tests {
         for gm in [Gemmer::detect(), Gemmer::portable()] {
             for &(m, n, k) in &[
                 (1, 1, 1),
-                (13, 33, 7),   // one past MR and NR
-                (12, 32, 256), // exactly one tile, one K block
+                (13, 33, 7),    // one past MR and NR
+                (12, 32, 256),  // exactly one tile, one K block
                 (37, 100, 300), // crosses a K block, ragged everywhere
                 (150, 400, 72), // crosses MC and NC
                 (2, 6912, 144), // modulation-like: tiny m, wide n

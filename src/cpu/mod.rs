@@ -46,12 +46,7 @@ pub struct CpuOptions {
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions {
-            max_batch: 1,
-            guidance: false,
-            threads: 0,
-            cache: CacheMode::None,
-        }
+        CpuOptions { max_batch: 1, guidance: false, threads: 0, cache: CacheMode::None }
     }
 }
 
@@ -184,14 +179,20 @@ impl CpuEngine {
             if f.blocks.len() != model.config.depth {
                 return Err(Error::invalid(
                     "factors",
-                    format!("{}: {} blocks of factors for a {}-block model", f.source.display(), f.blocks.len(), model.config.depth),
+                    format!(
+                        "{}: {} blocks of factors for a {}-block model",
+                        f.source.display(),
+                        f.blocks.len(),
+                        model.config.depth
+                    ),
                 ));
             }
         }
         let (mut plan, bufs) = plan(&model.config, max_rows, threads, &opts.cache);
         add_weight_notes(&mut plan, &model);
         let arena = Arena::new(&plan)?;
-        let pool = ThreadPool::new(threads).map_err(|e| Error::invalid("threads", format!("cannot start {threads} threads: {e}")))?;
+        let pool = ThreadPool::new(threads)
+            .map_err(|e| Error::invalid("threads", format!("cannot start {threads} threads: {e}")))?;
         let freqs = embed::timestep_freqs(model.numerics);
         Ok(CpuEngine {
             model,
@@ -243,7 +244,10 @@ impl CpuEngine {
         match (kind, &self.cache) {
             (StepKind::Plain, _) => {}
             (_, CacheMode::None) => {
-                return Err(Error::invalid("step kind", format!("{kind:?} steps need an engine built with a cache mode")))
+                return Err(Error::invalid(
+                    "step kind",
+                    format!("{kind:?} steps need an engine built with a cache mode"),
+                ))
             }
             (StepKind::Calibrated, CacheMode::Reuse) => {
                 return Err(Error::invalid("step kind", "calibrated steps need factors (cache mode icc)"))
@@ -377,14 +381,23 @@ impl CpuEngine {
         let (sp, slen) = self.ptr(self.bufs.gemm_scratch);
         let (pp, plen) = self.ptr(self.bufs.gemm_packed_a);
         // SAFETY: the scratch buffers are used by nothing else during the call.
-        let (scratch, packed) = unsafe {
-            (std::slice::from_raw_parts_mut(sp.get(), slen), std::slice::from_raw_parts_mut(pp.get(), plen))
-        };
+        let (scratch, packed) =
+            unsafe { (std::slice::from_raw_parts_mut(sp.get(), slen), std::slice::from_raw_parts_mut(pp.get(), plen)) };
         self.gemm.run(&self.pool, scratch, packed, g);
     }
 
     /// dst[m, n] = A[m, k]·Wᵀ + b with A, dst arena buffers and W, b a weight and bias.
-    fn linear_weights(&self, a: BufId, w: &[f32], bias: &[f32], c: BufId, m: usize, n: usize, k: usize, act: gemm::Act) {
+    fn linear_weights(
+        &self,
+        a: BufId,
+        w: &[f32],
+        bias: &[f32],
+        c: BufId,
+        m: usize,
+        n: usize,
+        k: usize,
+        act: gemm::Act,
+    ) {
         assert!(a != c, "GEMM input and output alias");
         let (cp, clen) = self.ptr(c);
         assert!(m * n <= clen, "GEMM output too small");

@@ -87,11 +87,29 @@ impl DitOps for CpuEngine {
         }
         let model = Arc::clone(&self.model);
         let tw = &model.tensors;
-        self.linear_weights(self.bufs.tfreq, model.w(tw.t_mlp0_w), model.w(tw.t_mlp0_b), self.bufs.temb, rows, c, FREQ_DIM, gemm::Act::None);
+        self.linear_weights(
+            self.bufs.tfreq,
+            model.w(tw.t_mlp0_w),
+            model.w(tw.t_mlp0_b),
+            self.bufs.temb,
+            rows,
+            c,
+            FREQ_DIM,
+            gemm::Act::None,
+        );
         for v in &mut self.slice_mut(self.bufs.temb)[..rows * c] {
             *v = math::silu(*v);
         }
-        self.linear_weights(self.bufs.temb, model.w(tw.t_mlp2_w), model.w(tw.t_mlp2_b), self.bufs.c, rows, c, c, gemm::Act::None);
+        self.linear_weights(
+            self.bufs.temb,
+            model.w(tw.t_mlp2_w),
+            model.w(tw.t_mlp2_b),
+            self.bufs.c,
+            rows,
+            c,
+            c,
+            gemm::Act::None,
+        );
         let table = model.w(tw.label_table);
         for r in 0..rows {
             let y = self.y[r];
@@ -179,16 +197,23 @@ impl DitOps for CpuEngine {
                 block.qkv_rank(),
                 &[(LayerType::Q, 0), (LayerType::K, 1), (LayerType::V, 2)],
             ),
-            Linear::Proj(_) => (factors.w(block.get(LayerType::Proj).down), block.get(LayerType::Proj).rank, &[(LayerType::Proj, 0)]),
-            Linear::Fc1(_) => (factors.w(block.get(LayerType::Fc1).down), block.get(LayerType::Fc1).rank, &[(LayerType::Fc1, 0)]),
-            Linear::Fc2(_) => (factors.w(block.get(LayerType::Fc2).down), block.get(LayerType::Fc2).rank, &[(LayerType::Fc2, 0)]),
+            Linear::Proj(_) => {
+                (factors.w(block.get(LayerType::Proj).down), block.get(LayerType::Proj).rank, &[(LayerType::Proj, 0)])
+            }
+            Linear::Fc1(_) => {
+                (factors.w(block.get(LayerType::Fc1).down), block.get(LayerType::Fc1).rank, &[(LayerType::Fc1, 0)])
+            }
+            Linear::Fc2(_) => {
+                (factors.w(block.get(LayerType::Fc2).down), block.get(LayerType::Fc2).rank, &[(LayerType::Fc2, 0)])
+            }
             Linear::Final => unreachable!(),
         };
         // T = (x − x_s)·downᵀ, all of q/k/v's projections in one GEMM; the increment
         // x − x_s (reference doc E.4) is formed while packing, never stored.
         let (lp, _) = self.ptr(low);
         // SAFETY: src and the cached input are only read; lowrank only written.
-        let (x, xs_cache) = unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
+        let (x, xs_cache) =
+            unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
         self.gemm(&Gemm {
             m,
             n: rank_total,
@@ -207,7 +232,8 @@ impl DitOps for CpuEngine {
         let group = out / parts.len();
         let (dp, _) = self.ptr(self.act_buf(dst));
         // SAFETY: lowrank and the cached output are only read; dst only written.
-        let (t, ycache) = unsafe { (self.view(low, m * rank_total), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
+        let (t, ycache) =
+            unsafe { (self.view(low, m * rank_total), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
         let mut r0 = 0;
         for &(lt, g) in parts {
             let f = block.get(lt);

@@ -39,26 +39,15 @@ impl ThreadPool {
     pub fn new(threads: usize) -> std::io::Result<Self> {
         let threads = threads.max(1);
         let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                generation: 0,
-                job: None,
-                remaining: 0,
-                panicked: false,
-                shutdown: false,
-            }),
+            state: Mutex::new(State { generation: 0, job: None, remaining: 0, panicked: false, shutdown: false }),
             work: Condvar::new(),
             done: Condvar::new(),
         });
-        let mut pool = ThreadPool {
-            shared,
-            handles: Vec::with_capacity(threads - 1),
-            threads,
-        };
+        let mut pool = ThreadPool { shared, handles: Vec::with_capacity(threads - 1), threads };
         for tid in 1..threads {
             let shared = Arc::clone(&pool.shared);
-            let handle = std::thread::Builder::new()
-                .name(format!("icdit-cpu-{tid}"))
-                .spawn(move || worker(&shared, tid))?;
+            let handle =
+                std::thread::Builder::new().name(format!("icdit-cpu-{tid}")).spawn(move || worker(&shared, tid))?;
             pool.handles.push(handle);
         }
         Ok(pool)
@@ -77,9 +66,8 @@ impl ThreadPool {
         }
         // SAFETY: only the lifetime is erased; we do not return before `remaining` is 0,
         // i.e. before every worker has stopped using the pointer.
-        let ptr = JobPtr(unsafe {
-            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(f as *const _)
-        });
+        let ptr =
+            JobPtr(unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const Job>(f as *const _) });
         {
             let mut s = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());
             s.job = Some(ptr);

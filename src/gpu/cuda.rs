@@ -72,19 +72,12 @@ impl CudaDevice {
             return Ok(None);
         }
         let device = CuDevice::get_device(0).map_err(|e| cuda_err("cuDeviceGet", e))?;
-        let attr = |a| {
-            device
-                .get_attribute(a)
-                .map_err(|e| cuda_err("cuDeviceGetAttribute", e))
-        };
-        let (major, minor) = (
-            attr(DeviceAttribute::ComputeCapabilityMajor)?,
-            attr(DeviceAttribute::ComputeCapabilityMinor)?,
-        );
+        let attr = |a| device.get_attribute(a).map_err(|e| cuda_err("cuDeviceGetAttribute", e));
+        let (major, minor) =
+            (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?);
         let gpu = device.name().map_err(|e| cuda_err("cuDeviceGetName", e))?;
         let context = Context::new(device).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
-        let stream = Stream::new(StreamFlags::NON_BLOCKING, None)
-            .map_err(|e| cuda_err("cuStreamCreate", e))?;
+        let stream = Stream::new(StreamFlags::NON_BLOCKING, None).map_err(|e| cuda_err("cuStreamCreate", e))?;
 
         let mut modules = Vec::with_capacity(MODULES.len());
         for (name, image) in MODULES {
@@ -98,21 +91,12 @@ impl CudaDevice {
         }
         let mut functions = Vec::with_capacity(kernels::ALL.len());
         for k in kernels::ALL {
-            let index = MODULES
-                .iter()
-                .position(|(name, _)| *name == k.module)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "CUDA kernels",
-                        format!("{}: no module kernels/{}.cu was built", k.name, k.module),
-                    )
-                })?;
-            let f = modules[index].get_function(k.name).map_err(|e| {
-                cuda_err(
-                    &format!("resolving {} in kernels/{}.cu", k.name, k.module),
-                    e,
-                )
+            let index = MODULES.iter().position(|(name, _)| *name == k.module).ok_or_else(|| {
+                Error::invalid("CUDA kernels", format!("{}: no module kernels/{}.cu was built", k.name, k.module))
             })?;
+            let f = modules[index]
+                .get_function(k.name)
+                .map_err(|e| cuda_err(&format!("resolving {} in kernels/{}.cu", k.name, k.module), e))?;
             functions.push(f.to_raw());
         }
 
@@ -142,18 +126,13 @@ impl Device for CudaDevice {
     }
 
     fn arena(&self) -> ArenaRange {
-        ArenaRange {
-            base: self.base,
-            bytes: self.bytes,
-        }
+        ArenaRange { base: self.base, bytes: self.bytes }
     }
 
     fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
         check_range(self.arena(), dst, src.len())?;
         // SAFETY: the range lies inside the arena; `src` outlives the copy (we wait for it).
-        let r = unsafe {
-            cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.stream.as_inner())
-        };
+        let r = unsafe { cu::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), self.stream.as_inner()) };
         check("cuMemcpyHtoDAsync", r)?;
         self.synchronize()
     }
@@ -161,49 +140,32 @@ impl Device for CudaDevice {
     fn download_bytes(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         check_range(self.arena(), src, dst.len())?;
         // SAFETY: the range lies inside the arena; `dst` outlives the copy (we wait for it).
-        let r = unsafe {
-            cu::cuMemcpyDtoHAsync_v2(
-                dst.as_mut_ptr().cast(),
-                src,
-                dst.len(),
-                self.stream.as_inner(),
-            )
-        };
+        let r = unsafe { cu::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src, dst.len(), self.stream.as_inner()) };
         check("cuMemcpyDtoHAsync", r)?;
         self.synchronize()
     }
 
     fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| {
-            cuda_err(
-                "cuStreamSynchronize (errors of earlier launches show here)",
-                e,
-            )
-        })
+        self.stream.synchronize().map_err(|e| cuda_err("cuStreamSynchronize (errors of earlier launches show here)", e))
     }
 
     fn record_event(&self) -> Result<Event> {
         let e = Event::new(EventFlags::DEFAULT).map_err(|e| cuda_err("cuEventCreate", e))?;
-        e.record(&self.stream)
-            .map_err(|e| cuda_err("cuEventRecord", e))?;
+        e.record(&self.stream).map_err(|e| cuda_err("cuEventRecord", e))?;
         Ok(e)
     }
 
     fn elapsed_ms(&self, start: &Event, end: &Event) -> Result<f32> {
-        end.synchronize()
-            .map_err(|e| cuda_err("cuEventSynchronize", e))?;
-        end.elapsed_time_f32(start)
-            .map_err(|e| cuda_err("cuEventElapsedTime", e))
+        end.synchronize().map_err(|e| cuda_err("cuEventSynchronize", e))?;
+        end.elapsed_time_f32(start).map_err(|e| cuda_err("cuEventElapsedTime", e))
     }
 
     unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
         cfg.check(kernel)?;
-        let f = *self.functions.get(kernel.id).ok_or_else(|| {
-            Error::invalid(
-                "kernel launch",
-                format!("{} is not in the kernel table", kernel.name),
-            )
-        })?;
+        let f = *self
+            .functions
+            .get(kernel.id)
+            .ok_or_else(|| Error::invalid("kernel launch", format!("{} is not in the kernel table", kernel.name)))?;
         let ([gx, gy, gz], [bx, by, bz]) = (cfg.grid, cfg.block);
         // SAFETY: `f` was resolved from a loaded module; `args` holds one pointer per kernel
         // parameter (the caller's contract), which the driver reads before returning.

@@ -56,16 +56,12 @@ impl EmuDevice {
     /// As [`EmuDevice::new`] with an explicit number of OS threads (at least 1).
     pub fn with_threads(plan: &Plan, workers: u32) -> Result<Self> {
         let bytes = plan.total_bytes().max(ARENA_ALIGN);
-        let layout = Layout::from_size_align(bytes, ARENA_ALIGN).map_err(|_| {
-            Error::invalid("arena size", format!("{bytes} bytes is not allocatable"))
-        })?;
+        let layout = Layout::from_size_align(bytes, ARENA_ALIGN)
+            .map_err(|_| Error::invalid("arena size", format!("{bytes} bytes is not allocatable")))?;
         // SAFETY: the layout has non-zero size.
         let ptr = unsafe { std::alloc::alloc(layout) };
         let base = NonNull::new(ptr).ok_or_else(|| {
-            Error::invalid(
-                "memory",
-                format!("cannot allocate the emulated device's {bytes}-byte arena"),
-            )
+            Error::invalid("memory", format!("cannot allocate the emulated device's {bytes}-byte arena"))
         })?;
         // Device memory starts as garbage on a GPU; here as all ones, which is NaN in f16 and
         // f32, so a kernel reading memory nothing wrote produces NaN rather than plausible zeros.
@@ -76,10 +72,7 @@ impl EmuDevice {
             base,
             layout,
             workers,
-            name: format!(
-                "emulated GPU ({workers} thread{})",
-                if workers == 1 { "" } else { "s" }
-            ),
+            name: format!("emulated GPU ({workers} thread{})", if workers == 1 { "" } else { "s" }),
         })
     }
 
@@ -103,10 +96,7 @@ impl Device for EmuDevice {
     }
 
     fn arena(&self) -> ArenaRange {
-        ArenaRange {
-            base: self.base.as_ptr() as usize as u64,
-            bytes: self.layout.size(),
-        }
+        ArenaRange { base: self.base.as_ptr() as usize as u64, bytes: self.layout.size() }
     }
 
     fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
@@ -157,9 +147,6 @@ impl Device for EmuDevice {
         }
         // SAFETY: the runtime writes a NUL-terminated message into `err` on failure.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-        Err(Error::invalid(
-            "kernel run",
-            format!("{} on the emulated GPU: {msg}", kernel.name),
-        ))
+        Err(Error::invalid("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
     }
 }

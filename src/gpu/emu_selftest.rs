@@ -16,11 +16,7 @@ kernel_mod!("emu/selftest", usize::MAX, emu_selftest_wmma(d: DevPtr<f32>, a: Dev
 kernel_mod!("emu/selftest", usize::MAX, emu_selftest_broken(out: DevPtr<f32>, mode: i32));
 
 fn cfg(grid: [u32; 3], block: [u32; 3], dyn_smem: u32) -> LaunchCfg {
-    LaunchCfg {
-        grid,
-        block,
-        dyn_smem,
-    }
+    LaunchCfg { grid, block, dyn_smem }
 }
 
 /// A device with one f32 buffer of `n` elements (i32 data shares it: same size).
@@ -33,10 +29,7 @@ fn device(n: usize, workers: u32) -> (EmuDevice, DevSlice<f32>, Plan) {
 }
 
 fn as_i32(s: DevSlice<f32>) -> DevPtr<i32> {
-    DevPtr {
-        addr: s.addr,
-        _t: std::marker::PhantomData,
-    }
+    DevPtr { addr: s.addr, _t: std::marker::PhantomData }
 }
 
 fn read_i32(dev: &EmuDevice, s: DevSlice<f32>) -> Vec<i32> {
@@ -59,9 +52,7 @@ fn shuffles_votes_and_indices() {
         for t in 0..64i32 {
             let got = &o[(b * 64 + t as usize) * 8..][..8];
             let (lane, base) = (t % 32, t - t % 32);
-            let ballot = (0..32)
-                .filter(|l| (base + l) % 3 == 0)
-                .fold(0u32, |m, l| m | 1 << l) as i32;
+            let ballot = (0..32).filter(|l| (base + l) % 3 == 0).fold(0u32, |m, l| m | 1 << l) as i32;
             let expected = [
                 t,
                 b as i32,
@@ -102,11 +93,7 @@ fn shared_memory_barriers_and_atomics() {
         for t in 0..64i32 {
             let got = &o[((b * 64 + t) * 3) as usize..][..3];
             let pair = if t % 32 < 16 { t ^ 1 } else { t ^ 2 };
-            assert_eq!(
-                got,
-                &[(63 - t) * (b + 1) + 1000 + (t + 1) % 64, -1, pair],
-                "block {b} thread {t}"
-            );
+            assert_eq!(got, &[(63 - t) * (b + 1) + 1000 + (t + 1) % 64, -1, pair], "block {b} thread {t}");
         }
     }
     assert_eq!(read_i32(&dev, counter), [blocks as i32 * 64]);
@@ -125,12 +112,8 @@ fn wmma_tile_semantics_in_every_layout() {
         plan.add("d", &[256], Dt::F32),
     );
     let dev = EmuDevice::with_threads(&plan, 1).unwrap();
-    let a: Vec<f16> = (0..256)
-        .map(|i| f16::from_f32(((i * 7) % 5) as f32 - 2.0))
-        .collect();
-    let b: Vec<f16> = (0..256)
-        .map(|i| f16::from_f32(((i * 3) % 7) as f32 - 3.0))
-        .collect();
+    let a: Vec<f16> = (0..256).map(|i| f16::from_f32(((i * 7) % 5) as f32 - 2.0)).collect();
+    let b: Vec<f16> = (0..256).map(|i| f16::from_f32(((i * 3) % 7) as f32 - 3.0)).collect();
     let c: Vec<f32> = (0..256).map(|i| (i % 11) as f32 - 5.0).collect();
     let (da, db, dc, dd) = (
         dev.slice::<f16>(plan.get(ia)).unwrap(),
@@ -157,24 +140,13 @@ fn wmma_tile_semantics_in_every_layout() {
         .unwrap();
         let mut d = vec![0f32; 256];
         dev.download(dd, &mut d).unwrap();
-        let at = |m: &[f16], r: usize, k: usize, col: bool| {
-            if col { m[k * 16 + r] } else { m[r * 16 + k] }.to_f32()
-        };
+        let at = |m: &[f16], r: usize, k: usize, col: bool| if col { m[k * 16 + r] } else { m[r * 16 + k] }.to_f32();
         for i in 0..16 {
             for j in 0..16 {
-                let mut e = if layout & 4 != 0 {
-                    c[j * 16 + i]
-                } else {
-                    c[i * 16 + j]
-                };
+                let mut e = if layout & 4 != 0 { c[j * 16 + i] } else { c[i * 16 + j] };
                 for k in 0..16 {
                     e += at(&a, i, k, layout & 1 != 0)
-                        * if layout & 2 != 0 {
-                            b[j * 16 + k]
-                        } else {
-                            b[k * 16 + j]
-                        }
-                        .to_f32();
+                        * if layout & 2 != 0 { b[j * 16 + k] } else { b[k * 16 + j] }.to_f32();
                 }
                 assert_eq!(d[i * 16 + j], 2.0 * e, "layout {layout}: d[{i}][{j}]");
             }
@@ -197,16 +169,11 @@ fn misuses_are_reported_not_hung() {
     let (dev, buf, _) = device(6 * 64 * 8, 2);
     for (mode, needle) in expected {
         // SAFETY: the buffer holds 2 blocks × 64 floats.
-        let err = unsafe {
-            emu_selftest_broken::launch(&dev, &cfg([2, 1, 1], [64, 1, 1], 0), buf.ptr(), mode)
-        }
-        .expect_err(&format!("mode {mode} was not reported"))
-        .to_string();
+        let err = unsafe { emu_selftest_broken::launch(&dev, &cfg([2, 1, 1], [64, 1, 1], 0), buf.ptr(), mode) }
+            .expect_err(&format!("mode {mode} was not reported"))
+            .to_string();
         println!("mode {mode}: {err}");
-        assert!(
-            err.contains(needle) && err.contains("emu_selftest_broken"),
-            "mode {mode}: {err}"
-        );
+        assert!(err.contains(needle) && err.contains("emu_selftest_broken"), "mode {mode}: {err}");
         // The device keeps working after a failed launch.
         run_warp(&dev, buf).unwrap();
     }
@@ -215,11 +182,8 @@ fn misuses_are_reported_not_hung() {
 #[test]
 fn launch_limits_are_checked() {
     let (dev, buf, _) = device(64, 1);
-    let bad: &[LaunchCfg] = &[
-        cfg([1, 1, 1], [2048, 1, 1], 0),
-        cfg([0, 1, 1], [32, 1, 1], 0),
-        cfg([1, 1, 1], [32, 1, 1], 64 * 1024),
-    ];
+    let bad: &[LaunchCfg] =
+        &[cfg([1, 1, 1], [2048, 1, 1], 0), cfg([0, 1, 1], [32, 1, 1], 0), cfg([1, 1, 1], [32, 1, 1], 64 * 1024)];
     for c in bad {
         // SAFETY: refused before anything runs.
         let r = unsafe { emu_selftest_broken::launch(&dev, c, buf.ptr(), -1) };

@@ -20,16 +20,10 @@ fn positive(kernel: &str, args: &[(&str, i32)]) -> Result<()> {
 /// `s` holds at least `elems` elements and starts at a multiple of `align` bytes.
 fn covers<T>(kernel: &str, what: &str, s: DevSlice<T>, elems: i64, align: u64) -> Result<()> {
     if (s.len as i64) < elems {
-        return Err(invalid(
-            kernel,
-            format!("{what} has {} elements, needs {elems}", s.len),
-        ));
+        return Err(invalid(kernel, format!("{what} has {} elements, needs {elems}", s.len)));
     }
     if !s.addr.is_multiple_of(align) {
-        return Err(invalid(
-            kernel,
-            format!("{what} at {:#x} is not {align}-byte aligned", s.addr),
-        ));
+        return Err(invalid(kernel, format!("{what} at {:#x} is not {align}-byte aligned", s.addr)));
     }
     Ok(())
 }
@@ -41,45 +35,27 @@ fn blocks(n: i64, per_block: i64, cap: i64) -> u32 {
 /// Grid-stride elementwise kernels: 256 threads, at most 1024 blocks (enough to fill an H100
 /// several times over; fewer blocks also keep the emulation's per-block setup small).
 fn elementwise(n: i64) -> LaunchCfg {
-    LaunchCfg {
-        grid: [blocks(n, 256, 1024), 1, 1],
-        block: [256, 1, 1],
-        dyn_smem: 0,
-    }
+    LaunchCfg { grid: [blocks(n, 256, 1024), 1, 1], block: [256, 1, 1], dyn_smem: 0 }
 }
 
 /// `out[i] = f16(input[i])`, round to nearest even (kernels/convert.cu).
-pub fn convert_f32_to_f16<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<f16>,
-    input: DevSlice<f32>,
-    n: i32,
-) -> Result<()> {
+pub fn convert_f32_to_f16<D: Device + ?Sized>(dev: &D, out: DevSlice<f16>, input: DevSlice<f32>, n: i32) -> Result<()> {
     const K: &str = "convert_f32_to_f16";
     positive(K, &[("n", n)])?;
     covers(K, "out", out, n as i64, 2)?;
     covers(K, "input", input, n as i64, 4)?;
     // SAFETY: both buffers hold n elements.
-    unsafe {
-        kernels::convert_f32_to_f16::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n)
-    }
+    unsafe { kernels::convert_f32_to_f16::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
 }
 
 /// `out[i] = f32(input[i])` (kernels/convert.cu).
-pub fn convert_f16_to_f32<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<f32>,
-    input: DevSlice<f16>,
-    n: i32,
-) -> Result<()> {
+pub fn convert_f16_to_f32<D: Device + ?Sized>(dev: &D, out: DevSlice<f32>, input: DevSlice<f16>, n: i32) -> Result<()> {
     const K: &str = "convert_f16_to_f32";
     positive(K, &[("n", n)])?;
     covers(K, "out", out, n as i64, 4)?;
     covers(K, "input", input, n as i64, 2)?;
     // SAFETY: both buffers hold n elements.
-    unsafe {
-        kernels::convert_f16_to_f32::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n)
-    }
+    unsafe { kernels::convert_f16_to_f32::launch(dev, &elementwise(n as i64), out.ptr(), input.ptr(), n) }
 }
 
 /// Rows of `rows / tokens` batch items whose modulation rows are `mod_stride` apart: the
@@ -105,19 +81,15 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     eps: f32,
 ) -> Result<()> {
     const K: &str = "layernorm_modulate_f16";
-    positive(
-        K,
-        &[("rows", rows), ("tokens", tokens), ("channels", channels)],
-    )?;
+    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
     let row_bytes = channels as i64 * 4;
-    if channels % 2 != 0
-        || mod_stride % 2 != 0
-        || mod_stride < channels
-        || row_bytes > MAX_DYN_SMEM as i64
-    {
+    if channels % 2 != 0 || mod_stride % 2 != 0 || mod_stride < channels || row_bytes > MAX_DYN_SMEM as i64 {
         return Err(invalid(
             K,
-            format!("channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels", MAX_DYN_SMEM / 4),
+            format!(
+                "channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels",
+                MAX_DYN_SMEM / 4
+            ),
         ));
     }
     let elems = rows as i64 * channels as i64;
@@ -161,28 +133,17 @@ pub fn gated_residual_add_f16<D: Device + ?Sized>(
     gate_stride: i32,
 ) -> Result<()> {
     const K: &str = "gated_residual_add_f16";
-    positive(
-        K,
-        &[("rows", rows), ("tokens", tokens), ("channels", channels)],
-    )?;
+    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
     if channels % 2 != 0 || gate_stride % 2 != 0 || gate_stride < channels {
         return Err(invalid(
             K,
-            format!(
-                "channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"
-            ),
+            format!("channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"),
         ));
     }
     let elems = rows as i64 * channels as i64;
     covers(K, "x", x, elems, 4)?;
     covers(K, "y", y, elems, 4)?;
-    covers(
-        K,
-        "gate",
-        gate,
-        modulation_elems(rows, tokens, channels, gate_stride),
-        4,
-    )?;
+    covers(K, "gate", gate, modulation_elems(rows, tokens, channels, gate_stride), 4)?;
     // SAFETY: x and y hold rows × channels, gate every batch item's row.
     unsafe {
         kernels::gated_residual_add_f16::launch(
@@ -220,16 +181,9 @@ fn gemm_cfg<O>(
     covers(kernel, "bias", bias, n64, 2)?;
     let grid_y = (m64 + 63) / 64;
     if grid_y > 65535 {
-        return Err(invalid(
-            kernel,
-            format!("m = {m} needs {grid_y} row tiles, more than 65535"),
-        ));
+        return Err(invalid(kernel, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
     }
-    Ok(LaunchCfg {
-        grid: [((n64 + 63) / 64) as u32, grid_y as u32, 1],
-        block: [128, 1, 1],
-        dyn_smem: 0,
-    })
+    Ok(LaunchCfg { grid: [((n64 + 63) / 64) as u32, grid_y as u32, 1], block: [128, 1, 1], dyn_smem: 0 })
 }
 
 /// `out = a·wᵀ + bias` in f16: a (m, k), w (n, k), bias (n), out (m, n) (kernels/gemm.cu).
@@ -246,9 +200,7 @@ pub fn gemm_bias_f16<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_f16", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe {
-        kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k)
-    }
+    unsafe { kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
 }
 
 /// `out = GELU_tanh(a·wᵀ + bias)` in f16 (kernels/gemm.cu).
@@ -265,19 +217,7 @@ pub fn gemm_bias_gelu_f16<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_gelu_f16", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe {
-        kernels::gemm_bias_gelu_f16::launch(
-            dev,
-            &cfg,
-            out.ptr(),
-            a.ptr(),
-            w.ptr(),
-            bias.ptr(),
-            m,
-            n,
-            k,
-        )
-    }
+    unsafe { kernels::gemm_bias_gelu_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
 }
 
 /// `out = a·wᵀ + bias` in f32 (kernels/gemm.cu).
@@ -294,7 +234,5 @@ pub fn gemm_bias_f32<D: Device + ?Sized>(
 ) -> Result<()> {
     let cfg = gemm_cfg("gemm_bias_f32", out, a, w, bias, m, n, k)?;
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe {
-        kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k)
-    }
+    unsafe { kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
 }

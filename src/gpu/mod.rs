@@ -73,13 +73,7 @@ impl<T> Clone for DevSlice<T> {
 impl<T> Copy for DevSlice<T> {}
 impl<T> std::fmt::Debug for DevSlice<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DevSlice({:#x}, {} × {})",
-            self.addr,
-            self.len,
-            std::any::type_name::<T>()
-        )
+        write!(f, "DevSlice({:#x}, {} × {})", self.addr, self.len, std::any::type_name::<T>())
     }
 }
 
@@ -91,24 +85,14 @@ impl<T> DevSlice<T> {
         self.len == 0
     }
     pub fn ptr(self) -> DevPtr<T> {
-        DevPtr {
-            addr: self.addr,
-            _t: PhantomData,
-        }
+        DevPtr { addr: self.addr, _t: PhantomData }
     }
     /// Elements `start .. start + len` (e.g. one chunk of a modulation vector).
     pub fn sub(self, start: usize, len: usize) -> Result<Self> {
         if start.checked_add(len).is_none_or(|end| end > self.len) {
-            return Err(Error::invalid(
-                "device slice",
-                format!("{start}..{start}+{len} is outside {self:?}"),
-            ));
+            return Err(Error::invalid("device slice", format!("{start}..{start}+{len} is outside {self:?}")));
         }
-        Ok(DevSlice {
-            addr: self.addr + (start * size_of::<T>()) as u64,
-            len,
-            _t: PhantomData,
-        })
+        Ok(DevSlice { addr: self.addr + (start * size_of::<T>()) as u64, len, _t: PhantomData })
     }
     fn bytes(self) -> usize {
         self.len * size_of::<T>()
@@ -133,20 +117,16 @@ impl LaunchCfg {
         let [gx, gy, gz] = self.grid;
         let [bx, by, bz] = self.block;
         let threads = bx as u64 * by as u64 * bz as u64;
-        let bad =
-            if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
-                "grid"
-            } else if threads == 0 || threads > 1024 || bz > 64 {
-                "block"
-            } else if self.dyn_smem > MAX_DYN_SMEM {
-                "dynamic shared memory"
-            } else {
-                return Ok(());
-            };
-        Err(Error::invalid(
-            "kernel launch",
-            format!("{}: {bad} out of range in {self:?}", kernel.name),
-        ))
+        let bad = if gx == 0 || gy == 0 || gz == 0 || gx > i32::MAX as u32 || gy > 65535 || gz > 65535 {
+            "grid"
+        } else if threads == 0 || threads > 1024 || bz > 64 {
+            "block"
+        } else if self.dyn_smem > MAX_DYN_SMEM {
+            "dynamic shared memory"
+        } else {
+            return Ok(());
+        };
+        Err(Error::invalid("kernel launch", format!("{}: {bad} out of range in {self:?}", kernel.name)))
     }
 }
 
@@ -199,10 +179,7 @@ pub trait Device {
     /// Starts recording launches into a graph instead of running them. Not implemented yet on
     /// either device: the pipeline runs launches directly until graph capture lands.
     fn begin_capture(&self) -> Result<()> {
-        Err(Error::invalid(
-            "graph capture",
-            format!("not implemented yet on {}", self.name()),
-        ))
+        Err(Error::invalid("graph capture", format!("not implemented yet on {}", self.name())))
     }
 
     /// The arena buffer `buf` of a plan, as `T` elements.
@@ -210,29 +187,17 @@ pub trait Device {
         if buf.dtype != T::DT {
             return Err(Error::invalid(
                 "device slice",
-                format!(
-                    "buffer `{}` holds {:?}, not {:?}",
-                    buf.name,
-                    buf.dtype,
-                    T::DT
-                ),
+                format!("buffer `{}` holds {:?}, not {:?}", buf.name, buf.dtype, T::DT),
             ));
         }
         let arena = self.arena();
         if buf.offset + buf.bytes() > arena.bytes {
             return Err(Error::invalid(
                 "device slice",
-                format!(
-                    "buffer `{}` ends past the {}-byte arena",
-                    buf.name, arena.bytes
-                ),
+                format!("buffer `{}` ends past the {}-byte arena", buf.name, arena.bytes),
             ));
         }
-        Ok(DevSlice {
-            addr: arena.base + buf.offset as u64,
-            len: buf.elems(),
-            _t: PhantomData,
-        })
+        Ok(DevSlice { addr: arena.base + buf.offset as u64, len: buf.elems(), _t: PhantomData })
     }
 
     /// Copies `src` into `dst`, which must have the same length.
@@ -250,10 +215,7 @@ pub trait Device {
 
 fn check_copy<T>(arena: ArenaRange, dev: DevSlice<T>, host_len: usize) -> Result<()> {
     if dev.len != host_len {
-        return Err(Error::invalid(
-            "device copy",
-            format!("host slice of {host_len} elements against {dev:?}"),
-        ));
+        return Err(Error::invalid("device copy", format!("host slice of {host_len} elements against {dev:?}")));
     }
     check_range(arena, dev.addr, dev.bytes())
 }
@@ -261,10 +223,7 @@ fn check_copy<T>(arena: ArenaRange, dev: DevSlice<T>, host_len: usize) -> Result
 /// `len` bytes at device address `addr` lie inside the arena.
 fn check_range(arena: ArenaRange, addr: u64, len: usize) -> Result<()> {
     if addr < arena.base || addr - arena.base + len as u64 > arena.bytes as u64 {
-        return Err(Error::invalid(
-            "device copy",
-            format!("{len} bytes at {addr:#x} are outside the arena"),
-        ));
+        return Err(Error::invalid("device copy", format!("{len} bytes at {addr:#x} are outside the arena")));
     }
     Ok(())
 }

@@ -25,11 +25,8 @@ struct HfConfig {
 }
 
 pub(super) fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<DitModel> {
-    let dir = if dir.join("transformer").join("config.json").is_file() {
-        dir.join("transformer")
-    } else {
-        dir.to_path_buf()
-    };
+    let dir =
+        if dir.join("transformer").join("config.json").is_file() { dir.join("transformer") } else { dir.to_path_buf() };
     if !dir.join("config.json").is_file() {
         return Err(Error::Layout {
             path: dir.clone(),
@@ -55,15 +52,9 @@ pub(super) fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<DitModel> {
 /// The files listed by a sharded checkpoint's index, each opened once.
 fn shards(index: &Path) -> Result<Vec<TensorFile>> {
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let bad = |reason: String| Error::Layout {
-        path: index.to_path_buf(),
-        reason,
-    };
+    let bad = |reason: String| Error::Layout { path: index.to_path_buf(), reason };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
     let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
     names.sort();
     names.dedup();
@@ -83,10 +74,8 @@ pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
     let origin = cfg_path.display().to_string();
-    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| Error::Config {
-        origin: origin.clone(),
-        reason: format!("not a diffusers DiT config: {e}"),
-    })?;
+    let hf: HfConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { origin: origin.clone(), reason: format!("not a diffusers DiT config: {e}") })?;
     if let Some(t) = hf.norm_type.as_deref() {
         if t != "ada_norm_zero" {
             return Err(Error::Config {
@@ -121,10 +110,7 @@ pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts
 }
 
 fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origin: &str) -> Result<DitConfig> {
-    let conflict = |reason: String| Error::Config {
-        origin: origin.to_string(),
-        reason,
-    };
+    let conflict = |reason: String| Error::Config { origin: origin.to_string(), reason };
     let pw = need_shape(b, "pos_embed.proj.weight")?;
     let [c, cin, p, _] = *pw else {
         return Err(Error::Layout {
@@ -167,9 +153,7 @@ fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origi
     } else if rows == num_classes {
         0.0
     } else {
-        return Err(conflict(format!(
-            "num_embeds_ada_norm is {num_classes} but the label table has {rows} rows"
-        )));
+        return Err(conflict(format!("num_embeds_ada_norm is {num_classes} but the label table has {rows} rows")));
     };
     let mlp_hidden = need_shape(b, "transformer_blocks.0.ff.net.0.proj.weight")?[0];
     let cfg = DitConfig {
@@ -211,12 +195,7 @@ fn check_embedder_copies(b: &StoreBuilder, cfg: &DitConfig, path: &Path) -> Resu
         for i in 1..cfg.depth {
             let name = format!("transformer_blocks.{i}.{suffix}");
             match b.raw(&name) {
-                None => {
-                    return Err(Error::MissingTensors {
-                        path: path.to_path_buf(),
-                        names: vec![name],
-                    })
-                }
+                None => return Err(Error::MissingTensors { path: path.to_path_buf(), names: vec![name] }),
                 Some(bytes) if bytes != reference => {
                     return Err(Error::Config {
                         origin: path.display().to_string(),
@@ -242,10 +221,7 @@ fn register(b: &mut StoreBuilder, cfg: &DitConfig) -> Result<DitTensors> {
     for i in 0..cfg.depth {
         let pre = format!("transformer_blocks.{i}.");
         let parts = |kind: &str, shape: Vec<usize>| -> Vec<(String, Vec<usize>)> {
-            ["to_q", "to_k", "to_v"]
-                .iter()
-                .map(|q| (format!("{pre}attn1.{q}.{kind}"), shape.clone()))
-                .collect()
+            ["to_q", "to_k", "to_v"].iter().map(|q| (format!("{pre}attn1.{q}.{kind}"), shape.clone())).collect()
         };
         let qkv_w = b.concat(&parts("weight", vec![c, c]))?;
         let qkv_b = b.concat(&parts("bias", vec![c]))?;

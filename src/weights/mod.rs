@@ -45,26 +45,23 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        LoadOptions {
-            num_heads: None,
-            numerics: Numerics::Official,
-        }
+        LoadOptions { num_heads: None, numerics: Numerics::Official }
     }
 }
 
 /// One DiT block's tensors, PyTorch layout (weights are (out, in), row-major).
 #[derive(Clone, Debug)]
 pub struct BlockTensors {
-    pub qkv_w: TRef, // (3C, C): rows [q | k | v], each head-contiguous
-    pub qkv_b: TRef, // (3C)
+    pub qkv_w: TRef,  // (3C, C): rows [q | k | v], each head-contiguous
+    pub qkv_b: TRef,  // (3C)
     pub proj_w: TRef, // (C, C)
     pub proj_b: TRef, // (C)
-    pub fc1_w: TRef, // (M, C), M = mlp hidden
-    pub fc1_b: TRef, // (M)
-    pub fc2_w: TRef, // (C, M)
-    pub fc2_b: TRef, // (C)
-    pub ada_w: TRef, // (6C, C): shift/scale/gate MSA, shift/scale/gate MLP
-    pub ada_b: TRef, // (6C)
+    pub fc1_w: TRef,  // (M, C), M = mlp hidden
+    pub fc1_b: TRef,  // (M)
+    pub fc2_w: TRef,  // (C, M)
+    pub fc2_b: TRef,  // (C)
+    pub ada_w: TRef,  // (6C, C): shift/scale/gate MSA, shift/scale/gate MLP
+    pub ada_b: TRef,  // (6C)
 }
 
 /// Every tensor of a DiT, as the official state dict names them.
@@ -182,11 +179,7 @@ fn extras(file: &TensorFile, num_classes: usize) -> Result<(SampleSpace, Option<
             if names.len() != num_classes {
                 return Err(Error::Config {
                     origin: origin(),
-                    reason: format!(
-                        "{} lists {} names for {num_classes} classes",
-                        meta::CLASS_NAMES,
-                        names.len()
-                    ),
+                    reason: format!("{} lists {} names for {num_classes} classes", meta::CLASS_NAMES, names.len()),
                 });
             }
             Some(names)
@@ -209,30 +202,21 @@ fn count_blocks<'a>(names: impl Iterator<Item = &'a str>, prefix: &str, path: &P
     }
     let depth = seen.len();
     if depth == 0 {
-        return Err(Error::Layout {
-            path: path.to_path_buf(),
-            reason: format!("no `{prefix}{{i}}.*` tensors"),
-        });
+        return Err(Error::Layout { path: path.to_path_buf(), reason: format!("no `{prefix}{{i}}.*` tensors") });
     }
     if seen.iter().next_back() != Some(&(depth - 1)) {
         let missing: Vec<String> = (0..*seen.iter().next_back().unwrap_or(&0))
             .filter(|i| !seen.contains(i))
             .map(|i| format!("{prefix}{i}.*"))
             .collect();
-        return Err(Error::MissingTensors {
-            path: path.to_path_buf(),
-            names: missing,
-        });
+        return Err(Error::MissingTensors { path: path.to_path_buf(), names: missing });
     }
     Ok(depth)
 }
 
 /// Shape of a tensor that must exist for config inference, or a missing-tensor error.
 fn need_shape<'a>(b: &'a StoreBuilder, name: &str) -> Result<&'a [usize]> {
-    b.shape(name).ok_or_else(|| Error::MissingTensors {
-        path: b.path_of(name),
-        names: vec![name.to_string()],
-    })
+    b.shape(name).ok_or_else(|| Error::MissingTensors { path: b.path_of(name), names: vec![name.to_string()] })
 }
 
 /// The sin-cos position embedding as an owned tensor (for layouts that do not store it).

@@ -53,10 +53,7 @@ pub(super) fn load(file: TensorFile, opts: &LoadOptions) -> Result<DitModel> {
 
 /// Reference doc part B: every size from a shape, heads from metadata, flag or family.
 fn infer(b: &StoreBuilder, m: &MetaConfig, opts: &LoadOptions, path: &Path, origin: &str) -> Result<DitConfig> {
-    let layout_err = |reason: String| Error::Layout {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let layout_err = |reason: String| Error::Layout { path: path.to_path_buf(), reason };
     let xw = need_shape(b, "x_embedder.proj.weight")?;
     let [c, cin, p, p2] = *xw else {
         return Err(layout_err(format!("`x_embedder.proj.weight` has shape {xw:?}, expected (C, Cin, p, p)")));

@@ -63,7 +63,10 @@ impl WeightStore {
 
 /// How an owned tensor gets its values once the buffer exists.
 enum Fill {
-    Convert { file: usize, name: String },
+    Convert {
+        file: usize,
+        name: String,
+    },
     /// Concatenation along dim 0 (rows) of whole tensors, in order.
     Concat(Vec<(usize, String)>),
     Generated(Box<dyn FnOnce(&mut [f32])>),
@@ -139,10 +142,7 @@ impl StoreBuilder {
     pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<TRef> {
         let Some(&file) = self.index.get(name) else {
             self.missing.push(name.to_string());
-            return Ok(TRef {
-                src: Src::Owned { offset: 0 },
-                len: 0,
-            });
+            return Ok(TRef { src: Src::Owned { offset: 0 }, len: 0 });
         };
         let f = &self.files[file];
         let entry = f.get(name).expect("indexed tensor exists");
@@ -159,21 +159,9 @@ impl StoreBuilder {
         self.used.push(name.to_string());
         let len = entry.elems();
         if ty == FloatType::F32 && f.f32_view(entry).is_some() {
-            return Ok(TRef {
-                src: Src::Mapped {
-                    file,
-                    start: entry.start,
-                },
-                len,
-            });
+            return Ok(TRef { src: Src::Mapped { file, start: entry.start }, len });
         }
-        Ok(self.owned(
-            len,
-            Fill::Convert {
-                file,
-                name: name.to_string(),
-            },
-        ))
+        Ok(self.owned(len, Fill::Convert { file, name: name.to_string() }))
     }
 
     /// Several tensors concatenated along their first dimension into one owned tensor.
@@ -190,10 +178,7 @@ impl StoreBuilder {
         }
         if sources.len() != parts.len() {
             // Some part is missing; it is already recorded.
-            return Ok(TRef {
-                src: Src::Owned { offset: 0 },
-                len: 0,
-            });
+            return Ok(TRef { src: Src::Owned { offset: 0 }, len: 0 });
         }
         Ok(self.owned(len, Fill::Concat(sources)))
     }
@@ -207,21 +192,14 @@ impl StoreBuilder {
         let offset = self.owned_len;
         self.owned_len += len;
         self.fills.push((offset, len, fill));
-        TRef {
-            src: Src::Owned { offset },
-            len,
-        }
+        TRef { src: Src::Owned { offset }, len }
     }
 
     /// Tensors in the files that no one asked for.
     pub fn unused(&self, allowed_extra: impl Fn(&str) -> bool) -> Vec<String> {
         let used: std::collections::HashSet<&str> = self.used.iter().map(String::as_str).collect();
-        let mut extra: Vec<String> = self
-            .index
-            .keys()
-            .filter(|n| !used.contains(n.as_str()) && !allowed_extra(n))
-            .cloned()
-            .collect();
+        let mut extra: Vec<String> =
+            self.index.keys().filter(|n| !used.contains(n.as_str()) && !allowed_extra(n)).cloned().collect();
         extra.sort();
         extra
     }
@@ -232,17 +210,11 @@ impl StoreBuilder {
         if !self.missing.is_empty() {
             let mut names = self.missing.clone();
             names.sort();
-            return Err(Error::MissingTensors {
-                path: self.path_of(""),
-                names,
-            });
+            return Err(Error::MissingTensors { path: self.path_of(""), names });
         }
         let extra = self.unused(allowed_extra);
         if !extra.is_empty() {
-            return Err(Error::UnexpectedTensors {
-                path: self.path_of(""),
-                names: extra,
-            });
+            return Err(Error::UnexpectedTensors { path: self.path_of(""), names: extra });
         }
         let mut owned = vec![0.0f32; self.owned_len];
         for (offset, len, fill) in self.fills {
@@ -265,12 +237,6 @@ impl StoreBuilder {
                 Fill::Generated(g) => g(dst),
             }
         }
-        Ok((
-            WeightStore {
-                files: self.files,
-                owned,
-            },
-            self.dtypes,
-        ))
+        Ok((WeightStore { files: self.files, owned }, self.dtypes))
     }
 }

@@ -176,10 +176,8 @@ pub fn write_random_official(path: &Path, cfg: &DitConfig, seed: u64, dtype: Flo
         .collect();
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    meta.insert(
-        meta::DIT_CONFIG.to_string(),
-        serde_json::to_string(cfg).expect("config serialises"),
-    );
-    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
+    meta.insert(meta::DIT_CONFIG.to_string(), serde_json::to_string(cfg).expect("config serialises"));
+    let bytes =
+        safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
     crate::atomic_write(path, &bytes)
 }

@@ -49,10 +49,7 @@ pub struct Guarded {
 }
 
 pub fn add(plan: &mut Plan, name: &str, len: usize, dt: Dt) -> Guarded {
-    Guarded {
-        id: plan.add(name, &[len + 2 * GUARD], dt),
-        len,
-    }
+    Guarded { id: plan.add(name, &[len + 2 * GUARD], dt), len }
 }
 
 fn guard_value<T: DevType>() -> T {
@@ -83,15 +80,10 @@ pub fn get<T: DevType, D: Device>(dev: &D, plan: &Plan, b: Guarded) -> Vec<T> {
     let name = &plan.get(b.id).name;
     let whole = dev.slice::<T>(plan.get(b.id)).unwrap();
     let mut all = vec![guard_value::<T>(); b.len + 2 * GUARD];
-    dev.download(whole, &mut all)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    dev.download(whole, &mut all).unwrap_or_else(|e| panic!("{name}: {e}"));
     let g = bytemuck::cast_slice::<T, u8>(&[guard_value::<T>()]).to_vec();
     for (i, v) in all[..GUARD].iter().chain(&all[GUARD + b.len..]).enumerate() {
-        assert_eq!(
-            bytemuck::bytes_of(v),
-            &g[..],
-            "{name}: guard element {i} was overwritten"
-        );
+        assert_eq!(bytemuck::bytes_of(v), &g[..], "{name}: guard element {i} was overwritten");
     }
     all[GUARD..GUARD + b.len].to_vec()
 }
@@ -122,9 +114,7 @@ impl Rng {
     }
     /// `n` small integers in [-r, r] as f16 (exact).
     pub fn ints(&mut self, n: usize, r: i64) -> Vec<f16> {
-        (0..n)
-            .map(|_| f16::from_f64((self.next_u64() % (2 * r as u64 + 1)) as f64 - r as f64))
-            .collect()
+        (0..n).map(|_| f16::from_f64((self.next_u64() % (2 * r as u64 + 1)) as f64 - r as f64)).collect()
     }
 }
 
@@ -140,11 +130,7 @@ pub fn f16_rne(x: f64) -> f16 {
         return f16::NAN;
     }
     if x.abs() >= 65520.0 {
-        return if x > 0.0 {
-            f16::INFINITY
-        } else {
-            f16::NEG_INFINITY
-        };
+        return if x > 0.0 { f16::INFINITY } else { f16::NEG_INFINITY };
     }
     let guess = f16::from_f64(x);
     let mut best = guess;
@@ -187,15 +173,11 @@ pub fn assert_within(what: &str, got: &[f32], exact: &[f64], bound: impl Fn(usiz
     if let Some(i) = got.iter().position(|v| !v.is_finite()) {
         panic!("{what}: element {i} is {} (expected {})", got[i], exact[i]);
     }
-    let mut worst: Vec<(f64, usize)> = (0..got.len())
-        .map(|i| ((got[i] as f64 - exact[i]).abs() / bound(i), i))
-        .collect();
+    let mut worst: Vec<(f64, usize)> =
+        (0..got.len()).map(|i| ((got[i] as f64 - exact[i]).abs() / bound(i), i)).collect();
     worst.sort_by(|a, b| b.0.total_cmp(&a.0));
     let max_ratio = worst[0].0;
-    println!(
-        "{what}: max |error| / bound = {max_ratio:.3}, relative L2 error {:.2e}",
-        rel_l2(got, exact)
-    );
+    println!("{what}: max |error| / bound = {max_ratio:.3}, relative L2 error {:.2e}", rel_l2(got, exact));
     if max_ratio > 1.0 {
         for &(r, i) in worst.iter().take(8) {
             eprintln!(
@@ -207,10 +189,7 @@ pub fn assert_within(what: &str, got: &[f32], exact: &[f64], bound: impl Fn(usiz
             );
         }
         let over = worst.iter().filter(|w| w.0 > 1.0).count();
-        panic!(
-            "{what}: {over} of {} elements exceed their error bound",
-            got.len()
-        );
+        panic!("{what}: {over} of {} elements exceed their error bound", got.len());
     }
     max_ratio
 }
@@ -219,9 +198,7 @@ pub fn assert_within(what: &str, got: &[f32], exact: &[f64], bound: impl Fn(usiz
 pub fn assert_bits_eq(what: &str, got: &[f16], expected: &[f16]) {
     assert_eq!(got.len(), expected.len(), "{what}: length");
     let bad: Vec<usize> = (0..got.len())
-        .filter(|&i| {
-            got[i].to_bits() != expected[i].to_bits() && !(got[i].is_nan() && expected[i].is_nan())
-        })
+        .filter(|&i| got[i].to_bits() != expected[i].to_bits() && !(got[i].is_nan() && expected[i].is_nan()))
         .collect();
     for &i in bad.iter().take(8) {
         eprintln!(
@@ -232,12 +209,7 @@ pub fn assert_bits_eq(what: &str, got: &[f16], expected: &[f16]) {
             expected[i].to_bits()
         );
     }
-    assert!(
-        bad.is_empty(),
-        "{what}: {} of {} elements differ",
-        bad.len(),
-        got.len()
-    );
+    assert!(bad.is_empty(), "{what}: {} of {} elements differ", bad.len(), got.len());
 }
 
 /// A reference that is all zeros or constant would let a broken kernel pass.
@@ -246,18 +218,11 @@ pub fn assert_nontrivial(what: &str, exact: &[f64]) {
     let rms = (exact.iter().map(|v| v * v).sum::<f64>() / n).sqrt();
     let mean = exact.iter().sum::<f64>() / n;
     let spread = (exact.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n).sqrt();
-    assert!(
-        rms > 1e-3 && spread > 1e-3,
-        "{what}: reference is trivial (rms {rms}, spread {spread})"
-    );
+    assert!(rms > 1e-3 && spread > 1e-3, "{what}: reference is trivial (rms {rms}, spread {spread})");
 }
 
 pub fn rel_l2(got: &[f32], exact: &[f64]) -> f64 {
-    let num: f64 = got
-        .iter()
-        .zip(exact)
-        .map(|(&g, &e)| (g as f64 - e).powi(2))
-        .sum();
+    let num: f64 = got.iter().zip(exact).map(|(&g, &e)| (g as f64 - e).powi(2)).sum();
     let den: f64 = exact.iter().map(|e| e * e).sum();
     (num / den).sqrt()
 }

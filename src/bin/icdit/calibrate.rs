@@ -62,9 +62,11 @@ fn bar(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
     std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new(len as u64);
         b.set_style(
-            indicatif::ProgressStyle::with_template(&format!("{what} {{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}}"))
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}}"
+            ))
+            .expect("static template")
+            .progress_chars("=> "),
         );
         b
     })
@@ -102,7 +104,10 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
                 self_set(&model, n, a.seed, threads, method)?
             }
             (None, None) => {
-                return Err(Error::invalid("calibration data", "ca-svd and cd-svd need --calib-latents FILE or --calib-self N"))
+                return Err(Error::invalid(
+                    "calibration data",
+                    "ca-svd and cd-svd need --calib-latents FILE or --calib-self N",
+                ))
             }
         };
         settings["calib_samples"] = set.len().into();

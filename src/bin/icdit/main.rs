@@ -56,13 +56,7 @@ pub(crate) struct ModelArgs {
 
 impl ModelArgs {
     pub(crate) fn load(&self, path: &std::path::Path) -> Result<DitModel, Error> {
-        DitModel::load(
-            path,
-            &LoadOptions {
-                num_heads: self.num_heads,
-                numerics: self.numerics,
-            },
-        )
+        DitModel::load(path, &LoadOptions { num_heads: self.num_heads, numerics: self.numerics })
     }
 }
 
@@ -151,10 +145,7 @@ fn main() -> ExitCode {
 
 fn inspect(a: InspectArgs) -> Result<(), Error> {
     let model = a.model.load(&a.path)?;
-    let opts = CpuOptions {
-        max_batch: a.batch,
-        guidance: a.cfg,
-        threads: 0, ..Default::default() };
+    let opts = CpuOptions { max_batch: a.batch, guidance: a.cfg, threads: 0, ..Default::default() };
     let report = Report::new(&model, &opts);
     if a.json {
         outln!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
@@ -188,10 +179,7 @@ fn forward(a: ForwardArgs) -> Result<(), Error> {
     }
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions {
-            max_batch: b,
-            guidance: false,
-            threads: a.threads, ..Default::default() },
+        &CpuOptions { max_batch: b, guidance: false, threads: a.threads, ..Default::default() },
     )?;
     let mut out = vec![0.0f32; b * cfg.output_elems()];
     let start = Instant::now();
@@ -225,10 +213,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     let rows = a.rows.max(1);
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions {
-            max_batch: rows,
-            guidance: false,
-            threads: a.threads, ..Default::default() },
+        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, ..Default::default() },
     )?;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();

@@ -141,7 +141,8 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
         ("none" | "reuse", Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
         (other, _) => return Err(Error::invalid("--cache", format!("`{other}`: expected none, reuse or icc"))),
     };
-    let full_steps = if a.full_steps.is_empty() { FullSteps::Period(a.period) } else { FullSteps::List(a.full_steps.clone()) };
+    let full_steps =
+        if a.full_steps.is_empty() { FullSteps::Period(a.period) } else { FullSteps::List(a.full_steps.clone()) };
     let opts = EngineOptions {
         cache,
         full_steps,
@@ -160,7 +161,8 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     };
     let kinds: Vec<_> = (0..steps).map(|i| engine.step_kind(i)).collect();
     let (mean_macs, macs_ratio) = icdit::cost::schedule_macs(&cfg, kinds.iter().copied(), &ranks);
-    let full_steps_taken = kinds.iter().filter(|k| matches!(k, icdit::forward::StepKind::Full | icdit::forward::StepKind::Plain)).count();
+    let full_steps_taken =
+        kinds.iter().filter(|k| matches!(k, icdit::forward::StepKind::Full | icdit::forward::StepKind::Plain)).count();
 
     let img = cfg.image_elems();
     let mut samples = vec![0.0f32; classes.len() * img];
@@ -211,7 +213,8 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         }
-        let cols = a.grid_cols.unwrap_or(if a.class.is_empty() && a.random_classes.is_none() { a.per_class } else { 8 });
+        let cols =
+            a.grid_cols.unwrap_or(if a.class.is_empty() && a.random_classes.is_none() { a.per_class } else { 8 });
         icdit::image::write_grid_png(&path, &samples, classes.len(), cfg.in_channels, cfg.input_size, cols, 2)?;
         written.push(path);
     } else if a.out.is_some() {
