@@ -156,15 +156,18 @@ fn wmma_tile_semantics_in_every_layout() {
 
 #[test]
 fn misuses_are_reported_not_hung() {
-    let expected = [
-        (0, "__syncthreads"),
-        (1, "__syncthreads"),
-        (2, "with mask 0x"),
-        (3, "reads lane 20, which is not in mask"),
-        (4, "deadlock"),
-        (5, "not 256-bit aligned"),
-        (6, "returned"),
-        (7, "does not include the calling lane"),
+    // Mode 2 is reported one of two ways depending on which half-warp the scheduler runs
+    // first: as the mask disagreement, or (when the 0xffff0000 half completed its own
+    // collective and returned) as lanes of the full mask that already returned.
+    let expected: [(i32, &[&str]); 8] = [
+        (0, &["__syncthreads"]),
+        (1, &["__syncthreads"]),
+        (2, &["with mask 0x", "already returned"]),
+        (3, &["reads lane 20, which is not in mask"]),
+        (4, &["deadlock"]),
+        (5, &["not 256-bit aligned"]),
+        (6, &["returned"]),
+        (7, &["does not include the calling lane"]),
     ];
     let (dev, buf, _) = device(6 * 64 * 8, 2);
     for (mode, needle) in expected {
@@ -173,7 +176,7 @@ fn misuses_are_reported_not_hung() {
             .expect_err(&format!("mode {mode} was not reported"))
             .to_string();
         println!("mode {mode}: {err}");
-        assert!(err.contains(needle) && err.contains("emu_selftest_broken"), "mode {mode}: {err}");
+        assert!(needle.iter().any(|n| err.contains(n)) && err.contains("emu_selftest_broken"), "mode {mode}: {err}");
         // The device keeps working after a failed launch.
         run_warp(&dev, buf).unwrap();
     }
