@@ -52,6 +52,11 @@ pub enum Error {
     )]
     UnknownHeads { path: PathBuf, hidden_size: usize, depth: usize },
 
+    /// The device failed: a CUDA call, a module load, or a kernel that the emulation
+    /// caught misbehaving (a barrier not reached by every thread, a bad shuffle mask, …).
+    #[error("GPU {what}: {reason}")]
+    Gpu { what: &'static str, reason: String },
+
     /// A request that cannot be served as given (wrong batch size, unknown class, ...).
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
@@ -68,17 +73,23 @@ fn list(names: &[String]) -> String {
 
 impl Error {
     /// Process exit status for the command line: 2 for invalid settings or requests,
-    /// 3 for weights or input files that are malformed or do not fit, 4 for I/O failures.
+    /// 3 for weights or input files that are malformed or do not fit, 4 for I/O failures,
+    /// 5 for device failures.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Invalid { .. } => 2,
             Error::Io { .. } => 4,
+            Error::Gpu { .. } => 5,
             _ => 3,
         }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+
+    pub fn gpu(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::Gpu { what, reason: reason.into() }
     }
 
     pub fn invalid(what: &'static str, reason: impl Into<String>) -> Self {

@@ -35,7 +35,7 @@ include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::invalid("CUDA call", format!("{what}: {e:?}"))
+    Error::gpu("CUDA call", format!("{what}: {e:?}"))
 }
 
 fn check(what: &str, r: cu::CUresult) -> Result<()> {
@@ -92,7 +92,7 @@ impl CudaDevice {
         let mut functions = Vec::with_capacity(kernels::ALL.len());
         for k in kernels::ALL {
             let index = MODULES.iter().position(|(name, _)| *name == k.module).ok_or_else(|| {
-                Error::invalid("CUDA kernels", format!("{}: no module kernels/{}.cu was built", k.name, k.module))
+                Error::gpu("CUDA kernels", format!("{}: no module kernels/{}.cu was built", k.name, k.module))
             })?;
             let f = modules[index]
                 .get_function(k.name)

@@ -147,6 +147,6 @@ impl Device for EmuDevice {
         }
         // SAFETY: the runtime writes a NUL-terminated message into `err` on failure.
         let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-        Err(Error::invalid("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
+        Err(Error::gpu("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
     }
 }

@@ -179,7 +179,7 @@ pub trait Device {
     /// Starts recording launches into a graph instead of running them. Not implemented yet on
     /// either device: the pipeline runs launches directly until graph capture lands.
     fn begin_capture(&self) -> Result<()> {
-        Err(Error::invalid("graph capture", format!("not implemented yet on {}", self.name())))
+        Err(Error::gpu("graph capture", format!("not implemented yet on {}", self.name())))
     }
 
     /// The arena buffer `buf` of a plan, as `T` elements.
