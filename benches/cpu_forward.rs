@@ -41,6 +41,7 @@ fn gemm_shapes(c: &mut Criterion) {
                     a: &a,
                     a_minus: None,
                     lda: k,
+                    conv: None,
                     b: BMat::weight(&w, k),
                     bias: Some(&bias),
                     add: None,

@@ -22,6 +22,7 @@ pub mod inspect;
 pub mod noise;
 pub mod plan;
 pub mod tensorfile;
+pub mod vae;
 pub mod weights;
 
 pub use config::{DitConfig, Numerics, SampleSpace};

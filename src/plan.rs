@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub enum Dt {
     F32,
     F16,
+    F64,
 }
 
 impl Dt {
@@ -19,6 +20,7 @@ impl Dt {
         match self {
             Dt::F32 => 4,
             Dt::F16 => 2,
+            Dt::F64 => 8,
         }
     }
 }
@@ -109,6 +111,7 @@ impl fmt::Display for Plan {
             let dt = match b.dtype {
                 Dt::F32 => "f32",
                 Dt::F16 => "f16",
+                Dt::F64 => "f64",
             };
             writeln!(f, "  {:<18} {:>22} {:<3} {:>10.3} MiB", b.name, shape, dt, mib(b.bytes()))?;
         }
@@ -147,6 +150,14 @@ impl Arena {
         debug_assert_eq!(buf.dtype, Dt::F32);
         debug_assert!(buf.offset + buf.bytes() <= self.layout.size());
         // SAFETY: offsets come from the plan this arena was sized for.
+        unsafe { self.ptr.as_ptr().add(buf.offset).cast() }
+    }
+
+    /// A raw pointer to an f64 buffer of the plan this arena was made from.
+    pub fn f64_ptr(&self, buf: &Buffer) -> *mut f64 {
+        debug_assert_eq!(buf.dtype, Dt::F64);
+        debug_assert!(buf.offset + buf.bytes() <= self.layout.size());
+        // SAFETY: offsets come from the plan this arena was sized for (64-byte aligned).
         unsafe { self.ptr.as_ptr().add(buf.offset).cast() }
     }
 

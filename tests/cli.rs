@@ -177,3 +177,135 @@ fn unwritable_output_leaves_no_partial_file() {
     assert_eq!(o.status.code(), Some(4));
     assert!(stderr(&o).contains("/nonexistent-dir/x.safetensors"), "{}", stderr(&o));
 }
+
+fn read_png(path: &std::path::Path) -> (usize, usize, Vec<u8>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+    let mut r = dec.read_info().unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    buf.truncate(info.buffer_size());
+    (info.width as usize, info.height as usize, buf)
+}
+
+#[test]
+fn decode_writes_pngs_and_npz_that_read_back_to_the_same_pixels() {
+    let dir = tmp("decode");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (pngs, npz, dec) = (dir.join("png"), dir.join("x.npz"), dir.join("decoded.safetensors"));
+    let o = icdit(&[
+        "decode",
+        "--vae",
+        &fixture("vae/new").display().to_string(),
+        "--latents",
+        &fixture("vae/new/latents.safetensors").display().to_string(),
+        "--out",
+        &pngs.display().to_string(),
+        "--npz",
+        &npz.display().to_string(),
+        "--out-decoded",
+        &dec.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The float output matches diffusers.
+    let (shape, got) = TensorFile::open(&dec).unwrap().read_f32("decoded").unwrap();
+    assert_eq!(shape, [2, 3, 32, 32]);
+    let (_, want) = TensorFile::open(&fixture("vae/new/expected.safetensors")).unwrap().read_f32("decoded").unwrap();
+    assert_close("icdit decode", &got, &want, 1e-5);
+    let mut pixels = vec![0u8; 2 * 32 * 32 * 3];
+    icdit::image::to_nhwc_u8(&got, 2, 3, 32, icdit::image::Rounding::Dit, &mut pixels);
+    // PNGs: one per image, named with index and class (labels 3 and 7 in the file).
+    for (i, class) in [(0, 3), (1, 7)] {
+        let (w, h, px) = read_png(&pngs.join(format!("{i:06}-class{class}.png")));
+        assert_eq!((w, h), (32, 32));
+        assert_eq!(px, pixels[i * 3072..(i + 1) * 3072], "PNG {i}");
+    }
+    // NPZ: arr_0 uint8 (N, H, W, C).
+    let mut arch = npyz::npz::NpzArchive::open(&npz).unwrap();
+    let arr = arch.by_name("arr_0").unwrap().expect("arr_0");
+    assert_eq!(arr.shape(), &[2, 32, 32, 3]);
+    let data: Vec<u8> = arr.into_vec().unwrap();
+    assert_eq!(data, pixels);
+    assert!(pixels.iter().any(|&p| p != pixels[0]), "pixels are not constant");
+    // No temporary files left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .chain(std::fs::read_dir(&pngs).unwrap())
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[test]
+fn sample_through_a_vae_writes_images_named_by_index_class_and_seed() {
+    let dir = tmp("sample-vae");
+    let _ = std::fs::remove_dir_all(&dir);
+    let o = icdit(&[
+        "sample",
+        "--weights",
+        &hd72(),
+        "--vae",
+        &fixture("vae/new").display().to_string(),
+        "--class",
+        "1,4",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "--out",
+        &dir.join("imgs").display().to_string(),
+        "--grid",
+        &dir.join("grid.png").display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v["vae_decode_s"].as_f64().unwrap() > 0.0);
+    for name in ["000000-class1-seed9.png", "000001-class4-seed9.png"] {
+        let (w, h, _) = read_png(&dir.join("imgs").join(name));
+        assert_eq!((w, h), (32, 32), "{name}");
+    }
+    let (w, h, _) = read_png(&dir.join("grid.png"));
+    assert_eq!((w, h), (2 + 2 * 34, 2 + 34));
+}
+
+#[test]
+fn vae_errors_name_the_problem() {
+    // Latent channels differ: rgb_h6 samples 3 channels, the VAE decodes 4.
+    let o = icdit(&[
+        "sample",
+        "--weights",
+        &fixture("rgb_h6/official.safetensors").display().to_string(),
+        "--vae",
+        &fixture("vae/new").display().to_string(),
+        "--steps",
+        "2",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(stderr(&o).contains("4-channel latents but the DiT samples 3 channels"), "{}", stderr(&o));
+    // Image outputs from a latent model without a VAE.
+    let o = icdit(&["sample", "--weights", &hd72(), "--steps", "2", "--grid", &tmp("never.png").display().to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--vae"), "{}", stderr(&o));
+    assert!(!tmp("never.png").exists());
+    // An output folder that cannot be created (a file is in the way): fails before sampling.
+    let blocker = tmp("blocker");
+    std::fs::write(&blocker, b"x").unwrap();
+    let inside = blocker.join("pngs");
+    let o = icdit(&[
+        "decode",
+        "--vae",
+        &fixture("vae/new").display().to_string(),
+        "--latents",
+        &fixture("vae/new/latents.safetensors").display().to_string(),
+        "--out",
+        &inside.display().to_string(),
+    ]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&inside.display().to_string()), "{}", stderr(&o));
+    // Unknown rounding.
+    let o = icdit(&["sample", "--steps", "2", "--rounding", "bankers"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--rounding"), "{}", stderr(&o));
+}

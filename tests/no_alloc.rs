@@ -1,4 +1,5 @@
-//! Proves the CPU forward pass and the sampling engine allocate nothing after set-up: a
+//! Proves the CPU forward pass, the sampling engine and the VAE decoder allocate nothing
+//! after set-up: a
 //! counting global allocator sees every heap allocation on every thread (the worker pools
 //! included).
 
@@ -41,6 +42,23 @@ static GLOBAL: Counting = Counting;
 fn nothing_allocates_after_set_up() {
     cpu_forward_allocates_nothing();
     sample_allocates_nothing_after_the_first_call();
+    vae_decode_allocates_nothing();
+}
+
+fn vae_decode_allocates_nothing() {
+    let vae = Arc::new(icdit::vae::VaeModel::load(&common::fixture("vae/new")).unwrap());
+    let mut dec = icdit::vae::VaeDecoder::new(vae, 8, 2).unwrap();
+    let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 13 % 29) as f32 / 29.0) - 0.5).collect();
+    let mut img = vec![0.0f32; dec.image_len()];
+    dec.decode(&lat, &mut img).unwrap(); // warm-up
+    let before = ALLOCS.load(Ordering::SeqCst);
+    for _ in 0..3 {
+        dec.decode(&lat, &mut img).unwrap();
+    }
+    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    println!("heap allocations during 3 VAE decodes: {during}");
+    assert_eq!(during, 0, "the VAE decode allocated {during} times");
+    assert!(img.iter().any(|v| v.abs() > 1e-2) && img.iter().all(|v| v.is_finite()));
 }
 
 fn cpu_forward_allocates_nothing() {

@@ -1,8 +1,9 @@
 """icdit "shapes-32": a deterministic, class-conditional 32x32 RGB image set drawn by code.
 
 Ten classes that differ by shape, never by colour: each image is one shape (or stripe pattern) in a
-random colour on a random two-colour gradient background, with random position, scale and
-rotation. Shapes are rasterised antialiased (4x4 supersampling) and quantised to 8 bits, then
+random colour on a flat background of another random colour, with random position, scale and
+rotation. (Version 1 of this set used two-colour gradient backgrounds; a 2.4M-parameter DiT trained
+for 3,000 steps on it produced only colour fields, so version 2 removed that nuisance.) Shapes are rasterised antialiased (4x4 supersampling) and quantised to 8 bits, then
 mapped to [-1, 1] like the image pipelines DiT trains on.
 
 Rotations are restricted where a free rotation would blur two classes: plus vs X are the same
@@ -93,17 +94,12 @@ def render(cls: int, rng: np.random.Generator) -> np.ndarray:
     n = SIZE * SUPER
     g = (np.arange(n) + 0.5) / SUPER                      # sample positions in pixel units
     x, y = np.meshgrid(g, g)                              # x: column, y: row (pixels)
-    # Background: gradient between two colours along a random direction.
-    bg0, bg1 = _rand_colour(rng), _rand_colour(rng)
-    ang = rng.uniform(0, 2 * np.pi)
-    s = ((x - SIZE / 2) * np.cos(ang) + (y - SIZE / 2) * np.sin(ang)) / SIZE + 0.5
-    s = np.clip(s, 0, 1)[..., None] * rng.uniform(0.0, 1.0)
-    bg = bg0 * (1 - s) + bg1 * s
-    # Foreground colour with a clear luminance contrast against the mean background.
-    mean_bg = bg.reshape(-1, 3).mean(0)
+    # Background: one flat colour.
+    bg = np.broadcast_to(_rand_colour(rng), x.shape + (3,))
+    # Foreground colour with a clear luminance contrast against the background.
     for _ in range(100):
         fg = _rand_colour(rng)
-        if abs(_luma(fg) - _luma(mean_bg)) >= 0.3:
+        if abs(_luma(fg) - _luma(bg[0, 0])) >= 0.35:
             break
     # Geometry.
     radius = rng.uniform(7.0, 12.5)

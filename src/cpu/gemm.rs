@@ -43,6 +43,46 @@ impl<'a> BMat<'a> {
     }
 }
 
+/// The A operand of a 3×3 convolution (stride 1, zero padding 1), read straight from the
+/// input image instead of a stored im2col matrix. The GEMM's `a` is the input image with
+/// one row of `lda` channels per pixel (NHWC); row i of A is output pixel i of an `h`×`w`
+/// image and column p = ch·9 + ky·3 + kx, PyTorch's weight order (out, in, ky, kx), so a
+/// mapped conv weight is the B operand as it is. With `up2` the input is (h/2)×(w/2) and is
+/// read as if first upsampled 2× by nearest neighbour (`in[⌊y/2⌋, ⌊x/2⌋]`).
+#[derive(Clone, Copy, Debug)]
+pub struct Conv3 {
+    pub h: usize,
+    pub w: usize,
+    pub up2: bool,
+}
+
+impl Conv3 {
+    /// Pixels of the image the operand reads.
+    pub fn src_pixels(&self) -> usize {
+        if self.up2 {
+            (self.h / 2) * (self.w / 2)
+        } else {
+            self.h * self.w
+        }
+    }
+
+    /// Element offsets of the 9 taps of output pixel `i` (`None` where the tap falls in the
+    /// zero padding), `c` channels per pixel.
+    #[inline]
+    fn taps(&self, i: usize, c: usize) -> [Option<usize>; 9] {
+        let (y, x) = ((i / self.w) as isize, (i % self.w) as isize);
+        std::array::from_fn(|t| {
+            let (yy, xx) = (y + (t / 3) as isize - 1, x + (t % 3) as isize - 1);
+            if yy < 0 || xx < 0 || yy >= self.h as isize || xx >= self.w as isize {
+                return None;
+            }
+            let (yy, xx) = (yy as usize, xx as usize);
+            let px = if self.up2 { (yy / 2) * (self.w / 2) + xx / 2 } else { yy * self.w + xx };
+            Some(px * c)
+        })
+    }
+}
+
 /// One GEMM problem. C is written through a raw pointer so threads can own disjoint tiles.
 #[derive(Clone, Copy)]
 pub struct Gemm<'a> {
@@ -54,6 +94,9 @@ pub struct Gemm<'a> {
     /// calibrated steps multiply the increment x − x_s without storing it.
     pub a_minus: Option<&'a [f32]>,
     pub lda: usize,
+    /// When set, A is the implicit im2col matrix of a 3×3 convolution over `a`
+    /// (`k` = 9·`lda`); see [`Conv3`].
+    pub conv: Option<Conv3>,
     pub b: BMat<'a>,
     pub bias: Option<&'a [f32]>,
     /// A matrix added to the product before the activation: (data, row stride).
@@ -104,7 +147,9 @@ impl Gemmer {
             self.block(g, 0..g.m, 0..g.n, mine, None);
             return;
         }
-        let by_cols = g.n >= threads * 2 * NR || g.m < threads * MR;
+        // A convolution's rows (pixels) are many and its A panels cost more to form, so each
+        // thread takes its own pixels and packs them once.
+        let by_cols = g.conv.is_none() && (g.n >= threads * 2 * NR || g.m < threads * MR);
         let m_pad = g.m.next_multiple_of(MR);
         let shared = by_cols && g.m > MR && packed_a.len() >= packed_a_len(g.m, g.k);
         if shared {
@@ -121,7 +166,7 @@ impl Gemmer {
                             rows.len().next_multiple_of(MR) * kc,
                         )
                     };
-                    pack_a(g.a, g.a_minus, g.lda, rows.start, rows.len(), p0, kc, out);
+                    pack_a(g, rows.start, rows.len(), p0, kc, out);
                     p0 += kc;
                 }
             });
@@ -173,7 +218,7 @@ impl Gemmer {
                     let apanels: &[f32] = match pre {
                         Some(pre) => &pre[p0 * g.m.next_multiple_of(MR) + i0 * kc..],
                         None => {
-                            pack_a(g.a, g.a_minus, g.lda, i0, mc, p0, kc, apack);
+                            pack_a(g, i0, mc, p0, kc, apack);
                             apack
                         }
                     };
@@ -221,7 +266,11 @@ fn check_bounds(g: &Gemm) {
     if g.m == 0 || g.n == 0 {
         return;
     }
-    if g.k > 0 {
+    if let Some(cv) = g.conv {
+        assert!(g.k == 9 * g.lda && g.m <= cv.h * cv.w, "GEMM: conv operand shape");
+        assert!(g.a.len() >= cv.src_pixels() * g.lda && g.a_minus.is_none(), "GEMM: conv input too small");
+        assert!(!cv.up2 || (cv.h % 2 == 0 && cv.w % 2 == 0), "GEMM: odd upsampled conv size");
+    } else if g.k > 0 {
         assert!(g.lda >= g.k && g.a.len() >= (g.m - 1) * g.lda + g.k, "GEMM: A too small");
         if let Some(m) = g.a_minus {
             assert!(m.len() >= (g.m - 1) * g.lda + g.k, "GEMM: subtracted A too small");
@@ -359,8 +408,11 @@ unsafe fn pack_a_panel_gather(
 /// Packs A[i0.., p0..] into MR-tall panels, p-major: `out[ip·kc·MR + p·MR + ii]`,
 /// repeating a valid row past the edge (those results are never stored).
 #[inline(never)]
-#[allow(clippy::too_many_arguments)]
-fn pack_a(a: &[f32], minus: Option<&[f32]>, lda: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+fn pack_a(g: &Gemm, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    if let Some(cv) = g.conv {
+        return pack_a_conv(g.a, cv, g.lda, i0, mc, p0, kc, out);
+    }
+    let (a, minus, lda) = (g.a, g.a_minus, g.lda);
     let gather = cfg!(target_arch = "x86_64")
         && lda.checked_mul(MR).is_some_and(|v| v < i32::MAX as usize)
         && math::has_avx512();
@@ -388,6 +440,71 @@ fn pack_a(a: &[f32], minus: Option<&[f32]>, lda: usize, i0: usize, mc: usize, p0
                 }
             }
         }
+    }
+}
+
+/// [`pack_a`] for a [`Conv3`] operand: each panel row is an output pixel, and column p reads
+/// channel p / 9 of tap p % 9 of its neighbourhood (zero in the padding).
+#[allow(clippy::too_many_arguments)]
+fn pack_a_conv(a: &[f32], cv: Conv3, c: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
+    let gather = cfg!(target_arch = "x86_64") && (cv.src_pixels() * c) < i32::MAX as usize && math::has_avx512();
+    for ip in 0..mc.div_ceil(MR) {
+        let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
+        let height = MR.min(mc - ip * MR);
+        let taps: [[Option<usize>; 9]; MR] = std::array::from_fn(|ii| cv.taps(i0 + ip * MR + ii.min(height - 1), c));
+        if gather {
+            // SAFETY: every tap offset plus a channel < c is inside the input image
+            // (check_bounds checked its length); the CPU has AVX-512 (checked above).
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                pack_a_conv_panel_gather(a, &taps, p0, kc, panel)
+            };
+            continue;
+        }
+        for p in 0..kc {
+            let (ch, t) = ((p0 + p) / 9, (p0 + p) % 9);
+            for (ii, tp) in taps.iter().enumerate() {
+                panel[p * MR + ii] = tp[t].map_or(0.0, |o| a[o + ch]);
+            }
+        }
+    }
+}
+
+/// One conv A panel by AVX-512 gathers: per column p, one 12-lane gather at the tap's
+/// pixel offsets plus the channel, lanes in the padding masked to zero.
+///
+/// # Safety
+/// Every `Some` offset plus any channel read (< (p0 + kc) / 9 + 1) must be in bounds of
+/// `a`, and the CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_a_conv_panel_gather(
+    a: &[f32],
+    taps: &[[Option<usize>; 9]; MR],
+    p0: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let mut idx = [_mm512_setzero_si512(); 9];
+    let mut masks = [0 as __mmask16; 9];
+    for t in 0..9 {
+        let mut lanes = [0i32; 16];
+        for ii in 0..MR {
+            if let Some(o) = taps[ii][t] {
+                lanes[ii] = o as i32;
+                masks[t] |= 1 << ii;
+            }
+        }
+        idx[t] = _mm512_loadu_si512(lanes.as_ptr().cast());
+    }
+    let store: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
+    let zero = _mm512_setzero_ps();
+    let ptr = a.as_ptr();
+    for p in 0..kc {
+        let (ch, t) = ((p0 + p) / 9, (p0 + p) % 9);
+        let v = _mm512_mask_i32gather_ps::<4>(zero, masks[t], idx[t], ptr.add(ch));
+        _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), store, v);
     }
 }
 
@@ -524,6 +641,7 @@ mod tests {
             a: &a,
             a_minus: Some(&minus),
             lda,
+            conv: None,
             b,
             bias: Some(&bias),
             add: Some((&add, n)),
@@ -571,6 +689,65 @@ mod tests {
                 }
             }
             check(&gm, &pool, 40, 130, 50, false, Act::GeluTanh);
+        }
+    }
+
+    /// The implicit-im2col conv operand against a direct f64 3×3 convolution (zero padding),
+    /// with and without the fused nearest 2× upsample, at ragged sizes.
+    #[test]
+    fn conv3_operand_matches_direct_convolution() {
+        let pool = ThreadPool::new(2).unwrap();
+        for gm in [Gemmer::detect(), Gemmer::portable()] {
+            for &(h, w, cin, cout, up2) in
+                &[(5, 7, 3, 4, false), (8, 6, 20, 33, true), (13, 16, 40, 70, false), (16, 16, 48, 40, true)]
+            {
+                let mut s = (h * 31 + w * 7 + cin + cout) as u64;
+                let (sh, sw) = if up2 { (h / 2, w / 2) } else { (h, w) };
+                let img: Vec<f32> = (0..sh * sw * cin).map(|_| lcg(&mut s)).collect();
+                let wt: Vec<f32> = (0..cout * cin * 9).map(|_| lcg(&mut s)).collect();
+                let bias: Vec<f32> = (0..cout).map(|_| lcg(&mut s)).collect();
+                let mut c = vec![f32::NAN; h * w * cout];
+                let mut scratch = vec![0.0; pool.threads() * SCRATCH_PER_THREAD];
+                let g = Gemm {
+                    m: h * w,
+                    n: cout,
+                    k: 9 * cin,
+                    a: &img,
+                    a_minus: None,
+                    lda: cin,
+                    conv: Some(Conv3 { h, w, up2 }),
+                    b: BMat::weight(&wt, 9 * cin),
+                    bias: Some(&bias),
+                    add: None,
+                    act: Act::None,
+                    c: SendPtr(c.as_mut_ptr()),
+                    ldc: cout,
+                };
+                gm.run(&pool, &mut scratch, &mut [], &g);
+                let mut worst = 0.0f64;
+                for y in 0..h {
+                    for x in 0..w {
+                        for o in 0..cout {
+                            let mut e = bias[o] as f64;
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (yy, xx) = (y as isize + ky as isize - 1, x as isize + kx as isize - 1);
+                                    if yy < 0 || xx < 0 || yy >= h as isize || xx >= w as isize {
+                                        continue;
+                                    }
+                                    let (yy, xx) = (yy as usize, xx as usize);
+                                    let px = if up2 { (yy / 2) * sw + xx / 2 } else { yy * sw + xx };
+                                    for ch in 0..cin {
+                                        e += img[px * cin + ch] as f64 * wt[((o * cin + ch) * 3 + ky) * 3 + kx] as f64;
+                                    }
+                                }
+                            }
+                            worst = worst.max((c[(y * w + x) * cout + o] as f64 - e).abs() / (1.0 + e.abs()));
+                        }
+                    }
+                }
+                assert!(worst < 1e-5, "{} conv {h}x{w} {cin}->{cout} up2 {up2}: worst {worst:.2e}", gm.name);
+            }
         }
     }
 }

@@ -211,3 +211,36 @@ simd_fn! {
         }
     }
 }
+
+simd_fn! {
+    /// acc[ch] += Σ over the rows of `x` (row length acc.len()) of x[row][ch] − center[ch],
+    /// or of its square with `square`: GroupNorm's statistics, one block of pixels at a time.
+    pub fn channel_sums(x: &[f32], center: &[f32], square: bool, acc: &mut [f32]) {
+        let c = acc.len();
+        for row in x.chunks_exact(c) {
+            if square {
+                for ((a, &v), &m) in acc.iter_mut().zip(row).zip(center) {
+                    let d = v - m;
+                    *a += d * d;
+                }
+            } else {
+                for ((a, &v), &m) in acc.iter_mut().zip(row).zip(center) {
+                    *a += v - m;
+                }
+            }
+        }
+    }
+}
+
+simd_fn! {
+    /// out = (x − center)·scale + shift per channel (rows of scale.len()), then SiLU if `act`.
+    pub fn norm_apply(x: &[f32], center: &[f32], scale: &[f32], shift: &[f32], act: bool, out: &mut [f32]) {
+        let c = scale.len();
+        for (orow, row) in out.chunks_exact_mut(c).zip(x.chunks_exact(c)) {
+            for ((((o, &v), &m), &a), &b) in orow.iter_mut().zip(row).zip(center).zip(scale).zip(shift) {
+                let y = (v - m) * a + b;
+                *o = if act { silu(y) } else { y };
+            }
+        }
+    }
+}

@@ -410,6 +410,7 @@ impl CpuEngine {
             a,
             a_minus: None,
             lda: k,
+            conv: None,
             b: BMat::weight(w, k),
             bias: Some(bias),
             add: None,

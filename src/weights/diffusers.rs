@@ -33,20 +33,26 @@ pub(super) fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<DitModel> {
             reason: "a folder must be a diffusers DiT (with `config.json` or `transformer/config.json`)".into(),
         });
     }
-    let files = if dir.join(WEIGHTS).is_file() {
-        vec![TensorFile::open(&dir.join(WEIGHTS))?]
-    } else if dir.join(WEIGHTS_FP16).is_file() {
-        vec![TensorFile::open(&dir.join(WEIGHTS_FP16))?]
-    } else if dir.join(INDEX).is_file() {
-        shards(&dir.join(INDEX))?
-    } else {
-        return Err(Error::Layout {
-            path: dir.clone(),
-            reason: format!("none of {WEIGHTS}, {WEIGHTS_FP16} or {INDEX} is in the folder"),
-        });
-    };
+    let files = weight_files(&dir)?;
     let source = files[0].path().to_path_buf();
     load_files(&source, &dir, files, opts)
+}
+
+/// The weights of a diffusers model folder: the single file, its fp16 variant, or the
+/// shards a sharded checkpoint's index lists.
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<TensorFile>> {
+    if dir.join(WEIGHTS).is_file() {
+        Ok(vec![TensorFile::open(&dir.join(WEIGHTS))?])
+    } else if dir.join(WEIGHTS_FP16).is_file() {
+        Ok(vec![TensorFile::open(&dir.join(WEIGHTS_FP16))?])
+    } else if dir.join(INDEX).is_file() {
+        shards(&dir.join(INDEX))
+    } else {
+        Err(Error::Layout {
+            path: dir.to_path_buf(),
+            reason: format!("none of {WEIGHTS}, {WEIGHTS_FP16} or {INDEX} is in the folder"),
+        })
+    }
 }
 
 /// The files listed by a sharded checkpoint's index, each opened once.

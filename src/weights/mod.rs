@@ -9,6 +9,7 @@ mod synth;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+pub(crate) use diffusers::weight_files;
 pub use store::{StoreBuilder, TRef, WeightStore};
 pub use synth::write_random_official;
 

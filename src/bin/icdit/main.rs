@@ -17,6 +17,8 @@ macro_rules! outln {
 }
 
 mod calibrate;
+mod decode;
+mod output;
 mod sample;
 use icdit::inspect::Report;
 use icdit::tensorfile::{write_safetensors, TensorFile};
@@ -41,6 +43,8 @@ enum Command {
     Sample(sample::SampleArgs),
     /// Compute rank-r factors (SVD or channel-aware SVD) for increment-calibrated caching.
     Calibrate(calibrate::CalibrateArgs),
+    /// Decode latents (from `sample --out-latents`) to images with a VAE.
+    Decode(decode::DecodeArgs),
 }
 
 /// Flags shared by every command that loads weights.
@@ -133,6 +137,7 @@ fn main() -> ExitCode {
         Command::BenchForward(a) => bench_forward(a),
         Command::Sample(a) => sample::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Decode(a) => decode::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -9,8 +9,10 @@ use clap::Args;
 use icdit::diffusion::Sampler;
 use icdit::engine::{Engine, EngineOptions, GuidedChannels, Request};
 use icdit::tensorfile::{write_safetensors, TensorFile};
+use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CacheMode, DitModel, Error, Factors, FullSteps, SampleSpace};
 
+use crate::output::ImageOut;
 use crate::ModelArgs;
 
 /// The bundled default model (weights/README.md), used when --weights is not given.
@@ -58,12 +60,12 @@ pub struct SampleArgs {
     /// Write the samples as safetensors: `latents` f32 [B, C, H, W] and `labels` i64 [B].
     #[arg(long)]
     out_latents: Option<PathBuf>,
-    /// PNG grid of the samples (pixel-space models); default samples/grid.png.
+    #[command(flatten)]
+    images: ImageOut,
+    /// VAE decoder (diffusers AutoencoderKL folder) for latent-space models; default: the
+    /// `vae/` folder of a diffusers DiT pipeline given as --weights.
     #[arg(long)]
-    out: Option<PathBuf>,
-    /// Images per grid row (default: --per-class when sampling every class).
-    #[arg(long)]
-    grid_cols: Option<usize>,
+    vae: Option<PathBuf>,
     /// Start from given noise: safetensors with `z` f32 [B, C, H, W] and optionally
     /// `step_noise` f32 [steps, B, C, H, W].
     #[arg(long)]
@@ -99,7 +101,7 @@ struct Recommended {
     cfg: Option<f32>,
 }
 
-pub fn run(a: SampleArgs) -> Result<(), Error> {
+pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     let weights = a.weights.clone().unwrap_or_else(default_weights);
     let model = Arc::new(a.model.load(&weights).map_err(|e| match (&a.weights, e) {
         (None, Error::Io { path, source }) => Error::Io {
@@ -113,6 +115,17 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     })?);
     let cfg = model.config;
     let rec = recommended(&model)?;
+    let vae = open_vae(&a, &weights, &model)?;
+    let makes_images = model.space == SampleSpace::Pixel || vae.is_some();
+    if makes_images {
+        a.images.prepare()?;
+    } else if a.images.any() {
+        return Err(Error::invalid(
+            "--out/--grid/--npz",
+            "this model samples VAE latents: pass --vae DIR (a diffusers AutoencoderKL folder) to decode \
+             them, or write them with --out-latents",
+        ));
+    }
 
     let classes = choose_classes(&a, &model)?;
     let sampler = match a.sampler.as_deref().or(rec.sampler.as_deref()).unwrap_or("ddpm") {
@@ -205,34 +218,41 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
     let mut written = Vec::new();
     if let Some(path) = &a.out_latents {
         let shape = [classes.len(), cfg.in_channels, cfg.input_size, cfg.input_size];
-        write_safetensors(path, &[("latents", &shape, &samples)], &[("labels", &[classes.len()], &classes)], None)?;
+        let meta = std::collections::HashMap::from([("icdit_seed".to_string(), a.seed.to_string())]);
+        write_safetensors(
+            path,
+            &[("latents", &shape, &samples)],
+            &[("labels", &[classes.len()], &classes)],
+            Some(meta),
+        )?;
         written.push(path.clone());
     }
-    if model.space == SampleSpace::Pixel {
-        let path = a.out.clone().unwrap_or_else(|| PathBuf::from("samples/grid.png"));
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
+    let mut decode_s = 0.0;
+    if makes_images {
         let cols =
-            a.grid_cols.unwrap_or(if a.class.is_empty() && a.random_classes.is_none() { a.per_class } else { 8 });
-        icdit::image::write_grid_png(&path, &samples, classes.len(), cfg.in_channels, cfg.input_size, cols, 2)?;
-        written.push(path);
-    } else if a.out.is_some() {
-        return Err(Error::invalid(
-            "--out",
-            "this model samples VAE latents; decoding them to images is not available yet — use --out-latents",
-        ));
+            if a.class.is_empty() && a.random_classes.is_none() && cfg.num_classes <= 32 { a.per_class } else { 8 };
+        let (images, channels, side) = match vae {
+            None => (samples, cfg.in_channels, cfg.input_size),
+            Some(mut dec) => {
+                let t = Instant::now();
+                let images = decode_all(&mut dec, &samples, classes.len())?;
+                decode_s = t.elapsed().as_secs_f64();
+                (images, dec.model().config.out_channels, dec.out_side())
+            }
+        };
+        written.extend(a.images.write(&images, &classes, Some(a.seed), channels, side, cols)?);
     }
     if written.is_empty() {
-        eprintln!("note: nothing written; pass --out-latents FILE to keep the latents");
+        eprintln!("note: nothing written; pass --out-latents FILE to keep the latents, or --vae DIR to decode them");
     }
+    let decode_note = if decode_s > 0.0 { format!(", VAE decode {decode_s:.2} s") } else { String::new() };
 
     let mut sorted = step_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median_step = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
-        "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {} threads); wrote {}",
+        "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {} threads{decode_note}); wrote {}",
         classes.len(),
         steps,
         sampler_name(sampler),
@@ -262,6 +282,7 @@ pub fn run(a: SampleArgs) -> Result<(), Error> {
             "threads": engine.threads(),
             "arena_bytes": engine.arena_bytes(),
             "total_s": secs,
+            "vae_decode_s": decode_s,
             "median_step_ms": median_step,
             "step_ms": step_ms,
             "outputs": paths,
@@ -352,4 +373,35 @@ fn read_noise(path: &Path, n: usize, cfg: &icdit::DitConfig) -> Result<(Vec<f32>
         None
     };
     Ok((z, steps))
+}
+
+/// The VAE decoder for a latent-space model: --vae, or the pipeline's own `vae/` folder.
+fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<VaeDecoder>, Error> {
+    let path = match &a.vae {
+        Some(p) => p.clone(),
+        None if weights.is_dir() && weights.join("vae").join("config.json").is_file() => weights.join("vae"),
+        None => return Ok(None),
+    };
+    if model.space == SampleSpace::Pixel {
+        return Err(Error::invalid("--vae", "this model samples pixels directly; it has no latents to decode"));
+    }
+    let vae = Arc::new(VaeModel::load(&path)?);
+    let (lc, c) = (vae.config.latent_channels, model.config.in_channels);
+    if lc != c {
+        return Err(Error::Config {
+            origin: format!("{} with {}", path.display(), weights.display()),
+            reason: format!("the VAE decodes {lc}-channel latents but the DiT samples {c} channels"),
+        });
+    }
+    Ok(Some(VaeDecoder::new(vae, model.config.input_size, a.threads)?))
+}
+
+/// Decodes `n` latents one after another into (C, H, W) images.
+pub fn decode_all(dec: &mut VaeDecoder, latents: &[f32], n: usize) -> Result<Vec<f32>, Error> {
+    let (ll, il) = (dec.latent_len(), dec.image_len());
+    let mut images = vec![0.0f32; n * il];
+    for i in 0..n {
+        dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
+    }
+    Ok(images)
 }

@@ -1,0 +1,91 @@
+//! `icdit decode`: latents saved by `icdit sample --out-latents` → images.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use icdit::tensorfile::{write_safetensors, TensorFile};
+use icdit::vae::{VaeDecoder, VaeModel};
+use icdit::Error;
+
+use crate::output::ImageOut;
+
+#[derive(Args)]
+pub struct DecodeArgs {
+    /// VAE decoder: a diffusers AutoencoderKL folder (or a pipeline folder with `vae/`).
+    #[arg(long)]
+    vae: PathBuf,
+    /// Safetensors with `latents` f32 [B, C, h, w] (and optionally `labels` i64 [B]).
+    #[arg(long)]
+    latents: PathBuf,
+    #[command(flatten)]
+    images: ImageOut,
+    /// Also save the decoder's float output as `decoded` f32 [B, C, H, W].
+    #[arg(long)]
+    out_decoded: Option<PathBuf>,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+pub fn run(mut a: DecodeArgs) -> Result<(), Error> {
+    let f = TensorFile::open(&a.latents)?;
+    let (shape, latents) = f.read_f32("latents")?;
+    let vae = Arc::new(VaeModel::load(&a.vae)?);
+    let lc = vae.config.latent_channels;
+    if shape.len() != 4 || shape[1] != lc || shape[2] != shape[3] || shape[0] == 0 {
+        return Err(Error::Shape {
+            path: a.latents.clone(),
+            tensor: "latents".into(),
+            expected: vec![
+                shape.first().copied().unwrap_or(1).max(1),
+                lc,
+                shape.get(2).copied().unwrap_or(32),
+                shape.get(2).copied().unwrap_or(32),
+            ],
+            found: shape,
+        });
+    }
+    let n = shape[0];
+    let labels = if f.get("labels").is_some() {
+        let (ls, l) = f.read_i64("labels")?;
+        if ls != [n] {
+            return Err(Error::Shape {
+                path: a.latents.clone(),
+                tensor: "labels".into(),
+                expected: vec![n],
+                found: ls,
+            });
+        }
+        l
+    } else {
+        vec![-1; n]
+    };
+    let seed = f.metadata().get("icdit_seed").and_then(|s| s.parse().ok());
+    if a.images.any() || a.out_decoded.is_none() {
+        a.images.prepare()?;
+    }
+    let mut dec = VaeDecoder::new(vae, shape[2], a.threads)?;
+    let t = Instant::now();
+    let images = crate::sample::decode_all(&mut dec, &latents, n)?;
+    let secs = t.elapsed().as_secs_f64();
+    let (oc, side) = (dec.model().config.out_channels, dec.out_side());
+    let mut written = Vec::new();
+    if let Some(path) = &a.out_decoded {
+        write_safetensors(path, &[("decoded", &[n, oc, side, side], &images)], &[], None)?;
+        written.push(path.clone());
+    }
+    if a.images.any() {
+        written.extend(a.images.write(&images, &labels, seed, oc, side, 8)?);
+    }
+    let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
+    eprintln!(
+        "decoded {n} latents ({lc}×{}² → {oc}×{side}²) in {secs:.2} s ({:.0} ms per image, {:.1} GMAC/s); wrote {}",
+        shape[2],
+        secs * 1e3 / n as f64,
+        dec.model().config.macs(shape[2]) as f64 * n as f64 / secs / 1e9,
+        paths.join(", ")
+    );
+    Ok(())
+}

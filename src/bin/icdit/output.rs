@@ -1,0 +1,110 @@
+//! Where sampled or decoded images go: one PNG per image, a contact-sheet grid, and the
+//! uint8 `.npz` FID evaluators read. Every file is written under a temporary name and
+//! renamed; folders are checked before any work starts.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use icdit::image::{self, Rounding};
+use icdit::Error;
+
+#[derive(Args, Default)]
+pub struct ImageOut {
+    /// Folder for one PNG per image, named `NNNNNN-classC-seedS.png` (index, class, seed).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// One contact-sheet PNG of all images (default samples/grid.png when no other image
+    /// output is named).
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Images per grid row (default: images per class when sampling every class, else 8).
+    #[arg(long)]
+    pub grid_cols: Option<usize>,
+    /// All images as uint8 NHWC array `arr_0` in an .npz (the ADM FID evaluator's input).
+    #[arg(long)]
+    pub npz: Option<PathBuf>,
+    /// Float to uint8: `dit` (sample_ddp.py's truncating cast, default) or `diffusers`.
+    #[arg(long, default_value = "dit")]
+    pub rounding: String,
+}
+
+impl ImageOut {
+    pub fn any(&self) -> bool {
+        self.out.is_some() || self.grid.is_some() || self.npz.is_some()
+    }
+
+    pub fn rounding(&self) -> Result<Rounding, Error> {
+        match self.rounding.as_str() {
+            "dit" => Ok(Rounding::Dit),
+            "diffusers" => Ok(Rounding::Diffusers),
+            other => Err(Error::invalid("--rounding", format!("`{other}`: expected dit or diffusers"))),
+        }
+    }
+
+    /// Fills in the default grid when nothing is named, checks the rounding, and makes sure
+    /// every destination folder exists and is writable, before any sampling is done.
+    pub fn prepare(&mut self) -> Result<(), Error> {
+        self.rounding()?;
+        if !self.any() {
+            self.grid = Some(PathBuf::from("samples/grid.png"));
+        }
+        if let Some(dir) = &self.out {
+            check_writable_dir(dir)?;
+        }
+        for file in [&self.grid, &self.npz].into_iter().flatten() {
+            let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            check_writable_dir(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `images` ((C, side, side) floats in [−1, 1] each) where asked; returns the paths.
+    pub fn write(
+        &self,
+        images: &[f32],
+        classes: &[i64],
+        seed: Option<u64>,
+        channels: usize,
+        side: usize,
+        default_cols: usize,
+    ) -> Result<Vec<PathBuf>, Error> {
+        let n = classes.len();
+        let mut pixels = vec![0u8; n * side * side * channels];
+        image::to_nhwc_u8(images, n, channels, side, self.rounding()?, &mut pixels);
+        let mut written = Vec::new();
+        if let Some(dir) = &self.out {
+            let per = side * side * channels;
+            for (i, &c) in classes.iter().enumerate() {
+                let mut name = format!("{i:06}");
+                if c >= 0 {
+                    name.push_str(&format!("-class{c}"));
+                }
+                if let Some(s) = seed {
+                    name.push_str(&format!("-seed{s}"));
+                }
+                let path = dir.join(name + ".png");
+                image::write_png(&path, &pixels[i * per..(i + 1) * per], side, side, channels)?;
+            }
+            written.push(dir.clone());
+        }
+        if let Some(path) = &self.grid {
+            let cols = self.grid_cols.unwrap_or(default_cols);
+            image::write_grid_png_u8(path, &pixels, n, channels, side, cols, 2)?;
+            written.push(path.clone());
+        }
+        if let Some(path) = &self.npz {
+            image::write_npz(path, &pixels, n, side, channels)?;
+            written.push(path.clone());
+        }
+        Ok(written)
+    }
+}
+
+/// Creates `dir` if needed and proves a file can be created in it.
+fn check_writable_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let probe = dir.join(format!(".icdit-write-check-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| Error::io(dir, e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}

@@ -1,0 +1,497 @@
+//! The SD-VAE decoder DiT samples through (diffusers `AutoencoderKL`, reference doc F):
+//! loading a diffusers folder (config.json + safetensors, either attention naming) and the
+//! CPU decoder ([`VaeDecoder`]) that turns latents into images.
+
+mod cpu;
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::tensorfile::TensorFile;
+use crate::weights::{weight_files, StoreBuilder, TRef, WeightStore};
+
+pub use cpu::VaeDecoder;
+
+/// The scaling factor DiT divides latents by when the config does not name one.
+pub const DEFAULT_SCALING: f64 = 0.18215;
+/// GroupNorm epsilon of every VAE norm.
+pub const GN_EPS: f32 = 1e-6;
+
+/// The decoder's architecture.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VaeConfig {
+    /// Encoder order (the decoder walks it reversed), e.g. [128, 256, 512, 512].
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub latent_channels: usize,
+    pub out_channels: usize,
+    /// Latents are decoded as `latent / scaling_factor + shift_factor`.
+    pub scaling_factor: f64,
+    pub shift_factor: f64,
+    pub post_quant_conv: bool,
+    pub mid_attention: bool,
+}
+
+impl VaeConfig {
+    /// The stable-diffusion VAE DiT uses (sd-vae-ft-ema / -mse).
+    pub fn sd() -> Self {
+        VaeConfig {
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            norm_num_groups: 32,
+            latent_channels: 4,
+            out_channels: 3,
+            scaling_factor: DEFAULT_SCALING,
+            shift_factor: 0.0,
+            post_quant_conv: true,
+            mid_attention: true,
+        }
+    }
+
+    /// Channels of the decoder's mid block (the last encoder block's width).
+    pub fn mid_channels(&self) -> usize {
+        *self.block_out_channels.last().expect("validated non-empty")
+    }
+
+    /// Output side for a latent of side `latent`: each up block but the last doubles it.
+    pub fn out_side(&self, latent: usize) -> usize {
+        latent << (self.block_out_channels.len() - 1)
+    }
+
+    /// (input channels, output channels) of up block `i`.
+    pub fn up_channels(&self, i: usize) -> (usize, usize) {
+        let b = &self.block_out_channels;
+        let rev = |j: usize| b[b.len() - 1 - j];
+        (if i == 0 { rev(0) } else { rev(i - 1) }, rev(i))
+    }
+
+    fn check(&self, origin: &str) -> Result<()> {
+        let bad = |reason: String| Err(Error::Config { origin: origin.to_string(), reason });
+        if self.block_out_channels.is_empty() || self.block_out_channels.contains(&0) {
+            return bad(format!("block_out_channels {:?} must be non-empty and positive", self.block_out_channels));
+        }
+        if self.layers_per_block == 0 || self.latent_channels == 0 || self.out_channels == 0 {
+            return bad("layers_per_block, latent_channels and out_channels must be positive".into());
+        }
+        let g = self.norm_num_groups;
+        if g > 1024 {
+            return bad(format!("norm_num_groups {g} is above the supported 1024"));
+        }
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| g == 0 || c % g != 0) {
+            return bad(format!("norm_num_groups {g} does not divide block width {c}"));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) || !self.shift_factor.is_finite() {
+            return bad(format!(
+                "scaling_factor {} / shift_factor {} must be finite and the scale non-zero",
+                self.scaling_factor, self.shift_factor
+            ));
+        }
+        Ok(())
+    }
+
+    /// MACs of one decode of a `latent`-side latent (convolutions, 1×1 convs, attention
+    /// linears and matmuls; norms and activations not counted), as reference doc G.3.
+    pub fn macs(&self, latent: usize) -> u64 {
+        let conv = |side: usize, cin: usize, cout: usize, k: usize| (side * side * cin * cout * k) as u64;
+        let lc = self.latent_channels;
+        let cm = self.mid_channels();
+        let mut total = 0u64;
+        if self.post_quant_conv {
+            total += conv(latent, lc, lc, 1);
+        }
+        total += conv(latent, lc, cm, 9);
+        let resnet = |side: usize, cin: usize, cout: usize| {
+            conv(side, cin, cout, 9)
+                + conv(side, cout, cout, 9)
+                + if cin != cout { conv(side, cin, cout, 1) } else { 0 }
+        };
+        total += 2 * resnet(latent, cm, cm);
+        if self.mid_attention {
+            let hw = (latent * latent) as u64;
+            total += 4 * hw * (cm * cm) as u64 + 2 * hw * hw * cm as u64;
+        }
+        let mut side = latent;
+        for i in 0..self.block_out_channels.len() {
+            let (cin, cout) = self.up_channels(i);
+            total += resnet(side, cin, cout) + self.layers_per_block as u64 * resnet(side, cout, cout);
+            if i + 1 < self.block_out_channels.len() {
+                side *= 2;
+                total += conv(side, cout, cout, 9);
+            }
+        }
+        total + conv(side, self.block_out_channels[0], self.out_channels, 9)
+    }
+}
+
+/// How the mid-block attention's tensors are named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnNaming {
+    /// diffusers ≥ 0.14: `to_q`, `to_k`, `to_v`, `to_out.0`.
+    New,
+    /// Older diffusers `AttentionBlock` (2022-era Hub VAE files): `query`, `key`, `value`, `proj_attn`.
+    Old,
+}
+
+impl AttnNaming {
+    fn names(self) -> [&'static str; 4] {
+        match self {
+            AttnNaming::New => ["to_q", "to_k", "to_v", "to_out.0"],
+            AttnNaming::Old => ["query", "key", "value", "proj_attn"],
+        }
+    }
+}
+
+/// A weight and its bias.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Wb {
+    pub w: TRef,
+    pub b: TRef,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Resnet {
+    pub cin: usize,
+    pub cout: usize,
+    pub norm1: Wb,
+    pub conv1: Wb,
+    pub norm2: Wb,
+    pub conv2: Wb,
+    pub shortcut: Option<Wb>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Attention {
+    pub norm: Wb,
+    pub q: Wb,
+    pub k: Wb,
+    pub v: Wb,
+    pub out: Wb,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct UpBlock {
+    pub resnets: Vec<Resnet>,
+    pub upsample: Option<Wb>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct VaeTensors {
+    pub post_quant: Option<Wb>,
+    pub conv_in: Wb,
+    pub mid: [Resnet; 2],
+    pub attn: Option<Attention>,
+    pub up: Vec<UpBlock>,
+    pub norm_out: Wb,
+    pub conv_out: Wb,
+}
+
+/// A loaded VAE decoder: config, mapped weights and their handles.
+pub struct VaeModel {
+    pub config: VaeConfig,
+    /// The weights file (the first, for sharded ones).
+    pub source: PathBuf,
+    /// Where the config came from: a config.json path, or how it was inferred.
+    pub config_origin: String,
+    pub naming: Option<AttnNaming>,
+    /// Parameters the decoder uses.
+    pub params: usize,
+    pub(crate) store: WeightStore,
+    pub(crate) t: VaeTensors,
+}
+
+impl std::fmt::Debug for VaeModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VaeModel").field("config", &self.config).field("source", &self.source).finish()
+    }
+}
+
+/// The config.json fields the decoder depends on, with diffusers' class defaults.
+#[derive(serde::Deserialize)]
+struct HfVaeConfig {
+    #[serde(rename = "_class_name")]
+    class_name: Option<String>,
+    block_out_channels: Option<Vec<usize>>,
+    layers_per_block: Option<usize>,
+    norm_num_groups: Option<usize>,
+    latent_channels: Option<usize>,
+    out_channels: Option<usize>,
+    scaling_factor: Option<f64>,
+    shift_factor: Option<f64>,
+    use_post_quant_conv: Option<bool>,
+    up_block_types: Option<Vec<String>>,
+    act_fn: Option<String>,
+    mid_block_add_attention: Option<bool>,
+}
+
+const MID_ATTN: &str = "decoder.mid_block.attentions.0.";
+
+impl VaeModel {
+    /// Loads a diffusers `AutoencoderKL`: a folder with config.json and the weights (single
+    /// file, fp16 variant or sharded), a pipeline folder with a `vae/` subfolder (e.g.
+    /// `facebook/DiT-XL-2-256`), or a weights file (config.json beside it is used when
+    /// present; otherwise the config is inferred from the tensor shapes).
+    pub fn load(path: &Path) -> Result<VaeModel> {
+        let (dir, files) = if path.is_dir() {
+            let dir = if path.join("vae").is_dir() && !path.join("config.json").is_file() {
+                path.join("vae")
+            } else {
+                path.to_path_buf()
+            };
+            let files = weight_files(&dir)?;
+            (dir, files)
+        } else {
+            let file = TensorFile::open(path)?;
+            (path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf(), vec![file])
+        };
+        let source = files[0].path().to_path_buf();
+        let b = StoreBuilder::new(files);
+        if !b.names().any(|n| n.starts_with("decoder.")) {
+            return Err(Error::Layout {
+                path: source,
+                reason: "no `decoder.*` tensors: not a diffusers AutoencoderKL (original LDM/CompVis \
+                         VAE files must be converted to the diffusers layout first)"
+                    .into(),
+            });
+        }
+        let cfg_path = dir.join("config.json");
+        let (config, origin) = if cfg_path.is_file() {
+            (read_config(&cfg_path)?, cfg_path.display().to_string())
+        } else {
+            let origin = format!("{} (no config.json: config inferred from the tensor shapes)", source.display());
+            (infer_config(&b, &source)?, origin)
+        };
+        config.check(&origin)?;
+        let naming = attention_naming(&b, &source, config.mid_attention)?;
+        let mut b = b;
+        let t = register(&mut b, &config, naming)?;
+        let (store, _) = b.finish(|n| n.starts_with("encoder.") || n.starts_with("quant_conv."))?;
+        let params = tensor_params(&t);
+        Ok(VaeModel { config, source, config_origin: origin, naming, params, store, t })
+    }
+
+    #[inline]
+    pub(crate) fn w(&self, r: TRef) -> &[f32] {
+        self.store.get(r)
+    }
+}
+
+fn tensor_params(t: &VaeTensors) -> usize {
+    let wb = |x: &Wb| x.w.len() + x.b.len();
+    let resnet =
+        |r: &Resnet| wb(&r.norm1) + wb(&r.conv1) + wb(&r.norm2) + wb(&r.conv2) + r.shortcut.as_ref().map_or(0, wb);
+    let mut n = t.post_quant.as_ref().map_or(0, wb) + wb(&t.conv_in) + resnet(&t.mid[0]) + resnet(&t.mid[1]);
+    if let Some(a) = &t.attn {
+        n += wb(&a.norm) + wb(&a.q) + wb(&a.k) + wb(&a.v) + wb(&a.out);
+    }
+    for u in &t.up {
+        n += u.resnets.iter().map(resnet).sum::<usize>() + u.upsample.as_ref().map_or(0, wb);
+    }
+    n + wb(&t.norm_out) + wb(&t.conv_out)
+}
+
+fn read_config(path: &Path) -> Result<VaeConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let origin = path.display().to_string();
+    let bad = |reason: String| Error::Config { origin: origin.clone(), reason };
+    let hf: HfVaeConfig = serde_json::from_str(&text).map_err(|e| bad(format!("not a VAE config.json: {e}")))?;
+    if let Some(c) = &hf.class_name {
+        if c != "AutoencoderKL" {
+            return Err(bad(format!("_class_name is {c:?}, expected \"AutoencoderKL\"")));
+        }
+    }
+    if let Some(a) = &hf.act_fn {
+        if a != "silu" {
+            return Err(bad(format!("act_fn {a:?} is not supported (DiT's VAE uses \"silu\")")));
+        }
+    }
+    if let Some(types) = &hf.up_block_types {
+        if let Some(t) = types.iter().find(|t| t.as_str() != "UpDecoderBlock2D") {
+            return Err(bad(format!("up block type {t:?} is not supported (expected UpDecoderBlock2D)")));
+        }
+    }
+    // diffusers' AutoencoderKL defaults where a key is absent.
+    let cfg = VaeConfig {
+        block_out_channels: hf.block_out_channels.unwrap_or_else(|| vec![64]),
+        layers_per_block: hf.layers_per_block.unwrap_or(1),
+        norm_num_groups: hf.norm_num_groups.unwrap_or(32),
+        latent_channels: hf.latent_channels.unwrap_or(4),
+        out_channels: hf.out_channels.unwrap_or(3),
+        scaling_factor: hf.scaling_factor.unwrap_or(DEFAULT_SCALING),
+        shift_factor: hf.shift_factor.unwrap_or(0.0),
+        post_quant_conv: hf.use_post_quant_conv.unwrap_or(true),
+        mid_attention: hf.mid_block_add_attention.unwrap_or(true),
+    };
+    if let Some(types) = &hf.up_block_types {
+        if types.len() != cfg.block_out_channels.len() {
+            return Err(bad(format!(
+                "{} up_block_types for {} block_out_channels",
+                types.len(),
+                cfg.block_out_channels.len()
+            )));
+        }
+    }
+    Ok(cfg)
+}
+
+/// A config from the shapes alone: block widths from each up block's last conv, layers per
+/// block from the resnet count, 32 groups and the 0.18215 scale (the SD-VAE values).
+fn infer_config(b: &StoreBuilder, source: &Path) -> Result<VaeConfig> {
+    let bad = |reason: String| Error::Config {
+        origin: format!("{} (no config.json)", source.display()),
+        reason: format!(
+            "{reason}; the tensor shapes do not identify a decoder config — put its config.json beside the weights"
+        ),
+    };
+    let mut widths = Vec::new();
+    let mut resnets = None;
+    for i in 0.. {
+        let Some(shape) = b.shape(&format!("decoder.up_blocks.{i}.resnets.0.conv2.weight")) else { break };
+        widths.push(shape[0]);
+        let n = (0..).take_while(|j| b.has(&format!("decoder.up_blocks.{i}.resnets.{j}.conv2.weight"))).count();
+        match resnets {
+            None => resnets = Some(n),
+            Some(m) if m != n => return Err(bad(format!("up block {i} has {n} resnets, block 0 has {m}"))),
+            _ => {}
+        }
+    }
+    let resnets = resnets.ok_or_else(|| bad("no `decoder.up_blocks.0.resnets.0.conv2.weight`".into()))?;
+    if resnets < 2 {
+        return Err(bad(format!("up blocks have {resnets} resnet(s), expected layers_per_block + 1 ≥ 2")));
+    }
+    let latent = b
+        .shape("decoder.conv_in.weight")
+        .filter(|s| s.len() == 4)
+        .map(|s| s[1])
+        .ok_or_else(|| bad("no 4-D `decoder.conv_in.weight`".into()))?;
+    let out = b
+        .shape("decoder.conv_out.weight")
+        .filter(|s| s.len() == 4)
+        .map(|s| s[0])
+        .ok_or_else(|| bad("no 4-D `decoder.conv_out.weight`".into()))?;
+    widths.reverse();
+    let cfg = VaeConfig {
+        block_out_channels: widths,
+        layers_per_block: resnets - 1,
+        norm_num_groups: 32,
+        latent_channels: latent,
+        out_channels: out,
+        scaling_factor: DEFAULT_SCALING,
+        shift_factor: 0.0,
+        post_quant_conv: b.has("post_quant_conv.weight"),
+        mid_attention: b.names().any(|n| n.starts_with(MID_ATTN)),
+    };
+    if let Some(c) = cfg.block_out_channels.iter().find(|&&c| c % 32 != 0) {
+        return Err(bad(format!("block width {c} is not a multiple of the default 32 norm groups")));
+    }
+    Ok(cfg)
+}
+
+fn attention_naming(b: &StoreBuilder, source: &Path, wanted: bool) -> Result<Option<AttnNaming>> {
+    if !wanted {
+        return Ok(None);
+    }
+    for naming in [AttnNaming::New, AttnNaming::Old] {
+        if b.has(&format!("{MID_ATTN}{}.weight", naming.names()[0])) {
+            return Ok(Some(naming));
+        }
+    }
+    let mut found: Vec<&str> = b.names().filter(|n| n.starts_with(MID_ATTN)).collect();
+    if found.is_empty() {
+        // Reported with every other missing tensor by the store.
+        return Ok(Some(AttnNaming::New));
+    }
+    found.sort();
+    Err(Error::Layout {
+        path: source.to_path_buf(),
+        reason: format!(
+            "unknown mid-block attention key naming ({}); expected `to_q/to_k/to_v/to_out.0` \
+             (diffusers ≥ 0.14) or `query/key/value/proj_attn` (older diffusers)",
+            found.join(", ")
+        ),
+    })
+}
+
+fn wb(b: &mut StoreBuilder, name: &str, w: &[usize], n: usize) -> Result<Wb> {
+    Ok(Wb { w: b.tensor(&format!("{name}.weight"), w)?, b: b.tensor(&format!("{name}.bias"), &[n])? })
+}
+
+fn norm(b: &mut StoreBuilder, name: &str, c: usize) -> Result<Wb> {
+    wb(b, name, &[c], c)
+}
+
+fn resnet(b: &mut StoreBuilder, name: &str, cin: usize, cout: usize) -> Result<Resnet> {
+    Ok(Resnet {
+        cin,
+        cout,
+        norm1: norm(b, &format!("{name}.norm1"), cin)?,
+        conv1: wb(b, &format!("{name}.conv1"), &[cout, cin, 3, 3], cout)?,
+        norm2: norm(b, &format!("{name}.norm2"), cout)?,
+        conv2: wb(b, &format!("{name}.conv2"), &[cout, cout, 3, 3], cout)?,
+        shortcut: if cin != cout {
+            Some(wb(b, &format!("{name}.conv_shortcut"), &[cout, cin, 1, 1], cout)?)
+        } else {
+            None
+        },
+    })
+}
+
+fn register(b: &mut StoreBuilder, cfg: &VaeConfig, naming: Option<AttnNaming>) -> Result<VaeTensors> {
+    let (lc, cm) = (cfg.latent_channels, cfg.mid_channels());
+    let post_quant = if cfg.post_quant_conv { Some(wb(b, "post_quant_conv", &[lc, lc, 1, 1], lc)?) } else { None };
+    let conv_in = wb(b, "decoder.conv_in", &[cm, lc, 3, 3], cm)?;
+    let mid = [resnet(b, "decoder.mid_block.resnets.0", cm, cm)?, resnet(b, "decoder.mid_block.resnets.1", cm, cm)?];
+    let attn = match naming {
+        None => None,
+        Some(naming) => {
+            let [q, k, v, o] = naming.names();
+            // Linear (C, C) in diffusers; the 1×1-conv form (C, C, 1, 1) is accepted too.
+            let lin = |b: &mut StoreBuilder, part: &str| -> Result<Wb> {
+                let name = format!("{MID_ATTN}{part}");
+                let conv_form = b.shape(&format!("{name}.weight")).is_some_and(|s| s == [cm, cm, 1, 1]);
+                let shape: &[usize] = if conv_form { &[cm, cm, 1, 1] } else { &[cm, cm] };
+                wb(b, &name, shape, cm)
+            };
+            Some(Attention {
+                norm: norm(b, &format!("{MID_ATTN}group_norm"), cm)?,
+                q: lin(b, q)?,
+                k: lin(b, k)?,
+                v: lin(b, v)?,
+                out: lin(b, o)?,
+            })
+        }
+    };
+    let nb = cfg.block_out_channels.len();
+    let mut up = Vec::with_capacity(nb);
+    for i in 0..nb {
+        let (cin, cout) = cfg.up_channels(i);
+        let mut resnets = Vec::new();
+        for j in 0..=cfg.layers_per_block {
+            let c_in = if j == 0 { cin } else { cout };
+            resnets.push(resnet(b, &format!("decoder.up_blocks.{i}.resnets.{j}"), c_in, cout)?);
+        }
+        let upsample = if i + 1 < nb {
+            Some(wb(b, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout)?)
+        } else {
+            None
+        };
+        up.push(UpBlock { resnets, upsample });
+    }
+    let c0 = cfg.block_out_channels[0];
+    let norm_out = norm(b, "decoder.conv_norm_out", c0)?;
+    let conv_out = wb(b, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels)?;
+    Ok(VaeTensors { post_quant, conv_in, mid, attn, up, norm_out, conv_out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sd_vae_macs_match_the_reference_doc() {
+        // Reference doc G.3: 311.09 GMACs for a 32×32 latent (256×256 output).
+        let m = VaeConfig::sd().macs(32);
+        assert!((m as f64 / 1e9 - 311.09).abs() < 0.01, "{m}");
+        assert_eq!(VaeConfig::sd().out_side(32), 256);
+    }
+}
