@@ -9,7 +9,6 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use icdit::cost;
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
-use icdit::factors::{FactorInfo, LayerType};
 use icdit::forward::StepKind;
 use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
 
@@ -79,28 +78,6 @@ fn forward(c: &mut Criterion) {
 }
 
 /// Random factors of a uniform rank for every block (benchmarks only measure speed).
-fn random_factors(model: &DitModel, rank: usize) -> Factors {
-    let (c, m) = (model.config.hidden_size, model.config.mlp_hidden());
-    let mut seed = 1u32;
-    let mut v = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.02 - 0.01
-            })
-            .collect()
-    };
-    let layers = (0..model.config.depth)
-        .map(|_| {
-            LayerType::ALL.map(|t| {
-                let (o, i) = t.shape(c, m);
-                (v(o * rank), v(rank * i), rank)
-            })
-        })
-        .collect();
-    Factors::from_parts(model, FactorInfo { method: "random".into(), ..Default::default() }, layers).expect("factors")
-}
-
 /// One DiT-XL/2 step of each kind at batch 1 with guidance (2 rows): full (refreshing the
 /// caches), calibrated at rank 128 (icc's default), and naive reuse. Throughput counts the
 /// MACs of each kind (icc's accounting), so the calibrated/full time ratio is visible
@@ -110,7 +87,7 @@ fn steps(c: &mut Criterion) {
     group.sample_size(10).measurement_time(Duration::from_secs(20));
     let cfg = DitConfig::xl2_256();
     let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
-    let factors = Arc::new(random_factors(&model, 128));
+    let factors = Arc::new(Factors::random(&model, 128, 1).expect("factors"));
     let ranks = factors.ranks();
     let rows = 2;
     let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::Icc(factors) };

@@ -504,3 +504,74 @@ pub fn build_factors(
     };
     Factors::from_parts(model, info, layers)
 }
+
+/// A calibration set the model draws itself (`icdit calibrate --calib-self N`): N clean
+/// samples at full compute (DDIM over "50", guidance 1.5 as icc's evaluation), labels with
+/// icc's 10% dropout, noised at seeded timesteps by the statistics pass. `progress` is
+/// called after each batch of up to 16 samples.
+pub fn self_calibration_set(
+    model: &std::sync::Arc<DitModel>,
+    n: usize,
+    seed: u64,
+    threads: usize,
+    method: Method,
+    progress: &mut dyn FnMut(usize),
+) -> Result<CalibSet> {
+    use crate::engine::{Engine, EngineOptions, Request};
+    let cfg = model.config;
+    if n == 0 {
+        return Err(Error::invalid("--calib-self", "must be at least 1"));
+    }
+    let classes = crate::noise::class_labels(seed, 0, n, cfg.num_classes);
+    let batch = n.min(16);
+    let opts = EngineOptions {
+        max_batch: batch,
+        respacing: "50".into(),
+        sampler: crate::Sampler::Ddim { eta: 0.0 },
+        cfg_scale: 1.5,
+        threads,
+        ..Default::default()
+    };
+    let mut engine = Engine::new(std::sync::Arc::clone(model), &opts)?;
+    let img = cfg.image_elems();
+    let mut latents = vec![0.0f32; n * img];
+    for (i, chunk) in classes.chunks(batch).enumerate() {
+        let first = i * batch;
+        let req = Request { first_index: first as u64, ..Request::new(chunk, seed) };
+        engine.sample(&req, &mut latents[first * img..(first + chunk.len()) * img], &mut |_| {})?;
+        progress(i + 1);
+    }
+    // Label dropout with p = 0.1 (icc's training-style drop before the statistics forward).
+    let drop = crate::noise::class_labels(seed ^ 0x64726f70, 0, n, 10);
+    let labels: Vec<i64> = classes
+        .iter()
+        .zip(&drop)
+        .map(|(&c, &d)| if d == 0 && cfg.label_rows() > cfg.num_classes { cfg.null_class() as i64 } else { c })
+        .collect();
+    Ok(CalibSet::from_samples(latents, labels, &cfg, seed, method))
+}
+
+/// Uniform-rank factors of `model` in one call: plain SVD, or a channel-aware method
+/// self-calibrated on `calib_self` samples (the path `icdit calibrate --calib-self` takes).
+pub fn self_calibrated_factors(
+    model: &std::sync::Arc<DitModel>,
+    method: Method,
+    rank: usize,
+    calib_self: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<crate::Factors> {
+    let ranks = [rank; 6];
+    let mut settings = serde_json::json!({ "method": format!("{method:?}"), "seed": seed });
+    let vectors = if method != Method::Svd {
+        let set = self_calibration_set(model, calib_self, seed, threads, method, &mut |_| {})?;
+        settings["calib_self"] = calib_self.into();
+        let stats = collect_stats(model, &set, 16, threads, method, &mut |_, _| {})?;
+        Some(weight_vectors(&stats, model.config.hidden_size))
+    } else {
+        None
+    };
+    let all = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+    let (layers, report) = compute_factors(model, ranks, vectors.as_deref(), all, &|_, _| {})?;
+    build_factors(model, method, ranks, layers, &report, settings)
+}

@@ -120,6 +120,31 @@ impl std::fmt::Debug for Factors {
 }
 
 impl Factors {
+    /// Seeded random factors of uniform `rank` (values uniform in ±0.01): for benchmarks,
+    /// where only the shapes matter.
+    pub fn random(model: &DitModel, rank: usize, seed: u32) -> Result<Factors> {
+        let (c, m) = (model.config.hidden_size, model.config.mlp_hidden());
+        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+        let mut v = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    (state >> 8) as f32 / (1u32 << 24) as f32 * 0.02 - 0.01
+                })
+                .collect()
+        };
+        let layers = (0..model.config.depth)
+            .map(|_| {
+                LayerType::ALL.map(|t| {
+                    let (o, i) = t.shape(c, m);
+                    let r = rank.min(o).min(i);
+                    (v(o * r), v(r * i), r)
+                })
+            })
+            .collect();
+        Factors::from_parts(model, FactorInfo { method: "random".into(), ..Default::default() }, layers)
+    }
+
     /// Loads a factor file and checks it against `model`: every tensor present with
     /// matching shapes, ranks within min(out, in), and the fingerprint (when recorded).
     pub fn load(path: &Path, model: &DitModel) -> Result<Factors> {

@@ -21,6 +21,7 @@ pub mod image;
 pub mod inspect;
 pub mod noise;
 pub mod plan;
+pub mod quality;
 pub mod tensorfile;
 pub mod vae;
 pub mod weights;

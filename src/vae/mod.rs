@@ -263,8 +263,12 @@ impl VaeModel {
         };
         config.check(&origin)?;
         let naming = attention_naming(&b, &source, config.mid_attention)?;
+        let cm = config.mid_channels();
+        let attn_conv_form = naming.is_some_and(|n| {
+            b.shape(&format!("{MID_ATTN}{}.weight", n.names()[0])).is_some_and(|s| s == [cm, cm, 1, 1])
+        });
         let mut b = b;
-        let t = register(&mut b, &config, naming)?;
+        let t = register(&mut |name: &str, shape: &[usize]| b.tensor(name, shape), &config, naming, attn_conv_form)?;
         let (store, _) = b.finish(|n| n.starts_with("encoder.") || n.starts_with("quant_conv."))?;
         let params = tensor_params(&t);
         Ok(VaeModel { config, source, config_origin: origin, naming, params, store, t })
@@ -412,52 +416,52 @@ fn attention_naming(b: &StoreBuilder, source: &Path, wanted: bool) -> Result<Opt
     })
 }
 
-fn wb(b: &mut StoreBuilder, name: &str, w: &[usize], n: usize) -> Result<Wb> {
-    Ok(Wb { w: b.tensor(&format!("{name}.weight"), w)?, b: b.tensor(&format!("{name}.bias"), &[n])? })
+/// Hands out a tensor handle for (name, shape): validated from files, or generated.
+type Get<'a> = dyn FnMut(&str, &[usize]) -> Result<TRef> + 'a;
+
+fn wb(get: &mut Get, name: &str, w: &[usize], n: usize) -> Result<Wb> {
+    Ok(Wb { w: get(&format!("{name}.weight"), w)?, b: get(&format!("{name}.bias"), &[n])? })
 }
 
-fn norm(b: &mut StoreBuilder, name: &str, c: usize) -> Result<Wb> {
-    wb(b, name, &[c], c)
+fn norm(get: &mut Get, name: &str, c: usize) -> Result<Wb> {
+    wb(get, name, &[c], c)
 }
 
-fn resnet(b: &mut StoreBuilder, name: &str, cin: usize, cout: usize) -> Result<Resnet> {
+fn resnet(get: &mut Get, name: &str, cin: usize, cout: usize) -> Result<Resnet> {
     Ok(Resnet {
         cin,
         cout,
-        norm1: norm(b, &format!("{name}.norm1"), cin)?,
-        conv1: wb(b, &format!("{name}.conv1"), &[cout, cin, 3, 3], cout)?,
-        norm2: norm(b, &format!("{name}.norm2"), cout)?,
-        conv2: wb(b, &format!("{name}.conv2"), &[cout, cout, 3, 3], cout)?,
+        norm1: norm(get, &format!("{name}.norm1"), cin)?,
+        conv1: wb(get, &format!("{name}.conv1"), &[cout, cin, 3, 3], cout)?,
+        norm2: norm(get, &format!("{name}.norm2"), cout)?,
+        conv2: wb(get, &format!("{name}.conv2"), &[cout, cout, 3, 3], cout)?,
         shortcut: if cin != cout {
-            Some(wb(b, &format!("{name}.conv_shortcut"), &[cout, cin, 1, 1], cout)?)
+            Some(wb(get, &format!("{name}.conv_shortcut"), &[cout, cin, 1, 1], cout)?)
         } else {
             None
         },
     })
 }
 
-fn register(b: &mut StoreBuilder, cfg: &VaeConfig, naming: Option<AttnNaming>) -> Result<VaeTensors> {
+/// Every decoder tensor of `cfg`, in diffusers' names. The attention linears are (C, C), or
+/// (C, C, 1, 1) with `attn_conv_form`.
+fn register(get: &mut Get, cfg: &VaeConfig, naming: Option<AttnNaming>, attn_conv_form: bool) -> Result<VaeTensors> {
     let (lc, cm) = (cfg.latent_channels, cfg.mid_channels());
-    let post_quant = if cfg.post_quant_conv { Some(wb(b, "post_quant_conv", &[lc, lc, 1, 1], lc)?) } else { None };
-    let conv_in = wb(b, "decoder.conv_in", &[cm, lc, 3, 3], cm)?;
-    let mid = [resnet(b, "decoder.mid_block.resnets.0", cm, cm)?, resnet(b, "decoder.mid_block.resnets.1", cm, cm)?];
+    let post_quant = if cfg.post_quant_conv { Some(wb(get, "post_quant_conv", &[lc, lc, 1, 1], lc)?) } else { None };
+    let conv_in = wb(get, "decoder.conv_in", &[cm, lc, 3, 3], cm)?;
+    let mid =
+        [resnet(get, "decoder.mid_block.resnets.0", cm, cm)?, resnet(get, "decoder.mid_block.resnets.1", cm, cm)?];
     let attn = match naming {
         None => None,
         Some(naming) => {
             let [q, k, v, o] = naming.names();
-            // Linear (C, C) in diffusers; the 1×1-conv form (C, C, 1, 1) is accepted too.
-            let lin = |b: &mut StoreBuilder, part: &str| -> Result<Wb> {
-                let name = format!("{MID_ATTN}{part}");
-                let conv_form = b.shape(&format!("{name}.weight")).is_some_and(|s| s == [cm, cm, 1, 1]);
-                let shape: &[usize] = if conv_form { &[cm, cm, 1, 1] } else { &[cm, cm] };
-                wb(b, &name, shape, cm)
-            };
+            let shape: &[usize] = if attn_conv_form { &[cm, cm, 1, 1] } else { &[cm, cm] };
             Some(Attention {
-                norm: norm(b, &format!("{MID_ATTN}group_norm"), cm)?,
-                q: lin(b, q)?,
-                k: lin(b, k)?,
-                v: lin(b, v)?,
-                out: lin(b, o)?,
+                norm: norm(get, &format!("{MID_ATTN}group_norm"), cm)?,
+                q: wb(get, &format!("{MID_ATTN}{q}"), shape, cm)?,
+                k: wb(get, &format!("{MID_ATTN}{k}"), shape, cm)?,
+                v: wb(get, &format!("{MID_ATTN}{v}"), shape, cm)?,
+                out: wb(get, &format!("{MID_ATTN}{o}"), shape, cm)?,
             })
         }
     };
@@ -468,19 +472,58 @@ fn register(b: &mut StoreBuilder, cfg: &VaeConfig, naming: Option<AttnNaming>) -
         let mut resnets = Vec::new();
         for j in 0..=cfg.layers_per_block {
             let c_in = if j == 0 { cin } else { cout };
-            resnets.push(resnet(b, &format!("decoder.up_blocks.{i}.resnets.{j}"), c_in, cout)?);
+            resnets.push(resnet(get, &format!("decoder.up_blocks.{i}.resnets.{j}"), c_in, cout)?);
         }
         let upsample = if i + 1 < nb {
-            Some(wb(b, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout)?)
+            Some(wb(get, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout)?)
         } else {
             None
         };
         up.push(UpBlock { resnets, upsample });
     }
     let c0 = cfg.block_out_channels[0];
-    let norm_out = norm(b, "decoder.conv_norm_out", c0)?;
-    let conv_out = wb(b, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels)?;
+    let norm_out = norm(get, "decoder.conv_norm_out", c0)?;
+    let conv_out = wb(get, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels)?;
     Ok(VaeTensors { post_quant, conv_in, mid, attn, up, norm_out, conv_out })
+}
+
+impl VaeModel {
+    /// A decoder of `cfg` with seeded random weights in memory (no file), for benchmarks at
+    /// full SD-VAE size: norms 1 ± 0.1, weights of std 1/√fan_in, biases of std 0.05.
+    pub fn random(cfg: &VaeConfig, seed: u64) -> Result<VaeModel> {
+        cfg.check("random VAE config")?;
+        let mut b = StoreBuilder::new(Vec::new());
+        let mut index = 0u64;
+        let t = {
+            let mut get = |name: &str, shape: &[usize]| -> Result<TRef> {
+                index += 1;
+                let len: usize = shape.iter().product();
+                let (mean, std) = if shape.len() == 1 {
+                    if name.contains("norm") && name.ends_with(".weight") {
+                        (1.0, 0.1)
+                    } else {
+                        (0.0, 0.05)
+                    }
+                } else {
+                    (0.0, 1.0 / ((len / shape[0]) as f32).sqrt())
+                };
+                let key = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                Ok(b.generated(len, move |out| crate::weights::fill_uniform(key, mean, std, out)))
+            };
+            register(&mut get, cfg, cfg.mid_attention.then_some(AttnNaming::New), false)?
+        };
+        let (store, _) = b.finish(|_| false)?;
+        let params = tensor_params(&t);
+        Ok(VaeModel {
+            config: cfg.clone(),
+            source: format!("random(seed {seed})").into(),
+            config_origin: "random".into(),
+            naming: cfg.mid_attention.then_some(AttnNaming::New),
+            params,
+            store,
+            t,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -68,8 +68,13 @@ fn fill(init: Init, cfg: &DitConfig, seed: u64, index: usize, out: &mut [f32]) {
         Init::Weight { fan_in, gain } => gain / (fan_in as f32).sqrt(),
         Init::Std(s) => s,
     };
+    fill_uniform(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), 0.0, std, out);
+}
+
+/// Uniform values of the given mean and std from a SplitMix64 stream started at `key`.
+pub(crate) fn fill_uniform(key: u64, mean: f32, std: f32, out: &mut [f32]) {
     let half_width = std * 3f32.sqrt();
-    let mut state = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut state = key;
     for v in out {
         state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = state;
@@ -77,7 +82,7 @@ fn fill(init: Init, cfg: &DitConfig, seed: u64, index: usize, out: &mut [f32]) {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         let u = (z >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-        *v = (2.0 * u - 1.0) * half_width;
+        *v = mean + (2.0 * u - 1.0) * half_width;
     }
 }
 

@@ -7,8 +7,7 @@ use std::time::Instant;
 
 use clap::Args;
 use icdit::calibrate::{self, CalibSet, Method};
-use icdit::engine::{Engine, EngineOptions, Request};
-use icdit::{DitModel, Error};
+use icdit::Error;
 
 use crate::ModelArgs;
 
@@ -101,7 +100,16 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
             }
             (None, Some(n)) => {
                 settings["calib_self"] = n.into();
-                self_set(&model, n, a.seed, threads, method)?
+                let b = bar(n.div_ceil(16), "self-sampling");
+                let set = calibrate::self_calibration_set(&model, n, a.seed, threads, method, &mut |_| {
+                    if let Some(b) = &b {
+                        b.inc(1);
+                    }
+                })?;
+                if let Some(b) = b {
+                    b.finish_and_clear();
+                }
+                set
             }
             (None, None) => {
                 return Err(Error::invalid(
@@ -169,47 +177,4 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
         a.out.display()
     );
     Ok(())
-}
-
-/// `--calib-self N`: the model samples N clean images itself (full compute, DDIM over
-/// "50", guidance 1.5 as icc's evaluation), then labels get icc's 10% dropout, and the
-/// statistics pass noises them at seeded timesteps.
-fn self_set(model: &Arc<DitModel>, n: usize, seed: u64, threads: usize, method: Method) -> Result<CalibSet, Error> {
-    let cfg = model.config;
-    if n == 0 {
-        return Err(Error::invalid("--calib-self", "must be at least 1"));
-    }
-    let classes = icdit::noise::class_labels(seed, 0, n, cfg.num_classes);
-    let batch = n.min(16);
-    let opts = EngineOptions {
-        max_batch: batch,
-        respacing: "50".into(),
-        sampler: icdit::Sampler::Ddim { eta: 0.0 },
-        cfg_scale: 1.5,
-        threads,
-        ..Default::default()
-    };
-    let mut engine = Engine::new(Arc::clone(model), &opts)?;
-    let img = cfg.image_elems();
-    let mut latents = vec![0.0f32; n * img];
-    let b = bar(n.div_ceil(batch), "self-sampling");
-    for (i, chunk) in classes.chunks(batch).enumerate() {
-        let first = i * batch;
-        let req = Request { first_index: first as u64, ..Request::new(chunk, seed) };
-        engine.sample(&req, &mut latents[first * img..(first + chunk.len()) * img], &mut |_| {})?;
-        if let Some(b) = &b {
-            b.inc(1);
-        }
-    }
-    if let Some(b) = b {
-        b.finish_and_clear();
-    }
-    // Label dropout with p = 0.1 (icc's training-style drop before the statistics forward).
-    let drop = icdit::noise::class_labels(seed ^ 0x64726f70, 0, n, 10);
-    let labels: Vec<i64> = classes
-        .iter()
-        .zip(&drop)
-        .map(|(&c, &d)| if d == 0 && cfg.label_rows() > cfg.num_classes { cfg.null_class() as i64 } else { c })
-        .collect();
-    Ok(CalibSet::from_samples(latents, labels, &cfg, seed, method))
 }

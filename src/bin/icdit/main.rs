@@ -19,10 +19,13 @@ macro_rules! outln {
 mod calibrate;
 mod decode;
 mod output;
+mod report;
 mod sample;
+use icdit::forward::StepKind;
 use icdit::inspect::Report;
 use icdit::tensorfile::{write_safetensors, TensorFile};
-use icdit::{CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
+use icdit::vae::{VaeConfig, VaeDecoder, VaeModel};
+use icdit::{CacheMode, CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
 
 #[derive(Parser)]
 #[command(name = "icdit", version, about = "DiT inference with increment-calibrated caching")]
@@ -37,14 +40,19 @@ enum Command {
     Inspect(InspectArgs),
     /// One model evaluation on given inputs, for cross-checking other implementations.
     Forward(ForwardArgs),
-    /// Times repeated forward passes (random weights of a DiT family, or a checkpoint).
+    /// Times repeated forward passes or cached steps (random weights of a DiT family, or a checkpoint).
     BenchForward(BenchArgs),
+    /// Times VAE decodes (the SD-VAE architecture with random weights, or a VAE folder).
+    BenchVae(BenchVaeArgs),
     /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
     Sample(sample::SampleArgs),
     /// Compute rank-r factors (SVD or channel-aware SVD) for increment-calibrated caching.
     Calibrate(calibrate::CalibrateArgs),
     /// Decode latents (from `sample --out-latents`) to images with a VAE.
     Decode(decode::DecodeArgs),
+    /// Measure what caching costs in sample quality: reuse vs icc (SVD, CA-SVD) at several
+    /// ranks and periods, against full compute.
+    CacheReport(report::ReportArgs),
 }
 
 /// Flags shared by every command that loads weights.
@@ -125,8 +133,34 @@ struct BenchArgs {
     /// Untimed passes first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Step kind: `plain` (no caches), `full` (refreshes the caches), `calibrated`
+    /// (increment-calibrated, random factors of --rank) or `reuse` (naive caching).
+    #[arg(long, default_value = "plain")]
+    step: String,
+    /// Factor rank for `--step calibrated`.
+    #[arg(long, default_value_t = 128)]
+    rank: usize,
     #[command(flatten)]
     model: ModelArgs,
+}
+
+#[derive(Args)]
+struct BenchVaeArgs {
+    /// VAE folder; default: the SD-VAE architecture with seeded random weights.
+    #[arg(long)]
+    vae: Option<PathBuf>,
+    /// Latent side (32 → 256×256 images).
+    #[arg(long, default_value_t = 32)]
+    latent: usize,
+    /// CPU threads (0: all cores).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Timed decodes (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Untimed decodes first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
 }
 
 fn main() -> ExitCode {
@@ -135,9 +169,11 @@ fn main() -> ExitCode {
         Command::Inspect(a) => inspect(a),
         Command::Forward(a) => forward(a),
         Command::BenchForward(a) => bench_forward(a),
+        Command::BenchVae(a) => bench_vae(a),
         Command::Sample(a) => sample::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Decode(a) => decode::run(a),
+        Command::CacheReport(a) => report::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -202,6 +238,47 @@ fn forward(a: ForwardArgs) -> Result<(), Error> {
     Ok(())
 }
 
+fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
+    let model = Arc::new(match &a.vae {
+        Some(p) => VaeModel::load(p)?,
+        None => VaeModel::random(&VaeConfig::sd(), 1)?,
+    });
+    let cfg = model.config.clone();
+    let mut dec = VaeDecoder::new(Arc::clone(&model), a.latent, a.threads)?;
+    let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
+    let mut img = vec![0.0f32; dec.image_len()];
+    for _ in 0..a.warmup {
+        dec.decode(&lat, &mut img)?;
+    }
+    let mut ms = Vec::with_capacity(a.runs);
+    for _ in 0..a.runs.max(1) {
+        let start = Instant::now();
+        dec.decode(&lat, &mut img)?;
+        ms.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let mut sorted = ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let macs = cfg.macs(a.latent) as f64;
+    outln!(
+        "{}",
+        serde_json::json!({
+            "impl": "icdit-cpu-vae",
+            "model": model.source.display().to_string(),
+            "latent": a.latent,
+            "out_side": dec.out_side(),
+            "threads": a.threads,
+            "arena_bytes": dec.plan().total_bytes(),
+            "gmacs": macs / 1e9,
+            "median_ms": median,
+            "min_ms": sorted[0],
+            "runs_ms": ms,
+            "gmacs_per_s": macs / (median * 1e-3) / 1e9,
+        })
+    );
+    Ok(())
+}
+
 fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     let model = match &a.weights {
         Some(p) => a.model.load(p)?,
@@ -216,32 +293,55 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     let model = Arc::new(model);
     let cfg = model.config;
     let rows = a.rows.max(1);
+    let kind = match a.step.as_str() {
+        "plain" => StepKind::Plain,
+        "full" => StepKind::Full,
+        "calibrated" => StepKind::Calibrated,
+        "reuse" => StepKind::Reuse,
+        other => return Err(Error::invalid("--step", format!("`{other}`: expected plain, full, calibrated or reuse"))),
+    };
+    let cache = match kind {
+        StepKind::Plain => CacheMode::None,
+        StepKind::Calibrated => CacheMode::Icc(Arc::new(icdit::Factors::random(&model, a.rank, 1)?)),
+        _ => CacheMode::Reuse,
+    };
+    let ranks = match &cache {
+        CacheMode::Icc(f) => f.ranks(),
+        _ => Vec::new(),
+    };
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, ..Default::default() },
+        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, cache },
     )?;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();
     let y: Vec<i64> = (0..rows).map(|r| (r % cfg.label_rows()) as i64).collect();
     let mut out = vec![0.0f32; rows * cfg.output_elems()];
+    if kind != StepKind::Plain {
+        engine.forward_step(&x, &t, &y, &mut out, StepKind::Full)?; // fills the caches
+    }
     for _ in 0..a.warmup {
-        engine.forward(&x, &t, &y, &mut out)?;
+        engine.forward_step(&x, &t, &y, &mut out, kind)?;
     }
     let mut ms = Vec::with_capacity(a.runs);
     for _ in 0..a.runs.max(1) {
         let start = Instant::now();
-        engine.forward(&x, &t, &y, &mut out)?;
+        engine.forward_step(&x, &t, &y, &mut out, kind)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);
     }
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let gflops = 2.0 * cfg.forward_macs() as f64 * rows as f64 / (median * 1e-3) / 1e9;
+    let macs = icdit::cost::step_macs(&cfg, kind, &ranks);
+    let gflops = 2.0 * macs as f64 * rows as f64 / (median * 1e-3) / 1e9;
     outln!(
         "{}",
         serde_json::json!({
             "impl": "icdit-cpu",
             "model": model.source.display().to_string(),
+            "step": a.step,
+            "rank": if kind == StepKind::Calibrated { Some(a.rank) } else { None },
+            "gmacs_per_row": macs as f64 / 1e9,
             "rows": rows,
             "threads": engine.threads(),
             "gemm_kernel": engine.gemm_kernel(),

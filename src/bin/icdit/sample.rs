@@ -82,6 +82,10 @@ pub struct SampleArgs {
     /// Rank-r factors for `--cache icc` (made by `icdit calibrate`).
     #[arg(long)]
     factors: Option<PathBuf>,
+    /// Sample the same request under several cache policies (`none`, `reuse`, `icc`; icc
+    /// uses --factors) and write one grid row per policy, as the paper's comparison figures.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<String>,
     /// Images per engine call.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -147,6 +151,8 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         a.batch.clamp(1, classes.len())
     };
     let cache = match (a.cache.as_str(), &a.factors) {
+        // --compare names its own policies and reads --factors itself.
+        ("none", Some(_)) if !a.compare.is_empty() => CacheMode::None,
         ("none", None) => CacheMode::None,
         ("reuse", None) => CacheMode::Reuse,
         ("icc", Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
@@ -166,6 +172,9 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         guided_channels: if a.guide_all_channels { GuidedChannels::All } else { GuidedChannels::OfficialThree },
         threads: a.threads,
     };
+    if !a.compare.is_empty() {
+        return compare(&a, &model, &opts, &classes, vae);
+    }
     let mut engine = Engine::new(Arc::clone(&model), &opts)?;
     let steps = engine.steps();
     let ranks = match &opts.cache {
@@ -404,4 +413,80 @@ pub fn decode_all(dec: &mut VaeDecoder, latents: &[f32], n: usize) -> Result<Vec
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
     }
     Ok(images)
+}
+
+/// `--compare`: one grid row per cache policy, each the same request (classes, seed, noise).
+fn compare(
+    a: &SampleArgs,
+    model: &Arc<DitModel>,
+    opts: &EngineOptions,
+    classes: &[i64],
+    vae: Option<VaeDecoder>,
+) -> Result<(), Error> {
+    let cfg = model.config;
+    if a.noise.is_some() || a.out_latents.is_some() {
+        return Err(Error::invalid("--compare", "cannot be combined with --noise or --out-latents"));
+    }
+    if model.space != SampleSpace::Pixel && vae.is_none() {
+        return Err(Error::invalid("--compare", "writes images: this latent model needs --vae DIR"));
+    }
+    let start = Instant::now();
+    let mut rows: Vec<(String, Vec<f32>, f64)> = Vec::new();
+    for policy in &a.compare {
+        let cache = match (policy.as_str(), &a.factors) {
+            ("none", _) => CacheMode::None,
+            ("reuse", _) => CacheMode::Reuse,
+            ("icc", Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, model)?)),
+            ("icc", None) => {
+                return Err(Error::invalid("--compare icc", "needs --factors FILE (see `icdit calibrate`)"))
+            }
+            (other, _) => {
+                return Err(Error::invalid("--compare", format!("`{other}`: expected none, reuse or icc")));
+            }
+        };
+        let o = EngineOptions { cache, ..opts.clone() };
+        let (samples, ratio) = icdit::quality::sample_set(model, &o, classes, a.seed)?;
+        rows.push((policy.clone(), samples, ratio));
+    }
+    let reference = rows.iter().find(|r| r.0 == "none").map(|r| r.1.clone());
+    let mut summary = Vec::new();
+    for (name, samples, ratio) in &rows {
+        let (l2, psnr) = match &reference {
+            Some(r) if name != "none" => (icdit::quality::rel_l2(samples, r), icdit::quality::psnr(samples, r)),
+            _ => (0.0, f64::INFINITY),
+        };
+        eprintln!("{name:>6}: compute ratio {ratio:.3}, relative L2 to `none` {l2:.4}, PSNR {psnr:.2} dB");
+        summary.push(serde_json::json!({"policy": name, "compute_ratio": ratio, "rel_l2_to_none": l2,
+            "psnr_db_to_none": if psnr.is_finite() { serde_json::json!(psnr) } else { serde_json::Value::Null }}));
+    }
+    // Images: all of row 0, then row 1, … so the grid has one row per policy.
+    let all: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+    let n = classes.len() * rows.len();
+    let (images, channels, side) = match vae {
+        None => (all, cfg.in_channels, cfg.input_size),
+        Some(mut dec) => {
+            let images = decode_all(&mut dec, &all, n)?;
+            (images, dec.model().config.out_channels, dec.out_side())
+        }
+    };
+    let mut out = ImageOut { grid: a.images.grid.clone(), grid_cols: Some(classes.len()), ..Default::default() };
+    out.rounding = a.images.rounding.clone();
+    if out.grid.is_none() {
+        out.grid = Some(PathBuf::from("samples/compare.png"));
+    }
+    out.prepare()?;
+    let labels: Vec<i64> = rows.iter().flat_map(|_| classes.iter().copied()).collect();
+    let written = out.write(&images, &labels, Some(a.seed), channels, side, classes.len())?;
+    eprintln!(
+        "compared {} policies on {} images in {:.2} s; wrote {} (rows: {})",
+        rows.len(),
+        classes.len(),
+        start.elapsed().as_secs_f64(),
+        written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+        a.compare.join(", ")
+    );
+    if a.json {
+        outln!("{}", serde_json::json!({"policies": summary, "images": classes.len(), "steps": opts.respacing}));
+    }
+    Ok(())
 }

@@ -1,0 +1,54 @@
+//! What caching costs in sample quality: samples drawn under a caching policy compared with
+//! the full-compute samples of the same request (same classes, seed and noise).
+
+use std::sync::Arc;
+
+use crate::cost;
+use crate::engine::{Engine, EngineOptions, Request};
+use crate::error::Result;
+use crate::weights::DitModel;
+
+/// Relative L2 distance ‖a − b‖ / ‖b‖ (f64 accumulation).
+pub fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        num += (x as f64 - y as f64).powi(2);
+        den += (y as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+/// PSNR in dB of `a` against `b` for images in [−1, 1] (peak-to-peak 2), both clamped to
+/// that range first as a viewer would see them.
+pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
+    let mse =
+        a.iter().zip(b).map(|(&x, &y)| (x.clamp(-1.0, 1.0) as f64 - y.clamp(-1.0, 1.0) as f64).powi(2)).sum::<f64>()
+            / a.len().max(1) as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (4.0 / mse).log10()
+    }
+}
+
+/// Samples `classes` (seed `seed`, image indices from 0) with `opts`, in batches of at most
+/// `opts.max_batch`; returns the samples and the mean compute ratio of the schedule against
+/// no caching (icc's MAC accounting).
+pub fn sample_set(model: &Arc<DitModel>, opts: &EngineOptions, classes: &[i64], seed: u64) -> Result<(Vec<f32>, f64)> {
+    let mut engine = Engine::new(Arc::clone(model), opts)?;
+    let img = model.config.image_elems();
+    let mut out = vec![0.0f32; classes.len() * img];
+    let batch = opts.max_batch.max(1);
+    for (i, chunk) in classes.chunks(batch).enumerate() {
+        let first = i * batch;
+        let req = Request { first_index: first as u64, ..Request::new(chunk, seed) };
+        engine.sample(&req, &mut out[first * img..(first + chunk.len()) * img], &mut |_| {})?;
+    }
+    let ranks = match &opts.cache {
+        crate::CacheMode::Icc(f) => f.ranks(),
+        _ => Vec::new(),
+    };
+    let kinds: Vec<_> = (0..engine.steps()).map(|i| engine.step_kind(i)).collect();
+    let (_, ratio) = cost::schedule_macs(&model.config, kinds.into_iter(), &ranks);
+    Ok((out, ratio))
+}
