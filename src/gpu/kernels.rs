@@ -98,4 +98,7 @@ kernels! {
         gemm_bias_f32(out: DevPtr<f32>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
             m: i32, n: i32, k: i32);
     }
+    "attention" => {
+        attention_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
+    }
 }

@@ -236,3 +236,53 @@ pub fn gemm_bias_f32<D: Device + ?Sized>(
     // SAFETY: gemm_cfg checked every buffer against m, n, k.
     unsafe { kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
 }
+
+/// Dynamic shared memory of `attention_f16`: SMEM_BYTES in kernels/attention.cu (K and V
+/// tiles of 64 × 88 halves, four warps' 16 × 84 f32 scratch), which static_asserts this value.
+const ATTENTION_SMEM: u32 = 44_032;
+const _: () = assert!(ATTENTION_SMEM <= MAX_DYN_SMEM, "attention_f16 must not need the shared-memory opt-in");
+/// The one head dim `attention_f16` is built for (D in kernels/attention.cu).
+pub const ATTENTION_HEAD_DIM: i32 = 72;
+
+/// Multi-head self-attention `softmax(q·kᵀ/√D)·v` per (batch item, head)
+/// (kernels/attention.cu). qkv: (batch, tokens, 3C) with q, k, v the column blocks
+/// [0, C), [C, 2C), [2C, 3C), head h at columns h·D .. h·D + D of each; out: (batch, tokens, C),
+/// heads concatenated; C = heads · head_dim. Only head_dim 72 (DiT-XL/2 and the small test
+/// configs) is built. Both buffers must be 16-byte aligned (the tiles are copied with 16-byte
+/// cp.async). Grid (⌈tokens/64⌉, heads, batch), 128 threads.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    qkv: DevSlice<f16>,
+    batch: i32,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+) -> Result<()> {
+    const K: &str = "attention_f16";
+    positive(K, &[("batch", batch), ("tokens", tokens), ("heads", heads), ("head_dim", head_dim)])?;
+    if head_dim != ATTENTION_HEAD_DIM {
+        return Err(invalid(
+            K,
+            format!(
+                "head_dim {head_dim} is not supported: the kernel is built for {ATTENTION_HEAD_DIM} only (DiT-XL/2)"
+            ),
+        ));
+    }
+    if batch > 65535 || heads > 65535 {
+        return Err(invalid(K, format!("batch {batch} and heads {heads} must be ≤ 65535 (grid z and y)")));
+    }
+    let channels = heads as i64 * head_dim as i64;
+    let rows = batch as i64 * tokens as i64;
+    covers(K, "qkv", qkv, rows * 3 * channels, 16)?;
+    covers(K, "out", out, rows * channels, 16)?;
+    let cfg = LaunchCfg {
+        grid: [(tokens as u32).div_ceil(64), heads as u32, batch as u32], // BM = 64 in the kernel
+        block: [128, 1, 1],                                               // THREADS
+        dyn_smem: ATTENTION_SMEM,
+    };
+    // SAFETY: qkv holds batch × tokens × 3C and out batch × tokens × C elements, both 16-byte
+    // aligned; the kernel reads and writes nothing else.
+    unsafe { kernels::attention_f16::launch(dev, &cfg, out.ptr(), qkv.ptr(), tokens, heads) }
+}

@@ -1,0 +1,200 @@
+//! kernels/attention.cu (attention_f16) against an f64 reference of softmax(q·kᵀ/√D)·v on the
+//! same f16 inputs, at one full tile, ragged token counts (77: the second query tile holds 13
+//! queries, the second key tile 13 keys), DiT-XL/2 at 256 px (B = 2, N = 256, 16 heads) and one
+//! head of it at 512 px (N = 1024: 16 key tiles), plus bad launches that must be refused.
+//!
+//! Error bound of one output element (row i, column d), with w_j = exp(s_j − max s) the exact
+//! weights, W = Σ_j w_j·|v_jd| / Σ_j w_j, A = Σ_j |v_jd| / Σ_j w_j, G = max_j Σ_d |q_d·k_jd|,
+//! T = ⌈N/64⌉ key tiles:
+//!   - P rounded to f16 for the P·V product: relative ≤ 2^-11 per weight (2^-25 absolute below
+//!     the normal range): U16·W + F16_TINY·A. The largest term (≈ 1e-3·W in the worst case;
+//!     the random roundings mostly cancel);
+//!   - the weights before rounding: scores accumulated in f32 on tensor cores over 80 terms
+//!     (2·(80 + 2)·U32·G, doubled for truncating tensor cores), scaled by the f32 constant
+//!     1/√D·log2 e, less the running max, exp2f (2 ulp): relative η = 2·scale·G·(2·80 + 8)·U32
+//!     + 4·U32 per weight, 2η·W after normalisation. The rescale factors exp(m_old − m_new)
+//!     multiply O and l alike and cancel, but for their roundings;
+//!   - f32 sums of P·V and of l over N keys, the per-tile rescaling and 1/l: 3·(N + 2T + 4)·U32·W;
+//!   - the output rounded once to f16: U16·|exact| + F16_TINY.
+//! Measured: see the printed max |error| / bound (the output rounding and the P rounding
+//! dominate) and relative L2 error (about 2e-4).
+
+mod gpu_common;
+
+use std::time::Instant;
+
+use gpu_common::*;
+use icdit::gpu::{f16, launch, DevSlice, Device};
+use icdit::plan::{Dt, Plan};
+
+const D: usize = 72;
+const DP: f64 = 80.0; // D padded to the WMMA k step in the kernel
+
+struct Shape {
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    /// q and k entries uniform in [-amp, amp] (v in [-1, 1]): scores q·k/√D have standard
+    /// deviation amp²/3, so 2 gives a moderately peaked softmax, 4 a sharp one whose running
+    /// max jumps by large amounts between key tiles.
+    amp: f64,
+}
+
+const fn s(batch: usize, tokens: usize, heads: usize, amp: f64) -> Shape {
+    Shape { batch, tokens, heads, amp }
+}
+
+const SHAPES: &[Shape] = &[
+    s(1, 64, 2, 2.0),   // one query tile, one key tile
+    s(2, 77, 2, 2.0),   // ragged in queries and keys
+    s(2, 77, 2, 4.0),   // ragged, sharp softmax
+    s(2, 256, 16, 2.0), // DiT-XL/2 at 256 px (C = 1152)
+    s(1, 1024, 1, 2.0), // one head of DiT-XL/2 at 512 px: 16 key tiles
+];
+
+/// qkv (batch, tokens, 3C): q and k columns in [-amp, amp], v columns in [-1, 1].
+fn data(sh: &Shape, rng: &mut Rng) -> Vec<f16> {
+    let c = sh.heads * D;
+    (0..sh.batch * sh.tokens * 3 * c)
+        .map(|i| {
+            let amp = if i % (3 * c) < 2 * c { sh.amp } else { 1.0 };
+            f16_rne(rng.uniform() * amp)
+        })
+        .collect()
+}
+
+/// Exact attention and the per-element error bound of the header, in f64.
+fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
+    let (n, c) = (sh.tokens, sh.heads * D);
+    let x = f64s(qkv);
+    let scale = 1.0 / (D as f64).sqrt();
+    let tiles = n.div_ceil(64) as f64;
+    let mut exact = vec![0.0; sh.batch * n * c];
+    let mut bound = vec![0.0; sh.batch * n * c];
+    let (mut sc, mut mag, mut w) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+    for b in 0..sh.batch {
+        let row = |t: usize| &x[(b * n + t) * 3 * c..(b * n + t + 1) * 3 * c];
+        for h in 0..sh.heads {
+            for i in 0..n {
+                let q = &row(i)[h * D..h * D + D];
+                for j in 0..n {
+                    let k = &row(j)[c + h * D..c + h * D + D];
+                    sc[j] = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
+                    mag[j] = q.iter().zip(k).map(|(a, b)| (a * b).abs()).sum::<f64>();
+                }
+                let max = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let g = mag.iter().cloned().fold(0.0, f64::max);
+                for j in 0..n {
+                    w[j] = (sc[j] - max).exp();
+                }
+                let l: f64 = w.iter().sum();
+                let eta = 2.0 * scale * g * (2.0 * DP + 8.0) * U32 + 4.0 * U32;
+                let acc = 3.0 * (n as f64 + 2.0 * tiles + 4.0) * U32;
+                for d in 0..D {
+                    let (mut o, mut wv, mut av) = (0.0, 0.0, 0.0);
+                    for j in 0..n {
+                        let v = row(j)[2 * c + h * D + d];
+                        o += w[j] * v;
+                        wv += w[j] * v.abs();
+                        av += v.abs();
+                    }
+                    let (o, wv, av) = (o / l, wv / l, av / l);
+                    let idx = (b * n + i) * c + h * D + d;
+                    exact[idx] = o;
+                    bound[idx] =
+                        U16 * o.abs() + F16_TINY + (1.0 + U16) * ((U16 + 2.0 * eta + acc) * wv + F16_TINY * av);
+                }
+            }
+        }
+    }
+    (exact, bound)
+}
+
+fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    for sh in SHAPES {
+        let c = sh.heads * D;
+        let rows = sh.batch * sh.tokens;
+        let mut plan = Plan::new("attention test");
+        let qkv_buf = add(&mut plan, "qkv", rows * 3 * c, Dt::F16);
+        let out_buf = add(&mut plan, "out", rows * c, Dt::F16);
+        let Some(dev) = open(&plan) else { return };
+        let tag =
+            format!("attention B={} N={} heads={} amp={} ({})", sh.batch, sh.tokens, sh.heads, sh.amp, dev.name());
+        let mut rng = Rng::new((sh.batch * 1_000_003 + sh.tokens * 1009 + sh.heads) as u64 ^ sh.amp.to_bits());
+        let qkv_data = data(sh, &mut rng);
+
+        let start = Instant::now();
+        let qkv = put(&dev, &plan, qkv_buf, &qkv_data);
+        let out: DevSlice<f16> = out(&dev, &plan, out_buf);
+        launch::attention_f16(&dev, out, qkv, sh.batch as i32, sh.tokens as i32, sh.heads as i32, D as i32)
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+        dev.synchronize().unwrap();
+        let got: Vec<f32> = get::<f16, _>(&dev, &plan, out_buf).iter().map(|h| h.to_f32()).collect();
+        let secs = start.elapsed().as_secs_f64();
+
+        let (exact, bound) = reference(sh, &qkv_data);
+        let max_abs = got.iter().zip(&exact).map(|(&g, &e)| (g as f64 - e).abs()).fold(0.0, f64::max);
+        println!("{tag}: kernel {secs:.2} s with copies, max |error| {max_abs:.2e}");
+        assert_within(&tag, &got, &exact, |i| bound[i]);
+    }
+}
+
+#[test]
+fn attention_emulated() {
+    check_shapes(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn attention_cuda() {
+    check_shapes(cuda);
+}
+
+/// Launches the launcher must refuse, before anything runs: a head dim the kernel is not built
+/// for, buffers too short or misaligned for the shape, an empty shape.
+fn check_bad_launches<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    let (batch, tokens, heads) = (1usize, 70usize, 2usize);
+    let c = heads * D;
+    let mut plan = Plan::new("attention bad launches");
+    let qkv_buf = add(&mut plan, "qkv", batch * tokens * 3 * c + 8, Dt::F16);
+    let out_buf = add(&mut plan, "out", batch * tokens * c + 8, Dt::F16);
+    let Some(dev) = open(&plan) else { return };
+    let qkv_all = put(&dev, &plan, qkv_buf, &vec![f16::ZERO; qkv_buf.len]);
+    let out_all: DevSlice<f16> = out(&dev, &plan, out_buf);
+    let qkv = qkv_all.sub(0, batch * tokens * 3 * c).unwrap();
+    let out = out_all.sub(0, batch * tokens * c).unwrap();
+    let (b, n, h) = (batch as i32, tokens as i32, heads as i32);
+    let cases: [(&str, DevSlice<f16>, DevSlice<f16>, i32, i32, i32, i32, &str); 7] = [
+        // 144 channels as 2 heads of 72 are also 4 heads of 36: the same buffers, refused.
+        ("head_dim 36", out, qkv, b, n, 2 * h, 36, "head_dim 36 is not supported"),
+        ("head_dim 64", out, qkv, b, n, h, 64, "head_dim 64 is not supported"),
+        ("short out", out_all.sub(0, batch * tokens * c - 1).unwrap(), qkv, b, n, h, 72, "out has"),
+        ("short qkv", out, qkv_all.sub(0, batch * tokens * 3 * c - 1).unwrap(), b, n, h, 72, "qkv has"),
+        ("misaligned qkv", out, qkv_all.sub(1, batch * tokens * 3 * c).unwrap(), b, n, h, 72, "aligned"),
+        ("more tokens than the buffers hold", out, qkv, b, n + 1, h, 72, "needs"),
+        ("no tokens", out, qkv, b, 0, h, 72, "tokens = 0"),
+    ];
+    for (what, o, q, b, n, h, d, expect) in cases {
+        let err = launch::attention_f16(&dev, o, q, b, n, h, d)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: launch accepted ({})", dev.name()));
+        let msg = err.to_string();
+        assert!(msg.contains(expect), "{what}: error {msg:?} does not mention {expect:?}");
+        println!("{what}: refused: {msg}");
+    }
+    // The device is still usable: the well-formed launch on the same buffers runs.
+    launch::attention_f16(&dev, out, qkv, b, n, h, 72).unwrap();
+    let got = get::<f16, _>(&dev, &plan, out_buf);
+    assert!(got[..batch * tokens * c].iter().all(|v| *v == f16::ZERO), "zero inputs give zero outputs");
+}
+
+#[test]
+fn attention_refuses_bad_launches_emulated() {
+    check_bad_launches(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn attention_refuses_bad_launches_cuda() {
+    check_bad_launches(cuda);
+}
