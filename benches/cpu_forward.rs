@@ -10,7 +10,7 @@ use icdit::cost;
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
 use icdit::forward::StepKind;
-use icdit::{CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
+use icdit::{BenchOp, CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
 
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -107,5 +107,28 @@ fn steps(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm_shapes, forward, steps);
+/// Attention (N = 256, 16 heads of 72) and LayerNorm-modulate of one DiT-XL/2 block at 2 rows,
+/// inside an engine as the forward pass runs them. Throughput: attention FLOPs 4·N²·C per row;
+/// LayerNorm-modulate bytes (read x, write h: 8 bytes per element).
+fn block_ops(c: &mut Criterion) {
+    let cfg = DitConfig::xl2_256();
+    let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
+    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::None };
+    let mut engine = CpuEngine::new(Arc::clone(&model), &opts).expect("engine");
+    let rows = 2;
+    // Fill the buffers with real activations first (a forward pass).
+    let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    let mut out = vec![0.0f32; rows * cfg.output_elems()];
+    engine.forward(&x, &[500, 500], &[207, 1000], &mut out).expect("forward");
+    let (n, ch) = (cfg.tokens() as u64, cfg.hidden_size as u64);
+    let mut group = c.benchmark_group(format!("cpu-{}/xl2_block_ops_rows2", engine.gemm_kernel()));
+    group.sample_size(20).measurement_time(Duration::from_secs(5));
+    group.throughput(Throughput::Elements(rows as u64 * 4 * n * n * ch));
+    group.bench_function("attention_n256", |b| b.iter(|| engine.bench_op(BenchOp::Attention, rows)));
+    group.throughput(Throughput::Bytes(rows as u64 * n * ch * 8));
+    group.bench_function("layernorm_modulate", |b| b.iter(|| engine.bench_op(BenchOp::NormModulate, rows)));
+    group.finish();
+}
+
+criterion_group!(benches, gemm_shapes, forward, steps, block_ops);
 criterion_main!(benches);

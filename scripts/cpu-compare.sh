@@ -11,7 +11,8 @@
 #   scripts/cpu-compare.sh --quick        # or QUICK=1: DiT-S/2 at a 16x16 latent, about a minute
 #
 # Environment: THREADS (default nproc), ROUNDS (3), RUNS (3 timed runs per round), WARMUP (1),
-# OUT (out/cpu-compare), QUICK (0). Needs python3 with torch; the VAE row also needs diffusers.
+# OUT (out/cpu-compare), QUICK (0), DIT_REPO (a facebookresearch/DiT checkout: time its models.py
+# instead of tools/dit_torch.py). Needs python3 with torch; the VAE row also needs diffusers.
 # Run it on an otherwise idle machine: PyTorch's OpenMP threads spin-wait, and on oversubscribed
 # cores its times inflate many-fold.
 set -euo pipefail
@@ -67,9 +68,12 @@ LOAD0=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
 echo "cpu-compare: $FAMILY at ${IMAGE}px, VAE latent ${VAE_LATENT}, $THREADS threads, $ROUNDS rounds x $RUNS runs (warmup $WARMUP)" >&2
 
 # --- (a) forward and (b) calibrated step: the Python harness interleaves rounds itself ----
+# DIT_REPO=<checkout of facebookresearch/DiT> times the official models.py instead of our port.
+REPO_ARGS=()
+if [[ -n "${DIT_REPO:-}" ]]; then REPO_ARGS=(--dit-repo "$DIT_REPO"); fi
 for step in plain calibrated; do
     echo "cpu-compare: DiT $FAMILY $step ..." >&2
-    python3 -W ignore tools/bench_cpu_vs_pytorch.py --icdit "$ICDIT" --family "$FAMILY" \
+    python3 -W ignore tools/bench_cpu_vs_pytorch.py "${REPO_ARGS[@]}" --icdit "$ICDIT" --family "$FAMILY" \
         --image-size "$IMAGE" --rows 2 --threads "$THREADS" --runs "$RUNS" --warmup "$WARMUP" \
         --rounds "$ROUNDS" --step "$step" --rank "$RANK" --json "$TMP/dit-$step.json" >"$TMP/dit-$step.log"
 done

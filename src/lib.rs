@@ -27,7 +27,7 @@ pub mod vae;
 pub mod weights;
 
 pub use config::{DitConfig, Numerics, SampleSpace};
-pub use cpu::{CacheMode, CpuEngine, CpuOptions};
+pub use cpu::{BenchOp, CacheMode, CpuEngine, CpuOptions};
 pub use diffusion::Sampler;
 pub use engine::{Engine, EngineOptions, FullSteps, GuidedChannels, Request};
 pub use error::{Error, Result};

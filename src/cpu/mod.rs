@@ -19,6 +19,15 @@ use crate::weights::DitModel;
 use gemm::{BMat, Gemm, Gemmer};
 use pool::{split, SendPtr, ThreadPool};
 
+/// Single operations [`CpuEngine::bench_op`] can time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchOp {
+    /// Multi-head self-attention over the qkv buffer (softmax(q kᵀ/√d) v per head).
+    Attention,
+    /// LayerNorm (eps 1e-6, no affine) fused with the adaLN modulation.
+    NormModulate,
+}
+
 /// Which block caches an engine keeps (reference doc E).
 #[derive(Clone, Debug, Default)]
 pub enum CacheMode {
@@ -230,6 +239,18 @@ impl CpuEngine {
     }
     pub fn gemm_kernel(&self) -> &'static str {
         self.gemm.name
+    }
+
+    /// Runs one operation of the forward pass on whatever the engine's buffers hold, for
+    /// per-op benchmarks (`benches/cpu_forward.rs`); `rows` ≤ the planned rows. The result is
+    /// meaningless; the cost is that of the op inside a forward pass.
+    pub fn bench_op(&mut self, op: BenchOp, rows: usize) {
+        use forward::DitOps;
+        let rows = rows.min(self.max_rows);
+        match op {
+            BenchOp::Attention => self.attention(Act::Qkv, Act::Attn, rows),
+            BenchOp::NormModulate => self.norm_modulate(Act::H, 0, 1, 1e-6, rows),
+        }
     }
 
     /// One model evaluation: `x` (B, Cin, I, I), `t` original timesteps 0..=999, `y` labels

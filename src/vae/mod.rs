@@ -81,7 +81,7 @@ impl VaeConfig {
         if let Some(c) = self.block_out_channels.iter().find(|&&c| g == 0 || c % g != 0) {
             return bad(format!("norm_num_groups {g} does not divide block width {c}"));
         }
-        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0) || !self.shift_factor.is_finite() {
+        if !(self.scaling_factor.is_finite() && self.scaling_factor != 0.0 && self.shift_factor.is_finite()) {
             return bad(format!(
                 "scaling_factor {} / shift_factor {} must be finite and the scale non-zero",
                 self.scaling_factor, self.shift_factor

@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 pub(crate) use diffusers::weight_files;
-pub(crate) use synth::fill_uniform;
 pub use store::{StoreBuilder, TRef, WeightStore};
+pub(crate) use synth::fill_uniform;
 pub use synth::write_random_official;
 
 use crate::config::{DitConfig, Numerics, SampleSpace};
