@@ -35,6 +35,7 @@ Example (the command used for weights/icdit-shapes-32.safetensors is in weights/
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -73,9 +74,12 @@ def parse_args() -> argparse.Namespace:
                     help="std of the class-embedding table at init (DiT: 0.02)")
     ap.add_argument("--class-lr-mult", type=float, default=1.0,
                     help="learning-rate multiplier for the class-embedding table (DiT: 1)")
-    ap.add_argument("--steps", type=int, default=5000)
+    ap.add_argument("--steps", type=int, default=10000)
     ap.add_argument("--max-minutes", type=float, default=180.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu",
+                    help="torch device for the model (e.g. cuda); data order, t and noise are still drawn "
+                         "on the CPU from the seeded generator, so the run is the same draw on any device")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--ckpt-every", type=int, default=500)
     ap.add_argument("--preview-every", type=int, default=1000)
@@ -121,7 +125,7 @@ def preview(ema: DiT, path: str, per_class: int = 4, steps: str = "ddim25", cfg:
 def save_weights(ema: DiT, path: str, meta: dict) -> None:
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().float().contiguous().clone() for k, v in ema.state_dict().items()}
+    sd = {k: v.detach().float().cpu().contiguous().clone() for k, v in ema.state_dict().items()}
     tmp = path + ".tmp"
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, tmp, metadata=meta)
@@ -148,6 +152,7 @@ def main() -> None:
     cfg = DiTConfig(input_size=32, patch_size=args.patch, in_channels=3, hidden_size=args.hidden,
                     depth=args.depth, num_heads=args.heads, mlp_ratio=4.0, class_dropout_prob=0.1,
                     num_classes=len(make_dataset.CLASS_NAMES), learn_sigma=True)
+    device = torch.device(args.device)
     model = DiT(cfg)
     ema = DiT(cfg)
     ema.load_state_dict(model.state_dict())
@@ -155,6 +160,8 @@ def main() -> None:
     nparams = sum(p.numel() for p in model.state_dict().values())
     torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=args.class_init_std)
     ema.load_state_dict(model.state_dict())
+    model.to(device)
+    ema.to(device)
     table = model.y_embedder.embedding_table.weight
     rest = [p for p in model.parameters() if p is not table]
     opt = torch.optim.AdamW([{"params": rest, "mult": 1.0}, {"params": [table], "mult": args.class_lr_mult}],
@@ -165,12 +172,12 @@ def main() -> None:
     step, wall_before = 0, 0.0
     ckpt_path = work / "checkpoint.pt"
     if args.resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         model.load_state_dict(ck["model"])
         ema.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
-        gen.set_state(ck["gen"])
-        torch.set_rng_state(ck["torch_rng"])
+        gen.set_state(ck["gen"].cpu())
+        torch.set_rng_state(ck["torch_rng"].cpu())
         step, wall_before = ck["step"], ck["wall"]
         print(f"resumed at step {step}", flush=True)
     print(f"config {cfg.to_json()}  params {nparams:,}", flush=True)
@@ -202,6 +209,7 @@ def main() -> None:
         x0, y = data[idx], data_y[idx]
         k = torch.randint(0, diffusion.num_timesteps, (len(idx),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x0, y, k, noise = x0.to(device), y.to(device), k.to(device), noise.to(device)
 
         lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         for group in opt.param_groups:
@@ -239,7 +247,7 @@ def main() -> None:
         if step % args.ckpt_every == 0:
             save_checkpoint()
         if args.preview_every and step % args.preview_every == 0:
-            preview(ema, str(work / f"preview_{step:06d}.png"))
+            preview(copy.deepcopy(ema).cpu(), str(work / f"preview_{step:06d}.png"))
 
     wall = time.time() - t0
     save_checkpoint()  # so that `--resume` can continue from exactly here
@@ -249,7 +257,8 @@ def main() -> None:
         "seed": args.seed, "data": f"shapes-32 v2 ({args.data_count} images, seed {args.seed})",
         "loss": "hybrid mse+vb, uniform t over 1000 linear-beta steps",
         "wall_time_s": round(wall, 1), "final_loss": round(last_loss, 5),
-        "machine": f"CPU, torch {torch.__version__}, {args.threads} threads",
+        "machine": (f"CPU, torch {torch.__version__}, {args.threads} threads" if device.type == "cpu"
+                    else f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"),
     }
     meta = {
         "format": "pt",
