@@ -58,7 +58,7 @@ pub fn to_nhwc_u8(images: &[f32], count: usize, channels: usize, side: usize, ro
 
 /// Lays `count` uint8 NHWC images out in a grid of `cols` columns with a white `pad`-pixel
 /// border and writes it as a PNG.
-pub fn write_grid_png_u8(
+pub fn write_grid_png(
     path: &Path,
     pixels: &[u8],
     count: usize,
@@ -113,45 +113,6 @@ fn check_channels(channels: usize) -> Result<()> {
     } else {
         Err(Error::invalid("image channels", format!("{channels}: PNG output needs 1 or 3")))
     }
-}
-
-/// One image (C, H, W) in [−1, 1] → interleaved RGB or grey bytes (H, W, C).
-pub fn to_hwc_u8(chw: &[f32], channels: usize, side: usize, out: &mut [u8]) {
-    let hw = side * side;
-    for p in 0..hw {
-        for c in 0..channels {
-            out[p * channels + c] = to_u8(chw[c * hw + p]);
-        }
-    }
-}
-
-/// Lays `count` images (each (C, side, side) in [−1, 1]) out in a grid of `cols` columns
-/// with a `pad`-pixel border, and writes it as a PNG.
-pub fn write_grid_png(
-    path: &Path,
-    images: &[f32],
-    count: usize,
-    channels: usize,
-    side: usize,
-    cols: usize,
-    pad: usize,
-) -> Result<()> {
-    check_channels(channels)?;
-    let cols = cols.clamp(1, count.max(1));
-    let rows = count.div_ceil(cols);
-    let (w, h) = (cols * (side + pad) + pad, rows * (side + pad) + pad);
-    let mut canvas = vec![255u8; w * h * channels];
-    let mut tile = vec![0u8; side * side * channels];
-    let img = channels * side * side;
-    for i in 0..count {
-        to_hwc_u8(&images[i * img..(i + 1) * img], channels, side, &mut tile);
-        let (gy, gx) = (i / cols, i % cols);
-        for y in 0..side {
-            let dst = ((pad + gy * (side + pad) + y) * w + pad + gx * (side + pad)) * channels;
-            canvas[dst..dst + side * channels].copy_from_slice(&tile[y * side * channels..(y + 1) * side * channels]);
-        }
-    }
-    write_png(path, &canvas, w, h, channels)
 }
 
 /// Writes 8-bit pixels as a PNG through a temporary file and a rename.

@@ -17,7 +17,7 @@ use crate::forward::{self, Act, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::weights::DitModel;
 use gemm::{BMat, Gemm, Gemmer};
-use pool::{split, SendPtr, ThreadPool};
+use pool::{SendPtr, ThreadPool};
 
 /// Single operations [`CpuEngine::bench_op`] can time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -443,11 +443,6 @@ impl CpuEngine {
 
     /// Runs `f(range)` over `0..total` split across the pool.
     fn par(&self, total: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-        let threads = self.pool.threads();
-        if total < 64 || threads == 1 {
-            f(0..total);
-        } else {
-            self.pool.run(&|tid| f(split(total, threads, tid, 1)));
-        }
+        self.pool.par(total, f)
     }
 }

@@ -58,6 +58,17 @@ impl ThreadPool {
         self.threads
     }
 
+    /// Splits `0..total` into one contiguous range per thread and runs `f` on each (on the
+    /// caller alone when the work is too small to be worth waking the workers).
+    pub fn par(&self, total: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+        let threads = self.threads;
+        if total < 64 || threads == 1 {
+            f(0..total);
+        } else {
+            self.run(&|tid| f(split(total, threads, tid, 1)));
+        }
+    }
+
     /// Runs `f(tid)` for every `tid` in `0..threads()` and returns when all have finished.
     pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         if self.threads == 1 {

@@ -429,12 +429,7 @@ impl VaeDecoder {
     }
 
     fn par(&self, total: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
-        let threads = self.pool.threads();
-        if total < 64 || threads == 1 {
-            f(0..total);
-        } else {
-            self.pool.run(&|tid| f(split(total, threads, tid, 1)));
-        }
+        self.pool.par(total, f)
     }
 
     fn ptr(&self, id: BufId) -> (SendPtr, usize) {

@@ -89,7 +89,7 @@ impl ImageOut {
         }
         if let Some(path) = &self.grid {
             let cols = self.grid_cols.unwrap_or(default_cols);
-            image::write_grid_png_u8(path, &pixels, n, channels, side, cols, 2)?;
+            image::write_grid_png(path, &pixels, n, channels, side, cols, 2)?;
             written.push(path.clone());
         }
         if let Some(path) = &self.npz {
