@@ -1,30 +1,42 @@
 // LayerNorm without affine parameters followed by adaLN modulation (DiT, reference doc A.6):
 //   out[r, c] = (x[r, c] − mean_r) / sqrt(var_r + eps) · (1 + scale[b, c]) + shift[b, c]
-// x, out: (rows, C) f16 with rows = batch · tokens; shift and scale are chunks of the
+// x: (rows, C) f16 (`layernorm_modulate_f16`) or f32 (`layernorm_modulate_f32x`: the GPU
+// pipeline keeps the residual stream in f32); out: (rows, C) f16, rows = batch · tokens;
+// shift and scale are chunks of the
 // modulation vector: one row of C values per batch item b = r / tokens, rows `mod_stride`
 // elements apart (6C for a DiT block, 2C for the final layer).
 // Launch: one block of 256 threads per row. The row is read once (as half2) into dynamic
 // shared memory as f32 (C·4 bytes); mean and variance are two block reductions in f32
 // (two-pass variance, no cancellation); the output is rounded once to f16.
-// Requires C even and 4-byte aligned pointers (the launcher checks).
+// Requires C even and 4-byte (f16 x) or 8-byte (f32 x) aligned pointers (the launcher checks).
 
 #include "block_reduce.cuh"
 
 constexpr int LN_THREADS = 256;
 
-extern "C" __global__ void __launch_bounds__(LN_THREADS)
-    layernorm_modulate_f16(half* __restrict__ out, const half* __restrict__ x,
-                           const half* __restrict__ shift, const half* __restrict__ scale,
-                           int tokens, int channels, int mod_stride, float eps) {
+namespace {
+
+__device__ __forceinline__ float2 load_pair(const half* x, int i) {
+    return __half22float2(reinterpret_cast<const half2*>(x)[i]);
+}
+__device__ __forceinline__ float2 load_pair(const float* x, int i) {
+    return reinterpret_cast<const float2*>(x)[i];
+}
+
+template <class In>
+__device__ __forceinline__ void layernorm_modulate(half* __restrict__ out, const In* __restrict__ x,
+                                                   const half* __restrict__ shift,
+                                                   const half* __restrict__ scale, int tokens,
+                                                   int channels, int mod_stride, float eps) {
     float* row = dynamic_shared<float>();
     const size_t r = blockIdx.x;
     const size_t b = r / tokens;
     const int pairs = channels / 2;
-    const half2* x2 = reinterpret_cast<const half2*>(x + r * channels);
+    const In* xr = x + r * channels;
 
     float sum = 0.f;
     for (int i = threadIdx.x; i < pairs; i += LN_THREADS) {
-        const float2 v = __half22float2(x2[i]);
+        const float2 v = load_pair(xr, i);
         row[2 * i] = v.x;
         row[2 * i + 1] = v.y;
         sum += v.x + v.y;
@@ -46,4 +58,20 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
         out2[i] = __floats2half2_rn((row[2 * i] - mean) * rstd * (1.f + sc.x) + sh.x,
                                     (row[2 * i + 1] - mean) * rstd * (1.f + sc.y) + sh.y);
     }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    layernorm_modulate_f16(half* __restrict__ out, const half* __restrict__ x,
+                           const half* __restrict__ shift, const half* __restrict__ scale,
+                           int tokens, int channels, int mod_stride, float eps) {
+    layernorm_modulate(out, x, shift, scale, tokens, channels, mod_stride, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    layernorm_modulate_f32x(half* __restrict__ out, const float* __restrict__ x,
+                            const half* __restrict__ shift, const half* __restrict__ scale,
+                            int tokens, int channels, int mod_stride, float eps) {
+    layernorm_modulate(out, x, shift, scale, tokens, channels, mod_stride, eps);
 }

@@ -124,8 +124,16 @@ impl DitConfig {
             self.in_channels
         }
     }
+    /// `int(hidden_size * mlp_ratio)` as the official code computes it, except that a
+    /// product within floating-point noise of an integer is that integer: a ratio inferred
+    /// as M/C must give back M (28 × (61/28) is 60.999… in f64).
     pub fn mlp_hidden(&self) -> usize {
-        (self.hidden_size as f64 * self.mlp_ratio) as usize
+        let v = self.hidden_size as f64 * self.mlp_ratio;
+        if (v - v.round()).abs() < 1e-6 {
+            v.round() as usize
+        } else {
+            v as usize
+        }
     }
     /// Length of one flattened patch, Cin·p².
     pub fn patch_dim(&self) -> usize {
@@ -204,8 +212,23 @@ impl DitConfig {
         }
         // Guard the arithmetic of every size computed from the config.
         let big = 1usize << 20;
-        if self.input_size > 4096 || self.hidden_size > big || self.depth > 4096 || self.num_classes > big {
-            return fail("sizes are implausibly large".to_string());
+        if self.input_size > 4096
+            || self.hidden_size > big
+            || self.depth > 4096
+            || self.num_classes > big
+            || self.in_channels > 1 << 16
+            || self.mlp_hidden() > 1 << 24
+        {
+            return fail(format!(
+                "sizes are implausibly large (input_size {} ≤ 4096, hidden_size {} ≤ 2^20, depth {} ≤ 4096, \
+                 num_classes {} ≤ 2^20, in_channels {} ≤ 65536, MLP width {} ≤ 2^24)",
+                self.input_size,
+                self.hidden_size,
+                self.depth,
+                self.num_classes,
+                self.in_channels,
+                self.mlp_hidden()
+            ));
         }
         Ok(())
     }

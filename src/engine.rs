@@ -3,12 +3,15 @@
 //! reverse process — classifier-free guidance, DDPM or DDIM steps, reproducible noise —
 //! into caller-provided memory and allocates nothing, however often it is called.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use crate::config::DitConfig;
 use crate::cpu::{CacheMode, CpuEngine, CpuOptions};
 use crate::diffusion::{self, Sampler, Schedule, Variance};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
+use crate::limits::MemoryNeed;
 use crate::noise;
 use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::weights::DitModel;
@@ -81,6 +84,14 @@ pub struct EngineOptions {
     pub cache: CacheMode,
     /// Which steps are full under a caching policy.
     pub full_steps: FullSteps,
+    /// Refuse to build the engine when its memory (both arenas plus the loaded weights)
+    /// would exceed this many bytes; the machine's available memory is always checked.
+    pub max_memory: Option<u64>,
+    /// Scan each step's model output (and the updated latents) for NaN or Inf; on a hit,
+    /// run that step again with every op checked and fail with an error naming the step,
+    /// the block and the operation (and a non-finite weight tensor, if that is the cause).
+    /// The scan costs one pass over the output per step.
+    pub check_finite: bool,
 }
 
 impl Default for EngineOptions {
@@ -94,6 +105,49 @@ impl Default for EngineOptions {
             threads: 0,
             cache: CacheMode::None,
             full_steps: FullSteps::Period(2),
+            max_memory: None,
+            check_finite: true,
+        }
+    }
+}
+
+impl EngineOptions {
+    /// Checks the options against a model and builds the schedule they ask for.
+    pub fn validate(&self, cfg: &DitConfig) -> Result<Schedule> {
+        if self.max_batch == 0 || self.max_batch > MAX_BATCH {
+            return Err(Error::invalid(
+                "max batch",
+                format!("{}: must be 1 to {MAX_BATCH} images per call", self.max_batch),
+            ));
+        }
+        if !(self.cfg_scale.is_finite() && self.cfg_scale >= 1.0) {
+            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", self.cfg_scale)));
+        }
+        if let Sampler::Ddim { eta } = self.sampler {
+            if !(eta.is_finite() && eta >= 0.0) {
+                return Err(Error::invalid("DDIM eta", format!("{eta}: must be ≥ 0")));
+            }
+        }
+        if self.cfg_scale > 1.0 && cfg.label_rows() <= cfg.num_classes {
+            return Err(Error::invalid(
+                "cfg scale",
+                "this model has no null class (trained without label dropout), so it cannot be guided; use 1",
+            ));
+        }
+        let schedule = Schedule::new(&self.respacing)?;
+        if !matches!(self.cache, CacheMode::None) {
+            self.full_steps.validate(schedule.len())?;
+        }
+        Ok(schedule)
+    }
+
+    /// The kind of model call at sampling step `index` under these options' policy.
+    pub fn step_kind(&self, index: usize) -> StepKind {
+        match &self.cache {
+            CacheMode::None => StepKind::Plain,
+            _ if self.full_steps.is_full(index) => StepKind::Full,
+            CacheMode::Reuse => StepKind::Reuse,
+            CacheMode::Icc(_) => StepKind::Calibrated,
         }
     }
 }
@@ -137,7 +191,14 @@ struct Bufs {
     noise: BufId,
 }
 
+/// Largest `max_batch` an engine accepts; larger requests are split into calls by the caller.
+pub const MAX_BATCH: usize = 1 << 16;
+
 /// A model plus a sampler, ready to serve requests.
+///
+/// An engine is `Send` (it can move to another thread) but not shared: `sample` takes
+/// `&mut self` because the arena is the engine's working memory. Several engines may share
+/// one `Arc<DitModel>` — the weights are read-only — each with its own arenas and threads.
 pub struct Engine {
     backend: CpuEngine,
     schedule: Schedule,
@@ -147,33 +208,48 @@ pub struct Engine {
     bufs: Bufs,
     t: Vec<i64>,
     y: Vec<i64>,
+    interrupt: Option<Arc<AtomicBool>>,
 }
 
 impl Engine {
-    /// Validates the options, builds the schedule, and allocates every buffer.
+    /// The memory an engine for `model` and `opts` would hold, item by item (the loaded
+    /// weights, the CPU forward arena, the sampler arena), computed without allocating.
+    pub fn memory_need(model: &DitModel, opts: &EngineOptions) -> Result<MemoryNeed> {
+        let schedule = opts.validate(&model.config)?;
+        let cpu = CpuOptions {
+            max_batch: opts.max_batch,
+            guidance: opts.cfg_scale > 1.0,
+            threads: opts.threads,
+            cache: opts.cache.clone(),
+        };
+        crate::cpu::check_plan_size(&model.config, crate::cpu::planned_rows(&cpu))?;
+        let mut need = MemoryNeed::default();
+        need.held("weights, memory-mapped file(s)", model.file_bytes() as u64);
+        need.held("weights converted to f32 at load", model.store.owned_bytes() as u64);
+        let p = crate::cpu::plan_for(model, &cpu);
+        need.alloc(p.title.clone(), p.total_bytes() as u64);
+        let (img, out) = (model.config.image_elems(), model.config.output_elems());
+        let n = opts.max_batch;
+        let rows = crate::cpu::planned_rows(&cpu);
+        let sampler = [(n, img), (rows, img), (rows, out), (n, img), (n, img)]
+            .iter()
+            .fold(0u64, |acc, &(a, b)| acc.saturating_add(crate::limits::bytes_of(&[a, b], 4)));
+        need.alloc(format!("sampler state ({n} images, {} steps)", schedule.len()), sampler);
+        Ok(need)
+    }
+
+    /// A flag that, once set (from a signal handler or another thread), makes
+    /// [`sample`](Engine::sample) stop before its next step with [`Error::Interrupted`].
+    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
+    }
+
+    /// Validates the options, builds the schedule, checks the planned memory against
+    /// `max_memory` and the memory available, and allocates every buffer.
     pub fn new(model: Arc<DitModel>, opts: &EngineOptions) -> Result<Self> {
         let cfg = model.config;
-        if opts.max_batch == 0 {
-            return Err(Error::invalid("max batch", "must be at least 1"));
-        }
-        if !(opts.cfg_scale.is_finite() && opts.cfg_scale >= 1.0) {
-            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", opts.cfg_scale)));
-        }
-        if let Sampler::Ddim { eta } = opts.sampler {
-            if !(eta.is_finite() && eta >= 0.0) {
-                return Err(Error::invalid("DDIM eta", format!("{eta}: must be ≥ 0")));
-            }
-        }
-        if opts.cfg_scale > 1.0 && cfg.label_rows() <= cfg.num_classes {
-            return Err(Error::invalid(
-                "cfg scale",
-                "this model has no null class (trained without label dropout), so it cannot be guided; use 1",
-            ));
-        }
-        let schedule = Schedule::new(&opts.respacing)?;
-        if !matches!(opts.cache, CacheMode::None) {
-            opts.full_steps.validate(schedule.len())?;
-        }
+        Self::memory_need(&model, opts)?.check("the sampling engine", opts.max_memory)?;
+        let schedule = opts.validate(&cfg)?;
         let guided = opts.cfg_scale > 1.0;
         let rows = opts.max_batch * if guided { 2 } else { 1 };
         let backend = CpuEngine::new(
@@ -201,7 +277,17 @@ impl Engine {
             noise: plan.add("step_noise", &[n, img], Dt::F32),
         };
         let arena = Arena::new(&plan)?;
-        Ok(Engine { backend, schedule, opts: opts.clone(), plan, arena, bufs, t: vec![0; rows], y: vec![0; rows] })
+        Ok(Engine {
+            backend,
+            schedule,
+            opts: opts.clone(),
+            plan,
+            arena,
+            bufs,
+            t: vec![0; rows],
+            y: vec![0; rows],
+            interrupt: None,
+        })
     }
 
     pub fn model(&self) -> &Arc<DitModel> {
@@ -253,7 +339,7 @@ impl Engine {
         let cfg = self.backend.model().config;
         let n = req.classes.len();
         let img = cfg.image_elems();
-        self.validate(req, out.len())?;
+        validate_request(&cfg, self.schedule.len(), self.opts.max_batch, req, out.len())?;
         let guided = self.opts.cfg_scale > 1.0;
         let rows = if guided { 2 * n } else { n };
         let steps = self.schedule.len();
@@ -280,6 +366,11 @@ impl Engine {
             Sampler::Ddim { eta } => eta > 0.0,
         };
         for (index, k) in (0..steps).rev().enumerate() {
+            if self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                return Err(Error::Interrupted {
+                    done: format!("{index} of {steps} steps of a {n}-image request were done"),
+                });
+            }
             let timestep = self.schedule.timestep_map[k];
             self.t[..rows].fill(timestep as i64);
             // The model sees [x; x]: forward_with_cfg duplicates the conditional half.
@@ -302,6 +393,13 @@ impl Engine {
                 };
                 let kind = self.step_kind(index);
                 self.backend.forward_step(min, &self.t[..rows], &self.y[..rows], mout, kind)?;
+                if self.opts.check_finite && mout.iter().any(|v| !v.is_finite()) {
+                    let (location, cause) = match self.backend.locate_non_finite(rows, kind) {
+                        Some(at) => (at.location, at.tensor.map(|t| format!(": {t}")).unwrap_or_default()),
+                        None => ("the model output (not reproduced when the step was run again)".into(), String::new()),
+                    };
+                    return Err(Error::NonFinite { step: index, steps, timestep, location, cause });
+                }
             }
             self.guide(n);
             if stochastic && k != 0 {
@@ -317,6 +415,18 @@ impl Engine {
                 }
             }
             self.step(k, n);
+            if self.opts.check_finite && self.buf(self.bufs.x)[..n * img].iter().any(|v| !v.is_finite()) {
+                return Err(Error::NonFinite {
+                    step: index,
+                    steps,
+                    timestep,
+                    location: "the sampler update of the latents".into(),
+                    cause: format!(
+                        " (the model output was finite; is guidance scale {} too large?)",
+                        self.opts.cfg_scale
+                    ),
+                });
+            }
             progress(Step { index, total: steps, timestep });
         }
         out.copy_from_slice(&self.buf(self.bufs.x)[..n * img]);
@@ -328,57 +438,7 @@ impl Engine {
 
     /// The kind of model call at sampling step `index` under the engine's policy.
     pub fn step_kind(&self, index: usize) -> StepKind {
-        match &self.opts.cache {
-            CacheMode::None => StepKind::Plain,
-            _ if self.opts.full_steps.is_full(index) => StepKind::Full,
-            CacheMode::Reuse => StepKind::Reuse,
-            CacheMode::Icc(_) => StepKind::Calibrated,
-        }
-    }
-
-    fn validate(&self, req: &Request, out_len: usize) -> Result<()> {
-        let cfg = self.backend.model().config;
-        let n = req.classes.len();
-        let img = cfg.image_elems();
-        if n == 0 || n > self.opts.max_batch {
-            return Err(Error::invalid(
-                "batch",
-                format!("{n} images; this engine was built for 1..={}", self.opts.max_batch),
-            ));
-        }
-        for (i, &c) in req.classes.iter().enumerate() {
-            if c < 0 || c as usize >= cfg.num_classes {
-                return Err(Error::invalid(
-                    "class",
-                    format!(
-                        "class {c} (image {i}) is not one of the model's {} classes 0..{}",
-                        cfg.num_classes,
-                        cfg.num_classes - 1
-                    ),
-                ));
-            }
-        }
-        if out_len != n * img {
-            return Err(Error::invalid("output buffer", format!("{out_len} elements, expected {}", n * img)));
-        }
-        if let Some(z) = req.noise {
-            if z.len() != n * img {
-                return Err(Error::invalid("noise", format!("{} elements, expected {n} × {img}", z.len())));
-            }
-            if let Some(i) = z.iter().position(|v| !v.is_finite()) {
-                return Err(Error::invalid("noise", format!("element {i} is not finite")));
-            }
-        }
-        if let Some(s) = req.step_noise {
-            let want = self.schedule.len() * n * img;
-            if s.len() != want {
-                return Err(Error::invalid(
-                    "step noise",
-                    format!("{} elements, expected {} steps × {n} × {img}", s.len(), self.schedule.len()),
-                ));
-            }
-        }
-        Ok(())
+        self.opts.step_kind(index)
     }
 
     /// ε for the conditional rows: guided where configured, the conditional output
@@ -443,4 +503,55 @@ impl Engine {
             }
         }
     }
+}
+
+/// Checks a request against a model, an engine's batch limit and its step count.
+pub(crate) fn validate_request(
+    cfg: &DitConfig,
+    steps: usize,
+    max_batch: usize,
+    req: &Request,
+    out_len: usize,
+) -> Result<()> {
+    let n = req.classes.len();
+    let img = cfg.image_elems();
+    if n == 0 || n > max_batch {
+        return Err(Error::invalid("batch", format!("{n} images; this engine was built for 1..={}", max_batch)));
+    }
+    for (i, &c) in req.classes.iter().enumerate() {
+        if c < 0 || c as usize >= cfg.num_classes {
+            return Err(Error::invalid(
+                "class",
+                format!(
+                    "class {c} (image {i}) is not one of the model's {} classes 0..{}",
+                    cfg.num_classes,
+                    cfg.num_classes - 1
+                ),
+            ));
+        }
+    }
+    if out_len != n * img {
+        return Err(Error::invalid("output buffer", format!("{out_len} elements, expected {}", n * img)));
+    }
+    if let Some(z) = req.noise {
+        if z.len() != n * img {
+            return Err(Error::invalid("noise", format!("{} elements, expected {n} × {img}", z.len())));
+        }
+        if let Some(i) = z.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid("noise", format!("element {i} is not finite")));
+        }
+    }
+    if let Some(s) = req.step_noise {
+        let want = steps * n * img;
+        if s.len() != want {
+            return Err(Error::invalid(
+                "step noise",
+                format!("{} elements, expected {} steps × {n} × {img}", s.len(), steps),
+            ));
+        }
+        if let Some(i) = s.iter().position(|v| !v.is_finite()) {
+            return Err(Error::invalid("step noise", format!("element {i} is not finite")));
+        }
+    }
+    Ok(())
 }

@@ -60,6 +60,26 @@ pub enum Error {
     /// A request that cannot be served as given (wrong batch size, unknown class, ...).
     #[error("invalid {what}: {reason}")]
     Invalid { what: &'static str, reason: String },
+
+    /// A request or input file holds NaN or ±Inf where numbers are expected.
+    #[error("{path}: tensor `{tensor}` element {index} is {value}; expected finite numbers")]
+    NonFiniteInput { path: PathBuf, tensor: String, index: usize, value: f32 },
+
+    /// The model produced NaN or ±Inf during sampling (see [`crate::engine::EngineOptions::check_finite`]):
+    /// `step` counts model calls from 0, `location` names the block and operation where the
+    /// values first stopped being finite, and `cause` what was found there (a weight tensor).
+    #[error(
+        "non-finite values (NaN or Inf) at sampling step {step} of {steps} (timestep {timestep}), first in {location}{cause}"
+    )]
+    NonFinite { step: usize, steps: usize, timestep: usize, location: String, cause: String },
+
+    /// The planned memory exceeds the caller's limit or what the machine has available.
+    #[error("{what} needs {} but {limit_from} is {}:\n{breakdown}", crate::limits::human(*need), crate::limits::human(*limit))]
+    Memory { what: String, need: u64, limit: u64, limit_from: String, breakdown: String },
+
+    /// The run was interrupted (Ctrl-C, or the caller's interrupt flag) between steps.
+    #[error("interrupted: {done}")]
+    Interrupted { done: String },
 }
 
 fn list(names: &[String]) -> String {
@@ -73,12 +93,14 @@ fn list(names: &[String]) -> String {
 
 impl Error {
     /// Process exit status for the command line: 2 for invalid settings or requests,
-    /// 3 for weights or input files that are malformed or do not fit, 4 for I/O failures,
-    /// 5 for device failures.
+    /// 3 for weights or input files that are malformed or do not fit (and non-finite values),
+    /// 4 for I/O failures, 5 for device failures, 130 for an interrupted run (as a shell
+    /// reports SIGINT).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Invalid { .. } => 2,
+            Error::Invalid { .. } | Error::Memory { .. } => 2,
             Error::Io { .. } => 4,
+            Error::Interrupted { .. } => 130,
             Error::Gpu { .. } => 5,
             _ => 3,
         }

@@ -231,6 +231,19 @@ impl Factors {
         (qkv, one)
     }
 
+    /// The first factor tensor of `block` holding NaN or Inf, described with the element.
+    pub fn non_finite_tensor(&self, block: usize) -> Option<String> {
+        let b = self.blocks.get(block)?;
+        LayerType::ALL.iter().zip(&b.layers).find_map(|(t, l)| {
+            [("up", l.up), ("down", l.down)].into_iter().find_map(|(which, r)| {
+                let v = self.w(r);
+                v.iter().position(|x| !x.is_finite()).map(|i| {
+                    format!("factor `{}.{which}` element {i} is {} ({})", t.prefix(block), v[i], self.source.display())
+                })
+            })
+        })
+    }
+
     /// Ranks per layer type, block by block.
     pub fn ranks(&self) -> Vec<[usize; 6]> {
         self.blocks.iter().map(|b| b.layers.map(|l| l.rank)).collect()
@@ -285,6 +298,10 @@ fn register(b: &mut StoreBuilder, model: &DitModel, path: &Path) -> Result<Vec<B
                         ),
                     })
                 }
+                // One of the pair missing: take the rank from the other, so the error lists
+                // the missing tensor rather than a shape mismatch.
+                (Some(&[uo, ur]), None) if uo == o => ur,
+                (None, Some(&[dr, di])) if di == inp => dr,
                 _ => 0, // missing: recorded by `tensor` below
             };
             if rank > o.min(inp) {

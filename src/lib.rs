@@ -6,6 +6,7 @@
 //! [`cpu::CpuEngine`] is the f32 reference backend; [`gpu`] holds the device abstraction the
 //! CUDA pipeline runs on (a CPU emulation of CUDA in every build, a GPU with feature `cuda`).
 
+pub mod backend;
 pub mod calibrate;
 pub mod config;
 pub mod cost;
@@ -18,7 +19,9 @@ pub mod factors;
 pub mod forward;
 pub mod gpu;
 pub mod image;
+pub mod inputs;
 pub mod inspect;
+pub mod limits;
 pub mod noise;
 pub mod plan;
 pub mod quality;

@@ -13,6 +13,8 @@ pub enum Dt {
     F32,
     F16,
     F64,
+    /// 32-bit signed integers (labels and step state on the device).
+    I32,
 }
 
 impl Dt {
@@ -21,6 +23,7 @@ impl Dt {
             Dt::F32 => 4,
             Dt::F16 => 2,
             Dt::F64 => 8,
+            Dt::I32 => 4,
         }
     }
 }
@@ -40,11 +43,13 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    /// Elements; saturates instead of overflowing, so an impossible plan is refused by
+    /// [`Arena::new`] rather than wrapping to a small size.
     pub fn elems(&self) -> usize {
-        self.shape.iter().product()
+        self.shape.iter().fold(1usize, |a, &d| a.saturating_mul(d))
     }
     pub fn bytes(&self) -> usize {
-        self.elems() * self.dtype.size()
+        self.elems().saturating_mul(self.dtype.size())
     }
 }
 
@@ -66,9 +71,9 @@ impl Plan {
 
     /// Adds a buffer of `shape` elements of `dtype`.
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], dtype: Dt) -> BufId {
-        let offset = self.total.next_multiple_of(ALIGN);
+        let offset = self.total.checked_next_multiple_of(ALIGN).unwrap_or(usize::MAX);
         let b = Buffer { name: name.into(), shape: shape.to_vec(), dtype, offset };
-        self.total = offset + b.bytes();
+        self.total = offset.saturating_add(b.bytes());
         self.buffers.push(b);
         BufId(self.buffers.len() - 1)
     }
@@ -86,10 +91,10 @@ impl Plan {
     }
     /// Bytes of the one arena allocation.
     pub fn total_bytes(&self) -> usize {
-        self.total.next_multiple_of(ALIGN)
+        self.total.checked_next_multiple_of(ALIGN).unwrap_or(usize::MAX)
     }
     pub fn outside_bytes(&self) -> usize {
-        self.outside.iter().map(|(_, b)| b).sum()
+        self.outside.iter().fold(0usize, |a, (_, b)| a.saturating_add(*b))
     }
 }
 
@@ -112,6 +117,7 @@ impl fmt::Display for Plan {
                 Dt::F32 => "f32",
                 Dt::F16 => "f16",
                 Dt::F64 => "f64",
+                Dt::I32 => "i32",
             };
             writeln!(f, "  {:<18} {:>22} {:<3} {:>10.3} MiB", b.name, shape, dt, mib(b.bytes()))?;
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::cost;
-use crate::engine::{Engine, EngineOptions, Request};
+use crate::engine::{EngineOptions, Request};
 use crate::error::Result;
 use crate::weights::DitModel;
 
@@ -35,7 +35,18 @@ pub fn psnr(a: &[f32], b: &[f32]) -> f64 {
 /// `opts.max_batch`; returns the samples and the mean compute ratio of the schedule against
 /// no caching (icc's MAC accounting).
 pub fn sample_set(model: &Arc<DitModel>, opts: &EngineOptions, classes: &[i64], seed: u64) -> Result<(Vec<f32>, f64)> {
-    let mut engine = Engine::new(Arc::clone(model), opts)?;
+    sample_set_on(model, opts, classes, seed, crate::backend::Backend::Cpu)
+}
+
+/// [`sample_set`] on a chosen backend.
+pub fn sample_set_on(
+    model: &Arc<DitModel>,
+    opts: &EngineOptions,
+    classes: &[i64],
+    seed: u64,
+    backend: crate::backend::Backend,
+) -> Result<(Vec<f32>, f64)> {
+    let mut engine = crate::backend::AnyEngine::new(Arc::clone(model), opts, backend)?;
     let img = model.config.image_elems();
     let mut out = vec![0.0f32; classes.len() * img];
     let batch = opts.max_batch.max(1);

@@ -177,12 +177,11 @@ impl TensorFile {
         let entry = self.require(name)?;
         let bytes = self.bytes(entry);
         let values = match entry.dtype {
-            Dtype::I64 => {
-                bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8-byte chunk"))).collect()
-            }
-            Dtype::I32 => {
-                bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4-byte chunk")) as i64).collect()
-            }
+            Dtype::I64 => bytes
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect(),
+            Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as i64).collect(),
             other => {
                 return Err(Error::Dtype {
                     path: self.path.clone(),
@@ -206,6 +205,25 @@ impl TensorFile {
     pub fn require(&self, name: &str) -> Result<&TensorEntry> {
         self.get(name).ok_or_else(|| Error::MissingTensors { path: self.path.clone(), names: vec![name.to_string()] })
     }
+}
+
+/// Largest config.json or index file icdit reads (real ones are a few KB).
+pub const MAX_JSON_BYTES: u64 = 16 << 20;
+
+/// Reads a small text file (config.json, a shard index) whole, refusing files larger than
+/// [`MAX_JSON_BYTES`] instead of reading them into memory.
+pub fn read_json_text(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut text = String::new();
+    let n = f.take(MAX_JSON_BYTES + 1).read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    if n as u64 > MAX_JSON_BYTES {
+        return Err(Error::Config {
+            origin: path.display().to_string(),
+            reason: format!("larger than {} MiB; not a config file", MAX_JSON_BYTES >> 20),
+        });
+    }
+    Ok(text)
 }
 
 /// A readable sentence for each way the safetensors crate rejects a buffer.

@@ -309,3 +309,52 @@ fn vae_errors_name_the_problem() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("--rounding"), "{}", stderr(&o));
 }
+
+#[test]
+fn backends_are_chosen_and_refused_clearly() {
+    let w = hd72();
+    // An unknown backend is a settings error.
+    let o = icdit(&["sample", "--weights", &w, "--class", "1", "--backend", "tpu"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("`tpu`: expected cpu, cuda or emu"), "{}", stderr(&o));
+    // cuda: in a build without the feature, or on a machine without a GPU, a device error.
+    let o = icdit(&["sample", "--weights", &w, "--class", "1", "--steps", "2", "--backend", "cuda"]);
+    if cfg!(feature = "cuda") && o.status.success() {
+        println!("--backend cuda ran: a GPU is present");
+    } else {
+        assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(
+            err.contains("without CUDA support") || err.contains("no CUDA GPU") || err.contains("CUDA call"),
+            "{err}"
+        );
+        println!("--backend cuda refused: {err}");
+    }
+    // emu: the GPU pipeline on the emulation gives the CPU backend's latents to f16 accuracy.
+    let (cpu, emu) = (tmp("backend-cpu.safetensors"), tmp("backend-emu.safetensors"));
+    for (backend, path) in [("cpu", &cpu), ("emu", &emu)] {
+        let o = icdit(&[
+            "sample",
+            "--weights",
+            &w,
+            "--class",
+            "1,7",
+            "--steps",
+            "4",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "3",
+            "--backend",
+            backend,
+            "--out-latents",
+            &path.display().to_string(),
+            "--json",
+        ]);
+        assert!(o.status.success(), "{backend}: {}", stderr(&o));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(report["backend"], backend);
+    }
+    let read = |p: &PathBuf| TensorFile::open(p).unwrap().read_f32("latents").unwrap().1;
+    assert_close("icdit sample --backend emu vs cpu", &read(&emu), &read(&cpu), 1e-2);
+}

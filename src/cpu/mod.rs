@@ -6,6 +6,9 @@ pub mod gemm;
 pub mod math;
 mod ops;
 pub mod pool;
+mod probe;
+
+pub use probe::NonFiniteAt;
 
 use std::sync::Arc;
 
@@ -87,7 +90,28 @@ struct Bufs {
 
 /// Rows (model batch) a plan must hold for `opts`.
 pub fn planned_rows(opts: &CpuOptions) -> usize {
-    opts.max_batch * if opts.guidance { 2 } else { 1 }
+    opts.max_batch.saturating_mul(if opts.guidance { 2 } else { 1 })
+}
+
+/// Refuses a row count whose buffers could not even be sized: every product the CPU plan
+/// forms must stay far below the address space (real limits are checked against memory
+/// by [`crate::limits`]; this only keeps the size arithmetic from overflowing).
+pub fn check_plan_size(cfg: &DitConfig, rows: usize) -> Result<()> {
+    let (n, c, m) = (cfg.tokens() as u128, cfg.hidden_size as u128, cfg.mlp_hidden() as u128);
+    let widest = [3 * c, m, cfg.patch_dim() as u128, (cfg.patch_size * cfg.patch_size * cfg.out_channels()) as u128]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    let r = rows as u128;
+    let image = (cfg.out_channels().max(cfg.in_channels) as u128) * (cfg.input_size as u128).pow(2);
+    let largest = [(r + 16) * n * widest.max(FREQ_DIM as u128), r * image, 1024 * n * n, r * 6 * c].into_iter().max();
+    if largest.unwrap_or(0) > (1u128 << 56) {
+        return Err(Error::invalid(
+            "batch",
+            format!("{rows} model rows of a {}-token, width-{widest} model cannot be planned: the buffers would not fit in memory", n),
+        ));
+    }
+    Ok(())
 }
 
 /// The memory plan of the CPU forward pass for `cfg`.
@@ -136,8 +160,14 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
 
 /// Plans (without allocating) the CPU forward for a model: for `inspect` and memory checks.
 pub fn plan_for(model: &DitModel, opts: &CpuOptions) -> Plan {
-    let threads = resolve_threads(opts.threads);
-    let (mut p, _) = plan(&model.config, planned_rows(opts).max(1), threads, &opts.cache);
+    let threads = resolve_threads(opts.threads).min(1024);
+    let rows = planned_rows(opts).max(1);
+    if check_plan_size(&model.config, rows).is_err() {
+        let mut p = Plan::new(format!("CPU forward plan ({rows} rows): too large to plan"));
+        p.add("unplannable", &[usize::MAX], Dt::F32);
+        return p;
+    }
+    let (mut p, _) = plan(&model.config, rows, threads, &opts.cache);
     add_weight_notes(&mut p, model);
     p
 }
@@ -184,6 +214,7 @@ impl CpuEngine {
         if threads > 1024 {
             return Err(Error::invalid("threads", format!("{threads} is more than 1024")));
         }
+        check_plan_size(&model.config, max_rows)?;
         if let CacheMode::Icc(f) = &opts.cache {
             if f.blocks.len() != model.config.depth {
                 return Err(Error::invalid(
@@ -199,6 +230,9 @@ impl CpuEngine {
         }
         let (mut plan, bufs) = plan(&model.config, max_rows, threads, &opts.cache);
         add_weight_notes(&mut plan, &model);
+        let mut need = crate::limits::MemoryNeed::default();
+        need.alloc(plan.title.clone(), plan.total_bytes() as u64);
+        need.check("the CPU forward pass", None)?;
         let arena = Arena::new(&plan)?;
         let pool = ThreadPool::new(threads)
             .map_err(|e| Error::invalid("threads", format!("cannot start {threads} threads: {e}")))?;

@@ -101,6 +101,19 @@ impl CudaDevice {
         }
 
         let bytes = plan.total_bytes().max(256);
+        let (free, total) = cust::memory::mem_get_info().map_err(|e| cuda_err("cuMemGetInfo", e))?;
+        if bytes > free {
+            let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+            return Err(Error::gpu(
+                "device memory",
+                format!(
+                    "{gpu} has {:.1} MiB free of {:.1} MiB; the arena needs {:.1} MiB:\n{plan}",
+                    mib(free),
+                    mib(total),
+                    mib(bytes)
+                ),
+            ));
+        }
         // SAFETY: device memory of u8 has no invalid bit patterns; it is written before read.
         let arena = unsafe { DeviceBuffer::<u8>::uninitialized(bytes) }
             .map_err(|e| cuda_err(&format!("allocating the {bytes}-byte arena on {gpu}"), e))?;
@@ -160,7 +173,7 @@ impl Device for CudaDevice {
         end.elapsed_time_f32(start).map_err(|e| cuda_err("cuEventElapsedTime", e))
     }
 
-    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
+    unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
         cfg.check(kernel)?;
         let f = *self
             .functions
@@ -185,5 +198,62 @@ impl Device for CudaDevice {
             )
         };
         check(kernel.name, r)
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        cust::memory::mem_get_info().ok()
+    }
+
+    type Graph = CudaGraph;
+
+    fn begin_capture(&self) -> Result<()> {
+        // SAFETY: the stream is valid; thread-local mode keeps other threads' CUDA calls out.
+        let r = unsafe {
+            cu::cuStreamBeginCapture_v2(
+                self.stream.as_inner(),
+                cu::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        };
+        check("cuStreamBeginCapture", r)
+    }
+
+    fn end_capture(&self) -> Result<CudaGraph> {
+        let mut graph: cu::CUgraph = ptr::null_mut();
+        // SAFETY: the stream is capturing (or the call reports that it is not).
+        check("cuStreamEndCapture", unsafe { cu::cuStreamEndCapture(self.stream.as_inner(), &mut graph) })?;
+        let mut exec: cu::CUgraphExec = ptr::null_mut();
+        // SAFETY: `graph` was just captured.
+        let r = unsafe { cu::cuGraphInstantiateWithFlags(&mut exec, graph, 0) };
+        if let Err(e) = check("cuGraphInstantiateWithFlags", r) {
+            // SAFETY: the graph is ours and not instantiated.
+            unsafe { cu::cuGraphDestroy(graph) };
+            return Err(e);
+        }
+        Ok(CudaGraph { graph, exec, stream: self.stream.as_inner() })
+    }
+
+    fn launch_graph(&self, graph: &CudaGraph) -> Result<()> {
+        if graph.stream != self.stream.as_inner() {
+            return Err(Error::gpu("graph launch", "the graph was recorded on another device"));
+        }
+        // SAFETY: `exec` is an instantiated graph of this device's context.
+        check("cuGraphLaunch", unsafe { cu::cuGraphLaunch(graph.exec, self.stream.as_inner()) })
+    }
+}
+
+/// An instantiated CUDA graph, destroyed with its template on drop.
+pub struct CudaGraph {
+    graph: cu::CUgraph,
+    exec: cu::CUgraphExec,
+    stream: cu::CUstream,
+}
+
+impl Drop for CudaGraph {
+    fn drop(&mut self) {
+        // SAFETY: both handles were created by `end_capture` and are destroyed once.
+        unsafe {
+            cu::cuGraphExecDestroy(self.exec);
+            cu::cuGraphDestroy(self.graph);
+        }
     }
 }

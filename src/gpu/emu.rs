@@ -5,6 +5,7 @@
 //! address) comes back from `launch` as an error naming the kernel, block and thread.
 
 use std::alloc::Layout;
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 use std::time::Instant;
@@ -36,6 +37,27 @@ pub struct EmuDevice {
     layout: Layout,
     workers: u32,
     name: String,
+    /// Launches recorded since `begin_capture`, when capturing.
+    capture: RefCell<Option<Vec<Recorded>>>,
+}
+
+/// One recorded launch: the kernel, its geometry, and its arguments copied into 8-byte
+/// slots (each argument starting on a slot, so it is aligned for any parameter type).
+struct Recorded {
+    kernel: &'static Kernel,
+    cfg: LaunchCfg,
+    args: Vec<u64>,
+    /// Slot index of each argument.
+    starts: Vec<usize>,
+}
+
+/// A recorded launch list, replayed in order on the device that recorded it.
+pub struct EmuGraph {
+    arena_base: u64,
+    launches: Vec<Recorded>,
+    /// Per launch, pointers to its arguments inside `launches[i].args` (built once, so a
+    /// replay allocates nothing).
+    ptrs: Vec<Vec<*mut c_void>>,
 }
 
 // SAFETY: the arena is plain memory owned by the device; nothing else refers to it.
@@ -73,7 +95,43 @@ impl EmuDevice {
             layout,
             workers,
             name: format!("emulated GPU ({workers} thread{})", if workers == 1 { "" } else { "s" }),
+            capture: RefCell::new(None),
         })
+    }
+
+    fn not_capturing(&self, what: &str) -> Result<()> {
+        if self.capture.borrow().is_some() {
+            return Err(Error::gpu("graph capture", format!("{what} while recording a graph")));
+        }
+        Ok(())
+    }
+
+    /// Runs one launch now.
+    ///
+    /// # Safety
+    /// As [`Device::launch`].
+    unsafe fn run(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
+        let mut err = [0 as c_char; 1024];
+        // SAFETY: `args` matches the kernel's parameters (the caller's contract), the entry
+        // reads exactly those, and the arrays outlive the call, which runs the whole grid.
+        let rc = unsafe {
+            icdit_emu_launch(
+                kernel.emu,
+                args.as_ptr(),
+                cfg.grid.as_ptr(),
+                cfg.block.as_ptr(),
+                cfg.dyn_smem,
+                self.workers,
+                err.as_mut_ptr(),
+                err.len(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: the runtime writes a NUL-terminated message into `err` on failure.
+        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
+        Err(Error::gpu("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
     }
 
     fn host_ptr(&self, addr: u64) -> *mut u8 {
@@ -100,6 +158,7 @@ impl Device for EmuDevice {
     }
 
     fn upload_bytes(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.not_capturing("a copy to the device")?;
         check_range(self.arena(), dst, src.len())?;
         // SAFETY: the destination range lies inside the arena, which no Rust reference aliases.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.host_ptr(dst), src.len()) };
@@ -107,6 +166,7 @@ impl Device for EmuDevice {
     }
 
     fn download_bytes(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.not_capturing("a copy from the device")?;
         check_range(self.arena(), src, dst.len())?;
         // SAFETY: the source range lies inside the arena.
         unsafe { std::ptr::copy_nonoverlapping(self.host_ptr(src), dst.as_mut_ptr(), dst.len()) };
@@ -125,28 +185,63 @@ impl Device for EmuDevice {
         Ok(end.saturating_duration_since(*start).as_secs_f32() * 1e3)
     }
 
-    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
+    unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
         cfg.check(kernel)?;
-        let mut err = [0 as c_char; 1024];
-        // SAFETY: `args` matches the kernel's parameters (the caller's contract), the entry
-        // reads exactly those, and the arrays outlive the call, which runs the whole grid.
-        let rc = unsafe {
-            icdit_emu_launch(
-                kernel.emu,
-                args.as_ptr(),
-                cfg.grid.as_ptr(),
-                cfg.block.as_ptr(),
-                cfg.dyn_smem,
-                self.workers,
-                err.as_mut_ptr(),
-                err.len(),
-            )
-        };
-        if rc == 0 {
+        if let Some(list) = self.capture.borrow_mut().as_mut() {
+            if args.len() != kernel.arg_sizes.len() {
+                return Err(Error::invalid(
+                    "kernel launch",
+                    format!("{}: {} arguments for {} parameters", kernel.name, args.len(), kernel.arg_sizes.len()),
+                ));
+            }
+            let mut rec = Recorded { kernel, cfg: *cfg, args: Vec::new(), starts: Vec::new() };
+            for (&p, &size) in args.iter().zip(kernel.arg_sizes) {
+                let start = rec.args.len();
+                rec.starts.push(start);
+                rec.args.resize(start + size.div_ceil(8).max(1), 0);
+                // SAFETY: `p` points at a parameter value of `size` bytes (the caller's
+                // contract); the slots hold at least `size` bytes.
+                unsafe { std::ptr::copy_nonoverlapping(p as *const u8, rec.args[start..].as_mut_ptr().cast(), size) };
+            }
+            list.push(rec);
             return Ok(());
         }
-        // SAFETY: the runtime writes a NUL-terminated message into `err` on failure.
-        let msg = unsafe { CStr::from_ptr(err.as_ptr()) }.to_string_lossy();
-        Err(Error::gpu("kernel run", format!("{} on the emulated GPU: {msg}", kernel.name)))
+        // SAFETY: forwarded to the caller.
+        unsafe { self.run(kernel, cfg, args) }
+    }
+
+    type Graph = EmuGraph;
+
+    fn begin_capture(&self) -> Result<()> {
+        let mut c = self.capture.borrow_mut();
+        if c.is_some() {
+            return Err(Error::gpu("graph capture", "already recording a graph"));
+        }
+        *c = Some(Vec::new());
+        Ok(())
+    }
+
+    fn end_capture(&self) -> Result<EmuGraph> {
+        let mut launches =
+            self.capture.borrow_mut().take().ok_or_else(|| Error::gpu("graph capture", "not recording a graph"))?;
+        let ptrs = launches
+            .iter_mut()
+            .map(|r| r.starts.iter().map(|&s| r.args[s..].as_mut_ptr().cast::<c_void>()).collect())
+            .collect();
+        Ok(EmuGraph { arena_base: self.arena().base, launches, ptrs })
+    }
+
+    fn launch_graph(&self, graph: &EmuGraph) -> Result<()> {
+        self.not_capturing("launching a graph")?;
+        if graph.arena_base != self.arena().base {
+            return Err(Error::gpu("graph launch", "the graph was recorded on another device"));
+        }
+        for (r, p) in graph.launches.iter().zip(&graph.ptrs) {
+            // SAFETY: recorded from a checked launch on this device (same arena), with the
+            // argument values copied at the time; `p` points into `r.args`, which lives as
+            // long as the graph and is only read.
+            unsafe { self.run(r.kernel, &r.cfg, p)? };
+        }
+        Ok(())
     }
 }

@@ -43,6 +43,7 @@ macro_rules! kernel_mod {
                 module: $module,
                 id: $id,
                 emu: entry,
+                arg_sizes: &[$(size_of::<$ty>()),*],
             };
 
             /// Launches the kernel with exactly its C parameters.
@@ -85,20 +86,44 @@ kernels! {
     "layernorm" => {
         layernorm_modulate_f16(out: DevPtr<f16>, x: DevPtr<f16>, shift: DevPtr<f16>,
             scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
+        layernorm_modulate_f32x(out: DevPtr<f16>, x: DevPtr<f32>, shift: DevPtr<f16>,
+            scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
     }
     "residual" => {
         gated_residual_add_f16(x: DevPtr<f16>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
             tokens: i32, channels: i32, gate_stride: i32);
-    }
-    "gemm" => {
-        gemm_bias_f16(out: DevPtr<f16>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
-            m: i32, n: i32, k: i32);
-        gemm_bias_gelu_f16(out: DevPtr<f16>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
-            m: i32, n: i32, k: i32);
-        gemm_bias_f32(out: DevPtr<f32>, a: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>,
-            m: i32, n: i32, k: i32);
+        gated_residual_add_f32x(x: DevPtr<f32>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
+            tokens: i32, channels: i32, gate_stride: i32);
     }
     "attention" => {
         attention_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
     }
+    "embed" => {
+        patchify_f16(patches: DevPtr<f16>, x: DevPtr<f32>, rows: i32, images: i32, channels: i32,
+            size: i32, patch: i32);
+        timestep_freq_f16(out: DevPtr<f16>, t: DevPtr<f32>, freqs: DevPtr<f32>, count: i32);
+        condition_silu_f16(silu_c: DevPtr<f16>, temb: DevPtr<f32>, table: DevPtr<f16>,
+            labels: DevPtr<i32>, count: i32, rows: i32, channels: i32, table_rows: i32);
+        unpatchify_f32(image: DevPtr<f32>, out: DevPtr<f32>, rows: i32, channels_out: i32,
+            size: i32, patch: i32);
+        select_step_f16(dst: DevPtr<f16>, src: DevPtr<f16>, state: DevPtr<i32>, per_step: i32,
+            steps: i32);
+        step_advance(state: DevPtr<i32>);
+    }
+    "activation" => {
+        gelu_f16(out: DevPtr<f16>, x: DevPtr<f16>, n: i32);
+    }
+    "sampler" => {
+        normal_f32(out: DevPtr<f32>, state: DevPtr<i32>, images: i32, elems: i32, stream_step: i32);
+        sampler_step_f32(x: DevPtr<f32>, model_out: DevPtr<f32>, coeffs: DevPtr<f32>,
+            state: DevPtr<i32>, images: i32, cin: i32, cout: i32, hw: i32, guided_channels: i32,
+            cfg_scale: f32, mode: i32, steps: i32);
+    }
+    // @@ embed/activation/sampler kernels go here @@
+    "gemm" => {
+        gemm_fused_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32,
+            n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32, add_rows: i32, act: i32);
+    }
+    // @@ general GEMM goes here @@
 }

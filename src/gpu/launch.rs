@@ -6,6 +6,13 @@
 use super::{f16, kernels, DevSlice, Device, LaunchCfg, MAX_DYN_SMEM};
 use crate::error::{Error, Result};
 
+mod gemm;
+pub use gemm::*;
+mod embed;
+mod sampler;
+pub use embed::*;
+pub use sampler::*;
+
 fn invalid(kernel: &str, reason: String) -> Error {
     Error::invalid("kernel arguments", format!("{kernel}: {reason}"))
 }
@@ -65,8 +72,45 @@ fn modulation_elems(rows: i32, tokens: i32, channels: i32, stride: i32) -> i64 {
     (items - 1) * stride as i64 + channels as i64
 }
 
+/// The checks and launch geometry shared by the LayerNorm-modulate kernels.
+#[allow(clippy::too_many_arguments)]
+fn layernorm_cfg<X>(
+    k: &str,
+    out: DevSlice<f16>,
+    x: DevSlice<X>,
+    shift: DevSlice<f16>,
+    scale: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    mod_stride: i32,
+) -> Result<LaunchCfg> {
+    positive(k, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    let row_bytes = channels as i64 * 4;
+    if channels % 2 != 0 || mod_stride % 2 != 0 || mod_stride < channels || row_bytes > MAX_DYN_SMEM as i64 {
+        return Err(invalid(
+            k,
+            format!(
+                "channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels",
+                MAX_DYN_SMEM / 4
+            ),
+        ));
+    }
+    let elems = rows as i64 * channels as i64;
+    let modulation = modulation_elems(rows, tokens, channels, mod_stride);
+    covers(k, "out", out, elems, 4)?;
+    covers(k, "x", x, elems, 2 * size_of::<X>() as u64)?;
+    covers(k, "shift", shift, modulation, 4)?;
+    covers(k, "scale", scale, modulation, 4)?;
+    Ok(LaunchCfg {
+        grid: [rows as u32, 1, 1],
+        block: [256, 1, 1], // LN_THREADS in the kernel
+        dyn_smem: row_bytes as u32,
+    })
+}
+
 /// `out = LayerNorm(x)·(1 + scale) + shift` per row, shift and scale per batch item
-/// (kernels/layernorm.cu). x, out: (rows, channels); one block per row.
+/// (kernels/layernorm.cu). x, out: (rows, channels) f16; one block per row.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     dev: &D,
@@ -80,29 +124,7 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     mod_stride: i32,
     eps: f32,
 ) -> Result<()> {
-    const K: &str = "layernorm_modulate_f16";
-    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
-    let row_bytes = channels as i64 * 4;
-    if channels % 2 != 0 || mod_stride % 2 != 0 || mod_stride < channels || row_bytes > MAX_DYN_SMEM as i64 {
-        return Err(invalid(
-            K,
-            format!(
-                "channels {channels} must be even and ≤ {}, mod_stride {mod_stride} even and ≥ channels",
-                MAX_DYN_SMEM / 4
-            ),
-        ));
-    }
-    let elems = rows as i64 * channels as i64;
-    let modulation = modulation_elems(rows, tokens, channels, mod_stride);
-    covers(K, "out", out, elems, 4)?;
-    covers(K, "x", x, elems, 4)?;
-    covers(K, "shift", shift, modulation, 4)?;
-    covers(K, "scale", scale, modulation, 4)?;
-    let cfg = LaunchCfg {
-        grid: [rows as u32, 1, 1],
-        block: [256, 1, 1], // LN_THREADS in the kernel
-        dyn_smem: row_bytes as u32,
-    };
+    let cfg = layernorm_cfg("layernorm_modulate_f16", out, x, shift, scale, rows, tokens, channels, mod_stride)?;
     // SAFETY: out and x hold rows × channels, shift and scale every batch item's row.
     unsafe {
         kernels::layernorm_modulate_f16::launch(
@@ -120,7 +142,65 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
     }
 }
 
-/// `x += gate ⊙ y`, gate per batch item (kernels/residual.cu). x, y: (rows, channels).
+/// As [`layernorm_modulate_f16`] with x in f32 (the pipeline's residual stream).
+#[allow(clippy::too_many_arguments)]
+pub fn layernorm_modulate_f32x<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    x: DevSlice<f32>,
+    shift: DevSlice<f16>,
+    scale: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    mod_stride: i32,
+    eps: f32,
+) -> Result<()> {
+    let cfg = layernorm_cfg("layernorm_modulate_f32x", out, x, shift, scale, rows, tokens, channels, mod_stride)?;
+    // SAFETY: out and x hold rows × channels, shift and scale every batch item's row.
+    unsafe {
+        kernels::layernorm_modulate_f32x::launch(
+            dev,
+            &cfg,
+            out.ptr(),
+            x.ptr(),
+            shift.ptr(),
+            scale.ptr(),
+            tokens,
+            channels,
+            mod_stride,
+            eps,
+        )
+    }
+}
+
+/// The checks of the gated residual kernels; returns the pair count.
+#[allow(clippy::too_many_arguments)]
+fn residual_check<X>(
+    k: &str,
+    x: DevSlice<X>,
+    y: DevSlice<f16>,
+    gate: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    gate_stride: i32,
+) -> Result<i64> {
+    positive(k, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
+    if channels % 2 != 0 || gate_stride % 2 != 0 || gate_stride < channels {
+        return Err(invalid(
+            k,
+            format!("channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"),
+        ));
+    }
+    let elems = rows as i64 * channels as i64;
+    covers(k, "x", x, elems, 2 * size_of::<X>() as u64)?;
+    covers(k, "y", y, elems, 4)?;
+    covers(k, "gate", gate, modulation_elems(rows, tokens, channels, gate_stride), 4)?;
+    Ok(elems / 2)
+}
+
+/// `x += gate ⊙ y`, gate per batch item (kernels/residual.cu). x, y: (rows, channels) f16.
 #[allow(clippy::too_many_arguments)]
 pub fn gated_residual_add_f16<D: Device + ?Sized>(
     dev: &D,
@@ -132,23 +212,12 @@ pub fn gated_residual_add_f16<D: Device + ?Sized>(
     channels: i32,
     gate_stride: i32,
 ) -> Result<()> {
-    const K: &str = "gated_residual_add_f16";
-    positive(K, &[("rows", rows), ("tokens", tokens), ("channels", channels)])?;
-    if channels % 2 != 0 || gate_stride % 2 != 0 || gate_stride < channels {
-        return Err(invalid(
-            K,
-            format!("channels {channels} must be even, gate_stride {gate_stride} even and ≥ channels"),
-        ));
-    }
-    let elems = rows as i64 * channels as i64;
-    covers(K, "x", x, elems, 4)?;
-    covers(K, "y", y, elems, 4)?;
-    covers(K, "gate", gate, modulation_elems(rows, tokens, channels, gate_stride), 4)?;
+    let pairs = residual_check("gated_residual_add_f16", x, y, gate, rows, tokens, channels, gate_stride)?;
     // SAFETY: x and y hold rows × channels, gate every batch item's row.
     unsafe {
         kernels::gated_residual_add_f16::launch(
             dev,
-            &elementwise(elems / 2),
+            &elementwise(pairs),
             x.ptr(),
             y.ptr(),
             gate.ptr(),
@@ -160,81 +229,33 @@ pub fn gated_residual_add_f16<D: Device + ?Sized>(
     }
 }
 
-/// Checks of the three GEMM launchers and their geometry: 64×64 output tiles, 128 threads
-/// (BM, BN, THREADS in kernels/gemm.cu).
+/// As [`gated_residual_add_f16`] with x in f32 (the pipeline's residual stream).
 #[allow(clippy::too_many_arguments)]
-fn gemm_cfg<O>(
-    kernel: &str,
-    out: DevSlice<O>,
-    a: DevSlice<f16>,
-    w: DevSlice<f16>,
-    bias: DevSlice<f16>,
-    m: i32,
-    n: i32,
-    k: i32,
-) -> Result<LaunchCfg> {
-    positive(kernel, &[("m", m), ("n", n), ("k", k)])?;
-    let (m64, n64, k64) = (m as i64, n as i64, k as i64);
-    covers(kernel, "out", out, m64 * n64, size_of::<O>() as u64)?;
-    covers(kernel, "a", a, m64 * k64, 2)?;
-    covers(kernel, "w", w, n64 * k64, 2)?;
-    covers(kernel, "bias", bias, n64, 2)?;
-    let grid_y = (m64 + 63) / 64;
-    if grid_y > 65535 {
-        return Err(invalid(kernel, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
+pub fn gated_residual_add_f32x<D: Device + ?Sized>(
+    dev: &D,
+    x: DevSlice<f32>,
+    y: DevSlice<f16>,
+    gate: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    gate_stride: i32,
+) -> Result<()> {
+    let pairs = residual_check("gated_residual_add_f32x", x, y, gate, rows, tokens, channels, gate_stride)?;
+    // SAFETY: x and y hold rows × channels, gate every batch item's row.
+    unsafe {
+        kernels::gated_residual_add_f32x::launch(
+            dev,
+            &elementwise(pairs),
+            x.ptr(),
+            y.ptr(),
+            gate.ptr(),
+            rows,
+            tokens,
+            channels,
+            gate_stride,
+        )
     }
-    Ok(LaunchCfg { grid: [((n64 + 63) / 64) as u32, grid_y as u32, 1], block: [128, 1, 1], dyn_smem: 0 })
-}
-
-/// `out = a·wᵀ + bias` in f16: a (m, k), w (n, k), bias (n), out (m, n) (kernels/gemm.cu).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_bias_f16<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<f16>,
-    a: DevSlice<f16>,
-    w: DevSlice<f16>,
-    bias: DevSlice<f16>,
-    m: i32,
-    n: i32,
-    k: i32,
-) -> Result<()> {
-    let cfg = gemm_cfg("gemm_bias_f16", out, a, w, bias, m, n, k)?;
-    // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
-}
-
-/// `out = GELU_tanh(a·wᵀ + bias)` in f16 (kernels/gemm.cu).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_bias_gelu_f16<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<f16>,
-    a: DevSlice<f16>,
-    w: DevSlice<f16>,
-    bias: DevSlice<f16>,
-    m: i32,
-    n: i32,
-    k: i32,
-) -> Result<()> {
-    let cfg = gemm_cfg("gemm_bias_gelu_f16", out, a, w, bias, m, n, k)?;
-    // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_gelu_f16::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
-}
-
-/// `out = a·wᵀ + bias` in f32 (kernels/gemm.cu).
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_bias_f32<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<f32>,
-    a: DevSlice<f16>,
-    w: DevSlice<f16>,
-    bias: DevSlice<f16>,
-    m: i32,
-    n: i32,
-    k: i32,
-) -> Result<()> {
-    let cfg = gemm_cfg("gemm_bias_f32", out, a, w, bias, m, n, k)?;
-    // SAFETY: gemm_cfg checked every buffer against m, n, k.
-    unsafe { kernels::gemm_bias_f32::launch(dev, &cfg, out.ptr(), a.ptr(), w.ptr(), bias.ptr(), m, n, k) }
 }
 
 /// Dynamic shared memory of `attention_f16`: SMEM_BYTES in kernels/attention.cu (K and V

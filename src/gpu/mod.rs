@@ -10,16 +10,18 @@
 
 pub mod kernels;
 pub mod launch;
+pub mod pipeline;
+pub use pipeline::GpuEngine;
 
 mod emu;
-pub use emu::EmuDevice;
+pub use emu::{EmuDevice, EmuGraph};
 #[cfg(test)]
 mod emu_selftest;
 
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
-pub use cuda::{CudaDevice, PTXAS_REPORT};
+pub use cuda::{CudaDevice, CudaGraph, PTXAS_REPORT};
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -39,6 +41,9 @@ impl DevType for f32 {
 impl DevType for f16 {
     const DT: Dt = Dt::F16;
 }
+impl DevType for i32 {
+    const DT: Dt = Dt::I32;
+}
 
 /// A device address of `T` elements, passed to kernels as the C pointer `T*`: 8 bytes, the
 /// CUDA device pointer (or the host address, in the emulation).
@@ -56,6 +61,10 @@ impl<T> Copy for DevPtr<T> {}
 impl<T> DevPtr<T> {
     pub fn addr(self) -> u64 {
         self.addr
+    }
+    /// The null pointer, for a kernel's optional operands.
+    pub fn null() -> Self {
+        DevPtr { addr: 0, _t: PhantomData }
     }
 }
 
@@ -140,6 +149,8 @@ pub struct Kernel {
     pub module: &'static str,
     pub id: usize,
     pub(crate) emu: EmuEntry,
+    /// Bytes of each parameter, in order (for recording launches into a graph).
+    pub arg_sizes: &'static [usize],
 }
 
 /// Where the arena lies in device memory.
@@ -174,13 +185,24 @@ pub trait Device {
     /// `args` points at one value per kernel parameter, of the parameter's C type, and every
     /// pointer among them addresses enough arena memory for what the kernel reads and writes.
     /// Only the typed launchers in [`launch`] call this.
-    unsafe fn launch(&self, kernel: &Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()>;
+    unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()>;
 
-    /// Starts recording launches into a graph instead of running them. Not implemented yet on
-    /// either device: the pipeline runs launches directly until graph capture lands.
-    fn begin_capture(&self) -> Result<()> {
-        Err(Error::gpu("graph capture", format!("not implemented yet on {}", self.name())))
+    /// (free, total) bytes of device memory, where the device can tell.
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
     }
+
+    /// A recorded sequence of launches ([`Device::end_capture`]), replayed by
+    /// [`Device::launch_graph`]: a CUDA graph on a GPU, a launch list on the emulation.
+    type Graph;
+
+    /// Starts recording launches instead of running them, until [`Device::end_capture`].
+    /// Copies and synchronisation are not allowed while recording.
+    fn begin_capture(&self) -> Result<()>;
+    /// Ends the recording started by [`Device::begin_capture`] and makes it launchable.
+    fn end_capture(&self) -> Result<Self::Graph>;
+    /// Runs a recorded graph on the stream, as its launches would have run.
+    fn launch_graph(&self, graph: &Self::Graph) -> Result<()>;
 
     /// The arena buffer `buf` of a plan, as `T` elements.
     fn slice<T: DevType>(&self, buf: &Buffer) -> Result<DevSlice<T>> {

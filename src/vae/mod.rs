@@ -51,12 +51,12 @@ impl VaeConfig {
 
     /// Channels of the decoder's mid block (the last encoder block's width).
     pub fn mid_channels(&self) -> usize {
-        *self.block_out_channels.last().expect("validated non-empty")
+        self.block_out_channels.last().copied().unwrap_or(0)
     }
 
     /// Output side for a latent of side `latent`: each up block but the last doubles it.
     pub fn out_side(&self, latent: usize) -> usize {
-        latent << (self.block_out_channels.len() - 1)
+        latent << self.block_out_channels.len().saturating_sub(1).min(16)
     }
 
     /// (input channels, output channels) of up block `i`.
@@ -73,6 +73,24 @@ impl VaeConfig {
         }
         if self.layers_per_block == 0 || self.latent_channels == 0 || self.out_channels == 0 {
             return bad("layers_per_block, latent_channels and out_channels must be positive".into());
+        }
+        // Bounds that keep every size computed from the config far from overflow (the
+        // SD-VAE: 4 blocks of at most 512 channels, 2 layers per block, 4 latent channels).
+        if self.block_out_channels.len() > 8
+            || self.block_out_channels.iter().any(|&c| c > 1 << 14)
+            || self.layers_per_block > 64
+            || self.latent_channels > 1 << 14
+            || self.out_channels > 1 << 14
+        {
+            return bad(format!(
+                "sizes are implausibly large: {} blocks (≤ 8) of widths {:?} (≤ 16384), layers_per_block {} (≤ 64), \
+                 latent_channels {} and out_channels {} (≤ 16384)",
+                self.block_out_channels.len(),
+                self.block_out_channels,
+                self.layers_per_block,
+                self.latent_channels,
+                self.out_channels
+            ));
         }
         let g = self.norm_num_groups;
         if g > 1024 {
@@ -120,7 +138,7 @@ impl VaeConfig {
                 total += conv(side, cout, cout, 9);
             }
         }
-        total + conv(side, self.block_out_channels[0], self.out_channels, 9)
+        total + conv(side, self.block_out_channels.first().copied().unwrap_or(0), self.out_channels, 9)
     }
 }
 
@@ -295,7 +313,7 @@ fn tensor_params(t: &VaeTensors) -> usize {
 }
 
 fn read_config(path: &Path) -> Result<VaeConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = crate::tensorfile::read_json_text(path)?;
     let origin = path.display().to_string();
     let bad = |reason: String| Error::Config { origin: origin.clone(), reason };
     let hf: HfVaeConfig = serde_json::from_str(&text).map_err(|e| bad(format!("not a VAE config.json: {e}")))?;
@@ -351,7 +369,7 @@ fn infer_config(b: &StoreBuilder, source: &Path) -> Result<VaeConfig> {
     let mut resnets = None;
     for i in 0.. {
         let Some(shape) = b.shape(&format!("decoder.up_blocks.{i}.resnets.0.conv2.weight")) else { break };
-        widths.push(shape[0]);
+        widths.push(shape.first().copied().unwrap_or(0));
         let n = (0..).take_while(|j| b.has(&format!("decoder.up_blocks.{i}.resnets.{j}.conv2.weight"))).count();
         match resnets {
             None => resnets = Some(n),

@@ -57,13 +57,16 @@ pub(crate) fn weight_files(dir: &Path) -> Result<Vec<TensorFile>> {
 
 /// The files listed by a sharded checkpoint's index, each opened once.
 fn shards(index: &Path) -> Result<Vec<TensorFile>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let text = crate::tensorfile::read_json_text(index)?;
     let bad = |reason: String| Error::Layout { path: index.to_path_buf(), reason };
     let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
     let mut names: Vec<&str> = map.values().filter_map(|f| f.as_str()).collect();
     names.sort();
     names.dedup();
+    if names.is_empty() {
+        return Err(bad("`weight_map` names no shard files".into()));
+    }
     let dir = index.parent().unwrap_or(Path::new("."));
     names
         .into_iter()
@@ -78,7 +81,7 @@ fn shards(index: &Path) -> Result<Vec<TensorFile>> {
 
 pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts: &LoadOptions) -> Result<DitModel> {
     let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let text = crate::tensorfile::read_json_text(&cfg_path)?;
     let origin = cfg_path.display().to_string();
     let hf: HfConfig = serde_json::from_str(&text)
         .map_err(|e| Error::Config { origin: origin.clone(), reason: format!("not a diffusers DiT config: {e}") })?;
@@ -118,14 +121,25 @@ pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts
 fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origin: &str) -> Result<DitConfig> {
     let conflict = |reason: String| Error::Config { origin: origin.to_string(), reason };
     let pw = need_shape(b, "pos_embed.proj.weight")?;
-    let [c, cin, p, _] = *pw else {
+    let [c, cin, p, p2] = *pw else {
         return Err(Error::Layout {
             path: path.to_path_buf(),
             reason: format!("`pos_embed.proj.weight` has shape {pw:?}, expected (C, Cin, p, p)"),
         });
     };
+    // Bound every size before any arithmetic on it (a tensor with a zero dimension holds
+    // no data, so its other dimensions can be anything).
+    if p != p2 || p == 0 || p > 4096 || c == 0 || c > 1 << 20 || cin == 0 || cin > 1 << 16 {
+        return Err(Error::Layout {
+            path: path.to_path_buf(),
+            reason: format!(
+                "`pos_embed.proj.weight` has shape {pw:?}: expected (C, Cin, p, p) with 1 ≤ Cin ≤ 65536, \
+                 1 ≤ p ≤ 4096, 1 ≤ C ≤ 2^20"
+            ),
+        });
+    }
     let heads = official::resolve_heads(Some(hf.num_attention_heads), opts.num_heads, c, hf.num_layers, path, origin)?;
-    if heads * hf.attention_head_dim != c {
+    if heads.checked_mul(hf.attention_head_dim) != Some(c) {
         return Err(conflict(format!(
             "num_attention_heads {} × attention_head_dim {} != hidden size {c} of `pos_embed.proj.weight`",
             hf.num_attention_heads, hf.attention_head_dim
@@ -141,10 +155,10 @@ fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origi
     if depth != hf.num_layers {
         return Err(conflict(format!("num_layers is {} but the file has {depth} blocks", hf.num_layers)));
     }
-    let out = need_shape(b, "proj_out_2.weight")?[0];
-    let cout = out / (p * p).max(1);
+    let out = need_shape(b, "proj_out_2.weight")?.first().copied().unwrap_or(0);
+    let cout = out / (p * p);
     if let Some(oc) = hf.out_channels {
-        if oc != cout || out % (p * p).max(1) != 0 {
+        if oc != cout || out % (p * p) != 0 {
             return Err(conflict(format!("out_channels is {oc} but `proj_out_2.weight` has {out} rows")));
         }
     }
@@ -152,16 +166,19 @@ fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origi
     if !learn_sigma && cout != cin {
         return Err(conflict(format!("out_channels {cout} is neither {cin} nor {}", 2 * cin)));
     }
-    let rows = need_shape(b, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")?[0];
+    let rows = need_shape(b, "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight")?
+        .first()
+        .copied()
+        .unwrap_or(0);
     let num_classes = hf.num_embeds_ada_norm.unwrap_or(rows.saturating_sub(1));
-    let dropout = if rows == num_classes + 1 {
+    let dropout = if Some(rows) == num_classes.checked_add(1) {
         0.1
     } else if rows == num_classes {
         0.0
     } else {
         return Err(conflict(format!("num_embeds_ada_norm is {num_classes} but the label table has {rows} rows")));
     };
-    let mlp_hidden = need_shape(b, "transformer_blocks.0.ff.net.0.proj.weight")?[0];
+    let mlp_hidden = need_shape(b, "transformer_blocks.0.ff.net.0.proj.weight")?.first().copied().unwrap_or(0);
     let cfg = DitConfig {
         input_size: hf.sample_size,
         patch_size: p,
@@ -175,6 +192,19 @@ fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origi
         learn_sigma,
     };
     cfg.validate(origin)?;
+    // The position embedding is not stored in this layout but generated from sample_size:
+    // refuse a sample_size whose embedding would dwarf the weights themselves (a real DiT's
+    // is well under 1% of them) rather than allocate it.
+    let stored: usize = b.names().filter_map(|n| b.shape(n)).map(|s| s.iter().product::<usize>()).sum();
+    let pos = cfg.tokens().saturating_mul(c);
+    if pos > stored.max(1 << 20) {
+        return Err(conflict(format!(
+            "sample_size {} gives {} tokens, a {pos}-element position embedding for {stored} stored weights: \
+             sample_size does not fit this model",
+            hf.sample_size,
+            cfg.tokens()
+        )));
+    }
     Ok(cfg)
 }
 

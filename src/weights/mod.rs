@@ -146,6 +146,66 @@ impl DitModel {
     pub fn file_bytes(&self) -> usize {
         self.store.files().iter().map(TensorFile::len_bytes).sum()
     }
+
+    /// Every tensor with its official state-dict name: block `i`'s when `block` is
+    /// `Some(i)`, the embeddings' and the final layer's when it is `None`.
+    pub fn named_tensors(&self, block: Option<usize>) -> Vec<(String, TRef)> {
+        let t = &self.tensors;
+        match block {
+            Some(i) => {
+                let Some(b) = t.blocks.get(i) else { return Vec::new() };
+                [
+                    ("attn.qkv.weight", b.qkv_w),
+                    ("attn.qkv.bias", b.qkv_b),
+                    ("attn.proj.weight", b.proj_w),
+                    ("attn.proj.bias", b.proj_b),
+                    ("mlp.fc1.weight", b.fc1_w),
+                    ("mlp.fc1.bias", b.fc1_b),
+                    ("mlp.fc2.weight", b.fc2_w),
+                    ("mlp.fc2.bias", b.fc2_b),
+                    ("adaLN_modulation.1.weight", b.ada_w),
+                    ("adaLN_modulation.1.bias", b.ada_b),
+                ]
+                .into_iter()
+                .map(|(n, r)| (format!("blocks.{i}.{n}"), r))
+                .collect()
+            }
+            None => [
+                ("pos_embed", t.pos_embed),
+                ("x_embedder.proj.weight", t.patch_w),
+                ("x_embedder.proj.bias", t.patch_b),
+                ("t_embedder.mlp.0.weight", t.t_mlp0_w),
+                ("t_embedder.mlp.0.bias", t.t_mlp0_b),
+                ("t_embedder.mlp.2.weight", t.t_mlp2_w),
+                ("t_embedder.mlp.2.bias", t.t_mlp2_b),
+                ("y_embedder.embedding_table.weight", t.label_table),
+                ("final_layer.adaLN_modulation.1.weight", t.final_ada_w),
+                ("final_layer.adaLN_modulation.1.bias", t.final_ada_b),
+                ("final_layer.linear.weight", t.final_w),
+                ("final_layer.linear.bias", t.final_b),
+            ]
+            .into_iter()
+            .map(|(n, r)| (n.to_string(), r))
+            .collect(),
+        }
+    }
+
+    /// The first tensor of `block` (or of the embeddings and final layer, for `None`) that
+    /// holds NaN or Inf, described with the element and its value.
+    pub fn non_finite_tensor(&self, block: Option<usize>) -> Option<String> {
+        self.named_tensors(block).into_iter().find_map(|(name, r)| {
+            let v = self.w(r);
+            v.iter().position(|x| !x.is_finite()).map(|i| format!("tensor `{name}` element {i} is {}", v[i]))
+        })
+    }
+
+    /// The first tensor of the whole model that holds NaN or Inf (reads every weight once).
+    pub fn find_non_finite(&self) -> Option<String> {
+        std::iter::once(None)
+            .chain((0..self.config.depth).map(Some))
+            .find_map(|b| self.non_finite_tensor(b))
+            .map(|s| format!("{}: {s}", self.source.display()))
+    }
 }
 
 /// Metadata keys icdit writes and reads in official-layout safetensors files.
@@ -207,8 +267,11 @@ fn count_blocks<'a>(names: impl Iterator<Item = &'a str>, prefix: &str, path: &P
         return Err(Error::Layout { path: path.to_path_buf(), reason: format!("no `{prefix}{{i}}.*` tensors") });
     }
     if seen.iter().next_back() != Some(&(depth - 1)) {
+        // Only the first gaps are listed: a name like `blocks.99999999999.x` must not make
+        // the list (or the time to build it) unbounded.
         let missing: Vec<String> = (0..*seen.iter().next_back().unwrap_or(&0))
             .filter(|i| !seen.contains(i))
+            .take(64)
             .map(|i| format!("{prefix}{i}.*"))
             .collect();
         return Err(Error::MissingTensors { path: path.to_path_buf(), names: missing });

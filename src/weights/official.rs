@@ -61,6 +61,13 @@ fn infer(b: &StoreBuilder, m: &MetaConfig, opts: &LoadOptions, path: &Path, orig
     if p != p2 || p == 0 || c == 0 {
         return Err(layout_err(format!("`x_embedder.proj.weight` has shape {xw:?}, expected a square patch")));
     }
+    // Bound every size before any arithmetic on it (a tensor with a zero dimension holds
+    // no data, so its other dimensions can be anything).
+    if cin == 0 || p > 4096 || cin > 1 << 16 || c > 1 << 20 {
+        return Err(layout_err(format!(
+            "`x_embedder.proj.weight` has shape {xw:?}: expected (C, Cin, p, p) with 1 ≤ Cin ≤ 65536, p ≤ 4096, C ≤ 2^20"
+        )));
+    }
     let pe = need_shape(b, "pos_embed")?;
     let n = match *pe {
         [1, n, pc] if pc == c => n,
@@ -74,12 +81,12 @@ fn infer(b: &StoreBuilder, m: &MetaConfig, opts: &LoadOptions, path: &Path, orig
         }
     };
     let g = (n as f64).sqrt().round() as usize;
-    if g * g != n || n == 0 {
-        return Err(layout_err(format!("`pos_embed` has {n} tokens, not a square grid")));
+    if g.checked_mul(g) != Some(n) || n == 0 || g.saturating_mul(p) > 4096 {
+        return Err(layout_err(format!("`pos_embed` has {n} tokens, not a square grid of at most 4096/p a side")));
     }
     let depth = count_blocks(b.names(), "blocks.", path)?;
-    let mlp_hidden = need_shape(b, "blocks.0.mlp.fc1.weight")?[0];
-    let fin = need_shape(b, "final_layer.linear.weight")?[0];
+    let mlp_hidden = need_shape(b, "blocks.0.mlp.fc1.weight")?.first().copied().unwrap_or(0);
+    let fin = need_shape(b, "final_layer.linear.weight")?.first().copied().unwrap_or(0);
     if fin % (p * p) != 0 {
         return Err(layout_err(format!(
             "`final_layer.linear.weight` has {fin} rows, not a multiple of p² = {}",
@@ -94,7 +101,7 @@ fn infer(b: &StoreBuilder, m: &MetaConfig, opts: &LoadOptions, path: &Path, orig
             2 * cin
         )));
     }
-    let label_rows = need_shape(b, "y_embedder.embedding_table.weight")?[0];
+    let label_rows = need_shape(b, "y_embedder.embedding_table.weight")?.first().copied().unwrap_or(0);
     let dropout = m.class_dropout_prob.unwrap_or(0.1);
     let num_classes = if dropout > 0.0 { label_rows.saturating_sub(1) } else { label_rows };
     let num_heads = resolve_heads(m.num_heads, opts.num_heads, c, depth, path, origin)?;

@@ -145,7 +145,7 @@ impl StoreBuilder {
             return Ok(TRef { src: Src::Owned { offset: 0 }, len: 0 });
         };
         let f = &self.files[file];
-        let entry = f.get(name).expect("indexed tensor exists");
+        let entry = f.require(name)?;
         let ty = f.float_type(name, entry)?;
         if entry.shape != shape {
             return Err(Error::Shape {
@@ -222,13 +222,13 @@ impl StoreBuilder {
             match fill {
                 Fill::Convert { file, name } => {
                     let f = &self.files[file];
-                    f.read_f32_into(&name, f.get(&name).expect("validated"), dst)?;
+                    f.read_f32_into(&name, f.require(&name)?, dst)?;
                 }
                 Fill::Concat(parts) => {
                     let mut at = 0;
                     for (file, name) in parts {
                         let f = &self.files[file];
-                        let e = f.get(&name).expect("validated");
+                        let e = f.require(&name)?;
                         let n = e.elems();
                         f.read_f32_into(&name, e, &mut dst[at..at + n])?;
                         at += n;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use icdit::tensorfile::{write_safetensors, TensorFile};
+use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::Error;
 
@@ -30,39 +30,11 @@ pub struct DecodeArgs {
 }
 
 pub fn run(mut a: DecodeArgs) -> Result<(), Error> {
-    let f = TensorFile::open(&a.latents)?;
-    let (shape, latents) = f.read_f32("latents")?;
     let vae = Arc::new(VaeModel::load(&a.vae)?);
     let lc = vae.config.latent_channels;
-    if shape.len() != 4 || shape[1] != lc || shape[2] != shape[3] || shape[0] == 0 {
-        return Err(Error::Shape {
-            path: a.latents.clone(),
-            tensor: "latents".into(),
-            expected: vec![
-                shape.first().copied().unwrap_or(1).max(1),
-                lc,
-                shape.get(2).copied().unwrap_or(32),
-                shape.get(2).copied().unwrap_or(32),
-            ],
-            found: shape,
-        });
-    }
-    let n = shape[0];
-    let labels = if f.get("labels").is_some() {
-        let (ls, l) = f.read_i64("labels")?;
-        if ls != [n] {
-            return Err(Error::Shape {
-                path: a.latents.clone(),
-                tensor: "labels".into(),
-                expected: vec![n],
-                found: ls,
-            });
-        }
-        l
-    } else {
-        vec![-1; n]
-    };
-    let seed = f.metadata().get("icdit_seed").and_then(|s| s.parse().ok());
+    let input = icdit::inputs::read_latents(&a.latents, lc)?;
+    let (n, side, labels, seed, latents) = (input.count, input.side, input.labels, input.seed, input.latents);
+    let shape = [n, lc, side, side];
     if a.images.any() || a.out_decoded.is_none() {
         a.images.prepare()?;
     }

@@ -16,14 +16,19 @@ macro_rules! outln {
     }};
 }
 
+mod bench_gpu;
 mod calibrate;
 mod decode;
+mod interrupt;
+mod launch;
+mod merge;
 mod output;
 mod report;
 mod sample;
+mod shard;
 use icdit::forward::StepKind;
 use icdit::inspect::Report;
-use icdit::tensorfile::{write_safetensors, TensorFile};
+use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeConfig, VaeDecoder, VaeModel};
 use icdit::{CacheMode, CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
 
@@ -42,6 +47,9 @@ enum Command {
     Forward(ForwardArgs),
     /// Times repeated forward passes or cached steps (random weights of a DiT family, or a checkpoint).
     BenchForward(BenchArgs),
+    /// Times the GPU pipeline: every step kind and 50-step sampling under each cache policy,
+    /// on DiT-shaped random weights (`--backend emu` runs it on the CPU emulation).
+    BenchGpu(bench_gpu::BenchGpuArgs),
     /// Times VAE decodes (the SD-VAE architecture with random weights, or a VAE folder).
     BenchVae(BenchVaeArgs),
     /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
@@ -53,6 +61,8 @@ enum Command {
     /// Measure what caching costs in sample quality: reuse vs icc (SVD, CA-SVD) at several
     /// ranks and periods, against full compute.
     CacheReport(report::ReportArgs),
+    /// Join the shards of a `sample --num-images` run into one FID `.npz` (uint8 NHWC `arr_0`).
+    Merge(merge::MergeArgs),
 }
 
 /// Flags shared by every command that loads weights.
@@ -165,15 +175,18 @@ struct BenchVaeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    interrupt::install();
     let result = match cli.command {
         Command::Inspect(a) => inspect(a),
         Command::Forward(a) => forward(a),
         Command::BenchForward(a) => bench_forward(a),
         Command::BenchVae(a) => bench_vae(a),
+        Command::BenchGpu(a) => bench_gpu::run(a),
         Command::Sample(a) => sample::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Decode(a) => decode::run(a),
         Command::CacheReport(a) => report::run(a),
+        Command::Merge(a) => merge::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -202,22 +215,8 @@ fn inspect(a: InspectArgs) -> Result<(), Error> {
 fn forward(a: ForwardArgs) -> Result<(), Error> {
     let model = Arc::new(a.model.load(&a.weights)?);
     let cfg = model.config;
-    let input = TensorFile::open(&a.input)?;
-    let (xs, x) = input.read_f32("x")?;
-    let (ts, t) = input.read_i64("t")?;
-    let (ys, y) = input.read_i64("y")?;
-    let b = ts.first().copied().unwrap_or(0);
-    let want_x = [b, cfg.in_channels, cfg.input_size, cfg.input_size];
-    for (name, found, expected) in [("x", &xs, &want_x[..]), ("t", &ts, &[b][..]), ("y", &ys, &[b][..])] {
-        if found.as_slice() != expected || b == 0 {
-            return Err(Error::Shape {
-                path: a.input.clone(),
-                tensor: name.into(),
-                expected: expected.to_vec(),
-                found: found.clone(),
-            });
-        }
-    }
+    let input = icdit::inputs::read_forward_input(&a.input, &cfg)?;
+    let (b, x, t, y) = (input.batch, input.x, input.t, input.y);
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
         &CpuOptions { max_batch: b, guidance: false, threads: a.threads, ..Default::default() },

@@ -75,14 +75,7 @@ impl ImageOut {
         if let Some(dir) = &self.out {
             let per = side * side * channels;
             for (i, &c) in classes.iter().enumerate() {
-                let mut name = format!("{i:06}");
-                if c >= 0 {
-                    name.push_str(&format!("-class{c}"));
-                }
-                if let Some(s) = seed {
-                    name.push_str(&format!("-seed{s}"));
-                }
-                let path = dir.join(name + ".png");
+                let path = dir.join(png_name(i as u64, c, seed));
                 image::write_png(&path, &pixels[i * per..(i + 1) * per], side, side, channels)?;
             }
             written.push(dir.clone());
@@ -100,8 +93,20 @@ impl ImageOut {
     }
 }
 
+/// `NNNNNN-classC-seedS.png` for image `index` (class and seed left out when unknown).
+pub fn png_name(index: u64, class: i64, seed: Option<u64>) -> String {
+    let mut name = format!("{index:06}");
+    if class >= 0 {
+        name.push_str(&format!("-class{class}"));
+    }
+    if let Some(s) = seed {
+        name.push_str(&format!("-seed{s}"));
+    }
+    name + ".png"
+}
+
 /// Creates `dir` if needed and proves a file can be created in it.
-fn check_writable_dir(dir: &Path) -> Result<(), Error> {
+pub fn check_writable_dir(dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let probe = dir.join(format!(".icdit-write-check-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| Error::io(dir, e))?;

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
+use icdit::backend::{AnyEngine, Backend};
 use icdit::diffusion::Sampler;
-use icdit::engine::{Engine, EngineOptions, GuidedChannels, Request};
-use icdit::tensorfile::{write_safetensors, TensorFile};
+use icdit::engine::{EngineOptions, GuidedChannels, Request};
+use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CacheMode, DitModel, Error, Factors, FullSteps, SampleSpace};
 
@@ -62,6 +63,8 @@ pub struct SampleArgs {
     out_latents: Option<PathBuf>,
     #[command(flatten)]
     images: ImageOut,
+    #[command(flatten)]
+    shard: crate::shard::ShardArgs,
     /// VAE decoder (diffusers AutoencoderKL folder) for latent-space models; default: the
     /// `vae/` folder of a diffusers DiT pipeline given as --weights.
     #[arg(long)]
@@ -92,9 +95,21 @@ pub struct SampleArgs {
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where sampling runs: `cpu` (the reference backend), `cuda` (the GPU pipeline; a build
+    /// with `--features cuda`) or `emu` (the GPU pipeline on the CPU emulation: slow).
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
     /// Print a machine-readable report on stdout.
     #[arg(long)]
     json: bool,
+    /// Refuse to start when the planned memory (weights, arenas, the request's samples and
+    /// images) is above this size, e.g. 8G or 512M; the breakdown is printed.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Skip the per-step check for NaN/Inf in the model output (on by default; it names the
+    /// step and block where non-finite values first appear).
+    #[arg(long)]
+    no_finite_check: bool,
 }
 
 /// Sampling settings a model file may recommend (metadata `icdit_sampling`).
@@ -121,9 +136,9 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     let rec = recommended(&model)?;
     let vae = open_vae(&a, &weights, &model)?;
     let makes_images = model.space == SampleSpace::Pixel || vae.is_some();
-    if makes_images {
-        a.images.prepare()?;
-    } else if a.images.any() {
+    if makes_images && a.shard.num_images.is_none() {
+        a.images.prepare()?; // a --num-images run checks its own folder (shard.rs)
+    } else if !makes_images && a.images.any() {
         return Err(Error::invalid(
             "--out/--grid/--npz",
             "this model samples VAE latents: pass --vae DIR (a diffusers AutoencoderKL folder) to decode \
@@ -171,11 +186,25 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         cfg_scale,
         guided_channels: if a.guide_all_channels { GuidedChannels::All } else { GuidedChannels::OfficialThree },
         threads: a.threads,
+        max_memory: a.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
+        check_finite: !a.no_finite_check,
     };
     if !a.compare.is_empty() {
         return compare(&a, &model, &opts, &classes, vae);
     }
-    let mut engine = Engine::new(Arc::clone(&model), &opts)?;
+    if let Some(num_images) = a.shard.num_images {
+        let spec = crate::shard::RunSpec {
+            out: a.images.out.clone(),
+            rounding: a.images.rounding()?,
+            seed: a.seed,
+            batch: a.batch,
+            json: a.json,
+            backend: a.backend.parse()?,
+        };
+        return crate::shard::run(&a.shard, num_images, &spec, &model, &opts, vae);
+    }
+    let backend: Backend = a.backend.parse()?;
+    let mut engine = AnyEngine::new(Arc::clone(&model), &opts, backend)?;
     let steps = engine.steps();
     let ranks = match &opts.cache {
         CacheMode::Icc(f) => f.ranks(),
@@ -187,6 +216,23 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         kinds.iter().filter(|k| matches!(k, icdit::forward::StepKind::Full | icdit::forward::StepKind::Plain)).count();
 
     let img = cfg.image_elems();
+    // Everything the run will hold, before the request's buffers are allocated.
+    // (The GPU backends' arena is on the device, checked against the card when it is made.)
+    let mut need = match backend {
+        Backend::Cpu => icdit::engine::Engine::memory_need(&model, &opts)?,
+        _ => icdit::limits::MemoryNeed::default(),
+    };
+    need.alloc(format!("samples ({} images)", classes.len()), icdit::limits::bytes_of(&[classes.len(), img], 4));
+    if makes_images {
+        let (ch, side) =
+            vae.as_ref().map_or((cfg.in_channels, cfg.input_size), |d| (d.model().config.out_channels, d.out_side()));
+        need.alloc(
+            "decoded images (f32) and pixels (uint8)",
+            icdit::limits::bytes_of(&[classes.len(), ch, side, side], 5),
+        );
+    }
+    need.check("this sample run", opts.max_memory)?;
+    engine.set_interrupt(Some(crate::interrupt::flag()));
     let mut samples = vec![0.0f32; classes.len() * img];
     let bar = std::io::stderr().is_terminal().then(|| {
         let b = indicatif::ProgressBar::new((steps * classes.len().div_ceil(batch)) as u64);
@@ -210,14 +256,29 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         };
         let mut last = Instant::now();
         let out = &mut samples[first * img..(first + labels.len()) * img];
-        engine.sample(&req, out, &mut |_step| {
-            let now = Instant::now();
-            step_ms.push((now - last).as_secs_f64() * 1e3);
-            last = now;
-            if let Some(b) = &bar {
-                b.inc(1);
-            }
-        })?;
+        engine
+            .sample(&req, out, &mut |_step| {
+                let now = Instant::now();
+                step_ms.push((now - last).as_secs_f64() * 1e3);
+                last = now;
+                if let Some(b) = &bar {
+                    b.inc(1);
+                }
+            })
+            .map_err(|e| match e {
+                Error::Interrupted { done } => {
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    Error::Interrupted {
+                        done: format!(
+                            "{first} of {} images were sampled and {done} when Ctrl-C was pressed; no output was written",
+                            classes.len()
+                        ),
+                    }
+                }
+                e => e,
+            })?;
     }
     if let Some(b) = &bar {
         b.finish_and_clear();
@@ -261,7 +322,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     let median_step = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
-        "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {} threads{decode_note}); wrote {}",
+        "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {}{decode_note}); wrote {}",
         classes.len(),
         steps,
         sampler_name(sampler),
@@ -269,7 +330,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         a.cache,
         secs,
         median_step,
-        engine.threads(),
+        engine.describe(),
         if paths.is_empty() { "nothing".to_string() } else { paths.join(", ") }
     );
     if a.json {
@@ -289,6 +350,8 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
             "compute_ratio": macs_ratio,
             "batch": batch,
             "threads": engine.threads(),
+            "backend": backend.name(),
+            "device": engine.describe(),
             "arena_bytes": engine.arena_bytes(),
             "total_s": secs,
             "vae_decode_s": decode_s,
@@ -339,8 +402,8 @@ fn choose_classes(a: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
         return Ok(a.class.clone());
     }
     if let Some(count) = a.random_classes {
-        if count == 0 {
-            return Err(Error::invalid("--random-classes", "must be at least 1"));
+        if count == 0 || count > 1 << 24 {
+            return Err(Error::invalid("--random-classes", format!("{count}: must be 1 to 2^24 images per run")));
         }
         return Ok(icdit::noise::class_labels(a.seed, 0, count, n));
     }
@@ -356,32 +419,8 @@ fn choose_classes(a: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
 
 /// z (and optionally the per-step noise) from a safetensors file, checked against the request.
 fn read_noise(path: &Path, n: usize, cfg: &icdit::DitConfig) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
-    let f = TensorFile::open(path)?;
-    let (shape, z) = f.read_f32("z")?;
-    let want = [n, cfg.in_channels, cfg.input_size, cfg.input_size];
-    if shape != want {
-        return Err(Error::Shape {
-            path: path.to_path_buf(),
-            tensor: "z".into(),
-            expected: want.to_vec(),
-            found: shape,
-        });
-    }
-    let steps = if f.get("step_noise").is_some() {
-        let (shape, s) = f.read_f32("step_noise")?;
-        if shape.len() != 5 || shape[1..] != want {
-            return Err(Error::Shape {
-                path: path.to_path_buf(),
-                tensor: "step_noise".into(),
-                expected: [&[0usize][..], &want[..]].concat(),
-                found: shape,
-            });
-        }
-        Some(s)
-    } else {
-        None
-    };
-    Ok((z, steps))
+    let noise = icdit::inputs::read_noise(path, n, cfg)?;
+    Ok((noise.z, noise.step_noise))
 }
 
 /// The VAE decoder for a latent-space model: --vae, or the pipeline's own `vae/` folder.
@@ -410,6 +449,13 @@ pub fn decode_all(dec: &mut VaeDecoder, latents: &[f32], n: usize) -> Result<Vec
     let (ll, il) = (dec.latent_len(), dec.image_len());
     let mut images = vec![0.0f32; n * il];
     for i in 0..n {
+        if crate::interrupt::requested() {
+            return Err(Error::Interrupted {
+                done: format!(
+                    "all latents were sampled and {i} of {n} decoded when Ctrl-C was pressed; no output was written"
+                ),
+            });
+        }
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
     }
     Ok(images)
@@ -445,7 +491,7 @@ fn compare(
             }
         };
         let o = EngineOptions { cache, ..opts.clone() };
-        let (samples, ratio) = icdit::quality::sample_set(model, &o, classes, a.seed)?;
+        let (samples, ratio) = icdit::quality::sample_set_on(model, &o, classes, a.seed, a.backend.parse()?)?;
         rows.push((policy.clone(), samples, ratio));
     }
     let reference = rows.iter().find(|r| r.0 == "none").map(|r| r.1.clone());

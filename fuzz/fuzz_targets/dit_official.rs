@@ -1,0 +1,7 @@
+//! cargo-fuzz target `dit_official`: see fuzz/entry.rs and docs/reliability.md.
+#![no_main]
+
+#[path = "../entry.rs"]
+mod entry;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| entry::dit_official(data));

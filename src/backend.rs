@@ -1,0 +1,154 @@
+//! Choosing where a sampler runs: the CPU reference backend (the default), the GPU pipeline
+//! on a CUDA GPU (feature `cuda`), or the same GPU pipeline under the CPU emulation of CUDA
+//! (slow; for verifying small models without a GPU). [`AnyEngine`] gives the three one
+//! interface.
+
+use std::str::FromStr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::engine::{Engine, EngineOptions, Request, Step};
+use crate::error::{Error, Result};
+use crate::forward::StepKind;
+use crate::gpu::{EmuDevice, GpuEngine};
+use crate::weights::DitModel;
+
+/// Where sampling runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// The f32 CPU reference backend.
+    #[default]
+    Cpu,
+    /// The GPU pipeline on the first CUDA GPU.
+    Cuda,
+    /// The GPU pipeline under the CPU emulation of CUDA.
+    Emu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Emu => "emu",
+        }
+    }
+}
+
+impl FromStr for Backend {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "cuda" => Ok(Backend::Cuda),
+            "emu" => Ok(Backend::Emu),
+            other => Err(Error::invalid("backend", format!("`{other}`: expected cpu, cuda or emu"))),
+        }
+    }
+}
+
+/// A sampler on any backend.
+pub enum AnyEngine {
+    Cpu(Box<Engine>),
+    Emu(Box<GpuEngine<EmuDevice>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<GpuEngine<crate::gpu::CudaDevice>>),
+}
+
+impl AnyEngine {
+    pub fn new(model: Arc<DitModel>, opts: &EngineOptions, backend: Backend) -> Result<Self> {
+        match backend {
+            Backend::Cpu => Ok(AnyEngine::Cpu(Box::new(Engine::new(model, opts)?))),
+            Backend::Emu => Ok(AnyEngine::Emu(Box::new(GpuEngine::new(model, opts, EmuDevice::new)?))),
+            Backend::Cuda => cuda(model, opts),
+        }
+    }
+
+    pub fn sample(&mut self, req: &Request, out: &mut [f32], progress: &mut dyn FnMut(Step)) -> Result<()> {
+        match self {
+            AnyEngine::Cpu(e) => e.sample(req, out, progress),
+            AnyEngine::Emu(e) => e.sample(req, out, progress),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.sample(req, out, progress),
+        }
+    }
+
+    /// See [`Engine::set_interrupt`].
+    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        match self {
+            AnyEngine::Cpu(e) => e.set_interrupt(flag),
+            AnyEngine::Emu(e) => e.set_interrupt(flag),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.set_interrupt(flag),
+        }
+    }
+
+    /// CPU threads of the CPU backend (0 for the GPU backends).
+    pub fn threads(&self) -> usize {
+        match self {
+            AnyEngine::Cpu(e) => e.threads(),
+            _ => 0,
+        }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        match self {
+            AnyEngine::Cpu(e) => e.options(),
+            AnyEngine::Emu(e) => e.options(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.options(),
+        }
+    }
+
+    pub fn steps(&self) -> usize {
+        match self {
+            AnyEngine::Cpu(e) => e.steps(),
+            AnyEngine::Emu(e) => e.steps(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.steps(),
+        }
+    }
+
+    pub fn step_kind(&self, index: usize) -> StepKind {
+        self.options().step_kind(index)
+    }
+
+    /// Bytes of planned memory (host arenas for the CPU backend, the device arena otherwise).
+    pub fn arena_bytes(&self) -> usize {
+        match self {
+            AnyEngine::Cpu(e) => e.arena_bytes(),
+            AnyEngine::Emu(e) => e.arena_bytes(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.arena_bytes(),
+        }
+    }
+
+    /// What runs the model: "cpu (N threads)" or the device's name.
+    pub fn describe(&self) -> String {
+        match self {
+            AnyEngine::Cpu(e) => format!("cpu, {} threads", e.threads()),
+            AnyEngine::Emu(e) => format!("emu: {}", crate::gpu::Device::name(e.device())),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => format!("cuda: {}", crate::gpu::Device::name(e.device())),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(model: Arc<DitModel>, opts: &EngineOptions) -> Result<AnyEngine> {
+    let engine = GpuEngine::new(model, opts, |plan| {
+        crate::gpu::CudaDevice::open(plan)?.ok_or_else(|| {
+            Error::gpu("--backend cuda", "no CUDA GPU found (the driver reports no device); use --backend cpu")
+        })
+    })?;
+    Ok(AnyEngine::Cuda(Box::new(engine)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: Arc<DitModel>, _: &EngineOptions) -> Result<AnyEngine> {
+    Err(Error::gpu(
+        "--backend cuda",
+        "this icdit was built without CUDA support: rebuild with `cargo build --release --features cuda` \
+         on a machine with a CUDA toolkit (README: CUDA), or use --backend cpu (the default) or emu",
+    ))
+}

@@ -1,0 +1,243 @@
+//! `icdit bench-gpu`: the GPU pipeline on DiT-shaped random weights — step times of every kind
+//! (device events over replays of each step's graph), 50-step sampling end to end under no
+//! cache, naive reuse and icc, arena size and device memory — printed as a table and, last, one
+//! JSON line (scripts/gpu-check.sh collects it). `--backend emu` runs the same on the CPU
+//! emulation (for checking the command without a GPU: use a small `--depth` and `--image-size`).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use icdit::backend::Backend;
+use icdit::engine::{EngineOptions, FullSteps, Request};
+use icdit::forward::StepKind;
+use icdit::gpu::{Device, EmuDevice, GpuEngine};
+use icdit::plan::Plan;
+use icdit::{CacheMode, DitConfig, DitModel, Error, Factors, Sampler};
+
+#[derive(Args, Debug)]
+pub struct BenchGpuArgs {
+    /// `cuda` (default) or `emu` (the CPU emulation: slow, for checking the command).
+    #[arg(long, default_value = "cuda")]
+    backend: String,
+    /// A DiT family member with seeded random weights (head dim 72: the XL family).
+    #[arg(long, default_value = "XL/2")]
+    family: String,
+    /// Image size in pixels (latent side = size / 8).
+    #[arg(long, default_value_t = 256)]
+    image_size: usize,
+    /// Override the number of blocks (for quick emulated runs).
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Images per request (guidance doubles the model rows), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    batches: Vec<usize>,
+    /// Factor rank of the icc engine.
+    #[arg(long, default_value_t = 128)]
+    rank: usize,
+    /// DDIM steps of the end-to-end runs.
+    #[arg(long, default_value_t = 50)]
+    steps: usize,
+    /// Graph replays per step-time measurement.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Timed end-to-end samples per policy (the median is reported); 0 skips them.
+    #[arg(long, default_value_t = 3)]
+    e2e_runs: usize,
+    /// Classifier-free guidance scale (4 as DiT's samples; 1 disables guidance).
+    #[arg(long, default_value_t = 4.0)]
+    cfg: f32,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// What one batch size measured.
+#[derive(Default)]
+struct Row {
+    batch: usize,
+    device: String,
+    arena_mib: f64,
+    device_used_mib: Option<f64>,
+    step_ms: Vec<(&'static str, f32)>,
+    e2e_ms: Vec<(&'static str, f64)>,
+}
+
+fn mib(b: usize) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+/// Builds the engine of one policy, times its step kinds, then samples end to end.
+fn measure<D: Device>(
+    model: &Arc<DitModel>,
+    opts: &EngineOptions,
+    policy: &'static str,
+    a: &BenchGpuArgs,
+    row: &mut Row,
+    open: &dyn Fn(&Plan) -> icdit::Result<D>,
+) -> Result<(), Error> {
+    let mut engine = GpuEngine::new(Arc::clone(model), opts, open)?;
+    row.arena_mib = row.arena_mib.max(mib(engine.arena_bytes()));
+    row.device = engine.device().name().to_string();
+    if let Some((free, total)) = engine.device().memory_info() {
+        let used = mib(total - free);
+        row.device_used_mib = Some(row.device_used_mib.map_or(used, |u: f64| u.max(used)));
+    }
+    let kinds: &[(&'static str, StepKind)] = match policy {
+        "none" => &[("plain", StepKind::Plain)],
+        "reuse" => &[("full", StepKind::Full), ("reuse", StepKind::Reuse)],
+        _ => &[("full", StepKind::Full), ("calibrated", StepKind::Calibrated)],
+    };
+    for &(name, kind) in kinds {
+        if row.step_ms.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        engine.time_step(kind, 2.min(a.iters))?; // warm-up
+        let ms = engine.time_step(kind, a.iters)?;
+        row.step_ms.push((name, ms));
+        eprintln!("  batch {}: {name} step {ms:.3} ms", row.batch);
+    }
+    if a.e2e_runs > 0 {
+        let n = opts.max_batch;
+        let classes: Vec<i64> = (0..n as i64).map(|i| i % model.config.num_classes as i64).collect();
+        let mut out = vec![0.0f32; n * model.config.image_elems()];
+        engine.sample(&Request::new(&classes, 0), &mut out, &mut |_| {})?; // warm-up
+        let mut times = Vec::new();
+        for seed in 0..a.e2e_runs {
+            let t = Instant::now();
+            engine.sample(&Request::new(&classes, seed as u64 + 1), &mut out, &mut |_| {})?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let ms = median(times);
+        row.e2e_ms.push((policy, ms));
+        eprintln!("  batch {}: {}-step DDIM, {policy}: {ms:.2} ms end to end", row.batch, a.steps);
+    }
+    Ok(())
+}
+
+fn bench_batches<D: Device>(
+    model: &Arc<DitModel>,
+    a: &BenchGpuArgs,
+    open: &dyn Fn(&Plan) -> icdit::Result<D>,
+) -> Result<(String, Vec<Row>), Error> {
+    let factors = Arc::new(Factors::random(model, a.rank, 1)?);
+    let mut rows = Vec::new();
+    let mut device = String::new();
+    for &batch in &a.batches {
+        let base = EngineOptions {
+            max_batch: batch,
+            respacing: format!("ddim{}", a.steps),
+            sampler: Sampler::Ddim { eta: 0.0 },
+            cfg_scale: a.cfg,
+            full_steps: FullSteps::Period(2),
+            ..Default::default()
+        };
+        let mut row = Row { batch, ..Default::default() };
+        for (policy, cache) in
+            [("none", CacheMode::None), ("reuse", CacheMode::Reuse), ("icc", CacheMode::Icc(factors.clone()))]
+        {
+            let opts = EngineOptions { cache, ..base.clone() };
+            measure(model, &opts, policy, a, &mut row, open)?;
+        }
+        device = row.device.clone();
+        rows.push(row);
+    }
+    Ok((device, rows))
+}
+
+pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
+    let backend: Backend = a.backend.parse()?;
+    let mut cfg = DitConfig::family(&a.family, a.image_size / 8).ok_or_else(|| {
+        Error::invalid("--family", format!("`{}` at {} px: expected XL/2, XL/4 or XL/8", a.family, a.image_size))
+    })?;
+    if let Some(d) = a.depth {
+        cfg.depth = d;
+    }
+    if a.batches.is_empty() || a.batches.contains(&0) {
+        return Err(Error::invalid("--batches", "give one or more batch sizes ≥ 1"));
+    }
+    let model = Arc::new(DitModel::random(&cfg, 0)?);
+    let start = Instant::now();
+    eprintln!(
+        "bench-gpu: DiT {} {} px ({} blocks, {} tokens), random weights, backend {}, rank {}, DDIM {}, cfg {}",
+        a.family,
+        a.image_size,
+        cfg.depth,
+        cfg.tokens(),
+        backend.name(),
+        a.rank,
+        a.steps,
+        a.cfg
+    );
+    let (device, rows) = match backend {
+        Backend::Emu => bench_batches(&model, &a, &EmuDevice::new)?,
+        Backend::Cuda => cuda(&model, &a)?,
+        Backend::Cpu => {
+            return Err(Error::invalid("--backend", "bench-gpu runs cuda or emu; see bench-forward for the CPU"))
+        }
+    };
+    println!("device: {device}");
+    println!("| batch | arena MiB | device used MiB | plain ms | full ms | calibrated ms | reuse ms | e2e none ms | e2e reuse ms | e2e icc ms |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let get = |r: &Row, k: &str| r.step_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.3}", x.1));
+    let e2e = |r: &Row, k: &str| r.e2e_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.2}", x.1));
+    for r in &rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.batch,
+            r.arena_mib,
+            r.device_used_mib.map_or(String::new(), |u| format!("{u:.0}")),
+            get(r, "plain"),
+            get(r, "full"),
+            get(r, "calibrated"),
+            get(r, "reuse"),
+            e2e(r, "none"),
+            e2e(r, "reuse"),
+            e2e(r, "icc")
+        );
+    }
+    let model_rows = if a.cfg > 1.0 { 2 } else { 1 };
+    let json = serde_json::json!({
+        "tool": "icdit bench-gpu",
+        "device": device,
+        "backend": backend.name(),
+        "family": a.family, "image_size": a.image_size, "depth": cfg.depth, "rank": a.rank,
+        "steps": a.steps, "cfg": a.cfg, "iters": a.iters, "e2e_runs": a.e2e_runs,
+        "forward_gflop_per_row": 2.0 * cfg.forward_macs() as f64 / 1e9,
+        "seconds": start.elapsed().as_secs_f64(),
+        "batches": rows.iter().map(|r| serde_json::json!({
+            "batch": r.batch,
+            "arena_mib": r.arena_mib,
+            "device_used_mib": r.device_used_mib,
+            "step_ms": r.step_ms.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "e2e_ms": r.e2e_ms.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "plain_tflops": r.step_ms.iter().find(|x| x.0 == "plain").map(|x|
+                2.0 * cfg.forward_macs() as f64 * (model_rows * r.batch) as f64 / (x.1 as f64 * 1e-3) / 1e12),
+        })).collect::<Vec<_>>(),
+    });
+    println!("{json}");
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(model: &Arc<DitModel>, a: &BenchGpuArgs) -> Result<(String, Vec<Row>), Error> {
+    let open = |plan: &Plan| {
+        icdit::gpu::CudaDevice::open(plan)?
+            .ok_or_else(|| Error::gpu("bench-gpu", "no CUDA GPU found (the driver reports no device)"))
+    };
+    bench_batches(model, a, &open)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: &Arc<DitModel>, _: &BenchGpuArgs) -> Result<(String, Vec<Row>), Error> {
+    Err(Error::gpu(
+        "bench-gpu",
+        "this icdit was built without CUDA support: rebuild with `--features cuda` (README: CUDA), or pass --backend emu",
+    ))
+}

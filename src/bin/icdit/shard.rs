@@ -1,0 +1,547 @@
+//! Scale-out sampling: `icdit sample --num-images N` as one of S deterministic shards.
+//!
+//! Image k of a run always gets class `noise::class_labels(seed, k)` and the noise stream
+//! (seed, k), so any sharding and any batch size give the same pixels for it. Shard i of S
+//! takes the contiguous range ⌊iN/S⌋..⌊(i+1)N/S⌋. Each shard writes, into the run folder,
+//! uint8 NHWC `.npz` part files named by their global image range (one per batch), optional
+//! PNGs named by global index, and a manifest `shard-IIIII-of-SSSSS.json` holding the
+//! settings that determine the pixels, the range and the finished parts. Every file goes
+//! through a temporary name and a rename, and the manifest is rewritten after each part, so
+//! a killed shard resumes where it stopped; `icdit merge` (merge.rs) joins the parts.
+//!
+//! Which shard a process is comes from launch.rs (flags or the launcher's environment).
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Args;
+use icdit::engine::{EngineOptions, GuidedChannels, Request};
+use icdit::image::{self, Rounding};
+use icdit::vae::VaeDecoder;
+use icdit::{CacheMode, DitModel, Error, FullSteps, Sampler};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// Manifest format tag; merge refuses manifests of another format.
+pub const FORMAT: &str = "icdit-shard-manifest/1";
+
+#[derive(Args, Default)]
+pub struct ShardArgs {
+    /// FID-style run of N images: class labels drawn per image index from the seed (as
+    /// DiT's sample_ddp.py draws one per image), written to the --out folder as .npz part
+    /// files plus a manifest per shard; join shards with `icdit merge`.
+    #[arg(long, conflicts_with_all = ["class", "random_classes", "noise", "compare", "out_latents", "grid", "npz"])]
+    pub num_images: Option<u64>,
+    /// This process's shard, 0-based (default: from RANK, SLURM_PROCID, JOB_COMPLETION_INDEX
+    /// or ICDIT_SHARD; unsharded when none is set).
+    #[arg(long, requires = "num_images")]
+    pub shard: Option<u64>,
+    /// Number of shards (default: from WORLD_SIZE, SLURM_NTASKS or ICDIT_NUM_SHARDS, beside
+    /// the index variable the shard came from).
+    #[arg(long, requires = "num_images")]
+    pub num_shards: Option<u64>,
+    /// Also write one PNG per image into DIR/images, named by global image index.
+    #[arg(long, requires = "num_images")]
+    pub png: bool,
+    /// Write at most N part files in this run, then stop (the shard stays resumable: the
+    /// same command carries on). For time-limited or preemptible jobs.
+    #[arg(long, requires = "num_images")]
+    pub max_parts: Option<usize>,
+}
+
+/// What the sample command resolved that a shard run needs besides the engine options.
+pub struct RunSpec {
+    pub out: Option<PathBuf>,
+    pub rounding: Rounding,
+    pub seed: u64,
+    pub batch: usize,
+    pub json: bool,
+    /// Where sampling runs (part of the settings: shards of different backends differ at
+    /// f16 rounding level, so they are not merged).
+    pub backend: icdit::backend::Backend,
+}
+
+/// One finished part file: images `first..first + count`.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Part {
+    pub file: String,
+    pub first: u64,
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// A shard's manifest (`shard-IIIII-of-SSSSS.json` in the run folder).
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Manifest {
+    pub format: String,
+    /// Everything that determines the pixels; shards merge only when these are equal.
+    pub settings: Map<String, Value>,
+    pub shard: u64,
+    pub num_shards: u64,
+    /// Global image range of this shard, [first, end).
+    pub range: [u64; 2],
+    pub png: bool,
+    /// Finished parts, by first image.
+    pub parts: Vec<Part>,
+    pub images_done: u64,
+    pub done: bool,
+    /// Where the inputs were read from (informational: paths differ between machines).
+    pub sources: Value,
+    pub icdit_version: String,
+}
+
+impl Manifest {
+    pub fn read(path: &Path) -> Result<Manifest, Error> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Config {
+            origin: path.display().to_string(),
+            reason: format!("not an icdit shard manifest: {e}"),
+        })?;
+        if m.format != FORMAT {
+            return Err(Error::Config {
+                origin: path.display().to_string(),
+                reason: format!("manifest format `{}`, expected `{FORMAT}`", m.format),
+            });
+        }
+        Ok(m)
+    }
+
+    fn write(&self, path: &Path) -> Result<(), Error> {
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises") + "\n";
+        icdit::atomic_write(path, text.as_bytes())
+    }
+}
+
+/// `shard-00001-of-00003.json`.
+pub fn manifest_name(shard: u64, num_shards: u64) -> String {
+    format!("shard-{shard:05}-of-{num_shards:05}.json")
+}
+
+/// Whether a file name is a shard manifest's.
+pub fn is_manifest_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("shard-").and_then(|r| r.strip_suffix(".json")) else { return false };
+    let Some((i, s)) = rest.split_once("-of-") else { return false };
+    !i.is_empty() && !s.is_empty() && i.bytes().chain(s.bytes()).all(|b| b.is_ascii_digit())
+}
+
+/// `part-000010-000020.npz`: images 10..20.
+fn part_name(first: u64, end: u64) -> String {
+    format!("part-{first:06}-{end:06}.npz")
+}
+
+/// The settings that differ between two manifests, as "key: a vs b".
+pub fn differences(a: &Map<String, Value>, b: &Map<String, Value>) -> Vec<String> {
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), Value::to_string);
+            format!("{k}: {} vs {}", show(a.get(k)), show(b.get(k)))
+        })
+        .collect()
+}
+
+/// FNV-1a over a file's size, its first MiB (a safetensors header and more) and 256
+/// evenly spaced 4 KiB windows: cheap for multi-GB files and enough to tell them apart.
+fn file_fingerprint(path: &Path) -> Result<String, Error> {
+    let bad = |e| Error::io(path, e);
+    let mut f = std::fs::File::open(path).map_err(bad)?;
+    let len = f.metadata().map_err(bad)?.len();
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &x in bytes {
+            h ^= x as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    eat(&len.to_le_bytes());
+    let mut buf = vec![0u8; 1 << 20];
+    let n = f.read(&mut buf).map_err(bad)?;
+    eat(&buf[..n]);
+    for k in 0..256u64 {
+        f.seek(SeekFrom::Start(k * len / 256)).map_err(bad)?;
+        let mut window = [0u8; 4096];
+        let n = (&mut f).take(4096).read(&mut window).map_err(bad)?;
+        eat(&window[..n]);
+    }
+    Ok(format!("fnv1a64:{h:016x}:{len}"))
+}
+
+fn sampler_name(s: Sampler) -> String {
+    match s {
+        Sampler::Ddpm => "ddpm".into(),
+        Sampler::Ddim { eta } => format!("ddim(eta={eta})"),
+    }
+}
+
+/// The settings that determine image k's pixels, and where the inputs came from.
+fn settings(
+    model: &DitModel,
+    opts: &EngineOptions,
+    vae: Option<&VaeDecoder>,
+    spec: &RunSpec,
+    num_images: u64,
+    image: [usize; 3],
+) -> Result<(Map<String, Value>, Value), Error> {
+    let (cache, factors, factors_src, full_steps) = match &opts.cache {
+        CacheMode::None => ("none", Value::Null, Value::Null, Value::Null),
+        CacheMode::Reuse => ("reuse", Value::Null, Value::Null, full_steps_value(&opts.full_steps)),
+        CacheMode::Icc(f) => (
+            "icc",
+            json!(file_fingerprint(&f.source)?),
+            json!(f.source.display().to_string()),
+            full_steps_value(&opts.full_steps),
+        ),
+    };
+    let (vae_fp, vae_src) = match vae {
+        None => (Value::Null, Value::Null),
+        Some(d) => {
+            let m = d.model();
+            let cfg_file = Path::new(&m.config_origin);
+            let mut fp = file_fingerprint(&m.source)?;
+            if cfg_file.is_file() {
+                fp = format!("{fp} config {}", file_fingerprint(cfg_file)?);
+            }
+            (json!(fp), json!(m.source.display().to_string()))
+        }
+    };
+    let mut s = Map::new();
+    s.insert("model_fingerprint".into(), json!(icdit::factors::fingerprint(model)));
+    s.insert("numerics".into(), serde_json::to_value(model.numerics).expect("numerics serialise"));
+    s.insert("vae".into(), vae_fp);
+    s.insert("sampler".into(), json!(sampler_name(opts.sampler)));
+    s.insert("respacing".into(), json!(opts.respacing));
+    s.insert("cfg_scale".into(), json!(opts.cfg_scale));
+    let guided = match opts.guided_channels {
+        GuidedChannels::OfficialThree => "official-3",
+        GuidedChannels::All => "all",
+    };
+    s.insert("guided_channels".into(), json!(guided));
+    s.insert("cache".into(), json!(cache));
+    s.insert("full_steps".into(), full_steps);
+    s.insert("factors".into(), factors);
+    s.insert("seed".into(), json!(spec.seed));
+    s.insert("num_images".into(), json!(num_images));
+    s.insert("labels".into(), json!("class_labels(seed, index)"));
+    s.insert("rounding".into(), json!(format!("{:?}", spec.rounding).to_lowercase()));
+    s.insert("image_hwc".into(), json!(image));
+    s.insert("backend".into(), json!(spec.backend.name()));
+    let weights_bytes: u64 = model.store.files().iter().map(|f| f.len_bytes() as u64).sum();
+    let sources = json!({
+        "weights": model.source.display().to_string(),
+        "weights_bytes": weights_bytes,
+        "factors": factors_src,
+        "vae": vae_src,
+    });
+    Ok((s, sources))
+}
+
+fn full_steps_value(f: &FullSteps) -> Value {
+    match f {
+        FullSteps::Period(p) => json!(format!("period {p}")),
+        FullSteps::List(l) => json!(l),
+    }
+}
+
+/// The manifests in `dir`, sorted by name.
+pub fn manifests_in(dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        if entry.file_name().to_str().is_some_and(is_manifest_name) {
+            found.push(entry.path());
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// `.NAME.tmp-PID` (crate::atomic_write's temporary names) → NAME.
+fn leftover_of(file_name: &str) -> Option<&str> {
+    let (name, pid) = file_name.strip_prefix('.')?.rsplit_once(".tmp-")?;
+    pid.bytes().all(|b| b.is_ascii_digit()).then_some(name)
+}
+
+/// Removes temporary files a killed run of this shard left: its manifest's, its parts' and
+/// its PNGs' (recognised by the image index at the start of their names).
+fn remove_leftovers(dir: &Path, manifest: &str, range: (u64, u64)) {
+    let ours_part = |name: &str| {
+        let Some(r) = name.strip_prefix("part-").and_then(|r| r.strip_suffix(".npz")) else { return false };
+        let Some((a, b)) = r.split_once('-') else { return false };
+        matches!((a.parse::<u64>(), b.parse::<u64>()), (Ok(a), Ok(b)) if a >= range.0 && b <= range.1)
+    };
+    let ours_png = |name: &str| {
+        name.ends_with(".png")
+            && name.split('-').next().and_then(|i| i.parse::<u64>().ok()).is_some_and(|i| i >= range.0 && i < range.1)
+    };
+    for (folder, png) in [(dir.to_path_buf(), false), (dir.join("images"), true)] {
+        let Ok(entries) = std::fs::read_dir(&folder) else { continue };
+        for e in entries.flatten() {
+            let file_name = e.file_name();
+            let Some(name) = file_name.to_str().and_then(leftover_of) else { continue };
+            let ours = if png { ours_png(name) } else { name == manifest || ours_part(name) };
+            if ours {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// One line on stderr in a single write, so the lines of shards sharing a terminal or log
+/// (torchrun, `srun` without `--output`) do not interleave mid-line.
+fn log(mut line: String) {
+    use std::io::Write as _;
+    line.push('\n');
+    let _ = std::io::stderr().lock().write_all(line.as_bytes());
+}
+
+/// Runs (or resumes) this process's shard of a `--num-images` run.
+pub fn run(
+    args: &ShardArgs,
+    num_images: u64,
+    spec: &RunSpec,
+    model: &Arc<DitModel>,
+    opts: &EngineOptions,
+    mut vae: Option<VaeDecoder>,
+) -> Result<(), Error> {
+    let start = Instant::now();
+    let cfg = model.config;
+    let dir = spec.out.clone().ok_or_else(|| {
+        Error::invalid("--num-images", "needs --out DIR: the run folder for part files and shard manifests")
+    })?;
+    if num_images == 0 {
+        return Err(Error::invalid("--num-images", "must be at least 1"));
+    }
+    let choice = crate::launch::resolve_shard(args.shard, args.num_shards, &|name| std::env::var(name).ok())?;
+    let (first, end) = crate::launch::shard_range(num_images, choice.index, choice.count);
+    let (channels, side) = match &vae {
+        None => (cfg.in_channels, cfg.input_size),
+        Some(d) => (d.model().config.out_channels, d.out_side()),
+    };
+    if channels != 1 && channels != 3 {
+        return Err(Error::invalid("--num-images", format!("{channels}-channel images cannot be written as images")));
+    }
+    crate::output::check_writable_dir(&dir)?;
+    if args.png {
+        crate::output::check_writable_dir(&dir.join("images"))?;
+    }
+    let (settings, sources) = settings(model, opts, vae.as_ref(), spec, num_images, [side, side, channels])?;
+    let name = manifest_name(choice.index, choice.count);
+    let path = dir.join(&name);
+
+    // One folder holds one run: refuse to mix in shards made with other settings.
+    let mut previous = None;
+    for other in manifests_in(&dir)? {
+        let m = Manifest::read(&other)?;
+        let diff = differences(&m.settings, &settings);
+        if !diff.is_empty() {
+            return Err(Error::Config {
+                origin: other.display().to_string(),
+                reason: format!(
+                    "{} already holds shards of a run with other settings ({}: the manifest's value vs this \
+                     run's); use another --out folder, or the same settings to resume",
+                    dir.display(),
+                    diff.join("; ")
+                ),
+            });
+        }
+        if other == path {
+            previous = Some(m);
+        }
+    }
+    let mut manifest = Manifest {
+        format: FORMAT.into(),
+        settings,
+        shard: choice.index,
+        num_shards: choice.count,
+        range: [first, end],
+        png: args.png,
+        parts: Vec::new(),
+        images_done: 0,
+        done: false,
+        sources,
+        icdit_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    // Resume: keep every recorded part whose file is still there, whole.
+    if let Some(prev) = previous {
+        if prev.range != manifest.range || prev.png != args.png {
+            return Err(Error::Config {
+                origin: path.display().to_string(),
+                reason: format!(
+                    "the shard was started with images {}..{}{}; this run asks for {first}..{end}{}",
+                    prev.range[0],
+                    prev.range[1],
+                    if prev.png { " and --png" } else { " without --png" },
+                    if args.png { " and --png" } else { " without --png" },
+                ),
+            });
+        }
+        for p in prev.parts {
+            let ok = std::fs::metadata(dir.join(&p.file)).is_ok_and(|m| m.len() == p.bytes);
+            if ok && p.first >= first && p.first + p.count <= end {
+                manifest.parts.push(p);
+            } else {
+                log(format!("note: {} is missing or incomplete; its images will be sampled again", p.file));
+            }
+        }
+    }
+    remove_leftovers(&dir, &name, (first, end));
+    manifest.parts.sort_by_key(|p| p.first);
+
+    // What is left: the gaps between finished parts, cut into batches.
+    let batch = spec.batch.max(1) as u64;
+    let mut todo = Vec::new();
+    let mut at = first;
+    for p in manifest.parts.iter().map(|p| (p.first, p.first + p.count)).chain([(end, end)]) {
+        while at < p.0 {
+            let n = batch.min(p.0 - at);
+            todo.push((at, n));
+            at += n;
+        }
+        at = at.max(p.1);
+    }
+    let skipped = manifest.parts.iter().map(|p| p.count).sum::<u64>();
+    manifest.images_done = skipped;
+    log(format!(
+        "shard {} of {} ({}): images {first}..{end} of {num_images}{}; writing to {}",
+        choice.index,
+        choice.count,
+        choice.source,
+        if skipped > 0 { format!(", {skipped} already done") } else { String::new() },
+        dir.display()
+    ));
+
+    let mut sampled = 0u64;
+    let mut engine = None;
+    if !todo.is_empty() {
+        let max_batch = todo.iter().map(|t| t.1).max().unwrap_or(1) as usize;
+        let mut e = icdit::backend::AnyEngine::new(
+            Arc::clone(model),
+            &EngineOptions { max_batch, ..opts.clone() },
+            spec.backend,
+        )?;
+        e.set_interrupt(Some(crate::interrupt::flag()));
+        engine = Some(e);
+    }
+    manifest.done = todo.is_empty();
+    manifest.write(&path)?;
+    let img = cfg.image_elems();
+    let per_image = side * side * channels;
+    let mut latents = vec![0.0f32; batch as usize * img];
+    let mut pixels = vec![0u8; batch as usize * per_image];
+    let sampling = Instant::now();
+    let limit = args.max_parts.unwrap_or(usize::MAX);
+    for &(at, n) in todo.iter().take(limit) {
+        // Ctrl-C stops between steps or parts; finished parts stay and the run resumes.
+        let stopped = |e: Error| match e {
+            Error::Interrupted { .. } => Error::Interrupted {
+                done: format!(
+                    "shard {} of {}: {} of {} images are in finished parts, kept in {}; the same command resumes",
+                    choice.index,
+                    choice.count,
+                    manifest.images_done,
+                    end - first,
+                    dir.display()
+                ),
+            },
+            e => e,
+        };
+        if crate::interrupt::requested() {
+            return Err(stopped(Error::Interrupted { done: String::new() }));
+        }
+        let engine = engine.as_mut().expect("built when there is work");
+        let count = n as usize;
+        let labels = icdit::noise::class_labels(spec.seed, at, count, cfg.num_classes);
+        let req = Request { classes: &labels, seed: spec.seed, first_index: at, noise: None, step_noise: None };
+        engine.sample(&req, &mut latents[..count * img], &mut |_| {}).map_err(stopped)?;
+        let decoded;
+        let images = match vae.as_mut() {
+            None => &latents[..count * img],
+            Some(d) => {
+                decoded = crate::sample::decode_all(d, &latents[..count * img], count).map_err(stopped)?;
+                &decoded[..]
+            }
+        };
+        let px = &mut pixels[..count * per_image];
+        image::to_nhwc_u8(images, count, channels, side, spec.rounding, px);
+        if args.png {
+            for (i, &c) in labels.iter().enumerate() {
+                let png = dir.join("images").join(crate::output::png_name(at + i as u64, c, Some(spec.seed)));
+                image::write_png(&png, &px[i * per_image..(i + 1) * per_image], side, side, channels)?;
+            }
+        }
+        let file = part_name(at, at + n);
+        let part_path = dir.join(&file);
+        image::write_npz(&part_path, px, count, side, channels)?;
+        let bytes = std::fs::metadata(&part_path).map_err(|e| Error::io(&part_path, e))?.len();
+        manifest.parts.push(Part { file: file.clone(), first: at, count: n, bytes });
+        manifest.parts.sort_by_key(|p| p.first);
+        sampled += n;
+        manifest.images_done += n;
+        manifest.done = manifest.images_done == end - first;
+        manifest.write(&path)?;
+        let secs = sampling.elapsed().as_secs_f64();
+        log(format!(
+            "  {file}: images {at}..{} ({}/{} done, {:.1} images/s)",
+            at + n,
+            manifest.images_done,
+            end - first,
+            sampled as f64 / secs.max(1e-9)
+        ));
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let left = end - first - manifest.images_done;
+    if manifest.done {
+        log(format!(
+            "shard {} of {} done: sampled {sampled} images, skipped {skipped} finished ones, in {secs:.2} s; manifest {}",
+            choice.index,
+            choice.count,
+            path.display()
+        ));
+    } else {
+        log(format!(
+            "shard {} of {} stopped after {} part file(s) as asked (--max-parts): {left} images left; run the \
+             same command again to finish",
+            choice.index,
+            choice.count,
+            todo.len().min(limit)
+        ));
+    }
+    if spec.json {
+        outln!(
+            "{}",
+            json!({
+                "manifest": path.display().to_string(),
+                "shard": choice.index,
+                "num_shards": choice.count,
+                "shard_source": choice.source,
+                "range": [first, end],
+                "sampled": sampled,
+                "skipped": skipped,
+                "left": left,
+                "done": manifest.done,
+                "total_s": secs,
+                "sampling_s": sampling.elapsed().as_secs_f64(),
+                "threads": engine.as_ref().map(|e| e.threads()),
+            })
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(is_manifest_name(&manifest_name(1, 3)));
+        assert!(!is_manifest_name("shard-1-of-.json") && !is_manifest_name(".shard-00001-of-00003.json.tmp-5"));
+        assert_eq!(leftover_of(".part-000000-000004.npz.tmp-123"), Some("part-000000-000004.npz"));
+        assert_eq!(leftover_of("part-000000-000004.npz"), None);
+    }
+}
