@@ -5,7 +5,7 @@
 #   1. card: nvidia-smi, nvcc, torch, host, the .device manifest             -> card.txt
 #   2. Rust CUDA tests: each .device/bin/gpu_* and .device/bin/lib, one by one -> tests.log
 #      (a "skipped: no CUDA device" line on a GPU machine is a failure)
-#   3. CUDA engine: `icdit bench-gpu`, once the binary has it (issue 7)       -> engine.log
+#   3. CUDA engine: `icdit bench-gpu` (step kinds, 50-step sampling, memory)  -> engine.log
 #   4. PyTorch baselines: tools/bench_pytorch_gpu.py (DiT-XL/2, random weights) -> pytorch.log/.json
 #   5. summary: a markdown table, printed last, and JSON                      -> summary.md/.json
 # Files go to ${OUT:-out/gpu-check}, flat (the device tool brings back at most 8 files: these 7
@@ -16,8 +16,8 @@
 #
 # Environment: GPU_CHECK_BUDGET (seconds for everything, default 330), GPU_CHECK_BATCHES (sampling
 # batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2), GPU_CHECK_COMPILE_MODE (default
-# max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (extra arguments
-# for `icdit bench-gpu`), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
+# max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
+# `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
 set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
 cd "$(dirname "$0")/.."
@@ -28,7 +28,7 @@ BATCHES=${GPU_CHECK_BATCHES:-1,4,16}
 FAMILY=${GPU_CHECK_FAMILY:-XL/2}
 COMPILE_MODE=${GPU_CHECK_COMPILE_MODE:-max-autotune}
 COMPILE_TIMEOUT=${GPU_CHECK_COMPILE_TIMEOUT:-150}
-ENGINE_ARGS=${GPU_CHECK_ENGINE_ARGS:-}
+ENGINE_ARGS=${GPU_CHECK_ENGINE_ARGS:---batches 1,4,16 --e2e-runs 2}
 PY=${PYTHON:-python3}
 BIN=.device/bin
 # Seconds kept back for the steps after the Rust tests (PyTorch needs ~2 min for the eager
@@ -283,9 +283,10 @@ step_tests() {
 }
 
 # ---- 3. the CUDA engine ------------------------------------------------------------------------
-# Contract for issue 7: `icdit bench-gpu [GPU_CHECK_ENGINE_ARGS]` with no arguments runs its default
-# check (correctness against the CPU reference, then timings), prints a table, ends its stdout
-# with one JSON line, and exits non-zero on a failed check.
+# `icdit bench-gpu [GPU_CHECK_ENGINE_ARGS]` times every step kind of DiT-XL/2 (random weights) at
+# each batch, 50-step DDIM end to end under none / reuse / icc, arena and device memory, prints a
+# table and ends its stdout with one JSON line; it exits non-zero on a failure. Correctness
+# against the CPU reference is step 2's tests/gpu_pipeline.rs (cuda_* tests).
 step_engine() {
     local log="$OUT_DIR/engine.log" help c t0 rc args=()
     read -r -a args <<<"$ENGINE_ARGS"
@@ -407,8 +408,18 @@ except (OSError, ValueError, KeyError):
 try:
     last = [l for l in open(os.path.join(out, "engine.log")) if l.startswith("{")]
     if last:
-        summary["engine"] = json.loads(last[-1])
-except (OSError, ValueError):
+        e = summary["engine"] = json.loads(last[-1])
+        lines += ["", f"icdit GPU pipeline ({e['device']}), DiT-{e['family']} {e['image_size']} px (random weights), "
+                  f"icc rank {e['rank']}, DDIM {e['steps']}, CFG {e['cfg']}:", "",
+                  "| batch | plain ms | full ms | calibrated ms | reuse ms | e2e none ms | e2e reuse ms | e2e icc ms | plain TFLOP/s | arena MiB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        g = lambda d, k, fmt: "" if d.get(k) is None else format(d[k], fmt)
+        for b in e["batches"]:
+            st, ee = b["step_ms"], b["e2e_ms"]
+            lines.append(f"| {b['batch']} | {g(st, 'plain', '.3f')} | {g(st, 'full', '.3f')} | {g(st, 'calibrated', '.3f')} | "
+                         f"{g(st, 'reuse', '.3f')} | {g(ee, 'none', '.2f')} | {g(ee, 'reuse', '.2f')} | {g(ee, 'icc', '.2f')} | "
+                         f"{g(b, 'plain_tflops', '.1f')} | {g(b, 'arena_mib', '.0f')} |")
+except (OSError, ValueError, KeyError):
     pass
 lines += ["", f"Report: {summary['report']} (card, commit, date, this table)."]
 md = "\n".join(lines) + "\n"
