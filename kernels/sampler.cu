@@ -137,3 +137,20 @@ extern "C" __global__ void __launch_bounds__(256)
         }
     }
 }
+
+// Non-finite detection for the GPU pipeline (engine option `check_finite`):
+//   if any of v[0..n) is NaN or ±Inf, state[slot] = state[0] (the sampling step) unless
+//   state[slot] already holds a step (it starts at −1), so it keeps the first bad step.
+// Grid-stride, 256 threads; one compare per element, an atomic only on a bad value. The
+// host reads state[slot] once, with the request's result: no synchronisation per step.
+extern "C" __global__ void __launch_bounds__(256)
+    check_finite_f32(const float* __restrict__ v, int n, int* __restrict__ state, int slot) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        const float x = v[i];
+        if (!(fabsf(x) <= 3.402823466e38f)) {  // false for NaN and ±Inf
+            atomicCAS(&state[slot], -1, state[0]);
+            return;
+        }
+    }
+}

@@ -19,7 +19,7 @@ pub enum Backend {
     /// The f32 CPU reference backend.
     #[default]
     Cpu,
-    /// The GPU pipeline on the first CUDA GPU.
+    /// The GPU pipeline on a CUDA GPU (the first, or the one [`AnyEngine::new_on`] names).
     Cuda,
     /// The GPU pipeline under the CPU emulation of CUDA.
     Emu,
@@ -57,10 +57,19 @@ pub enum AnyEngine {
 
 impl AnyEngine {
     pub fn new(model: Arc<DitModel>, opts: &EngineOptions, backend: Backend) -> Result<Self> {
+        Self::new_on(model, opts, backend, 0)
+    }
+
+    /// As [`AnyEngine::new`] on GPU `device` (the CUDA ordinal). The CPU backend ignores
+    /// `device`; under the emulation every ordinal is accepted and each engine is a separate
+    /// emulated device. A CUDA engine must be used from the thread that made it (its device
+    /// is neither Send nor Sync): for several GPUs, make one engine inside each worker thread
+    /// and share the `Arc<DitModel>` (the mapped weights).
+    pub fn new_on(model: Arc<DitModel>, opts: &EngineOptions, backend: Backend, device: usize) -> Result<Self> {
         match backend {
             Backend::Cpu => Ok(AnyEngine::Cpu(Box::new(Engine::new(model, opts)?))),
             Backend::Emu => Ok(AnyEngine::Emu(Box::new(GpuEngine::new(model, opts, EmuDevice::new)?))),
-            Backend::Cuda => cuda(model, opts),
+            Backend::Cuda => cuda(model, opts, device),
         }
     }
 
@@ -135,9 +144,9 @@ impl AnyEngine {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(model: Arc<DitModel>, opts: &EngineOptions) -> Result<AnyEngine> {
+fn cuda(model: Arc<DitModel>, opts: &EngineOptions, device: usize) -> Result<AnyEngine> {
     let engine = GpuEngine::new(model, opts, |plan| {
-        crate::gpu::CudaDevice::open(plan)?.ok_or_else(|| {
+        crate::gpu::CudaDevice::open_ordinal(plan, device)?.ok_or_else(|| {
             Error::gpu("--backend cuda", "no CUDA GPU found (the driver reports no device); use --backend cpu")
         })
     })?;
@@ -145,7 +154,7 @@ fn cuda(model: Arc<DitModel>, opts: &EngineOptions) -> Result<AnyEngine> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda(_: Arc<DitModel>, _: &EngineOptions) -> Result<AnyEngine> {
+fn cuda(_: Arc<DitModel>, _: &EngineOptions, _: usize) -> Result<AnyEngine> {
     Err(Error::gpu(
         "--backend cuda",
         "this icdit was built without CUDA support: rebuild with `cargo build --release --features cuda` \

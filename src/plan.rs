@@ -15,6 +15,8 @@ pub enum Dt {
     F64,
     /// 32-bit signed integers (labels and step state on the device).
     I32,
+    /// Bytes (8-bit pixels on the device).
+    U8,
 }
 
 impl Dt {
@@ -24,6 +26,7 @@ impl Dt {
             Dt::F16 => 2,
             Dt::F64 => 8,
             Dt::I32 => 4,
+            Dt::U8 => 1,
         }
     }
 }
@@ -118,6 +121,7 @@ impl fmt::Display for Plan {
                 Dt::F16 => "f16",
                 Dt::F64 => "f64",
                 Dt::I32 => "i32",
+                Dt::U8 => "u8",
             };
             writeln!(f, "  {:<18} {:>22} {:<3} {:>10.3} MiB", b.name, shape, dt, mib(b.bytes()))?;
         }

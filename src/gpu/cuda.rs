@@ -63,15 +63,38 @@ impl CudaDevice {
     /// The first GPU with `plan`'s arena allocated on it, or `None` when the driver reports
     /// no device (for example the driver library of a machine without a GPU).
     pub fn open(plan: &Plan) -> Result<Option<Self>> {
+        Self::open_ordinal(plan, 0)
+    }
+
+    /// GPU `ordinal` (as the driver numbers them, after `CUDA_VISIBLE_DEVICES`) with `plan`'s
+    /// arena allocated on it; `None` when the driver reports no device at all, an error
+    /// naming the ordinal and the count when there are devices but not that one. The device's
+    /// primary context becomes current on the calling thread, which is the thread that must
+    /// use the device: one thread per device for several GPUs in one process.
+    pub fn open_ordinal(plan: &Plan, ordinal: usize) -> Result<Option<Self>> {
         match cust::init(CudaFlags::empty()) {
             Ok(()) => {}
             Err(CudaError::NoDevice) => return Ok(None),
             Err(e) => return Err(cuda_err("cuInit", e)),
         }
-        if CuDevice::num_devices().map_err(|e| cuda_err("cuDeviceGetCount", e))? == 0 {
+        let count = CuDevice::num_devices().map_err(|e| cuda_err("cuDeviceGetCount", e))?;
+        if count == 0 {
             return Ok(None);
         }
-        let device = CuDevice::get_device(0).map_err(|e| cuda_err("cuDeviceGet", e))?;
+        if ordinal >= count as usize {
+            return Err(Error::gpu(
+                "device",
+                format!(
+                    "there is no CUDA device {ordinal}: the driver reports {count} device{}{}",
+                    if count == 1 { " (ordinal 0)".to_string() } else { format!("s (ordinals 0 to {})", count - 1) },
+                    match std::env::var("CUDA_VISIBLE_DEVICES") {
+                        Ok(v) => format!(", numbered after CUDA_VISIBLE_DEVICES={v}"),
+                        Err(_) => String::new(),
+                    }
+                ),
+            ));
+        }
+        let device = CuDevice::get_device(ordinal as u32).map_err(|e| cuda_err("cuDeviceGet", e))?;
         let attr = |a| device.get_attribute(a).map_err(|e| cuda_err("cuDeviceGetAttribute", e));
         let (major, minor) =
             (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?);

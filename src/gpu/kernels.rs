@@ -118,12 +118,25 @@ kernels! {
         sampler_step_f32(x: DevPtr<f32>, model_out: DevPtr<f32>, coeffs: DevPtr<f32>,
             state: DevPtr<i32>, images: i32, cin: i32, cout: i32, hw: i32, guided_channels: i32,
             cfg_scale: f32, mode: i32, steps: i32);
+        check_finite_f32(v: DevPtr<f32>, n: i32, state: DevPtr<i32>, slot: i32);
     }
     // @@ embed/activation/sampler kernels go here @@
     "gemm" => {
         gemm_fused_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32,
             n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32, add_rows: i32, act: i32);
+    }
+    "vae_conv" => {
+        conv3x3_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, input: DevPtr<f16>, w: DevPtr<f16>,
+            bias: DevPtr<f16>, add: DevPtr<f16>, images: i32, h: i32, width: i32, cin: i32,
+            cout: i32, up2: i32, w_tap_major: i32);
+    }
+    "vae" => {
+        group_norm_silu_f16(out: DevPtr<f16>, x: DevPtr<f16>, gamma: DevPtr<f16>,
+            beta: DevPtr<f16>, pixels: i32, channels: i32, groups: i32, eps: f32, silu: i32);
+        softmax_rows_f16(out: DevPtr<f16>, x: DevPtr<f16>, cols: i32, scale: f32);
+        transpose_f16(out: DevPtr<f16>, input: DevPtr<f16>, rows: i32, cols: i32);
+        vae_to_u8(out: DevPtr<u8>, x16: DevPtr<f16>, x32: DevPtr<f32>, n: i32, rounding: i32);
     }
     // @@ general GEMM goes here @@
 }

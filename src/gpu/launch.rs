@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 mod gemm;
 pub use gemm::*;
 mod embed;
+mod vae; pub use vae::*;
 mod sampler;
 pub use embed::*;
 pub use sampler::*;

@@ -44,6 +44,9 @@ impl DevType for f16 {
 impl DevType for i32 {
     const DT: Dt = Dt::I32;
 }
+impl DevType for u8 {
+    const DT: Dt = Dt::U8;
+}
 
 /// A device address of `T` elements, passed to kernels as the C pointer `T*`: 8 bytes, the
 /// CUDA device pointer (or the host address, in the emulation).

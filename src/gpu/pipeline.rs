@@ -44,8 +44,12 @@ use crate::weights::{DitModel, TRef};
 const STAGING: usize = 1 << 20;
 /// f32 values per step in the sampler's coefficient table (see kernels/sampler.cu).
 const COEFFS: usize = 12;
-/// Ints of device-side request state: step index, seed (lo, hi), first image index (lo, hi).
+/// Ints of device-side request state: step index, seed (lo, hi), first image index (lo, hi),
+/// then the first step whose model output ([`BAD_OUTPUT`]) or latents ([`BAD_LATENTS`]) held
+/// NaN or ±Inf (−1: none).
 const STATE: usize = 8;
+const BAD_OUTPUT: usize = 5;
+const BAD_LATENTS: usize = 6;
 
 /// One block's weights.
 struct BlockW {
@@ -417,6 +421,11 @@ impl<D: Device> GpuEngine<D> {
         self.select_step(rows, self.schedule.len())?;
         self.run_forward(rows, n, kind)?;
         let b = &self.bufs;
+        let cfg = &self.model.config;
+        if self.opts.check_finite {
+            let len = (rows * cfg.output_elems()) as i32;
+            launch::check_finite_f32(&self.dev, self.s(b.model_out)?, len, self.s(b.state)?, BAD_OUTPUT as i32)?;
+        }
         launch::sampler_step_f32(
             &self.dev,
             self.s(b.latents)?,
@@ -425,6 +434,10 @@ impl<D: Device> GpuEngine<D> {
             self.s(b.state)?,
             params,
         )?;
+        if self.opts.check_finite {
+            let len = (n * cfg.image_elems()) as i32;
+            launch::check_finite_f32(&self.dev, self.s(b.latents)?, len, self.s(b.state)?, BAD_LATENTS as i32)?;
+        }
         launch::step_advance(&self.dev, self.s(b.state)?)
     }
 
@@ -558,6 +571,8 @@ impl<D: Device> GpuEngine<D> {
         st[2] = (seed >> 32) as u32 as i32;
         st[3] = first as u32 as i32;
         st[4] = (first >> 32) as u32 as i32;
+        st[BAD_OUTPUT] = -1;
+        st[BAD_LATENTS] = -1;
         self.dev.upload(self.s::<i32>(self.bufs.state)?, &st)
     }
 
@@ -765,6 +780,26 @@ impl<D: Device> GpuEngine<D> {
             progress(Step { index, total: steps, timestep: self.schedule.timestep_map[k] });
         }
         self.dev.download(self.s::<f32>(self.bufs.latents)?.sub(0, n * img)?, out)?;
+        if self.opts.check_finite {
+            let mut st = [0i32; STATE];
+            self.dev.download(self.s::<i32>(self.bufs.state)?, &mut st)?;
+            let (bad_out, bad_lat) = (st[BAD_OUTPUT], st[BAD_LATENTS]);
+            if bad_out >= 0 || bad_lat >= 0 {
+                // The model output is checked before the sampler update of the same step.
+                let (step, location) = if bad_out >= 0 && (bad_lat < 0 || bad_out <= bad_lat) {
+                    (bad_out as usize, "the model output (the GPU pipeline checks whole steps; the CPU backend names the block)")
+                } else {
+                    (bad_lat as usize, "the latents after the sampler update")
+                };
+                return Err(Error::NonFinite {
+                    step,
+                    steps,
+                    timestep: self.schedule.timestep_map[steps - 1 - step.min(steps - 1)],
+                    location: location.into(),
+                    cause: String::new(),
+                });
+            }
+        }
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
         }

@@ -1,9 +1,47 @@
 //! Which shard this process is: `--shard/--num-shards`, or the launcher's environment —
 //! torchrun (`RANK`/`WORLD_SIZE`), Slurm (`SLURM_PROCID`/`SLURM_NTASKS`), a Kubernetes
 //! Indexed Job (`JOB_COMPLETION_INDEX`, count from `--num-shards` or `ICDIT_NUM_SHARDS`), or
-//! `ICDIT_SHARD`/`ICDIT_NUM_SHARDS` — and which images a shard covers.
+//! `ICDIT_SHARD`/`ICDIT_NUM_SHARDS` — and which images a shard covers; and which GPUs of
+//! this machine it samples on (`--devices`).
 
+use icdit::backend::Backend;
 use icdit::Error;
+
+/// The GPUs of `--devices 0,1,…`: a non-empty list of distinct device ordinals, for a GPU
+/// backend (`cuda`, or `emu`, where every ordinal is a separate emulated device).
+pub fn parse_devices(list: &str, backend: Backend) -> Result<Vec<usize>, Error> {
+    if backend == Backend::Cpu {
+        return Err(Error::invalid(
+            "--devices",
+            format!(
+                "`{list}` is for the GPU backends (--backend cuda, or --backend emu to check on the CPU); the CPU \
+                 backend already uses every core (--threads): to use more machines or split the cores, run one \
+                 process per shard (--shard/--num-shards or a launcher)"
+            ),
+        ));
+    }
+    let mut devices = Vec::new();
+    for entry in list.split(',') {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            return Err(Error::invalid(
+                "--devices",
+                format!("`{list}` has an empty entry; expected device ordinals such as 0,1,2,3"),
+            ));
+        }
+        let d: usize = entry.parse().map_err(|_| {
+            Error::invalid("--devices", format!("`{entry}` in `{list}` is not a device ordinal (0, 1, 2, …)"))
+        })?;
+        if devices.contains(&d) {
+            return Err(Error::invalid(
+                "--devices",
+                format!("device {d} is listed twice in `{list}`; list each device once"),
+            ));
+        }
+        devices.push(d);
+    }
+    Ok(devices)
+}
 
 /// Shard i of s: images ⌊in/s⌋..⌊(i+1)n/s⌋ (sizes differ by at most one).
 pub fn shard_range(n: u64, i: u64, s: u64) -> (u64, u64) {
@@ -122,6 +160,24 @@ mod tests {
                 at = b;
             }
             assert_eq!(at, n);
+        }
+    }
+
+    #[test]
+    fn device_lists() {
+        assert_eq!(parse_devices("0,1, 3", Backend::Cuda).unwrap(), [0, 1, 3]);
+        assert_eq!(parse_devices("5", Backend::Emu).unwrap(), [5]);
+        for (list, backend, words) in [
+            ("0", Backend::Cpu, "GPU backends"),
+            ("", Backend::Cuda, "empty entry"),
+            ("0,,1", Backend::Cuda, "empty entry"),
+            ("0,", Backend::Emu, "empty entry"),
+            ("0,x", Backend::Cuda, "`x` in `0,x` is not a device ordinal"),
+            ("-1", Backend::Cuda, "not a device ordinal"),
+            ("1,0,1", Backend::Emu, "device 1 is listed twice"),
+        ] {
+            let e = parse_devices(list, backend).unwrap_err().to_string();
+            assert!(e.contains("--devices") && e.contains(words), "{list:?}: {e}");
         }
     }
 

@@ -204,7 +204,8 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         return crate::shard::run(&a.shard, num_images, &spec, &model, &opts, vae);
     }
     let backend: Backend = a.backend.parse()?;
-    let mut engine = AnyEngine::new(Arc::clone(&model), &opts, backend)?;
+    let device = crate::shard::plain_device(&a.shard, backend)?;
+    let mut engine = AnyEngine::new_on(Arc::clone(&model), &opts, backend, device)?;
     let steps = engine.steps();
     let ranks = match &opts.cache {
         CacheMode::Icc(f) => f.ranks(),

@@ -13,10 +13,12 @@
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use clap::Args;
+use icdit::backend::{AnyEngine, Backend};
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::image::{self, Rounding};
 use icdit::vae::VaeDecoder;
@@ -49,6 +51,27 @@ pub struct ShardArgs {
     /// same command carries on). For time-limited or preemptible jobs.
     #[arg(long, requires = "num_images")]
     pub max_parts: Option<usize>,
+    /// GPUs to sample on, e.g. `0,1,2,3` (--backend cuda; --backend emu emulates each): one
+    /// worker thread and engine per device, sharing the mapped weights. A --num-images
+    /// shard hands its parts to whichever device is free; other runs take one device.
+    #[arg(long, conflicts_with = "compare")]
+    pub devices: Option<String>,
+}
+
+/// The device a run without --num-images samples on: the one --devices names, else 0.
+pub fn plain_device(args: &ShardArgs, backend: Backend) -> Result<usize, Error> {
+    let Some(list) = &args.devices else { return Ok(0) };
+    match crate::launch::parse_devices(list, backend)?[..] {
+        [d] => Ok(d),
+        ref several => Err(Error::invalid(
+            "--devices",
+            format!(
+                "`{list}`: several devices are for --num-images runs (their part files are handed out to the \
+                 devices); a run without --num-images samples on one device for now: pass one, e.g. --devices {}",
+                several[0]
+            ),
+        )),
+    }
 }
 
 /// What the sample command resolved that a shard run needs besides the engine options.
@@ -317,6 +340,7 @@ pub fn run(
         return Err(Error::invalid("--num-images", "must be at least 1"));
     }
     let choice = crate::launch::resolve_shard(args.shard, args.num_shards, &|name| std::env::var(name).ok())?;
+    let devices = args.devices.as_deref().map(|list| crate::launch::parse_devices(list, spec.backend)).transpose()?;
     let (first, end) = crate::launch::shard_range(num_images, choice.index, choice.count);
     let (channels, side) = match &vae {
         None => (cfg.in_channels, cfg.input_size),
@@ -406,6 +430,7 @@ pub fn run(
     }
     let skipped = manifest.parts.iter().map(|p| p.count).sum::<u64>();
     manifest.images_done = skipped;
+    manifest.done = todo.is_empty();
     log(format!(
         "shard {} of {} ({}): images {first}..{end} of {num_images}{}; writing to {}",
         choice.index,
@@ -415,100 +440,172 @@ pub fn run(
         dir.display()
     ));
 
-    let mut sampled = 0u64;
-    let mut engine = None;
-    if !todo.is_empty() {
-        let max_batch = todo.iter().map(|t| t.1).max().unwrap_or(1) as usize;
-        let mut e = icdit::backend::AnyEngine::new(
-            Arc::clone(model),
-            &EngineOptions { max_batch, ..opts.clone() },
-            spec.backend,
-        )?;
-        e.set_interrupt(Some(crate::interrupt::flag()));
-        engine = Some(e);
+    // The parts to sample in this run (--max-parts), handed out in order to whichever
+    // engine is free: one on this thread, or one worker thread per --devices entry.
+    let parts = &todo[..todo.len().min(args.max_parts.unwrap_or(usize::MAX))];
+    let max_batch = todo.iter().map(|t| t.1).max().unwrap_or(1) as usize;
+    let engine_opts = EngineOptions { max_batch, ..opts.clone() };
+    let work = Work {
+        args,
+        spec,
+        model,
+        dir: &dir,
+        path: &path,
+        parts,
+        next: AtomicUsize::new(0),
+        stop: Arc::new(AtomicBool::new(false)),
+        progress: Mutex::new(Progress { manifest, sampled: 0, parts_by_device: Vec::new() }),
+        vae: Mutex::new(vae.take()),
+        channels,
+        side,
+        shard_images: end - first,
+        name_device: devices.is_some(),
+        sampling: Instant::now(),
+    };
+    let mut threads = None;
+    let mut failure = None;
+    let mut interrupted = false;
+    match devices.as_deref() {
+        // One engine, on this thread: the engine stops on Ctrl-C itself.
+        None | Some([_]) => {
+            let device = devices.as_ref().map(|d| d[0]);
+            if !parts.is_empty() {
+                let mut e =
+                    AnyEngine::new_on(Arc::clone(model), &engine_opts, spec.backend, device.unwrap_or(0))
+                        .map_err(|e| naming_device(e, device))?;
+                e.set_interrupt(Some(crate::interrupt::flag()));
+                threads = Some(e.threads());
+                work.progress().manifest.write(&path)?;
+                match work.run_on(&mut e, device.unwrap_or(0)) {
+                    Ok(()) => {}
+                    Err(Error::Interrupted { .. }) => interrupted = true,
+                    Err(e) => failure = Some(naming_device(e, device)),
+                }
+            } else {
+                work.progress().manifest.write(&path)?;
+            }
+        }
+        // One worker thread per device, each making its own engine there (a CUDA device is
+        // used from the thread that opened it); the weights are shared, not copied.
+        Some(list) => {
+            work.progress().manifest.write(&path)?;
+            let used = &list[..list.len().min(parts.len())];
+            if !used.is_empty() {
+                log(format!(
+                    "  {} devices ({} {}): one worker thread and engine each; parts go to whichever is free",
+                    used.len(),
+                    spec.backend.name(),
+                    used.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            let failed: Mutex<Option<Error>> = Mutex::new(None);
+            std::thread::scope(|scope| {
+                let workers: Vec<_> = used
+                    .iter()
+                    .map(|&d| {
+                        let (work, engine_opts, failed) = (&work, &engine_opts, &failed);
+                        let handle = std::thread::Builder::new()
+                            .name(format!("icdit-device-{d}"))
+                            .spawn_scoped(scope, move || {
+                                let result = AnyEngine::new_on(Arc::clone(work.model), engine_opts, work.spec.backend, d)
+                                    .and_then(|mut e| {
+                                        e.set_interrupt(Some(Arc::clone(&work.stop)));
+                                        work.run_on(&mut e, d)
+                                    });
+                                match result {
+                                    Err(Error::Interrupted { .. }) => true,
+                                    Err(e) => {
+                                        // The first failure stops the other workers between steps.
+                                        let e = naming_device(e, Some(d));
+                                        let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                        if f.is_none() {
+                                            log(format!("device {d} failed; stopping the other devices: {e}"));
+                                            *f = Some(e);
+                                        }
+                                        work.stop.store(true, Ordering::Relaxed);
+                                        false
+                                    }
+                                    Ok(()) => false,
+                                }
+                            });
+                        (d, handle)
+                    })
+                    .collect();
+                // Ctrl-C reaches the workers through the run's stop flag.
+                while !workers.iter().all(|(_, h)| h.as_ref().map_or(true, |h| h.is_finished())) {
+                    if crate::interrupt::requested() {
+                        work.stop.store(true, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                for (d, handle) in workers {
+                    let outcome = handle
+                        .map_err(|e| Error::io(format!("(worker thread for device {d})"), e))
+                        .and_then(|h| {
+                            h.join().map_err(|_| Error::invalid("--devices", format!("the worker of device {d} panicked")))
+                        });
+                    match outcome {
+                        Ok(stopped) => interrupted |= stopped,
+                        Err(e) => {
+                            work.stop.store(true, Ordering::Relaxed);
+                            let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                            f.get_or_insert(e);
+                        }
+                    }
+                }
+            });
+            failure = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+            threads = Some(0);
+        }
     }
-    manifest.done = todo.is_empty();
-    manifest.write(&path)?;
-    let img = cfg.image_elems();
-    let per_image = side * side * channels;
-    let mut latents = vec![0.0f32; batch as usize * img];
-    let mut pixels = vec![0u8; batch as usize * per_image];
-    let sampling = Instant::now();
-    let limit = args.max_parts.unwrap_or(usize::MAX);
-    for &(at, n) in todo.iter().take(limit) {
+    let Progress { manifest, sampled, parts_by_device } =
+        work.progress.into_inner().unwrap_or_else(|p| p.into_inner());
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let left = end - first - manifest.images_done;
+    if left > 0 && (interrupted || crate::interrupt::requested()) {
         // Ctrl-C stops between steps or parts; finished parts stay and the run resumes.
-        let stopped = |e: Error| match e {
-            Error::Interrupted { .. } => Error::Interrupted {
-                done: format!(
-                    "shard {} of {}: {} of {} images are in finished parts, kept in {}; the same command resumes",
-                    choice.index,
-                    choice.count,
-                    manifest.images_done,
-                    end - first,
-                    dir.display()
-                ),
-            },
-            e => e,
-        };
-        if crate::interrupt::requested() {
-            return Err(stopped(Error::Interrupted { done: String::new() }));
-        }
-        let engine = engine.as_mut().expect("built when there is work");
-        let count = n as usize;
-        let labels = icdit::noise::class_labels(spec.seed, at, count, cfg.num_classes);
-        let req = Request { classes: &labels, seed: spec.seed, first_index: at, noise: None, step_noise: None };
-        engine.sample(&req, &mut latents[..count * img], &mut |_| {}).map_err(stopped)?;
-        let decoded;
-        let images = match vae.as_mut() {
-            None => &latents[..count * img],
-            Some(d) => {
-                decoded = crate::sample::decode_all(d, &latents[..count * img], count).map_err(stopped)?;
-                &decoded[..]
-            }
-        };
-        let px = &mut pixels[..count * per_image];
-        image::to_nhwc_u8(images, count, channels, side, spec.rounding, px);
-        if args.png {
-            for (i, &c) in labels.iter().enumerate() {
-                let png = dir.join("images").join(crate::output::png_name(at + i as u64, c, Some(spec.seed)));
-                image::write_png(&png, &px[i * per_image..(i + 1) * per_image], side, side, channels)?;
-            }
-        }
-        let file = part_name(at, at + n);
-        let part_path = dir.join(&file);
-        image::write_npz(&part_path, px, count, side, channels)?;
-        let bytes = std::fs::metadata(&part_path).map_err(|e| Error::io(&part_path, e))?.len();
-        manifest.parts.push(Part { file: file.clone(), first: at, count: n, bytes });
-        manifest.parts.sort_by_key(|p| p.first);
-        sampled += n;
-        manifest.images_done += n;
-        manifest.done = manifest.images_done == end - first;
-        manifest.write(&path)?;
-        let secs = sampling.elapsed().as_secs_f64();
-        log(format!(
-            "  {file}: images {at}..{} ({}/{} done, {:.1} images/s)",
-            at + n,
-            manifest.images_done,
-            end - first,
-            sampled as f64 / secs.max(1e-9)
-        ));
+        return Err(Error::Interrupted {
+            done: format!(
+                "shard {} of {}: {} of {} images are in finished parts, kept in {}; the same command resumes",
+                choice.index,
+                choice.count,
+                manifest.images_done,
+                end - first,
+                dir.display()
+            ),
+        });
     }
     let secs = start.elapsed().as_secs_f64();
-    let left = end - first - manifest.images_done;
+    let by_device = match &devices {
+        Some(d) if !parts_by_device.is_empty() => format!(
+            " on {} device{} ({})",
+            d.len(),
+            if d.len() == 1 { "" } else { "s" },
+            parts_by_device
+                .iter()
+                .map(|(d, n)| format!("device {d}: {n} part{}", if *n == 1 { "" } else { "s" }))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => String::new(),
+    };
     if manifest.done {
         log(format!(
-            "shard {} of {} done: sampled {sampled} images, skipped {skipped} finished ones, in {secs:.2} s; manifest {}",
+            "shard {} of {} done: sampled {sampled} images{by_device}, skipped {skipped} finished ones, in {secs:.2} s; \
+             manifest {}",
             choice.index,
             choice.count,
             path.display()
         ));
     } else {
         log(format!(
-            "shard {} of {} stopped after {} part file(s) as asked (--max-parts): {left} images left; run the \
-             same command again to finish",
+            "shard {} of {} stopped after {} part file(s) as asked (--max-parts){by_device}: {left} images left; run \
+             the same command again to finish",
             choice.index,
             choice.count,
-            todo.len().min(limit)
+            parts_by_device.iter().map(|p| p.1).sum::<usize>()
         ));
     }
     if spec.json {
@@ -525,12 +622,133 @@ pub fn run(
                 "left": left,
                 "done": manifest.done,
                 "total_s": secs,
-                "sampling_s": sampling.elapsed().as_secs_f64(),
-                "threads": engine.as_ref().map(|e| e.threads()),
+                "sampling_s": work.sampling.elapsed().as_secs_f64(),
+                "threads": threads,
+                "devices": devices,
+                "parts_by_device": parts_by_device.iter().map(|(d, n)| json!({"device": d, "parts": n})).collect::<Vec<_>>(),
             })
         );
     }
     Ok(())
+}
+
+/// A shard's state while it samples.
+struct Progress {
+    manifest: Manifest,
+    /// Images sampled in this run.
+    sampled: u64,
+    /// Parts written in this run, per device, in the order the devices first finished one.
+    parts_by_device: Vec<(usize, usize)>,
+}
+
+/// What the engines sampling one shard share: the parts to hand out, the manifest (updated
+/// under its mutex after each part) and the VAE decoder (on the CPU, one image at a time).
+struct Work<'a> {
+    args: &'a ShardArgs,
+    spec: &'a RunSpec,
+    model: &'a Arc<DitModel>,
+    dir: &'a Path,
+    path: &'a Path,
+    parts: &'a [(u64, u64)],
+    /// The next part to hand out.
+    next: AtomicUsize,
+    /// Set on a worker's failure or Ctrl-C: the other workers stop between steps.
+    stop: Arc<AtomicBool>,
+    progress: Mutex<Progress>,
+    vae: Mutex<Option<VaeDecoder>>,
+    channels: usize,
+    side: usize,
+    shard_images: u64,
+    /// Whether the log names the device of each part (--devices was given).
+    name_device: bool,
+    sampling: Instant,
+}
+
+impl Work<'_> {
+    fn progress(&self) -> std::sync::MutexGuard<'_, Progress> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Samples parts on `engine` until none are left or the run stops. The pixels of a part
+    /// depend only on its images (seed, index, class), not on the engine or device.
+    fn run_on(&self, engine: &mut AnyEngine, device: usize) -> Result<(), Error> {
+        let cfg = self.model.config;
+        let (seed, img, per_image) = (self.spec.seed, cfg.image_elems(), self.side * self.side * self.channels);
+        let batch = self.parts.iter().map(|p| p.1).max().unwrap_or(0) as usize;
+        let mut latents = vec![0.0f32; batch * img];
+        let mut pixels = vec![0u8; batch * per_image];
+        loop {
+            let Some(&(at, n)) = self.parts.get(self.next.fetch_add(1, Ordering::Relaxed)) else { return Ok(()) };
+            if crate::interrupt::requested() || self.stop.load(Ordering::Relaxed) {
+                return Err(Error::Interrupted { done: String::new() });
+            }
+            let count = n as usize;
+            let labels = icdit::noise::class_labels(seed, at, count, cfg.num_classes);
+            let req = Request { classes: &labels, seed, first_index: at, noise: None, step_noise: None };
+            engine.sample(&req, &mut latents[..count * img], &mut |_| {})?;
+            let decoded;
+            let images = {
+                let mut vae = self.vae.lock().unwrap_or_else(|p| p.into_inner());
+                match vae.as_mut() {
+                    None => &latents[..count * img],
+                    Some(d) => {
+                        decoded = crate::sample::decode_all(d, &latents[..count * img], count)?;
+                        &decoded[..]
+                    }
+                }
+            };
+            let px = &mut pixels[..count * per_image];
+            image::to_nhwc_u8(images, count, self.channels, self.side, self.spec.rounding, px);
+            if self.args.png {
+                for (i, &c) in labels.iter().enumerate() {
+                    let png = self.dir.join("images").join(crate::output::png_name(at + i as u64, c, Some(seed)));
+                    image::write_png(&png, &px[i * per_image..(i + 1) * per_image], self.side, self.side, self.channels)?;
+                }
+            }
+            let file = part_name(at, at + n);
+            let part_path = self.dir.join(&file);
+            image::write_npz(&part_path, px, count, self.side, self.channels)?;
+            let bytes = std::fs::metadata(&part_path).map_err(|e| Error::io(&part_path, e))?.len();
+            let mut p = self.progress();
+            p.manifest.parts.push(Part { file: file.clone(), first: at, count: n, bytes });
+            p.manifest.parts.sort_by_key(|p| p.first);
+            p.sampled += n;
+            p.manifest.images_done += n;
+            p.manifest.done = p.manifest.images_done == self.shard_images;
+            p.manifest.write(self.path)?;
+            match p.parts_by_device.iter_mut().find(|e| e.0 == device) {
+                Some(e) => e.1 += 1,
+                None => p.parts_by_device.push((device, 1)),
+            }
+            let on = if self.name_device { format!("device {device}, ") } else { String::new() };
+            log(format!(
+                "  {file}: images {at}..{} ({}/{} done, {on}{:.1} images/s)",
+                at + n,
+                p.manifest.images_done,
+                self.shard_images,
+                p.sampled as f64 / self.sampling.elapsed().as_secs_f64().max(1e-9)
+            ));
+        }
+    }
+}
+
+/// `e` with the device it happened on (when --devices named one) where the error has room
+/// for it; the log line of a failing worker names the device in any case.
+fn naming_device(e: Error, device: Option<usize>) -> Error {
+    let Some(d) = device else { return e };
+    let tag = format!("device {d}");
+    match e {
+        Error::Gpu { what, reason } if !reason.contains(&tag) => Error::Gpu { what, reason: format!("{tag}: {reason}") },
+        Error::Invalid { what, reason } => Error::Invalid { what, reason: format!("{tag}: {reason}") },
+        Error::Config { origin, reason } => Error::Config { origin, reason: format!("{tag}: {reason}") },
+        Error::Memory { what, need, limit, limit_from, breakdown } => {
+            Error::Memory { what: format!("{what} on {tag}"), need, limit, limit_from, breakdown }
+        }
+        Error::NonFinite { step, steps, timestep, location, cause } => {
+            Error::NonFinite { step, steps, timestep, location: format!("{location} on {tag}"), cause }
+        }
+        e => e,
+    }
 }
 
 #[cfg(test)]

@@ -157,3 +157,23 @@ pub fn sampler_step_f32<D: Device + ?Sized>(
         )
     }
 }
+
+/// Records the sampling step (`state[0]`) in `state[slot]` if any of `v[..n]` is NaN or ±Inf
+/// and the slot still holds −1 (kernels/sampler.cu): the pipeline's non-finite check.
+pub fn check_finite_f32<D: Device + ?Sized>(
+    dev: &D,
+    v: DevSlice<f32>,
+    n: i32,
+    state: DevSlice<i32>,
+    slot: i32,
+) -> Result<()> {
+    const K: &str = "check_finite_f32";
+    positive(K, &[("n", n)])?;
+    if slot < 1 {
+        return Err(invalid(K, format!("slot {slot} must be ≥ 1 (state[0] is the step)")));
+    }
+    covers(K, "v", v, n as i64, 4)?;
+    covers(K, "state", state, slot as i64 + 1, 4)?;
+    // SAFETY: v holds n elements and state slot + 1.
+    unsafe { kernels::check_finite_f32::launch(dev, &elementwise(n as i64), v.ptr(), n, state.ptr(), slot) }
+}
