@@ -3,6 +3,7 @@
 //! CPU decoder ([`VaeDecoder`]) that turns latents into images.
 
 mod cpu;
+mod gpu;
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +12,7 @@ use crate::tensorfile::TensorFile;
 use crate::weights::{weight_files, StoreBuilder, TRef, WeightStore};
 
 pub use cpu::VaeDecoder;
+pub use gpu::GpuVaeDecoder;
 
 /// The scaling factor DiT divides latents by when the config does not name one.
 pub const DEFAULT_SCALING: f64 = 0.18215;

@@ -1,0 +1,283 @@
+//! Launchers of the VAE decoder's kernels: the 3×3 convolution as an implicit GEMM with the
+//! nearest 2× upsample fused into its input indexing (kernels/vae_conv.cu), GroupNorm + SiLU,
+//! the mid-block attention's row softmax and transpose, and the final conversion to uint8
+//! pixels (kernels/vae.cu). Activations are NHWC: (images·pixels, channels) row-major.
+//!
+//! The decoder's 1×1 convolutions (resnet shortcuts, attention q/k/v/out projections) are
+//! ordinary GEMMs over pixels: [`super::gemm`] with `a` = the activation (pixels, cin), `w` =
+//! the (cout, cin, 1, 1) weight as stored, and the residual as `add`. The attention itself is
+//! S = q·kᵀ ([`super::gemm`] with `w` = k), P = [`softmax_rows_f16`]`(S, 1/√C)`, Vᵀ =
+//! [`transpose_f16`]`(v)`, O = P·V ([`super::gemm`] with `w` = Vᵀ).
+
+use super::{covers, elementwise, invalid, positive, GemmOut};
+use crate::error::Result;
+use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
+use crate::image::Rounding;
+
+/// The layout of a 3×3 convolution weight (cout, 9·cin).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvWeights {
+    /// PyTorch's (cout, cin, ky, kx) as stored: column ci·9 + ky·3 + kx. Its tiles are
+    /// gathered element by element.
+    Torch,
+    /// Tap-major (cout, ky, kx, cin): column (ky·3 + kx)·cin + ci, the weight permuted once at
+    /// upload; with cin % 8 == 0 its tiles load by 16-byte cp.async.
+    TapMajor,
+}
+
+/// One 3×3 convolution, stride 1, zero padding 1:
+/// `out[p, co] = bias[co] + Σ in[tap(p, ky, kx), ci]·weight[co, ci, ky, kx] + add[p, co]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Conv3Spec {
+    /// (images·h·w, cout), f16 or f32.
+    pub out: GemmOut,
+    /// (images·h·w, cin), or (images·(h/2)·(w/2), cin) when `up2`.
+    pub input: DevSlice<f16>,
+    /// (cout, 9·cin) in `layout`.
+    pub weight: DevSlice<f16>,
+    pub layout: ConvWeights,
+    /// (cout).
+    pub bias: Option<DevSlice<f16>>,
+    /// The residual, (images·h·w, cout).
+    pub add: Option<DevSlice<f16>>,
+    pub images: i32,
+    /// The output's height and width.
+    pub h: i32,
+    pub w: i32,
+    pub cin: i32,
+    pub cout: i32,
+    /// The input is (h/2)×(w/2), read upsampled 2× by nearest neighbour.
+    pub up2: bool,
+}
+
+impl Conv3Spec {
+    /// One image, PyTorch weight layout, no bias, no residual, no upsample.
+    pub fn new(out: GemmOut, input: DevSlice<f16>, weight: DevSlice<f16>, h: i32, w: i32, cin: i32, cout: i32) -> Self {
+        Conv3Spec {
+            out,
+            input,
+            weight,
+            layout: ConvWeights::Torch,
+            bias: None,
+            add: None,
+            images: 1,
+            h,
+            w,
+            cin,
+            cout,
+            up2: false,
+        }
+    }
+}
+
+fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
+    s.map_or(DevPtr::null(), DevSlice::ptr)
+}
+
+/// Runs the convolution `spec` describes (kernels/vae_conv.cu): grid (⌈cout/64⌉,
+/// ⌈images·h·w/64⌉), 128 threads. Checks sizes (h and w even with `up2`), that every slice
+/// covers what the kernel reads or writes, and that the pixel count fits the grid. The
+/// outputs must not overlap the inputs (not checked).
+pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> {
+    const K: &str = "conv3x3_f16";
+    const TILE: i64 = 64;
+    let &Conv3Spec { out, input, weight, layout, bias, add, images, h, w, cin, cout, up2 } = spec;
+    positive(K, &[("images", images), ("h", h), ("w", w), ("cin", cin), ("cout", cout)])?;
+    if up2 && (h % 2 != 0 || w % 2 != 0) {
+        return Err(invalid(K, format!("up2 needs an even output size, got {h}×{w}")));
+    }
+    let pixels = images as i64 * h as i64 * w as i64;
+    let k = 9 * cin as i64;
+    if pixels + TILE > i32::MAX as i64 || k > i32::MAX as i64 || cout as i64 + TILE > i32::MAX as i64 {
+        return Err(invalid(K, format!("{pixels} pixels, cin = {cin} or cout = {cout} is too large")));
+    }
+    let grid_y = (pixels + TILE - 1) / TILE;
+    if grid_y > 65535 {
+        return Err(invalid(K, format!("{pixels} pixels need {grid_y} row tiles, more than 65535")));
+    }
+    let src_pixels = if up2 { images as i64 * (h / 2) as i64 * (w / 2) as i64 } else { pixels };
+    let out_elems = pixels * cout as i64;
+    let (out16, out32) = match out {
+        GemmOut::F16(s) => {
+            covers(K, "out", s, out_elems, 2)?;
+            (s.ptr(), DevPtr::null())
+        }
+        GemmOut::F32(s) => {
+            covers(K, "out", s, out_elems, 4)?;
+            (DevPtr::null(), s.ptr())
+        }
+    };
+    covers(K, "input", input, src_pixels * cin as i64, 2)?;
+    covers(K, "weight", weight, cout as i64 * k, 2)?;
+    if let Some(s) = bias {
+        covers(K, "bias", s, cout as i64, 2)?;
+    }
+    if let Some(s) = add {
+        covers(K, "add", s, out_elems, 2)?;
+    }
+    let cfg = LaunchCfg {
+        grid: [((cout as i64 + TILE - 1) / TILE) as u32, grid_y as u32, 1],
+        block: [128, 1, 1],
+        dyn_smem: 0,
+    };
+    // SAFETY: every operand present covers what the kernel reads or writes for these sizes
+    // (checked above); absent ones are null, which the kernel skips.
+    unsafe {
+        kernels::conv3x3_f16::launch(
+            dev,
+            &cfg,
+            out16,
+            out32,
+            input.ptr(),
+            weight.ptr(),
+            ptr_or_null(bias),
+            ptr_or_null(add),
+            images,
+            h,
+            w,
+            cin,
+            cout,
+            up2 as i32,
+            (layout == ConvWeights::TapMajor) as i32,
+        )
+    }
+}
+
+/// GroupNorm over `groups` groups of consecutive channels, statistics per image over all its
+/// `pixels`, affine (`gamma`, `beta`, (channels) f16), then SiLU when `silu`; `x` and `out`
+/// (images·pixels, channels) f16 (kernels/vae.cu). Grid (groups, images), 256 threads.
+#[allow(clippy::too_many_arguments)]
+pub fn group_norm_silu_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    x: DevSlice<f16>,
+    gamma: DevSlice<f16>,
+    beta: DevSlice<f16>,
+    images: i32,
+    pixels: i32,
+    channels: i32,
+    groups: i32,
+    eps: f32,
+    silu: bool,
+) -> Result<()> {
+    const K: &str = "group_norm_silu_f16";
+    positive(K, &[("images", images), ("pixels", pixels), ("channels", channels), ("groups", groups)])?;
+    if channels % groups != 0 {
+        return Err(invalid(K, format!("{channels} channels do not split into {groups} groups")));
+    }
+    if images > 65535 {
+        return Err(invalid(K, format!("{images} images: more than 65535")));
+    }
+    // The kernel counts a group's elements in an int.
+    if pixels as i64 * (channels / groups) as i64 > i32::MAX as i64 {
+        return Err(invalid(K, format!("{pixels} pixels × {} channels per group is too many", channels / groups)));
+    }
+    if eps.is_nan() || eps < 0.0 {
+        return Err(invalid(K, format!("eps = {eps} must be ≥ 0")));
+    }
+    let elems = images as i64 * pixels as i64 * channels as i64;
+    covers(K, "out", out, elems, 2)?;
+    covers(K, "x", x, elems, 2)?;
+    covers(K, "gamma", gamma, channels as i64, 2)?;
+    covers(K, "beta", beta, channels as i64, 2)?;
+    let cfg = LaunchCfg { grid: [groups as u32, images as u32, 1], block: [256, 1, 1], dyn_smem: 0 };
+    // SAFETY: out and x hold images·pixels·channels elements, gamma and beta channels.
+    unsafe {
+        kernels::group_norm_silu_f16::launch(
+            dev,
+            &cfg,
+            out.ptr(),
+            x.ptr(),
+            gamma.ptr(),
+            beta.ptr(),
+            pixels,
+            channels,
+            groups,
+            eps,
+            silu as i32,
+        )
+    }
+}
+
+/// `out[r, :] = softmax(scale·x[r, :])`, (rows, cols) f16, f32 arithmetic (kernels/vae.cu).
+/// One 256-thread block per row.
+pub fn softmax_rows_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    x: DevSlice<f16>,
+    rows: i32,
+    cols: i32,
+    scale: f32,
+) -> Result<()> {
+    const K: &str = "softmax_rows_f16";
+    positive(K, &[("rows", rows), ("cols", cols)])?;
+    if !scale.is_finite() {
+        return Err(invalid(K, format!("scale = {scale} must be finite")));
+    }
+    let elems = rows as i64 * cols as i64;
+    covers(K, "out", out, elems, 2)?;
+    covers(K, "x", x, elems, 2)?;
+    let cfg = LaunchCfg { grid: [rows as u32, 1, 1], block: [256, 1, 1], dyn_smem: 0 };
+    // SAFETY: both hold rows·cols elements.
+    unsafe { kernels::softmax_rows_f16::launch(dev, &cfg, out.ptr(), x.ptr(), cols, scale) }
+}
+
+/// `out (cols, rows) = input (rows, cols)ᵀ`, f16 bit copies (kernels/vae.cu). 32×32 tiles,
+/// block (32, 8).
+pub fn transpose_f16<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    input: DevSlice<f16>,
+    rows: i32,
+    cols: i32,
+) -> Result<()> {
+    const K: &str = "transpose_f16";
+    positive(K, &[("rows", rows), ("cols", cols)])?;
+    let grid_y = (rows as i64 + 31) / 32;
+    if grid_y > 65535 {
+        return Err(invalid(K, format!("{rows} rows: more than 65535 row tiles")));
+    }
+    let elems = rows as i64 * cols as i64;
+    covers(K, "out", out, elems, 2)?;
+    covers(K, "input", input, elems, 2)?;
+    let cfg = LaunchCfg { grid: [((cols as i64 + 31) / 32) as u32, grid_y as u32, 1], block: [32, 8, 1], dyn_smem: 0 };
+    // SAFETY: both hold rows·cols elements.
+    unsafe { kernels::transpose_f16::launch(dev, &cfg, out.ptr(), input.ptr(), rows, cols) }
+}
+
+/// The decoded image, f16 or f32 (NHWC).
+#[derive(Clone, Copy, Debug)]
+pub enum VaeImage {
+    F16(DevSlice<f16>),
+    F32(DevSlice<f32>),
+}
+
+/// `out[i] = rounding.apply(x[i])` for `n` values, bit for bit as src/image.rs
+/// ([`crate::image::to_u8`], [`crate::image::to_u8_diffusers`]) (kernels/vae.cu).
+pub fn vae_to_u8<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<u8>,
+    x: VaeImage,
+    n: i32,
+    rounding: Rounding,
+) -> Result<()> {
+    const K: &str = "vae_to_u8";
+    positive(K, &[("n", n)])?;
+    covers(K, "out", out, n as i64, 1)?;
+    let (x16, x32) = match x {
+        VaeImage::F16(s) => {
+            covers(K, "x", s, n as i64, 2)?;
+            (s.ptr(), DevPtr::null())
+        }
+        VaeImage::F32(s) => {
+            covers(K, "x", s, n as i64, 4)?;
+            (DevPtr::null(), s.ptr())
+        }
+    };
+    let mode = match rounding {
+        Rounding::Dit => 0,
+        Rounding::Diffusers => 1,
+    };
+    // SAFETY: out and the input hold n elements; the other input is null.
+    unsafe { kernels::vae_to_u8::launch(dev, &elementwise(n as i64), out.ptr(), x16, x32, n, mode) }
+}
