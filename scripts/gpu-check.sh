@@ -311,12 +311,22 @@ step_engine() {
         return
     fi
     if ((DRY)); then
+        show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 1 --runs 5
+        show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
         return
     fi
     c=$(cap 240 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
     t0=$SECONDS
     { "$BIN/icdit" --version; } >"$log" 2>&1
+    # The GPU VAE decoder (SD-VAE shapes, random weights): one 256×256 image, then batch 16.
+    # Run first and briefly; its JSON lines are not the engine's last line.
+    for vb in 1 16; do
+        timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch "$vb" --runs 5 >>"$log" 2>&1 ||
+            echo "bench-vae --batch $vb: exit $?" >>"$log"
+    done
+    grep '"icdit-cuda-vae"' "$log" | sed 's/^/  vae: /'
+    c=$(cap 240 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
     timeout -k 5 "$c" "$BIN/icdit" bench-gpu "${args[@]}" >>"$log" 2>&1
     rc=$?
     tail -n 30 "$log"

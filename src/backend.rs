@@ -155,9 +155,106 @@ fn cuda(model: Arc<DitModel>, opts: &EngineOptions, device: usize) -> Result<Any
 
 #[cfg(not(feature = "cuda"))]
 fn cuda(_: Arc<DitModel>, _: &EngineOptions, _: usize) -> Result<AnyEngine> {
-    Err(Error::gpu(
+    Err(no_cuda())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Error {
+    Error::gpu(
         "--backend cuda",
         "this icdit was built without CUDA support: rebuild with `cargo build --release --features cuda` \
          on a machine with a CUDA toolkit (README: CUDA), or use --backend cpu (the default) or emu",
-    ))
+    )
+}
+
+/// A VAE decoder on any backend: the CPU decoder, or the GPU decoder on the emulation or a
+/// CUDA GPU (its own arena, sized for `max_images` latents per call).
+pub enum AnyVae {
+    Cpu(Box<crate::vae::VaeDecoder>),
+    Emu(Box<crate::vae::GpuVaeDecoder<EmuDevice>>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<crate::vae::GpuVaeDecoder<crate::gpu::CudaDevice>>),
+}
+
+impl AnyVae {
+    /// A decoder for latents of side `latent`; `threads` for the CPU, `max_images` per device
+    /// call for the GPU backends.
+    pub fn new(
+        model: Arc<crate::vae::VaeModel>,
+        latent: usize,
+        threads: usize,
+        max_images: usize,
+        backend: Backend,
+    ) -> Result<Self> {
+        use crate::vae::{GpuVaeDecoder, VaeDecoder};
+        match backend {
+            Backend::Cpu => Ok(AnyVae::Cpu(Box::new(VaeDecoder::new(model, latent, threads)?))),
+            Backend::Emu => Ok(AnyVae::Emu(Box::new(GpuVaeDecoder::new(model, latent, max_images, EmuDevice::new)?))),
+            Backend::Cuda => cuda_vae(model, latent, max_images),
+        }
+    }
+
+    pub fn model(&self) -> &crate::vae::VaeModel {
+        match self {
+            AnyVae::Cpu(d) => d.model(),
+            AnyVae::Emu(d) => d.model(),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.model(),
+        }
+    }
+    pub fn out_side(&self) -> usize {
+        match self {
+            AnyVae::Cpu(d) => d.out_side(),
+            AnyVae::Emu(d) => d.out_side(),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.out_side(),
+        }
+    }
+    pub fn latent_len(&self) -> usize {
+        match self {
+            AnyVae::Cpu(d) => d.latent_len(),
+            AnyVae::Emu(d) => d.latent_len(),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.latent_len(),
+        }
+    }
+    pub fn image_len(&self) -> usize {
+        match self {
+            AnyVae::Cpu(d) => d.image_len(),
+            AnyVae::Emu(d) => d.image_len(),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.image_len(),
+        }
+    }
+    /// Latents per call: 1 on the CPU, the planned batch on a device.
+    pub fn batch(&self) -> usize {
+        match self {
+            AnyVae::Cpu(_) => 1,
+            AnyVae::Emu(d) => d.max_images(),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.max_images(),
+        }
+    }
+    /// Decodes up to [`AnyVae::batch`] latents (C, h, w each) into images (C, H, W each).
+    pub fn decode(&mut self, latents: &[f32], images: &mut [f32]) -> Result<()> {
+        match self {
+            AnyVae::Cpu(d) => d.decode(latents, images),
+            AnyVae::Emu(d) => d.decode(latents, images),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => d.decode(latents, images),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_vae(model: Arc<crate::vae::VaeModel>, latent: usize, max_images: usize) -> Result<AnyVae> {
+    let d = crate::vae::GpuVaeDecoder::new(model, latent, max_images, |plan| {
+        crate::gpu::CudaDevice::open(plan)?.ok_or_else(|| Error::gpu("--backend cuda", "no CUDA GPU found"))
+    })?;
+    Ok(AnyVae::Cuda(Box::new(d)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_vae(_: Arc<crate::vae::VaeModel>, _: usize, _: usize) -> Result<AnyVae> {
+    Err(no_cuda())
 }

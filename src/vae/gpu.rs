@@ -209,6 +209,13 @@ impl<D: Device> GpuVaeDecoder<D> {
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
+    pub fn model(&self) -> &VaeModel {
+        &self.model
+    }
+    /// Latents per call at most.
+    pub fn max_images(&self) -> usize {
+        self.max_images
+    }
     pub fn device(&self) -> &D {
         &self.dev
     }

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use clap::Args;
 use icdit::tensorfile::write_safetensors;
-use icdit::vae::{VaeDecoder, VaeModel};
+use icdit::vae::VaeModel;
 use icdit::Error;
 
 use crate::output::ImageOut;
@@ -27,6 +27,10 @@ pub struct DecodeArgs {
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where to decode: `cpu`, `cuda` (a build with `--features cuda`) or `emu` (the GPU
+    /// decoder on the CPU emulation).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
 }
 
 pub fn run(mut a: DecodeArgs) -> Result<(), Error> {
@@ -38,7 +42,8 @@ pub fn run(mut a: DecodeArgs) -> Result<(), Error> {
     if a.images.any() || a.out_decoded.is_none() {
         a.images.prepare()?;
     }
-    let mut dec = VaeDecoder::new(vae, shape[2], a.threads)?;
+    let backend: icdit::backend::Backend = a.backend.parse()?;
+    let mut dec = icdit::backend::AnyVae::new(vae, shape[2], a.threads, n.clamp(1, 16), backend)?;
     let t = Instant::now();
     let images = crate::sample::decode_all(&mut dec, &latents, n)?;
     let secs = t.elapsed().as_secs_f64();

@@ -29,7 +29,7 @@ mod shard;
 use icdit::forward::StepKind;
 use icdit::inspect::Report;
 use icdit::tensorfile::write_safetensors;
-use icdit::vae::{VaeConfig, VaeDecoder, VaeModel};
+use icdit::vae::{VaeConfig, VaeModel};
 use icdit::{CacheMode, CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
 
 #[derive(Parser)]
@@ -171,6 +171,12 @@ struct BenchVaeArgs {
     /// Untimed decodes first.
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// `cpu`, `cuda` (the GPU decoder; a `--features cuda` build) or `emu`.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// Latents per decode call (GPU backends: batch decoding for throughput).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
 }
 
 fn main() -> ExitCode {
@@ -243,9 +249,14 @@ fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
         None => VaeModel::random(&VaeConfig::sd(), 1)?,
     });
     let cfg = model.config.clone();
-    let mut dec = VaeDecoder::new(Arc::clone(&model), a.latent, a.threads)?;
-    let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
-    let mut img = vec![0.0f32; dec.image_len()];
+    let backend: icdit::backend::Backend = a.backend.parse()?;
+    if a.batch == 0 || (backend == icdit::backend::Backend::Cpu && a.batch != 1) {
+        return Err(Error::invalid("--batch", "1 on the CPU; 1 or more on a GPU backend"));
+    }
+    let mut dec = icdit::backend::AnyVae::new(Arc::clone(&model), a.latent, a.threads, a.batch, backend)?;
+    let lat: Vec<f32> =
+        (0..a.batch * dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
+    let mut img = vec![0.0f32; a.batch * dec.image_len()];
     for _ in 0..a.warmup {
         dec.decode(&lat, &mut img)?;
     }
@@ -258,16 +269,17 @@ fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let macs = cfg.macs(a.latent) as f64;
+    let macs = cfg.macs(a.latent) as f64 * a.batch as f64;
     outln!(
         "{}",
         serde_json::json!({
-            "impl": "icdit-cpu-vae",
+            "impl": format!("icdit-{}-vae", backend.name()),
+            "batch": a.batch,
+            "ms_per_image": median / a.batch as f64,
             "model": model.source.display().to_string(),
             "latent": a.latent,
             "out_side": dec.out_side(),
             "threads": a.threads,
-            "arena_bytes": dec.plan().total_bytes(),
             "gmacs": macs / 1e9,
             "median_ms": median,
             "min_ms": sorted[0],

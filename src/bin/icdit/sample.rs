@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
-use icdit::backend::{AnyEngine, Backend};
+use icdit::backend::{AnyEngine, AnyVae, Backend};
 use icdit::diffusion::Sampler;
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::tensorfile::write_safetensors;
@@ -189,8 +189,13 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         max_memory: a.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
         check_finite: !a.no_finite_check,
     };
+    let backend: Backend = a.backend.parse()?;
+    // The VAE decodes on the sampler's backend (on a device: its own arena, ≤ 16 latents a call).
+    let any_vae = |v: Option<Arc<VaeModel>>| {
+        v.map(|v| AnyVae::new(v, model.config.input_size, a.threads, a.batch.clamp(1, 16), backend)).transpose()
+    };
     if !a.compare.is_empty() {
-        return compare(&a, &model, &opts, &classes, vae);
+        return compare(&a, &model, &opts, &classes, any_vae(vae)?);
     }
     if let Some(num_images) = a.shard.num_images {
         let spec = crate::shard::RunSpec {
@@ -201,10 +206,12 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
             json: a.json,
             backend: a.backend.parse()?,
         };
+        // Sharded runs decode on the CPU (one decoder shared by the device workers).
+        let vae = vae.map(|v| VaeDecoder::new(v, model.config.input_size, a.threads)).transpose()?;
         return crate::shard::run(&a.shard, num_images, &spec, &model, &opts, vae);
     }
-    let backend: Backend = a.backend.parse()?;
     let device = crate::shard::plain_device(&a.shard, backend)?;
+    let vae = any_vae(vae)?;
     let mut engine = AnyEngine::new_on(Arc::clone(&model), &opts, backend, device)?;
     let steps = engine.steps();
     let ranks = match &opts.cache {
@@ -425,7 +432,7 @@ fn read_noise(path: &Path, n: usize, cfg: &icdit::DitConfig) -> Result<(Vec<f32>
 }
 
 /// The VAE decoder for a latent-space model: --vae, or the pipeline's own `vae/` folder.
-fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<VaeDecoder>, Error> {
+fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<Arc<VaeModel>>, Error> {
     let path = match &a.vae {
         Some(p) => p.clone(),
         None if weights.is_dir() && weights.join("vae").join("config.json").is_file() => weights.join("vae"),
@@ -442,14 +449,27 @@ fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<V
             reason: format!("the VAE decodes {lc}-channel latents but the DiT samples {c} channels"),
         });
     }
-    Ok(Some(VaeDecoder::new(vae, model.config.input_size, a.threads)?))
+    Ok(Some(vae))
 }
 
 /// Decodes `n` latents one after another into (C, H, W) images.
-pub fn decode_all(dec: &mut VaeDecoder, latents: &[f32], n: usize) -> Result<Vec<f32>, Error> {
-    let (ll, il) = (dec.latent_len(), dec.image_len());
+pub fn decode_all(dec: &mut AnyVae, latents: &[f32], n: usize) -> Result<Vec<f32>, Error> {
+    let (ll, il, per) = (dec.latent_len(), dec.image_len(), dec.batch());
+    decode_chunks(ll, il, per, latents, n, |z, out| dec.decode(z, out))
+}
+
+/// Decodes `n` latents `per` at a time with `decode`, stopping cleanly on Ctrl-C.
+pub fn decode_chunks(
+    ll: usize,
+    il: usize,
+    per: usize,
+    latents: &[f32],
+    n: usize,
+    mut decode: impl FnMut(&[f32], &mut [f32]) -> icdit::Result<()>,
+) -> Result<Vec<f32>, Error> {
+    let per = per.max(1);
     let mut images = vec![0.0f32; n * il];
-    for i in 0..n {
+    for i in (0..n).step_by(per) {
         if crate::interrupt::requested() {
             return Err(Error::Interrupted {
                 done: format!(
@@ -457,7 +477,8 @@ pub fn decode_all(dec: &mut VaeDecoder, latents: &[f32], n: usize) -> Result<Vec
                 ),
             });
         }
-        dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
+        let k = per.min(n - i);
+        decode(&latents[i * ll..(i + k) * ll], &mut images[i * il..(i + k) * il])?;
     }
     Ok(images)
 }
@@ -468,7 +489,7 @@ fn compare(
     model: &Arc<DitModel>,
     opts: &EngineOptions,
     classes: &[i64],
-    vae: Option<VaeDecoder>,
+    vae: Option<AnyVae>,
 ) -> Result<(), Error> {
     let cfg = model.config;
     if a.noise.is_some() || a.out_latents.is_some() {
