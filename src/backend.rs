@@ -186,11 +186,23 @@ impl AnyVae {
         max_images: usize,
         backend: Backend,
     ) -> Result<Self> {
+        Self::new_on(model, latent, threads, max_images, backend, 0)
+    }
+
+    /// As [`AnyVae::new`] on CUDA device `device` (ignored on the CPU and the emulation).
+    pub fn new_on(
+        model: Arc<crate::vae::VaeModel>,
+        latent: usize,
+        threads: usize,
+        max_images: usize,
+        backend: Backend,
+        device: usize,
+    ) -> Result<Self> {
         use crate::vae::{GpuVaeDecoder, VaeDecoder};
         match backend {
             Backend::Cpu => Ok(AnyVae::Cpu(Box::new(VaeDecoder::new(model, latent, threads)?))),
             Backend::Emu => Ok(AnyVae::Emu(Box::new(GpuVaeDecoder::new(model, latent, max_images, EmuDevice::new)?))),
-            Backend::Cuda => cuda_vae(model, latent, max_images),
+            Backend::Cuda => cuda_vae(model, latent, max_images, device),
         }
     }
 
@@ -247,14 +259,15 @@ impl AnyVae {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_vae(model: Arc<crate::vae::VaeModel>, latent: usize, max_images: usize) -> Result<AnyVae> {
+fn cuda_vae(model: Arc<crate::vae::VaeModel>, latent: usize, max_images: usize, device: usize) -> Result<AnyVae> {
     let d = crate::vae::GpuVaeDecoder::new(model, latent, max_images, |plan| {
-        crate::gpu::CudaDevice::open(plan)?.ok_or_else(|| Error::gpu("--backend cuda", "no CUDA GPU found"))
+        crate::gpu::CudaDevice::open_ordinal(plan, device)?
+            .ok_or_else(|| Error::gpu("--backend cuda", "no CUDA GPU found"))
     })?;
     Ok(AnyVae::Cuda(Box::new(d)))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn cuda_vae(_: Arc<crate::vae::VaeModel>, _: usize, _: usize) -> Result<AnyVae> {
+fn cuda_vae(_: Arc<crate::vae::VaeModel>, _: usize, _: usize, _: usize) -> Result<AnyVae> {
     Err(no_cuda())
 }

@@ -93,6 +93,7 @@ pub fn write_npz(path: &Path, pixels: &[u8], count: usize, side: usize, channels
         let mut npz = npyz::npz::NpzWriter::new(&mut buf);
         let opts = npyz::zip::write::FileOptions::default()
             .compression_method(npyz::zip::CompressionMethod::Stored)
+            .last_modified_time(npyz::zip::DateTime::default()) // fixed: same images, same bytes
             .large_file(pixels.len() as u64 >= u32::MAX as u64 / 2);
         let mut w = npz
             .array::<u8>("arr_0", opts)

@@ -450,3 +450,166 @@ fn parts_done(run: &Path) -> usize {
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .map_or(0, |m| m["parts"].as_array().map_or(0, Vec::len))
 }
+
+/// The hd72 fixture model (DiT with head dim 72, 2 blocks, 8×8 latents) and the small VAE:
+/// the GPU pipeline under emulation samples it in a fraction of a second.
+fn emu_model() -> Vec<String> {
+    let fixture = |rel: &str| s(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel));
+    let mut a: Vec<String> = ["--weights", "hd72/official.safetensors", "--vae", "vae/new"]
+        .chunks(2)
+        .flat_map(|f| [f[0].to_string(), fixture(f[1])])
+        .collect();
+    a.extend(["--backend", "emu"].map(String::from));
+    a
+}
+
+/// A `--num-images` run of the fixture model on the emulation: 3 steps, 2 images per part.
+fn run_emu(n: u64, dir: &Path, extra: &[&str]) -> Output {
+    let model = emu_model();
+    let mut e: Vec<&str> = model.iter().map(String::as_str).collect();
+    e.extend(["--steps", "3", "--batch", "2"]);
+    e.extend(extra);
+    run_sample(n, dir, &e)
+}
+
+/// The part files of a run folder by name: their size and `arr_0` (the files' bytes differ
+/// only in the zip header's modification time).
+#[allow(clippy::type_complexity)]
+fn part_files(dir: &Path) -> BTreeMap<String, (u64, (Vec<u64>, Vec<u8>))> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("part-"))
+        .map(|p| {
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, (std::fs::metadata(&p).unwrap().len(), arr0(&p)))
+        })
+        .collect()
+}
+
+#[test]
+fn several_devices_write_what_one_device_writes_byte_for_byte() {
+    let t = Instant::now();
+    let root = fresh("devices");
+    let (one, two) = (root.join("one"), root.join("two"));
+    // 7 images in parts of 2: 0..2, 2..4, 4..6 and a smaller last one, 6..7.
+    ok(run_emu(7, &one, &["--devices", "0", "--png"]));
+    // Two emulated devices, stopped after two parts (a time-limited job), then resumed.
+    let o = ok(run_emu(7, &two, &["--devices", "1,0", "--png", "--max-parts", "2", "--json"]));
+    let r = json(&o);
+    assert_eq!((r["sampled"].as_u64(), r["done"].as_bool()), (Some(4), Some(false)), "{}", stderr(&o));
+    assert!(stderr(&o).contains("2 devices (emu 1, 0): one worker thread and engine each"), "{}", stderr(&o));
+    let by_device = |r: &serde_json::Value| -> u64 {
+        r["parts_by_device"].as_array().unwrap().iter().map(|p| p["parts"].as_u64().unwrap()).sum()
+    };
+    assert_eq!(by_device(&r), 2);
+    let o = ok(run_emu(7, &two, &["--devices", "0,1", "--png", "--json"]));
+    let r = json(&o);
+    assert_eq!((r["skipped"].as_u64(), r["sampled"].as_u64(), r["done"].as_bool()), (Some(4), Some(3), Some(true)));
+    assert_eq!((r["devices"].clone(), by_device(&r)), (serde_json::json!([0, 1]), 2));
+    println!("{}", stderr(&o));
+
+    // Same part files (names, sizes, arrays), PNGs, manifest entries and merged output.
+    let (a, b) = (part_files(&one), part_files(&two));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    assert!(a == b, "part files differ between one and two devices");
+    assert!(files(&one.join("images")) == files(&two.join("images")), "PNGs differ");
+    assert_eq!(manifest(&one, 0, 1)["parts"], manifest(&two, 0, 1)["parts"]);
+    let (x, y) = (root.join("one.npz"), root.join("two.npz"));
+    ok(merge(&x, &[&one]));
+    ok(merge(&y, &[&two]));
+    let (shape, pixels) = arr0(&x);
+    assert_eq!(shape, [7, 32, 32, 3]);
+    assert!(pixels.iter().any(|&p| p != pixels[0]), "pixels are not constant");
+    assert!(std::fs::read(&x).unwrap() == std::fs::read(&y).unwrap(), "merged .npz files differ");
+    for d in [&one, &two, &two.join("images")] {
+        assert!(hidden(d).is_empty(), "{}: {:?}", d.display(), hidden(d));
+    }
+    eprintln!("--devices 0 vs 0,1 on the emulation: {:.2} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn bad_device_lists_are_refused() {
+    let t = Instant::now();
+    let root = fresh("bad-devices");
+    let dir = root.join("run");
+    #[allow(clippy::type_complexity)]
+    let cases: &[(&[&str], &str)] = &[
+        (&["--backend", "emu", "--devices", "0,0"], "device 0 is listed twice"),
+        (&["--backend", "emu", "--devices", ""], "has an empty entry"),
+        (&["--backend", "emu", "--devices", "0,,1"], "has an empty entry"),
+        (&["--backend", "emu", "--devices", "0,gpu1"], "`gpu1` in `0,gpu1` is not a device ordinal"),
+        (&["--devices", "0"], "is for the GPU backends"),
+        (&["--backend", "cpu", "--devices", "0,1"], "is for the GPU backends"),
+    ];
+    for (extra, words) in cases {
+        let o = run_sample(4, &dir, extra);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.starts_with("error: invalid --devices: ") && err.contains(words), "{extra:?}: {err}");
+        assert!(!dir.exists() || std::fs::read_dir(&dir).unwrap().next().is_none(), "{extra:?}: files written");
+    }
+    // Without --num-images there are no parts to hand out: one device only, for now.
+    let o = icdit(&["sample", "--class", "1", "--backend", "emu", "--devices", "0,1"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("several devices are for --num-images runs"), "{}", stderr(&o));
+    // A device that cannot be opened (no CUDA build, no GPU, or no device 4096) stops the
+    // run with a device error naming it; the other worker stops too.
+    let o = run_sample(4, &dir, &["--backend", "cuda", "--devices", "0,4096", "--batch", "2"]);
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(5), "{err}");
+    assert!(err.contains("error: GPU ") && (err.contains("device 0: ") || err.contains("device 4096")), "{err}");
+    println!("{err}");
+    eprintln!("bad device lists: {:.2} s", t.elapsed().as_secs_f64());
+}
+
+#[test]
+fn one_listed_device_serves_a_plain_sample_run() {
+    // Without --num-images, --devices picks the GPU; an emulated device 3 is a device like 0.
+    let root = fresh("plain-device");
+    let model = emu_model();
+    let mut npz = Vec::new();
+    for d in ["0", "3"] {
+        let out = root.join(format!("device{d}.npz"));
+        let mut a: Vec<&str> = vec!["sample", "--random-classes", "3", "--seed", "3", "--steps", "3", "--devices", d];
+        a.extend(model.iter().map(String::as_str));
+        let out_s = s(&out);
+        a.extend(["--npz", &out_s]);
+        ok(icdit(&a));
+        npz.push(arr0(&out));
+    }
+    assert!(npz[0] == npz[1], "device 3 differs from device 0");
+}
+
+#[test]
+fn ctrl_c_stops_every_device_and_the_shard_resumes() {
+    let t = Instant::now();
+    let root = fresh("devices-sigint");
+    let run = root.join("run");
+    let model = emu_model();
+    let out = s(&run);
+    let mut args: Vec<&str> = vec!["sample", "--num-images", "5", "--out", &out, "--seed", "5", "--threads", "1"];
+    args.extend(model.iter().map(String::as_str));
+    // Slow enough to interrupt part-way: 12 steps, one image per part.
+    args.extend(["--steps", "12", "--batch", "1", "--devices", "0,1"]);
+    let child = command(&args, &[]).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while parts_done(&run) < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains("interrupted: shard 0 of 1") && err.contains("the same command resumes"), "{err}");
+    let m = manifest(&run, 0, 1);
+    assert_eq!(m["done"], false, "the run finished before it could be interrupted; make it slower");
+    let kept = m["parts"].as_array().unwrap().len() as u64;
+    assert_eq!(part_files(&run).len() as u64, kept, "a part file the manifest does not list");
+    assert!(hidden(&run).is_empty(), "{:?}", hidden(&run));
+    args.push("--json");
+    let r = json(&ok(command(&args, &[]).output().unwrap()));
+    assert_eq!((r["skipped"].as_u64(), r["sampled"].as_u64()), (Some(kept), Some(5 - kept)));
+    eprintln!("Ctrl-C with two devices, then resumed: {:.2} s", t.elapsed().as_secs_f64());
+}

@@ -787,7 +787,10 @@ impl<D: Device> GpuEngine<D> {
             if bad_out >= 0 || bad_lat >= 0 {
                 // The model output is checked before the sampler update of the same step.
                 let (step, location) = if bad_out >= 0 && (bad_lat < 0 || bad_out <= bad_lat) {
-                    (bad_out as usize, "the model output (the GPU pipeline checks whole steps; the CPU backend names the block)")
+                    (
+                        bad_out as usize,
+                        "the model output (the GPU pipeline checks whole steps; the CPU backend names the block)",
+                    )
                 } else {
                     (bad_lat as usize, "the latents after the sampler update")
                 };

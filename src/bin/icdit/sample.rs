@@ -191,11 +191,12 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     };
     let backend: Backend = a.backend.parse()?;
     // The VAE decodes on the sampler's backend (on a device: its own arena, ≤ 16 latents a call).
-    let any_vae = |v: Option<Arc<VaeModel>>| {
-        v.map(|v| AnyVae::new(v, model.config.input_size, a.threads, a.batch.clamp(1, 16), backend)).transpose()
+    let any_vae = |v: Option<Arc<VaeModel>>, device: usize| {
+        v.map(|v| AnyVae::new_on(v, model.config.input_size, a.threads, a.batch.clamp(1, 16), backend, device))
+            .transpose()
     };
     if !a.compare.is_empty() {
-        return compare(&a, &model, &opts, &classes, any_vae(vae)?);
+        return compare(&a, &model, &opts, &classes, any_vae(vae, 0)?);
     }
     if let Some(num_images) = a.shard.num_images {
         let spec = crate::shard::RunSpec {
@@ -211,7 +212,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         return crate::shard::run(&a.shard, num_images, &spec, &model, &opts, vae);
     }
     let device = crate::shard::plain_device(&a.shard, backend)?;
-    let vae = any_vae(vae)?;
+    let vae = any_vae(vae, device)?;
     let mut engine = AnyEngine::new_on(Arc::clone(&model), &opts, backend, device)?;
     let steps = engine.steps();
     let ranks = match &opts.cache {

@@ -454,7 +454,12 @@ pub fn run(
         parts,
         next: AtomicUsize::new(0),
         stop: Arc::new(AtomicBool::new(false)),
-        progress: Mutex::new(Progress { manifest, sampled: 0, parts_by_device: Vec::new() }),
+        progress: Mutex::new(Progress {
+            manifest,
+            sampled: 0,
+            // The devices that get a worker: at most one per part.
+            parts_by_device: devices.iter().flatten().take(parts.len()).map(|&d| (d, 0)).collect(),
+        }),
         vae: Mutex::new(vae.take()),
         channels,
         side,
@@ -470,9 +475,8 @@ pub fn run(
         None | Some([_]) => {
             let device = devices.as_ref().map(|d| d[0]);
             if !parts.is_empty() {
-                let mut e =
-                    AnyEngine::new_on(Arc::clone(model), &engine_opts, spec.backend, device.unwrap_or(0))
-                        .map_err(|e| naming_device(e, device))?;
+                let mut e = AnyEngine::new_on(Arc::clone(model), &engine_opts, spec.backend, device.unwrap_or(0))
+                    .map_err(|e| naming_device(e, device))?;
                 e.set_interrupt(Some(crate::interrupt::flag()));
                 threads = Some(e.threads());
                 work.progress().manifest.write(&path)?;
@@ -490,12 +494,19 @@ pub fn run(
         Some(list) => {
             work.progress().manifest.write(&path)?;
             let used = &list[..list.len().min(parts.len())];
+            let names = |d: &[usize]| d.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
             if !used.is_empty() {
                 log(format!(
-                    "  {} devices ({} {}): one worker thread and engine each; parts go to whichever is free",
+                    "  {} device{} ({} {}): one worker thread and engine each; parts go to whichever is free{}",
                     used.len(),
+                    if used.len() == 1 { "" } else { "s" },
                     spec.backend.name(),
-                    used.iter().map(usize::to_string).collect::<Vec<_>>().join(", ")
+                    names(used),
+                    if used.len() < list.len() {
+                        format!(" (device {} idle: {} part(s) to sample)", names(&list[used.len()..]), parts.len())
+                    } else {
+                        String::new()
+                    }
                 ));
             }
             let failed: Mutex<Option<Error>> = Mutex::new(None);
@@ -504,14 +515,15 @@ pub fn run(
                     .iter()
                     .map(|&d| {
                         let (work, engine_opts, failed) = (&work, &engine_opts, &failed);
-                        let handle = std::thread::Builder::new()
-                            .name(format!("icdit-device-{d}"))
-                            .spawn_scoped(scope, move || {
-                                let result = AnyEngine::new_on(Arc::clone(work.model), engine_opts, work.spec.backend, d)
-                                    .and_then(|mut e| {
-                                        e.set_interrupt(Some(Arc::clone(&work.stop)));
-                                        work.run_on(&mut e, d)
-                                    });
+                        let handle = std::thread::Builder::new().name(format!("icdit-device-{d}")).spawn_scoped(
+                            scope,
+                            move || {
+                                let result =
+                                    AnyEngine::new_on(Arc::clone(work.model), engine_opts, work.spec.backend, d)
+                                        .and_then(|mut e| {
+                                            e.set_interrupt(Some(Arc::clone(&work.stop)));
+                                            work.run_on(&mut e, d)
+                                        });
                                 match result {
                                     Err(Error::Interrupted { .. }) => true,
                                     Err(e) => {
@@ -519,7 +531,9 @@ pub fn run(
                                         let e = naming_device(e, Some(d));
                                         let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
                                         if f.is_none() {
-                                            log(format!("device {d} failed; stopping the other devices: {e}"));
+                                            if used.len() > 1 {
+                                                log(format!("  device {d} failed; stopping the other devices"));
+                                            }
                                             *f = Some(e);
                                         }
                                         work.stop.store(true, Ordering::Relaxed);
@@ -527,7 +541,8 @@ pub fn run(
                                     }
                                     Ok(()) => false,
                                 }
-                            });
+                            },
+                        );
                         (d, handle)
                     })
                     .collect();
@@ -539,10 +554,10 @@ pub fn run(
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 for (d, handle) in workers {
-                    let outcome = handle
-                        .map_err(|e| Error::io(format!("(worker thread for device {d})"), e))
-                        .and_then(|h| {
-                            h.join().map_err(|_| Error::invalid("--devices", format!("the worker of device {d} panicked")))
+                    let outcome =
+                        handle.map_err(|e| Error::io(format!("(worker thread for device {d})"), e)).and_then(|h| {
+                            h.join()
+                                .map_err(|_| Error::invalid("--devices", format!("the worker of device {d} panicked")))
                         });
                     match outcome {
                         Ok(stopped) => interrupted |= stopped,
@@ -558,8 +573,7 @@ pub fn run(
             threads = Some(0);
         }
     }
-    let Progress { manifest, sampled, parts_by_device } =
-        work.progress.into_inner().unwrap_or_else(|p| p.into_inner());
+    let Progress { manifest, sampled, parts_by_device } = work.progress.into_inner().unwrap_or_else(|p| p.into_inner());
     if let Some(e) = failure {
         return Err(e);
     }
@@ -579,10 +593,10 @@ pub fn run(
     }
     let secs = start.elapsed().as_secs_f64();
     let by_device = match &devices {
-        Some(d) if !parts_by_device.is_empty() => format!(
+        Some(_) if !parts_by_device.is_empty() => format!(
             " on {} device{} ({})",
-            d.len(),
-            if d.len() == 1 { "" } else { "s" },
+            parts_by_device.len(),
+            if parts_by_device.len() == 1 { "" } else { "s" },
             parts_by_device
                 .iter()
                 .map(|(d, n)| format!("device {d}: {n} part{}", if *n == 1 { "" } else { "s" }))
@@ -637,7 +651,7 @@ struct Progress {
     manifest: Manifest,
     /// Images sampled in this run.
     sampled: u64,
-    /// Parts written in this run, per device, in the order the devices first finished one.
+    /// Parts written in this run per device that got a worker, in --devices order.
     parts_by_device: Vec<(usize, usize)>,
 }
 
@@ -692,7 +706,14 @@ impl Work<'_> {
                 match vae.as_mut() {
                     None => &latents[..count * img],
                     Some(d) => {
-                        decoded = crate::sample::decode_all(d, &latents[..count * img], count)?;
+                        decoded = crate::sample::decode_chunks(
+                            d.latent_len(),
+                            d.image_len(),
+                            1,
+                            &latents[..count * img],
+                            count,
+                            |z, out| d.decode(z, out),
+                        )?;
                         &decoded[..]
                     }
                 }
@@ -702,7 +723,13 @@ impl Work<'_> {
             if self.args.png {
                 for (i, &c) in labels.iter().enumerate() {
                     let png = self.dir.join("images").join(crate::output::png_name(at + i as u64, c, Some(seed)));
-                    image::write_png(&png, &px[i * per_image..(i + 1) * per_image], self.side, self.side, self.channels)?;
+                    image::write_png(
+                        &png,
+                        &px[i * per_image..(i + 1) * per_image],
+                        self.side,
+                        self.side,
+                        self.channels,
+                    )?;
                 }
             }
             let file = part_name(at, at + n);
@@ -738,7 +765,9 @@ fn naming_device(e: Error, device: Option<usize>) -> Error {
     let Some(d) = device else { return e };
     let tag = format!("device {d}");
     match e {
-        Error::Gpu { what, reason } if !reason.contains(&tag) => Error::Gpu { what, reason: format!("{tag}: {reason}") },
+        Error::Gpu { what, reason } if !reason.contains(&tag) => {
+            Error::Gpu { what, reason: format!("{tag}: {reason}") }
+        }
         Error::Invalid { what, reason } => Error::Invalid { what, reason: format!("{tag}: {reason}") },
         Error::Config { origin, reason } => Error::Config { origin, reason: format!("{tag}: {reason}") },
         Error::Memory { what, need, limit, limit_from, breakdown } => {
