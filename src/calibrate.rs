@@ -353,6 +353,11 @@ pub struct LayerReport {
     pub rel_error_weighted: f64,
 }
 
+/// (up, down, energy kept, relative error, channel-weighted relative error) of a factorisation.
+pub type Factorized = (Vec<f32>, Vec<f32>, f64, f64, f64);
+/// A block's (left, right) weight vectors per layer type, for CA-SVD.
+pub type WeightVectors = [(Vec<f32>, Vec<f32>); 6];
+
 /// Factorises W (out, in) at `rank`, optionally scaled by (left, right) vectors (E.8):
 /// W' = diag(l)·W·diag(r) = U S Vᵀ; up = diag(1/l)·U_r·S_r, down = V_rᵀ·diag(1/r).
 pub fn factorize(
@@ -361,7 +366,7 @@ pub fn factorize(
     inp: usize,
     rank: usize,
     vectors: Option<(&[f32], &[f32])>,
-) -> Result<(Vec<f32>, Vec<f32>, f64, f64, f64)> {
+) -> Result<Factorized> {
     let (l, r) = match vectors {
         Some((l, r)) => (l.to_vec(), r.to_vec()),
         None => (vec![1.0; out], vec![1.0; inp]),
@@ -412,10 +417,10 @@ pub fn factorize(
 pub fn compute_factors(
     model: &DitModel,
     ranks: [usize; 6],
-    vectors: Option<&[[(Vec<f32>, Vec<f32>); 6]]>,
+    vectors: Option<&[WeightVectors]>,
     threads: usize,
     progress: &(dyn Fn(usize, usize) + Sync),
-) -> Result<(Vec<[(Vec<f32>, Vec<f32>, usize); 6]>, Vec<LayerReport>)> {
+) -> Result<(Vec<[crate::factors::LayerData; 6]>, Vec<LayerReport>)> {
     let cfg = &model.config;
     let (c, m) = (cfg.hidden_size, cfg.mlp_hidden());
     for (t, &r) in LayerType::ALL.iter().zip(&ranks) {
@@ -459,7 +464,7 @@ pub fn compute_factors(
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("factorisation thread")).collect()
     });
-    let mut layers: Vec<[(Vec<f32>, Vec<f32>, usize); 6]> =
+    let mut layers: Vec<[crate::factors::LayerData; 6]> =
         (0..cfg.depth).map(|_| std::array::from_fn(|_| (Vec::new(), Vec::new(), 0))).collect();
     let mut report = Vec::with_capacity(total);
     for (b, t, r) in results {
@@ -483,7 +488,7 @@ pub fn build_factors(
     model: &DitModel,
     method: Method,
     ranks: [usize; 6],
-    layers: Vec<[(Vec<f32>, Vec<f32>, usize); 6]>,
+    layers: Vec<[crate::factors::LayerData; 6]>,
     report: &[LayerReport],
     settings: serde_json::Value,
 ) -> Result<Factors> {

@@ -194,14 +194,14 @@ impl DitConfig {
                 return fail(format!("{name} must be positive"));
             }
         }
-        if self.input_size % self.patch_size != 0 {
+        if !self.input_size.is_multiple_of(self.patch_size) {
             return fail(format!("input_size {} is not a multiple of patch_size {}", self.input_size, self.patch_size));
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return fail(format!("hidden_size {} is not divisible by num_heads {}", self.hidden_size, self.num_heads));
         }
         // The sin-cos position embedding splits C into four equal parts (reference doc A.2).
-        if self.hidden_size % 4 != 0 {
+        if !self.hidden_size.is_multiple_of(4) {
             return fail(format!("hidden_size {} is not a multiple of 4", self.hidden_size));
         }
         if !(self.mlp_ratio.is_finite() && self.mlp_ratio > 0.0) || self.mlp_hidden() == 0 {

@@ -39,7 +39,7 @@ pub enum FullSteps {
 impl FullSteps {
     pub fn is_full(&self, step: usize) -> bool {
         match self {
-            FullSteps::Period(n) => step % n == 0,
+            FullSteps::Period(n) => step.is_multiple_of(*n),
             FullSteps::List(l) => l.contains(&step),
         }
     }

@@ -61,6 +61,9 @@ impl LayerType {
     }
 }
 
+/// One layer's factors as computed: (`up` (out, r), `down` (r, in), r).
+pub type LayerData = (Vec<f32>, Vec<f32>, usize);
+
 /// One layer's factors.
 #[derive(Clone, Copy, Debug)]
 pub struct LayerFactors {
@@ -175,11 +178,7 @@ impl Factors {
     }
 
     /// Factors held in memory: `layers[block][type] = (up (out·r), down (r·in), r)`.
-    pub fn from_parts(
-        model: &DitModel,
-        info: FactorInfo,
-        layers: Vec<[(Vec<f32>, Vec<f32>, usize); 6]>,
-    ) -> Result<Factors> {
+    pub fn from_parts(model: &DitModel, info: FactorInfo, layers: Vec<[LayerData; 6]>) -> Result<Factors> {
         let cfg = &model.config;
         if layers.len() != cfg.depth {
             return Err(Error::invalid("factors", format!("{} blocks for a {}-block model", layers.len(), cfg.depth)));

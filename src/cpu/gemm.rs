@@ -533,6 +533,7 @@ fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>
 ///
 /// # Safety
 /// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds.
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_portable(
     kc: usize,
     a: *const f32,
@@ -568,6 +569,7 @@ unsafe fn kernel_portable(
 /// As [`kernel_portable`], and the CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn kernel_avx512(
     kc: usize,
     a: *const f32,

@@ -442,6 +442,7 @@ impl CpuEngine {
     }
 
     /// dst[m, n] = A[m, k]·Wᵀ + b with A, dst arena buffers and W, b a weight and bias.
+    #[allow(clippy::too_many_arguments)]
     fn linear_weights(
         &self,
         a: BufId,

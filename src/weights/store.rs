@@ -62,6 +62,9 @@ impl WeightStore {
 }
 
 /// How an owned tensor gets its values once the buffer exists.
+/// Writes a generated tensor's values into its buffer.
+type Generator = Box<dyn FnOnce(&mut [f32])>;
+
 enum Fill {
     Convert {
         file: usize,
@@ -69,7 +72,7 @@ enum Fill {
     },
     /// Concatenation along dim 0 (rows) of whole tensors, in order.
     Concat(Vec<(usize, String)>),
-    Generated(Box<dyn FnOnce(&mut [f32])>),
+    Generated(Generator),
 }
 
 /// Collects tensor references while a layout is validated, then allocates the owned buffer

@@ -48,6 +48,7 @@ pub fn assert_close(what: &str, a: &[f32], e: &[f32], tol: f64) -> f64 {
     assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite output");
     let err = rel_l2(a, e);
     println!("{what}: relative L2 error {err:.3e} (tolerance {tol:.0e}, reference rms {rms:.3})");
+    #[allow(clippy::neg_cmp_op_on_partial_ord)] // also true for a NaN error
     if !(err <= tol) {
         let mut idx: Vec<usize> = (0..a.len()).collect();
         idx.sort_by(|&i, &j| (a[j] - e[j]).abs().total_cmp(&(a[i] - e[i]).abs()));

@@ -53,7 +53,7 @@ enum Command {
     /// Times VAE decodes (the SD-VAE architecture with random weights, or a VAE folder).
     BenchVae(BenchVaeArgs),
     /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
-    Sample(sample::SampleArgs),
+    Sample(Box<sample::SampleArgs>),
     /// Compute rank-r factors (SVD or channel-aware SVD) for increment-calibrated caching.
     Calibrate(calibrate::CalibrateArgs),
     /// Decode latents (from `sample --out-latents`) to images with a VAE.
@@ -188,7 +188,7 @@ fn main() -> ExitCode {
         Command::BenchForward(a) => bench_forward(a),
         Command::BenchVae(a) => bench_vae(a),
         Command::BenchGpu(a) => bench_gpu::run(a),
-        Command::Sample(a) => sample::run(a),
+        Command::Sample(a) => sample::run(*a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Decode(a) => decode::run(a),
         Command::CacheReport(a) => report::run(a),
