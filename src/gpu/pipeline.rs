@@ -357,20 +357,8 @@ impl<D: Device> GpuEngine<D> {
         let full = find(StepKind::Full);
         let needs_full = matches!(kind, StepKind::Calibrated | StepKind::Reuse);
         let iters = iters.clamp(1, if needs_full { steps - 1 } else { steps }.max(1));
-        for r in 0..n {
-            self.labels_host[r] = (r % cfg.num_classes) as i32;
-            if rows > n {
-                self.labels_host[n + r] = cfg.null_class() as i32;
-            }
-        }
-        for (s, k) in (0..steps).rev().enumerate() {
-            let t = self.schedule.timestep_map[k] as f32;
-            self.t_host[s * rows..][..rows].fill(t);
-        }
+        self.stage_request(n, rows, |r| (r % cfg.num_classes) as i32, 0, 0)?;
         let b = &self.bufs;
-        self.dev.upload(self.s::<i32>(b.labels)?.sub(0, rows)?, &self.labels_host[..rows])?;
-        self.dev.upload(self.s::<f32>(b.t_all)?.sub(0, steps * rows)?, &self.t_host[..steps * rows])?;
-        self.put_state(0, 0)?;
         launch::normal_f32(&self.dev, self.s(b.latents)?, self.s(b.state)?, n as i32, cfg.image_elems() as i32, 0)?;
         self.conditioning(steps * rows, rows)?;
         if needs_full {
@@ -564,6 +552,33 @@ impl<D: Device> GpuEngine<D> {
         self.dev.upload(self.s::<f32>(self.bufs.coeffs)?, &table)
     }
 
+    /// Uploads a request's labels ([classes; null…] when `rows` > `n`), the timestep of every
+    /// (step, row) and the request state.
+    fn stage_request(
+        &mut self,
+        n: usize,
+        rows: usize,
+        class: impl Fn(usize) -> i32,
+        seed: u64,
+        first: u64,
+    ) -> Result<()> {
+        let (null, steps) = (self.model.config.null_class() as i32, self.schedule.len());
+        for r in 0..n {
+            self.labels_host[r] = class(r);
+            if rows > n {
+                self.labels_host[n + r] = null;
+            }
+        }
+        for (s, k) in (0..steps).rev().enumerate() {
+            let t = self.schedule.timestep_map[k] as f32;
+            self.t_host[s * rows..][..rows].fill(t);
+        }
+        let b = &self.bufs;
+        self.dev.upload(self.s::<i32>(b.labels)?.sub(0, rows)?, &self.labels_host[..rows])?;
+        self.dev.upload(self.s::<f32>(b.t_all)?.sub(0, steps * rows)?, &self.t_host[..steps * rows])?;
+        self.put_state(seed, first)
+    }
+
     /// Writes the request state (step 0, seed, first image index) to the device.
     fn put_state(&self, seed: u64, first: u64) -> Result<()> {
         let mut st = [0i32; STATE];
@@ -736,21 +751,8 @@ impl<D: Device> GpuEngine<D> {
         let img = cfg.image_elems();
         let guided = self.opts.cfg_scale > 1.0;
         let rows = if guided { 2 * n } else { n };
-        // Labels [classes; null…] and the timestep of every (step, row).
-        for r in 0..n {
-            self.labels_host[r] = req.classes[r] as i32;
-            if guided {
-                self.labels_host[n + r] = cfg.null_class() as i32;
-            }
-        }
-        for (s, k) in (0..steps).rev().enumerate() {
-            let t = self.schedule.timestep_map[k] as f32;
-            self.t_host[s * rows..][..rows].fill(t);
-        }
+        self.stage_request(n, rows, |r| req.classes[r] as i32, req.seed, req.first_index)?;
         let b = &self.bufs;
-        self.dev.upload(self.s::<i32>(b.labels)?.sub(0, rows)?, &self.labels_host[..rows])?;
-        self.dev.upload(self.s::<f32>(b.t_all)?.sub(0, steps * rows)?, &self.t_host[..steps * rows])?;
-        self.put_state(req.seed, req.first_index)?;
         let latents = self.s::<f32>(b.latents)?;
         match req.noise {
             Some(z) => self.dev.upload(latents.sub(0, n * img)?, z)?,

@@ -58,18 +58,7 @@ impl VaeDecoder {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let (lc, cm, oc) = (cfg.latent_channels, cfg.mid_channels(), cfg.out_channels);
         let l2 = latent * latent;
-        // The largest activation: over every stage, pixels × the wider of its channel counts.
-        let mut biggest = l2 * cm;
-        let mut side = latent;
-        for i in 0..cfg.block_out_channels.len() {
-            let (cin, cout) = cfg.up_channels(i);
-            biggest = biggest.max(side * side * cin.max(cout));
-            if i + 1 < cfg.block_out_channels.len() {
-                side *= 2;
-                biggest = biggest.max(side * side * cout);
-            }
-        }
-        biggest = biggest.max(side * side * oc);
+        let (biggest, side) = (cfg.largest_activation(latent), cfg.out_side(latent));
         let cmax = cfg.block_out_channels.iter().copied().max().unwrap_or(1).max(oc);
         let attn_px = if cfg.mid_attention { l2 } else { 0 };
         let mut plan = Plan::new(format!("VAE decoder, latent {latent}×{latent} → {side}×{side}, {threads} threads"));

@@ -119,17 +119,7 @@ impl<D: Device> GpuVaeDecoder<D> {
         }
         let (lc, cm, oc) = (cfg.latent_channels, cfg.mid_channels(), cfg.out_channels);
         let l2 = latent * latent;
-        let mut biggest = l2 * cm;
-        let mut side = latent;
-        for i in 0..cfg.block_out_channels.len() {
-            let (cin, cout) = cfg.up_channels(i);
-            biggest = biggest.max(side * side * cin.max(cout));
-            if i + 1 < cfg.block_out_channels.len() {
-                side *= 2;
-                biggest = biggest.max(side * side * cout);
-            }
-        }
-        biggest = biggest.max(side * side * oc);
+        let (biggest, side) = (cfg.largest_activation(latent), cfg.out_side(latent));
         let n = max_images;
         if (n * biggest) as u64 > i32::MAX as u64 || (l2 * l2) as u64 > i32::MAX as u64 {
             return Err(Error::invalid(

@@ -61,6 +61,23 @@ impl VaeConfig {
         latent << self.block_out_channels.len().saturating_sub(1).min(16)
     }
 
+    /// Elements of the largest activation a decode of a `latent`-side latent holds (over every
+    /// stage, pixels × the wider of its channel counts), which sizes the decoders' reused
+    /// activation buffers.
+    pub fn largest_activation(&self, latent: usize) -> usize {
+        let mut biggest = latent * latent * self.mid_channels();
+        let mut side = latent;
+        for i in 0..self.block_out_channels.len() {
+            let (cin, cout) = self.up_channels(i);
+            biggest = biggest.max(side * side * cin.max(cout));
+            if i + 1 < self.block_out_channels.len() {
+                side *= 2;
+                biggest = biggest.max(side * side * cout);
+            }
+        }
+        biggest.max(side * side * self.out_channels)
+    }
+
     /// (input channels, output channels) of up block `i`.
     pub fn up_channels(&self, i: usize) -> (usize, usize) {
         let b = &self.block_out_channels;
