@@ -2,8 +2,8 @@
 //   v[m, n]   = Σ_k a'[m, k] · w[n, k] + bias[n] + add[m mod add_rows, n]
 //   out[m, n] = act(v[m, n])            pre[m, n] = v[m, n]   (optional)
 //   a' = a, or a − a_minus when a_minus is given (increment-calibrated caching's
-//   t = (x − x_s)·downᵀ: the difference is formed in f32 and rounded once to f16 while the tile
-//   is staged into shared memory, never stored in global memory).
+//   t = (x − x_s)·downᵀ: the difference is formed in f32 and rounded once to f16 on the
+//   fragments just before the multiply, never stored in global memory).
 // Shapes: a, a_minus (M, K) f16 with row stride lda; w (N, K) f16 row-major, row stride K
 // (PyTorch's Linear weight, so B = wᵀ is read column-major); bias (N) f16; add f16 with row
 // stride ld_add, its row index wrapping every add_rows rows (add_rows = M: an ordinary matrix
@@ -14,20 +14,35 @@
 // Precision: WMMA m16n16k16, f16 inputs (products exact), f32 accumulation; the epilogue adds
 // bias then add in f32, in that order, and rounds each output once (pre = f16(v),
 // out = f16(act(v)) or f32).
-// Launch: grid (⌈N/64⌉, ⌈M/64⌉), 128 threads = 4 warps in 2×2; block tile 64×64, warp tile
-// 32×32 (2×2 fragments), k step 32. Tiles are staged in shared memory, double-buffered: the
-// next k step is fetched while this one multiplies. Rows beyond M or N and columns beyond K
-// are zero-filled in shared memory and the epilogue writes only in-range elements, so M, N, K
-// need not be multiples of the tile. Staging, per operand:
-//   - w, and a without a_minus: 16-byte cp.async when K % 8 == 0 (and lda % 8 == 0 for a) and
-//     the pointers are 16-byte aligned;
-//   - a with a_minus, same conditions: 16-byte loads of both into registers before the
-//     multiply, subtracted and stored to the other stage after it;
-//   - otherwise element by element (synchronously, into the other stage).
-// Epilogue: accumulators → shared memory (reusing the tile buffers) → each thread owns one
-// column and walks every other row of the tile (consecutive threads, consecutive columns).
+//
+// Two tile shapes, one template (the launcher picks by how many tiles fill the GPU):
+//   gemm_fused_f16     block 64×64,   4 warps (2×2) of 32×32, k step 64, 4 stages
+//   gemm_fused_f16_l   block 128×128, 8 warps (2×4) of 64×32, k step 32, 4 stages
+// Launch: grid (⌈N/BN⌉, ⌈M/BM⌉, splits), THREADS threads, dynamic shared memory
+// gemm_smem_bytes() below (over 48 KiB: the device opts every kernel in at load).
+// Stages: each holds the a tile (BM × BK), the w tile (BN × BK) and, with a_minus, its tile
+// (BM × BK), rows padded to BK + 8 halves (conflict-free fragment loads). The k loop is the
+// usual multistage cp.async pipeline with ONE barrier per k step:
+//   prologue: stages 0 .. S−2 are issued, one commit group each (empty past the last k tile);
+//   step t:   wait until at most S−2 groups are pending (so k tile t has landed for this
+//             thread), barrier (so it has for every thread, AND every warp has finished the
+//             multiply of step t − 1, whose buffer (t − 1) mod S = (t + S − 1) mod S is the one
+//             refilled next), issue k tile t + S − 1 into that buffer (one commit group, empty
+//             at the end), multiply buffer t mod S.
+// Element-by-element staging (k % 8 ≠ 0, lda % 8 ≠ 0, misaligned pointers) stores into the
+// same buffer at the same point, synchronously; the next barrier publishes it. Rows beyond M
+// or N and columns beyond the k range are zero-filled, and the epilogue writes only in-range
+// elements, so M, N, K need not be multiples of the tile.
+// Split-K: with ws not null, block z multiplies k range [z·k_split, min(K, (z+1)·k_split))
+// (k_split a multiple of BK) and stores its raw f32 partial sums into slice z of ws ((splits,
+// M, N), row stride N); gemm_splitk_reduce_f16 then adds the slices in order z = 0, 1, …
+// (deterministic) and applies the epilogue. Without ws, k_split ≥ K and gridDim.z = 1.
+// Epilogue: accumulators → shared memory (reusing the stage buffers, after a barrier that
+// follows the last multiply and a wait for every copy) → threads walk the tile row by row,
+// two adjacent columns per thread (half2 / float2 accesses) when N, the strides and the
+// pointers allow, else one.
 // No output may overlap an input or another output.
-// Exported: gemm_fused_f16.
+// Exported: gemm_fused_f16, gemm_fused_f16_l, gemm_splitk_reduce_f16.
 
 #include "device.cuh"
 
@@ -35,22 +50,7 @@ using namespace nvcuda;
 
 namespace {
 
-constexpr int BM = 64, BN = 64, BK = 32;
-constexpr int THREADS = 128;
-constexpr int LDS = BK + 8;  // tile row stride in halves: 80 bytes (wmma needs a multiple of 16)
-constexpr int LDC = BN + 4;  // f32 staging row stride
-constexpr int STAGE = (BM + BN) * LDS;     // halves per stage: a tile then w tile
-constexpr int SMEM_BYTES = 2 * STAGE * 2;  // two stages: 20 KiB
-constexpr int CHUNKS_PER_ROW = BK / 8;     // 16-byte chunks of 8 halves in a tile row
-constexpr int A_CHUNKS = BM * CHUNKS_PER_ROW / THREADS;  // a chunks per thread per stage: 2
-static_assert(BM * LDC * 4 <= SMEM_BYTES, "the f32 staging tile fits in the tile buffers");
-static_assert(BM * CHUNKS_PER_ROW % THREADS == 0, "a tile's chunks split evenly over threads");
-static_assert(THREADS % BN == 0, "the epilogue gives each thread one column");
-
 enum Act : int { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_SILU = 2 };
-
-// How the a tile is staged (see the header).
-enum class AMode { Async, DiffVec, Scalar };
 
 struct Params {
     half* out;
@@ -61,7 +61,8 @@ struct Params {
     const half* __restrict__ w;
     const half* __restrict__ bias;
     const half* add;
-    int M, N, K, lda, ldc, ld_add, add_rows;
+    float* ws;
+    int M, N, K, lda, ldc, ld_add, add_rows, k_split;
 };
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -76,200 +77,249 @@ __device__ __forceinline__ float activate(float x) {
     return x;
 }
 
-__device__ __forceinline__ bool aligned16(const void* p) {
-    return reinterpret_cast<size_t>(p) % 16 == 0;
+__device__ __forceinline__ bool aligned(const void* p, size_t bytes) {
+    return reinterpret_cast<size_t>(p) % bytes == 0;
 }
 
-// Rows [row0, row0 + ROWS) × columns [k0, k0 + BK) of a (rows, K) matrix with row stride ld
-// into a ROWS × LDS shared tile by 16-byte cp.async, zeros outside the matrix. Needs
-// K % 8 == 0 (a chunk is all in or all out), ld % 8 == 0 and g 16-byte aligned.
-template <int ROWS>
-__device__ __forceinline__ void load_tile_async(half* s, const half* g, int ld, int rows, int K,
-                                                int row0, int k0) {
-    for (int c = threadIdx.x; c < ROWS * CHUNKS_PER_ROW; c += THREADS) {
-        const int r = c / CHUNKS_PER_ROW, kc = (c % CHUNKS_PER_ROW) * 8;
-        const int gr = row0 + r, gk = k0 + kc;
-        const bool valid = gr < rows && gk < K;
-        cp_async_16(s + r * LDS + kc, valid ? g + (size_t)gr * ld + gk : g, valid);
+// The epilogue of one element: v + bias, + add, pre = f16(v), out = act(v).
+template <int ACT>
+__device__ __forceinline__ void finish1(const Params& p, int gm, int gn, float v) {
+    if (p.bias) v += __half2float(p.bias[gn]);
+    if (p.add) v += __half2float(p.add[(size_t)(gm % p.add_rows) * p.ld_add + gn]);
+    const size_t at = (size_t)gm * p.ldc + gn;
+    if (p.pre) p.pre[at] = __float2half_rn(v);
+    const float y = activate<ACT>(v);
+    if (p.out)
+        p.out[at] = __float2half_rn(y);
+    else
+        p.out_f32[at] = y;
+}
+
+// The same for columns gn and gn + 1 (gn even, N even), by 4- and 8-byte accesses.
+template <int ACT>
+__device__ __forceinline__ void finish2(const Params& p, int gm, int gn, float v0, float v1) {
+    if (p.bias) {
+        const float2 b = __half22float2(*reinterpret_cast<const half2*>(p.bias + gn));
+        v0 += b.x;
+        v1 += b.y;
+    }
+    if (p.add) {
+        const half2 d2 =
+            *reinterpret_cast<const half2*>(p.add + (size_t)(gm % p.add_rows) * p.ld_add + gn);
+        const float2 d = __half22float2(d2);
+        v0 += d.x;
+        v1 += d.y;
+    }
+    const size_t at = (size_t)gm * p.ldc + gn;
+    if (p.pre) *reinterpret_cast<half2*>(p.pre + at) = __floats2half2_rn(v0, v1);
+    const float y0 = activate<ACT>(v0), y1 = activate<ACT>(v1);
+    if (p.out) {
+        *reinterpret_cast<half2*>(p.out + at) = __floats2half2_rn(y0, y1);
+    } else {
+        float2 y;
+        y.x = y0;
+        y.y = y1;
+        *reinterpret_cast<float2*>(p.out_f32 + at) = y;
     }
 }
 
-// The same tile element by element, as g − g_minus rounded once when g_minus is not null.
-template <int ROWS>
-__device__ __forceinline__ void load_tile_scalar(half* s, const half* g, const half* g_minus,
-                                                 int ld, int rows, int K, int row0, int k0) {
-    for (int i = threadIdx.x; i < ROWS * BK; i += THREADS) {
-        const int r = i / BK, kk = i % BK;
-        const int gr = row0 + r, gk = k0 + kk;
-        half v = __float2half_rn(0.f);
-        if (gr < rows && gk < K) {
-            const size_t at = (size_t)gr * ld + gk;
-            v = g_minus ? __float2half_rn(__half2float(g[at]) - __half2float(g_minus[at])) : g[at];
-        }
-        s[r * LDS + kk] = v;
-    }
+// Whether every access of finish2 is aligned: N and the strides even, pointers 4-byte aligned
+// (8 for f32 out).
+__device__ __forceinline__ bool pairs_ok(const Params& p) {
+    return p.N % 2 == 0 && p.ldc % 2 == 0 && aligned(p.bias, 4) && aligned(p.pre, 4) &&
+           aligned(p.out, 4) && aligned(p.out_f32, 8) &&
+           (!p.add || (p.ld_add % 2 == 0 && aligned(p.add, 4)));
 }
 
-// One stage of a and a_minus in flight in registers (AMode::DiffVec): this thread's chunks.
-struct DiffRegs {
-    uint4 x[A_CHUNKS], y[A_CHUNKS];
+template <int BM_, int BN_, int WM_, int WN_, int BK_, int STAGES_>
+struct Cfg {
+    static constexpr int BM = BM_, BN = BN_, WM = WM_, WN = WN_, BK = BK_, STAGES = STAGES_;
+    static constexpr int THREADS = 32 * WM * WN;
+    static constexpr int TM = BM / WM, TN = BN / WN;  // warp tile
+    static constexpr int FM = TM / 16, FN = TN / 16;  // fragments per warp
+    static constexpr int LDS = BK + 8;                 // stage row stride, halves
+    static constexpr int LDC = BN + 4;                 // f32 epilogue row stride
+    static constexpr int CHUNKS = BK / 8;              // 16-byte chunks per stage row
+    static_assert(TM % 16 == 0 && TN % 16 == 0 && BK % 16 == 0, "whole fragments");
+    static_assert(STAGES >= 2, "a pipeline");
 };
 
-__device__ __forceinline__ void fetch_diff(DiffRegs& d, const Params& p, int m0, int k0) {
-    for (int i = 0; i < A_CHUNKS; ++i) {
-        const int c = threadIdx.x + i * THREADS;
-        const int gr = m0 + c / CHUNKS_PER_ROW, gk = k0 + (c % CHUNKS_PER_ROW) * 8;
-        if (gr < p.M && gk < p.K) {
-            const size_t at = (size_t)gr * p.lda + gk;
-            d.x[i] = *reinterpret_cast<const uint4*>(p.a + at);
-            d.y[i] = *reinterpret_cast<const uint4*>(p.a_minus + at);
-        } else {
-            d.x[i] = d.y[i] = uint4{0, 0, 0, 0};
-        }
+using Small = Cfg<64, 64, 2, 2, 64, 4>;
+using Large = Cfg<128, 128, 2, 4, 32, 4>;
+
+// Rows [row0, row0 + ROWS) × columns [k0, k0 + BK) of a (rows, ·) matrix with row stride ld
+// into a ROWS × LDS shared tile by 16-byte cp.async, zeros outside rows × [·, k_end). Needs
+// k_end % 8 == 0 (a chunk is all in or all out), ld % 8 == 0 and g 16-byte aligned.
+template <class C, int ROWS>
+__device__ __forceinline__ void load_async(half* s, const half* g, int ld, int rows, int k_end,
+                                           int row0, int k0) {
+    for (int c = threadIdx.x; c < ROWS * C::CHUNKS; c += C::THREADS) {
+        const int r = c / C::CHUNKS, kc = (c % C::CHUNKS) * 8;
+        const int gr = row0 + r, gk = k0 + kc;
+        const bool valid = gr < rows && gk < k_end;
+        cp_async_16(s + r * C::LDS + kc, valid ? g + (size_t)gr * ld + gk : g, valid);
     }
 }
 
-__device__ __forceinline__ void store_diff(half* s, const DiffRegs& d) {
-    for (int i = 0; i < A_CHUNKS; ++i) {
-        const int c = threadIdx.x + i * THREADS;
-        const half2* x = reinterpret_cast<const half2*>(&d.x[i]);
-        const half2* y = reinterpret_cast<const half2*>(&d.y[i]);
-        uint4 diff;
-        half2* o = reinterpret_cast<half2*>(&diff);
-        for (int j = 0; j < 4; ++j) {
-            const float2 fx = __half22float2(x[j]), fy = __half22float2(y[j]);
-            o[j] = __floats2half2_rn(fx.x - fy.x, fx.y - fy.y);
-        }
-        *reinterpret_cast<uint4*>(s + (c / CHUNKS_PER_ROW) * LDS + (c % CHUNKS_PER_ROW) * 8) =
-            diff;
+// The same tile element by element, synchronously.
+template <class C, int ROWS>
+__device__ __forceinline__ void load_scalar(half* s, const half* g, int ld, int rows, int k_end,
+                                            int row0, int k0) {
+    for (int i = threadIdx.x; i < ROWS * C::BK; i += C::THREADS) {
+        const int r = i / C::BK, kk = i % C::BK;
+        const int gr = row0 + r, gk = k0 + kk;
+        s[r * C::LDS + kk] = gr < rows && gk < k_end ? g[(size_t)gr * ld + gk] : __float2half_rn(0.f);
     }
 }
 
-// Stages the a tile of k step k0 into `s` the ways that need no registers across the multiply.
-template <AMode MODE>
-__device__ __forceinline__ void load_a(half* s, const Params& p, int m0, int k0) {
-    if (MODE == AMode::Async) load_tile_async<BM>(s, p.a, p.lda, p.M, p.K, m0, k0);
-    if (MODE == AMode::Scalar) load_tile_scalar<BM>(s, p.a, p.a_minus, p.lda, p.M, p.K, m0, k0);
-}
-
-__device__ __forceinline__ void load_w(half* s, const Params& p, bool vec, int n0, int k0) {
-    if (vec)
-        load_tile_async<BN>(s, p.w, p.K, p.N, p.K, n0, k0);
-    else
-        load_tile_scalar<BN>(s, p.w, nullptr, p.K, p.N, p.K, n0, k0);
-}
-
-// The k loop: acc = a'·wᵀ over the block's 64×64 tile.
-template <AMode MODE>
-__device__ __forceinline__ void mainloop(
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> (&acc)[2][2], half* tiles,
-    const Params& p, int m0, int n0) {
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-    const bool w_vec = p.K % 8 == 0 && aligned16(p.w);
-    const int ktiles = p.K / BK + (p.K % BK != 0);
-    DiffRegs d;
-
-    if (MODE == AMode::DiffVec) {
-        fetch_diff(d, p, m0, 0);
-        store_diff(tiles, d);
-    }
-    load_a<MODE>(tiles, p, m0, 0);
-    load_w(tiles + BM * LDS, p, w_vec, n0, 0);
-    cp_async_commit();
-    for (int t = 0; t < ktiles; ++t) {
-        half* next = tiles + ((t + 1) & 1) * STAGE;
-        if (t + 1 < ktiles) {
-            // Stage t + 1: into `next` now (cp.async or element-wise), or for DiffVec into
-            // registers now and into `next` after the multiply. `next` was last read in step
-            // t − 1, which every warp finished before that step's closing barrier.
-            if (MODE == AMode::DiffVec) fetch_diff(d, p, m0, (t + 1) * BK);
-            load_a<MODE>(next, p, m0, (t + 1) * BK);
-            load_w(next + BM * LDS, p, w_vec, n0, (t + 1) * BK);
-            cp_async_commit();
-            cp_async_wait<1>();  // all but the copies just issued: stage t has landed
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();  // stage t is complete for every thread
-        const half* as = tiles + (t & 1) * STAGE;
-        const half* ws = as + BM * LDS;
-        for (int kk = 0; kk < BK; kk += 16) {
-            wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa[2];
-            wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb[2];
-            for (int i = 0; i < 2; ++i)
-                wmma::load_matrix_sync(fa[i], as + (wm * 32 + i * 16) * LDS + kk, LDS);
-            for (int j = 0; j < 2; ++j)
-                wmma::load_matrix_sync(fb[j], ws + (wn * 32 + j * 16) * LDS + kk, LDS);
-            for (int i = 0; i < 2; ++i)
-                for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
-        }
-        if (MODE == AMode::DiffVec && t + 1 < ktiles) store_diff(next, d);
-        __syncthreads();  // every warp is done with stage t before it is refilled
-    }
-}
-
-// v = acc + bias + add, pre = f16(v), out = act(v); cs is the block's f32 tile (stride LDC).
-template <int ACT>
+// The block's f32 tile cs (row stride LDC) through the epilogue into the outputs.
+template <class C, int ACT>
 __device__ __forceinline__ void epilogue(const float* cs, const Params& p, int m0, int n0) {
-    const int c = threadIdx.x % BN, gn = n0 + c;
-    if (gn >= p.N) return;
-    const float b = p.bias ? __half2float(p.bias[gn]) : 0.f;
-    for (int r = threadIdx.x / BN; r < BM && m0 + r < p.M; r += THREADS / BN) {
-        const int gm = m0 + r;
-        float v = cs[r * LDC + c];
-        if (p.bias) v += b;
-        if (p.add) v += __half2float(p.add[(size_t)(gm % p.add_rows) * p.ld_add + gn]);
-        const size_t at = (size_t)gm * p.ldc + gn;
-        if (p.pre) p.pre[at] = __float2half_rn(v);
-        const float y = activate<ACT>(v);
-        if (p.out)
-            p.out[at] = __float2half_rn(y);
-        else
-            p.out_f32[at] = y;
+    if (pairs_ok(p)) {
+        for (int i = threadIdx.x; i < C::BM * C::BN / 2; i += C::THREADS) {
+            const int r = i / (C::BN / 2), c = 2 * (i % (C::BN / 2));
+            const int gm = m0 + r, gn = n0 + c;
+            if (gm < p.M && gn < p.N) finish2<ACT>(p, gm, gn, cs[r * C::LDC + c], cs[r * C::LDC + c + 1]);
+        }
+    } else {
+        for (int i = threadIdx.x; i < C::BM * C::BN; i += C::THREADS) {
+            const int r = i / C::BN, c = i % C::BN;
+            const int gm = m0 + r, gn = n0 + c;
+            if (gm < p.M && gn < p.N) finish1<ACT>(p, gm, gn, cs[r * C::LDC + c]);
+        }
     }
 }
 
-__device__ __forceinline__ void gemm_fused(const Params& p, int act) {
-    __shared__ __align__(128) unsigned char smem[SMEM_BYTES];
-    half* tiles = reinterpret_cast<half*>(smem);
-    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+template <class C>
+__device__ __forceinline__ void gemm_tile(const Params& p, int act) {
+    half* smem = dynamic_shared<half>();
+    const int m0 = blockIdx.y * C::BM, n0 = blockIdx.x * C::BN;
+    const int k_begin = blockIdx.z * p.k_split;
+    const int k_end = min(p.K, k_begin + p.k_split);
+    const int warp = threadIdx.x / 32, wm = warp / C::WN, wn = warp % C::WN;
+    const bool diff = p.a_minus != nullptr;
+    const int stage = (C::BM + C::BN + (diff ? C::BM : 0)) * C::LDS;  // halves
+    const bool a_vec = k_end % 8 == 0 && p.lda % 8 == 0 && aligned(p.a, 16) &&
+                       (!diff || aligned(p.a_minus, 16));
+    const bool w_vec = k_end % 8 == 0 && p.K % 8 == 0 && aligned(p.w, 16);
+    const int ktiles = k_end > k_begin ? (k_end - k_begin + C::BK - 1) / C::BK : 0;
 
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    // k tile kt into buffer kt mod STAGES.
+    auto load = [&](int kt) {
+        half* s = smem + (kt % C::STAGES) * stage;
+        const int k0 = k_begin + kt * C::BK;
+        if (a_vec) {
+            load_async<C, C::BM>(s, p.a, p.lda, p.M, k_end, m0, k0);
+            if (diff) load_async<C, C::BM>(s + (C::BM + C::BN) * C::LDS, p.a_minus, p.lda, p.M, k_end, m0, k0);
+        } else {
+            load_scalar<C, C::BM>(s, p.a, p.lda, p.M, k_end, m0, k0);
+            if (diff) load_scalar<C, C::BM>(s + (C::BM + C::BN) * C::LDS, p.a_minus, p.lda, p.M, k_end, m0, k0);
+        }
+        if (w_vec)
+            load_async<C, C::BN>(s + C::BM * C::LDS, p.w, p.K, p.N, k_end, n0, k0);
+        else
+            load_scalar<C, C::BN>(s + C::BM * C::LDS, p.w, p.K, p.N, k_end, n0, k0);
+    };
 
-    const bool a_vec = p.K % 8 == 0 && p.lda % 8 == 0 && aligned16(p.a) &&
-                       (!p.a_minus || aligned16(p.a_minus));
-    if (!a_vec)
-        mainloop<AMode::Scalar>(acc, tiles, p, m0, n0);
-    else if (p.a_minus)
-        mainloop<AMode::DiffVec>(acc, tiles, p, m0, n0);
-    else
-        mainloop<AMode::Async>(acc, tiles, p, m0, n0);
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::FM][C::FN];
+    for (int i = 0; i < C::FM; ++i)
+        for (int j = 0; j < C::FN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
 
-    // The loop's closing barrier: every warp is done with the tiles, so they can hold C.
+    for (int s = 0; s < C::STAGES - 1; ++s) {
+        if (s < ktiles) load(s);
+        cp_async_commit();
+    }
+    for (int t = 0; t < ktiles; ++t) {
+        cp_async_wait<C::STAGES - 2>();  // this thread's copies of k tile t have landed
+        __syncthreads();  // everyone's have; every warp is done with buffer (t − 1) mod S
+        if (t + C::STAGES - 1 < ktiles) load(t + C::STAGES - 1);
+        cp_async_commit();
+        const half* as = smem + (t % C::STAGES) * stage;
+        const half* bs = as + C::BM * C::LDS;
+        const half* ms = bs + C::BN * C::LDS;
+        for (int kk = 0; kk < C::BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fa[C::FM];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb[C::FN];
+            for (int i = 0; i < C::FM; ++i) {
+                const int off = (wm * C::TM + i * 16) * C::LDS + kk;
+                wmma::load_matrix_sync(fa[i], as + off, C::LDS);
+                if (diff) {
+                    // a − a_minus element by element: fragments of one type share their
+                    // element mapping, so fa.x[e] and fm.x[e] are the same matrix element.
+                    wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> fm;
+                    wmma::load_matrix_sync(fm, ms + off, C::LDS);
+                    for (int e = 0; e < fm.num_elements; ++e)
+                        fa[i].x[e] = __float2half_rn(__half2float(fa[i].x[e]) - __half2float(fm.x[e]));
+                }
+            }
+            for (int j = 0; j < C::FN; ++j)
+                wmma::load_matrix_sync(fb[j], bs + (wn * C::TN + j * 16) * C::LDS + kk, C::LDS);
+            for (int i = 0; i < C::FM; ++i)
+                for (int j = 0; j < C::FN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+        }
+    }
+    cp_async_wait<0>();  // the trailing (empty) groups: no copy may still target the buffers
+    __syncthreads();     // every warp is done multiplying: the buffers can hold C
+
     float* cs = reinterpret_cast<float*>(smem);
-    for (int i = 0; i < 2; ++i)
-        for (int j = 0; j < 2; ++j)
-            wmma::store_matrix_sync(cs + (wm * 32 + i * 16) * LDC + wn * 32 + j * 16, acc[i][j],
-                                    LDC, wmma::mem_row_major);
+    for (int i = 0; i < C::FM; ++i)
+        for (int j = 0; j < C::FN; ++j)
+            wmma::store_matrix_sync(cs + (wm * C::TM + i * 16) * C::LDC + wn * C::TN + j * 16,
+                                    acc[i][j], C::LDC, wmma::mem_row_major);
     __syncthreads();
+
+    if (p.ws) {  // split-K partial: raw sums into slice z, row stride N
+        float* dst = p.ws + (size_t)blockIdx.z * p.M * p.N;
+        for (int i = threadIdx.x; i < C::BM * C::BN; i += C::THREADS) {
+            const int r = i / C::BN, c = i % C::BN;
+            if (m0 + r < p.M && n0 + c < p.N) dst[(size_t)(m0 + r) * p.N + n0 + c] = cs[r * C::LDC + c];
+        }
+        return;
+    }
     if (act == ACT_GELU_TANH)
-        epilogue<ACT_GELU_TANH>(cs, p, m0, n0);
+        epilogue<C, ACT_GELU_TANH>(cs, p, m0, n0);
     else if (act == ACT_SILU)
-        epilogue<ACT_SILU>(cs, p, m0, n0);
+        epilogue<C, ACT_SILU>(cs, p, m0, n0);
     else
-        epilogue<ACT_NONE>(cs, p, m0, n0);
+        epilogue<C, ACT_NONE>(cs, p, m0, n0);
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS)
-    gemm_fused_f16(half* out, float* out_f32, half* pre, const half* __restrict__ a,
-                   const half* __restrict__ a_minus, const half* __restrict__ w,
-                   const half* __restrict__ bias, const half* add, int M, int N, int K, int lda,
-                   int ldc, int ld_add, int add_rows, int act) {
-    const Params p{out, out_f32, pre, a, a_minus, w, bias, add, M, N, K, lda, ldc, ld_add, add_rows};
-    gemm_fused(p, act);
+#define GEMM_PARAMS                                                                          \
+    half *out, float *out_f32, half *pre, const half *__restrict__ a,                        \
+        const half *__restrict__ a_minus, const half *__restrict__ w,                        \
+        const half *__restrict__ bias, const half *add, float *ws, int M, int N, int K, int lda, \
+        int ldc, int ld_add, int add_rows, int k_split, int act
+#define GEMM_ARGS out, out_f32, pre, a, a_minus, w, bias, add, ws, M, N, K, lda, ldc, ld_add, add_rows, k_split
+
+extern "C" __global__ void __launch_bounds__(Small::THREADS) gemm_fused_f16(GEMM_PARAMS) {
+    gemm_tile<Small>(Params{GEMM_ARGS}, act);
+}
+
+extern "C" __global__ void __launch_bounds__(Large::THREADS) gemm_fused_f16_l(GEMM_PARAMS) {
+    gemm_tile<Large>(Params{GEMM_ARGS}, act);
+}
+
+// v[m, n] = Σ_z ws[z, m, n] in order z = 0 .. splits − 1, then the GEMM's epilogue. Grid-stride
+// over the M·N outputs.
+extern "C" __global__ void __launch_bounds__(256)
+    gemm_splitk_reduce_f16(half* out, float* out_f32, half* pre, const float* __restrict__ ws,
+                           const half* __restrict__ bias, const half* add, int M, int N, int ldc,
+                           int ld_add, int add_rows, int splits, int act) {
+    const Params p{out, out_f32, pre, nullptr, nullptr, nullptr, bias, add, nullptr,
+                   M,   N,       0,   0,       ldc,     ld_add,  add_rows, 0};
+    const size_t total = (size_t)M * N;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = 0.f;
+        for (int z = 0; z < splits; ++z) v += ws[(size_t)z * total + i];
+        const int gm = (int)(i / N), gn = (int)(i % N);
+        if (act == ACT_GELU_TANH)
+            finish1<ACT_GELU_TANH>(p, gm, gn, v);
+        else if (act == ACT_SILU)
+            finish1<ACT_SILU>(p, gm, gn, v);
+        else
+            finish1<ACT_NONE>(p, gm, gn, v);
+    }
 }

@@ -9,6 +9,10 @@
 // shared memory as f32 (C·4 bytes); mean and variance are two block reductions in f32
 // (two-pass variance, no cancellation); the output is rounded once to f16.
 // Requires C even and 4-byte (f16 x) or 8-byte (f32 x) aligned pointers (the launcher checks).
+// `residual_layernorm_modulate_f32x` first applies the gated residual update of
+// kernels/residual.cu to the row, x += f32(gate[b])·f32(y) in f32 (the same expression as
+// `gated_residual_add_f32x`), writes the new x back, then normalises it as above: the block's
+// residual add and the next LayerNorm in one pass over x.
 
 #include "block_reduce.cuh"
 
@@ -23,8 +27,10 @@ __device__ __forceinline__ float2 load_pair(const float* x, int i) {
     return reinterpret_cast<const float2*>(x)[i];
 }
 
-template <class In>
-__device__ __forceinline__ void layernorm_modulate(half* __restrict__ out, const In* __restrict__ x,
+template <class In, bool RESIDUAL>
+__device__ __forceinline__ void layernorm_modulate(half* __restrict__ out, const In* x,
+                                                   float* x_out, const half* __restrict__ y,
+                                                   const half* __restrict__ gate, int gate_stride,
                                                    const half* __restrict__ shift,
                                                    const half* __restrict__ scale, int tokens,
                                                    int channels, int mod_stride, float eps) {
@@ -36,7 +42,14 @@ __device__ __forceinline__ void layernorm_modulate(half* __restrict__ out, const
 
     float sum = 0.f;
     for (int i = threadIdx.x; i < pairs; i += LN_THREADS) {
-        const float2 v = load_pair(xr, i);
+        float2 v = load_pair(xr, i);
+        if (RESIDUAL) {
+            const float2 g = load_pair(gate + b * gate_stride, i);
+            const float2 u = load_pair(y + r * channels, i);
+            v.x = v.x + g.x * u.x;
+            v.y = v.y + g.y * u.y;
+            reinterpret_cast<float2*>(x_out + r * channels)[i] = v;
+        }
         row[2 * i] = v.x;
         row[2 * i + 1] = v.y;
         sum += v.x + v.y;
@@ -66,12 +79,24 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_modulate_f16(half* __restrict__ out, const half* __restrict__ x,
                            const half* __restrict__ shift, const half* __restrict__ scale,
                            int tokens, int channels, int mod_stride, float eps) {
-    layernorm_modulate(out, x, shift, scale, tokens, channels, mod_stride, eps);
+    layernorm_modulate<half, false>(out, x, nullptr, nullptr, nullptr, 0, shift, scale, tokens,
+                                    channels, mod_stride, eps);
 }
 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
     layernorm_modulate_f32x(half* __restrict__ out, const float* __restrict__ x,
                             const half* __restrict__ shift, const half* __restrict__ scale,
                             int tokens, int channels, int mod_stride, float eps) {
-    layernorm_modulate(out, x, shift, scale, tokens, channels, mod_stride, eps);
+    layernorm_modulate<float, false>(out, x, nullptr, nullptr, nullptr, 0, shift, scale, tokens,
+                                     channels, mod_stride, eps);
+}
+
+extern "C" __global__ void __launch_bounds__(LN_THREADS)
+    residual_layernorm_modulate_f32x(half* __restrict__ out, float* x, const half* __restrict__ y,
+                                     const half* __restrict__ gate, int gate_stride,
+                                     const half* __restrict__ shift,
+                                     const half* __restrict__ scale, int tokens, int channels,
+                                     int mod_stride, float eps) {
+    layernorm_modulate<float, true>(out, x, x, y, gate, gate_stride, shift, scale, tokens,
+                                    channels, mod_stride, eps);
 }

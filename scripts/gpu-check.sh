@@ -314,6 +314,8 @@ step_engine() {
         show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 1 --runs 5
         show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
+        show timeout -k 5 60 "$BIN/icdit" bench-gemm
+        show timeout -k 5 90 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0
         return
     fi
     c=$(cap 240 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
@@ -330,12 +332,58 @@ step_engine() {
     timeout -k 5 "$c" "$BIN/icdit" bench-gpu "${args[@]}" >>"$log" 2>&1
     rc=$?
     tail -n 30 "$log"
+    # The GEMM on every DiT-XL/2 linear shape under each launch the kernel offers (the rule
+    # the launcher uses is checked against these); after the engine's JSON line.
+    if grep -qE '^[[:space:]]+bench-gemm([[:space:]]|$)' <<<"$help"; then
+        c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+        if ((c >= 10)); then
+            { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
+            grep -E '^# \| (qkv|proj|fc1|fc2|icc)' "$log" | grep -E '\| auto \|' | head -n 30
+        fi
+    fi
+    step_kernels "$log"
     if ((rc == 0)); then
         note "CUDA engine" ok $((SECONDS - t0)) "icdit bench-gpu ${args[*]}"
     else
         note "CUDA engine" "$( ((rc == 124 || rc == 137)) && echo TIMEOUT || echo FAIL)" $((SECONDS - t0)) "exit $rc"
         FAILED=1
     fi
+}
+
+# ---- 3b. per-kernel times -------------------------------------------------------------------------
+# Nsight Compute, clocks left alone, one metric (kernel duration), over `bench-gpu --depth 2`: two
+# DiT-XL/2-wide blocks at batch 1 (+ guidance), every step kind, so each kernel of a block shows
+# once per kind. Appended to engine.log after the engine's JSON (its lines start with '#').
+# GPU_CHECK_NCU=0 skips it.
+step_kernels() {
+    local log=$1 c rc csv="$WORK/ncu.csv"
+    [[ "${GPU_CHECK_NCU:-1}" == 1 ]] || return 0
+    command -v ncu >/dev/null 2>&1 || { echo "## ncu: not on PATH" >>"$log"; return 0; }
+    c=$(cap 90 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+    ((c >= 20)) || { echo "## ncu: skipped (budget)" >>"$log"; return 0; }
+    timeout -k 5 "$c" ncu --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+        "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0 >"$csv" 2>"$WORK/ncu.err"
+    rc=$?
+    echo "## ncu per-kernel durations (bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0; exit $rc)" >>"$log"
+    "$PY" - "$csv" <<'PYEOF' 2>&1 | tee -a "$log"
+import csv, sys, collections
+rows = [r for r in csv.reader(l for l in open(sys.argv[1]) if l.startswith('"'))]
+if not rows:
+    print("# ncu wrote no rows"); sys.exit()
+h = rows[0]
+ki, vi = h.index("Kernel Name"), h.index("Metric Value")
+gi = h.index("Grid Size") if "Grid Size" in h else None
+bi = h.index("Block Size") if "Block Size" in h else None
+agg = collections.OrderedDict()
+for r in rows[1:]:
+    key = (r[ki].split("(")[0], r[gi] if gi is not None else "", r[bi] if bi is not None else "")
+    agg.setdefault(key, []).append(float(r[vi].replace(",", "")) / 1e3)
+print("# kernel | grid | block | launches | median us | total us")
+for (k, g, b), v in agg.items():
+    v.sort()
+    print(f"# {k} | {g} | {b} | {len(v)} | {v[len(v) // 2]:.2f} | {sum(v):.1f}")
+PYEOF
+    tail -n 5 "$WORK/ncu.err" | sed 's/^/# ncu: /' >>"$log"
 }
 
 # ---- 4. PyTorch baselines ------------------------------------------------------------------------

@@ -7,8 +7,8 @@
 #   .device/bin/lib                                                           (the library's unit tests)
 #   .device/bin/icdit                                                         (the command)
 #   .device/manifest.txt   commit, date, toolchain, build path, size and sha256 of each binary
-# Debug information is stripped (the release profile keeps line tables; the GPU machine has no
-# debugger for them); symbols stay, so panics still name their functions. Fails if .device/ is
+# Debug information and symbols are stripped (the GPU machine has no debugger for them, and the
+# 64 MiB the device tool carries is tight): panic messages still give file and line. Fails if .device/ is
 # over DEVICE_LIMIT_MIB (default 60; the device tool carries at most 64 MiB with the tree).
 #
 # Environment: ICDIT_CUDA_ARCH (default 90: H100/H200), DEVICE_LIMIT_MIB, CARGO_TARGET_DIR (as cargo).
@@ -63,7 +63,7 @@ rm -rf "$DEST/bin"
 mkdir -p "$DEST/bin"
 while read -r name path; do
     if command -v strip >/dev/null; then
-        strip --strip-debug -o "$DEST/bin/$name" "$path"
+        strip --strip-all -o "$DEST/bin/$name" "$path"
     else
         echo "prepare-device: no strip on PATH: copying $name with its debug information" >&2
         cp "$path" "$DEST/bin/$name"

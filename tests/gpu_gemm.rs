@@ -65,6 +65,8 @@ struct Case {
     pre: bool,
     out: Out,
     act: GemmAct,
+    /// Launched with a split-k workspace (`gemm_ws`), so that few tiles split along k.
+    ws: bool,
 }
 
 /// a·wᵀ + bias into a contiguous f16 output.
@@ -83,6 +85,7 @@ const fn case(m: usize, n: usize, k: usize) -> Case {
         pre: false,
         out: Out::F16,
         act: GemmAct::None,
+        ws: false,
     }
 }
 
@@ -145,6 +148,54 @@ const CASES: &[(&str, Case)] = &[
         },
     ),
     ("DiT-XL hidden size as k, a_minus", Case { minus: true, ..case(48, 80, 1152) }),
+    // 128×128 tiles (chosen when ≥ 132 of them): 9 × 15 = 135 tiles, partial in m, n and k.
+    ("large tiles", case(1100, 1900, 40)),
+    (
+        "large tiles, every operand, strided, GELU",
+        Case {
+            lda: 104,
+            a_off: 8,
+            ldc: 1930,
+            c_off: 30,
+            minus: true,
+            add: add(1901, 50, 1),
+            pre: true,
+            act: GemmAct::GeluTanh,
+            ..case(1090, 1890, 96)
+        },
+    ),
+    ("large tiles, element-wise loads, f32 out", Case { out: Out::F32, minus: true, ..case(1030, 2000, 35) }),
+    // Split along k (few tiles, long k, a workspace): partial sums reduced in order, then the
+    // epilogue in the reduction kernel.
+    ("split k: icc down projection shape", Case { minus: true, bias: false, ws: true, ..case(96, 128, 1152) }),
+    (
+        "split k: every operand, SiLU, f32 out",
+        Case {
+            minus: true,
+            add: add(70, 33, 0),
+            pre: true,
+            out: Out::F32,
+            act: GemmAct::Silu,
+            ws: true,
+            ..case(100, 70, 1000)
+        },
+    ),
+    (
+        "split k: k % 8 ≠ 0 (element-wise), strided, GELU",
+        Case {
+            lda: 610,
+            a_off: 3,
+            ldc: 77,
+            c_off: 5,
+            minus: true,
+            pre: true,
+            act: GemmAct::GeluTanh,
+            ws: true,
+            ..case(65, 70, 601)
+        },
+    ),
+    ("split k: k = 4608 (fc2)", Case { ws: true, ..case(64, 48, 4608) }),
+    ("workspace given, no split (k too short)", Case { ws: true, ..case(64, 64, 300) }),
 ];
 
 /// A (rows, width) matrix at column `off` of a buffer of `rows` rows of `ld` elements; its
@@ -285,6 +336,7 @@ struct Bufs {
     out16: Guarded,
     out32: Guarded,
     pre: Guarded,
+    ws: Guarded,
 }
 
 impl Bufs {
@@ -299,6 +351,7 @@ impl Bufs {
             out16: gpu_common::add(plan, "out16", out, Dt::F16),
             out32: gpu_common::add(plan, "out32", out, Dt::F32),
             pre: gpu_common::add(plan, "pre", out, Dt::F16),
+            ws: gpu_common::add(plan, "ws", if c.ws { launch::SPLIT_WORKSPACE_ELEMS } else { 1 }, Dt::F32),
         }
     }
 }
@@ -340,7 +393,17 @@ fn run<D: Device>(dev: &D, plan: &Plan, b: &Bufs, c: &Case, d: &Data) -> Got {
         act: c.act,
         ..GemmSpec::new(o, a, w, c.m as i32, c.n as i32, c.k as i32)
     };
-    launch::gemm(dev, &spec).unwrap();
+    let ws: DevSlice<f32> = out(dev, plan, b.ws);
+    let (large, splits) = launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 });
+    if c.ws {
+        launch::gemm_ws(dev, &spec, Some(ws)).unwrap();
+    } else {
+        launch::gemm(dev, &spec).unwrap();
+    }
+    // The workspace holds partial sums exactly when the launcher split k.
+    let ws_used = get::<f32, _>(dev, plan, b.ws).iter().take(c.m * c.n).filter(|v| !v.is_nan()).count();
+    assert_eq!(ws_used > 0, splits > 1, "{splits} k slices, {ws_used} workspace elements written");
+    println!("  {}×{}×{}: {} tiles, {splits} k slice(s)", c.m, c.n, c.k, if large { "128×128" } else { "64×64" });
     let out = match c.out {
         Out::F16 => lc.extract("out", &get::<f16, _>(dev, plan, b.out16)).iter().map(|h| h.to_f32()).collect(),
         Out::F32 => lc.extract("out", &get::<f32, _>(dev, plan, b.out32)),

@@ -109,3 +109,80 @@ fn layernorm_modulate_emulated() {
 fn layernorm_modulate_cuda() {
     check(cuda);
 }
+
+/// `residual_layernorm_modulate_f32x` (the residual update fused into the LayerNorm after it)
+/// against the two kernels it replaces, run one after the other on the same inputs: the new x
+/// and the normalised output must agree. The fused kernel evaluates the same f32 expressions in
+/// the same order, so they are expected bit for bit; a last-bit difference in x from the
+/// compiler contracting `x + g·y` differently is tolerated (2^-22 relative, then at most one
+/// f16 step in the output), and the count of identical values is printed.
+fn fused_matches_separate<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    for (ci, c) in CASES.iter().enumerate() {
+        let (rows, ch) = (c.rows, c.channels);
+        let items = rows.div_ceil(c.tokens);
+        let mod_len = (items - 1) * c.mod_stride + 3 * ch; // shift at 0, scale at +ch, gate at +2ch
+        let mut plan = Plan::new("fused residual + layernorm test");
+        let ids = [
+            add(&mut plan, "x (fused)", rows * ch, Dt::F32),
+            add(&mut plan, "x (separate)", rows * ch, Dt::F32),
+            add(&mut plan, "y", rows * ch, Dt::F16),
+            add(&mut plan, "modulation", mod_len, Dt::F16),
+            add(&mut plan, "out (fused)", rows * ch, Dt::F16),
+            add(&mut plan, "out (separate)", rows * ch, Dt::F16),
+        ];
+        let Some(dev) = open(&plan) else { return };
+        let mut rng = Rng::new(200 + ci as u64);
+        let x: Vec<f32> = (0..rows * ch).map(|_| (c.offset + 2.0 * rng.uniform()) as f32).collect();
+        let y = rng.f16s(rows * ch, 1.0);
+        let modulation = rng.f16s(mod_len, 1.0);
+        let (xf, xs) = (put(&dev, &plan, ids[0], &x), put(&dev, &plan, ids[1], &x));
+        let (dy, dm) = (put(&dev, &plan, ids[2], &y), put(&dev, &plan, ids[3], &modulation));
+        let (of, os) = (out::<f16, _>(&dev, &plan, ids[4]), out::<f16, _>(&dev, &plan, ids[5]));
+        let chunk = |k: usize| dm.sub(k * ch, mod_len - k * ch).unwrap();
+        let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.mod_stride as i32);
+        launch::residual_layernorm_modulate_f32x(
+            &dev,
+            of,
+            xf,
+            dy,
+            chunk(2),
+            st,
+            chunk(0),
+            chunk(1),
+            r,
+            t,
+            chn,
+            st,
+            EPS,
+        )
+        .unwrap();
+        launch::gated_residual_add_f32x(&dev, xs, dy, chunk(2), r, t, chn, st).unwrap();
+        launch::layernorm_modulate_f32x(&dev, os, xs, chunk(0), chunk(1), r, t, chn, st, EPS).unwrap();
+
+        let what = format!("residual + layernorm fused vs separate, rows={rows} C={ch} ({})", dev.name());
+        let (gx_f, gx_s) = (get::<f32, _>(&dev, &plan, ids[0]), get::<f32, _>(&dev, &plan, ids[1]));
+        let (go_f, go_s) = (get::<f16, _>(&dev, &plan, ids[4]), get::<f16, _>(&dev, &plan, ids[5]));
+        assert!(gx_f.iter().zip(&x).any(|(a, b)| a != b), "{what}: x was not updated");
+        let mut same = 0;
+        for i in 0..rows * ch {
+            let (a, b) = (gx_f[i], gx_s[i]);
+            same += (a.to_bits() == b.to_bits()) as usize;
+            assert!((a - b).abs() <= b.abs() * 2f32.powi(-22), "{what}: x[{i}] {a} vs {b}");
+            let (p, q) = (go_f[i].to_f32(), go_s[i].to_f32());
+            assert!((p - q).abs() <= q.abs() * 2f32.powi(-10) + 6e-8, "{what}: out[{i}] {p} vs {q}");
+            same += (go_f[i].to_bits() == go_s[i].to_bits()) as usize;
+        }
+        println!("{what}: {same} of {} values bit-identical", 2 * rows * ch);
+    }
+}
+
+#[test]
+fn residual_layernorm_fused_emulated() {
+    fused_matches_separate(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn residual_layernorm_fused_cuda() {
+    fused_matches_separate(cuda);
+}

@@ -50,6 +50,8 @@ fn check(what: &str, r: cu::CUresult) -> Result<()> {
 pub struct CudaDevice {
     // Declaration order is drop order: the context goes last.
     functions: Vec<cu::CUfunction>,
+    /// Per kernel (table order): the dynamic shared memory it was opted in to.
+    max_dyn_smem: Vec<u32>,
     stream: Stream,
     _arena: DeviceBuffer<u8>,
     base: u64,
@@ -122,6 +124,33 @@ impl CudaDevice {
                 .map_err(|e| cuda_err(&format!("resolving {} in kernels/{}.cu", k.name, k.module), e))?;
             functions.push(f.to_raw());
         }
+        // Opt every kernel in to all the dynamic shared memory this GPU gives a block beside
+        // the kernel's static shared memory (above 48 KiB needs it: the GEMM's pipeline).
+        let mut optin = 0i32;
+        // SAFETY: plain attribute queries and settings on a valid device and loaded functions.
+        check("cuDeviceGetAttribute(MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)", unsafe {
+            cu::cuDeviceGetAttribute(
+                &mut optin,
+                cu::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+                device.as_raw(),
+            )
+        })?;
+        let mut max_dyn_smem = Vec::with_capacity(functions.len());
+        for (k, &f) in kernels::ALL.iter().zip(&functions) {
+            let mut fixed = 0i32;
+            check(&format!("cuFuncGetAttribute(SHARED_SIZE_BYTES) of {}", k.name), unsafe {
+                cu::cuFuncGetAttribute(&mut fixed, cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f)
+            })?;
+            let dynamic = (optin - fixed).max(0);
+            check(&format!("cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES = {dynamic}) of {}", k.name), unsafe {
+                cu::cuFuncSetAttribute(
+                    f,
+                    cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    dynamic,
+                )
+            })?;
+            max_dyn_smem.push(dynamic as u32);
+        }
 
         let bytes = plan.total_bytes().max(256);
         let (free, total) = cust::memory::mem_get_info().map_err(|e| cuda_err("cuMemGetInfo", e))?;
@@ -143,6 +172,7 @@ impl CudaDevice {
         let base = arena.as_device_ptr().as_raw();
         Ok(Some(CudaDevice {
             functions,
+            max_dyn_smem,
             stream,
             _arena: arena,
             base,
@@ -202,6 +232,15 @@ impl Device for CudaDevice {
             .functions
             .get(kernel.id)
             .ok_or_else(|| Error::invalid("kernel launch", format!("{} is not in the kernel table", kernel.name)))?;
+        if cfg.dyn_smem > self.max_dyn_smem[kernel.id] {
+            return Err(Error::invalid(
+                "kernel launch",
+                format!(
+                    "{}: {} bytes of dynamic shared memory, but {} gives it at most {}",
+                    kernel.name, cfg.dyn_smem, self.name, self.max_dyn_smem[kernel.id]
+                ),
+            ));
+        }
         let ([gx, gy, gz], [bx, by, bz]) = (cfg.grid, cfg.block);
         // SAFETY: `f` was resolved from a loaded module; `args` holds one pointer per kernel
         // parameter (the caller's contract), which the driver reads before returning.

@@ -186,7 +186,7 @@ fn misuses_are_reported_not_hung() {
 fn launch_limits_are_checked() {
     let (dev, buf, _) = device(64, 1);
     let bad: &[LaunchCfg] =
-        &[cfg([1, 1, 1], [2048, 1, 1], 0), cfg([0, 1, 1], [32, 1, 1], 0), cfg([1, 1, 1], [32, 1, 1], 64 * 1024)];
+        &[cfg([1, 1, 1], [2048, 1, 1], 0), cfg([0, 1, 1], [32, 1, 1], 0), cfg([1, 1, 1], [32, 1, 1], 228 * 1024)];
     for c in bad {
         // SAFETY: refused before anything runs.
         let r = unsafe { emu_selftest_broken::launch(&dev, c, buf.ptr(), -1) };

@@ -88,6 +88,9 @@ kernels! {
             scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
         layernorm_modulate_f32x(out: DevPtr<f16>, x: DevPtr<f32>, shift: DevPtr<f16>,
             scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
+        residual_layernorm_modulate_f32x(out: DevPtr<f16>, x: DevPtr<f32>, y: DevPtr<f16>,
+            gate: DevPtr<f16>, gate_stride: i32, shift: DevPtr<f16>, scale: DevPtr<f16>,
+            tokens: i32, channels: i32, mod_stride: i32, eps: f32);
     }
     "residual" => {
         gated_residual_add_f16(x: DevPtr<f16>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
@@ -123,8 +126,16 @@ kernels! {
     // @@ embed/activation/sampler kernels go here @@
     "gemm" => {
         gemm_fused_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
-            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32,
-            n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32, add_rows: i32, act: i32);
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
+            ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
+            add_rows: i32, k_split: i32, act: i32);
+        gemm_fused_f16_l(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
+            ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
+            add_rows: i32, k_split: i32, act: i32);
+        gemm_splitk_reduce_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>,
+            ws: DevPtr<f32>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32, n: i32, ldc: i32,
+            ld_add: i32, add_rows: i32, splits: i32, act: i32);
     }
     "vae_conv" => {
         conv3x3_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, input: DevPtr<f16>, w: DevPtr<f16>,

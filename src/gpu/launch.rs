@@ -176,6 +176,48 @@ pub fn layernorm_modulate_f32x<D: Device + ?Sized>(
     }
 }
 
+/// `x += gate·y` (as [`gated_residual_add_f32x`]) then `out = LayerNorm(x)·(1 + scale) + shift`
+/// (as [`layernorm_modulate_f32x`]), in one pass per row (kernels/layernorm.cu): a block's
+/// residual add fused with the LayerNorm that follows it.
+#[allow(clippy::too_many_arguments)]
+pub fn residual_layernorm_modulate_f32x<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    x: DevSlice<f32>,
+    y: DevSlice<f16>,
+    gate: DevSlice<f16>,
+    gate_stride: i32,
+    shift: DevSlice<f16>,
+    scale: DevSlice<f16>,
+    rows: i32,
+    tokens: i32,
+    channels: i32,
+    mod_stride: i32,
+    eps: f32,
+) -> Result<()> {
+    const K: &str = "residual_layernorm_modulate_f32x";
+    let cfg = layernorm_cfg(K, out, x, shift, scale, rows, tokens, channels, mod_stride)?;
+    residual_check(K, x, y, gate, rows, tokens, channels, gate_stride)?;
+    // SAFETY: out, x and y hold rows × channels; gate, shift and scale every batch item's row.
+    unsafe {
+        kernels::residual_layernorm_modulate_f32x::launch(
+            dev,
+            &cfg,
+            out.ptr(),
+            x.ptr(),
+            y.ptr(),
+            gate.ptr(),
+            gate_stride,
+            shift.ptr(),
+            scale.ptr(),
+            tokens,
+            channels,
+            mod_stride,
+            eps,
+        )
+    }
+}
+
 /// The checks of the gated residual kernels; returns the pair count.
 #[allow(clippy::too_many_arguments)]
 fn residual_check<X>(

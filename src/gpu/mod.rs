@@ -69,6 +69,10 @@ impl<T> DevPtr<T> {
     pub fn null() -> Self {
         DevPtr { addr: 0, _t: PhantomData }
     }
+
+    pub fn is_null(self) -> bool {
+        self.addr == 0
+    }
 }
 
 /// `len` elements of `T` inside a device's arena.
@@ -121,6 +125,9 @@ pub struct LaunchCfg {
 
 /// Dynamic shared memory a kernel may use without opting in (cuFuncSetAttribute): 48 KiB.
 pub const MAX_DYN_SMEM: u32 = 48 * 1024;
+/// Dynamic shared memory a block may have once opted in on sm_90 (H100, H200): 227 KiB. The
+/// CUDA device opts every kernel in to what its GPU allows at load and refuses more there.
+pub const MAX_DYN_SMEM_OPT_IN: u32 = 227 * 1024;
 
 impl LaunchCfg {
     /// Checks the limits every CUDA GPU since sm_30 shares, so both devices refuse the same
@@ -133,7 +140,7 @@ impl LaunchCfg {
             "grid"
         } else if threads == 0 || threads > 1024 || bz > 64 {
             "block"
-        } else if self.dyn_smem > MAX_DYN_SMEM {
+        } else if self.dyn_smem > MAX_DYN_SMEM_OPT_IN {
             "dynamic shared memory"
         } else {
             return Ok(());

@@ -110,6 +110,7 @@ struct Bufs {
     latents: BufId,
     coeffs: BufId,
     state: BufId,
+    split_ws: BufId,
 }
 
 /// Width of one row of the modulation buffers: every block's 6C, then the final layer's 2C.
@@ -205,6 +206,7 @@ fn plan(cfg: &DitConfig, max_rows: usize, steps: usize, factors: Option<&Factors
         latents: p.add("latents", &[max_rows, cfg.image_elems()], Dt::F32),
         coeffs: p.add("sampler coefficients", &[steps, COEFFS], Dt::F32),
         state: p.add("request state", &[STATE], Dt::I32),
+        split_ws: p.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
     };
     (p, bufs)
 }
@@ -283,13 +285,14 @@ impl<D: Device> GpuEngine<D> {
         let caching = !matches!(opts.cache, CacheMode::None);
         let (mut plan, bufs) = plan(&cfg, max_rows, schedule.len(), factors.as_deref(), caching);
         plan.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
-        let elems = plan.total_bytes() / 2;
-        if i32::try_from(elems).is_err() {
+        // Kernels index within one buffer with 32-bit ints (the arena itself may be larger).
+        if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
             return Err(Error::invalid(
                 "GPU pipeline",
                 format!(
-                    "the arena of {} bytes is past what 32-bit kernel indices address; lower the batch",
-                    plan.total_bytes()
+                    "buffer `{}` would hold {} elements, past what 32-bit kernel indices address; lower the batch",
+                    big.name,
+                    big.elems()
                 ),
             ));
         }
@@ -461,6 +464,11 @@ impl<D: Device> GpuEngine<D> {
         self.dev.slice::<T>(self.plan.get(id))
     }
 
+    /// One fused GEMM, split along k into the planned workspace when that fills the GPU better.
+    fn gemm(&self, g: &GemmSpec) -> Result<()> {
+        launch::gemm_ws(&self.dev, g, Some(self.s(self.bufs.split_ws)?))
+    }
+
     /// Converts `src` to f16 through the staging buffer and uploads it at `dst`.
     fn put_f16(&self, dst: DevSlice<f16>, src: &[f32], staging: &mut [f16]) -> Result<()> {
         if src.len() != dst.len() {
@@ -608,11 +616,11 @@ impl<D: Device> GpuEngine<D> {
         );
         g.bias = Some(self.s(b.t0_b)?);
         g.act = GemmAct::Silu;
-        launch::gemm(&self.dev, &g)?;
+        self.gemm(&g)?;
         let mut g =
             GemmSpec::new(GemmOut::F32(self.s(b.temb)?), self.s(b.temb_h)?, self.s(b.t2_w)?, cnt, c as i32, c as i32);
         g.bias = Some(self.s(b.t2_b)?);
-        launch::gemm(&self.dev, &g)?;
+        self.gemm(&g)?;
         launch::condition_silu_f16(
             &self.dev,
             self.s(b.silu_c)?,
@@ -628,7 +636,7 @@ impl<D: Device> GpuEngine<D> {
         let mut g =
             GemmSpec::new(GemmOut::F16(self.s(b.mod_all)?), self.s(b.silu_c)?, self.s(b.ada_w)?, cnt, mw, c as i32);
         g.bias = Some(self.s(b.ada_b)?);
-        launch::gemm(&self.dev, &g)
+        self.gemm(&g)
     }
 
     /// Copies the current step's modulation (step index in device memory) for `rows` rows.
@@ -644,9 +652,9 @@ impl<D: Device> GpuEngine<D> {
         let cfg = self.model.config;
         let eps = self.model.mlp_norm_eps;
         let err = {
-            let mut pass = Pass { e: &*self, images, mod_off: 0, fused_gelu: None, err: None };
+            let mut pass = Pass { e: &*self, images, mod_off: 0, fused_gelu: None, pending_residual: None, err: None };
             forward::forward(&mut pass, &cfg, eps, rows, kind);
-            pass.err
+            pass.finish()
         };
         if let Some(e) = err {
             return Err(e);
@@ -821,16 +829,49 @@ struct Pass<'a, D: Device> {
     mod_off: usize,
     /// A GELU already applied by the GEMM before it (src, dst of the `gelu` call it replaces).
     fused_gelu: Option<(Act, Act)>,
+    /// A gated residual update not launched yet (y, gate, rows): the LayerNorm that follows
+    /// applies it in the same kernel; any other operation launches it first.
+    pending_residual: Option<(DevSlice<f16>, DevSlice<f16>, usize)>,
     err: Option<Error>,
 }
 
 impl<D: Device> Pass<'_, D> {
     fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
+        self.flush_residual();
+        self.run_now(f);
+    }
+
+    fn run_now(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
         if self.err.is_none() {
             if let Err(e) = f(self) {
                 self.err = Some(e);
             }
         }
+    }
+
+    /// Launches the pending gated residual update on its own, if there is one.
+    fn flush_residual(&mut self) {
+        if let Some((y, gate, rows)) = self.pending_residual.take() {
+            self.run_now(|p| {
+                let cfg = &p.e.model.config;
+                launch::gated_residual_add_f32x(
+                    &p.e.dev,
+                    p.e.s(p.e.bufs.x)?,
+                    y,
+                    gate,
+                    (rows * cfg.tokens()) as i32,
+                    cfg.tokens() as i32,
+                    cfg.hidden_size as i32,
+                    mod_width(cfg) as i32,
+                )
+            });
+        }
+    }
+
+    /// Ends the pass: launches what is still pending and returns the first error.
+    fn finish(mut self) -> Option<Error> {
+        self.flush_residual();
+        self.err
     }
 
     fn buf(&self, a: Act) -> BufId {
@@ -910,7 +951,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
             );
             g.bias = Some(e.s(b.patch_b)?);
             g.add = Some((e.s(b.pos)?, c, n));
-            launch::gemm(&e.dev, &g)
+            e.gemm(&g)
         });
     }
 
@@ -927,20 +968,44 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
-        self.run(|p| {
+        let pending = self.pending_residual.take();
+        self.run_now(|p| {
             let cfg = &p.e.model.config;
-            launch::layernorm_modulate_f32x(
-                &p.e.dev,
-                p.h(dst)?,
-                p.e.s(p.e.bufs.x)?,
-                p.chunk(shift)?,
-                p.chunk(scale)?,
-                (rows * cfg.tokens()) as i32,
-                cfg.tokens() as i32,
-                cfg.hidden_size as i32,
-                mod_width(cfg) as i32,
-                eps,
-            )
+            let (r, tokens, c, stride) =
+                ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
+            let (out, x) = (p.h(dst)?, p.e.s(p.e.bufs.x)?);
+            match pending {
+                Some((y, gate, res_rows)) if res_rows == rows => launch::residual_layernorm_modulate_f32x(
+                    &p.e.dev,
+                    out,
+                    x,
+                    y,
+                    gate,
+                    stride,
+                    p.chunk(shift)?,
+                    p.chunk(scale)?,
+                    r,
+                    tokens,
+                    c,
+                    stride,
+                    eps,
+                ),
+                Some(_) => {
+                    Err(Error::invalid("GPU pipeline", "a residual update and the LayerNorm after it differ in rows"))
+                }
+                None => launch::layernorm_modulate_f32x(
+                    &p.e.dev,
+                    out,
+                    x,
+                    p.chunk(shift)?,
+                    p.chunk(scale)?,
+                    r,
+                    tokens,
+                    c,
+                    stride,
+                    eps,
+                ),
+            }
         });
     }
 
@@ -968,7 +1033,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
                 g.pre = Some(p.h(dst)?);
                 g.act = GemmAct::GeluTanh;
             }
-            launch::gemm(&p.e.dev, &g)
+            p.e.gemm(&g)
         });
         self.fused_gelu = fuse;
     }
@@ -995,7 +1060,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
             // T = (x − x_s)·downᵀ, the increment formed while staging, never stored.
             let mut g = GemmSpec::new(GemmOut::F16(low), p.h(src)?, p.e.s(down)?, m, r_total as i32, inp as i32);
             g.a_minus = Some(p.h(Act::Cache(i, xs))?);
-            launch::gemm(&p.e.dev, &g)?;
+            p.e.gemm(&g)?;
             // dst = act(y_s + T·upᵀ) per output group.
             let group = out / parts.len();
             let (dst_s, ycache) = (p.h(dst)?, p.h(Act::Cache(i, ys))?);
@@ -1015,7 +1080,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
                 g.ldc = out as i32;
                 g.add = Some((ycache.sub(off, ycache.len() - off)?, out as i32, m));
                 g.act = gemm_act(act);
-                launch::gemm(&p.e.dev, &g)?;
+                p.e.gemm(&g)?;
                 r0 += rank;
             }
             Ok(())
@@ -1048,19 +1113,17 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
-        self.run(|p| {
-            let cfg = &p.e.model.config;
-            launch::gated_residual_add_f32x(
-                &p.e.dev,
-                p.e.s(p.e.bufs.x)?,
-                p.h(src)?,
-                p.chunk(gate)?,
-                (rows * cfg.tokens()) as i32,
-                cfg.tokens() as i32,
-                cfg.hidden_size as i32,
-                mod_width(cfg) as i32,
-            )
-        });
+        // Deferred to the LayerNorm that follows (the block's next one, or the next block's
+        // first, or the final layer's); resolved now, while `mod_off` names this block.
+        self.flush_residual();
+        match self.h(src).and_then(|y| Ok((y, self.chunk(gate)?))) {
+            Ok((y, g)) => self.pending_residual = Some((y, g, rows)),
+            Err(e) => {
+                if self.err.is_none() {
+                    self.err = Some(e);
+                }
+            }
+        }
     }
 
     fn unpatchify(&mut self, rows: usize) {

@@ -16,6 +16,7 @@ macro_rules! outln {
     }};
 }
 
+mod bench_gemm;
 mod bench_gpu;
 mod calibrate;
 mod decode;
@@ -50,6 +51,9 @@ enum Command {
     /// Times the GPU pipeline: every step kind and 50-step sampling under each cache policy,
     /// on DiT-shaped random weights (`--backend emu` runs it on the CPU emulation).
     BenchGpu(bench_gpu::BenchGpuArgs),
+    /// Times the fused GEMM on DiT-XL/2's linear-layer shapes under each launch the kernel
+    /// offers (tile sizes, split-k), beside the launcher's own choice.
+    BenchGemm(bench_gemm::BenchGemmArgs),
     /// Times VAE decodes (the SD-VAE architecture with random weights, or a VAE folder).
     BenchVae(BenchVaeArgs),
     /// Sample images (or latents) from a DiT; with no arguments, from the bundled model.
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
         Command::BenchForward(a) => bench_forward(a),
         Command::BenchVae(a) => bench_vae(a),
         Command::BenchGpu(a) => bench_gpu::run(a),
+        Command::BenchGemm(a) => bench_gemm::run(a),
         Command::Sample(a) => sample::run(*a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Decode(a) => decode::run(a),

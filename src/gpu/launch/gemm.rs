@@ -1,5 +1,5 @@
-//! The launcher of the fused GEMM `gemm_fused_f16` (kernels/gemm.cu): every linear layer of the
-//! GPU pipeline, `out = act(a'·wᵀ + bias + add)` with `a' = a` or `a − a_minus` (the
+//! The launcher of the fused GEMM (kernels/gemm.cu: `gemm_fused_f16`, `gemm_fused_f16_l`,
+//! `gemm_splitk_reduce_f16`): every linear layer of the GPU pipeline, `out = act(a'·wᵀ + bias + add)` with `a' = a` or `a − a_minus` (the
 //! increment-calibrated caching product `t = (x − x_s)·downᵀ`), an optional pre-activation
 //! copy, and strided operands so column groups of wider buffers can be read and written in
 //! place.
@@ -9,9 +9,77 @@ use crate::error::Result;
 use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
 
 const KERNEL: &str = "gemm_fused_f16";
-/// Output tile of one block and its threads (BM = BN, THREADS in kernels/gemm.cu).
-const TILE: i64 = 64;
-const THREADS: u32 = 128;
+
+/// One of the kernel's tile shapes (`Cfg<…>` in kernels/gemm.cu): these constants must match.
+struct Shape {
+    bm: i64,
+    bn: i64,
+    bk: i64,
+    stages: i64,
+    threads: u32,
+}
+
+/// `gemm_fused_f16`: 64×64 tiles, 4 warps, k step 64, 4 stages.
+const SMALL: Shape = Shape { bm: 64, bn: 64, bk: 64, stages: 4, threads: 128 };
+/// `gemm_fused_f16_l`: 128×128 tiles, 8 warps, k step 32, 4 stages.
+const LARGE: Shape = Shape { bm: 128, bn: 128, bk: 32, stages: 4, threads: 256 };
+
+/// Multiprocessors the tile choice aims to fill: an H100 or H200 SXM has 132. A smaller GPU is
+/// filled all the more; a larger one gets large tiles a little earlier than it would like.
+const TARGET_SMS: i64 = 132;
+/// Split-K aims at this many blocks (two per multiprocessor), each with at least
+/// `MIN_SPLIT_K` of the k range, and at most `MAX_SPLITS` slices.
+const SPLIT_TARGET_BLOCKS: i64 = 2 * TARGET_SMS;
+const MIN_SPLIT_K: i64 = 256;
+const MAX_SPLITS: i64 = 16;
+/// f32 elements of a workspace that never limits a split: splits happen only below
+/// `TARGET_SMS` small tiles, so m·n < `TARGET_SMS`·64·64, times `MAX_SPLITS` slices (33 MiB).
+pub const SPLIT_WORKSPACE_ELEMS: usize = (MAX_SPLITS * TARGET_SMS * 64 * 64) as usize;
+
+impl Shape {
+    fn tiles(&self, m: i64, n: i64) -> i64 {
+        ((m + self.bm - 1) / self.bm) * ((n + self.bn - 1) / self.bn)
+    }
+
+    /// Dynamic shared memory: the stages (a, w, and a_minus when present: (2·bm + bn) rows of
+    /// bk + 8 halves) or the f32 epilogue tile (bm × (bn + 4)), whichever is larger.
+    fn smem(&self, diff: bool) -> u32 {
+        let rows = self.bm * (if diff { 2 } else { 1 }) + self.bn;
+        let stages = self.stages * rows * (self.bk + 8) * 2;
+        stages.max(self.bm * (self.bn + 4) * 4) as u32
+    }
+}
+
+/// How one GEMM is launched: the tile shape and the split of the k range.
+struct Choice {
+    shape: &'static Shape,
+    large: bool,
+    splits: i64,
+    k_split: i64,
+}
+
+/// Large tiles when they alone fill the GPU once over; else small tiles, split along k (when a
+/// workspace of `ws_elems` f32 is given) until about two blocks per multiprocessor run, with
+/// slices of at least `MIN_SPLIT_K` and a whole number of k steps.
+fn choose(m: i64, n: i64, k: i64, ws_elems: i64) -> Choice {
+    if LARGE.tiles(m, n) >= TARGET_SMS {
+        return Choice { shape: &LARGE, large: true, splits: 1, k_split: k };
+    }
+    let tiles = SMALL.tiles(m, n);
+    let mut splits = 1;
+    if tiles < TARGET_SMS && ws_elems > 0 {
+        let want = (SPLIT_TARGET_BLOCKS + tiles - 1) / tiles;
+        splits = want.min(k / MIN_SPLIT_K).min(MAX_SPLITS).min(ws_elems / (m * n)).max(1);
+    }
+    if splits == 1 {
+        return Choice { shape: &SMALL, large: false, splits: 1, k_split: k };
+    }
+    let step = SMALL.bk;
+    let k_split = ((k + splits - 1) / splits + step - 1) / step * step;
+    // Rounding up may leave the last slices empty: count only those that hold some of k.
+    let splits = (k + k_split - 1) / k_split;
+    Choice { shape: &SMALL, large: false, splits, k_split }
+}
 
 /// The activation applied after bias and add.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -107,24 +175,95 @@ fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
 
-/// Runs the fused GEMM `spec` describes (kernels/gemm.cu): grid (⌈n/64⌉, ⌈m/64⌉), 128 threads.
-/// Checks sizes, strides (≥ the row width), and that every slice covers what the kernel reads
-/// or writes; the kernel picks its 16-byte load paths itself from k, lda and the alignment.
+/// The launch [`gemm_ws`] makes for these sizes and workspace: (whether it uses the 128×128
+/// tiles, the number of k slices).
+pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize) -> (bool, usize) {
+    let c = choose(m as i64, n as i64, k as i64, workspace_elems as i64);
+    (c.large, c.splits as usize)
+}
+
+/// A launch chosen by the caller instead of [`gemm_ws`]'s rule (for `icdit bench-gemm`, which
+/// measures the alternatives): 128×128 tiles or 64×64, and about `splits` k slices of 64×64
+/// tiles (rounded to whole k steps; needs a workspace of `splits`·m·n).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GemmLaunch {
+    pub large: bool,
+    pub splits: usize,
+}
+
+/// Runs the GEMM as `how` says; see [`gemm_ws`].
+pub fn gemm_as<D: Device + ?Sized>(
+    dev: &D,
+    spec: &GemmSpec,
+    workspace: Option<DevSlice<f32>>,
+    how: GemmLaunch,
+) -> Result<()> {
+    validate(spec)?;
+    let k = spec.k as i64;
+    let choice = if how.large {
+        if how.splits > 1 {
+            return Err(invalid(KERNEL, "128×128 tiles are not split along k".into()));
+        }
+        Choice { shape: &LARGE, large: true, splits: 1, k_split: k }
+    } else if how.splits <= 1 {
+        Choice { shape: &SMALL, large: false, splits: 1, k_split: k }
+    } else {
+        let splits = how.splits as i64;
+        let k_split = ((k + splits - 1) / splits + SMALL.bk - 1) / SMALL.bk * SMALL.bk;
+        Choice { shape: &SMALL, large: false, splits: (k + k_split - 1) / k_split, k_split }
+    };
+    if choice.splits > 1 && workspace.is_none_or(|w| (w.len as i64) < choice.splits * spec.m as i64 * spec.n as i64) {
+        return Err(invalid(KERNEL, format!("{} k slices need a workspace of that many (m, n) slices", choice.splits)));
+    }
+    launch_gemm(dev, spec, workspace, choice)
+}
+
+/// Runs the fused GEMM `spec` describes (kernels/gemm.cu) without splitting k: see [`gemm_ws`].
 pub fn gemm<D: Device + ?Sized>(dev: &D, spec: &GemmSpec) -> Result<()> {
+    gemm_ws(dev, spec, None)
+}
+
+/// Runs the fused GEMM `spec` describes (kernels/gemm.cu): 128×128 tiles when they fill the
+/// GPU, else 64×64 tiles, split along k into slices of `workspace` (f32 partial sums, then one
+/// reduction launch that applies the epilogue) when too few tiles would run and the workspace
+/// holds at least two (m, n) slices. Checks sizes, strides (≥ the row width), and that every
+/// slice covers what the kernel reads or writes; the kernel picks its 16-byte load paths
+/// itself from k, lda and the alignment.
+pub fn gemm_ws<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace: Option<DevSlice<f32>>) -> Result<()> {
+    validate(spec)?;
+    let ws_elems = workspace.map_or(0, |s| s.len as i64);
+    launch_gemm(dev, spec, workspace, choose(spec.m as i64, spec.n as i64, spec.k as i64, ws_elems))
+}
+
+/// The checks on sizes and strides that need no launch choice.
+fn validate(spec: &GemmSpec) -> Result<()> {
+    let &GemmSpec { add, m, n, k, lda, ldc, .. } = spec;
+    let (ld_add, add_rows) = add.map_or((n, m), |(_, ld, rows)| (ld, rows));
+    positive(KERNEL, &[("m", m), ("n", n), ("k", k), ("add rows", add_rows)])?;
+    stride_at_least("lda", lda, k)?;
+    stride_at_least("ldc", ldc, n)?;
+    stride_at_least("add row stride", ld_add, n)?;
+    // The kernel's column and row indices (tile origin + 127) and k ranges must fit in an int.
+    let big = LARGE.bm.max(LARGE.bn);
+    if n as i64 + big > i32::MAX as i64 || m as i64 + big > i32::MAX as i64 || k as i64 + big > i32::MAX as i64 {
+        return Err(invalid(KERNEL, format!("m = {m}, n = {n} or k = {k} is too large")));
+    }
+    Ok(())
+}
+
+/// Checks `spec` and launches it as `choice` says (plus the reduction when split).
+fn launch_gemm<D: Device + ?Sized>(
+    dev: &D,
+    spec: &GemmSpec,
+    workspace: Option<DevSlice<f32>>,
+    choice: Choice,
+) -> Result<()> {
     let &GemmSpec { out, pre, a, a_minus, w, bias, add, m, n, k, lda, ldc, act } = spec;
     let (add_slice, ld_add, add_rows) = match add {
         Some((s, ld, rows)) => (Some(s), ld, rows),
         None => (None, n, m),
     };
-    positive(KERNEL, &[("m", m), ("n", n), ("k", k), ("add rows", add_rows)])?;
-    stride_at_least("lda", lda, k)?;
-    stride_at_least("ldc", ldc, n)?;
-    stride_at_least("add row stride", ld_add, n)?;
-    // The kernel's column and row indices (tile origin + 63) must fit in an int.
-    if n as i64 + TILE > i32::MAX as i64 || m as i64 + TILE > i32::MAX as i64 {
-        return Err(invalid(KERNEL, format!("m = {m} or n = {n} is too large")));
-    }
-    let grid_y = (m as i64 + TILE - 1) / TILE;
+    let grid_y = (m as i64 + choice.shape.bm - 1) / choice.shape.bm;
     if grid_y > 65535 {
         return Err(invalid(KERNEL, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
     }
@@ -156,25 +295,39 @@ pub fn gemm<D: Device + ?Sized>(dev: &D, spec: &GemmSpec) -> Result<()> {
         covers(KERNEL, "add", s, span(m.min(add_rows), ld_add, n), 2)?;
     }
 
+    let shape = choice.shape;
     let cfg = LaunchCfg {
-        grid: [((n as i64 + TILE - 1) / TILE) as u32, grid_y as u32, 1],
-        block: [THREADS, 1, 1],
-        dyn_smem: 0,
+        grid: [((n as i64 + shape.bn - 1) / shape.bn) as u32, grid_y as u32, choice.splits as u32],
+        block: [shape.threads, 1, 1],
+        dyn_smem: shape.smem(a_minus.is_some()),
     };
+    let ws = match workspace {
+        Some(s) if choice.splits > 1 => {
+            covers(KERNEL, "workspace", s, choice.splits * m as i64 * n as i64, 4)?;
+            s.ptr()
+        }
+        _ => DevPtr::null(),
+    };
+    let split = !ws.is_null();
+    let launch =
+        if choice.large { kernels::gemm_fused_f16_l::launch::<D> } else { kernels::gemm_fused_f16::launch::<D> };
     // SAFETY: every operand present covers the elements the kernel reads or writes for these
     // sizes and strides (checked above); absent operands are null, which the kernel skips.
+    // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
+    // reads it and writes the outputs.
     unsafe {
-        kernels::gemm_fused_f16::launch(
+        launch(
             dev,
             &cfg,
-            out16,
-            out32,
-            ptr_or_null(pre),
+            if split { DevPtr::null() } else { out16 },
+            if split { DevPtr::null() } else { out32 },
+            if split { DevPtr::null() } else { ptr_or_null(pre) },
             a.ptr(),
             ptr_or_null(a_minus),
             w.ptr(),
             ptr_or_null(bias),
             ptr_or_null(add_slice),
+            ws,
             m,
             n,
             k,
@@ -182,7 +335,74 @@ pub fn gemm<D: Device + ?Sized>(dev: &D, spec: &GemmSpec) -> Result<()> {
             ldc,
             ld_add,
             add_rows,
+            choice.k_split as i32,
+            act.code(),
+        )?;
+    }
+    if !split {
+        return Ok(());
+    }
+    let total = m as i64 * n as i64;
+    let cfg = LaunchCfg { grid: [super::blocks(total, 256, 1024), 1, 1], block: [256, 1, 1], dyn_smem: 0 };
+    // SAFETY: as above; `ws` holds `splits` slices of m·n partial sums written by the launch
+    // before it on the same stream.
+    unsafe {
+        kernels::gemm_splitk_reduce_f16::launch(
+            dev,
+            &cfg,
+            out16,
+            out32,
+            ptr_or_null(pre),
+            ws,
+            ptr_or_null(bias),
+            ptr_or_null(add_slice),
+            m,
+            n,
+            ldc,
+            ld_add,
+            add_rows,
+            choice.splits as i32,
             act.code(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tile_choice() {
+        // DiT-XL/2 at batch 1 with guidance (512 rows): N = 1152 fills 144 small tiles.
+        let c = choose(512, 1152, 1152, 0);
+        assert!(!c.large && c.splits == 1 && c.k_split == 1152);
+        // Batch 16 (8192 rows): large tiles (64 × 9 = 576).
+        assert!(choose(8192, 1152, 1152, 0).large);
+        // icc's down projection at batch 1: 16 tiles, k = 4608 → at most 16 slices (17 wanted): 288 rounded up to 320 makes 15.
+        let c = choose(512, 128, 4608, 1 << 24);
+        assert_eq!((c.large, c.splits, c.k_split), (false, 15, 320));
+        // No workspace: no split.
+        assert_eq!(choose(512, 128, 4608, 0).splits, 1);
+        // A workspace for 3 slices only.
+        assert_eq!(choose(512, 128, 4608, 3 * 512 * 128).splits, 3);
+        // k = 1152 allows at most 4 slices of ≥ 256; k_split rounds up to 320 (a whole number
+        // of 64-wide k steps), which covers k in 4 slices.
+        let c = choose(512, 128, 1152, 1 << 24);
+        assert_eq!((c.splits, c.k_split), (4, 320));
+        // Every choice covers k exactly.
+        for (m, n, k) in [(512, 384, 1152), (2, 1152, 256), (512, 32, 1152), (100, 10, 4000)] {
+            let c = choose(m, n, k, 1 << 30);
+            assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k, "{m} {n} {k}");
+            assert_eq!(c.k_split % c.shape.bk, if c.splits > 1 { 0 } else { k % c.shape.bk });
+        }
+    }
+
+    #[test]
+    fn shared_memory_fits_hopper() {
+        for s in [&SMALL, &LARGE] {
+            assert!(s.smem(true) <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
+        }
+        assert_eq!(SMALL.smem(false), 73728);
+        assert_eq!(LARGE.smem(true), 122880);
     }
 }

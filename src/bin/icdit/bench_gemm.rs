@@ -1,0 +1,164 @@
+//! `icdit bench-gemm`: the fused GEMM on every DiT-XL/2 linear-layer shape (the block's four
+//! linears, icc's down and up projections) at the row counts of batches 1, 4 and 16 with
+//! guidance, under each launch the kernel offers (64×64 tiles, 128×128 tiles, 64×64 split
+//! along k 2–16 ways) and under the launcher's own choice, timed by device events over repeated
+//! launches. For choosing and checking the launch rule on a GPU (scripts/gpu-check.sh runs it);
+//! `--backend emu` checks the command on the CPU emulation (use small `--rows`).
+
+use clap::Args;
+use icdit::backend::Backend;
+use icdit::gpu::launch::{self, GemmAct, GemmLaunch, GemmOut, GemmSpec};
+use icdit::gpu::{f16, DevSlice, Device, EmuDevice};
+use icdit::plan::{Dt, Plan};
+use icdit::Error;
+
+#[derive(Args, Debug)]
+pub struct BenchGemmArgs {
+    /// `cuda` (default) or `emu`.
+    #[arg(long, default_value = "cuda")]
+    backend: String,
+    /// Rows (tokens × images, guidance included), comma-separated: 512, 2048, 8192 are
+    /// DiT-XL/2 at batches 1, 4, 16 with guidance.
+    #[arg(long, value_delimiter = ',', default_value = "512,2048,8192")]
+    rows: Vec<usize>,
+    /// Launches per timing (the median of 3 timings is reported).
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+}
+
+/// One linear layer's shape: output width n, input width k, and its fused operands.
+struct Shape {
+    name: &'static str,
+    n: usize,
+    k: usize,
+    minus: bool,
+    add: bool,
+    gelu: bool,
+}
+
+const C: usize = 1152;
+const MLP: usize = 4 * C;
+const RANK: usize = 128;
+
+const SHAPES: &[Shape] = &[
+    Shape { name: "qkv", n: 3 * C, k: C, minus: false, add: false, gelu: false },
+    Shape { name: "proj", n: C, k: C, minus: false, add: false, gelu: false },
+    Shape { name: "fc1+gelu", n: MLP, k: C, minus: false, add: false, gelu: true },
+    Shape { name: "fc2", n: C, k: MLP, minus: false, add: false, gelu: false },
+    Shape { name: "icc down qkv", n: 3 * RANK, k: C, minus: true, add: false, gelu: false },
+    Shape { name: "icc down proj", n: RANK, k: C, minus: true, add: false, gelu: false },
+    Shape { name: "icc down fc2", n: RANK, k: MLP, minus: true, add: false, gelu: false },
+    Shape { name: "icc up q", n: C, k: RANK, minus: false, add: true, gelu: false },
+    Shape { name: "icc up fc1+gelu", n: MLP, k: RANK, minus: false, add: true, gelu: true },
+];
+
+/// Split workspaces beyond this many f32 are not measured.
+const MAX_WS: usize = 64 << 20;
+
+pub fn run(a: BenchGemmArgs) -> Result<(), Error> {
+    let backend: Backend = a.backend.parse()?;
+    if a.rows.is_empty() || a.rows.contains(&0) || a.iters == 0 {
+        return Err(Error::invalid("--rows/--iters", "give one or more row counts ≥ 1 and --iters ≥ 1"));
+    }
+    let max_rows = *a.rows.iter().max().unwrap_or(&1);
+    let mut plan = Plan::new("bench-gemm");
+    let big = max_rows * MLP;
+    let ids = [
+        plan.add("a", &[big], Dt::F16),
+        plan.add("a_minus", &[big], Dt::F16),
+        plan.add("w", &[MLP * C], Dt::F16),
+        plan.add("bias", &[MLP], Dt::F16),
+        plan.add("add", &[big], Dt::F16),
+        plan.add("out", &[big], Dt::F16),
+        plan.add("pre", &[big], Dt::F16),
+        plan.add("workspace", &[MAX_WS], Dt::F32),
+    ];
+    match backend {
+        Backend::Emu => bench(&EmuDevice::new(&plan)?, &plan, ids, &a),
+        Backend::Cuda => cuda(&plan, ids, &a),
+        Backend::Cpu => Err(Error::invalid("--backend", "bench-gemm runs cuda or emu")),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda(plan: &Plan, ids: [icdit::plan::BufId; 8], a: &BenchGemmArgs) -> Result<(), Error> {
+    let dev = icdit::gpu::CudaDevice::open(plan)?
+        .ok_or_else(|| Error::gpu("bench-gemm", "no CUDA GPU found (the driver reports no device)"))?;
+    bench(&dev, plan, ids, a)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_: &Plan, _: [icdit::plan::BufId; 8], _: &BenchGemmArgs) -> Result<(), Error> {
+    Err(Error::gpu(
+        "bench-gemm",
+        "this icdit was built without CUDA support: rebuild with `--features cuda`, or pass --backend emu",
+    ))
+}
+
+fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &BenchGemmArgs) -> Result<(), Error> {
+    let [a_id, am_id, w_id, b_id, add_id, out_id, pre_id, ws_id] = ids;
+    // Random-looking f16 data (never zeros: they can run faster than real data).
+    let fill = |id| -> Result<DevSlice<f16>, Error> {
+        let s: DevSlice<f16> = dev.slice(plan.get(id))?;
+        let v: Vec<f16> = (0..s.len())
+            .map(|i| f16::from_f32(((i.wrapping_mul(2654435761) >> 7) % 2001) as f32 / 1000.0 - 1.0))
+            .collect();
+        dev.upload(s, &v)?;
+        Ok(s)
+    };
+    let (x, xm, w, bias, add) = (fill(a_id)?, fill(am_id)?, fill(w_id)?, fill(b_id)?, fill(add_id)?);
+    let out: DevSlice<f16> = dev.slice(plan.get(out_id))?;
+    let pre: DevSlice<f16> = dev.slice(plan.get(pre_id))?;
+    let ws: DevSlice<f32> = dev.slice(plan.get(ws_id))?;
+    println!("bench-gemm on {}: median of 3 timings of {} launches each", dev.name(), a.iters);
+    println!("| shape | m | n | k | launch | µs | TFLOP/s | auto picks |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for &m in &a.rows {
+        for s in SHAPES {
+            let mut g = GemmSpec::new(GemmOut::F16(out), x, w, m as i32, s.n as i32, s.k as i32);
+            g.bias = Some(bias);
+            if s.minus {
+                g.a_minus = Some(xm);
+                g.bias = None;
+            }
+            if s.add {
+                g.add = Some((add, s.n as i32, m as i32));
+            }
+            if s.gelu {
+                g.act = GemmAct::GeluTanh;
+                g.pre = Some(pre);
+            }
+            let (auto_large, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len());
+            let auto = format!("{} ×{auto_splits}", if auto_large { "128²" } else { "64²" });
+            let mut variants = vec![("auto".to_string(), None)];
+            variants.push(("64²".into(), Some(GemmLaunch { large: false, splits: 1 })));
+            variants.push(("128²".into(), Some(GemmLaunch { large: true, splits: 1 })));
+            for splits in [2, 4, 8, 16] {
+                if splits * m * s.n <= ws.len() && s.k / splits >= 64 {
+                    variants.push((format!("64² split {splits}"), Some(GemmLaunch { large: false, splits })));
+                }
+            }
+            for (name, how) in variants {
+                let once = || match how {
+                    None => launch::gemm_ws(dev, &g, Some(ws)),
+                    Some(h) => launch::gemm_as(dev, &g, Some(ws), h),
+                };
+                once()?; // warm-up
+                let mut times = Vec::new();
+                for _ in 0..3 {
+                    let start = dev.record_event()?;
+                    for _ in 0..a.iters {
+                        once()?;
+                    }
+                    let end = dev.record_event()?;
+                    times.push(dev.elapsed_ms(&start, &end)? as f64 * 1e3 / a.iters as f64);
+                }
+                times.sort_by(f64::total_cmp);
+                let us = times[1];
+                let tflops = 2.0 * (m * s.n * s.k) as f64 / (us * 1e-6) / 1e12;
+                println!("| {} | {m} | {} | {} | {name} | {us:.2} | {tflops:.1} | {auto} |", s.name, s.n, s.k);
+            }
+        }
+    }
+    Ok(())
+}
