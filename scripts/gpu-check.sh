@@ -40,6 +40,11 @@ EXPECTED_TESTS=()
 for f in tests/gpu_*.rs; do [[ -e "$f" ]] && EXPECTED_TESTS+=("$(basename "$f" .rs)"); done
 EXPECTED_TESTS+=(lib)
 
+# scripts/prepare-device.sh packs the binaries; unpack them once (python's tarfile: no xz needed).
+if [[ ! -d "$BIN" && -f .device/bin.tar.xz ]]; then
+    "$PY" -c 'import tarfile; tarfile.open(".device/bin.tar.xz").extractall(".device")' ||
+        echo "gpu-check: could not unpack .device/bin.tar.xz" >&2
+fi
 mkdir -p "$OUT_DIR"
 # Outputs of an earlier run in the same folder would be mistaken for this run's.
 rm -f "$OUT_DIR"/{card.txt,tests.log,engine.log,pytorch.log,pytorch.json,summary.md,summary.json}
@@ -338,7 +343,7 @@ step_engine() {
         c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
         if ((c >= 10)); then
             { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
-            grep -E '^# \| (qkv|proj|fc1|fc2|icc)' "$log" | grep -E '\| auto \|' | head -n 30
+            grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 40
         fi
     fi
     step_kernels "$log"

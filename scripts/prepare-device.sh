@@ -7,10 +7,13 @@
 #   .device/bin/lib                                                           (the library's unit tests)
 #   .device/bin/icdit                                                         (the command)
 #   .device/manifest.txt   commit, date, toolchain, build path, size and sha256 of each binary
+# packed as .device/bin.tar.xz (about 8× smaller: the device tool carries 64 MiB with the tree),
+# which scripts/gpu-check.sh unpacks to .device/bin on the GPU machine.
 # Debug information and symbols are stripped (the GPU machine has no debugger for them, and the
 # 64 MiB the device tool carries is tight): panic messages still give file and line. Fails if .device/ is
 # over DEVICE_LIMIT_MIB (default 60; the device tool carries at most 64 MiB with the tree).
 #
+# Options: --with-dataset (also the training set for scripts/gpu-train.sh).
 # Environment: ICDIT_CUDA_ARCH (default 90: H100/H200), DEVICE_LIMIT_MIB, CARGO_TARGET_DIR (as cargo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,13 +101,35 @@ baked=$(grep -rln 'CARGO_MANIFEST_DIR' tests/gpu_*.rs tests/gpu_common src 2>/de
     done <"$list"
 } >"$DEST/manifest.txt"
 
-# 6. Sizes. The device tool carries the working tree (tracked and untracked-not-ignored files) and
+# 6. Pack: bin/ becomes bin.tar.xz (the manifest describes the unpacked files).
+rm -f "$DEST/bin.tar.xz"
+tar -C "$DEST" -cJf "$DEST/bin.tar.xz" bin
+rm -rf "$DEST/bin"
+
+# 7. With --with-dataset: the bundled model's training set, compressed (8 MB), for
+#    scripts/gpu-train.sh (generating it there would take a minute of device time).
+if [[ " $* " == *" --with-dataset "* ]]; then
+    cache="${XDG_CACHE_HOME:-$HOME/.cache}/icdit/shapes32v2_seed0_n40000.npz"
+    python3 - "$cache" "$DEST/shapes32v2_seed0_n40000.npz" <<'PYEOF'
+import os, sys
+import numpy as np
+sys.path.insert(0, "tools")
+import make_dataset
+images, labels = make_dataset.load_or_make(40000, 0, sys.argv[1])
+np.savez_compressed(sys.argv[2] + ".tmp.npz", images=images, labels=labels, seed=np.int64(0))
+os.replace(sys.argv[2] + ".tmp.npz", sys.argv[2])
+PYEOF
+else
+    rm -f "$DEST/shapes32v2_seed0_n40000.npz"
+fi
+
+# 8. Sizes. The device tool carries the working tree (tracked and untracked-not-ignored files) and
 #    .device together, 64 MiB at most.
 mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
 bytes=$(du -sb "$DEST" | cut -f1)
 tree=$(git ls-files -z --cached --others --exclude-standard -- . ':(exclude).device' | xargs -0 -r stat -c %s 2>/dev/null |
        awk '{ s += $1 } END { print s + 0 }')
-ls -l "$DEST/bin"
+ls -l "$DEST"
 echo "prepare-device: $DEST is $(mib "$bytes") MiB (limit $LIMIT_MIB MiB); with the working tree" \
      "($(mib "$tree") MiB) $(mib $((bytes + tree))) MiB of the 64 MiB the device tool carries;" \
      "$((SECONDS - start)) s"

@@ -1,7 +1,13 @@
 //! kernels/attention.cu (attention_f16) against an f64 reference of softmax(q·kᵀ/√D)·v on the
 //! same f16 inputs, at one full tile, ragged token counts (77: the second query tile holds 13
-//! queries, the second key tile 13 keys), DiT-XL/2 at 256 px (B = 2, N = 256, 16 heads) and one
-//! head of it at 512 px (N = 1024: 16 key tiles), plus bad launches that must be refused.
+//! queries, the second key tile 13 keys; 200: a last key tile of 8), DiT-XL/2 at 256 px
+//! (B = 2, N = 256, 16 heads) and at 512 px (N = 1024: 16 key tiles; one head, and B = 2 with
+//! 2 heads), plus bad launches that must be refused. Every shape runs with every key split
+//! count the kernel is built for (1, 2, 4; at most the key tiles) through
+//! `launch::attention_f16_splits`, and once through `launch::attention_f16` (the launcher's
+//! choice): one round (N ≤ 64·splits: the whole K and V resident), several rounds (K and V
+//! refilled), and a last round where some splits have no tile (320 tokens = 5 tiles at 2 and
+//! 4 splits), each followed by the merge of the splits' partial results.
 //!
 //! Error bound of one output element (row i, column d), with w_j = exp(s_j − max s) the exact
 //! weights, W = Σ_j w_j·|v_jd| / Σ_j w_j, A = Σ_j |v_jd| / Σ_j w_j, G = max_j Σ_d |q_d·k_jd|,
@@ -14,7 +20,8 @@
 //!     1/√D·log2 e, less the running max, exp2f (2 ulp): relative η = 2·scale·G·(2·80 + 8)·U32
 //!     + 4·U32 per weight, 2η·W after normalisation. The rescale factors exp(m_old − m_new)
 //!     multiply O and l alike and cancel, but for their roundings;
-//!   - f32 sums of P·V and of l over N keys, the per-tile rescaling and 1/l: 3·(N + 2T + 4)·U32·W;
+//!   - f32 sums of P·V and of l over N keys, the per-tile rescaling, the merge of up to 4
+//!     split partials (as 4 more rescalings) and 1/l: 3·(N + 2T + 12)·U32·W;
 //!   - the output rounded once to f16: U16·|exact| + F16_TINY.
 //! Measured: see the printed max |error| / bound (the output rounding and the P rounding
 //! dominate) and relative L2 error (about 2e-4).
@@ -49,8 +56,11 @@ const SHAPES: &[Shape] = &[
     s(1, 64, 2, 2.0),   // one query tile, one key tile
     s(2, 77, 2, 2.0),   // ragged in queries and keys
     s(2, 77, 2, 4.0),   // ragged, sharp softmax
+    s(1, 320, 1, 4.0),  // 5 key tiles: a last round with idle splits, sharp softmax
+    s(3, 200, 3, 2.0),  // ragged (last key tile of 8), B > 1, heads > 1
     s(2, 256, 16, 2.0), // DiT-XL/2 at 256 px (C = 1152)
     s(1, 1024, 1, 2.0), // one head of DiT-XL/2 at 512 px: 16 key tiles
+    s(2, 1024, 2, 2.0), // 512 px with B > 1 and heads > 1
 ];
 
 /// qkv (batch, tokens, 3C): q and k columns in [-amp, amp], v columns in [-1, 1].
@@ -90,7 +100,7 @@ fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
                 }
                 let l: f64 = w.iter().sum();
                 let eta = 2.0 * scale * g * (2.0 * DP + 8.0) * U32 + 4.0 * U32;
-                let acc = 3.0 * (n as f64 + 2.0 * tiles + 4.0) * U32;
+                let acc = 3.0 * (n as f64 + 2.0 * tiles + 12.0) * U32;
                 for d in 0..D {
                     let (mut o, mut wv, mut av) = (0.0, 0.0, 0.0);
                     for j in 0..n {
@@ -124,19 +134,34 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let mut rng = Rng::new((sh.batch * 1_000_003 + sh.tokens * 1009 + sh.heads) as u64 ^ sh.amp.to_bits());
         let qkv_data = data(sh, &mut rng);
 
-        let start = Instant::now();
-        let qkv = put(&dev, &plan, qkv_buf, &qkv_data);
-        let out: DevSlice<f16> = out(&dev, &plan, out_buf);
-        launch::attention_f16(&dev, out, qkv, sh.batch as i32, sh.tokens as i32, sh.heads as i32, D as i32)
-            .unwrap_or_else(|e| panic!("{tag}: {e}"));
-        dev.synchronize().unwrap();
-        let got: Vec<f32> = get::<f16, _>(&dev, &plan, out_buf).iter().map(|h| h.to_f32()).collect();
-        let secs = start.elapsed().as_secs_f64();
-
         let (exact, bound) = reference(sh, &qkv_data);
-        let max_abs = got.iter().zip(&exact).map(|(&g, &e)| (g as f64 - e).abs()).fold(0.0, f64::max);
-        println!("{tag}: kernel {secs:.2} s with copies, max |error| {max_abs:.2e}");
-        assert_within(&tag, &got, &exact, |i| bound[i]);
+        let (b, n, h) = (sh.batch as i32, sh.tokens as i32, sh.heads as i32);
+        let tiles = sh.tokens.div_ceil(64) as i32;
+        let chosen = launch::attention_splits(b, n, h);
+        // None: the launcher's own choice; Some(s): s key splits.
+        let runs =
+            std::iter::once(None).chain(launch::ATTENTION_SPLITS.iter().filter(|&&s| s <= tiles).map(|&s| Some(s)));
+        for splits in runs {
+            let tag = match splits {
+                None => format!("{tag} launcher's splits {chosen}"),
+                Some(s) => format!("{tag} splits {s}"),
+            };
+            let start = Instant::now();
+            let qkv = put(&dev, &plan, qkv_buf, &qkv_data);
+            // Fresh NaN-filled output each run: a row the kernel misses shows as NaN.
+            let out: DevSlice<f16> = out(&dev, &plan, out_buf);
+            match splits {
+                None => launch::attention_f16(&dev, out, qkv, b, n, h, D as i32),
+                Some(s) => launch::attention_f16_splits(&dev, out, qkv, b, n, h, D as i32, s),
+            }
+            .unwrap_or_else(|e| panic!("{tag}: {e}"));
+            dev.synchronize().unwrap();
+            let got: Vec<f32> = get::<f16, _>(&dev, &plan, out_buf).iter().map(|h| h.to_f32()).collect();
+            let secs = start.elapsed().as_secs_f64();
+            let max_abs = got.iter().zip(&exact).map(|(&g, &e)| (g as f64 - e).abs()).fold(0.0, f64::max);
+            println!("{tag}: kernel {secs:.2} s with copies, max |error| {max_abs:.2e}");
+            assert_within(&tag, &got, &exact, |i| bound[i]);
+        }
     }
 }
 
@@ -182,6 +207,15 @@ fn check_bad_launches<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let msg = err.to_string();
         assert!(msg.contains(expect), "{what}: error {msg:?} does not mention {expect:?}");
         println!("{what}: refused: {msg}");
+    }
+    // Split counts the kernel is not built for, or more splits than key tiles (70 tokens: 2).
+    for (splits, expect) in [(0, "splits 0"), (3, "splits 3"), (8, "splits 8"), (4, "splits 4")] {
+        let err = launch::attention_f16_splits(&dev, out, qkv, b, n, h, 72, splits)
+            .err()
+            .unwrap_or_else(|| panic!("splits {splits}: launch accepted ({})", dev.name()));
+        let msg = err.to_string();
+        assert!(msg.contains(expect), "splits {splits}: error {msg:?} does not mention {expect:?}");
+        println!("splits {splits}: refused: {msg}");
     }
     // The device is still usable: the well-formed launch on the same buffers runs.
     launch::attention_f16(&dev, out, qkv, b, n, h, 72).unwrap();

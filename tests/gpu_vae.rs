@@ -1,10 +1,11 @@
 //! The VAE decoder's kernels (kernels/vae_conv.cu, kernels/vae.cu) against f64 references on
 //! the same f16 inputs: the 3×3 convolution (PyTorch and tap-major weights, the fused nearest
 //! 2× upsample, bias, residual add, f16 and f32 out, the 16-byte and element-wise staging
-//! paths, batches of images, shapes that are not multiples of the 64×64×32 tile), a 1×1
-//! convolution as `gemm_fused_f16` with the shortcut as `add`, GroupNorm + SiLU, the row
-//! softmax, the transpose, the mid-block attention composed of them, and the uint8 conversion
-//! (bit for bit against src/image.rs); then the launchers' rejections.
+//! paths, batches of images, both block tiles (64×64 and 128×128, forced and by the launcher's
+//! rule) at shapes that are not multiples of either), a 1×1 convolution as `gemm_fused_f16`
+//! with the shortcut as `add`, GroupNorm + SiLU, the row softmax, the transpose, the mid-block
+//! attention composed of them, and the uint8 conversion (bit for bit against src/image.rs);
+//! then the launchers' rejections.
 //!
 //! Convolutions get two kinds of data, as tests/gpu_gemm.rs: small integers (input and weights
 //! in [-2, 2], bias and add in [-4, 4]: every partial sum is an integer below 2^24, exact in
@@ -16,7 +17,7 @@
 mod gpu_common;
 
 use gpu_common::*;
-use icdit::gpu::launch::{self, Conv3Spec, ConvWeights, GemmOut, GemmSpec, VaeImage};
+use icdit::gpu::launch::{self, Conv3Spec, ConvTile, ConvWeights, GemmOut, GemmSpec, VaeImage};
 use icdit::gpu::{f16, Device};
 use icdit::image::{to_u8, to_u8_diffusers, Rounding};
 use icdit::plan::{Dt, Plan};
@@ -38,6 +39,8 @@ struct Conv {
     /// The input slice starts one element into its buffer (2-byte aligned only): the
     /// element-wise A staging path even when cin % 8 == 0.
     misalign: bool,
+    /// The block tile (kernels/vae_conv.cu compiles two); `Auto`: the launcher's rule.
+    tile: ConvTile,
 }
 
 const fn conv(h: usize, w: usize, cin: usize, cout: usize) -> Conv {
@@ -53,7 +56,13 @@ const fn conv(h: usize, w: usize, cin: usize, cout: usize) -> Conv {
         add: false,
         f32_out: false,
         misalign: false,
+        tile: ConvTile::Auto,
     }
+}
+
+/// The same convolution on the 128×128 tile (256 threads, 4-stage pipeline).
+const fn large(c: Conv) -> Conv {
+    Conv { tile: ConvTile::Large, ..c }
 }
 
 const CONVS: &[(&str, Conv)] = &[
@@ -71,6 +80,38 @@ const CONVS: &[(&str, Conv)] = &[
     ),
     ("misaligned input (element-wise A), 5×6, 16→24", Conv { misalign: true, ..conv(5, 6, 16, 24) }),
     ("odd sizes 3×11, 12→33 (element-wise A), tap-major", Conv { tap_major: true, ..conv(3, 11, 12, 33) }),
+    (
+        "64×64 tile forced, 2 images 10×13, 40→150, tap-major, add, f32 out",
+        Conv { images: 2, tap_major: true, add: true, f32_out: true, tile: ConvTile::Small, ..conv(10, 13, 40, 150) },
+    ),
+    // The 128×128 tile: M not a multiple of 128 (a partial last row tile), cout not a multiple
+    // of 128 (a partial column tile), cin not a multiple of 32 (a partial channel block).
+    (
+        "128×128 tile, 2 images 10×13 (260 pixels), 40→150, tap-major, add, f32 out",
+        large(Conv { images: 2, tap_major: true, add: true, f32_out: true, ..conv(10, 13, 40, 150) }),
+    ),
+    (
+        "128×128 tile, up2 9×7→18×14, 48→130, PyTorch weights, bias, add",
+        large(Conv { up2: true, add: true, ..conv(18, 14, 48, 130) }),
+    ),
+    (
+        "128×128 tile, 3 images up2 8×8→16×16, 64→256, tap-major, add: 6×2 tiles",
+        large(Conv { images: 3, up2: true, tap_major: true, add: true, ..conv(16, 16, 64, 256) }),
+    ),
+    ("128×128 tile, first conv 4→136 (element-wise A), 9×15", large(conv(9, 15, 4, 136))),
+    (
+        "128×128 tile, misaligned input (element-wise A), 11×12, 16→129 (odd cout: single columns), tap-major",
+        large(Conv { misalign: true, tap_major: true, ..conv(11, 12, 16, 129) }),
+    ),
+    (
+        "128×128 tile, last conv 40→3, 13×11, f32 out, no bias",
+        large(Conv { f32_out: true, bias: false, ..conv(13, 11, 40, 3) }),
+    ),
+    // The launcher's own choice of the 128×128 tile: ⌈M/128⌉·⌈cout/128⌉ = 128·1 tiles.
+    (
+        "auto: 128×128 tile chosen, 128×128 image, 8→72, tap-major, add",
+        Conv { tap_major: true, add: true, ..conv(128, 128, 8, 72) },
+    ),
 ];
 
 impl Conv {
@@ -181,6 +222,7 @@ fn check_conv<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 add: c.add.then_some(d_a),
                 images: c.images as i32,
                 up2: c.up2,
+                tile: c.tile,
                 ..Conv3Spec::new(out, d_in, d_w, c.h as i32, c.w as i32, c.cin as i32, c.cout as i32)
             };
             launch::conv3x3_f16(&dev, &spec).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -222,6 +264,22 @@ fn check_conv<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
 #[test]
 fn conv3x3_emulated() {
     check_conv(emu);
+}
+
+/// The launcher's tile rule (src/gpu/launch/vae.rs) at the SD-VAE decoder's shapes, and that
+/// the last case of CONVS really exercises its 128×128 choice.
+#[test]
+fn conv3x3_tile_rule() {
+    let small = |px: i64, cout: i32| ConvTile::Auto.choose(px, cout) == ConvTile::Small;
+    assert!(small(32 * 32, 512), "32×32 latent, one image: 32 large tiles");
+    assert!(!small(64 * 64, 512), "64×64, 512 channels: 128 large tiles");
+    assert!(!small(256 * 256, 128), "256×256, 128 channels: 512 large tiles");
+    assert!(small(256 * 256, 3), "the final conv to RGB: cout ≤ 64");
+    assert!(!small(16 * 32 * 32, 512), "32×32 latents, 16 images: 512 large tiles");
+    assert_eq!(ConvTile::Large.choose(1, 1), ConvTile::Large);
+    assert_eq!(ConvTile::Small.choose(1 << 20, 512), ConvTile::Small);
+    let (_, last) = CONVS[CONVS.len() - 1];
+    assert_eq!(ConvTile::Auto.choose(last.pixels() as i64, last.cout as i32), ConvTile::Large);
 }
 
 // ---- 1×1 convolution = gemm_fused_f16 over pixels ------------------------------------------------

@@ -52,6 +52,17 @@ from dit_torch import DiT, DiTConfig, Diffusion  # noqa: E402
 import make_dataset  # noqa: E402
 
 
+def lr_factor(args: argparse.Namespace, step: int) -> float:
+    """The learning rate at `step` over --lr: linear warm-up, then constant or a cosine decay that
+    reaches --lr-final-frac at --steps (so a run's schedule is fixed by its command line)."""
+    if step < args.warmup:
+        return (step + 1) / max(1, args.warmup)
+    if args.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr_final_frac + (1.0 - args.lr_final_frac) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="weights/icdit-shapes-32.safetensors")
@@ -68,6 +79,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                    help="after the warm-up: constant lr, or a cosine decay to --lr-final-frac·lr at --steps")
+    ap.add_argument("--lr-final-frac", type=float, default=0.05)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--class-init-std", type=float, default=1.0,
@@ -211,7 +225,7 @@ def main() -> None:
         noise = torch.randn(x0.shape, generator=gen)
         x0, y, k, noise = x0.to(device), y.to(device), k.to(device), noise.to(device)
 
-        lr = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        lr = args.lr * lr_factor(args, step)
         for group in opt.param_groups:
             group["lr"] = lr * group["mult"]
         terms = diffusion.training_losses(model, x0, k, y, noise)
@@ -253,6 +267,8 @@ def main() -> None:
     save_checkpoint()  # so that `--resume` can continue from exactly here
     training = {
         "steps": step, "batch": args.batch, "lr": args.lr, "warmup_steps": args.warmup,
+        "lr_schedule": args.lr_schedule if args.lr_schedule == "constant"
+        else f"cosine to {args.lr_final_frac} x lr at step {args.steps}",
         "optimizer": "AdamW(weight_decay=0)", "grad_clip": args.clip, "class_init_std": args.class_init_std, "class_lr_mult": args.class_lr_mult, "ema_decay": args.ema, "ema_warmup": "min(decay, (1+t)/(10+t))",
         "seed": args.seed, "data": f"shapes-32 v2 ({args.data_count} images, seed {args.seed})",
         "loss": "hybrid mse+vb, uniform t over 1000 linear-beta steps",

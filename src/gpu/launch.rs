@@ -3,7 +3,7 @@
 //! kernel could read past them). Grid and block sizes are computed here and nowhere else.
 //! Each function names the kernel it launches and the file that documents it.
 
-use super::{f16, kernels, DevSlice, Device, LaunchCfg, MAX_DYN_SMEM};
+use super::{f16, kernels, DevSlice, Device, LaunchCfg, MAX_DYN_SMEM, MAX_DYN_SMEM_OPT_IN};
 use crate::error::{Error, Result};
 
 mod gemm;
@@ -302,19 +302,49 @@ pub fn gated_residual_add_f32x<D: Device + ?Sized>(
     }
 }
 
-/// Dynamic shared memory of `attention_f16`: SMEM_BYTES in kernels/attention.cu (K and V
-/// tiles of 64 × 88 halves, four warps' 16 × 84 f32 scratch), which static_asserts this value.
-const ATTENTION_SMEM: u32 = 44_032;
-const _: () = assert!(ATTENTION_SMEM <= MAX_DYN_SMEM, "attention_f16 must not need the shared-memory opt-in");
+/// Dynamic shared memory of `attention_f16` with `splits` key splits: Q_SMEM + splits ·
+/// SPLIT_SMEM in kernels/attention.cu, which static_asserts both numbers: the block's 64 query
+/// rows (64 × 88 halves), and per split a K and a V tile (64 × 88 halves each) and four warps'
+/// 16 × 84 f32 scratch. 55,296 B at one split: above 48 KiB, so the launch needs the opt-in
+/// (the CUDA device opts every kernel in at load).
+const fn attention_smem(splits: i32) -> u32 {
+    11_264 + splits as u32 * 44_032
+}
+/// Key splits `attention_f16` is built for: 1, 2 or 4 groups of 4 warps (blockDim.x / 128).
+pub const ATTENTION_SPLITS: [i32; 3] = [1, 2, 4];
+const _: () = assert!(attention_smem(4) <= MAX_DYN_SMEM_OPT_IN, "attention_f16 fits sm_90's shared memory");
 /// The one head dim `attention_f16` is built for (D in kernels/attention.cu).
 pub const ATTENTION_HEAD_DIM: i32 = 72;
+/// SMs of the GPUs the split choice is tuned for (H100 SXM and H200: 132). Only speed depends
+/// on it: every split count gives the same result up to the f32 rounding of the merge.
+const ATTENTION_TUNED_SMS: i64 = 132;
+
+/// The key splits [`attention_f16`] uses for a shape: 4 when the ⌈tokens/64⌉ · heads · batch
+/// blocks of 64 queries fit one per SM (DiT-XL/2 at batch 1 with guidance: 128 blocks), so
+/// each warp gets a quarter of the keys; 2 when they fit two per SM; else 1 (batch 16, 512 px:
+/// enough blocks already). Never more splits than key tiles of 64 tokens.
+pub fn attention_splits(batch: i32, tokens: i32, heads: i32) -> i32 {
+    let tiles = (tokens.max(1) as i64 + 63) / 64;
+    let blocks = tiles * heads.max(1) as i64 * batch.max(1) as i64;
+    let mut splits = if blocks <= ATTENTION_TUNED_SMS {
+        4
+    } else if blocks <= 2 * ATTENTION_TUNED_SMS {
+        2
+    } else {
+        1
+    };
+    while splits as i64 > tiles {
+        splits /= 2;
+    }
+    splits
+}
 
 /// Multi-head self-attention `softmax(q·kᵀ/√D)·v` per (batch item, head)
 /// (kernels/attention.cu). qkv: (batch, tokens, 3C) with q, k, v the column blocks
 /// [0, C), [C, 2C), [2C, 3C), head h at columns h·D .. h·D + D of each; out: (batch, tokens, C),
 /// heads concatenated; C = heads · head_dim. Only head_dim 72 (DiT-XL/2 and the small test
 /// configs) is built. Both buffers must be 16-byte aligned (the tiles are copied with 16-byte
-/// cp.async). Grid (⌈tokens/64⌉, heads, batch), 128 threads.
+/// cp.async). Grid (⌈tokens/64⌉, heads, batch), 128 · [`attention_splits`] threads.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_f16<D: Device + ?Sized>(
     dev: &D,
@@ -324,6 +354,22 @@ pub fn attention_f16<D: Device + ?Sized>(
     tokens: i32,
     heads: i32,
     head_dim: i32,
+) -> Result<()> {
+    attention_f16_splits(dev, out, qkv, batch, tokens, heads, head_dim, attention_splits(batch, tokens, heads))
+}
+
+/// [`attention_f16`] with the key splits chosen by the caller (one of [`ATTENTION_SPLITS`], at
+/// most ⌈tokens/64⌉): for tests of every split count at every shape.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_f16_splits<D: Device + ?Sized>(
+    dev: &D,
+    out: DevSlice<f16>,
+    qkv: DevSlice<f16>,
+    batch: i32,
+    tokens: i32,
+    heads: i32,
+    head_dim: i32,
+    splits: i32,
 ) -> Result<()> {
     const K: &str = "attention_f16";
     positive(K, &[("batch", batch), ("tokens", tokens), ("heads", heads), ("head_dim", head_dim)])?;
@@ -338,14 +384,23 @@ pub fn attention_f16<D: Device + ?Sized>(
     if batch > 65535 || heads > 65535 {
         return Err(invalid(K, format!("batch {batch} and heads {heads} must be ≤ 65535 (grid z and y)")));
     }
+    // The kernel's merge gives each split's warp 16/splits query rows, and relies on every
+    // split having a key tile in the first round (a finite running max).
+    let tiles = (tokens - 1) / 64 + 1; // tokens ≥ 1
+    if !ATTENTION_SPLITS.contains(&splits) || splits > tiles {
+        return Err(invalid(
+            K,
+            format!("splits {splits} must be one of {ATTENTION_SPLITS:?} and ≤ {tiles} (the key tiles of 64 tokens)"),
+        ));
+    }
     let channels = heads as i64 * head_dim as i64;
     let rows = batch as i64 * tokens as i64;
     covers(K, "qkv", qkv, rows * 3 * channels, 16)?;
     covers(K, "out", out, rows * channels, 16)?;
     let cfg = LaunchCfg {
-        grid: [(tokens as u32).div_ceil(64), heads as u32, batch as u32], // BM = 64 in the kernel
-        block: [128, 1, 1],                                               // THREADS
-        dyn_smem: ATTENTION_SMEM,
+        grid: [tiles as u32, heads as u32, batch as u32], // BM = 64 queries per block
+        block: [128 * splits as u32, 1, 1],               // SPLIT_THREADS per split
+        dyn_smem: attention_smem(splits),
     };
     // SAFETY: qkv holds batch × tokens × 3C and out batch × tokens × C elements, both 16-byte
     // aligned; the kernel reads and writes nothing else.

@@ -1,8 +1,9 @@
 //! `icdit bench-gemm`: the fused GEMM on every DiT-XL/2 linear-layer shape (the block's four
 //! linears, icc's down and up projections) at the row counts of batches 1, 4 and 16 with
 //! guidance, under each launch the kernel offers (64×64 tiles, 128×128 tiles, 64×64 split
-//! along k 2–16 ways) and under the launcher's own choice, timed by device events over repeated
-//! launches. For choosing and checking the launch rule on a GPU (scripts/gpu-check.sh runs it);
+//! along k 2–16 ways) and under the launcher's own choice; then attention (16 heads of 72) at
+//! the same batches and at 512 px, under each key split; all timed by device events over
+//! repeated launches. For choosing and checking the launch rule on a GPU (scripts/gpu-check.sh runs it);
 //! `--backend emu` checks the command on the CPU emulation (use small `--rows`).
 
 use clap::Args;
@@ -139,26 +140,62 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
                 }
             }
             for (name, how) in variants {
-                let once = || match how {
+                let us = time_us(dev, a.iters, || match how {
                     None => launch::gemm_ws(dev, &g, Some(ws)),
                     Some(h) => launch::gemm_as(dev, &g, Some(ws), h),
-                };
-                once()?; // warm-up
-                let mut times = Vec::new();
-                for _ in 0..3 {
-                    let start = dev.record_event()?;
-                    for _ in 0..a.iters {
-                        once()?;
-                    }
-                    let end = dev.record_event()?;
-                    times.push(dev.elapsed_ms(&start, &end)? as f64 * 1e3 / a.iters as f64);
-                }
-                times.sort_by(f64::total_cmp);
-                let us = times[1];
+                })?;
                 let tflops = 2.0 * (m * s.n * s.k) as f64 / (us * 1e-6) / 1e12;
                 println!("| {} | {m} | {} | {} | {name} | {us:.2} | {tflops:.1} | {auto} |", s.name, s.n, s.k);
             }
         }
     }
+
+    // Attention: (batch · 2 with guidance) sequences of `tokens`, 16 heads of 72.
+    println!("| attention | sequences | tokens | key splits | µs | TFLOP/s | auto picks |");
+    println!("|---|---|---|---|---|---|---|");
+    let heads = 16;
+    let max_rows = a.rows.iter().copied().max().unwrap_or(1);
+    for &(seqs, tokens) in &[(2usize, 256usize), (8, 256), (32, 256), (2, 1024)] {
+        if seqs * tokens > max_rows {
+            continue;
+        }
+        let auto = launch::attention_splits(seqs as i32, tokens as i32, heads);
+        let tiles = tokens.div_ceil(64);
+        for splits in [0, 1, 2, 4] {
+            if splits > tiles {
+                continue;
+            }
+            let us = time_us(dev, a.iters, || {
+                let (b, n) = (seqs as i32, tokens as i32);
+                if splits == 0 {
+                    launch::attention_f16(dev, out, x, b, n, heads, 72)
+                } else {
+                    launch::attention_f16_splits(dev, out, x, b, n, heads, 72, splits as i32)
+                }
+            })?;
+            let flops = 4.0 * (seqs * heads as usize * tokens * tokens * 72) as f64;
+            let name = if splits == 0 { "auto".to_string() } else { splits.to_string() };
+            println!(
+                "| attention | {seqs} | {tokens} | {name} | {us:.2} | {:.1} | {auto} |",
+                flops / (us * 1e-6) / 1e12
+            );
+        }
+    }
     Ok(())
+}
+
+/// Median over 3 timings of `iters` calls of `f` (after one warm-up call), in µs per call.
+fn time_us<D: Device>(dev: &D, iters: usize, mut f: impl FnMut() -> icdit::Result<()>) -> Result<f64, Error> {
+    f()?;
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let start = dev.record_event()?;
+        for _ in 0..iters {
+            f()?;
+        }
+        let end = dev.record_event()?;
+        times.push(dev.elapsed_ms(&start, &end)? as f64 * 1e3 / iters as f64);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[1])
 }

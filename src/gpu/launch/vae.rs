@@ -25,6 +25,51 @@ pub enum ConvWeights {
     TapMajor,
 }
 
+/// The block tile of [`conv3x3_f16`] (kernels/vae_conv.cu: one kernel, the block size selects
+/// the tile).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvTile {
+    /// The launcher's rule ([`ConvTile::choose`]).
+    Auto,
+    /// 64×64 pixels × output channels, 128 threads, 40,960 B of dynamic shared memory.
+    Small,
+    /// 128×128, 256 threads, 81,920 B of dynamic shared memory (opted in above 48 KiB).
+    Large,
+}
+
+impl ConvTile {
+    /// 128×128 tiles needed to fill every SM of an H100/H200 (132 SMs) about once; with
+    /// fewer the 64×64 tile's four times as many blocks spread better over the SMs.
+    pub const LARGE_MIN_TILES: i64 = 128;
+
+    /// The rule for [`ConvTile::Auto`]: `Large` when cout > 64 (at most 64 output channels
+    /// fill a 64-wide tile no worse, e.g. the final 128→3 conv) and ⌈pixels/128⌉·⌈cout/128⌉ ≥
+    /// [`ConvTile::LARGE_MIN_TILES`]; else `Small`. At 256×256 the SD-VAE decoder's 32×32
+    /// convolutions (M = 1024, cout = 512: 32 large tiles) run small for one image, everything
+    /// from 64×64 up (M ≥ 4096) large.
+    pub fn choose(self, pixels: i64, cout: i32) -> ConvTile {
+        match self {
+            ConvTile::Auto => {
+                let tiles = (pixels + 127) / 128 * ((cout as i64 + 127) / 128);
+                if cout > 64 && tiles >= Self::LARGE_MIN_TILES {
+                    ConvTile::Large
+                } else {
+                    ConvTile::Small
+                }
+            }
+            t => t,
+        }
+    }
+
+    /// (block tile side, threads, dynamic shared memory bytes): kernels/vae_conv.cu's Cfg.
+    fn geometry(self) -> (i64, u32, u32) {
+        match self {
+            ConvTile::Large => (128, 256, 81_920),
+            _ => (64, 128, 40_960),
+        }
+    }
+}
+
 /// One 3×3 convolution, stride 1, zero padding 1:
 /// `out[p, co] = bias[co] + Σ in[tap(p, ky, kx), ci]·weight[co, ci, ky, kx] + add[p, co]`.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +93,8 @@ pub struct Conv3Spec {
     pub cout: i32,
     /// The input is (h/2)×(w/2), read upsampled 2× by nearest neighbour.
     pub up2: bool,
+    /// The block tile: [`ConvTile::Auto`] but in tests and benchmarks.
+    pub tile: ConvTile,
 }
 
 impl Conv3Spec {
@@ -66,6 +113,7 @@ impl Conv3Spec {
             cin,
             cout,
             up2: false,
+            tile: ConvTile::Auto,
         }
     }
 }
@@ -74,24 +122,27 @@ fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
 
-/// Runs the convolution `spec` describes (kernels/vae_conv.cu): grid (⌈cout/64⌉,
-/// ⌈images·h·w/64⌉), 128 threads. Checks sizes (h and w even with `up2`), that every slice
-/// covers what the kernel reads or writes, and that the pixel count fits the grid. The
-/// outputs must not overlap the inputs (not checked).
+/// Runs the convolution `spec` describes (kernels/vae_conv.cu) with the tile
+/// [`ConvTile::choose`] picks: grid (⌈cout/T⌉, ⌈images·h·w/T⌉) of T×T tiles, 128 threads for
+/// T = 64, 256 for T = 128, and that tile's dynamic shared memory. Checks sizes (h and w even
+/// with `up2`), that every slice covers what the kernel reads or writes, and that the pixel
+/// count fits the grid. The outputs must not overlap the inputs (not checked).
 pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> {
     const K: &str = "conv3x3_f16";
-    const TILE: i64 = 64;
-    let &Conv3Spec { out, input, weight, layout, bias, add, images, h, w, cin, cout, up2 } = spec;
+    let &Conv3Spec { out, input, weight, layout, bias, add, images, h, w, cin, cout, up2, tile } = spec;
     positive(K, &[("images", images), ("h", h), ("w", w), ("cin", cin), ("cout", cout)])?;
     if up2 && (h % 2 != 0 || w % 2 != 0) {
         return Err(invalid(K, format!("up2 needs an even output size, got {h}×{w}")));
     }
     let pixels = images as i64 * h as i64 * w as i64;
+    let (tile_side, threads, smem) = tile.choose(pixels, cout).geometry();
+    // The kernel indexes pixels and channels in `int`, up to a whole tile past the end.
+    const TILE: i64 = 128;
     let k = 9 * cin as i64;
     if pixels + TILE > i32::MAX as i64 || k > i32::MAX as i64 || cout as i64 + TILE > i32::MAX as i64 {
         return Err(invalid(K, format!("{pixels} pixels, cin = {cin} or cout = {cout} is too large")));
     }
-    let grid_y = (pixels + TILE - 1) / TILE;
+    let grid_y = (pixels + tile_side - 1) / tile_side;
     if grid_y > 65535 {
         return Err(invalid(K, format!("{pixels} pixels need {grid_y} row tiles, more than 65535")));
     }
@@ -116,9 +167,9 @@ pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> 
         covers(K, "add", s, out_elems, 2)?;
     }
     let cfg = LaunchCfg {
-        grid: [((cout as i64 + TILE - 1) / TILE) as u32, grid_y as u32, 1],
-        block: [128, 1, 1],
-        dyn_smem: 0,
+        grid: [((cout as i64 + tile_side - 1) / tile_side) as u32, grid_y as u32, 1],
+        block: [threads, 1, 1],
+        dyn_smem: smem,
     };
     // SAFETY: every operand present covers what the kernel reads or writes for these sizes
     // (checked above); absent ones are null, which the kernel skips.
