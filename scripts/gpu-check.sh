@@ -17,7 +17,8 @@
 # Environment: GPU_CHECK_BUDGET (seconds for everything, default 330), GPU_CHECK_BATCHES (sampling
 # batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2), GPU_CHECK_COMPILE_MODE (default
 # max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
-# `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
+# `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_PYTORCH=0 (skip step 4),
+# GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
 set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
 cd "$(dirname "$0")/.."
@@ -401,6 +402,11 @@ step_pytorch() {
     cmd=("$PY" tools/bench_pytorch_gpu.py --device cuda --family "$FAMILY" --batches "$BATCHES"
          --budget "$c" --compile-mode "$COMPILE_MODE" --compile-timeout "$ct" --json "$json")
     say "== 4. PyTorch baselines -> pytorch.log, pytorch.json"
+    if [[ "${GPU_CHECK_PYTORCH:-1}" == 0 ]]; then
+        say "    GPU_CHECK_PYTORCH=0: skipped"
+        ((DRY)) || note "PyTorch" "skipped" 0 "GPU_CHECK_PYTORCH=0"
+        return
+    fi
     if ((DRY)); then
         show env PYTHONUNBUFFERED=1 timeout -k 10 $((c + 15)) "${cmd[@]}"
         say "    (--budget is what is left of the ${BUDGET} s then, less ${RESERVE_SUMMARY} s for the summary)"
