@@ -18,6 +18,9 @@
 // Two tile shapes, one template (the launcher picks by how many tiles fill the GPU):
 //   gemm_fused_f16     block 64×64,   4 warps (2×2) of 32×32, k step 64, 4 stages
 //   gemm_fused_f16_l   block 128×128, 8 warps (2×4) of 64×32, k step 32, 4 stages
+// and, for measuring the choice (icdit bench-gemm): gemm_fused_f16_m (128×64, 4 warps of 64×32,
+// k 32, 4 stages), gemm_fused_f16_s32 (64×64, k 32, 4 stages), gemm_fused_f16_c (64×64, k 32,
+// 2 stages: the first kernel's configuration).
 // Launch: grid (⌈N/BN⌉, ⌈M/BM⌉, splits), THREADS threads, dynamic shared memory
 // gemm_smem_bytes() below (over 48 KiB: the device opts every kernel in at load).
 // Stages: each holds the a tile (BM × BK), the w tile (BN × BK) and, with a_minus, its tile
@@ -42,7 +45,8 @@
 // two adjacent columns per thread (half2 / float2 accesses) when N, the strides and the
 // pointers allow, else one.
 // No output may overlap an input or another output.
-// Exported: gemm_fused_f16, gemm_fused_f16_l, gemm_splitk_reduce_f16.
+// Exported: gemm_fused_f16, gemm_fused_f16_l, gemm_fused_f16_m, gemm_fused_f16_s32,
+// gemm_fused_f16_c, gemm_splitk_reduce_f16.
 
 #include "device.cuh"
 
@@ -146,6 +150,9 @@ struct Cfg {
 
 using Small = Cfg<64, 64, 2, 2, 64, 4>;
 using Large = Cfg<128, 128, 2, 4, 32, 4>;
+using Tall = Cfg<128, 64, 2, 2, 32, 4>;
+using Small32 = Cfg<64, 64, 2, 2, 32, 4>;
+using Classic = Cfg<64, 64, 2, 2, 32, 2>;
 
 // Rows [row0, row0 + ROWS) × columns [k0, k0 + BK) of a (rows, ·) matrix with row stride ld
 // into a ROWS × LDS shared tile by 16-byte cp.async, zeros outside rows × [·, k_end). Needs
@@ -299,6 +306,18 @@ extern "C" __global__ void __launch_bounds__(Small::THREADS) gemm_fused_f16(GEMM
 
 extern "C" __global__ void __launch_bounds__(Large::THREADS) gemm_fused_f16_l(GEMM_PARAMS) {
     gemm_tile<Large>(Params{GEMM_ARGS}, act);
+}
+
+extern "C" __global__ void __launch_bounds__(Tall::THREADS) gemm_fused_f16_m(GEMM_PARAMS) {
+    gemm_tile<Tall>(Params{GEMM_ARGS}, act);
+}
+
+extern "C" __global__ void __launch_bounds__(Small32::THREADS) gemm_fused_f16_s32(GEMM_PARAMS) {
+    gemm_tile<Small32>(Params{GEMM_ARGS}, act);
+}
+
+extern "C" __global__ void __launch_bounds__(Classic::THREADS) gemm_fused_f16_c(GEMM_PARAMS) {
+    gemm_tile<Classic>(Params{GEMM_ARGS}, act);
 }
 
 // v[m, n] = Σ_z ws[z, m, n] in order z = 0 .. splits − 1, then the GEMM's epilogue. Grid-stride

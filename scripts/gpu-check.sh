@@ -35,6 +35,7 @@ BIN=.device/bin
 # Seconds kept back for the steps after the Rust tests (PyTorch needs ~2 min for the eager
 # variants at batches 1,4,16 on an H100) and for the summary.
 RESERVE_PYTORCH=150
+[[ "${GPU_CHECK_PYTORCH:-1}" == 0 ]] && RESERVE_PYTORCH=0
 RESERVE_SUMMARY=15
 # The test binaries prepare-device.sh builds: one per tests/gpu_*.rs, and the library's unit tests.
 EXPECTED_TESTS=()

@@ -8,8 +8,8 @@
 #      binaries of scripts/prepare-device.sh came along (.device/bin.tar.xz).
 # The dataset is not generated there (a minute of device time): scripts/prepare-device.sh
 # --with-dataset puts the compressed cache (8 MB) in .device/; carry [".device"].
-# Files in ${OUT:-out/gpu-train}: icdit-shapes-32.safetensors, shapes32-loss.csv, train.log,
-# probe.log, grid.png.
+# Files in ${OUT:-out/gpu-train}: icdit-shapes-32.safetensors, shapes32-loss.csv, train.log (the
+# probe's log, then the run's), grid.png.
 #
 # Environment: GPU_TRAIN_SECONDS, GPU_TRAIN_BATCH (default 256), GPU_TRAIN_LR (default 1e-3),
 # GPU_TRAIN_DATA (default .device/shapes32v2_seed0_n40000.npz), PYTHON (default python3).
@@ -31,8 +31,8 @@ common=(--device cuda --batch "$BATCH" --lr "$LR" --lr-schedule cosine --preview
 echo "== gpu-train: probe (300 steps, batch $BATCH)"
 PYTHONUNBUFFERED=1 timeout -k 5 120 "$PY" tools/train_default_model.py "${common[@]}" --steps 300 \
     --log-every 100 --out /tmp/probe.safetensors --log-csv /tmp/probe.csv --work-dir /tmp/probe \
-    >"$OUT_DIR/probe.log" 2>&1 || { tail -n 20 "$OUT_DIR/probe.log"; exit 1; }
-tail -n 3 "$OUT_DIR/probe.log"
+    >"$OUT_DIR/train.log" 2>&1 || { tail -n 20 "$OUT_DIR/train.log"; exit 1; }
+tail -n 3 "$OUT_DIR/train.log"
 # Seconds per step from the log's wall clock between steps 100 and 300 (past start-up).
 per_step=$("$PY" -c 'import csv; r = {int(x["step"]): float(x["wall_s"]) for x in csv.DictReader(open("/tmp/probe.csv"))}; print((r[300] - r[100]) / 200)')
 steps=$("$PY" -c "print(max(1000, int($SECONDS_WANTED / $per_step) // 1000 * 1000))")
@@ -42,7 +42,7 @@ cmd=("$PY" tools/train_default_model.py "${common[@]}" --steps "$steps" --max-mi
      --out "$OUT_DIR/icdit-shapes-32.safetensors" --log-csv "$OUT_DIR/shapes32-loss.csv" --work-dir /tmp/train)
 echo "== gpu-train: ${cmd[*]}"
 t0=$SECONDS
-PYTHONUNBUFFERED=1 "${cmd[@]}" >"$OUT_DIR/train.log" 2>&1
+{ echo "== ${cmd[*]}"; PYTHONUNBUFFERED=1 "${cmd[@]}"; } >>"$OUT_DIR/train.log" 2>&1
 rc=$?
 tail -n 6 "$OUT_DIR/train.log"
 echo "gpu-train: exit $rc after $((SECONDS - t0)) s"

@@ -30,7 +30,7 @@ mod gpu_common;
 use std::time::Instant;
 
 use gpu_common::*;
-use icdit::gpu::launch::{self, GemmAct, GemmOut, GemmSpec};
+use icdit::gpu::launch::{self, GemmAct, GemmLaunch, GemmOut, GemmSpec, GemmTile};
 use icdit::gpu::{f16, DevSlice, Device};
 use icdit::plan::{Dt, Plan};
 
@@ -67,6 +67,8 @@ struct Case {
     act: GemmAct,
     /// Launched with a split-k workspace (`gemm_ws`), so that few tiles split along k.
     ws: bool,
+    /// A launch forced instead of the launcher's choice (`gemm_as`): every tile shape is tested.
+    force: Option<GemmLaunch>,
 }
 
 /// a·wᵀ + bias into a contiguous f16 output.
@@ -86,6 +88,24 @@ const fn case(m: usize, n: usize, k: usize) -> Case {
         out: Out::F16,
         act: GemmAct::None,
         ws: false,
+        force: None,
+    }
+}
+
+/// Every operand, strided and offset, GELU, at a shape of several tiles of every kind.
+const fn forced(tile: GemmTile, splits: usize) -> Case {
+    Case {
+        lda: 1016,
+        a_off: 8,
+        ldc: 170,
+        c_off: 20,
+        minus: true,
+        add: add(151, 77, 1),
+        pre: true,
+        act: GemmAct::GeluTanh,
+        ws: splits > 1,
+        force: Some(GemmLaunch { tile, splits }),
+        ..case(200, 150, 1000)
     }
 }
 
@@ -196,6 +216,13 @@ const CASES: &[(&str, Case)] = &[
     ),
     ("split k: k = 4608 (fc2)", Case { ws: true, ..case(64, 48, 4608) }),
     ("workspace given, no split (k too short)", Case { ws: true, ..case(64, 64, 300) }),
+    ("forced 64×64 k64", forced(GemmTile::Small, 1)),
+    ("forced 128×128", forced(GemmTile::Large, 1)),
+    ("forced 128×64", forced(GemmTile::Tall, 1)),
+    ("forced 64×64 k32", forced(GemmTile::Small32, 1)),
+    ("forced 64×64 k32, 2 stages", forced(GemmTile::Classic, 1)),
+    ("forced 64×64 k32, split 4", forced(GemmTile::Small32, 4)),
+    ("forced 128×64, split 3", forced(GemmTile::Tall, 3)),
 ];
 
 /// A (rows, width) matrix at column `off` of a buffer of `rows` rows of `ld` elements; its
@@ -394,16 +421,19 @@ fn run<D: Device>(dev: &D, plan: &Plan, b: &Bufs, c: &Case, d: &Data) -> Got {
         ..GemmSpec::new(o, a, w, c.m as i32, c.n as i32, c.k as i32)
     };
     let ws: DevSlice<f32> = out(dev, plan, b.ws);
-    let (large, splits) = launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 });
-    if c.ws {
-        launch::gemm_ws(dev, &spec, Some(ws)).unwrap();
-    } else {
-        launch::gemm(dev, &spec).unwrap();
+    let (tile, splits) = match c.force {
+        Some(h) => (h.tile, h.splits),
+        None => launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 }),
+    };
+    match (c.force, c.ws) {
+        (Some(h), _) => launch::gemm_as(dev, &spec, c.ws.then_some(ws), h).unwrap(),
+        (None, true) => launch::gemm_ws(dev, &spec, Some(ws)).unwrap(),
+        (None, false) => launch::gemm(dev, &spec).unwrap(),
     }
     // The workspace holds partial sums exactly when the launcher split k.
     let ws_used = get::<f32, _>(dev, plan, b.ws).iter().take(c.m * c.n).filter(|v| !v.is_nan()).count();
     assert_eq!(ws_used > 0, splits > 1, "{splits} k slices, {ws_used} workspace elements written");
-    println!("  {}×{}×{}: {} tiles, {splits} k slice(s)", c.m, c.n, c.k, if large { "128×128" } else { "64×64" });
+    println!("  {}×{}×{}: {} tiles, {splits} k slice(s)", c.m, c.n, c.k, tile.name());
     let out = match c.out {
         Out::F16 => lc.extract("out", &get::<f16, _>(dev, plan, b.out16)).iter().map(|h| h.to_f32()).collect(),
         Out::F32 => lc.extract("out", &get::<f32, _>(dev, plan, b.out32)),

@@ -133,6 +133,18 @@ kernels! {
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
+        gemm_fused_f16_m(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
+            ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
+            add_rows: i32, k_split: i32, act: i32);
+        gemm_fused_f16_s32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
+            ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
+            add_rows: i32, k_split: i32, act: i32);
+        gemm_fused_f16_c(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+            a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
+            ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
+            add_rows: i32, k_split: i32, act: i32);
         gemm_splitk_reduce_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>,
             ws: DevPtr<f32>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32, n: i32, ldc: i32,
             ld_add: i32, add_rows: i32, splits: i32, act: i32);

@@ -8,7 +8,7 @@
 
 use clap::Args;
 use icdit::backend::Backend;
-use icdit::gpu::launch::{self, GemmAct, GemmLaunch, GemmOut, GemmSpec};
+use icdit::gpu::launch::{self, GemmAct, GemmLaunch, GemmOut, GemmSpec, GemmTile};
 use icdit::gpu::{f16, DevSlice, Device, EmuDevice};
 use icdit::plan::{Dt, Plan};
 use icdit::Error;
@@ -129,14 +129,17 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
                 g.act = GemmAct::GeluTanh;
                 g.pre = Some(pre);
             }
-            let (auto_large, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len());
-            let auto = format!("{} ×{auto_splits}", if auto_large { "128²" } else { "64²" });
+            let (auto_tile, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len());
+            let auto = format!("{} ×{auto_splits}", auto_tile.name());
             let mut variants = vec![("auto".to_string(), None)];
-            variants.push(("64²".into(), Some(GemmLaunch { large: false, splits: 1 })));
-            variants.push(("128²".into(), Some(GemmLaunch { large: true, splits: 1 })));
-            for splits in [2, 4, 8, 16] {
-                if splits * m * s.n <= ws.len() && s.k / splits >= 64 {
-                    variants.push((format!("64² split {splits}"), Some(GemmLaunch { large: false, splits })));
+            for tile in GemmTile::ALL {
+                variants.push((tile.name().to_string(), Some(GemmLaunch { tile, splits: 1 })));
+            }
+            for tile in [GemmTile::Small, GemmTile::Small32] {
+                for splits in [2, 4, 8, 16] {
+                    if splits * m * s.n <= ws.len() && s.k / splits >= 64 {
+                        variants.push((format!("{} split {splits}", tile.name()), Some(GemmLaunch { tile, splits })));
+                    }
                 }
             }
             for (name, how) in variants {

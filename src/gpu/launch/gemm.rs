@@ -19,10 +19,52 @@ struct Shape {
     threads: u32,
 }
 
-/// `gemm_fused_f16`: 64×64 tiles, 4 warps, k step 64, 4 stages.
+/// The GEMM kernels of kernels/gemm.cu, by tile shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmTile {
+    /// `gemm_fused_f16`: 64×64 tiles, 4 warps of 32×32, k step 64, 4 stages (splits along k).
+    Small,
+    /// `gemm_fused_f16_l`: 128×128 tiles, 8 warps of 64×32, k step 32, 4 stages.
+    Large,
+    /// `gemm_fused_f16_m`: 128×64 tiles, 4 warps of 64×32, k step 32, 4 stages.
+    Tall,
+    /// `gemm_fused_f16_s32`: 64×64 tiles, 4 warps of 32×32, k step 32, 4 stages.
+    Small32,
+    /// `gemm_fused_f16_c`: 64×64 tiles, 4 warps of 32×32, k step 32, 2 stages (the first kernel's
+    /// configuration, kept for comparison).
+    Classic,
+}
+
+impl GemmTile {
+    pub const ALL: [GemmTile; 5] =
+        [GemmTile::Small, GemmTile::Large, GemmTile::Tall, GemmTile::Small32, GemmTile::Classic];
+
+    fn shape(self) -> &'static Shape {
+        match self {
+            GemmTile::Small => &SMALL,
+            GemmTile::Large => &LARGE,
+            GemmTile::Tall => &TALL,
+            GemmTile::Small32 => &SMALL32,
+            GemmTile::Classic => &CLASSIC,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmTile::Small => "64x64 k64 s4",
+            GemmTile::Large => "128x128 k32 s4",
+            GemmTile::Tall => "128x64 k32 s4",
+            GemmTile::Small32 => "64x64 k32 s4",
+            GemmTile::Classic => "64x64 k32 s2",
+        }
+    }
+}
+
 const SMALL: Shape = Shape { bm: 64, bn: 64, bk: 64, stages: 4, threads: 128 };
-/// `gemm_fused_f16_l`: 128×128 tiles, 8 warps, k step 32, 4 stages.
 const LARGE: Shape = Shape { bm: 128, bn: 128, bk: 32, stages: 4, threads: 256 };
+const TALL: Shape = Shape { bm: 128, bn: 64, bk: 32, stages: 4, threads: 128 };
+const SMALL32: Shape = Shape { bm: 64, bn: 64, bk: 32, stages: 4, threads: 128 };
+const CLASSIC: Shape = Shape { bm: 64, bn: 64, bk: 32, stages: 2, threads: 128 };
 
 /// Multiprocessors the tile choice aims to fill: an H100 or H200 SXM has 132. A smaller GPU is
 /// filled all the more; a larger one gets large tiles a little earlier than it would like.
@@ -52,8 +94,7 @@ impl Shape {
 
 /// How one GEMM is launched: the tile shape and the split of the k range.
 struct Choice {
-    shape: &'static Shape,
-    large: bool,
+    tile: GemmTile,
     splits: i64,
     k_split: i64,
 }
@@ -63,7 +104,7 @@ struct Choice {
 /// slices of at least `MIN_SPLIT_K` and a whole number of k steps.
 fn choose(m: i64, n: i64, k: i64, ws_elems: i64) -> Choice {
     if LARGE.tiles(m, n) >= TARGET_SMS {
-        return Choice { shape: &LARGE, large: true, splits: 1, k_split: k };
+        return Choice { tile: GemmTile::Large, splits: 1, k_split: k };
     }
     let tiles = SMALL.tiles(m, n);
     let mut splits = 1;
@@ -72,13 +113,13 @@ fn choose(m: i64, n: i64, k: i64, ws_elems: i64) -> Choice {
         splits = want.min(k / MIN_SPLIT_K).min(MAX_SPLITS).min(ws_elems / (m * n)).max(1);
     }
     if splits == 1 {
-        return Choice { shape: &SMALL, large: false, splits: 1, k_split: k };
+        return Choice { tile: GemmTile::Small, splits: 1, k_split: k };
     }
     let step = SMALL.bk;
     let k_split = ((k + splits - 1) / splits + step - 1) / step * step;
     // Rounding up may leave the last slices empty: count only those that hold some of k.
     let splits = (k + k_split - 1) / k_split;
-    Choice { shape: &SMALL, large: false, splits, k_split }
+    Choice { tile: GemmTile::Small, splits, k_split }
 }
 
 /// The activation applied after bias and add.
@@ -175,19 +216,18 @@ fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
 
-/// The launch [`gemm_ws`] makes for these sizes and workspace: (whether it uses the 128×128
-/// tiles, the number of k slices).
-pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize) -> (bool, usize) {
+/// The launch [`gemm_ws`] makes for these sizes and workspace: (tile, number of k slices).
+pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize) -> (GemmTile, usize) {
     let c = choose(m as i64, n as i64, k as i64, workspace_elems as i64);
-    (c.large, c.splits as usize)
+    (c.tile, c.splits as usize)
 }
 
 /// A launch chosen by the caller instead of [`gemm_ws`]'s rule (for `icdit bench-gemm`, which
-/// measures the alternatives): 128×128 tiles or 64×64, and about `splits` k slices of 64×64
-/// tiles (rounded to whole k steps; needs a workspace of `splits`·m·n).
+/// measures the alternatives): a tile shape, and about `splits` k slices (rounded to whole k
+/// steps; needs a workspace of `splits`·m·n).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GemmLaunch {
-    pub large: bool,
+    pub tile: GemmTile,
     pub splits: usize,
 }
 
@@ -200,17 +240,13 @@ pub fn gemm_as<D: Device + ?Sized>(
 ) -> Result<()> {
     validate(spec)?;
     let k = spec.k as i64;
-    let choice = if how.large {
-        if how.splits > 1 {
-            return Err(invalid(KERNEL, "128×128 tiles are not split along k".into()));
-        }
-        Choice { shape: &LARGE, large: true, splits: 1, k_split: k }
-    } else if how.splits <= 1 {
-        Choice { shape: &SMALL, large: false, splits: 1, k_split: k }
+    let bk = how.tile.shape().bk;
+    let choice = if how.splits <= 1 {
+        Choice { tile: how.tile, splits: 1, k_split: k }
     } else {
         let splits = how.splits as i64;
-        let k_split = ((k + splits - 1) / splits + SMALL.bk - 1) / SMALL.bk * SMALL.bk;
-        Choice { shape: &SMALL, large: false, splits: (k + k_split - 1) / k_split, k_split }
+        let k_split = ((k + splits - 1) / splits + bk - 1) / bk * bk;
+        Choice { tile: how.tile, splits: (k + k_split - 1) / k_split, k_split }
     };
     if choice.splits > 1 && workspace.is_none_or(|w| (w.len as i64) < choice.splits * spec.m as i64 * spec.n as i64) {
         return Err(invalid(KERNEL, format!("{} k slices need a workspace of that many (m, n) slices", choice.splits)));
@@ -263,7 +299,8 @@ fn launch_gemm<D: Device + ?Sized>(
         Some((s, ld, rows)) => (Some(s), ld, rows),
         None => (None, n, m),
     };
-    let grid_y = (m as i64 + choice.shape.bm - 1) / choice.shape.bm;
+    let shape = choice.tile.shape();
+    let grid_y = (m as i64 + shape.bm - 1) / shape.bm;
     if grid_y > 65535 {
         return Err(invalid(KERNEL, format!("m = {m} needs {grid_y} row tiles, more than 65535")));
     }
@@ -295,7 +332,6 @@ fn launch_gemm<D: Device + ?Sized>(
         covers(KERNEL, "add", s, span(m.min(add_rows), ld_add, n), 2)?;
     }
 
-    let shape = choice.shape;
     let cfg = LaunchCfg {
         grid: [((n as i64 + shape.bn - 1) / shape.bn) as u32, grid_y as u32, choice.splits as u32],
         block: [shape.threads, 1, 1],
@@ -309,8 +345,13 @@ fn launch_gemm<D: Device + ?Sized>(
         _ => DevPtr::null(),
     };
     let split = !ws.is_null();
-    let launch =
-        if choice.large { kernels::gemm_fused_f16_l::launch::<D> } else { kernels::gemm_fused_f16::launch::<D> };
+    let launch = match choice.tile {
+        GemmTile::Small => kernels::gemm_fused_f16::launch::<D>,
+        GemmTile::Large => kernels::gemm_fused_f16_l::launch::<D>,
+        GemmTile::Tall => kernels::gemm_fused_f16_m::launch::<D>,
+        GemmTile::Small32 => kernels::gemm_fused_f16_s32::launch::<D>,
+        GemmTile::Classic => kernels::gemm_fused_f16_c::launch::<D>,
+    };
     // SAFETY: every operand present covers the elements the kernel reads or writes for these
     // sizes and strides (checked above); absent operands are null, which the kernel skips.
     // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
@@ -375,12 +416,12 @@ mod tests {
     fn tile_choice() {
         // DiT-XL/2 at batch 1 with guidance (512 rows): N = 1152 fills 144 small tiles.
         let c = choose(512, 1152, 1152, 0);
-        assert!(!c.large && c.splits == 1 && c.k_split == 1152);
+        assert!(c.tile == GemmTile::Small && c.splits == 1 && c.k_split == 1152);
         // Batch 16 (8192 rows): large tiles (64 × 9 = 576).
-        assert!(choose(8192, 1152, 1152, 0).large);
+        assert_eq!(choose(8192, 1152, 1152, 0).tile, GemmTile::Large);
         // icc's down projection at batch 1: 16 tiles, k = 4608 → at most 16 slices (17 wanted): 288 rounded up to 320 makes 15.
         let c = choose(512, 128, 4608, 1 << 24);
-        assert_eq!((c.large, c.splits, c.k_split), (false, 15, 320));
+        assert_eq!((c.tile, c.splits, c.k_split), (GemmTile::Small, 15, 320));
         // No workspace: no split.
         assert_eq!(choose(512, 128, 4608, 0).splits, 1);
         // A workspace for 3 slices only.
@@ -393,14 +434,14 @@ mod tests {
         for (m, n, k) in [(512, 384, 1152), (2, 1152, 256), (512, 32, 1152), (100, 10, 4000)] {
             let c = choose(m, n, k, 1 << 30);
             assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k, "{m} {n} {k}");
-            assert_eq!(c.k_split % c.shape.bk, if c.splits > 1 { 0 } else { k % c.shape.bk });
+            assert_eq!(c.k_split % c.tile.shape().bk, if c.splits > 1 { 0 } else { k % c.tile.shape().bk });
         }
     }
 
     #[test]
     fn shared_memory_fits_hopper() {
-        for s in [&SMALL, &LARGE] {
-            assert!(s.smem(true) <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
+        for t in GemmTile::ALL {
+            assert!(t.shape().smem(true) <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
         }
         assert_eq!(SMALL.smem(false), 73728);
         assert_eq!(LARGE.smem(true), 122880);
