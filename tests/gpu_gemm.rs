@@ -168,10 +168,12 @@ const CASES: &[(&str, Case)] = &[
         },
     ),
     ("DiT-XL hidden size as k, a_minus", Case { minus: true, ..case(48, 80, 1152) }),
-    // 128×128 tiles (chosen when ≥ 132 of them): 9 × 15 = 135 tiles, partial in m, n and k.
-    ("large tiles", case(1100, 1900, 40)),
+    // Many tiles, partial in m, n and k: k ≤ 256 picks 64×64 tiles with 32-wide k steps.
+    ("many tiles, short k", case(1100, 1900, 40)),
+    // k > 256 and ≥ 200 tiles of 128×64 (9 × 24 = 216): the launcher picks 128×64.
+    ("128×64 tiles by the rule", Case { pre: true, act: GemmAct::GeluTanh, ..case(1100, 1500, 300) }),
     (
-        "large tiles, every operand, strided, GELU",
+        "many tiles, every operand, strided, GELU",
         Case {
             lda: 104,
             a_off: 8,
@@ -184,7 +186,7 @@ const CASES: &[(&str, Case)] = &[
             ..case(1090, 1890, 96)
         },
     ),
-    ("large tiles, element-wise loads, f32 out", Case { out: Out::F32, minus: true, ..case(1030, 2000, 35) }),
+    ("many tiles, element-wise loads, f32 out", Case { out: Out::F32, minus: true, ..case(1030, 2000, 35) }),
     // Split along k (few tiles, long k, a workspace): partial sums reduced in order, then the
     // epilogue in the reduction kernel.
     ("split k: icc down projection shape", Case { minus: true, bias: false, ws: true, ..case(96, 128, 1152) }),
@@ -423,7 +425,7 @@ fn run<D: Device>(dev: &D, plan: &Plan, b: &Bufs, c: &Case, d: &Data) -> Got {
     let ws: DevSlice<f32> = out(dev, plan, b.ws);
     let (tile, splits) = match c.force {
         Some(h) => (h.tile, h.splits),
-        None => launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 }),
+        None => launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 }, c.minus),
     };
     match (c.force, c.ws) {
         (Some(h), _) => launch::gemm_as(dev, &spec, c.ws.then_some(ws), h).unwrap(),

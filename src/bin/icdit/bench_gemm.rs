@@ -129,7 +129,7 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
                 g.act = GemmAct::GeluTanh;
                 g.pre = Some(pre);
             }
-            let (auto_tile, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len());
+            let (auto_tile, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len(), s.minus);
             let auto = format!("{} ×{auto_splits}", auto_tile.name());
             let mut variants = vec![("auto".to_string(), None)];
             for tile in GemmTile::ALL {

@@ -74,6 +74,8 @@ const TARGET_SMS: i64 = 132;
 const SPLIT_TARGET_BLOCKS: i64 = 2 * TARGET_SMS;
 const MIN_SPLIT_K: i64 = 256;
 const MAX_SPLITS: i64 = 16;
+/// 128×64 tiles from this many on (see `choose`).
+const TALL_MIN_TILES: i64 = 200;
 /// f32 elements of a workspace that never limits a split: splits happen only below
 /// `TARGET_SMS` small tiles, so m·n < `TARGET_SMS`·64·64, times `MAX_SPLITS` slices (33 MiB).
 pub const SPLIT_WORKSPACE_ELEMS: usize = (MAX_SPLITS * TARGET_SMS * 64 * 64) as usize;
@@ -99,21 +101,35 @@ struct Choice {
     k_split: i64,
 }
 
-/// Large tiles when they alone fill the GPU once over; else small tiles, split along k (when a
-/// workspace of `ws_elems` f32 is given) until about two blocks per multiprocessor run, with
-/// slices of at least `MIN_SPLIT_K` and a whole number of k steps.
-fn choose(m: i64, n: i64, k: i64, ws_elems: i64) -> Choice {
-    if LARGE.tiles(m, n) >= TARGET_SMS {
-        return Choice { tile: GemmTile::Large, splits: 1, k_split: k };
+/// The launch rule, from `icdit bench-gemm` on an H200 (docs/gpu-runs/2026-11-27-h200.md: every
+/// tile shape and split on every DiT-XL/2 linear shape at 512, 2048 and 8192 rows):
+///   - k ≤ 256 (icc's up projections): 64×64 tiles with 32-wide k steps, the best or within 8%
+///     at every row count (the 128×128 tiles took 2–2.3× as long);
+///   - with `a_minus` (icc's down projections, three tiles per stage): 64×64 tiles with 64-wide
+///     k steps, split along k (into `ws_elems` f32 of workspace) while fewer than `TARGET_SMS`
+///     tiles would run, to about two blocks per multiprocessor;
+///   - else 128×64 tiles when at least `TALL_MIN_TILES` of them run (best, or within 5%, for
+///     qkv and fc1 at 512 rows and every linear at 2048 and 8192 rows);
+///   - else 64×64 tiles with 64-wide k steps, split as above, and also when k ≥ 2048 and fewer
+///     than two tiles per multiprocessor would run (fc2 at 512 rows: 56 µs instead of 80).
+/// The 128×128 tiles (8 warps, 158 registers: one block per multiprocessor) were never the best.
+/// Slices hold at least `MIN_SPLIT_K` of k and a whole number of k steps.
+fn choose(m: i64, n: i64, k: i64, ws_elems: i64, diff: bool) -> Choice {
+    let whole = |tile| Choice { tile, splits: 1, k_split: k };
+    if k <= 256 && !diff {
+        return whole(GemmTile::Small32);
+    }
+    if !diff && TALL.tiles(m, n) >= TALL_MIN_TILES {
+        return whole(GemmTile::Tall);
     }
     let tiles = SMALL.tiles(m, n);
     let mut splits = 1;
-    if tiles < TARGET_SMS && ws_elems > 0 {
+    if ws_elems > 0 && (tiles < TARGET_SMS || (!diff && k >= 2048 && tiles < SPLIT_TARGET_BLOCKS)) {
         let want = (SPLIT_TARGET_BLOCKS + tiles - 1) / tiles;
         splits = want.min(k / MIN_SPLIT_K).min(MAX_SPLITS).min(ws_elems / (m * n)).max(1);
     }
     if splits == 1 {
-        return Choice { tile: GemmTile::Small, splits: 1, k_split: k };
+        return whole(GemmTile::Small);
     }
     let step = SMALL.bk;
     let k_split = ((k + splits - 1) / splits + step - 1) / step * step;
@@ -216,9 +232,10 @@ fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
 
-/// The launch [`gemm_ws`] makes for these sizes and workspace: (tile, number of k slices).
-pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize) -> (GemmTile, usize) {
-    let c = choose(m as i64, n as i64, k as i64, workspace_elems as i64);
+/// The launch [`gemm_ws`] makes for these sizes, workspace and whether `a_minus` is given:
+/// (tile, number of k slices).
+pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize, a_minus: bool) -> (GemmTile, usize) {
+    let c = choose(m as i64, n as i64, k as i64, workspace_elems as i64, a_minus);
     (c.tile, c.splits as usize)
 }
 
@@ -268,7 +285,12 @@ pub fn gemm<D: Device + ?Sized>(dev: &D, spec: &GemmSpec) -> Result<()> {
 pub fn gemm_ws<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace: Option<DevSlice<f32>>) -> Result<()> {
     validate(spec)?;
     let ws_elems = workspace.map_or(0, |s| s.len as i64);
-    launch_gemm(dev, spec, workspace, choose(spec.m as i64, spec.n as i64, spec.k as i64, ws_elems))
+    launch_gemm(
+        dev,
+        spec,
+        workspace,
+        choose(spec.m as i64, spec.n as i64, spec.k as i64, ws_elems, spec.a_minus.is_some()),
+    )
 }
 
 /// The checks on sizes and strides that need no launch choice.
@@ -414,27 +436,44 @@ mod tests {
 
     #[test]
     fn tile_choice() {
-        // DiT-XL/2 at batch 1 with guidance (512 rows): N = 1152 fills 144 small tiles.
-        let c = choose(512, 1152, 1152, 0);
-        assert!(c.tile == GemmTile::Small && c.splits == 1 && c.k_split == 1152);
-        // Batch 16 (8192 rows): large tiles (64 × 9 = 576).
-        assert_eq!(choose(8192, 1152, 1152, 0).tile, GemmTile::Large);
-        // icc's down projection at batch 1: 16 tiles, k = 4608 → at most 16 slices (17 wanted): 288 rounded up to 320 makes 15.
-        let c = choose(512, 128, 4608, 1 << 24);
+        let ws = 1 << 24;
+        let pick = |m, n, k, diff| {
+            let c = choose(m, n, k, ws, diff);
+            (c.tile, c.splits)
+        };
+        // DiT-XL/2 at batch 1 with guidance (512 rows), the measured best of each shape or a
+        // launch within 8% of it (docs/gpu-runs/2026-11-27-h200.md):
+        assert_eq!(pick(512, 3456, 1152, false), (GemmTile::Tall, 1)); // qkv: 216 tall tiles
+        assert_eq!(pick(512, 1152, 1152, false), (GemmTile::Small, 1)); // proj: 144 small tiles
+        assert_eq!(pick(512, 4608, 1152, false), (GemmTile::Tall, 1)); // fc1
+        assert_eq!(pick(512, 1152, 4608, false), (GemmTile::Small, 2)); // fc2: long k, 144 tiles
+        assert_eq!(pick(512, 1152, 128, false), (GemmTile::Small32, 1)); // icc up
+        assert_eq!(pick(512, 384, 1152, true), (GemmTile::Small, 4)); // icc down qkv
+                                                                      // Batches 4 and 16 (2048 and 8192 rows): 128×64 tiles for every block linear.
+        for m in [2048, 8192] {
+            for (n, k) in [(3456, 1152), (1152, 1152), (4608, 1152), (1152, 4608)] {
+                assert_eq!(pick(m, n, k, false), (GemmTile::Tall, 1), "{m} {n} {k}");
+            }
+        }
+        // icc's down projection at batch 1: 16 tiles, k = 4608 → at most 16 slices (17 wanted):
+        // 288 rounded up to 320 makes 15.
+        let c = choose(512, 128, 4608, ws, true);
         assert_eq!((c.tile, c.splits, c.k_split), (GemmTile::Small, 15, 320));
         // No workspace: no split.
-        assert_eq!(choose(512, 128, 4608, 0).splits, 1);
+        assert_eq!(choose(512, 128, 4608, 0, true).splits, 1);
         // A workspace for 3 slices only.
-        assert_eq!(choose(512, 128, 4608, 3 * 512 * 128).splits, 3);
+        assert_eq!(choose(512, 128, 4608, 3 * 512 * 128, true).splits, 3);
         // k = 1152 allows at most 4 slices of ≥ 256; k_split rounds up to 320 (a whole number
         // of 64-wide k steps), which covers k in 4 slices.
-        let c = choose(512, 128, 1152, 1 << 24);
+        let c = choose(512, 128, 1152, ws, true);
         assert_eq!((c.splits, c.k_split), (4, 320));
         // Every choice covers k exactly.
         for (m, n, k) in [(512, 384, 1152), (2, 1152, 256), (512, 32, 1152), (100, 10, 4000)] {
-            let c = choose(m, n, k, 1 << 30);
-            assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k, "{m} {n} {k}");
-            assert_eq!(c.k_split % c.tile.shape().bk, if c.splits > 1 { 0 } else { k % c.tile.shape().bk });
+            for diff in [false, true] {
+                let c = choose(m, n, k, 1 << 30, diff);
+                assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k, "{m} {n} {k}");
+                assert_eq!(c.k_split % c.tile.shape().bk, if c.splits > 1 { 0 } else { k % c.tile.shape().bk });
+            }
         }
     }
 
