@@ -69,12 +69,25 @@ fn inputs(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// One forward pass of each kind, in a full → calibrated → reuse sequence, against the CPU.
-fn forward_kinds<D: Device>(model: &Arc<DitModel>, cache: CacheMode, kinds: &[StepKind], tag: &str, open: Open<D>) {
+/// One forward pass of each kind, in a full → calibrated → reuse sequence, against the CPU, on
+/// an engine planned for `max_batch` images (the pass itself is one image with guidance).
+fn forward_kinds<D: Device>(
+    model: &Arc<DitModel>,
+    cache: CacheMode,
+    kinds: &[StepKind],
+    tag: &str,
+    max_batch: usize,
+    open: Open<D>,
+) {
     let cfg = model.config;
     let rows = 2;
-    let opts = EngineOptions { max_batch: 1, cfg_scale: 4.0, cache: cache.clone(), ..Default::default() };
+    let opts = EngineOptions { max_batch, cfg_scale: 4.0, cache: cache.clone(), ..Default::default() };
     let mut gpu = engine(model, &opts, open);
+    if matches!(cache, CacheMode::Icc(_)) {
+        // Up to 1024 rows the engine merges q, k and v's up projections (src/gpu/pipeline.rs).
+        let merged = gpu.plan().buffers().iter().any(|b| b.name.contains("qkv.up (block-diagonal)"));
+        assert_eq!(merged, max_batch * 2 * cfg.tokens() <= 1024, "{tag}: merged q/k/v up projections");
+    }
     let mut cpu =
         CpuEngine::new(Arc::clone(model), &CpuOptions { max_batch: 1, guidance: true, threads: 2, cache }).unwrap();
     let (t, y) = ([640i64, 640], [3i64, cfg.null_class() as i64]);
@@ -95,16 +108,14 @@ fn bundled_forward_of_every_step_kind_matches_cpu() {
 
 fn forward_policies<D: Device>(open: Open<D>) {
     let model = bundled();
-    forward_kinds(&model, CacheMode::None, &[StepKind::Plain], "bundled", open);
-    forward_kinds(&model, CacheMode::Reuse, &[StepKind::Full, StepKind::Reuse], "bundled", open);
+    forward_kinds(&model, CacheMode::None, &[StepKind::Plain], "bundled", 1, open);
+    forward_kinds(&model, CacheMode::Reuse, &[StepKind::Full, StepKind::Reuse], "bundled", 1, open);
     let factors = svd_factors(&model, 16);
-    forward_kinds(
-        &model,
-        CacheMode::Icc(factors.clone()),
-        &[StepKind::Full, StepKind::Calibrated, StepKind::Calibrated],
-        "bundled icc r16",
-        open,
-    );
+    let icc = [StepKind::Full, StepKind::Calibrated, StepKind::Calibrated];
+    // Few rows: q, k and v's up projections in one GEMM (block-diagonal factor) …
+    forward_kinds(&model, CacheMode::Icc(factors.clone()), &icc, "bundled icc r16", 1, open);
+    // … many (9 images × 2 × 64 tokens = 1152 rows): three GEMMs.
+    forward_kinds(&model, CacheMode::Icc(factors.clone()), &icc, "bundled icc r16, separate q/k/v ups", 9, open);
     // The factors matter: a calibrated step is not a reuse step.
     let cfg = model.config;
     let mut gpu = engine(

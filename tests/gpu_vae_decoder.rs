@@ -54,6 +54,20 @@ fn gpu_decoder_matches_the_cpu_decoder() {
         let mut one = vec![0.0f32; il];
         gpu.decode(&z[..ll], &mut one).unwrap();
         assert!(one == got[..il], "{name}: batch of 1 differs from the first of a batch of 2");
+        // Each batch size was recorded once as a graph; replaying it on new latents decodes
+        // those (not the recorded ones), and the same latents again give the same images.
+        assert_eq!(gpu.graph_count(), 2, "{name}: graphs for batches of 2 and 1");
+        let z2 = latents(2 * ll, 8);
+        let (mut want2, mut got2) = (vec![0.0f32; 2 * il], vec![0.0f32; 2 * il]);
+        for i in 0..2 {
+            cpu.decode(&z2[i * ll..(i + 1) * ll], &mut want2[i * il..(i + 1) * il]).unwrap();
+        }
+        gpu.decode(&z2, &mut got2).unwrap();
+        assert_close(&format!("{name}: GPU decode, graph replay on new latents"), &got2, &want2, TOL);
+        let mut again = vec![0.0f32; 2 * il];
+        gpu.decode(&z, &mut again).unwrap();
+        assert!(again == got, "{name}: replaying the graph on the first latents changed the images");
+        assert_eq!(gpu.graph_count(), 2, "{name}: no graph recorded twice");
 
         // uint8 NHWC on the device vs the CPU's conversion.
         let mut px = vec![0u8; 2 * il];

@@ -48,6 +48,9 @@ pub struct GpuVaeDecoder<D: Device> {
     /// Host staging: one batch of latents in NHWC f16, and the f32 NHWC result.
     lat_host: Vec<f16>,
     out_host: Vec<f32>,
+    /// The network's launches for n images, recorded as a graph the first time n images are
+    /// decoded (index n − 1) and replayed after: one graph launch per decode.
+    graphs: Vec<Option<D::Graph>>,
 }
 
 /// Every weight tensor the decoder reads, with whether it is a 3×3 convolution weight
@@ -166,6 +169,7 @@ impl<D: Device> GpuVaeDecoder<D> {
             max_images,
             lat_host: vec![f16::ZERO; n * l2 * lc],
             out_host: vec![0.0; n * side * side * oc],
+            graphs: Vec::new(),
         };
         d.upload(&list)?;
         Ok(d)
@@ -203,6 +207,11 @@ impl<D: Device> GpuVaeDecoder<D> {
         &self.model
     }
     /// Latents per call at most.
+    /// Graphs recorded so far (one per batch size decoded).
+    pub fn graph_count(&self) -> usize {
+        self.graphs.iter().filter(|g| g.is_some()).count()
+    }
+
     pub fn max_images(&self) -> usize {
         self.max_images
     }
@@ -281,7 +290,7 @@ impl<D: Device> GpuVaeDecoder<D> {
             return Err(Error::invalid("latents", format!("value {} at index {i} is not finite", latents[i])));
         }
         let model = Arc::clone(&self.model);
-        let (cfg, t) = (&model.config, &model.t);
+        let cfg = &model.config;
         let (lc, l) = (cfg.latent_channels, self.latent);
         let l2 = l * l;
         let (scale, shift) = (cfg.scaling_factor as f32, cfg.shift_factor as f32);
@@ -294,6 +303,28 @@ impl<D: Device> GpuVaeDecoder<D> {
             }
         }
         self.dev.upload(self.s::<f16>(self.b.lat)?.sub(0, n * l2 * lc)?, &self.lat_host[..n * l2 * lc])?;
+        if self.graphs.len() < n {
+            self.graphs.resize_with(n, || None);
+        }
+        if self.graphs[n - 1].is_none() {
+            self.dev.begin_capture()?;
+            let recorded = self.network(n);
+            let graph = self.dev.end_capture();
+            recorded?;
+            self.graphs[n - 1] = Some(graph?);
+        }
+        if let Some(g) = &self.graphs[n - 1] {
+            self.dev.launch_graph(g)?;
+        }
+        Ok(n)
+    }
+
+    /// The decoder's launches for `n` staged latents, from `lat` to `out`.
+    fn network(&self, n: usize) -> Result<()> {
+        let model = Arc::clone(&self.model);
+        let (cfg, t) = (&model.config, &model.t);
+        let (lc, l) = (cfg.latent_channels, self.latent);
+        let l2 = l * l;
         let z = match &t.post_quant {
             Some(pq) => {
                 self.conv1x1(self.b.lat, n * l2, lc, pq, lc, self.b.lat2, None)?;
@@ -337,8 +368,7 @@ impl<D: Device> GpuVaeDecoder<D> {
         spec.layout = ConvWeights::TapMajor;
         spec.bias = Some(self.w(t.conv_out.b)?);
         spec.images = n as i32;
-        launch::conv3x3_f16(&self.dev, &spec)?;
-        Ok(n)
+        launch::conv3x3_f16(&self.dev, &spec)
     }
 
     fn others(&self, used: &[BufId]) -> [BufId; 3] {
