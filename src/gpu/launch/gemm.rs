@@ -112,6 +112,7 @@ struct Choice {
 ///     qkv and fc1 at 512 rows and every linear at 2048 and 8192 rows);
 ///   - else 64×64 tiles with 64-wide k steps, split as above, and also when k ≥ 2048 and fewer
 ///     than two tiles per multiprocessor would run (fc2 at 512 rows: 56 µs instead of 80).
+///
 /// The 128×128 tiles (8 warps, 158 registers: one block per multiprocessor) were never the best.
 /// Slices hold at least `MIN_SPLIT_K` of k and a whole number of k steps.
 fn choose(m: i64, n: i64, k: i64, ws_elems: i64, diff: bool) -> Choice {
