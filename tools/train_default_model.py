@@ -69,6 +69,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--log-csv", default="docs/training/shapes32-loss.csv")
     ap.add_argument("--work-dir", default="/tmp/icdit-train")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", metavar="SAFETENSORS", default=None,
+                    help="start from these weights (official layout, e.g. the bundled model's EMA) "
+                         "instead of the random initialisation; the optimizer starts fresh")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-count", type=int, default=40000)
     ap.add_argument("--data-cache", default="~/.cache/icdit/shapes32v2_seed0_n40000.npz")
@@ -173,6 +176,10 @@ def main() -> None:
     ema.eval().requires_grad_(False)
     nparams = sum(p.numel() for p in model.state_dict().values())
     torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=args.class_init_std)
+    if args.init_from:
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(args.init_from), strict=True)
+        print(f"init: weights from {args.init_from}", flush=True)
     ema.load_state_dict(model.state_dict())
     model.to(device)
     ema.to(device)
@@ -270,6 +277,7 @@ def main() -> None:
         "lr_schedule": args.lr_schedule if args.lr_schedule == "constant"
         else f"cosine to {args.lr_final_frac} x lr at step {args.steps}",
         "optimizer": "AdamW(weight_decay=0)", "grad_clip": args.clip, "class_init_std": args.class_init_std, "class_lr_mult": args.class_lr_mult, "ema_decay": args.ema, "ema_warmup": "min(decay, (1+t)/(10+t))",
+        "init_from": args.init_from and os.path.basename(args.init_from),
         "seed": args.seed, "data": f"shapes-32 v2 ({args.data_count} images, seed {args.seed})",
         "loss": "hybrid mse+vb, uniform t over 1000 linear-beta steps",
         "wall_time_s": round(wall, 1), "final_loss": round(last_loss, 5),
