@@ -1002,37 +1002,15 @@ impl<D: Device> DitOps for Pass<'_, D> {
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
             let (out, x) = (p.h(dst)?, p.e.s(p.e.bufs.x)?);
+            let (shift, scale) = (p.chunk(shift)?, p.chunk(scale)?);
             match pending {
                 Some((y, gate, res_rows)) if res_rows == rows => launch::residual_layernorm_modulate_f32x(
-                    &p.e.dev,
-                    out,
-                    x,
-                    y,
-                    gate,
-                    stride,
-                    p.chunk(shift)?,
-                    p.chunk(scale)?,
-                    r,
-                    tokens,
-                    c,
-                    stride,
-                    eps,
+                    &p.e.dev, out, x, y, gate, stride, shift, scale, r, tokens, c, stride, eps,
                 ),
                 Some(_) => {
                     Err(Error::invalid("GPU pipeline", "a residual update and the LayerNorm after it differ in rows"))
                 }
-                None => launch::layernorm_modulate_f32x(
-                    &p.e.dev,
-                    out,
-                    x,
-                    p.chunk(shift)?,
-                    p.chunk(scale)?,
-                    r,
-                    tokens,
-                    c,
-                    stride,
-                    eps,
-                ),
+                None => launch::layernorm_modulate_f32x(&p.e.dev, out, x, shift, scale, r, tokens, c, stride, eps),
             }
         });
     }
