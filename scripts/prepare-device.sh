@@ -109,8 +109,8 @@ rm -rf "$DEST/bin"
 # 7. With --with-dataset: the bundled model's training set, compressed (8 MB), for
 #    scripts/gpu-train.sh (generating it there would take a minute of device time).
 if [[ " $* " == *" --with-dataset "* ]]; then
-    cache="${XDG_CACHE_HOME:-$HOME/.cache}/icdit/shapes32v2_seed0_n40000.npz"
-    python3 - "$cache" "$DEST/shapes32v2_seed0_n40000.npz" <<'PYEOF'
+    cache="${XDG_CACHE_HOME:-$HOME/.cache}/icdit/shapes32v3_seed0_n40000.npz"
+    python3 - "$cache" "$DEST/shapes32v3_seed0_n40000.npz" <<'PYEOF'
 import os, sys
 import numpy as np
 sys.path.insert(0, "tools")
@@ -120,7 +120,7 @@ np.savez_compressed(sys.argv[2] + ".tmp.npz", images=images, labels=labels, seed
 os.replace(sys.argv[2] + ".tmp.npz", sys.argv[2])
 PYEOF
 else
-    rm -f "$DEST/shapes32v2_seed0_n40000.npz"
+    rm -f "$DEST/shapes32v3_seed0_n40000.npz"
 fi
 
 # 8. Sizes. The device tool carries the working tree (tracked and untracked-not-ignored files) and

@@ -83,13 +83,14 @@ fn icc_beats_naive_reuse_on_the_trained_model() {
     {
         println!("period 2, {name}: relative L2 to full compute {l2:.4} ({:.3} of reuse's), PSNR {p:.2} dB, compute ratio {ratio:.3}", l2 / reuse.0);
     }
-    // Measured (dev VM, the step-10000 model): reuse 0.1356; svd r8 0.1318 (0.972×), svd r16
-    // 0.1066 (0.786×), ca-svd r8 0.1132 (0.835×). The assertions keep a margin under each: the
-    // computation is deterministic, so only kernel rounding (≈1e-6) can move these numbers.
-    assert!(svd8.0 < 0.99 * reuse.0, "icc svd r8 {:.4} vs reuse {:.4}", svd8.0, reuse.0);
-    assert!(svd16.0 < 0.85 * reuse.0, "icc svd r16 {:.4} vs reuse {:.4}", svd16.0, reuse.0);
+    // Measured (dev VM, the shapes-32 v3 patch-2 model): reuse 0.1235; svd r8 0.1070 (0.867×),
+    // svd r16 0.0780 (0.631×), ca-svd r8 0.1022 (0.828×). The assertions keep a margin under
+    // each: the computation is deterministic, so only kernel rounding (≈1e-6) can move them.
+    assert!(svd8.0 < 0.92 * reuse.0, "icc svd r8 {:.4} vs reuse {:.4}", svd8.0, reuse.0);
+    assert!(svd16.0 < 0.7 * reuse.0, "icc svd r16 {:.4} vs reuse {:.4}", svd16.0, reuse.0);
     assert!(casvd8.0 < 0.9 * reuse.0, "icc ca-svd r8 {:.4} vs reuse {:.4}", casvd8.0, reuse.0);
-    // Channel-aware SVD beats plain SVD at equal rank here (and at every rank and period of
-    // docs/caching-quality.md), with margin.
-    assert!(casvd8.0 < 0.95 * svd8.0, "ca-svd r8 {:.4} vs svd r8 {:.4}", casvd8.0, svd8.0);
+    // Channel-aware SVD against plain SVD at equal rank: here ca-svd r8 is 0.955× svd r8 (0.93×
+    // over docs/caching-quality.md's 40 images, 0.74× at rank 16); asserted with the margin the
+    // deterministic computation allows.
+    assert!(casvd8.0 < 0.99 * svd8.0, "ca-svd r8 {:.4} vs svd r8 {:.4}", casvd8.0, svd8.0);
 }

@@ -30,7 +30,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dit_torch  # noqa: E402
 
 CONFIGS = [
-    # The bundled default model.
+    # The bundled default model (patch 2 since shapes-32 v3).
+    dict(input_size=32, patch_size=2, in_channels=3, hidden_size=144, depth=6, num_heads=2, num_classes=10),
+    # The previous bundled model (patch 4).
     dict(input_size=32, patch_size=4, in_channels=3, hidden_size=144, depth=6, num_heads=2, num_classes=10),
     # A latent-space (4-channel), patch-2, 3-head config closer to DiT-XL/2's shape rules.
     dict(input_size=16, patch_size=2, in_channels=4, hidden_size=96, depth=3, num_heads=3, num_classes=7),

@@ -47,7 +47,7 @@ pub fn assert_close(what: &str, a: &[f32], e: &[f32], tol: f64) -> f64 {
     assert!(rms > 1e-3, "{what}: reference is trivial (rms {rms})");
     assert!(a.iter().all(|v| v.is_finite()), "{what}: non-finite output");
     let err = rel_l2(a, e);
-    println!("{what}: relative L2 error {err:.3e} (tolerance {tol:.0e}, reference rms {rms:.3})");
+    println!("{what}: relative L2 error {err:.3e} (tolerance {tol:.1e}, reference rms {rms:.3})");
     #[allow(clippy::neg_cmp_op_on_partial_ord)] // also true for a NaN error
     if !(err <= tol) {
         let mut idx: Vec<usize> = (0..a.len()).collect();
@@ -55,7 +55,7 @@ pub fn assert_close(what: &str, a: &[f32], e: &[f32], tol: f64) -> f64 {
         for &i in idx.iter().take(8) {
             eprintln!("  [{i}] got {} expected {} (diff {:.3e})", a[i], e[i], a[i] - e[i]);
         }
-        panic!("{what}: relative L2 error {err:.3e} exceeds {tol:.0e}");
+        panic!("{what}: relative L2 error {err:.3e} exceeds {tol:.1e}");
     }
     err
 }
