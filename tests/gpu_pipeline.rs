@@ -11,9 +11,11 @@
 //! pass's (bound 2e-3); classifier-free guidance at scale s multiplies the error of the
 //! conditional–unconditional difference by s (4 here), and 10 steps chain it. The guided
 //! samples measured 3.3–6.5e-3 on the previous bundled model (patch 4) and measure 3.8e-3–1.06e-2
-//! on the current one (patch 2; the largest is DDPM with icc r8, period 2, while its single
-//! forward passes measure 3.4–3.7e-4; how much of that is the sharper model's own sensitivity
-//! to a perturbation was not separated), hence the bound 1.5e-2. The measured values are
+//! on the current one (patch 2; the largest is DDPM with icc r8, period 2). If every step's
+//! guided ε error (s × 3.4–3.7e-4) added up without cancelling over the 10 steps, the sample
+//! error would reach 4 × 10 × 3.6e-4 ≈ 1.4e-2, hence the bound 1.5e-2. (Perturbing only the
+//! starting and step noise by 2.8e-4 moves this model's CPU sample by 1e-3, so the trajectory
+//! itself does not amplify much; the error is the per-step one.) The measured values are
 //! printed by each check.
 
 mod common;
