@@ -7,8 +7,8 @@ mapped to [-1, 1] like the image pipelines DiT trains on.
 
 Version 3 (this one): radius 9.5-13 px, centre within 2.5 px of the middle, and every class within
 +-15 degrees of one canonical pose (triangle apex up, one star point up, X = the plus turned 45
-degrees), so a small model trained for an hour on a CPU learns each class's geometry; a person still
-names each class at a glance. Version 2 (radius 7-12.5 px, centre within 5 px, free rotation for
+degrees), to make each class's geometry easier to learn in a CPU budget (it took patch 2 as well:
+weights/README.md); a person still names each class at a glance. Version 2 (radius 7-12.5 px, centre within 5 px, free rotation for
 triangle and star) left a patch-4 model drawing blobs for four classes; version 1 had two-colour
 gradient backgrounds and a model trained on it drew only colour fields. Rotations are never free
 where they would blur two classes: plus vs X are the same shape 45 degrees apart, horizontal vs

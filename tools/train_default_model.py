@@ -180,11 +180,10 @@ def main() -> None:
     torch.nn.init.normal_(model.y_embedder.embedding_table.weight, std=args.class_init_std)
     init_training = None
     if args.init_from:
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(args.init_from), strict=True)
         from safetensors import safe_open
 
-        with safe_open(args.init_from, "pt") as f:  # the starting file's own training record
+        with safe_open(args.init_from, "pt") as f:  # weights, and the file's own training record
+            model.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=True)
             init_training = json.loads((f.metadata() or {}).get("icdit_training", "null"))
         print(f"init: weights from {args.init_from}", flush=True)
     ema.load_state_dict(model.state_dict())
