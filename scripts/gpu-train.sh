@@ -12,7 +12,8 @@
 # probe's log, then the run's), grid.png.
 #
 # Environment: GPU_TRAIN_SECONDS, GPU_TRAIN_BATCH (default 256), GPU_TRAIN_LR (default 1e-3),
-# GPU_TRAIN_DATA (default .device/shapes32v3_seed0_n40000.npz), PYTHON (default python3).
+# GPU_TRAIN_DATA (default .device/ + `tools/make_dataset.py --print-cache-name`, the file
+# prepare-device.sh packs), PYTHON (default python3).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +21,8 @@ OUT_DIR=${OUT:-out/gpu-train}
 SECONDS_WANTED=${GPU_TRAIN_SECONDS:-150}
 BATCH=${GPU_TRAIN_BATCH:-256}
 LR=${GPU_TRAIN_LR:-1e-3}
-DATA=${GPU_TRAIN_DATA:-.device/shapes32v3_seed0_n40000.npz}
 PY=${PYTHON:-python3}
+DATA=${GPU_TRAIN_DATA:-.device/$("$PY" tools/make_dataset.py --print-cache-name)}
 mkdir -p "$OUT_DIR"
 [[ -f "$DATA" ]] || { echo "gpu-train: no dataset at $DATA (scripts/prepare-device.sh --with-dataset)" >&2; exit 1; }
 

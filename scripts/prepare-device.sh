@@ -108,19 +108,21 @@ rm -rf "$DEST/bin"
 
 # 7. With --with-dataset: the bundled model's training set, compressed (8 MB), for
 #    scripts/gpu-train.sh (generating it there would take a minute of device time).
+dataset=$(python3 tools/make_dataset.py --print-cache-name)
 if [[ " $* " == *" --with-dataset "* ]]; then
-    cache="${XDG_CACHE_HOME:-$HOME/.cache}/icdit/shapes32v3_seed0_n40000.npz"
-    python3 - "$cache" "$DEST/shapes32v3_seed0_n40000.npz" <<'PYEOF'
+    cache="${XDG_CACHE_HOME:-$HOME/.cache}/icdit/$dataset"
+    python3 - "$cache" "$DEST/$dataset" <<'PYEOF'
 import os, sys
 import numpy as np
 sys.path.insert(0, "tools")
 import make_dataset
 images, labels = make_dataset.load_or_make(40000, 0, sys.argv[1])
-np.savez_compressed(sys.argv[2] + ".tmp.npz", images=images, labels=labels, seed=np.int64(0))
+np.savez_compressed(sys.argv[2] + ".tmp.npz", images=images, labels=labels, seed=np.int64(0),
+                    version=np.int64(make_dataset.VERSION))
 os.replace(sys.argv[2] + ".tmp.npz", sys.argv[2])
 PYEOF
 else
-    rm -f "$DEST/shapes32v3_seed0_n40000.npz"
+    rm -f "$DEST"/shapes32v*_seed*_n*.npz
 fi
 
 # 8. Sizes. The device tool carries the working tree (tracked and untracked-not-ignored files) and

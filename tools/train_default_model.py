@@ -76,7 +76,10 @@ def parse_args() -> argparse.Namespace:
                          "instead of the random initialisation; the optimizer starts fresh")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-count", type=int, default=40000)
-    ap.add_argument("--data-cache", default=f"~/.cache/icdit/shapes32v{make_dataset.VERSION}_seed0_n40000.npz")
+    ap.add_argument("--data-version", type=int, default=make_dataset.VERSION, choices=make_dataset.VERSIONS,
+                    help="shapes-32 version (3: class 7 is a star; the bundled model's first three runs)")
+    ap.add_argument("--data-cache", default=None,
+                    help="npz cache of the dataset (default ~/.cache/icdit/ + make_dataset.cache_name)")
     ap.add_argument("--hidden", type=int, default=144)
     ap.add_argument("--depth", type=int, default=6)
     ap.add_argument("--heads", type=int, default=2)
@@ -157,13 +160,19 @@ def main() -> None:
     if args.plot_loss:
         plot_loss(args.log_csv, args.plot_loss)
         return
+    if args.preview_every:
+        try:  # the previews are PNGs written with Pillow: fail now, not at the first preview
+            import PIL  # noqa: F401
+        except ImportError:
+            sys.exit("train_default_model.py: previews need Pillow (pip install pillow), or pass --preview-every 0")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     work = pathlib.Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
 
     t_data = time.time()
-    imgs, labels = make_dataset.load_or_make(args.data_count, args.seed, args.data_cache)
+    cache = args.data_cache or f"~/.cache/icdit/{make_dataset.cache_name(args.data_count, args.seed, args.data_version)}"
+    imgs, labels = make_dataset.load_or_make(args.data_count, args.seed, cache, args.data_version)
     data = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
     data_y = torch.from_numpy(labels)
     print(f"data: {len(data)} images in {time.time() - t_data:.1f}s", flush=True)
@@ -285,7 +294,7 @@ def main() -> None:
         "optimizer": "AdamW(weight_decay=0)", "grad_clip": args.clip, "class_init_std": args.class_init_std, "class_lr_mult": args.class_lr_mult, "ema_decay": args.ema, "ema_warmup": "min(decay, (1+t)/(10+t))",
         "init_from": args.init_from and os.path.basename(args.init_from),
         "init_training": init_training,
-        "seed": args.seed, "data": f"shapes-32 v{make_dataset.VERSION} ({args.data_count} images, seed {args.seed})",
+        "seed": args.seed, "data": f"shapes-32 v{args.data_version} ({args.data_count} images, seed {args.seed})",
         "loss": "hybrid mse+vb, uniform t over 1000 linear-beta steps",
         "wall_time_s": round(wall, 1), "final_loss": round(last_loss, 5),
         "machine": (f"CPU, torch {torch.__version__}, {args.threads} threads" if device.type == "cpu"
@@ -295,7 +304,7 @@ def main() -> None:
         "format": "pt",
         "dit_config": cfg.to_json(),
         "icdit_space": "pixel",
-        "icdit_class_names": json.dumps(make_dataset.CLASS_NAMES),
+        "icdit_class_names": json.dumps(make_dataset.class_names(args.data_version)),
         "icdit_training": json.dumps(training),
         # Defaults `icdit sample` uses for this model when no flags are given: fast enough to
         # run in seconds on a CPU (DiT's own default is DDPM over 250 steps).
