@@ -8,6 +8,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use icdit::cost;
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
+use icdit::cpu::isa::{Isa, ISA_ENV};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
 use icdit::forward::StepKind;
 use icdit::{BenchOp, CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
@@ -16,11 +17,21 @@ fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// The four linear layers of a DiT-XL/2 block at batch 2 (512 token rows).
+/// The four linear layers of a DiT-XL/2 block at batch 2 (512 token rows), on every CPU path
+/// this machine runs (`ICDIT_CPU_ISA` picks one).
 fn gemm_shapes(c: &mut Criterion) {
+    let isas: Vec<Isa> = match std::env::var_os(ISA_ENV) {
+        Some(_) => vec![Isa::from_env().expect(ISA_ENV)],
+        None => Isa::available().collect(),
+    };
+    for isa in isas {
+        gemm_shapes_on(c, Gemmer::new(isa));
+    }
+}
+
+fn gemm_shapes_on(c: &mut Criterion, gm: Gemmer) {
     let pool = ThreadPool::new(threads()).expect("threads");
-    let gm = Gemmer::detect();
-    let mut group = c.benchmark_group(format!("cpu-{}/gemm_xl2_rows512", gm.name));
+    let mut group = c.benchmark_group(format!("cpu-{}/gemm_xl2_rows512", gm.name()));
     group.sample_size(10).measurement_time(Duration::from_secs(4));
     for (name, n, k) in [("qkv", 3456, 1152), ("proj", 1152, 1152), ("fc1", 4608, 1152), ("fc2", 1152, 4608)] {
         let m = 512;
@@ -55,9 +66,80 @@ fn gemm_shapes(c: &mut Criterion) {
     group.finish();
 }
 
+/// One thread, our kernels on every CPU path against the `gemm` crate (faer's GEMM, which
+/// picks its own best ISA at run time and cannot be told otherwise): the plain product
+/// C = A·Bᵀ of two DiT-XL/2 shapes at 512 rows, no bias or epilogue on either side.
+fn gemm_vs_crate(c: &mut Criterion) {
+    let pool = ThreadPool::new(1).expect("threads");
+    let mut group = c.benchmark_group("cpu-1thread/gemm_vs_gemm_crate");
+    group.sample_size(10).measurement_time(Duration::from_secs(4));
+    for (name, n, k) in [("proj", 1152, 1152), ("fc1", 4608, 1152)] {
+        let m = 512;
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 97) as f32 * 0.01 - 0.5).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 89) as f32 * 0.01 - 0.4).collect();
+        let mut out = vec![0.0f32; m * n];
+        let mut scratch = vec![0.0f32; gemm::SCRATCH_PER_THREAD];
+        let mut packed = vec![0.0f32; gemm::packed_a_len(m, k)];
+        group.throughput(Throughput::Elements((2 * m * n * k) as u64));
+        for isa in Isa::available() {
+            let gm = Gemmer::new(isa);
+            group.bench_function(BenchmarkId::new(format!("icdit-{isa}"), format!("{name}_{m}x{n}x{k}")), |bch| {
+                bch.iter(|| {
+                    let g = Gemm {
+                        m,
+                        n,
+                        k,
+                        a: &a,
+                        a_minus: None,
+                        lda: k,
+                        conv: None,
+                        b: BMat::weight(&w, k),
+                        bias: None,
+                        add: None,
+                        act: gemm::Act::None,
+                        c: SendPtr(out.as_mut_ptr()),
+                        ldc: n,
+                    };
+                    gm.run(&pool, &mut scratch, &mut packed, &g);
+                })
+            });
+        }
+        group.bench_function(BenchmarkId::new("gemm-crate", format!("{name}_{m}x{n}x{k}")), |bch| {
+            bch.iter(|| {
+                // SAFETY: dst is m×n row-major (column stride 1, row stride n); lhs m×k
+                // row-major; rhs(p, j) = w[j·k + p] (column stride k, row stride 1).
+                unsafe {
+                    ::gemm::gemm(
+                        m,
+                        n,
+                        k,
+                        out.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        a.as_ptr(),
+                        1,
+                        k as isize,
+                        w.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        ::gemm::Parallelism::None,
+                    )
+                }
+            })
+        });
+    }
+    group.finish();
+}
+
 /// Whole forward passes: DiT-XL/2 with guidance (2 rows) and a small DiT-S/2 at batch 2.
 fn forward(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cpu/forward");
+    let mut group = c.benchmark_group(format!("cpu-{}/forward", Isa::from_env().expect(ISA_ENV)));
     group.sample_size(10).measurement_time(Duration::from_secs(20));
     for (family, rows) in [("XL/2", 2usize), ("S/2", 2)] {
         let cfg = DitConfig::family(family, 32).expect("family");
@@ -83,14 +165,14 @@ fn forward(c: &mut Criterion) {
 /// MACs of each kind (icc's accounting), so the calibrated/full time ratio is visible
 /// directly; the target is ≤ 0.35×.
 fn steps(c: &mut Criterion) {
-    let mut group = c.benchmark_group("cpu/xl2_step_rows2");
+    let mut group = c.benchmark_group(format!("cpu-{}/xl2_step_rows2", Isa::from_env().expect(ISA_ENV)));
     group.sample_size(10).measurement_time(Duration::from_secs(20));
     let cfg = DitConfig::xl2_256();
     let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
     let factors = Arc::new(Factors::random(&model, 128, 1).expect("factors"));
     let ranks = factors.ranks();
     let rows = 2;
-    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::Icc(factors) };
+    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::Icc(factors), isa: None };
     let mut engine = CpuEngine::new(Arc::clone(&model), &opts).expect("engine");
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let (t, y) = ([500i64, 500], [207i64, 1000]);
@@ -113,7 +195,7 @@ fn steps(c: &mut Criterion) {
 fn block_ops(c: &mut Criterion) {
     let cfg = DitConfig::xl2_256();
     let model = Arc::new(DitModel::random(&cfg, 0).expect("model"));
-    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::None };
+    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 0, cache: CacheMode::None, isa: None };
     let mut engine = CpuEngine::new(Arc::clone(&model), &opts).expect("engine");
     let rows = 2;
     // Fill the buffers with real activations first (a forward pass).
@@ -130,5 +212,5 @@ fn block_ops(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm_shapes, forward, steps, block_ops);
+criterion_group!(benches, gemm_shapes, gemm_vs_crate, forward, steps, block_ops);
 criterion_main!(benches);

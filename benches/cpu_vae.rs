@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use icdit::cpu::gemm::{self, BMat, Conv3, Gemm, Gemmer};
+use icdit::cpu::isa::{Isa, ISA_ENV};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
 use icdit::vae::{VaeConfig, VaeDecoder, VaeModel};
 
@@ -18,8 +19,8 @@ fn threads() -> usize {
 /// 3×3 convs as the decoder runs them: implicit im2col, NHWC.
 fn conv3x3(c: &mut Criterion) {
     let pool = ThreadPool::new(threads()).expect("threads");
-    let gm = Gemmer::detect();
-    let mut group = c.benchmark_group(format!("cpu-{}/vae_conv3x3", gm.name));
+    let gm = Gemmer::new(Isa::from_env().expect(ISA_ENV));
+    let mut group = c.benchmark_group(format!("cpu-{}/vae_conv3x3", gm.name()));
     group.sample_size(10).measurement_time(Duration::from_secs(5));
     for (side, cin, cout) in [(64, 512, 512), (256, 128, 128)] {
         let px = side * side;
@@ -60,7 +61,7 @@ fn decode(c: &mut Criterion) {
     let mut dec = VaeDecoder::new(model, 32, 0).expect("decoder");
     let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
     let mut img = vec![0.0f32; dec.image_len()];
-    let mut group = c.benchmark_group("cpu/vae_decode");
+    let mut group = c.benchmark_group(format!("cpu-{}/vae_decode", dec.isa()));
     group.sample_size(10).measurement_time(Duration::from_secs(30));
     group.throughput(Throughput::Elements(2 * cfg.macs(32)));
     group.bench_function("sd_vae_32_to_256", |b| b.iter(|| dec.decode(&lat, &mut img).expect("decode")));

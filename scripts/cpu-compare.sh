@@ -9,6 +9,12 @@
 #   cargo build --release && scripts/cpu-compare.sh
 #   THREADS=8 ROUNDS=5 RUNS=3 scripts/cpu-compare.sh
 #   scripts/cpu-compare.sh --quick        # or QUICK=1: DiT-S/2 at a 16x16 latent, about a minute
+#   ISA=avx2 scripts/cpu-compare.sh       # both sides held to one instruction set (below)
+#
+# ISA (scalar, avx2, avx512, neon; default: each side's best) sets ICDIT_CPU_ISA for icdit and
+# holds PyTorch to the same vector width: ATEN_CPU_CAPABILITY, MKL_ENABLE_INSTRUCTIONS and
+# ONEDNN_MAX_CPU_ISA (avx2: AVX2; scalar: ATen's default kernels, MKL SSE4.2, oneDNN SSE4.1,
+# the least PyTorch offers). That is how an AVX2-only CPU is measured on an AVX-512 machine.
 #
 # Environment: THREADS (default nproc), ROUNDS (3), RUNS (3 timed runs per round), WARMUP (1),
 # OUT (out/cpu-compare), QUICK (0), DIT_REPO (a facebookresearch/DiT checkout: time its models.py
@@ -27,6 +33,15 @@ for arg in "$@"; do
     esac
 done
 THREADS=${THREADS:-$(nproc)}
+ISA=${ISA:-}
+case "$ISA" in
+    "") ;;
+    avx512) export ICDIT_CPU_ISA=avx512 ATEN_CPU_CAPABILITY=avx512 ;;
+    avx2) export ICDIT_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 ;;
+    scalar) export ICDIT_CPU_ISA=scalar ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41 ;;
+    neon) export ICDIT_CPU_ISA=neon ;;
+    *) echo "cpu-compare: ISA=$ISA: expected scalar, avx2, avx512 or neon" >&2; exit 2 ;;
+esac
 ROUNDS=${ROUNDS:-3}
 RUNS=${RUNS:-3}
 WARMUP=${WARMUP:-1}
@@ -65,7 +80,7 @@ if [[ "$VAE_LATENT" != 32 ]]; then VAE_PT_ARGS=(--latent "$VAE_LATENT"); fi
 # Load before anything of ours runs: other busy processes make the comparison meaningless.
 LOAD0=$(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo 0)
 
-echo "cpu-compare: $FAMILY at ${IMAGE}px, VAE latent ${VAE_LATENT}, $THREADS threads, $ROUNDS rounds x $RUNS runs (warmup $WARMUP)" >&2
+echo "cpu-compare: $FAMILY at ${IMAGE}px, VAE latent ${VAE_LATENT}, $THREADS threads, $ROUNDS rounds x $RUNS runs (warmup $WARMUP), ISA ${ISA:-best}" >&2
 
 # --- (a) forward and (b) calibrated step: the Python harness interleaves rounds itself ----
 # DIT_REPO=<checkout of facebookresearch/DiT> times the official models.py instead of our port.
@@ -101,7 +116,7 @@ if [[ "$COMMIT" != unknown ]] && ! git diff --quiet HEAD -- 2>/dev/null; then CO
 
 CPU="$CPU" COMMIT="$COMMIT" THREADS="$THREADS" ROUNDS="$ROUNDS" RUNS="$RUNS" WARMUP="$WARMUP" \
 FAMILY="$FAMILY" IMAGE="$IMAGE" RANK="$RANK" VAE_LATENT="$VAE_LATENT" VAE_SKIP="$VAE_SKIP" QUICK="$QUICK" \
-LOAD0="$LOAD0" TMP="$TMP" OUTFILE="$OUT/cpu-compare.json" python3 - <<'PY'
+LOAD0="$LOAD0" TMP="$TMP" ISA="${ISA:-best}" OUTFILE="$OUT/cpu-compare.json" python3 - <<'PY'
 import datetime, json, os, statistics
 import torch
 
@@ -110,7 +125,10 @@ tmp = e["TMP"]
 load = float(e["LOAD0"])
 machine = {"cpu": e["CPU"], "threads": int(e["THREADS"]), "torch": torch.__version__,
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-           "git_commit": e["COMMIT"], "loadavg_1min_at_start": load}
+           "git_commit": e["COMMIT"], "loadavg_1min_at_start": load, "isa": e["ISA"],
+           "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+           "pytorch_isa_env": {k: e[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                                                 "ONEDNN_MAX_CPU_ISA") if k in e}}
 rows = []
 
 for step in ("plain", "calibrated"):
@@ -141,6 +159,8 @@ for r in rows:
 fmt = lambda v, p=1: "skipped" if v is None else f"{v:.{p}f}"
 print(f"machine: {machine['cpu']}; {machine['threads']} threads; torch {machine['torch']}; "
       f"{machine['date']}; commit {machine['git_commit']}")
+print(f"instruction set: icdit {e['ISA']}, PyTorch {machine['torch_cpu_capability']} "
+      f"({', '.join(f'{k}={v}' for k, v in machine['pytorch_isa_env'].items()) or 'unrestricted'})")
 print(f"settings: {e['ROUNDS']} rounds x {e['RUNS']} runs per implementation (warmup {e['WARMUP']}), "
       f"PyTorch fp32 eager ({rows[0]['raw']['pytorch_model'].split(' (')[0]})"
       + ("; QUICK mode" if e["QUICK"] == "1" else ""))

@@ -100,6 +100,14 @@ impl AnyEngine {
         }
     }
 
+    /// The CPU instruction-set path (`None` for the GPU backends).
+    pub fn cpu_isa(&self) -> Option<crate::cpu::Isa> {
+        match self {
+            AnyEngine::Cpu(e) => Some(e.isa()),
+            _ => None,
+        }
+    }
+
     pub fn options(&self) -> &EngineOptions {
         match self {
             AnyEngine::Cpu(e) => e.options(),
@@ -135,7 +143,7 @@ impl AnyEngine {
     /// What runs the model: "cpu (N threads)" or the device's name.
     pub fn describe(&self) -> String {
         match self {
-            AnyEngine::Cpu(e) => format!("cpu, {} threads", e.threads()),
+            AnyEngine::Cpu(e) => format!("cpu ({}), {} threads", e.isa(), e.threads()),
             AnyEngine::Emu(e) => format!("emu: {}", crate::gpu::Device::name(e.device())),
             #[cfg(feature = "cuda")]
             AnyEngine::Cuda(e) => format!("cuda: {}", crate::gpu::Device::name(e.device())),
@@ -177,6 +185,14 @@ pub enum AnyVae {
 }
 
 impl AnyVae {
+    /// The CPU instruction-set path (`None` for the GPU backends).
+    pub fn cpu_isa(&self) -> Option<crate::cpu::Isa> {
+        match self {
+            AnyVae::Cpu(d) => Some(d.isa()),
+            _ => None,
+        }
+    }
+
     /// A decoder for latents of side `latent`; `threads` for the CPU, `max_images` per device
     /// call for the GPU backends.
     pub fn new(

@@ -173,7 +173,7 @@ pub fn collect_stats(
     }
     let mut engine = CpuEngine::new(
         Arc::clone(model),
-        &CpuOptions { max_batch: batch, guidance: false, threads, cache: CacheMode::Reuse },
+        &CpuOptions { max_batch: batch, guidance: false, threads, cache: CacheMode::Reuse, isa: None },
     )?;
     let full = Schedule::new("")?;
     let spaced = Schedule::new(STATS_SPEC)?;

@@ -80,6 +80,8 @@ pub struct EngineOptions {
     pub guided_channels: GuidedChannels,
     /// CPU threads (0: all cores).
     pub threads: usize,
+    /// The CPU instruction-set path; `None`: `ICDIT_CPU_ISA`, or the best this CPU runs.
+    pub isa: Option<crate::cpu::Isa>,
     /// Caching policy: none, naive reuse, or increment-calibrated with factors.
     pub cache: CacheMode,
     /// Which steps are full under a caching policy.
@@ -103,6 +105,7 @@ impl Default for EngineOptions {
             cfg_scale: 4.0,
             guided_channels: GuidedChannels::OfficialThree,
             threads: 0,
+            isa: None,
             cache: CacheMode::None,
             full_steps: FullSteps::Period(2),
             max_memory: None,
@@ -221,6 +224,7 @@ impl Engine {
             guidance: opts.cfg_scale > 1.0,
             threads: opts.threads,
             cache: opts.cache.clone(),
+            isa: opts.isa,
         };
         crate::cpu::check_plan_size(&model.config, crate::cpu::planned_rows(&cpu))?;
         let mut need = MemoryNeed::default();
@@ -259,6 +263,7 @@ impl Engine {
                 guidance: guided,
                 threads: opts.threads,
                 cache: opts.cache.clone(),
+                isa: opts.isa,
             },
         )?;
         let (img, out) = (cfg.image_elems(), cfg.output_elems());
@@ -312,6 +317,10 @@ impl Engine {
     }
     pub fn threads(&self) -> usize {
         self.backend.threads()
+    }
+    /// The CPU instruction-set path the model runs on.
+    pub fn isa(&self) -> crate::cpu::Isa {
+        self.backend.isa()
     }
 
     fn buf(&mut self, id: BufId) -> &mut [f32] {

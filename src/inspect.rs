@@ -41,6 +41,11 @@ pub struct Report {
     pub batch: usize,
     pub guidance: bool,
     pub cpu_arena_bytes: usize,
+    /// The CPU instruction-set path a CPU engine would run here (`ICDIT_CPU_ISA` or the best),
+    /// or the error that setting gives.
+    pub cpu_isa: String,
+    /// Every path this CPU runs, portable first.
+    pub cpu_isas_available: Vec<&'static str>,
 }
 
 impl Report {
@@ -76,6 +81,8 @@ impl Report {
             batch: opts.max_batch,
             guidance: opts.guidance,
             cpu_arena_bytes: plan.total_bytes(),
+            cpu_isa: cpu::Isa::resolve(opts.isa).map_or_else(|e| format!("error: {e}"), |i| i.name().to_string()),
+            cpu_isas_available: cpu::Isa::available().map(|i| i.name()).collect(),
         }
     }
 }
@@ -114,6 +121,7 @@ impl std::fmt::Display for Report {
             mib(self.file_bytes)
         )?;
         writeln!(f, "compute       {:.2} GMACs per image per forward", self.forward_gmacs)?;
+        writeln!(f, "CPU path      {} (this CPU runs: {})", self.cpu_isa, self.cpu_isas_available.join(", "))?;
         write!(
             f,
             "CPU arena     {} for batch {}{}",

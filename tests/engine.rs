@@ -24,16 +24,22 @@ fn run(engine: &mut Engine, classes: &[i64], seed: u64, first: u64) -> Vec<f32> 
     out
 }
 
+/// On every CPU path this machine runs: the same bits on a repeat and with 1, 2 or 3 threads.
 #[test]
 fn same_seed_same_bits_across_runs_and_thread_counts() {
     let m = model();
     let classes = [0i64, 3, 7, 2];
-    let mut one = Engine::new(Arc::clone(&m), &opts(4, Sampler::Ddpm, 1)).unwrap();
-    let mut two = Engine::new(Arc::clone(&m), &opts(4, Sampler::Ddpm, 2)).unwrap();
-    let a = run(&mut one, &classes, 42, 0);
-    assert_eq!(a, run(&mut one, &classes, 42, 0), "repeat on one engine");
-    assert_eq!(a, run(&mut two, &classes, 42, 0), "1 vs 2 threads");
-    assert_ne!(a, run(&mut one, &classes, 43, 0), "another seed");
+    for isa in common::isas("determinism") {
+        let on = |threads| EngineOptions { isa: Some(isa), ..opts(4, Sampler::Ddpm, threads) };
+        let mut one = Engine::new(Arc::clone(&m), &on(1)).unwrap();
+        let a = run(&mut one, &classes, 42, 0);
+        assert_eq!(a, run(&mut one, &classes, 42, 0), "{isa}: repeat on one engine");
+        for threads in [2, 3] {
+            let mut more = Engine::new(Arc::clone(&m), &on(threads)).unwrap();
+            assert_eq!(a, run(&mut more, &classes, 42, 0), "{isa}: 1 vs {threads} threads");
+        }
+        assert_ne!(a, run(&mut one, &classes, 43, 0), "{isa}: another seed");
+    }
 }
 
 #[test]

@@ -7,21 +7,23 @@ mod common;
 use std::sync::Arc;
 
 use common::{assert_close, fixture, reference, rel_l2};
+use icdit::cpu::{Isa, IsaKind};
 use icdit::{CpuEngine, CpuOptions, DitModel, Layout, LoadOptions, Numerics};
 
 const TOL: f64 = 1e-5;
 
-fn run(model: DitModel, refr: &common::Reference, portable: bool) -> Vec<f32> {
-    let model = Arc::new(model);
+/// The forward pass on CPU path `isa` (`None`: the engine's default choice).
+fn run_on(model: Arc<DitModel>, refr: &common::Reference, isa: Option<Isa>) -> Vec<f32> {
     let rows = refr.t.len();
-    let opts = CpuOptions { max_batch: rows, guidance: false, threads: 2, ..Default::default() };
+    let opts = CpuOptions { max_batch: rows, guidance: false, threads: 2, isa, ..Default::default() };
     let mut engine = CpuEngine::new(Arc::clone(&model), &opts).unwrap();
-    if portable {
-        engine = engine.with_portable_gemm();
-    }
     let mut out = vec![0.0; rows * model.config.output_elems()];
     engine.forward(&refr.x, &refr.t, &refr.y, &mut out).unwrap();
     out
+}
+
+fn run(model: DitModel, refr: &common::Reference) -> Vec<f32> {
+    run_on(Arc::new(model), refr, None)
 }
 
 fn load(rel: &str, numerics: Numerics) -> DitModel {
@@ -32,10 +34,25 @@ fn check_official(name: &str) {
     let refr = reference(&format!("{name}/forward.safetensors"));
     let model = load(&format!("{name}/official.safetensors"), Numerics::Official);
     assert_eq!(model.layout, Layout::Official);
-    let out = run(model, &refr, false);
-    assert_close(&format!("{name} official vs PyTorch f32"), &out, &refr.out, TOL);
-    if let Some(f64_out) = &refr.out_f64 {
-        println!("{name}: error against PyTorch f64 {:.3e}", rel_l2(&out, f64_out));
+    let model = Arc::new(model);
+    // Every CPU path this machine runs; the SIMD ones must agree bit for bit.
+    let mut simd: Option<(Isa, Vec<f32>)> = None;
+    for isa in common::isas(name) {
+        let out = run_on(Arc::clone(&model), &refr, Some(isa));
+        assert_close(&format!("{name} official vs PyTorch f32 ({isa})"), &out, &refr.out, TOL);
+        if let Some(f64_out) = &refr.out_f64 {
+            println!("{name} ({isa}): error against PyTorch f64 {:.3e}", rel_l2(&out, f64_out));
+        }
+        if isa.kind() == IsaKind::Scalar {
+            continue;
+        }
+        match &simd {
+            None => simd = Some((isa, out)),
+            Some((first, bits)) => assert!(
+                out.iter().zip(bits).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}: the {isa} and {first} paths differ (they sum in one order with FMA)"
+            ),
+        }
     }
 }
 
@@ -54,22 +71,15 @@ fn rgb_h6_matches_official() {
     check_official("rgb_h6");
 }
 
-#[test]
-fn portable_kernel_matches_official() {
-    let refr = reference("hd72/forward.safetensors");
-    let out = run(load("hd72/official.safetensors", Numerics::Official), &refr, true);
-    assert_close("hd72 portable GEMM vs PyTorch", &out, &refr.out, TOL);
-}
-
 /// Both layouts of the same weights give the same output (official numerics).
 #[test]
 fn diffusers_layout_equals_official_layout() {
     for name in ["hd72", "p4_nosigma"] {
         let refr = reference(&format!("{name}/forward.safetensors"));
-        let official = run(load(&format!("{name}/official.safetensors"), Numerics::Official), &refr, false);
+        let official = run(load(&format!("{name}/official.safetensors"), Numerics::Official), &refr);
         let model = load(&format!("{name}/diffusers"), Numerics::Official);
         assert_eq!(model.layout, Layout::Diffusers);
-        let diffusers = run(model, &refr, false);
+        let diffusers = run(model, &refr);
         let err = rel_l2(&diffusers, &official);
         println!("{name}: diffusers layout vs official layout: relative L2 {err:.3e}");
         // The recomputed pos_embed equals the stored one bit for bit and q/k/v are only
@@ -84,7 +94,7 @@ fn diffusers_layout_equals_official_layout() {
 fn diffusers_numerics_match_diffusers() {
     for name in ["hd72", "p4_nosigma"] {
         let refr = reference(&format!("{name}/forward_diffusers.safetensors"));
-        let out = run(load(&format!("{name}/diffusers"), Numerics::Diffusers), &refr, false);
+        let out = run(load(&format!("{name}/diffusers"), Numerics::Diffusers), &refr);
         assert_close(&format!("{name} diffusers numerics vs diffusers"), &out, &refr.out, TOL);
         // And they are materially different from the official numerics.
         let official = reference(&format!("{name}/forward.safetensors"));
@@ -99,7 +109,7 @@ fn half_precision_weights_match_official() {
         let refr = reference(&format!("rgb_h6/forward_{dt}.safetensors"));
         let model = load(&format!("rgb_h6/official_{dt}.safetensors"), Numerics::Official);
         assert_eq!(model.dtypes.get(dt).copied(), Some(model.dtypes.values().sum()));
-        let out = run(model, &refr, false);
+        let out = run(model, &refr);
         assert_close(&format!("rgb_h6 {dt} weights vs PyTorch"), &out, &refr.out, TOL);
     }
 }
@@ -109,7 +119,7 @@ fn half_precision_weights_match_official() {
 fn rows_are_independent() {
     let refr = reference("hd72/forward.safetensors");
     let model = Arc::new(load("hd72/official.safetensors", Numerics::Official));
-    let whole = run(load("hd72/official.safetensors", Numerics::Official), &refr, false);
+    let whole = run(load("hd72/official.safetensors", Numerics::Official), &refr);
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
         &CpuOptions { max_batch: 4, guidance: false, threads: 2, ..Default::default() },

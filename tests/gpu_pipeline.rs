@@ -135,7 +135,8 @@ fn forward_kinds<D: Device>(
         assert_eq!(merged, max_batch * 2 * cfg.tokens() <= 1024, "{tag}: merged q/k/v up projections");
     }
     let mut cpu =
-        CpuEngine::new(Arc::clone(model), &CpuOptions { max_batch: 1, guidance: true, threads: 2, cache }).unwrap();
+        CpuEngine::new(Arc::clone(model), &CpuOptions { max_batch: 1, guidance: true, threads: 2, cache, isa: None })
+            .unwrap();
     let (t, y) = ([640i64, 640], [3i64, cfg.null_class() as i64]);
     for (i, &kind) in kinds.iter().enumerate() {
         let x = inputs(rows * cfg.image_elems(), 11 + i as u64);

@@ -78,7 +78,13 @@ fn gpu_pipeline_allocates_nothing() {
 
 fn vae_decode_allocates_nothing() {
     let vae = Arc::new(icdit::vae::VaeModel::load(&common::fixture("vae/new")).unwrap());
-    let mut dec = icdit::vae::VaeDecoder::new(vae, 8, 2).unwrap();
+    for isa in common::isas("no-alloc VAE") {
+        println!("{isa}:");
+        vae_decode_on_allocates_nothing(icdit::vae::VaeDecoder::new(Arc::clone(&vae), 8, 2).unwrap().with_isa(isa));
+    }
+}
+
+fn vae_decode_on_allocates_nothing(mut dec: icdit::vae::VaeDecoder) {
     let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 13 % 29) as f32 / 29.0) - 0.5).collect();
     let mut img = vec![0.0f32; dec.image_len()];
     dec.decode(&lat, &mut img).unwrap(); // warm-up
@@ -107,8 +113,14 @@ fn cpu_forward_allocates_nothing() {
         learn_sigma: true,
     };
     let model = Arc::new(DitModel::random(&cfg, 7).unwrap());
-    let opts = CpuOptions { max_batch: 2, guidance: true, threads: 2, ..Default::default() };
-    let mut engine = CpuEngine::new(model, &opts).unwrap();
+    for isa in common::isas("no-alloc forward") {
+        let opts = CpuOptions { max_batch: 2, guidance: true, threads: 2, isa: Some(isa), ..Default::default() };
+        println!("{isa}:");
+        cpu_forward_on_allocates_nothing(CpuEngine::new(Arc::clone(&model), &opts).unwrap(), &cfg);
+    }
+}
+
+fn cpu_forward_on_allocates_nothing(mut engine: CpuEngine, cfg: &DitConfig) {
     let rows = 4;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 37 % 101) as f32 / 50.0) - 1.0).collect();
     let t = [999i64, 500, 999, 500];

@@ -9,6 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{assert_close, fixture};
+use icdit::cpu::Isa;
 use icdit::diffusion::{self, space_timesteps, Schedule, Variance};
 use icdit::tensorfile::TensorFile;
 use icdit::{DitModel, Engine, EngineOptions, GuidedChannels, LoadOptions, Request, Sampler};
@@ -40,6 +41,28 @@ fn sample(
     labels: &[i64],
     z: &[f32],
     noise: Option<&[f32]>,
+) -> Vec<(Isa, Vec<f32>)> {
+    common::isas("sampling")
+        .into_iter()
+        .map(|isa| (isa, sample_on(Arc::clone(&model), sampler, cfg, labels, z, noise, isa)))
+        .collect()
+}
+
+/// Asserts every path's sample is within `tol` of the official one.
+fn assert_all_close(what: &str, outs: &[(Isa, Vec<f32>)], expected: &[f32], tol: f64) {
+    for (isa, out) in outs {
+        assert_close(&format!("{what} ({isa})"), out, expected, tol);
+    }
+}
+
+fn sample_on(
+    model: Arc<DitModel>,
+    sampler: Sampler,
+    cfg: f32,
+    labels: &[i64],
+    z: &[f32],
+    noise: Option<&[f32]>,
+    isa: Isa,
 ) -> Vec<f32> {
     let opts = EngineOptions {
         max_batch: labels.len(),
@@ -48,6 +71,7 @@ fn sample(
         cfg_scale: cfg,
         guided_channels: GuidedChannels::OfficialThree,
         threads: 2,
+        isa: Some(isa),
         ..Default::default()
     };
     let mut engine = Engine::new(model, &opts).unwrap();
@@ -112,9 +136,9 @@ fn ddim_matches_official_with_and_without_guidance() {
     let m = model("hd72");
     let ddim = Sampler::Ddim { eta: 0.0 };
     let out = sample(Arc::clone(&m), ddim, 1.0, &f.read_i64("y").unwrap().1, &f32s(&f, "z"), None);
-    assert_close("DDIM η=0, no guidance", &out, &f32s(&f, "sample"), TOL);
+    assert_all_close("DDIM η=0, no guidance", &out, &f32s(&f, "sample"), TOL);
     let out = sample(m, ddim, 4.0, &f.read_i64("y_cfg").unwrap().1, &f32s(&f, "z_cfg"), None);
-    assert_close("DDIM η=0, guidance 4", &out, &f32s(&f, "sample_cfg"), TOL);
+    assert_all_close("DDIM η=0, guidance 4", &out, &f32s(&f, "sample_cfg"), TOL);
 }
 
 #[test]
@@ -122,7 +146,7 @@ fn ddpm_learned_sigma_with_guidance_matches_official() {
     let f = file("ddpm_hd72.safetensors");
     let noise = first_rows(&f32s(&f, "step_noise"), 10, 4, 2);
     let out = sample(model("hd72"), Sampler::Ddpm, 4.0, &f.read_i64("y").unwrap().1, &f32s(&f, "z"), Some(&noise));
-    assert_close("DDPM learned range, guidance 4", &out, &f32s(&f, "sample"), TOL);
+    assert_all_close("DDPM learned range, guidance 4", &out, &f32s(&f, "sample"), TOL);
 }
 
 #[test]
@@ -156,7 +180,7 @@ fn ddpm_fixed_variance_matches_official() {
         &f32s(&f, "z"),
         Some(&f32s(&f, "step_noise")),
     );
-    assert_close("DDPM fixed-large variance", &out, &f32s(&f, "sample"), TOL);
+    assert_all_close("DDPM fixed-large variance", &out, &f32s(&f, "sample"), TOL);
 }
 
 #[test]
@@ -170,5 +194,5 @@ fn ddim_eta_one_matches_official() {
         &f32s(&f, "z"),
         Some(&f32s(&f, "step_noise")),
     );
-    assert_close("DDIM η=1", &out, &f32s(&f, "sample"), TOL);
+    assert_all_close("DDIM η=1", &out, &f32s(&f, "sample"), TOL);
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{assert_close, fixture};
+use icdit::cpu::Isa;
 use icdit::image::{to_u8, to_u8_diffusers, Rounding};
 use icdit::tensorfile::TensorFile;
 use icdit::vae::{AttnNaming, VaeDecoder, VaeModel};
@@ -20,8 +21,15 @@ fn u8_tensor(path: &Path, name: &str) -> Vec<u8> {
     t.data().to_vec()
 }
 
-/// Decodes a fixture's latents with `threads` and checks floats and both uint8 conversions.
+/// Decodes a fixture's latents with `threads` on every CPU path this machine runs and checks
+/// floats and both uint8 conversions.
 fn check_fixture(name: &str, naming: AttnNaming, threads: usize) {
+    for isa in common::isas(&format!("VAE {name}")) {
+        check_fixture_on(name, naming, threads, isa);
+    }
+}
+
+fn check_fixture_on(name: &str, naming: AttnNaming, threads: usize, isa: Isa) {
     let model = Arc::new(VaeModel::load(&fixture(&format!("vae/{name}"))).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(model.naming, Some(naming));
     let lat = TensorFile::open(&fixture(&format!("vae/{name}/latents.safetensors"))).unwrap();
@@ -29,7 +37,7 @@ fn check_fixture(name: &str, naming: AttnNaming, threads: usize) {
     let exp_path = fixture(&format!("vae/{name}/expected.safetensors"));
     let exp = TensorFile::open(&exp_path).unwrap();
     let (eshape, expected) = exp.read_f32("decoded").unwrap();
-    let mut dec = VaeDecoder::new(Arc::clone(&model), shape[2], threads).unwrap();
+    let mut dec = VaeDecoder::new(Arc::clone(&model), shape[2], threads).unwrap().with_isa(isa);
     assert_eq!(dec.out_side(), eshape[2]);
     let (ll, il) = (dec.latent_len(), dec.image_len());
     let mut got = vec![0.0f32; shape[0] * il];
@@ -37,10 +45,10 @@ fn check_fixture(name: &str, naming: AttnNaming, threads: usize) {
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut got[i * il..(i + 1) * il]).unwrap();
     }
     // Tolerance 1e-5 relative L2 (the reference's own f32-vs-f64 error is ~5e-7).
-    assert_close(&format!("VAE {name} decode, {threads} threads"), &got, &expected, 1e-5);
+    assert_close(&format!("VAE {name} decode, {threads} threads ({isa})"), &got, &expected, 1e-5);
     let (_, exact) = exp.read_f32("decoded_f64").unwrap();
     let err = common::rel_l2(&got, &exact);
-    println!("VAE {name}: against diffusers' f64 decode {err:.3e}");
+    println!("VAE {name} ({isa}): against diffusers' f64 decode {err:.3e}");
 
     let side = dec.out_side();
     for (rounding, tensor) in [(Rounding::Dit, "u8_dit"), (Rounding::Diffusers, "u8_diffusers")] {

@@ -90,41 +90,36 @@ pub fn lanes_sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Whether this CPU runs the AVX-512 builds of the loops below (checked once; cheap).
-#[inline]
-pub fn has_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512dq")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Defines `pub fn $name(args)` that runs `$body` compiled for AVX-512 when the CPU has
-/// it, and as portable code otherwise. The body is written once; the compiler vectorises
-/// it for each target (the elementwise helpers above are `#[inline(always)]`).
+/// Defines `pub fn $name(isa, args)` that runs `$body` compiled for the target features of
+/// the engine's instruction-set path. The body is written once; the compiler vectorises it
+/// for each target (the elementwise helpers above are `#[inline(always)]`). No path fuses a
+/// multiply and an add the source writes separately, so every path gives the same bits.
+/// On aarch64 NEON is part of the baseline target, so the plain body is the NEON build.
 macro_rules! simd_fn {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
-        pub fn $name($($arg: $ty),*) {
+        pub fn $name(isa: $crate::cpu::isa::Isa, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512dq,avx512vl,fma")]
-            unsafe fn fast($($arg: $ty),*) {
+            unsafe fn avx512($($arg: $ty),*) {
                 body($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
-            {
-                if $crate::cpu::math::has_avx512() {
-                    // SAFETY: the CPU supports the features `fast` was compiled for.
-                    return unsafe { fast($($arg),*) };
-                }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) {
+                body($($arg),*)
             }
-            body($($arg),*)
+            match isa.kind() {
+                // SAFETY: an `Isa` exists only for paths whose features the CPU has.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::isa::IsaKind::Avx512 => unsafe { avx512($($arg),*) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                $crate::cpu::isa::IsaKind::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
+            }
         }
     };
 }

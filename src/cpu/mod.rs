@@ -3,11 +3,13 @@
 //! pass performs no heap allocation.
 
 pub mod gemm;
+pub mod isa;
 pub mod math;
 mod ops;
 pub mod pool;
 mod probe;
 
+pub use isa::{Isa, IsaKind};
 pub use probe::NonFiniteAt;
 
 use std::sync::Arc;
@@ -54,11 +56,13 @@ pub struct CpuOptions {
     pub threads: usize,
     /// Block caches and factors to plan for.
     pub cache: CacheMode,
+    /// The instruction-set path; `None`: `ICDIT_CPU_ISA`, or the best this CPU runs.
+    pub isa: Option<Isa>,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { max_batch: 1, guidance: false, threads: 0, cache: CacheMode::None }
+        CpuOptions { max_batch: 1, guidance: false, threads: 0, cache: CacheMode::None, isa: None }
     }
 }
 
@@ -211,6 +215,7 @@ impl CpuEngine {
             return Err(Error::invalid("max batch", "must be at least 1"));
         }
         let threads = resolve_threads(opts.threads);
+        let isa = Isa::resolve(opts.isa)?;
         if threads > 1024 {
             return Err(Error::invalid("threads", format!("{threads} is more than 1024")));
         }
@@ -240,7 +245,7 @@ impl CpuEngine {
         Ok(CpuEngine {
             model,
             pool,
-            gemm: Gemmer::detect(),
+            gemm: Gemmer::new(isa),
             plan,
             arena,
             bufs,
@@ -251,12 +256,6 @@ impl CpuEngine {
             cache: opts.cache.clone(),
             cached_rows: None,
         })
-    }
-
-    /// Uses the portable GEMM kernel instead of the SIMD one (for cross-checks).
-    pub fn with_portable_gemm(mut self) -> Self {
-        self.gemm = Gemmer::portable();
-        self
     }
 
     pub fn plan(&self) -> &Plan {
@@ -271,8 +270,13 @@ impl CpuEngine {
     pub fn threads(&self) -> usize {
         self.pool.threads()
     }
+    /// The instruction-set path the engine runs (its GEMM kernel and elementwise loops).
+    pub fn isa(&self) -> Isa {
+        self.gemm.isa()
+    }
+    /// The name of [`CpuEngine::isa`], as reports print it.
     pub fn gemm_kernel(&self) -> &'static str {
-        self.gemm.name
+        self.gemm.name()
     }
 
     /// Runs one operation of the forward pass on whatever the engine's buffers hold, for

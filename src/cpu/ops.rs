@@ -40,6 +40,7 @@ impl CpuEngine {
 
 impl DitOps for CpuEngine {
     fn embed_patches(&mut self, rows: usize) {
+        let isa = self.gemm.isa();
         let cfg = &self.model.config;
         let (p, g, cin, isz) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.input_size);
         let (n, pd, c) = (cfg.tokens(), cfg.patch_dim(), cfg.hidden_size);
@@ -73,12 +74,13 @@ impl DitOps for CpuEngine {
             for tok in range {
                 // SAFETY: each token updates its own row of x.
                 let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
-                math::add(row, &pos[(tok % n) * c..][..c]);
+                math::add(isa, row, &pos[(tok % n) * c..][..c]);
             }
         });
     }
 
     fn embed_conditioning(&mut self, rows: usize) {
+        let isa = self.gemm.isa();
         let c = self.model.config.hidden_size;
         let freqs = self.freqs;
         for r in 0..rows {
@@ -114,7 +116,7 @@ impl DitOps for CpuEngine {
         for r in 0..rows {
             let y = self.y[r];
             let cr = &mut self.slice_mut(self.bufs.c)[r * c..][..c];
-            math::add(cr, &table[y * c..][..c]);
+            math::add(isa, cr, &table[y * c..][..c]);
         }
         let (cb, sc) = (self.bufs.c, self.bufs.silu_c);
         for k in 0..rows * c {
@@ -152,6 +154,7 @@ impl DitOps for CpuEngine {
     }
 
     fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
+        let isa = self.gemm.isa();
         let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
         let (x, _) = self.ptr(self.bufs.x);
         let (h, _) = self.ptr(self.act_buf(dst));
@@ -168,7 +171,7 @@ impl DitOps for CpuEngine {
                         std::slice::from_raw_parts(m.get().add(r * 6 * c + scale * c), c),
                     )
                 };
-                math::layer_norm_modulate(xr, sh, sc, eps, hr);
+                math::layer_norm_modulate(isa, xr, sh, sc, eps, hr);
             }
         });
     }
@@ -259,17 +262,19 @@ impl DitOps for CpuEngine {
     }
 
     fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
+        let isa = self.gemm.isa();
         let (n, m) = (self.model.config.tokens(), self.model.config.mlp_hidden());
         // SAFETY: src is only read; dst is a distinct buffer, split by rows across threads.
         let s = unsafe { self.view(self.act_buf(src), rows * n * m) };
         let (d, _) = self.ptr(self.act_buf(dst));
         self.par(rows * n, |range| {
             let out = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * m), range.len() * m) };
-            math::gelu_into(&s[range.start * m..range.end * m], out);
+            math::gelu_into(isa, &s[range.start * m..range.end * m], out);
         });
     }
 
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
+        let isa = self.gemm.isa();
         let cfg = &self.model.config;
         let (n, c, heads, d) = (cfg.tokens(), cfg.hidden_size, cfg.num_heads, cfg.head_dim());
         let scale = 1.0 / (d as f32).sqrt();
@@ -308,7 +313,7 @@ impl DitOps for CpuEngine {
                 };
                 gemmer.run_single(scratch, &qk);
                 for row in scores.chunks_exact_mut(n) {
-                    math::softmax_scaled(row, scale);
+                    math::softmax_scaled(isa, row, scale);
                 }
                 // O = P·v: B(j = d, p = token) = v[token, d], i.e. rs 1, cs 3C.
                 let pv = Gemm {
@@ -333,6 +338,7 @@ impl DitOps for CpuEngine {
     }
 
     fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
+        let isa = self.gemm.isa();
         let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
         let (x, _) = self.ptr(self.bufs.x);
         let (s, _) = self.ptr(self.act_buf(src));
@@ -348,7 +354,7 @@ impl DitOps for CpuEngine {
                         std::slice::from_raw_parts(m.get().add(r * 6 * c + gate * c), c),
                     )
                 };
-                math::gated_add(xr, gr, sr);
+                math::gated_add(isa, xr, gr, sr);
             }
         });
     }

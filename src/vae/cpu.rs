@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::{Attention, Resnet, VaeModel, Wb, GN_EPS};
 use crate::cpu::gemm::{self, BMat, Conv3, Gemm, Gemmer};
+use crate::cpu::isa::Isa;
 use crate::cpu::math;
 use crate::cpu::pool::{split, SendPtr, ThreadPool};
 use crate::error::{Error, Result};
@@ -80,9 +81,18 @@ impl VaeDecoder {
         plan.outside("VAE weights (mapped or converted once)", model.store.owned_bytes());
         let arena = Arena::new(&plan)?;
         let pool = ThreadPool::new(threads).map_err(|e| Error::invalid("threads", format!("cannot start: {e}")))?;
-        Ok(VaeDecoder { model, latent, plan, arena, pool, gemmer: Gemmer::detect(), b, cmax })
+        Ok(VaeDecoder { model, latent, plan, arena, pool, gemmer: Gemmer::new(Isa::from_env()?), b, cmax })
     }
 
+    /// Runs on the given instruction-set path instead of the one `new` chose.
+    pub fn with_isa(mut self, isa: Isa) -> Self {
+        self.gemmer = Gemmer::new(isa);
+        self
+    }
+    /// The instruction-set path the decoder runs.
+    pub fn isa(&self) -> Isa {
+        self.gemmer.isa()
+    }
     pub fn plan(&self) -> &Plan {
         &self.plan
     }
@@ -228,11 +238,12 @@ impl VaeDecoder {
             ldc: px,
         });
         let scale = 1.0 / (c as f32).sqrt();
+        let isa = self.gemmer.isa();
         self.par(px, |rows| {
             for r in rows {
                 // SAFETY: each thread normalises its own rows of the score matrix.
                 let row = unsafe { std::slice::from_raw_parts_mut(sp.get().add(r * px), px) };
-                math::softmax_scaled(row, scale);
+                math::softmax_scaled(isa, row, scale);
             }
         });
         let (op, _) = self.ptr(self.b.o);
@@ -320,6 +331,7 @@ impl VaeDecoder {
         let (gn, _) = self.ptr(self.b.gn);
         let cmax = self.cmax;
         let threads = self.pool.threads();
+        let isa = self.gemmer.isa();
         let (acc, _) = self.ptr(self.b.gn_acc);
         let tot = SendPtr64(self.arena.f64_ptr(self.plan.get(self.b.gn_tot)));
         // SAFETY (both closures below): thread `tid` writes only row `tid` of the block-sum
@@ -335,7 +347,7 @@ impl VaeDecoder {
                 while p < rows.end {
                     let n = STAT_BLOCK.min(rows.end - p);
                     acc.fill(0.0);
-                    math::channel_sums(&x[p * c..(p + n) * c], center, square, acc);
+                    math::channel_sums(isa, &x[p * c..(p + n) * c], center, square, acc);
                     for (t, &a) in tot.iter_mut().zip(acc.iter()) {
                         *t += a as f64;
                     }
@@ -387,7 +399,7 @@ impl VaeDecoder {
         self.par(px, |rows| {
             // SAFETY: each thread writes its own pixel rows of dst (distinct from src).
             let out = unsafe { std::slice::from_raw_parts_mut(dp.get().add(rows.start * c), rows.len() * c) };
-            math::norm_apply(&x[rows.start * c..rows.end * c], center, scale, shift, act, out);
+            math::norm_apply(isa, &x[rows.start * c..rows.end * c], center, scale, shift, act, out);
         });
     }
 

@@ -3,7 +3,16 @@
 
 use std::path::PathBuf;
 
+use icdit::cpu::Isa;
 use icdit::tensorfile::TensorFile;
+
+/// Every CPU instruction-set path this machine runs, portable first; printed, so a test log
+/// shows which paths a check covered.
+pub fn isas(what: &str) -> Vec<Isa> {
+    let all: Vec<Isa> = Isa::available().collect();
+    println!("{what}: CPU paths on this machine: {}", all.iter().map(|i| i.name()).collect::<Vec<_>>().join(", "));
+    all
+}
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)

@@ -285,6 +285,7 @@ fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
             "latent": a.latent,
             "out_side": dec.out_side(),
             "threads": a.threads,
+            "cpu_isa": dec.cpu_isa().map(|i| i.name()),
             "gmacs": macs / 1e9,
             "median_ms": median,
             "min_ms": sorted[0],
@@ -327,7 +328,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     };
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, cache },
+        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, cache, isa: None },
     )?;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();

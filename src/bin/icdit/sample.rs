@@ -188,6 +188,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         threads: a.threads,
         max_memory: a.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
         check_finite: !a.no_finite_check,
+        isa: None,
     };
     let backend: Backend = a.backend.parse()?;
     // The VAE decodes on the sampler's backend (on a device: its own arena, ≤ 16 latents a call).
@@ -359,6 +360,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
             "compute_ratio": macs_ratio,
             "batch": batch,
             "threads": engine.threads(),
+            "cpu_isa": engine.cpu_isa().map(|i| i.name()),
             "backend": backend.name(),
             "device": engine.describe(),
             "arena_bytes": engine.arena_bytes(),

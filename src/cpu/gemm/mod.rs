@@ -1,15 +1,28 @@
 //! f32 matrix multiply for the CPU backend: C = A·Bᵀ (+ bias, activation), blocked for the
-//! cache (BLIS loop order) with packed panels and an AVX-512 register-tile microkernel,
-//! falling back to a portable kernel. All scratch memory is passed in, so a call never
+//! cache (BLIS loop order) with packed panels and a register-tile microkernel for each
+//! instruction-set path ([`Isa`]): AVX-512 (one 12×32 tile), AVX2+FMA and NEON (four 6×16
+//! sub-tiles of it), and a portable kernel. All scratch memory is passed in, so a call never
 //! allocates.
+//!
+//! The SIMD kernels accumulate each element over k in the same order with fused multiply-adds,
+//! so they agree bit for bit; packing only copies (or subtracts, for `a − a_minus`), so the
+//! gather-based AVX-512 packing changes no bits either.
 //!
 //! A is m×k row-major with row stride `lda`. B is n×k addressed by two strides, so both a
 //! PyTorch weight (out, in) and a transposed operand (attention's P·V reads V as Bᵀ) work.
 
+mod kernels;
+mod pack;
+
+use super::isa::{Isa, IsaKind};
 use super::math;
 use super::pool::{split, SendPtr, ThreadPool};
+use kernels::*;
+use pack::{pack_a, pack_b};
 
-/// Microkernel tile: MR rows × NR columns of C held in registers (12 × 2 zmm = 24 of 32).
+/// Microkernel tile: MR rows × NR columns of C, the layout of the packed panels. AVX-512
+/// holds it in registers at once (12 × 2 zmm = 24 of 32); AVX2 (16 ymm) and NEON (32 q
+/// registers of 4 lanes) run it as four 6×16 sub-tiles.
 pub const MR: usize = 12;
 pub const NR: usize = 32;
 /// Cache blocking: a KC×NC packed B block lives in L2, a KC×NR panel of it in L1, and an
@@ -108,27 +121,34 @@ pub struct Gemm<'a> {
 
 type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
 
-/// The best microkernel this CPU runs, chosen once.
+/// The microkernel and packing routines of one instruction-set path, chosen once.
 #[derive(Clone, Copy)]
 pub struct Gemmer {
     kernel: Kernel,
-    pub name: &'static str,
+    isa: Isa,
 }
 
 impl Gemmer {
-    pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx512f") {
-                return Gemmer { kernel: kernel_avx512, name: "avx512" };
-            }
-        }
-        Self::portable()
+    pub fn new(isa: Isa) -> Self {
+        let kernel: Kernel = match isa.kind() {
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx512 => kernel_avx512,
+            #[cfg(target_arch = "x86_64")]
+            IsaKind::Avx2 => kernel_avx2,
+            #[cfg(target_arch = "aarch64")]
+            IsaKind::Neon => kernel_neon,
+            _ => kernel_portable,
+        };
+        Gemmer { kernel, isa }
     }
 
-    /// The plain-Rust kernel (also used by tests to cross-check the SIMD one).
-    pub fn portable() -> Self {
-        Gemmer { kernel: kernel_portable, name: "portable" }
+    /// The path's name (`scalar`, `avx2`, `avx512`, `neon`).
+    pub fn name(&self) -> &'static str {
+        self.isa.name()
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
 
     /// Runs `g` on every thread of `pool`, splitting the larger output dimension.
@@ -166,7 +186,7 @@ impl Gemmer {
                             rows.len().next_multiple_of(MR) * kc,
                         )
                     };
-                    pack_a(g, rows.start, rows.len(), p0, kc, out);
+                    pack_a(self.isa, g, rows.start, rows.len(), p0, kc, out);
                     p0 += kc;
                 }
             });
@@ -211,14 +231,15 @@ impl Gemmer {
             let mut p0 = 0;
             while p0 < g.k {
                 let kc = KC.min(g.k - p0);
-                pack_b(g.b, j0, nc, p0, kc, bpack);
+                let last = p0 + kc == g.k;
+                pack_b(self.isa, g.b, j0, nc, p0, kc, bpack);
                 let mut i0 = rows.start;
                 while i0 < rows.end {
                     let mc = MC.min(rows.end - i0);
                     let apanels: &[f32] = match pre {
                         Some(pre) => &pre[p0 * g.m.next_multiple_of(MR) + i0 * kc..],
                         None => {
-                            pack_a(g, i0, mc, p0, kc, apack);
+                            pack_a(self.isa, g, i0, mc, p0, kc, apack);
                             apack
                         }
                     };
@@ -241,6 +262,12 @@ impl Gemmer {
                                     p0 > 0,
                                 );
                             }
+                            if last {
+                                // The tile is still in L1: bias, added matrix and activation
+                                // now rather than in a second pass over C.
+                                let (r, c) = (i0 + ip * MR, j0 + jp * NR);
+                                epilogue(self.isa, g, r..r + mr, c..c + nr);
+                            }
                         }
                     }
                     i0 += mc;
@@ -249,8 +276,8 @@ impl Gemmer {
             }
             if g.k == 0 {
                 zero_tile(g, rows.clone(), j0..j0 + nc);
+                epilogue(self.isa, g, rows.clone(), j0..j0 + nc);
             }
-            epilogue(g, rows.clone(), j0..j0 + nc);
             j0 += nc;
         }
     }
@@ -287,227 +314,6 @@ fn check_bounds(g: &Gemm) {
     }
 }
 
-/// Packs B[j0.., p0..] into NR-wide panels, p-major inside each panel, zero-padding
-/// columns past the edge: `out[jp·kc·NR + p·NR + jj] = B(j0 + jp·NR + jj, p0 + p)`.
-#[inline(never)]
-fn pack_b(b: BMat, j0: usize, nc: usize, p0: usize, kc: usize, out: &mut [f32]) {
-    for jp in 0..nc.div_ceil(NR) {
-        let panel = &mut out[jp * NR * kc..(jp + 1) * NR * kc];
-        let width = NR.min(nc - jp * NR);
-        let base = j0 + jp * NR;
-        if b.cs == 1 && gather_ok(b.rs) {
-            // SAFETY: rows base..base+width, columns p0..p0+kc are in bounds (check_bounds)
-            // and the CPU has AVX-512 (gather_ok).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                pack_b_panel_gather(&b.data[base * b.rs + p0..], b.rs, kc, width, panel)
-            };
-        } else if b.cs == 1 {
-            // Rows of B are contiguous in p. Walking all NR rows in lockstep keeps NR
-            // memory streams in flight (the weights are cold: this is a DRAM read).
-            let rows: [&[f32]; NR] = std::array::from_fn(|jj| {
-                let j = base + jj.min(width - 1);
-                &b.data[j * b.rs + p0..][..kc]
-            });
-            for p in 0..kc {
-                let dst = &mut panel[p * NR..(p + 1) * NR];
-                for jj in 0..NR {
-                    dst[jj] = if jj < width { rows[jj][p] } else { 0.0 };
-                }
-            }
-        } else {
-            for p in 0..kc {
-                let dst = &mut panel[p * NR..(p + 1) * NR];
-                for (jj, d) in dst.iter_mut().enumerate() {
-                    *d = if jj < width { b.data[(j0 + jp * NR + jj) * b.rs + (p0 + p) * b.cs] } else { 0.0 };
-                }
-            }
-        }
-    }
-}
-
-/// Whether the gather path of `pack_b` applies: AVX-512 and row offsets that fit in i32.
-#[inline]
-fn gather_ok(rs: usize) -> bool {
-    cfg!(target_arch = "x86_64") && rs.checked_mul(NR).is_some_and(|v| v < i32::MAX as usize) && math::has_avx512()
-}
-
-/// One B panel by AVX-512 gathers: for each p, the NR values B(j, p) of the panel's rows
-/// come in with two 16-lane gathers (rows past `width` masked to zero).
-///
-/// # Safety
-/// `src[jj·rs + p]` must be in bounds for jj < width, p < kc, and the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_b_panel_gather(src: &[f32], rs: usize, kc: usize, width: usize, panel: &mut [f32]) {
-    use std::arch::x86_64::*;
-    let lanes = |lo: i32| {
-        _mm512_mullo_epi32(
-            _mm512_add_epi32(
-                _mm512_set1_epi32(lo),
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-            ),
-            _mm512_set1_epi32(rs as i32),
-        )
-    };
-    let (idx0, idx1) = (lanes(0), lanes(16));
-    let mask = |lo: usize| -> __mmask16 { ((1u32 << width.saturating_sub(lo).min(16)) - 1) as __mmask16 };
-    let (m0, m1) = (mask(0), mask(16));
-    let zero = _mm512_setzero_ps();
-    let ptr = src.as_ptr();
-    for p in 0..kc {
-        let v0 = _mm512_mask_i32gather_ps::<4>(zero, m0, idx0, ptr.add(p));
-        let v1 = _mm512_mask_i32gather_ps::<4>(zero, m1, idx1, ptr.add(p));
-        _mm512_storeu_ps(panel.as_mut_ptr().add(p * NR), v0);
-        _mm512_storeu_ps(panel.as_mut_ptr().add(p * NR + 16), v1);
-    }
-}
-
-/// One A panel by AVX-512 gathers: for each p, the MR values A(i, p) of the panel's rows
-/// in one 12-lane gather (rows past `height` repeat the last valid row, as `pack_a` does).
-///
-/// # Safety
-/// `src[ii·lda + p]` must be in bounds for ii < height, p < kc; the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_a_panel_gather(
-    src: &[f32],
-    minus: Option<&[f32]>,
-    lda: usize,
-    kc: usize,
-    height: usize,
-    panel: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let mut rows = [0i32; 16];
-    for (ii, r) in rows.iter_mut().enumerate().take(MR) {
-        *r = (ii.min(height - 1) * lda) as i32;
-    }
-    let idx = _mm512_loadu_si512(rows.as_ptr().cast());
-    let mask: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
-    let zero = _mm512_setzero_ps();
-    let ptr = src.as_ptr();
-    match minus {
-        None => {
-            for p in 0..kc {
-                let v = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, ptr.add(p));
-                _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), mask, v);
-            }
-        }
-        Some(m) => {
-            let mptr = m.as_ptr();
-            for p in 0..kc {
-                let v = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, ptr.add(p));
-                let w = _mm512_mask_i32gather_ps::<4>(zero, mask, idx, mptr.add(p));
-                _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), mask, _mm512_sub_ps(v, w));
-            }
-        }
-    }
-}
-
-/// Packs A[i0.., p0..] into MR-tall panels, p-major: `out[ip·kc·MR + p·MR + ii]`,
-/// repeating a valid row past the edge (those results are never stored).
-#[inline(never)]
-fn pack_a(g: &Gemm, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
-    if let Some(cv) = g.conv {
-        return pack_a_conv(g.a, cv, g.lda, i0, mc, p0, kc, out);
-    }
-    let (a, minus, lda) = (g.a, g.a_minus, g.lda);
-    let gather = cfg!(target_arch = "x86_64")
-        && lda.checked_mul(MR).is_some_and(|v| v < i32::MAX as usize)
-        && math::has_avx512();
-    for ip in 0..mc.div_ceil(MR) {
-        let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
-        let height = MR.min(mc - ip * MR);
-        if gather {
-            // SAFETY: rows i0 + ip·MR .. + height and columns p0 .. p0 + kc are in bounds
-            // (check_bounds); the CPU has AVX-512 (checked above).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                let at = (i0 + ip * MR) * lda + p0;
-                pack_a_panel_gather(&a[at..], minus.map(|m| &m[at..]), lda, kc, height, panel)
-            };
-            continue;
-        }
-        for ii in 0..MR {
-            let r = i0 + ip * MR + ii.min(height - 1);
-            let row = &a[r * lda + p0..][..kc];
-            match minus {
-                None => row.iter().enumerate().for_each(|(p, &v)| panel[p * MR + ii] = v),
-                Some(m) => {
-                    let mrow = &m[r * lda + p0..][..kc];
-                    row.iter().zip(mrow).enumerate().for_each(|(p, (&v, &w))| panel[p * MR + ii] = v - w);
-                }
-            }
-        }
-    }
-}
-
-/// [`pack_a`] for a [`Conv3`] operand: each panel row is an output pixel, and column p reads
-/// channel p / 9 of tap p % 9 of its neighbourhood (zero in the padding).
-#[allow(clippy::too_many_arguments)]
-fn pack_a_conv(a: &[f32], cv: Conv3, c: usize, i0: usize, mc: usize, p0: usize, kc: usize, out: &mut [f32]) {
-    let gather = cfg!(target_arch = "x86_64") && (cv.src_pixels() * c) < i32::MAX as usize && math::has_avx512();
-    for ip in 0..mc.div_ceil(MR) {
-        let panel = &mut out[ip * MR * kc..(ip + 1) * MR * kc];
-        let height = MR.min(mc - ip * MR);
-        let taps: [[Option<usize>; 9]; MR] = std::array::from_fn(|ii| cv.taps(i0 + ip * MR + ii.min(height - 1), c));
-        if gather {
-            // SAFETY: every tap offset plus a channel < c is inside the input image
-            // (check_bounds checked its length); the CPU has AVX-512 (checked above).
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                pack_a_conv_panel_gather(a, &taps, p0, kc, panel)
-            };
-            continue;
-        }
-        for p in 0..kc {
-            let (ch, t) = ((p0 + p) / 9, (p0 + p) % 9);
-            for (ii, tp) in taps.iter().enumerate() {
-                panel[p * MR + ii] = tp[t].map_or(0.0, |o| a[o + ch]);
-            }
-        }
-    }
-}
-
-/// One conv A panel by AVX-512 gathers: per column p, one 12-lane gather at the tap's
-/// pixel offsets plus the channel, lanes in the padding masked to zero.
-///
-/// # Safety
-/// Every `Some` offset plus any channel read (< (p0 + kc) / 9 + 1) must be in bounds of
-/// `a`, and the CPU must have AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn pack_a_conv_panel_gather(
-    a: &[f32],
-    taps: &[[Option<usize>; 9]; MR],
-    p0: usize,
-    kc: usize,
-    panel: &mut [f32],
-) {
-    use std::arch::x86_64::*;
-    let mut idx = [_mm512_setzero_si512(); 9];
-    let mut masks = [0 as __mmask16; 9];
-    for t in 0..9 {
-        let mut lanes = [0i32; 16];
-        for ii in 0..MR {
-            if let Some(o) = taps[ii][t] {
-                lanes[ii] = o as i32;
-                masks[t] |= 1 << ii;
-            }
-        }
-        idx[t] = _mm512_loadu_si512(lanes.as_ptr().cast());
-    }
-    let store: __mmask16 = ((1u32 << MR) - 1) as __mmask16;
-    let zero = _mm512_setzero_ps();
-    let ptr = a.as_ptr();
-    for p in 0..kc {
-        let (ch, t) = ((p0 + p) / 9, (p0 + p) % 9);
-        let v = _mm512_mask_i32gather_ps::<4>(zero, masks[t], idx[t], ptr.add(ch));
-        _mm512_mask_storeu_ps(panel.as_mut_ptr().add(p * MR), store, v);
-    }
-}
-
 fn zero_tile(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
     for i in rows {
         // SAFETY: inside this thread's C tile, bounds checked.
@@ -517,7 +323,7 @@ fn zero_tile(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize
 }
 
 #[inline(never)]
-fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+fn epilogue(isa: Isa, g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
     if g.bias.is_none() && g.add.is_none() && g.act == Act::None {
         return;
     }
@@ -525,87 +331,7 @@ fn epilogue(g: &Gemm, rows: std::ops::Range<usize>, cols: std::ops::Range<usize>
         // SAFETY: inside this thread's C tile, bounds checked.
         let row = unsafe { std::slice::from_raw_parts_mut(g.c.get().add(i * g.ldc + cols.start), cols.len()) };
         let add = g.add.map(|(m, ld)| &m[i * ld + cols.start..i * ld + cols.end]);
-        math::bias_act(row, g.bias.map(|b| &b[cols.clone()]), add, g.act == Act::GeluTanh);
-    }
-}
-
-/// Portable microkernel: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc.
-///
-/// # Safety
-/// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds.
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_portable(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    accumulate: bool,
-) {
-    let mut acc = [[0.0f32; NR]; MR];
-    for p in 0..kc {
-        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
-        let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
-        for i in 0..MR {
-            for j in 0..NR {
-                acc[i][j] += ap[i] * bp[j];
-            }
-        }
-    }
-    for (i, row) in acc.iter().enumerate().take(mr) {
-        let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
-        for (cv, &v) in crow.iter_mut().zip(row) {
-            *cv = if accumulate { *cv + v } else { v };
-        }
-    }
-}
-
-/// AVX-512 microkernel: 12 rows × 32 columns in 24 zmm accumulators; per k step two B
-/// loads, twelve broadcasts and 24 FMAs. Edge columns use masked loads/stores.
-///
-/// # Safety
-/// As [`kernel_portable`], and the CPU must support AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    mr: usize,
-    nr: usize,
-    accumulate: bool,
-) {
-    use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for p in 0..kc {
-        let b0 = _mm512_loadu_ps(b.add(p * NR));
-        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-        let ap = a.add(p * MR);
-        for (i, acc_i) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*ap.add(i));
-            acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
-            acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
-        }
-    }
-    let mask = |lo: usize| -> __mmask16 {
-        let w = nr.saturating_sub(lo).min(16);
-        ((1u32 << w) - 1) as __mmask16
-    };
-    let (m0, m1) = (mask(0), mask(16));
-    for (i, acc_i) in acc.iter().enumerate().take(mr) {
-        let cp = c.add(i * ldc);
-        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
-        if accumulate {
-            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
-            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
-        }
-        _mm512_mask_storeu_ps(cp, m0, v0);
-        _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+        math::bias_act(isa, row, g.bias.map(|b| &b[cols.clone()]), add, g.act == Act::GeluTanh);
     }
 }
 
@@ -619,7 +345,8 @@ mod tests {
     }
 
     /// Checks C = A·Bᵀ + bias (+GELU) against an f64 reference for one shape and B layout.
-    fn check(gm: &Gemmer, pool: &ThreadPool, m: usize, n: usize, k: usize, transposed_b: bool, act: Act) {
+    /// Returns C (row stride n + 5) for cross-path comparisons.
+    fn check(gm: &Gemmer, pool: &ThreadPool, m: usize, n: usize, k: usize, transposed_b: bool, act: Act) -> Vec<f32> {
         let mut s = (m * 131 + n * 7 + k) as u64;
         let lda = k + 3; // a padded row stride
         let a: Vec<f32> = (0..m * lda).map(|_| lcg(&mut s)).collect();
@@ -669,13 +396,14 @@ mod tests {
         }
         // f32 accumulation over k terms of size ≤ 0.25: error ~ k · 2⁻²⁴ at worst.
         let tol = 1e-6 * (k as f64).max(16.0);
-        assert!(worst < tol, "{} m{m} n{n} k{k} transposed {transposed_b}: worst {worst:.2e} > {tol:.1e}", gm.name);
+        assert!(worst < tol, "{} m{m} n{n} k{k} transposed {transposed_b}: worst {worst:.2e} > {tol:.1e}", gm.name());
+        c
     }
 
     #[test]
     fn gemm_matches_f64_reference_at_edge_shapes() {
         let pool = ThreadPool::new(2).unwrap();
-        for gm in [Gemmer::detect(), Gemmer::portable()] {
+        for gm in Isa::available().map(Gemmer::new) {
             for &(m, n, k) in &[
                 (1, 1, 1),
                 (13, 33, 7),    // one past MR and NR
@@ -694,12 +422,41 @@ mod tests {
         }
     }
 
+    /// The SIMD paths (AVX2, AVX-512, NEON) give the same bits, and so does every thread
+    /// count: each element is summed over k in one order with fused multiply-adds.
+    #[test]
+    fn simd_paths_and_thread_counts_agree_bit_for_bit() {
+        let simd: Vec<Gemmer> = Isa::available().filter(|i| i.kind() != IsaKind::Scalar).map(Gemmer::new).collect();
+        println!("SIMD paths on this CPU: {:?}", simd.iter().map(|g| g.name()).collect::<Vec<_>>());
+        if simd.is_empty() {
+            println!("no SIMD path on this CPU: only the thread-count half of this test runs");
+        }
+        let pools = [ThreadPool::new(1).unwrap(), ThreadPool::new(2).unwrap(), ThreadPool::new(3).unwrap()];
+        let gemmers: Vec<Gemmer> = if simd.is_empty() { vec![Gemmer::new(Isa::scalar())] } else { simd };
+        for &(m, n, k) in &[(37, 100, 300), (150, 400, 72), (2, 6912, 144), (512, 96, 600)] {
+            let first = check(&gemmers[0], &pools[0], m, n, k, false, Act::GeluTanh);
+            for gm in &gemmers {
+                for pool in &pools {
+                    let c = check(gm, pool, m, n, k, false, Act::GeluTanh);
+                    let same = c.iter().zip(&first).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(
+                        same,
+                        "{} with {} threads differs from {} at m{m} n{n} k{k}",
+                        gm.name(),
+                        pool.threads(),
+                        gemmers[0].name()
+                    );
+                }
+            }
+        }
+    }
+
     /// The implicit-im2col conv operand against a direct f64 3×3 convolution (zero padding),
     /// with and without the fused nearest 2× upsample, at ragged sizes.
     #[test]
     fn conv3_operand_matches_direct_convolution() {
         let pool = ThreadPool::new(2).unwrap();
-        for gm in [Gemmer::detect(), Gemmer::portable()] {
+        for gm in Isa::available().map(Gemmer::new) {
             for &(h, w, cin, cout, up2) in
                 &[(5, 7, 3, 4, false), (8, 6, 20, 33, true), (13, 16, 40, 70, false), (16, 16, 48, 40, true)]
             {
@@ -748,7 +505,7 @@ mod tests {
                         }
                     }
                 }
-                assert!(worst < 1e-5, "{} conv {h}x{w} {cin}->{cout} up2 {up2}: worst {worst:.2e}", gm.name);
+                assert!(worst < 1e-5, "{} conv {h}x{w} {cin}->{cout} up2 {up2}: worst {worst:.2e}", gm.name());
             }
         }
     }

@@ -1,0 +1,194 @@
+//! The register-tile microkernels: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc, for one
+//! MR×NR tile of packed panels, one per instruction-set path.
+
+use super::{MR, NR};
+
+/// Portable microkernel: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc.
+///
+/// # Safety
+/// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn kernel_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for p in 0..kc {
+        let bp = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let ap = std::slice::from_raw_parts(a.add(p * MR), MR);
+        for i in 0..MR {
+            for j in 0..NR {
+                acc[i][j] += ap[i] * bp[j];
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate().take(mr) {
+        let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
+        for (cv, &v) in crow.iter_mut().zip(row) {
+            *cv = if accumulate { *cv + v } else { v };
+        }
+    }
+}
+
+/// AVX-512 microkernel: 12 rows × 32 columns in 24 zmm accumulators; per k step two B
+/// loads, twelve broadcasts and 24 FMAs. Edge columns use masked loads/stores.
+///
+/// # Safety
+/// As [`kernel_portable`], and the CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn kernel_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for p in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        let ap = a.add(p * MR);
+        for (i, acc_i) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*ap.add(i));
+            acc_i[0] = _mm512_fmadd_ps(ai, b0, acc_i[0]);
+            acc_i[1] = _mm512_fmadd_ps(ai, b1, acc_i[1]);
+        }
+    }
+    let mask = |lo: usize| -> __mmask16 {
+        let w = nr.saturating_sub(lo).min(16);
+        ((1u32 << w) - 1) as __mmask16
+    };
+    let (m0, m1) = (mask(0), mask(16));
+    for (i, acc_i) in acc.iter().enumerate().take(mr) {
+        let cp = c.add(i * ldc);
+        let (mut v0, mut v1) = (acc_i[0], acc_i[1]);
+        if accumulate {
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
+        }
+        _mm512_mask_storeu_ps(cp, m0, v0);
+        _mm512_mask_storeu_ps(cp.add(16), m1, v1);
+    }
+}
+
+/// AVX2 microkernel: the 12×32 tile as four 6×16 sub-tiles, each in 12 ymm accumulators;
+/// per k step two B loads, six broadcasts and 12 FMAs (the BLIS Haswell shape). The column
+/// halves are the outer loop so that each half of the B panel is read twice from L1.
+///
+/// # Safety
+/// As [`kernel_portable`], and the CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn kernel_avx2(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    const SR: usize = MR / 2;
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for j0 in (0..nr).step_by(16) {
+        for i0 in (0..mr).step_by(SR) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; SR];
+            for p in 0..kc {
+                let bp = b.add(p * NR + j0);
+                let (b0, b1) = (_mm256_loadu_ps(bp), _mm256_loadu_ps(bp.add(8)));
+                let ap = a.add(p * MR + i0);
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let ai = _mm256_broadcast_ss(&*ap.add(i));
+                    acc_i[0] = _mm256_fmadd_ps(ai, b0, acc_i[0]);
+                    acc_i[1] = _mm256_fmadd_ps(ai, b1, acc_i[1]);
+                }
+            }
+            for (i, acc_i) in acc.iter().enumerate().take(mr - i0) {
+                for (h, &v) in acc_i.iter().enumerate() {
+                    let lo = j0 + 8 * h;
+                    let w = nr.saturating_sub(lo).min(8);
+                    let cp = c.add((i0 + i) * ldc + lo);
+                    if w == 8 {
+                        let v = if accumulate { _mm256_add_ps(v, _mm256_loadu_ps(cp)) } else { v };
+                        _mm256_storeu_ps(cp, v);
+                    } else if w > 0 {
+                        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), lane);
+                        let v = if accumulate { _mm256_add_ps(v, _mm256_maskload_ps(cp, mask)) } else { v };
+                        _mm256_maskstore_ps(cp, mask, v);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// NEON microkernel: the 12×32 tile as four 6×16 sub-tiles, each in 24 q-register
+/// accumulators (4 lanes each); per k step four B loads, six broadcast loads and 24 fused
+/// multiply-adds (`vfmaq_f32`, one rounding, as x86's FMA).
+///
+/// # Safety
+/// As [`kernel_portable`] (NEON is part of every aarch64 target).
+#[cfg(target_arch = "aarch64")]
+#[target_feature(enable = "neon")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn kernel_neon(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
+    use std::arch::aarch64::*;
+    const SR: usize = MR / 2;
+    for j0 in (0..nr).step_by(16) {
+        for i0 in (0..mr).step_by(SR) {
+            let mut acc = [[vdupq_n_f32(0.0); 4]; SR];
+            for p in 0..kc {
+                let bp = b.add(p * NR + j0);
+                let bv = [vld1q_f32(bp), vld1q_f32(bp.add(4)), vld1q_f32(bp.add(8)), vld1q_f32(bp.add(12))];
+                let ap = a.add(p * MR + i0);
+                for (i, acc_i) in acc.iter_mut().enumerate() {
+                    let ai = vld1q_dup_f32(ap.add(i));
+                    for (q, acc_q) in acc_i.iter_mut().enumerate() {
+                        *acc_q = vfmaq_f32(*acc_q, bv[q], ai);
+                    }
+                }
+            }
+            for (i, acc_i) in acc.iter().enumerate().take(mr - i0) {
+                for (q, &v) in acc_i.iter().enumerate() {
+                    let lo = j0 + 4 * q;
+                    let w = nr.saturating_sub(lo).min(4);
+                    let cp = c.add((i0 + i) * ldc + lo);
+                    if w == 4 {
+                        let v = if accumulate { vaddq_f32(v, vld1q_f32(cp)) } else { v };
+                        vst1q_f32(cp, v);
+                    } else if w > 0 {
+                        let mut lanes = [0.0f32; 4];
+                        vst1q_f32(lanes.as_mut_ptr(), v);
+                        for (l, &x) in lanes.iter().enumerate().take(w) {
+                            *cp.add(l) = if accumulate { *cp.add(l) + x } else { x };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
