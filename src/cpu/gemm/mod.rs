@@ -262,13 +262,12 @@ impl Gemmer {
                                     p0 > 0,
                                 );
                             }
-                            if last {
-                                // The tile is still in L1: bias, added matrix and activation
-                                // now rather than in a second pass over C.
-                                let (r, c) = (i0 + ip * MR, j0 + jp * NR);
-                                epilogue(self.isa, g, r..r + mr, c..c + nr);
-                            }
                         }
+                    }
+                    if last {
+                        // The MC×NC block of C is still in L2: bias, added matrix and
+                        // activation now rather than in a second pass over all rows.
+                        epilogue(self.isa, g, i0..i0 + mc, j0..j0 + nc);
                     }
                     i0 += mc;
                 }
