@@ -5,7 +5,7 @@
 //! - `scalar`: plain Rust for the build's baseline target (the compiler may still use SSE2
 //!   or NEON registers); no fused multiply-add, so its sums round differently from the rest.
 //! - `avx2`: x86-64 with AVX2 and FMA (Haswell, Zen 1 and later): 6×16 register tiles.
-//! - `avx512`: x86-64 with AVX-512 F/DQ/VL: 12×32 register tiles and gather-based packing.
+//! - `avx512`: x86-64 with AVX-512 F/DQ/VL: 12×32 register tiles.
 //! - `neon`: aarch64 Advanced SIMD (Graviton, Ampere, Apple silicon): 6×16 register tiles.
 //!
 //! Every SIMD path sums each output element over k in the same order with one fused

@@ -5,8 +5,8 @@
 //! allocates.
 //!
 //! The SIMD kernels accumulate each element over k in the same order with fused multiply-adds,
-//! so they agree bit for bit; packing only copies (or subtracts, for `a − a_minus`), so the
-//! gather-based AVX-512 packing changes no bits either.
+//! so they agree bit for bit; packing only copies (or subtracts, for `a − a_minus`), so how a
+//! path packs ([`pack`]) changes no bits either.
 //!
 //! A is m×k row-major with row stride `lda`. B is n×k addressed by two strides, so both a
 //! PyTorch weight (out, in) and a transposed operand (attention's P·V reads V as Bᵀ) work.
