@@ -4,7 +4,7 @@
 #   2. builds every target with `--features cuda` (nvcc compiles kernels/*.cu for sm_90),
 #   3. prints ptxas's resource usage of every kernel and fails on any spill or local memory,
 #   4. runs the cuda-feature GPU tests: without a GPU each CUDA test prints
-#      "skipped: no CUDA device" (the same kernels ran under emulation in the same binaries).
+#      "<test>: skipped: no CUDA device" (the same kernels ran under emulation in the same binaries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -22,7 +22,7 @@ cargo test --release --features cuda --test gpu_ptxas -- --nocapture
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --release --features cuda --lib --test 'gpu_*' -- --nocapture 2>&1 | tee "$log"
-skipped=$(grep -c '^skipped: no CUDA device' "$log" || true)
+skipped=$(grep -c ': skipped: no CUDA device' "$log" || true)
 if [[ "$skipped" -gt 0 ]]; then
     echo "ci-cuda: $skipped CUDA test(s) skipped: no CUDA device; their kernels ran under emulation"
 else

@@ -4,7 +4,8 @@
 # development machine (scripts/prepare-device.sh). In about 5.5 minutes:
 #   1. card: nvidia-smi, nvcc, torch, host, the .device manifest             -> card.txt
 #   2. Rust CUDA tests: each .device/bin/gpu_* and .device/bin/lib, one by one -> tests.log
-#      (a "skipped: no CUDA device" line on a GPU machine is a failure)
+#      with ICDIT_REQUIRE_GPU=1, so a CUDA test that finds no device fails instead of printing
+#      "<test>: skipped: no CUDA device" and passing
 #   3. CUDA engine: `icdit bench-gpu` (step kinds, 50-step sampling, memory)  -> engine.log
 #   4. PyTorch baselines: tools/bench_pytorch_gpu.py (DiT-XL/2, random weights) -> pytorch.log/.json
 #   5. summary: a markdown table, printed last, and JSON                      -> summary.md/.json
@@ -209,6 +210,10 @@ field() {
     awk -v w="$1" '/^test result:/ { for (i = 2; i <= NF; i++) if ($i == w ";" || $i == w) s += $(i - 1) }
                    END { print s + 0 }' "$2"
 }
+# failing OUT: the names of the failing tests in a test binary's output (at most 8).
+failing() {
+    grep -E '^test .* FAILED$|^    [a-z_:0-9]+$' "$1" | sed 's/^test //; s/ \.\.\. FAILED$//; s/^ *//' | sort -u | head -n 8 | paste -sd ' ' -
+}
 
 step_tests() {
     local log="$OUT_DIR/tests.log" bins=() name want c t0 rc out passed failed ignored skipped status detail
@@ -226,7 +231,7 @@ step_tests() {
         fi
         for b in "${bins[@]}"; do
             want=60; [[ $(basename "$b") == lib ]] && want=90
-            show timeout -k 5 "$want" env CARGO_MANIFEST_DIR="$PWD" "$b" --nocapture --test-threads 1
+            show timeout -k 5 "$want" env ICDIT_REQUIRE_GPU=1 CARGO_MANIFEST_DIR="$PWD" "$b" --nocapture --test-threads 1
         done
         return
     fi
@@ -255,24 +260,28 @@ step_tests() {
         fi
         out="$WORK/$name.out"
         t0=$SECONDS
-        timeout -k 5 "$c" env CARGO_MANIFEST_DIR="$PWD" "$b" --nocapture --test-threads 1 >"$out" 2>&1
+        # ICDIT_REQUIRE_GPU=1: a CUDA test that cannot reach the GPU fails (tests/gpu_common).
+        timeout -k 5 "$c" env ICDIT_REQUIRE_GPU=1 CARGO_MANIFEST_DIR="$PWD" "$b" --nocapture --test-threads 1 >"$out" 2>&1
         rc=$?
         { echo "===== $name: exit $rc after $((SECONDS - t0)) s (limit $c s)"; cat "$out"; echo; } >>"$log"
         passed=$(field passed "$out")
         failed=$(field failed "$out")
         ignored=$(field ignored "$out")
-        # (libtest prints "test name ... " before the test's own output, so not only at line starts)
-        skipped=$(grep -o 'skipped: no CUDA device' "$out" | wc -l)
+        # "<test>: skipped: <reason>", in the panic message under ICDIT_REQUIRE_GPU=1 (libtest
+        # prints "test name ... " before the test's own output, so not only at line starts)
+        skipped=$(grep -o 'skipped: ' "$out" | wc -l)
         detail="$passed passed, $failed failed, $ignored ignored, $skipped skipped"
         if ((rc == 124 || rc == 137)); then
             status="TIMEOUT"; detail="killed after $c s; $detail"
         elif ((rc == 126 || rc == 127)); then
             status="CANNOT RUN"; detail="exit $rc: $(tail -n1 "$out")"
+        elif ((skipped > 0)); then
+            # Failed under ICDIT_REQUIRE_GPU=1 (or passed, if built before the variable existed).
+            status="SKIPPED ON GPU"; detail="$detail: $(grep -o 'skipped: [^(]*' "$out" | sed 's/ *$//' | sort -u | head -n 2 | paste -sd ';' -) on a GPU machine"
+            ((rc != 0)) && detail="$detail; failing: $(failing "$out")"
         elif ((rc != 0)); then
             status="FAIL"
-            detail="$detail; failing: $(grep -E '^test .* FAILED$|^    [a-z_:0-9]+$' "$out" | sed 's/^test //; s/ \.\.\. FAILED$//; s/^ *//' | sort -u | head -n 8 | paste -sd ' ' -)"
-        elif ((skipped > 0)); then
-            status="SKIPPED ON GPU"; detail="$detail: CudaDevice::open found no device on a GPU machine"
+            detail="$detail; failing: $(failing "$out")"
         elif ((passed == 0)); then
             status="NO TESTS"
         else
@@ -280,7 +289,7 @@ step_tests() {
         fi
         [[ "$status" == ok ]] || FAILED=1
         if ((skipped > 0)); then
-            say "!!!!!!!!!! $name: $skipped CUDA test(s) printed 'skipped: no CUDA device' ON A GPU MACHINE !!!!!!!!!!"
+            say "!!!!!!!!!! $name: $skipped CUDA test(s) said 'skipped: ...' ON A GPU MACHINE !!!!!!!!!!"
         fi
         say "  $name: $status ($detail) in $((SECONDS - t0)) s"
         note "$name" "$status" $((SECONDS - t0)) "$detail"

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use faer::Mat;
 use serde::Serialize;
 
-use crate::cpu::{CacheMode, CpuEngine, CpuOptions};
+use crate::cpu::{CpuEngine, CpuOptions};
 use crate::diffusion::Schedule;
 use crate::error::{Error, Result};
 use crate::factors::{FactorInfo, Factors, LayerType};
 use crate::forward::{Slot, StepKind};
+use crate::policy::CacheMode;
 use crate::tensorfile::TensorFile;
 use crate::weights::DitModel;
 

@@ -7,14 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::DitConfig;
-use crate::cpu::{CacheMode, CpuEngine, CpuOptions};
+use crate::cpu::{CpuEngine, CpuOptions};
 use crate::diffusion::{self, Sampler, Schedule, Variance};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::limits::MemoryNeed;
 use crate::noise;
 use crate::plan::{Arena, BufId, Dt, Plan};
+use crate::policy::{self, CacheMode};
 use crate::weights::DitModel;
+
+/// Re-exported from [`crate::policy`], where the caching policy lives.
+pub use crate::policy::FullSteps;
 
 /// Which ε channels classifier-free guidance mixes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,47 +28,6 @@ pub enum GuidedChannels {
     OfficialThree,
     /// Every ε channel, as diffusers' pipeline does.
     All,
-}
-
-/// Which steps are full (refreshing the caches) under a caching policy, counted in model
-/// calls in sampling order from 0, as icc counts them (reference doc E.2).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum FullSteps {
-    /// Full iff step index mod N == 0.
-    Period(usize),
-    /// An explicit list of full step indices (must include 0).
-    List(Vec<usize>),
-}
-
-impl FullSteps {
-    pub fn is_full(&self, step: usize) -> bool {
-        match self {
-            FullSteps::Period(n) => step.is_multiple_of(*n),
-            FullSteps::List(l) => l.contains(&step),
-        }
-    }
-
-    fn validate(&self, steps: usize) -> Result<()> {
-        match self {
-            FullSteps::Period(0) => Err(Error::invalid("period", "must be at least 1")),
-            FullSteps::Period(_) => Ok(()),
-            FullSteps::List(l) => {
-                if !l.contains(&0) {
-                    return Err(Error::invalid(
-                        "full steps",
-                        "the list must include step 0: the first step fills the caches",
-                    ));
-                }
-                if let Some(bad) = l.iter().find(|&&s| s >= steps) {
-                    return Err(Error::invalid(
-                        "full steps",
-                        format!("step {bad} is past the last step {}", steps - 1),
-                    ));
-                }
-                Ok(())
-            }
-        }
-    }
 }
 
 /// How an engine samples; fixed when it is built.
@@ -138,20 +101,16 @@ impl EngineOptions {
             ));
         }
         let schedule = Schedule::new(&self.respacing)?;
-        if !matches!(self.cache, CacheMode::None) {
+        if self.cache.keeps_caches() {
             self.full_steps.validate(schedule.len())?;
         }
         Ok(schedule)
     }
 
-    /// The kind of model call at sampling step `index` under these options' policy.
+    /// The kind of model call at sampling step `index` under these options' policy
+    /// ([`policy::step_kind`]).
     pub fn step_kind(&self, index: usize) -> StepKind {
-        match &self.cache {
-            CacheMode::None => StepKind::Plain,
-            _ if self.full_steps.is_full(index) => StepKind::Full,
-            CacheMode::Reuse => StepKind::Reuse,
-            CacheMode::Icc(_) => StepKind::Calibrated,
-        }
+        policy::step_kind(&self.cache, &self.full_steps, index)
     }
 }
 

@@ -24,17 +24,19 @@ pub mod inspect;
 pub mod limits;
 pub mod noise;
 pub mod plan;
+pub mod policy;
 pub mod quality;
 pub mod tensorfile;
 pub mod vae;
 pub mod weights;
 
 pub use config::{DitConfig, Numerics, SampleSpace};
-pub use cpu::{BenchOp, CacheMode, CpuEngine, CpuOptions};
+pub use cpu::{BenchOp, CpuEngine, CpuOptions};
 pub use diffusion::Sampler;
-pub use engine::{Engine, EngineOptions, FullSteps, GuidedChannels, Request};
+pub use engine::{Engine, EngineOptions, GuidedChannels, Request};
 pub use error::{Error, Result};
 pub use factors::Factors;
+pub use policy::{CacheMode, CachePolicy, FullSteps};
 pub use weights::{DitModel, Layout, LoadOptions};
 
 use std::io::Write;

@@ -6,29 +6,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use common::fixture;
+use common::{fixture, TempDir};
 use icdit::tensorfile::TensorFile;
 use icdit::{DitModel, Error, LoadOptions};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("icdit-bad-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Tmp(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// All tensors of a file as (name, dtype, shape, bytes), plus its metadata.
 type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
@@ -79,8 +61,8 @@ fn expect_err(path: &Path, check: impl Fn(&Error) -> bool, words: &[&str]) {
 
 #[test]
 fn not_a_safetensors_file() {
-    let tmp = Tmp::new("notst");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("notst");
+    let p = tmp.join("weights.safetensors");
     std::fs::write(&p, b"PK\x03\x04 this is a zip file, not safetensors at all").unwrap();
     expect_err(&p, |e| matches!(e, Error::BadSafetensors { .. }), &["not a valid safetensors file"]);
     std::fs::write(&p, b"abc").unwrap();
@@ -89,8 +71,8 @@ fn not_a_safetensors_file() {
 
 #[test]
 fn truncated_file() {
-    let tmp = Tmp::new("trunc");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("trunc");
+    let p = tmp.join("weights.safetensors");
     let bytes = std::fs::read(fixture("hd72/official.safetensors")).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 1000]).unwrap();
     expect_err(&p, |e| matches!(e, Error::BadSafetensors { .. }), &["truncated"]);
@@ -98,8 +80,8 @@ fn truncated_file() {
 
 #[test]
 fn header_lies_about_offsets() {
-    let tmp = Tmp::new("lies");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("lies");
+    let p = tmp.join("weights.safetensors");
     let bytes = std::fs::read(fixture("hd72/official.safetensors")).unwrap();
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
     let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
@@ -121,8 +103,8 @@ fn header_lies_about_offsets() {
 
 #[test]
 fn missing_tensor_is_named() {
-    let tmp = Tmp::new("missing");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("missing");
+    let p = tmp.join("weights.safetensors");
     let (mut t, meta) = official();
     t.retain(|(n, ..)| n != "blocks.1.mlp.fc2.bias" && n != "final_layer.linear.bias");
     write_all(&p, &t, &meta);
@@ -135,8 +117,8 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let tmp = Tmp::new("extra");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("extra");
+    let p = tmp.join("weights.safetensors");
     let (mut t, meta) = official();
     t.push(("blocks.0.attn.q_norm.weight".into(), Dtype::F32, vec![72], vec![0u8; 288]));
     write_all(&p, &t, &meta);
@@ -145,8 +127,8 @@ fn unexpected_tensor_is_named() {
 
 #[test]
 fn unexpected_shape_is_named() {
-    let tmp = Tmp::new("shape");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("shape");
+    let p = tmp.join("weights.safetensors");
     let (mut t, meta) = official();
     let e = t.iter_mut().find(|(n, ..)| n == "blocks.1.attn.proj.weight").unwrap();
     e.2 = vec![72, 288]; // same byte size, wrong shape
@@ -160,8 +142,8 @@ fn unexpected_shape_is_named() {
 
 #[test]
 fn unsupported_dtype_is_named() {
-    let tmp = Tmp::new("dtype");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("dtype");
+    let p = tmp.join("weights.safetensors");
     let (mut t, meta) = official();
     let e = t.iter_mut().find(|(n, ..)| n == "blocks.0.mlp.fc1.bias").unwrap();
     e.1 = Dtype::I32;
@@ -175,8 +157,8 @@ fn unsupported_dtype_is_named() {
 
 #[test]
 fn inconsistent_config_is_refused() {
-    let tmp = Tmp::new("config");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("config");
+    let p = tmp.join("weights.safetensors");
     let (t, mut meta) = official();
     let cfg = meta["dit_config"].replace("\"depth\": 2", "\"depth\": 3");
     assert_ne!(cfg, meta["dit_config"]);
@@ -197,8 +179,8 @@ fn inconsistent_config_is_refused() {
 
 #[test]
 fn unknown_head_count_needs_the_flag() {
-    let tmp = Tmp::new("heads");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("heads");
+    let p = tmp.join("weights.safetensors");
     let (t, mut meta) = official();
     meta.remove("dit_config");
     write_all(&p, &t, &meta);
@@ -216,22 +198,22 @@ fn unknown_head_count_needs_the_flag() {
 
 #[test]
 fn unknown_layout_is_refused() {
-    let tmp = Tmp::new("layout");
-    let p = tmp.path("weights.safetensors");
+    let tmp = TempDir::new("layout");
+    let p = tmp.join("weights.safetensors");
     let (t, meta) = official();
     let renamed: Tensors = t.into_iter().map(|(n, d, s, b)| (format!("model.{n}"), d, s, b)).collect();
     write_all(&p, &renamed, &meta);
     expect_err(&p, |e| matches!(e, Error::Layout { .. }), &["x_embedder.proj.weight"]);
-    let err = load(&tmp.0).unwrap_err();
+    let err = load(&tmp).unwrap_err();
     assert!(matches!(err, Error::Layout { .. }), "{err}");
-    let err = load(&tmp.path("does-not-exist.safetensors")).unwrap_err();
+    let err = load(&tmp.join("does-not-exist.safetensors")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("does-not-exist"), "{err}");
 }
 
 /// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &Tmp) -> PathBuf {
+fn diffusers_copy(tmp: &TempDir) -> PathBuf {
     let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.path("transformer");
+    let dst = tmp.join("transformer");
     std::fs::create_dir_all(&dst).unwrap();
     for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
@@ -241,23 +223,23 @@ fn diffusers_copy(tmp: &Tmp) -> PathBuf {
 
 #[test]
 fn diffusers_config_mismatch_is_refused() {
-    let tmp = Tmp::new("hfcfg");
+    let tmp = TempDir::new("hfcfg");
     let dir = diffusers_copy(&tmp);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     let bad = cfg.replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 4");
     assert_ne!(bad, cfg);
     std::fs::write(dir.join("config.json"), bad).unwrap();
-    let err = load(&tmp.0).unwrap_err();
+    let err = load(&tmp).unwrap_err();
     println!("{err}");
     assert!(matches!(err, Error::Config { .. }) && err.to_string().contains("config.json"), "{err}");
     std::fs::write(dir.join("config.json"), "{\"sample_size\": 8}").unwrap();
-    let err = load(&tmp.0).unwrap_err();
+    let err = load(&tmp).unwrap_err();
     assert!(err.to_string().contains("not a diffusers DiT config"), "{err}");
 }
 
 #[test]
 fn diffusers_embedder_copies_must_agree() {
-    let tmp = Tmp::new("hfemb");
+    let tmp = TempDir::new("hfemb");
     let dir = diffusers_copy(&tmp);
     let p = dir.join("diffusion_pytorch_model.safetensors");
     let (mut t, meta) = read_all(&p);
@@ -265,7 +247,7 @@ fn diffusers_embedder_copies_must_agree() {
     let e = t.iter_mut().find(|(n, ..)| n == name).unwrap();
     e.3[0] ^= 0x40;
     write_all(&p, &t, &meta);
-    let err = load(&tmp.0).unwrap_err();
+    let err = load(&tmp).unwrap_err();
     println!("{err}");
     assert!(matches!(err, Error::Config { .. }) && err.to_string().contains(name), "{err}");
 }

@@ -132,6 +132,39 @@ fn bad_settings_exit_with_documented_codes() {
 }
 
 #[test]
+fn cache_policies_and_step_kinds_are_named_one_way() {
+    let w = hd72();
+    #[allow(clippy::type_complexity)]
+    let cases: &[(&[&str], &[&str])] = &[
+        // Unknown names are refused while parsing, naming the flag and the accepted values.
+        (&["--cache", "foo"], &["--cache", "foo", "none, reuse, icc"]),
+        (&["--compare", "none,foo"], &["--compare", "foo", "none, reuse, icc"]),
+        (&["--cache", "icc"], &["--cache icc", "needs --factors"]),
+        (&["--cache", "reuse", "--factors", "f.safetensors"], &["--factors", "only used with --cache icc"]),
+    ];
+    for (extra, words) in cases {
+        let mut args = vec!["sample", "--weights", &w, "--class", "1", "--steps", "2"];
+        args.extend_from_slice(extra);
+        let o = icdit(&args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {err}");
+        assert!(err.starts_with("error: "), "{extra:?}: {err}");
+        for word in *words {
+            assert!(err.contains(word), "{extra:?}: lacks `{word}`: {err}");
+        }
+    }
+    let o = icdit(&["bench-forward", "--step", "partial"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--step") && stderr(&o).contains("plain, full, calibrated, reuse"), "{}", stderr(&o));
+    // Reports spell the policy as the flag does.
+    let o = icdit(&["sample", "--weights", &w, "--class", "1", "--steps", "3", "--cache", "reuse", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["cache"], "reuse");
+    assert!(stderr(&o).contains("cache reuse: 2 full steps"), "{}", stderr(&o));
+}
+
+#[test]
 fn noise_file_with_wrong_shape_is_named() {
     // ddim_hd72's z is [2, 4, 8, 8]; asking for 3 images does not fit.
     let z = fixture("diffusion/ddim_hd72.safetensors").display().to_string();

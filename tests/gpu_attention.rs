@@ -173,7 +173,7 @@ fn attention_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn attention_cuda() {
-    check_shapes(cuda);
+    check_shapes(cuda("attention_cuda"));
 }
 
 /// Launches the launcher must refuse, before anything runs: a head dim the kernel is not built
@@ -231,5 +231,5 @@ fn attention_refuses_bad_launches_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn attention_refuses_bad_launches_cuda() {
-    check_bad_launches(cuda);
+    check_bad_launches(cuda("attention_refuses_bad_launches_cuda"));
 }

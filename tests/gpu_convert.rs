@@ -86,11 +86,11 @@ fn convert_f16_to_f32_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn convert_f32_to_f16_cuda() {
-    check_f32_to_f16(cuda);
+    check_f32_to_f16(cuda("convert_f32_to_f16_cuda"));
 }
 
 #[cfg(feature = "cuda")]
 #[test]
 fn convert_f16_to_f32_cuda() {
-    check_f16_to_f32(cuda);
+    check_f16_to_f32(cuda("convert_f16_to_f32_cuda"));
 }

@@ -329,37 +329,37 @@ fn step_advance_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn patchify_cuda() {
-    check_patchify(cuda);
+    check_patchify(cuda("patchify_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn unpatchify_cuda() {
-    check_unpatchify(cuda);
+    check_unpatchify(cuda("unpatchify_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn timestep_freq_cuda() {
-    check_timestep_freq(cuda);
+    check_timestep_freq(cuda("timestep_freq_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn condition_silu_cuda() {
-    check_condition_silu(cuda);
+    check_condition_silu(cuda("condition_silu_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn gelu_cuda() {
-    check_gelu(cuda);
+    check_gelu(cuda("gelu_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn select_step_cuda() {
-    check_select_step(cuda);
+    check_select_step(cuda("select_step_cuda"));
 }
 #[cfg(feature = "cuda")]
 #[test]
 fn step_advance_cuda() {
-    check_step_advance(cuda);
+    check_step_advance(cuda("step_advance_cuda"));
 }
 
 // ---- launcher rejections --------------------------------------------------------------------

@@ -507,7 +507,7 @@ fn gemm_fused_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gemm_fused_cuda() {
-    check_cases(cuda);
+    check_cases(cuda("gemm_fused_cuda"));
 }
 
 /// A DiT-XL/2 shape (256 tokens = one image, hidden size 1152) with every operand: integer
@@ -523,7 +523,7 @@ fn gemm_fused_xl_shape_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gemm_fused_xl_shape_cuda() {
-    check_case(&cuda, "DiT-XL/2 256×1152×1152", &XL, 7, false);
+    check_case(&cuda("gemm_fused_xl_shape_cuda"), "DiT-XL/2 256×1152×1152", &XL, 7, false);
 }
 
 /// out = a − a_minus through an identity weight, in f32: each output is one product by 1, so
@@ -581,7 +581,7 @@ fn a_minus_rounded_once_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn a_minus_rounded_once_cuda() {
-    a_minus_rounding(cuda);
+    a_minus_rounding(cuda("a_minus_rounded_once_cuda"));
 }
 
 /// Every malformed spec comes back as an error, and none of them reaches the kernel.
@@ -652,7 +652,7 @@ fn gemm_rejections_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gemm_rejections_cuda() {
-    rejections(cuda);
+    rejections(cuda("gemm_rejections_cuda"));
 }
 
 /// The speed bar of the emulation (issue 6): a 512×1152×1152 f16 GEMM in under 10 s on two

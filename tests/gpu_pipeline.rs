@@ -22,11 +22,12 @@
 //! (sample errors, predictions, ratios) are printed by each check.
 
 mod common;
+mod gpu_common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use common::{assert_close, rel_l2};
+use common::{assert_close, rel_l2, TempDir};
 use icdit::calibrate::{build_factors, compute_factors, Method};
 use icdit::forward::StepKind;
 use icdit::gpu::{Device, EmuDevice, GpuEngine};
@@ -71,11 +72,10 @@ fn bundled_f16_rounded() -> Arc<DitModel> {
         tensors.push((name, t.shape().to_vec(), f16));
     }
     let views = tensors.iter().map(|(n, s, d)| (n.clone(), TensorView::new(Dtype::F16, s.clone(), d).unwrap()));
-    let path = std::env::temp_dir().join(format!("icdit-gpu-pipeline-f16-{}.safetensors", std::process::id()));
+    let dir = TempDir::new("f16-weights");
+    let path = dir.join("bundled-f16.safetensors");
     safetensors::serialize_to_file(views, meta.metadata().clone(), &path).unwrap();
-    let model = DitModel::load(&path, &LoadOptions::default());
-    std::fs::remove_file(&path).unwrap();
-    Arc::new(model.unwrap_or_else(|e| panic!("{e}")))
+    Arc::new(DitModel::load(&path, &LoadOptions::default()).unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// How the f16-rounded weights alone move the CPU backend: the reference for how far f16
@@ -384,40 +384,30 @@ fn pipeline_refuses_what_it_cannot_run() {
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::*;
+    use crate::gpu_common::cuda_present;
     use icdit::gpu::CudaDevice;
 
     fn open(plan: &Plan) -> icdit::Result<CudaDevice> {
         CudaDevice::open(plan)?.ok_or_else(|| icdit::Error::gpu("test", "no CUDA device"))
     }
 
-    fn present() -> bool {
-        match CudaDevice::open(&Plan::new("probe")) {
-            Ok(Some(_)) => true,
-            Ok(None) => {
-                println!("skipped: no CUDA device");
-                false
-            }
-            Err(e) => panic!("CUDA device present but unusable: {e}"),
-        }
-    }
-
     #[test]
     fn cuda_forward_of_every_step_kind_matches_cpu() {
-        if present() {
+        if cuda_present("cuda_forward_of_every_step_kind_matches_cpu") {
             forward_policies(open);
         }
     }
 
     #[test]
     fn cuda_xl_forward_matches_cpu() {
-        if present() {
+        if cuda_present("cuda_xl_forward_matches_cpu") {
             xl_forward(28, XL_TOL, open);
         }
     }
 
     #[test]
     fn cuda_sampling_matches_cpu_under_every_policy() {
-        if present() {
+        if cuda_present("cuda_sampling_matches_cpu_under_every_policy") {
             sampling_policies(open);
         }
     }

@@ -2,6 +2,14 @@
 //! bit for bit: x + g·y is exact in f64 whenever it is finite in f16 (g·y has 22 significant
 //! bits and f16's exponent range is narrow), and __hfma2 rounds once. The data mixes scales
 //! from 1e-4 (subnormal products) to 300 (products that overflow to infinity).
+//!
+//! `gated_residual_add_f32x` (x in f32: the GPU pipeline's residual stream) is defined to the
+//! bit as well: g·y, a product of two f16 values, has at most 22 significant bits and lies
+//! between 2^-48 and 2^32, so it is exact in f32, and what remains is one f32 addition, one
+//! rounding to nearest (error ≤ u·|x + g·y|, u = 2^-24), whether or not nvcc fuses the multiply
+//! into the add. The reference is the exact x + g·y rounded once to f32 (`f32_sum_rne`); the
+//! measured error against the sum in f64 is printed as a fraction of that half ulp. x mixes
+//! the same scales in f32 (no f32 subnormal can arise: every operand is a multiple of 2^-89).
 
 mod gpu_common;
 
@@ -24,12 +32,13 @@ const CASES: &[Case] = &[
 ];
 
 fn mixed(rng: &mut Rng, n: usize) -> Vec<f16> {
-    (0..n)
-        .map(|_| {
-            let scale = [1e-4, 1.0, 300.0][(rng.next_u64() % 3) as usize];
-            f16_rne(rng.uniform() * scale)
-        })
-        .collect()
+    (0..n).map(|_| f16_rne(mixed_f64(rng))).collect()
+}
+
+/// Uniform in [-s, s) at a scale s of 1e-4, 1 or 300, chosen at random.
+fn mixed_f64(rng: &mut Rng) -> f64 {
+    let scale = [1e-4, 1.0, 300.0][(rng.next_u64() % 3) as usize];
+    rng.uniform() * scale
 }
 
 fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
@@ -75,5 +84,61 @@ fn gated_residual_add_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn gated_residual_add_cuda() {
-    check(cuda);
+    check(cuda("gated_residual_add_cuda"));
+}
+
+fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    for (ci, c) in CASES.iter().enumerate() {
+        let (rows, ch) = (c.rows, c.channels);
+        let items = rows.div_ceil(c.tokens);
+        let gate_len = (items - 1) * c.gate_stride + ch;
+        let mut plan = Plan::new("residual f32x test");
+        let (bx, by, bg) = (
+            add(&mut plan, "x", rows * ch, Dt::F32),
+            add(&mut plan, "y", rows * ch, Dt::F16),
+            add(&mut plan, "gate", gate_len, Dt::F16),
+        );
+        let Some(dev) = open(&plan) else { return };
+        let mut rng = Rng::new(300 + ci as u64);
+        let x: Vec<f32> = (0..rows * ch).map(|_| mixed_f64(&mut rng) as f32).collect();
+        let (y, gate) = (mixed(&mut rng, rows * ch), mixed(&mut rng, gate_len));
+        let (dx, dy, dg) = (put(&dev, &plan, bx, &x), put(&dev, &plan, by, &y), put(&dev, &plan, bg, &gate));
+        let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.gate_stride as i32);
+        launch::gated_residual_add_f32x(&dev, dx, dy, dg, r, t, chn, st).unwrap();
+        let got: Vec<f32> = get(&dev, &plan, bx);
+
+        let (sum, expected): (Vec<f64>, Vec<f32>) = (0..rows * ch)
+            .map(|i| {
+                let g = gate[(i / ch / c.tokens) * c.gate_stride + i % ch];
+                let (a, b) = (x[i] as f64, g.to_f64() * y[i].to_f64());
+                (a + b, f32_sum_rne(a, b))
+            })
+            .unzip();
+        let what = format!("gated_residual_add_f32x rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
+        let rounded = (0..rows * ch).filter(|&i| expected[i] as f64 != sum[i]).count();
+        println!("{what}: {} elements, {rounded} of the sums not representable in f32", rows * ch);
+        assert_within(&what, &got, &sum, |i| (U32 * sum[i].abs()).max(f64::MIN_POSITIVE));
+        let bad: Vec<usize> = (0..rows * ch).filter(|&i| got[i].to_bits() != expected[i].to_bits()).collect();
+        for &i in bad.iter().take(8) {
+            eprintln!(
+                "  [{i}] got {:e} expected {:e} (x {:e}, gate·y {:e})",
+                got[i],
+                expected[i],
+                x[i],
+                sum[i] - x[i] as f64
+            );
+        }
+        assert!(bad.is_empty(), "{what}: {} of {} elements differ from x + gate·y rounded once", bad.len(), rows * ch);
+    }
+}
+
+#[test]
+fn gated_residual_add_f32x_emulated() {
+    check_f32x(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gated_residual_add_f32x_cuda() {
+    check_f32x(cuda("gated_residual_add_f32x_cuda"));
 }

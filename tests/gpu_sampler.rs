@@ -95,7 +95,7 @@ fn normal_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn normal_cuda() {
-    check_normal(cuda, Compare::Bound);
+    check_normal(cuda("normal_cuda"), Compare::Bound);
 }
 
 // ---- sampler_step_f32 -----------------------------------------------------------------------
@@ -282,7 +282,7 @@ fn sampler_step_emulated() {
 #[cfg(feature = "cuda")]
 #[test]
 fn sampler_step_cuda() {
-    check_sampler_step(cuda, Compare::Bound);
+    check_sampler_step(cuda("sampler_step_cuda"), Compare::Bound);
 }
 
 /// The coefficient row is the StepCoeffs and ddim_step's σ, √ᾱ_prev and direction factor.

@@ -71,29 +71,11 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::fixture;
+use common::{fixture, TempDir};
 use icdit::tensorfile::TensorFile;
 use icdit::{DitModel, Engine, EngineOptions, Error, Factors, LoadOptions, Request, Sampler};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-struct Tmp(PathBuf);
-impl Tmp {
-    fn new(tag: &str) -> Tmp {
-        let d = std::env::temp_dir().join(format!("icdit-rel-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Tmp(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
 
@@ -165,8 +147,8 @@ fn assert_says(err: &Error, words: &[&str]) {
 
 #[test]
 fn nan_in_weights_names_the_step_the_block_and_the_tensor() {
-    let tmp = Tmp::new("nan");
-    let p = tmp.path("nan.safetensors");
+    let tmp = TempDir::new("nan");
+    let p = tmp.join("nan.safetensors");
     let (mut t, meta) = read_all(&hd72_path());
     let e = t.iter_mut().find(|(n, ..)| n == "blocks.1.mlp.fc1.weight").unwrap();
     e.3[20..24].copy_from_slice(&f32::NAN.to_le_bytes());
@@ -226,9 +208,9 @@ fn factor_file(m: &DitModel, rank: usize, fingerprint: bool, path: &Path) {
 
 #[test]
 fn factors_that_do_not_fit_are_refused_by_name() {
-    let tmp = Tmp::new("factors");
+    let tmp = TempDir::new("factors");
     let m = hd72();
-    let p = tmp.path("f.safetensors");
+    let p = tmp.join("f.safetensors");
     factor_file(&m, 4, false, &p);
     assert!(Factors::load(&p, &m).is_ok());
     // Rank larger than the matrix: fc1 of hd72 is (576, 144); give it rank 200.
@@ -273,9 +255,9 @@ fn factors_that_do_not_fit_are_refused_by_name() {
 fn factors_made_for_the_256px_model_are_refused_by_a_512px_model() {
     // The same architecture at twice the resolution has the same factor shapes: only the
     // fingerprint (which covers the config and the weights) can tell them apart.
-    let tmp = Tmp::new("fp512");
+    let tmp = TempDir::new("fp512");
     let m256 = hd72();
-    let p = tmp.path("f256.safetensors");
+    let p = tmp.join("f256.safetensors");
     factor_file(&m256, 4, true, &p);
     let mut cfg = m256.config;
     cfg.input_size *= 2;
@@ -289,9 +271,9 @@ fn factors_made_for_the_256px_model_are_refused_by_a_512px_model() {
 
 #[test]
 fn request_file_errors_name_the_file_the_tensor_and_the_expectation() {
-    let tmp = Tmp::new("inputs");
+    let tmp = TempDir::new("inputs");
     let cfg = hd72().config;
-    let p = tmp.path("in.safetensors");
+    let p = tmp.join("in.safetensors");
     let img = cfg.image_elems();
     let meta = HashMap::new();
     // Noise for another shape (3 images asked, 2 given).
@@ -340,8 +322,8 @@ fn request_file_errors_name_the_file_the_tensor_and_the_expectation() {
 
 #[test]
 fn malformed_shapes_and_names_are_errors_not_panics_or_hangs() {
-    let tmp = Tmp::new("shapes");
-    let p = tmp.path("w.safetensors");
+    let tmp = TempDir::new("shapes");
+    let p = tmp.join("w.safetensors");
     let load = |p: &Path| DitModel::load(p, &LoadOptions::default());
     // A 0-d (scalar) tensor where config inference reads a dimension.
     let (mut t, meta) = read_all(&hd72_path());
@@ -367,9 +349,9 @@ fn malformed_shapes_and_names_are_errors_not_panics_or_hangs() {
 }
 
 /// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &Tmp) -> PathBuf {
+fn diffusers_copy(tmp: &TempDir) -> PathBuf {
     let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.path("transformer");
+    let dst = tmp.join("transformer");
     std::fs::create_dir_all(&dst).unwrap();
     for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
@@ -379,7 +361,7 @@ fn diffusers_copy(tmp: &Tmp) -> PathBuf {
 
 #[test]
 fn diffusers_folders_that_would_allocate_without_bound_are_refused() {
-    let tmp = Tmp::new("hfbig");
+    let tmp = TempDir::new("hfbig");
     let dir = diffusers_copy(&tmp);
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
     // sample_size 4096 at patch 2: a 4M-token position embedding (2.4 G floats) for a model
@@ -406,8 +388,8 @@ fn diffusers_folders_that_would_allocate_without_bound_are_refused() {
 
 #[test]
 fn vae_configs_out_of_bounds_are_refused() {
-    let tmp = Tmp::new("vaecfg");
-    let dir = tmp.path("vae");
+    let tmp = TempDir::new("vaecfg");
+    let dir = tmp.join("vae");
     std::fs::create_dir_all(&dir).unwrap();
     let src = fixture("vae/new");
     std::fs::copy(src.join("diffusion_pytorch_model.safetensors"), dir.join("diffusion_pytorch_model.safetensors"))
@@ -605,8 +587,8 @@ fn cli_limits_and_flags_fail_early_with_documented_codes() {
 #[cfg(unix)]
 #[test]
 fn ctrl_c_stops_sampling_leaves_no_files_and_says_what_was_done() {
-    let tmp = Tmp::new("sigint");
-    let (latents, grid) = (tmp.path("l.safetensors"), tmp.path("g.png"));
+    let tmp = TempDir::new("sigint");
+    let (latents, grid) = (tmp.join("l.safetensors"), tmp.join("g.png"));
     // The bundled pixel model, 1000 DDPM steps: far longer than the half second we wait.
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_icdit"))
         .args(["sample", "--steps", "1000", "--sampler", "ddpm", "--threads", "1"])
@@ -636,6 +618,6 @@ fn ctrl_c_stops_sampling_leaves_no_files_and_says_what_was_done() {
     assert_eq!(o.status.code(), Some(130), "{err}");
     assert!(err.starts_with("error: interrupted: ") && err.contains("no output was written"), "{err}");
     assert!(err.contains("steps of a"), "{err}");
-    let left: Vec<_> = std::fs::read_dir(&tmp.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }

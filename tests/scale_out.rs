@@ -3,11 +3,15 @@
 //! parts, mismatched shards are refused, and the shard comes from each launcher's
 //! environment variables.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
+
+use common::TempDir;
 
 /// Every variable a launcher may set: cleared for each child, so the tests do not depend on
 /// running (or not) under torchrun, Slurm or Kubernetes themselves.
@@ -42,14 +46,6 @@ fn ok(o: Output) -> Output {
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
-}
-
-/// A fresh folder for one test.
-fn fresh(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("icdit-scale-out-{}", std::process::id())).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 fn s(p: &Path) -> String {
@@ -117,7 +113,7 @@ fn hidden(dir: &Path) -> Vec<String> {
 
 #[test]
 fn three_shards_merge_to_the_unsharded_run_byte_for_byte() {
-    let root = fresh("equal");
+    let root = TempDir::new("equal");
     let t = Instant::now();
     let (one, three) = (root.join("one"), root.join("three"));
     ok(run_sample(30, &one, &["--batch", "16", "--png"]));
@@ -155,7 +151,7 @@ fn three_shards_merge_to_the_unsharded_run_byte_for_byte() {
     assert!(std::fs::read(&c).unwrap() == std::fs::read(&a).unwrap(), "merged from manifest files");
     let m = manifest(&three, 1, 3);
     assert_eq!((m["range"][0].as_u64(), m["range"][1].as_u64(), m["done"].as_bool()), (Some(10), Some(20), Some(true)));
-    for d in [&root, &one, &three, &one.join("images"), &three.join("images")] {
+    for d in [&*root, &*one, &*three, &*one.join("images"), &*three.join("images")] {
         assert!(hidden(d).is_empty(), "{}: {:?}", d.display(), hidden(d));
     }
     eprintln!("sharded and unsharded runs of 30 images plus merges: {:.2} s", t.elapsed().as_secs_f64());
@@ -163,7 +159,7 @@ fn three_shards_merge_to_the_unsharded_run_byte_for_byte() {
 
 #[test]
 fn a_stopped_shard_resumes_without_redoing_finished_parts() {
-    let root = fresh("resume");
+    let root = TempDir::new("resume");
     let run = root.join("run");
     let shard1 = ["--batch", "2", "--shard", "1", "--num-shards", "3", "--json"];
     // Images 5..10 of 15. Stop after two parts (5..7 and 7..9), as a time-limited job would.
@@ -217,7 +213,7 @@ fn a_stopped_shard_resumes_without_redoing_finished_parts() {
 
 #[test]
 fn a_killed_shard_resumes_where_it_stopped() {
-    let root = fresh("kill");
+    let root = TempDir::new("kill");
     let run = root.join("run");
     // Slow enough to be killed part-way: 20 DDIM steps, one image per part.
     let args = ["sample", "--num-images", "6", "--steps", "20", "--seed", "5", "--batch", "1", "--threads", "1"];
@@ -260,7 +256,7 @@ fn a_killed_shard_resumes_where_it_stopped() {
 
 #[test]
 fn mismatched_shards_are_refused() {
-    let root = fresh("mismatch");
+    let root = TempDir::new("mismatch");
     let (x, y, z) = (root.join("x"), root.join("y"), root.join("z"));
     for i in ["0", "1"] {
         ok(run_sample(10, &x, &["--shard", i, "--num-shards", "2"]));
@@ -296,7 +292,7 @@ fn mismatched_shards_are_refused() {
 
 #[test]
 fn the_shard_comes_from_each_launchers_environment() {
-    let root = fresh("env");
+    let root = TempDir::new("env");
     #[allow(clippy::type_complexity)]
     let cases: &[(&str, &[(&str, &str)], &[&str], (u64, u64), (u64, u64))] = &[
         ("torchrun", &[("RANK", "1"), ("WORLD_SIZE", "3")], &[], (1, 3), (2, 4)),
@@ -360,7 +356,7 @@ fn the_shard_comes_from_each_launchers_environment() {
 
 #[test]
 fn a_latent_model_shards_through_its_vae() {
-    let root = fresh("vae");
+    let root = TempDir::new("vae");
     let fixture = |rel: &str| s(&Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel));
     let (w, vae) = (fixture("hd72/official.safetensors"), fixture("vae/new"));
     let run = root.join("run");
@@ -404,7 +400,7 @@ fn a_latent_model_shards_through_its_vae() {
 
 #[test]
 fn ctrl_c_stops_a_shard_between_steps_and_it_resumes() {
-    let root = fresh("sigint");
+    let root = TempDir::new("sigint");
     let run = root.join("run");
     let out = s(&run);
     let args = [
@@ -490,7 +486,7 @@ fn part_files(dir: &Path) -> BTreeMap<String, (u64, (Vec<u64>, Vec<u8>))> {
 #[test]
 fn several_devices_write_what_one_device_writes_byte_for_byte() {
     let t = Instant::now();
-    let root = fresh("devices");
+    let root = TempDir::new("devices");
     let (one, two) = (root.join("one"), root.join("two"));
     // 7 images in parts of 2: 0..2, 2..4, 4..6 and a smaller last one, 6..7.
     ok(run_emu(7, &one, &["--devices", "0", "--png"]));
@@ -531,7 +527,7 @@ fn several_devices_write_what_one_device_writes_byte_for_byte() {
 #[test]
 fn bad_device_lists_are_refused() {
     let t = Instant::now();
-    let root = fresh("bad-devices");
+    let root = TempDir::new("bad-devices");
     let dir = root.join("run");
     #[allow(clippy::type_complexity)]
     let cases: &[(&[&str], &str)] = &[
@@ -566,7 +562,7 @@ fn bad_device_lists_are_refused() {
 #[test]
 fn one_listed_device_serves_a_plain_sample_run() {
     // Without --num-images, --devices picks the GPU; an emulated device 3 is a device like 0.
-    let root = fresh("plain-device");
+    let root = TempDir::new("plain-device");
     let model = emu_model();
     let mut npz = Vec::new();
     for d in ["0", "3"] {
@@ -584,7 +580,7 @@ fn one_listed_device_serves_a_plain_sample_run() {
 #[test]
 fn ctrl_c_stops_every_device_and_the_shard_resumes() {
     let t = Instant::now();
-    let root = fresh("devices-sigint");
+    let root = TempDir::new("devices-sigint");
     let run = root.join("run");
     let model = emu_model();
     let out = s(&run);

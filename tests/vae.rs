@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::sync::Arc;
 
-use common::{assert_close, fixture};
+use common::{assert_close, fixture, TempDir};
 use icdit::cpu::Isa;
 use icdit::image::{to_u8, to_u8_diffusers, Rounding};
 use icdit::tensorfile::TensorFile;
@@ -122,12 +122,6 @@ fn copy_dir(from: &Path, to: &Path, skip: &[&str]) {
     }
 }
 
-fn tmpdir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("icdit-vae-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 #[test]
 fn unknown_attention_naming_is_rejected_by_name() {
     let err = VaeModel::load(&fixture("vae/unknown_attn")).unwrap_err();
@@ -141,19 +135,18 @@ fn unknown_attention_naming_is_rejected_by_name() {
 #[test]
 fn missing_config_with_unidentifiable_shapes_is_an_error() {
     // `new` has 8 groups and widths 16/24: without config.json the shapes do not say so.
-    let d = tmpdir("noconfig");
+    let d = TempDir::new("noconfig");
     copy_dir(&fixture("vae/new"), &d, &["config.json"]);
     let err = VaeModel::load(&d).unwrap_err();
     let msg = err.to_string();
     println!("{msg}");
     assert!(matches!(err, Error::Config { .. }), "{err:?}");
     assert!(msg.contains("no config.json") && msg.contains("do not identify"), "{msg}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]
 fn config_that_contradicts_the_shapes_names_the_tensor() {
-    let d = tmpdir("badconfig");
+    let d = TempDir::new("badconfig");
     copy_dir(&fixture("vae/new"), &d, &[]);
     let text = std::fs::read_to_string(d.join("config.json")).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -164,7 +157,6 @@ fn config_that_contradicts_the_shapes_names_the_tensor() {
     println!("{msg}");
     assert!(matches!(err, Error::Shape { .. }), "{err:?}");
     assert!(msg.contains("decoder.") && msg.contains("expected"), "{msg}");
-    let _ = std::fs::remove_dir_all(&d);
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod ops;
 pub mod pool;
 mod probe;
 
+pub use crate::policy::CacheMode;
 pub use isa::{Isa, IsaKind};
 pub use probe::NonFiniteAt;
 
@@ -17,9 +18,9 @@ use std::sync::Arc;
 use crate::config::{DitConfig, FREQ_DIM};
 use crate::embed;
 use crate::error::{Error, Result};
-use crate::factors::Factors;
 use crate::forward::{self, Act, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
+use crate::policy;
 use crate::weights::DitModel;
 use gemm::{BMat, Gemm, Gemmer};
 use pool::{SendPtr, ThreadPool};
@@ -31,18 +32,6 @@ pub enum BenchOp {
     Attention,
     /// LayerNorm (eps 1e-6, no affine) fused with the adaLN modulation.
     NormModulate,
-}
-
-/// Which block caches an engine keeps (reference doc E).
-#[derive(Clone, Debug, Default)]
-pub enum CacheMode {
-    /// None: only plain forward passes.
-    #[default]
-    None,
-    /// Caches for full and reuse steps (naive caching).
-    Reuse,
-    /// Caches plus rank-r factors for full, calibrated and reuse steps.
-    Icc(Arc<Factors>),
 }
 
 /// How to size a CPU engine.
@@ -150,12 +139,12 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         lowrank: None,
     };
     let mut bufs = bufs;
-    if !matches!(cache, CacheMode::None) {
+    if cache.keeps_caches() {
         bufs.cache = (0..cfg.depth)
             .map(|i| Slot::ALL.map(|s| p.add(format!("cache.{i}.{}", s.name()), &[rows, n, s.width(cfg)], Dt::F32)))
             .collect();
     }
-    if let CacheMode::Icc(f) = cache {
+    if let Some(f) = cache.factors() {
         let (qkv_rank, one_rank) = f.max_ranks();
         bufs.lowrank = Some(p.add("icc_lowrank", &[rows, n, qkv_rank.max(one_rank)], Dt::F32));
     }
@@ -220,19 +209,7 @@ impl CpuEngine {
             return Err(Error::invalid("threads", format!("{threads} is more than 1024")));
         }
         check_plan_size(&model.config, max_rows)?;
-        if let CacheMode::Icc(f) = &opts.cache {
-            if f.blocks.len() != model.config.depth {
-                return Err(Error::invalid(
-                    "factors",
-                    format!(
-                        "{}: {} blocks of factors for a {}-block model",
-                        f.source.display(),
-                        f.blocks.len(),
-                        model.config.depth
-                    ),
-                ));
-            }
-        }
+        opts.cache.check_depth(model.config.depth)?;
         let (mut plan, bufs) = plan(&model.config, max_rows, threads, &opts.cache);
         add_weight_notes(&mut plan, &model);
         let mut need = crate::limits::MemoryNeed::default();
@@ -300,25 +277,7 @@ impl CpuEngine {
     /// A forward pass of the given kind: `Full` refreshes the caches, `Calibrated` and
     /// `Reuse` use them (and need a full step with the same rows before them).
     pub fn forward_step(&mut self, x: &[f32], t: &[i64], y: &[i64], out: &mut [f32], kind: StepKind) -> Result<()> {
-        match (kind, &self.cache) {
-            (StepKind::Plain, _) => {}
-            (_, CacheMode::None) => {
-                return Err(Error::invalid(
-                    "step kind",
-                    format!("{kind:?} steps need an engine built with a cache mode"),
-                ))
-            }
-            (StepKind::Calibrated, CacheMode::Reuse) => {
-                return Err(Error::invalid("step kind", "calibrated steps need factors (cache mode icc)"))
-            }
-            _ => {}
-        }
-        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(t.len()) {
-            return Err(Error::invalid(
-                "step kind",
-                format!("a {kind:?} step needs a full step with the same {} rows before it", t.len()),
-            ));
-        }
+        policy::check_step(kind, &self.cache, self.cached_rows, t.len())?;
         let rows = self.stage(x, t, y)?;
         let need = rows * self.model.config.output_elems();
         if out.len() != need {

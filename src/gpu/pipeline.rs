@@ -30,7 +30,6 @@ use std::sync::Arc;
 use super::launch::{self, GemmAct, GemmOut, GemmSpec, SamplerMode, SamplerParams};
 use super::{f16, DevSlice, DevType, Device};
 use crate::config::{DitConfig, FREQ_DIM};
-use crate::cpu::CacheMode;
 use crate::diffusion::{Sampler, Schedule};
 use crate::embed;
 use crate::engine::{validate_request, EngineOptions, GuidedChannels, Request, Step};
@@ -38,6 +37,7 @@ use crate::error::{Error, Result};
 use crate::factors::{Factors, LayerType};
 use crate::forward::{self, Act, Activation, DitOps, Linear, Modulation, Slot, StepKind};
 use crate::plan::{BufId, Dt, Plan};
+use crate::policy;
 use crate::weights::{DitModel, TRef};
 
 /// Elements converted to f16 per upload while the weights are staged (2 MiB).
@@ -227,12 +227,9 @@ fn plan(cfg: &DitConfig, max_rows: usize, steps: usize, factors: Option<&Factors
 /// memory checks.
 pub fn plan_for(model: &DitModel, opts: &EngineOptions) -> Result<Plan> {
     let schedule = opts.validate(&model.config)?;
-    let factors = match &opts.cache {
-        CacheMode::Icc(f) => Some(f.as_ref()),
-        _ => None,
-    };
+    let factors = opts.cache.factors().map(|f| f.as_ref());
     let rows = opts.max_batch * if opts.cfg_scale > 1.0 { 2 } else { 1 };
-    Ok(plan(&model.config, rows, schedule.len(), factors, !matches!(opts.cache, CacheMode::None)).0)
+    Ok(plan(&model.config, rows, schedule.len(), factors, opts.cache.keeps_caches()).0)
 }
 
 /// A DiT sampler on a device: the GPU counterpart of [`crate::engine::Engine`], with the same
@@ -275,26 +272,11 @@ impl<D: Device> GpuEngine<D> {
                 ),
             ));
         }
-        let factors = match &opts.cache {
-            CacheMode::Icc(f) => {
-                if f.blocks.len() != cfg.depth {
-                    return Err(Error::invalid(
-                        "factors",
-                        format!(
-                            "{}: {} blocks of factors for a {}-block model",
-                            f.source.display(),
-                            f.blocks.len(),
-                            cfg.depth
-                        ),
-                    ));
-                }
-                Some(Arc::clone(f))
-            }
-            _ => None,
-        };
+        opts.cache.check_depth(cfg.depth)?;
+        let factors = opts.cache.factors().cloned();
         let guided = opts.cfg_scale > 1.0;
         let max_rows = opts.max_batch * if guided { 2 } else { 1 };
-        let caching = !matches!(opts.cache, CacheMode::None);
+        let caching = opts.cache.keeps_caches();
         let (mut plan, bufs) = plan(&cfg, max_rows, schedule.len(), factors.as_deref(), caching);
         plan.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
         // Kernels index within one buffer with 32-bit ints (the arena itself may be larger).
@@ -340,7 +322,7 @@ impl<D: Device> GpuEngine<D> {
     fn capture_steps(&mut self) -> Result<()> {
         let mut kinds: Vec<StepKind> = Vec::new();
         for i in 0..self.schedule.len() {
-            let k = self.opts.step_kind(i);
+            let k = policy::step_kind(&self.opts.cache, &self.opts.full_steps, i);
             if !kinds.contains(&k) {
                 kinds.push(k);
             }
@@ -693,24 +675,12 @@ impl<D: Device> GpuEngine<D> {
         Ok(())
     }
 
+    /// The step-order rules ([`policy::check_step`]) against this engine's caches.
     fn check_kind(&self, kind: StepKind, rows: usize) -> Result<()> {
-        match (kind, &self.opts.cache) {
-            (StepKind::Plain, _) => Ok(()),
-            (_, CacheMode::None) => {
-                Err(Error::invalid("step kind", format!("{kind:?} steps need an engine built with a cache mode")))
-            }
-            (StepKind::Calibrated, CacheMode::Reuse) => {
-                Err(Error::invalid("step kind", "calibrated steps need factors (cache mode icc)"))
-            }
-            (StepKind::Calibrated | StepKind::Reuse, _) if self.cached_rows != Some(rows) => Err(Error::invalid(
-                "step kind",
-                format!("a {kind:?} step needs a full step with the same {rows} rows before it"),
-            )),
-            _ => Ok(()),
-        }
+        policy::check_step(kind, &self.opts.cache, self.cached_rows, rows)
     }
 
-    /// One model evaluation, as [`crate::cpu::CpuEngine::forward_step`]: `x` (B, Cin, I, I),
+    /// One model evaluation, as [`crate::CpuEngine::forward_step`]: `x` (B, Cin, I, I),
     /// `t` original timesteps, `y` labels (the null class allowed) → `out` (B, Cout, I, I).
     /// Synchronises with the device (it copies the result back).
     pub fn forward_step(&mut self, x: &[f32], t: &[i64], y: &[i64], out: &mut [f32], kind: StepKind) -> Result<()> {
@@ -804,7 +774,7 @@ impl<D: Device> GpuEngine<D> {
                     done: format!("{index} of {steps} steps of a {n}-image request were done"),
                 });
             }
-            let kind = self.opts.step_kind(index);
+            let kind = policy::step_kind(&self.opts.cache, &self.opts.full_steps, index);
             self.check_kind(kind, rows)?;
             match self.graphs.iter().find(|g| g.0 == kind).filter(|_| full_size) {
                 Some((_, graph)) => {

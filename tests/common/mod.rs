@@ -1,7 +1,8 @@
-//! Shared test helpers: fixture paths and the one tolerance policy.
+//! Shared test helpers: fixture paths, temporary folders and the one tolerance policy.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use icdit::cpu::Isa;
 use icdit::tensorfile::TensorFile;
@@ -16,6 +17,48 @@ pub fn isas(what: &str) -> Vec<Isa> {
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// A fresh, empty folder under the system's temporary directory for one test, removed with
+/// everything in it when dropped; kept (and its path printed) when the test is failing, to
+/// look at. Named `icdit-<test binary>-<tag>-<process>-<n>`: unique across test binaries,
+/// processes and calls, so tests running in parallel never share one. It derefs to its
+/// [`Path`]: `dir.join("weights.safetensors")`.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNT: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNT.fetch_add(1, Ordering::Relaxed);
+        let name = format!("icdit-{}-{tag}-{}-{n}", env!("CARGO_CRATE_NAME"), std::process::id());
+        let dir = std::env::temp_dir().join(name);
+        let _ = std::fs::remove_dir_all(&dir); // left by an earlier process with the same id
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("kept {} (the test failed)", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// A forward reference: inputs and the official output.

@@ -9,6 +9,10 @@
 //! where the bound is the rounding analysis of the kernel's arithmetic, written next to the
 //! test; the test prints the largest measured error as a fraction of its bound and asserts
 //! the reference is not trivial.
+//!
+//! Each check runs on the emulated device (`emu`, every build) and, with the feature `cuda`,
+//! on the first GPU (`cuda(test)`); a CUDA test that finds no GPU prints
+//! `<test>: skipped: no CUDA device`, and fails instead when `ICDIT_REQUIRE_GPU=1`.
 #![allow(dead_code)]
 
 use icdit::gpu::{f16, DevSlice, DevType, Device, EmuDevice};
@@ -21,18 +25,60 @@ pub fn emu(plan: &Plan) -> Option<EmuDevice> {
     Some(EmuDevice::new(plan).unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// The first CUDA GPU holding `plan`'s arena, or None (printing `skipped: no CUDA device`)
-/// on a machine without one.
+/// The environment variable that turns a GPU test's skip into a failure: set to `1` where a GPU
+/// is expected (scripts/gpu-check.sh sets it), so a run that could not reach the GPU does not
+/// look green.
+pub const REQUIRE_GPU: &str = "ICDIT_REQUIRE_GPU";
+
+/// The one way a GPU test gives up: prints `<test>: skipped: <reason>` and returns, or, with
+/// `ICDIT_REQUIRE_GPU=1`, panics with that line (scripts/gpu-check.sh counts the `skipped: `
+/// lines of every test binary it runs).
+pub fn skip_or_fail(test: &str, reason: &str) {
+    let line = format!("{test}: skipped: {reason}");
+    if std::env::var(REQUIRE_GPU).is_ok_and(|v| v == "1") {
+        panic!("{line} ({REQUIRE_GPU}=1: the GPU tests must run here)");
+    }
+    println!("{line}");
+}
+
+/// The first CUDA GPU holding `plan`'s arena for the test `test`, or None after
+/// [`skip_or_fail`] on a machine without one. A device that is present but cannot be used
+/// always fails.
 #[cfg(feature = "cuda")]
-pub fn cuda(plan: &Plan) -> Option<icdit::gpu::CudaDevice> {
+pub fn cuda_device_or_skip(test: &str, plan: &Plan) -> Option<icdit::gpu::CudaDevice> {
     match icdit::gpu::CudaDevice::open(plan) {
         Ok(Some(dev)) => Some(dev),
         Ok(None) => {
-            println!("skipped: no CUDA device");
+            skip_or_fail(test, "no CUDA device");
             None
         }
-        Err(e) => panic!("CUDA device present but unusable: {e}"),
+        Err(e) => panic!("{test}: CUDA device present but unusable: {e}"),
     }
+}
+
+/// Whether a CUDA GPU is there for the test `test` (an empty arena is opened and dropped);
+/// [`skip_or_fail`] when not. For tests that run several checks and should skip once.
+#[cfg(feature = "cuda")]
+pub fn cuda_present(test: &str) -> bool {
+    cuda_device_or_skip(test, &Plan::new("probe")).is_some()
+}
+
+/// The device opener of the `*_cuda` test `test`, for the check functions that take one:
+/// `check(cuda("layernorm_modulate_cuda"))`.
+#[cfg(feature = "cuda")]
+pub fn cuda(test: &str) -> impl Fn(&Plan) -> Option<icdit::gpu::CudaDevice> + '_ {
+    move |plan: &Plan| cuda_device_or_skip(test, plan)
+}
+
+/// Without the feature `cuda` no `*_cuda` test is compiled into this binary: said once per
+/// test binary, and a failure under `ICDIT_REQUIRE_GPU=1`.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_tests_are_built() {
+    skip_or_fail(
+        "cuda_tests_are_built",
+        "no CUDA tests in this build (the feature `cuda` is off: cargo test --features cuda)",
+    );
 }
 
 // ---- buffers with guard zones ----------------------------------------------------------------
@@ -144,6 +190,29 @@ pub fn f16_rne(x: f64) -> f16 {
         }
     }
     best
+}
+
+/// `a + b` rounded once to f32 (to nearest even), for f64 `a` and `b` whose exact sum may need
+/// more than f64's 53 bits: the f64 sum `s` and its rounding error `e` (TwoSum, exact) decide.
+/// `s as f32` is right unless `s` lies exactly halfway between two f32 values, where the sign
+/// of `e` says on which side the exact sum is (|e| is below half an f64 ulp of `s`, so it can
+/// never move the exact sum across any other f32 midpoint).
+pub fn f32_sum_rne(a: f64, b: f64) -> f32 {
+    let s = a + b;
+    let bb = s - a;
+    let e = (a - (s - bb)) + (b - bb);
+    let r = s as f32;
+    if e == 0.0 || !r.is_finite() {
+        return r;
+    }
+    // s's other f32 neighbour (r itself when s is an f32 value: then no tie).
+    let other = if (r as f64) < s { r.next_up() } else { r.next_down() };
+    let tie = (r as f64 - s).abs() == (other as f64 - s).abs();
+    if tie && (e > 0.0) == (other > r) {
+        other
+    } else {
+        r
+    }
 }
 
 /// The next f16 above `h` (from ±0: the smallest positive subnormal).

@@ -13,7 +13,7 @@ use icdit::engine::{EngineOptions, FullSteps, Request};
 use icdit::forward::StepKind;
 use icdit::gpu::{Device, EmuDevice, GpuEngine};
 use icdit::plan::Plan;
-use icdit::{CacheMode, DitConfig, DitModel, Error, Factors, Sampler};
+use icdit::{CacheMode, CachePolicy, DitConfig, DitModel, Error, Factors, Sampler};
 
 #[derive(Args, Debug)]
 pub struct BenchGpuArgs {
@@ -65,8 +65,8 @@ struct Row {
     device: String,
     arena_mib: f64,
     device_used_mib: Option<f64>,
-    step_ms: Vec<(&'static str, f32)>,
-    e2e_ms: Vec<(&'static str, f64)>,
+    step_ms: Vec<(StepKind, f32)>,
+    e2e_ms: Vec<(CachePolicy, f64)>,
 }
 
 fn mib(b: usize) -> f64 {
@@ -77,7 +77,6 @@ fn mib(b: usize) -> f64 {
 fn measure<D: Device>(
     model: &Arc<DitModel>,
     opts: &EngineOptions,
-    policy: &'static str,
     a: &BenchGpuArgs,
     row: &mut Row,
     open: &dyn Fn(&Plan) -> icdit::Result<D>,
@@ -89,19 +88,15 @@ fn measure<D: Device>(
         let used = mib(total - free);
         row.device_used_mib = Some(row.device_used_mib.map_or(used, |u: f64| u.max(used)));
     }
-    let kinds: &[(&'static str, StepKind)] = match policy {
-        "none" => &[("plain", StepKind::Plain)],
-        "reuse" => &[("full", StepKind::Full), ("reuse", StepKind::Reuse)],
-        _ => &[("full", StepKind::Full), ("calibrated", StepKind::Calibrated)],
-    };
-    for &(name, kind) in kinds {
-        if row.step_ms.iter().any(|(n, _)| *n == name) {
+    let policy = opts.cache.policy();
+    for &kind in policy.step_kinds() {
+        if row.step_ms.iter().any(|(k, _)| *k == kind) {
             continue;
         }
         engine.time_step(kind, 2.min(a.iters))?; // warm-up
         let ms = engine.time_step(kind, a.iters)?;
-        row.step_ms.push((name, ms));
-        eprintln!("  batch {}: {name} step {ms:.3} ms", row.batch);
+        row.step_ms.push((kind, ms));
+        eprintln!("  batch {}: {kind} step {ms:.3} ms", row.batch);
     }
     if a.e2e_runs > 0 {
         let n = opts.max_batch;
@@ -139,11 +134,9 @@ fn bench_batches<D: Device>(
             ..Default::default()
         };
         let mut row = Row { batch, ..Default::default() };
-        for (policy, cache) in
-            [("none", CacheMode::None), ("reuse", CacheMode::Reuse), ("icc", CacheMode::Icc(factors.clone()))]
-        {
+        for cache in [CacheMode::None, CacheMode::Reuse, CacheMode::Icc(factors.clone())] {
             let opts = EngineOptions { cache, ..base.clone() };
-            measure(model, &opts, policy, a, &mut row, open)?;
+            measure(model, &opts, a, &mut row, open)?;
         }
         device = row.device.clone();
         rows.push(row);
@@ -185,21 +178,23 @@ pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
     println!("device: {device}");
     println!("| batch | arena MiB | device used MiB | plain ms | full ms | calibrated ms | reuse ms | e2e none ms | e2e reuse ms | e2e icc ms |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let get = |r: &Row, k: &str| r.step_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.3}", x.1));
-    let e2e = |r: &Row, k: &str| r.e2e_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.2}", x.1));
+    let get =
+        |r: &Row, k: StepKind| r.step_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.3}", x.1));
+    let e2e =
+        |r: &Row, p: CachePolicy| r.e2e_ms.iter().find(|x| x.0 == p).map_or(String::new(), |x| format!("{:.2}", x.1));
     for r in &rows {
         println!(
             "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.batch,
             r.arena_mib,
             r.device_used_mib.map_or(String::new(), |u| format!("{u:.0}")),
-            get(r, "plain"),
-            get(r, "full"),
-            get(r, "calibrated"),
-            get(r, "reuse"),
-            e2e(r, "none"),
-            e2e(r, "reuse"),
-            e2e(r, "icc")
+            get(r, StepKind::Plain),
+            get(r, StepKind::Full),
+            get(r, StepKind::Calibrated),
+            get(r, StepKind::Reuse),
+            e2e(r, CachePolicy::None),
+            e2e(r, CachePolicy::Reuse),
+            e2e(r, CachePolicy::Icc)
         );
     }
     let model_rows = if a.cfg > 1.0 { 2 } else { 1 };
@@ -215,9 +210,9 @@ pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
             "batch": r.batch,
             "arena_mib": r.arena_mib,
             "device_used_mib": r.device_used_mib,
-            "step_ms": r.step_ms.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "e2e_ms": r.e2e_ms.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "plain_tflops": r.step_ms.iter().find(|x| x.0 == "plain").map(|x|
+            "step_ms": r.step_ms.iter().map(|(k, v)| (k.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "e2e_ms": r.e2e_ms.iter().map(|(p, v)| (p.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "plain_tflops": r.step_ms.iter().find(|x| x.0 == StepKind::Plain).map(|x|
                 2.0 * cfg.forward_macs() as f64 * (model_rows * r.batch) as f64 / (x.1 as f64 * 1e-3) / 1e12),
         })).collect::<Vec<_>>(),
     });

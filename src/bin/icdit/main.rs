@@ -149,8 +149,8 @@ struct BenchArgs {
     warmup: usize,
     /// Step kind: `plain` (no caches), `full` (refreshes the caches), `calibrated`
     /// (increment-calibrated, random factors of --rank) or `reuse` (naive caching).
-    #[arg(long, default_value = "plain")]
-    step: String,
+    #[arg(long, value_enum, default_value_t = StepKind::Plain)]
+    step: StepKind,
     /// Factor rank for `--step calibrated`.
     #[arg(long, default_value_t = 128)]
     rank: usize,
@@ -310,22 +310,13 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     let model = Arc::new(model);
     let cfg = model.config;
     let rows = a.rows.max(1);
-    let kind = match a.step.as_str() {
-        "plain" => StepKind::Plain,
-        "full" => StepKind::Full,
-        "calibrated" => StepKind::Calibrated,
-        "reuse" => StepKind::Reuse,
-        other => return Err(Error::invalid("--step", format!("`{other}`: expected plain, full, calibrated or reuse"))),
-    };
+    let kind = a.step;
     let cache = match kind {
         StepKind::Plain => CacheMode::None,
         StepKind::Calibrated => CacheMode::Icc(Arc::new(icdit::Factors::random(&model, a.rank, 1)?)),
         _ => CacheMode::Reuse,
     };
-    let ranks = match &cache {
-        CacheMode::Icc(f) => f.ranks(),
-        _ => Vec::new(),
-    };
+    let ranks = cache.factors().map_or_else(Vec::new, |f| f.ranks());
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
         &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, cache, isa: None },
@@ -356,7 +347,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
         serde_json::json!({
             "impl": "icdit-cpu",
             "model": model.source.display().to_string(),
-            "step": a.step,
+            "step": kind.name(),
             "rank": if kind == StepKind::Calibrated { Some(a.rank) } else { None },
             "gmacs_per_row": macs as f64 / 1e9,
             "rows": rows,

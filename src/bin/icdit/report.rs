@@ -11,7 +11,7 @@ use clap::Args;
 use icdit::calibrate::{self, Method};
 use icdit::engine::EngineOptions;
 use icdit::quality::{psnr, rel_l2, sample_set};
-use icdit::{CacheMode, Error, FullSteps};
+use icdit::{CacheMode, CachePolicy, Error, FullSteps};
 
 use crate::ModelArgs;
 
@@ -123,14 +123,15 @@ pub fn run(a: ReportArgs) -> Result<(), Error> {
             let (layers, report) = calibrate::compute_factors(&model, ranks, vectors.as_deref(), threads, &|_, _| {})?;
             let settings = serde_json::json!({ "calib_self": a.calib_self, "seed": a.seed });
             let f = calibrate::build_factors(&model, m, ranks, layers, &report, settings)?;
-            factor_sets.push((format!("icc {} r{r}", method_name(m)), Arc::new(f)));
+            factor_sets.push((format!("{} {} r{r}", CachePolicy::Icc.name(), method_name(m)), Arc::new(f)));
         }
         eprintln!("factors: {} at ranks {:?}", method_name(m), a.ranks);
     }
 
     let mut rows = Vec::new();
     for &period in &a.periods {
-        let mut policies: Vec<(String, CacheMode)> = vec![("reuse (naive caching)".into(), CacheMode::Reuse)];
+        let reuse = format!("{} (naive caching)", CachePolicy::Reuse.name());
+        let mut policies: Vec<(String, CacheMode)> = vec![(reuse, CacheMode::Reuse)];
         policies.extend(factor_sets.iter().map(|(n, f)| (n.clone(), CacheMode::Icc(Arc::clone(f)))));
         for (name, cache) in policies {
             let opts = EngineOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() };

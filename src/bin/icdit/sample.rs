@@ -11,7 +11,7 @@ use icdit::diffusion::Sampler;
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
-use icdit::{CacheMode, DitModel, Error, Factors, FullSteps, SampleSpace};
+use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, SampleSpace};
 
 use crate::output::ImageOut;
 use crate::ModelArgs;
@@ -74,8 +74,8 @@ pub struct SampleArgs {
     #[arg(long)]
     noise: Option<PathBuf>,
     /// Caching: `none`, `reuse` (naive caching) or `icc` (increment-calibrated, needs --factors).
-    #[arg(long, default_value = "none")]
-    cache: String,
+    #[arg(long, value_enum, default_value_t = CachePolicy::None)]
+    cache: CachePolicy,
     /// Under caching, every N-th step (counted from the first) is a full step.
     #[arg(long, default_value_t = 2, conflicts_with = "full_steps")]
     period: usize,
@@ -87,8 +87,8 @@ pub struct SampleArgs {
     factors: Option<PathBuf>,
     /// Sample the same request under several cache policies (`none`, `reuse`, `icc`; icc
     /// uses --factors) and write one grid row per policy, as the paper's comparison figures.
-    #[arg(long, value_delimiter = ',')]
-    compare: Vec<String>,
+    #[arg(long, value_enum, value_delimiter = ',')]
+    compare: Vec<CachePolicy>,
     /// Images per engine call.
     #[arg(long, default_value_t = 16)]
     batch: usize,
@@ -165,15 +165,18 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     } else {
         a.batch.clamp(1, classes.len())
     };
-    let cache = match (a.cache.as_str(), &a.factors) {
+    let cache = match (a.cache, &a.factors) {
         // --compare names its own policies and reads --factors itself.
-        ("none", Some(_)) if !a.compare.is_empty() => CacheMode::None,
-        ("none", None) => CacheMode::None,
-        ("reuse", None) => CacheMode::Reuse,
-        ("icc", Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
-        ("icc", None) => return Err(Error::invalid("--cache icc", "needs --factors FILE (see `icdit calibrate`)")),
-        ("none" | "reuse", Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
-        (other, _) => return Err(Error::invalid("--cache", format!("`{other}`: expected none, reuse or icc"))),
+        (CachePolicy::None, Some(_)) if !a.compare.is_empty() => CacheMode::None,
+        (CachePolicy::None, None) => CacheMode::None,
+        (CachePolicy::Reuse, None) => CacheMode::Reuse,
+        (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
+        (CachePolicy::Icc, None) => {
+            return Err(Error::invalid("--cache icc", "needs --factors FILE (see `icdit calibrate`)"))
+        }
+        (CachePolicy::None | CachePolicy::Reuse, Some(_)) => {
+            return Err(Error::invalid("--factors", "only used with --cache icc"))
+        }
     };
     let full_steps =
         if a.full_steps.is_empty() { FullSteps::Period(a.period) } else { FullSteps::List(a.full_steps.clone()) };
@@ -216,10 +219,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     let vae = any_vae(vae, device)?;
     let mut engine = AnyEngine::new_on(Arc::clone(&model), &opts, backend, device)?;
     let steps = engine.steps();
-    let ranks = match &opts.cache {
-        CacheMode::Icc(f) => f.ranks(),
-        _ => Vec::new(),
-    };
+    let ranks = opts.cache.factors().map_or_else(Vec::new, |f| f.ranks());
     let kinds: Vec<_> = (0..steps).map(|i| engine.step_kind(i)).collect();
     let (mean_macs, macs_ratio) = icdit::cost::schedule_macs(&cfg, kinds.iter().copied(), &ranks);
     let full_steps_taken =
@@ -337,7 +337,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         steps,
         sampler_name(sampler),
         cfg_scale,
-        a.cache,
+        a.cache.name(),
         secs,
         median_step,
         engine.describe(),
@@ -354,7 +354,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
             "steps": steps,
             "cfg_scale": cfg_scale,
             "guided_channels": if a.guide_all_channels { "all" } else { "official-3" },
-            "cache": a.cache,
+            "cache": a.cache.name(),
             "full_steps": full_steps_taken,
             "mean_gmacs_per_step_per_image": mean_macs / 1e9,
             "compute_ratio": macs_ratio,
@@ -502,30 +502,30 @@ fn compare(
         return Err(Error::invalid("--compare", "writes images: this latent model needs --vae DIR"));
     }
     let start = Instant::now();
-    let mut rows: Vec<(String, Vec<f32>, f64)> = Vec::new();
-    for policy in &a.compare {
-        let cache = match (policy.as_str(), &a.factors) {
-            ("none", _) => CacheMode::None,
-            ("reuse", _) => CacheMode::Reuse,
-            ("icc", Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, model)?)),
-            ("icc", None) => {
+    let mut rows: Vec<(CachePolicy, Vec<f32>, f64)> = Vec::new();
+    for &policy in &a.compare {
+        let cache = match (policy, &a.factors) {
+            (CachePolicy::None, _) => CacheMode::None,
+            (CachePolicy::Reuse, _) => CacheMode::Reuse,
+            (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, model)?)),
+            (CachePolicy::Icc, None) => {
                 return Err(Error::invalid("--compare icc", "needs --factors FILE (see `icdit calibrate`)"))
-            }
-            (other, _) => {
-                return Err(Error::invalid("--compare", format!("`{other}`: expected none, reuse or icc")));
             }
         };
         let o = EngineOptions { cache, ..opts.clone() };
         let (samples, ratio) = icdit::quality::sample_set_on(model, &o, classes, a.seed, a.backend.parse()?)?;
-        rows.push((policy.clone(), samples, ratio));
+        rows.push((policy, samples, ratio));
     }
-    let reference = rows.iter().find(|r| r.0 == "none").map(|r| r.1.clone());
+    let reference = rows.iter().find(|r| r.0 == CachePolicy::None).map(|r| r.1.clone());
     let mut summary = Vec::new();
-    for (name, samples, ratio) in &rows {
+    for (policy, samples, ratio) in &rows {
         let (l2, psnr) = match &reference {
-            Some(r) if name != "none" => (icdit::quality::rel_l2(samples, r), icdit::quality::psnr(samples, r)),
+            Some(r) if *policy != CachePolicy::None => {
+                (icdit::quality::rel_l2(samples, r), icdit::quality::psnr(samples, r))
+            }
             _ => (0.0, f64::INFINITY),
         };
+        let name = policy.name();
         eprintln!("{name:>6}: compute ratio {ratio:.3}, relative L2 to `none` {l2:.4}, PSNR {psnr:.2} dB");
         summary.push(serde_json::json!({"policy": name, "compute_ratio": ratio, "rel_l2_to_none": l2,
             "psnr_db_to_none": if psnr.is_finite() { serde_json::json!(psnr) } else { serde_json::Value::Null }}));
@@ -554,7 +554,7 @@ fn compare(
         classes.len(),
         start.elapsed().as_secs_f64(),
         written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        a.compare.join(", ")
+        a.compare.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
     );
     if a.json {
         outln!("{}", serde_json::json!({"policies": summary, "images": classes.len(), "steps": opts.respacing}));

@@ -210,11 +210,13 @@ fn settings(
     num_images: u64,
     image: [usize; 3],
 ) -> Result<(Map<String, Value>, Value), Error> {
-    let (cache, factors, factors_src, full_steps) = match &opts.cache {
-        CacheMode::None => ("none", Value::Null, Value::Null, Value::Null),
-        CacheMode::Reuse => ("reuse", Value::Null, Value::Null, full_steps_value(&opts.full_steps)),
+    // The manifest names the policy as `--cache` does (`none`, `reuse`, `icc`): runs resume
+    // only when these settings match, so the spelling must not change.
+    let cache = opts.cache.policy().name();
+    let (factors, factors_src, full_steps) = match &opts.cache {
+        CacheMode::None => (Value::Null, Value::Null, Value::Null),
+        CacheMode::Reuse => (Value::Null, Value::Null, full_steps_value(&opts.full_steps)),
         CacheMode::Icc(f) => (
-            "icc",
             json!(file_fingerprint(&f.source)?),
             json!(f.source.display().to_string()),
             full_steps_value(&opts.full_steps),
