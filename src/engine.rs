@@ -1,19 +1,23 @@
 //! The sampling engine: a model, a diffusion schedule and every buffer a request needs,
-//! all planned and allocated when the engine is built. [`Engine::sample`] runs the whole
-//! reverse process — classifier-free guidance, DDPM or DDIM steps, reproducible noise —
+//! all planned and allocated when the engine is built. [`SamplingEngine::sample`] runs the
+//! whole reverse process — classifier-free guidance, DDPM or DDIM steps, reproducible noise —
 //! into caller-provided memory and allocates nothing, however often it is called.
+//!
+//! The sampling loop is written once, here, against [`SamplingBackend`]: the loop validates
+//! the request, stops on an interrupt, picks and checks each step's kind by the caching policy
+//! ([`policy::step_kind`], [`policy::check_step`]), reports progress and refuses a non-finite
+//! result; a backend stages the request and carries out each step. [`Engine`] runs it on the
+//! CPU reference backend ([`crate::cpu::CpuBackend`]), [`crate::gpu::GpuEngine`] on the GPU
+//! pipeline.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::DitConfig;
-use crate::cpu::{CpuEngine, CpuOptions};
-use crate::diffusion::{self, Sampler, Schedule, Variance};
+use crate::cpu::CpuBackend;
+use crate::diffusion::{Sampler, Schedule};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
-use crate::limits::MemoryNeed;
-use crate::noise;
-use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::policy::{self, CacheMode};
 use crate::weights::DitModel;
 
@@ -112,6 +116,21 @@ impl EngineOptions {
     pub fn step_kind(&self, index: usize) -> StepKind {
         policy::step_kind(&self.cache, &self.full_steps, index)
     }
+
+    /// Whether requests run classifier-free guidance (scale above 1): the model then sees
+    /// each image twice, conditional and unconditional.
+    pub fn guided(&self) -> bool {
+        self.cfg_scale > 1.0
+    }
+
+    /// Model rows for `images` images: twice as many under guidance.
+    pub fn model_rows(&self, images: usize) -> usize {
+        if self.guided() {
+            2 * images
+        } else {
+            images
+        }
+    }
 }
 
 /// One request: which classes, and where the randomness comes from.
@@ -145,342 +164,123 @@ pub struct Step {
     pub timestep: usize,
 }
 
-struct Bufs {
-    x: BufId,
-    model_in: BufId,
-    model_out: BufId,
-    eps: BufId,
-    noise: BufId,
-}
-
 /// Largest `max_batch` an engine accepts; larger requests are split into calls by the caller.
 pub const MAX_BATCH: usize = 1 << 16;
 
-/// A model plus a sampler, ready to serve requests.
+/// What the sampling loop ([`SamplingEngine::sample`]) needs from a backend: the CPU
+/// reference backend ([`CpuBackend`]) or the GPU pipeline
+/// ([`crate::gpu::pipeline::GpuBackend`]). The loop owns validation, interrupts, the step
+/// kinds and progress; the backend owns the numbers: staging, the model call, guidance, the
+/// noise, the sampler update and the finiteness checks of each step.
+pub trait SamplingBackend {
+    fn model(&self) -> &Arc<DitModel>;
+    /// The options the backend was built with.
+    fn options(&self) -> &EngineOptions;
+    /// The schedule those options give.
+    fn schedule(&self) -> &Schedule;
+    /// Rows of the last full step, whose activations the caches hold (`None`: none yet).
+    fn cached_rows(&self) -> Option<usize>;
+    /// Takes a validated request: its labels ([classes; null…] under guidance) and initial
+    /// latents (given, or drawn from noise stream step 0 of each image).
+    fn stage(&mut self, req: &Request) -> Result<()>;
+    /// Sampling step `index` (0 first) at schedule index `k`, a model call of `kind`: the
+    /// forward pass, guidance, the step's noise and the sampler update of the latents. A
+    /// backend that checks values per step fails here with [`Error::NonFinite`].
+    fn step(&mut self, req: &Request, index: usize, k: usize, kind: StepKind) -> Result<()>;
+    /// Called before an interrupted request returns: waits for the work already issued.
+    fn wait(&mut self) -> Result<()>;
+    /// Copies the request's final latents into `out` (its length validated); a backend that
+    /// checks values on the way fails here with [`Error::NonFinite`].
+    fn finish(&mut self, out: &mut [f32]) -> Result<()>;
+}
+
+/// A model plus a sampler on a backend, ready to serve requests.
 ///
-/// An engine is `Send` (it can move to another thread) but not shared: `sample` takes
-/// `&mut self` because the arena is the engine's working memory. Several engines may share
-/// one `Arc<DitModel>` — the weights are read-only — each with its own arenas and threads.
-pub struct Engine {
-    backend: CpuEngine,
-    schedule: Schedule,
-    opts: EngineOptions,
-    plan: Plan,
-    arena: Arena,
-    bufs: Bufs,
-    t: Vec<i64>,
-    y: Vec<i64>,
+/// An engine is `Send` when its backend is (the CPU engine is: it can move to another
+/// thread) but not shared: `sample` takes `&mut self` because the arenas are the engine's
+/// working memory. Several engines may share one `Arc<DitModel>` — the weights are
+/// read-only — each with its own arenas and threads.
+pub struct SamplingEngine<B> {
+    backend: B,
     interrupt: Option<Arc<AtomicBool>>,
 }
 
-impl Engine {
-    /// The memory an engine for `model` and `opts` would hold, item by item (the loaded
-    /// weights, the CPU forward arena, the sampler arena), computed without allocating.
-    pub fn memory_need(model: &DitModel, opts: &EngineOptions) -> Result<MemoryNeed> {
-        let schedule = opts.validate(&model.config)?;
-        let cpu = CpuOptions {
-            max_batch: opts.max_batch,
-            guidance: opts.cfg_scale > 1.0,
-            threads: opts.threads,
-            cache: opts.cache.clone(),
-            isa: opts.isa,
-        };
-        crate::cpu::check_plan_size(&model.config, crate::cpu::planned_rows(&cpu))?;
-        let mut need = MemoryNeed::default();
-        need.held("weights, memory-mapped file(s)", model.file_bytes() as u64);
-        need.held("weights converted to f32 at load", model.store.owned_bytes() as u64);
-        let p = crate::cpu::plan_for(model, &cpu);
-        need.alloc(p.title.clone(), p.total_bytes() as u64);
-        let (img, out) = (model.config.image_elems(), model.config.output_elems());
-        let n = opts.max_batch;
-        let rows = crate::cpu::planned_rows(&cpu);
-        let sampler = [(n, img), (rows, img), (rows, out), (n, img), (n, img)]
-            .iter()
-            .fold(0u64, |acc, &(a, b)| acc.saturating_add(crate::limits::bytes_of(&[a, b], 4)));
-        need.alloc(format!("sampler state ({n} images, {} steps)", schedule.len()), sampler);
-        Ok(need)
+/// The sampling engine on the CPU reference backend.
+pub type Engine = SamplingEngine<CpuBackend>;
+
+impl<B: SamplingBackend> SamplingEngine<B> {
+    /// An engine on a backend that is built and ready.
+    pub fn from_backend(backend: B) -> Self {
+        SamplingEngine { backend, interrupt: None }
     }
 
-    /// A flag that, once set (from a signal handler or another thread), makes
-    /// [`sample`](Engine::sample) stop before its next step with [`Error::Interrupted`].
-    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
-        self.interrupt = flag;
+    /// The backend the loop drives.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
-    /// Validates the options, builds the schedule, checks the planned memory against
-    /// `max_memory` and the memory available, and allocates every buffer.
-    pub fn new(model: Arc<DitModel>, opts: &EngineOptions) -> Result<Self> {
-        let cfg = model.config;
-        Self::memory_need(&model, opts)?.check("the sampling engine", opts.max_memory)?;
-        let schedule = opts.validate(&cfg)?;
-        let guided = opts.cfg_scale > 1.0;
-        let rows = opts.max_batch * if guided { 2 } else { 1 };
-        let backend = CpuEngine::new(
-            model,
-            &CpuOptions {
-                max_batch: opts.max_batch,
-                guidance: guided,
-                threads: opts.threads,
-                cache: opts.cache.clone(),
-                isa: opts.isa,
-            },
-        )?;
-        let (img, out) = (cfg.image_elems(), cfg.output_elems());
-        let mut plan = Plan::new(format!(
-            "sampler state ({} images, {} steps, {})",
-            opts.max_batch,
-            schedule.len(),
-            if guided { "guided" } else { "unguided" }
-        ));
-        let n = opts.max_batch;
-        let bufs = Bufs {
-            x: plan.add("latents", &[n, img], Dt::F32),
-            model_in: plan.add("model_input", &[rows, img], Dt::F32),
-            model_out: plan.add("model_output", &[rows, out], Dt::F32),
-            eps: plan.add("guided_eps", &[n, img], Dt::F32),
-            noise: plan.add("step_noise", &[n, img], Dt::F32),
-        };
-        let arena = Arena::new(&plan)?;
-        Ok(Engine {
-            backend,
-            schedule,
-            opts: opts.clone(),
-            plan,
-            arena,
-            bufs,
-            t: vec![0; rows],
-            y: vec![0; rows],
-            interrupt: None,
-        })
+    pub(crate) fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     pub fn model(&self) -> &Arc<DitModel> {
         self.backend.model()
     }
     pub fn schedule(&self) -> &Schedule {
-        &self.schedule
+        self.backend.schedule()
     }
     pub fn options(&self) -> &EngineOptions {
-        &self.opts
+        self.backend.options()
     }
     pub fn steps(&self) -> usize {
-        self.schedule.len()
-    }
-    /// The model backend's plan and the sampler's.
-    pub fn plans(&self) -> [&Plan; 2] {
-        [self.backend.plan(), &self.plan]
-    }
-    /// Bytes of all planned memory (both arenas).
-    pub fn arena_bytes(&self) -> usize {
-        self.backend.plan().total_bytes() + self.plan.total_bytes()
-    }
-    pub fn threads(&self) -> usize {
-        self.backend.threads()
-    }
-    /// The CPU instruction-set path the model runs on.
-    pub fn isa(&self) -> crate::cpu::Isa {
-        self.backend.isa()
+        self.backend.schedule().len()
     }
 
-    fn buf(&mut self, id: BufId) -> &mut [f32] {
-        let b = self.plan.get(id);
-        // SAFETY: the arena was sized by this plan; `&mut self` excludes other borrows.
-        unsafe { std::slice::from_raw_parts_mut(self.arena.f32_ptr(b), b.elems()) }
+    /// The kind of model call at sampling step `index` under the engine's policy.
+    pub fn step_kind(&self, index: usize) -> StepKind {
+        self.backend.options().step_kind(index)
     }
 
-    /// Two distinct sampler buffers at once.
-    fn bufs2(&mut self, a: BufId, b: BufId) -> (&mut [f32], &[f32]) {
-        assert_ne!(a, b);
-        let (pa, pb) = (self.plan.get(a), self.plan.get(b));
-        // SAFETY: distinct buffers of the same arena never overlap.
-        unsafe {
-            (
-                std::slice::from_raw_parts_mut(self.arena.f32_ptr(pa), pa.elems()),
-                std::slice::from_raw_parts(self.arena.f32_ptr(pb), pb.elems()),
-            )
-        }
+    /// A flag that, once set (from a signal handler or another thread), makes
+    /// [`sample`](SamplingEngine::sample) stop before its next step with
+    /// [`Error::Interrupted`] (a device first finishes what was issued).
+    pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.interrupt = flag;
     }
 
     /// Samples `req.classes.len()` images into `out` ((B, C, I, I) latents or pixels in
-    /// [−1, 1] for pixel-space models). Allocates nothing. `progress` runs after each step.
+    /// [−1, 1] for pixel-space models). Allocates nothing. `progress` runs after each step
+    /// (on a device: as each step is issued; the host waits only for the final copy).
     pub fn sample(&mut self, req: &Request, out: &mut [f32], progress: &mut dyn FnMut(Step)) -> Result<()> {
         let cfg = self.backend.model().config;
+        let (steps, max_batch) = (self.backend.schedule().len(), self.backend.options().max_batch);
+        validate_request(&cfg, steps, max_batch, req, out.len())?;
         let n = req.classes.len();
-        let img = cfg.image_elems();
-        validate_request(&cfg, self.schedule.len(), self.opts.max_batch, req, out.len())?;
-        let guided = self.opts.cfg_scale > 1.0;
-        let rows = if guided { 2 * n } else { n };
-        let steps = self.schedule.len();
-
-        // Initial latents: given, or drawn from stream step 0 of each image.
-        match req.noise {
-            Some(z) => self.buf(self.bufs.x)[..n * img].copy_from_slice(z),
-            None => {
-                let x = self.buf(self.bufs.x);
-                for r in 0..n {
-                    noise::fill_normal(req.seed, req.first_index + r as u64, 0, &mut x[r * img..(r + 1) * img]);
-                }
-            }
-        }
-        // Labels: [classes; null…] under guidance (reference doc A.10).
-        for r in 0..n {
-            self.y[r] = req.classes[r];
-            if guided {
-                self.y[n + r] = cfg.null_class() as i64;
-            }
-        }
-        let stochastic = match self.opts.sampler {
-            Sampler::Ddpm => true,
-            Sampler::Ddim { eta } => eta > 0.0,
-        };
+        let rows = self.backend.options().model_rows(n);
+        self.backend.stage(req)?;
         for (index, k) in (0..steps).rev().enumerate() {
             if self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                self.backend.wait()?;
                 return Err(Error::Interrupted {
                     done: format!("{index} of {steps} steps of a {n}-image request were done"),
                 });
             }
-            let timestep = self.schedule.timestep_map[k];
-            self.t[..rows].fill(timestep as i64);
-            // The model sees [x; x]: forward_with_cfg duplicates the conditional half.
-            {
-                let (min, x) = self.bufs2(self.bufs.model_in, self.bufs.x);
-                min[..n * img].copy_from_slice(&x[..n * img]);
-                if guided {
-                    min.copy_within(0..n * img, n * img);
-                }
-            }
-            {
-                let b = &self.bufs;
-                let (pin, pout) = (self.plan.get(b.model_in), self.plan.get(b.model_out));
-                // SAFETY: two distinct sampler buffers; the backend has its own arena.
-                let (min, mout) = unsafe {
-                    (
-                        std::slice::from_raw_parts(self.arena.f32_ptr(pin), rows * img),
-                        std::slice::from_raw_parts_mut(self.arena.f32_ptr(pout), rows * cfg.output_elems()),
-                    )
-                };
-                let kind = self.step_kind(index);
-                self.backend.forward_step(min, &self.t[..rows], &self.y[..rows], mout, kind)?;
-                if self.opts.check_finite && mout.iter().any(|v| !v.is_finite()) {
-                    let (location, cause) = match self.backend.locate_non_finite(rows, kind) {
-                        Some(at) => (at.location, at.tensor.map(|t| format!(": {t}")).unwrap_or_default()),
-                        None => ("the model output (not reproduced when the step was run again)".into(), String::new()),
-                    };
-                    return Err(Error::NonFinite { step: index, steps, timestep, location, cause });
-                }
-            }
-            self.guide(n);
-            if stochastic && k != 0 {
-                let noise = self.buf(self.bufs.noise);
-                match req.step_noise {
-                    Some(s) => noise[..n * img].copy_from_slice(&s[index * n * img..(index + 1) * n * img]),
-                    None => {
-                        for r in 0..n {
-                            let dst = &mut noise[r * img..(r + 1) * img];
-                            noise::fill_normal(req.seed, req.first_index + r as u64, index as u32 + 1, dst);
-                        }
-                    }
-                }
-            }
-            self.step(k, n);
-            if self.opts.check_finite && self.buf(self.bufs.x)[..n * img].iter().any(|v| !v.is_finite()) {
-                return Err(Error::NonFinite {
-                    step: index,
-                    steps,
-                    timestep,
-                    location: "the sampler update of the latents".into(),
-                    cause: format!(
-                        " (the model output was finite; is guidance scale {} too large?)",
-                        self.opts.cfg_scale
-                    ),
-                });
-            }
-            progress(Step { index, total: steps, timestep });
+            let opts = self.backend.options();
+            let kind = policy::step_kind(&opts.cache, &opts.full_steps, index);
+            policy::check_step(kind, &opts.cache, self.backend.cached_rows(), rows)?;
+            self.backend.step(req, index, k, kind)?;
+            progress(Step { index, total: steps, timestep: self.backend.schedule().timestep_map[k] });
         }
-        out.copy_from_slice(&self.buf(self.bufs.x)[..n * img]);
+        self.backend.finish(out)?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
         }
         Ok(())
     }
-
-    /// The kind of model call at sampling step `index` under the engine's policy.
-    pub fn step_kind(&self, index: usize) -> StepKind {
-        self.opts.step_kind(index)
-    }
-
-    /// ε for the conditional rows: guided where configured, the conditional output
-    /// elsewhere (reference doc A.10).
-    fn guide(&mut self, n: usize) {
-        let cfg = self.backend.model().config;
-        let (hw, cin, cout) = (cfg.input_size * cfg.input_size, cfg.in_channels, cfg.out_channels());
-        let (s, guided) = (self.opts.cfg_scale, self.opts.cfg_scale > 1.0);
-        let guided_ch = match self.opts.guided_channels {
-            GuidedChannels::OfficialThree => cout.min(3),
-            GuidedChannels::All => cin,
-        };
-        let (eps, out) = self.bufs2(self.bufs.eps, self.bufs.model_out);
-        for r in 0..n {
-            for ch in 0..cin {
-                let cond = &out[(r * cout + ch) * hw..][..hw];
-                let dst = &mut eps[(r * cin + ch) * hw..][..hw];
-                if guided && ch < guided_ch {
-                    let unc = &out[((n + r) * cout + ch) * hw..][..hw];
-                    for ((d, &c), &u) in dst.iter_mut().zip(cond).zip(unc) {
-                        *d = u + s * (c - u);
-                    }
-                } else {
-                    dst.copy_from_slice(cond);
-                }
-            }
-        }
-    }
-
-    /// One sampler step on every conditional image.
-    fn step(&mut self, k: usize, n: usize) {
-        let cfg = self.backend.model().config;
-        let (hw, cin, cout) = (cfg.input_size * cfg.input_size, cfg.in_channels, cfg.out_channels());
-        let img = cin * hw;
-        let c = self.schedule.coeffs(k);
-        let sampler = self.opts.sampler;
-        let b = &self.bufs;
-        let (px, pe, pn, po) =
-            (self.plan.get(b.x), self.plan.get(b.eps), self.plan.get(b.noise), self.plan.get(b.model_out));
-        // SAFETY: four distinct buffers of the sampler arena; x is the only one written.
-        let (x, eps, noise, out) = unsafe {
-            (
-                std::slice::from_raw_parts_mut(self.arena.f32_ptr(px), px.elems()),
-                std::slice::from_raw_parts(self.arena.f32_ptr(pe), pe.elems()),
-                std::slice::from_raw_parts(self.arena.f32_ptr(pn), pn.elems()),
-                std::slice::from_raw_parts(self.arena.f32_ptr(po), po.elems()),
-            )
-        };
-        for r in 0..n {
-            let (xr, er, nr) = (&mut x[r * img..][..img], &eps[r * img..][..img], &noise[r * img..][..img]);
-            match sampler {
-                Sampler::Ddpm => {
-                    // Variance channels Cin..2·Cin of the conditional row.
-                    let var = if cfg.learn_sigma {
-                        Variance::Learned(&out[(r * cout + cin) * hw..][..img])
-                    } else {
-                        Variance::FixedLarge
-                    };
-                    diffusion::ddpm_step(&c, xr, er, var, nr);
-                }
-                Sampler::Ddim { eta } => diffusion::ddim_step(&c, eta, xr, er, nr),
-            }
-        }
-    }
 }
 
 /// Checks a request against a model, an engine's batch limit and its step count.
-pub(crate) fn validate_request(
-    cfg: &DitConfig,
-    steps: usize,
-    max_batch: usize,
-    req: &Request,
-    out_len: usize,
-) -> Result<()> {
+fn validate_request(cfg: &DitConfig, steps: usize, max_batch: usize, req: &Request, out_len: usize) -> Result<()> {
     let n = req.classes.len();
     let img = cfg.image_elems();
     if n == 0 || n > max_batch {

@@ -2,7 +2,8 @@
 //!
 //! Weights are memory-mapped from safetensors (official or diffusers layout), every buffer a
 //! backend needs is planned up front and held in one arena, and the DiT forward pass is
-//! written once ([`forward::forward`]) against the fused operations each backend provides.
+//! written once ([`forward::forward`]) against the fused operations each backend provides, as
+//! is the sampling loop ([`SamplingEngine::sample`]) against [`SamplingBackend`].
 //! [`cpu::CpuEngine`] is the f32 reference backend; [`gpu`] holds the device abstraction the
 //! CUDA pipeline runs on (a CPU emulation of CUDA in every build, a GPU with feature `cuda`).
 
@@ -33,7 +34,7 @@ pub mod weights;
 pub use config::{DitConfig, Numerics, SampleSpace};
 pub use cpu::{BenchOp, CpuEngine, CpuOptions};
 pub use diffusion::Sampler;
-pub use engine::{Engine, EngineOptions, GuidedChannels, Request};
+pub use engine::{Engine, EngineOptions, GuidedChannels, Request, SamplingBackend, SamplingEngine};
 pub use error::{Error, Result};
 pub use factors::Factors;
 pub use policy::{CacheMode, CachePolicy, FullSteps};

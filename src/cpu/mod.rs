@@ -8,15 +8,18 @@ pub mod math;
 mod ops;
 pub mod pool;
 mod probe;
+pub mod sampling;
 
 pub use crate::policy::CacheMode;
 pub use isa::{Isa, IsaKind};
 pub use probe::NonFiniteAt;
+pub use sampling::CpuBackend;
 
 use std::sync::Arc;
 
 use crate::config::{DitConfig, FREQ_DIM};
 use crate::embed;
+use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
 use crate::forward::{self, Act, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
@@ -55,8 +58,22 @@ impl Default for CpuOptions {
     }
 }
 
+impl CpuOptions {
+    /// The forward pass a sampling engine built with `opts` runs: its batch, guidance,
+    /// threads, caches and instruction-set path.
+    pub fn for_sampling(opts: &EngineOptions) -> Self {
+        CpuOptions {
+            max_batch: opts.max_batch,
+            guidance: opts.guided(),
+            threads: opts.threads,
+            cache: opts.cache.clone(),
+            isa: opts.isa,
+        }
+    }
+}
+
 /// Buffer ids of the CPU forward pass.
-struct Bufs {
+struct ForwardBuffers {
     input: BufId,
     patches: BufId,
     x: BufId,
@@ -108,11 +125,11 @@ pub fn check_plan_size(cfg: &DitConfig, rows: usize) -> Result<()> {
 }
 
 /// The memory plan of the CPU forward pass for `cfg`.
-fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Plan, Bufs) {
+fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Plan, ForwardBuffers) {
     let (n, c, m) = (cfg.tokens(), cfg.hidden_size, cfg.mlp_hidden());
     let (i, p2) = (cfg.input_size, cfg.patch_size * cfg.patch_size);
     let mut p = Plan::new(format!("CPU forward plan ({rows} rows, {threads} threads)"));
-    let bufs = Bufs {
+    let bufs = ForwardBuffers {
         input: p.add("input", &[rows, cfg.in_channels, i, i], Dt::F32),
         patches: p.add("patches", &[rows, n, cfg.patch_dim()], Dt::F32),
         x: p.add("x", &[rows, n, c], Dt::F32),
@@ -185,7 +202,7 @@ pub struct CpuEngine {
     gemm: Gemmer,
     plan: Plan,
     arena: Arena,
-    bufs: Bufs,
+    bufs: ForwardBuffers,
     max_rows: usize,
     freqs: [f32; FREQ_DIM / 2],
     /// Staged request: timesteps (as f32, as the model casts them) and labels.
@@ -293,6 +310,11 @@ impl CpuEngine {
         }
         out.copy_from_slice(&self.slice(self.bufs.image)[..need]);
         Ok(())
+    }
+
+    /// Rows of the last full step, whose activations the caches hold (`None`: none yet).
+    pub fn cached_rows(&self) -> Option<usize> {
+        self.cached_rows
     }
 
     /// The activations a full step left in a cache slot: (rows, N, width), for the rows

@@ -11,7 +11,7 @@
 pub mod kernels;
 pub mod launch;
 pub mod pipeline;
-pub use pipeline::GpuEngine;
+pub use pipeline::{GpuBackend, GpuEngine};
 
 mod emu;
 pub use emu::{EmuDevice, EmuGraph};
