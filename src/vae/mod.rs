@@ -1,9 +1,11 @@
 //! The SD-VAE decoder DiT samples through (diffusers `AutoencoderKL`, reference doc F):
-//! loading a diffusers folder (config.json + safetensors, either attention naming) and the
-//! CPU decoder ([`VaeDecoder`]) that turns latents into images.
+//! loading a diffusers folder (config.json + safetensors, either attention naming), the
+//! decoder's graph written once (src/vae/graph.rs) and the two backends that run it, the CPU
+//! decoder ([`VaeDecoder`]) and the device decoder ([`GpuVaeDecoder`]).
 
 mod cpu;
 mod gpu;
+mod graph;
 
 use std::path::{Path, PathBuf};
 
@@ -179,48 +181,48 @@ impl AttnNaming {
     }
 }
 
-/// A weight and its bias.
+/// A layer's weight and bias (a norm's gamma and beta).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Wb {
-    pub w: TRef,
-    pub b: TRef,
+pub(crate) struct WeightBias {
+    pub weight: TRef,
+    pub bias: TRef,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct Resnet {
     pub cin: usize,
     pub cout: usize,
-    pub norm1: Wb,
-    pub conv1: Wb,
-    pub norm2: Wb,
-    pub conv2: Wb,
-    pub shortcut: Option<Wb>,
+    pub norm1: WeightBias,
+    pub conv1: WeightBias,
+    pub norm2: WeightBias,
+    pub conv2: WeightBias,
+    pub shortcut: Option<WeightBias>,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct Attention {
-    pub norm: Wb,
-    pub q: Wb,
-    pub k: Wb,
-    pub v: Wb,
-    pub out: Wb,
+    pub norm: WeightBias,
+    pub q: WeightBias,
+    pub k: WeightBias,
+    pub v: WeightBias,
+    pub out: WeightBias,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct UpBlock {
     pub resnets: Vec<Resnet>,
-    pub upsample: Option<Wb>,
+    pub upsample: Option<WeightBias>,
 }
 
 #[derive(Clone, Debug)]
 pub(crate) struct VaeTensors {
-    pub post_quant: Option<Wb>,
-    pub conv_in: Wb,
+    pub post_quant: Option<WeightBias>,
+    pub conv_in: WeightBias,
     pub mid: [Resnet; 2],
     pub attn: Option<Attention>,
     pub up: Vec<UpBlock>,
-    pub norm_out: Wb,
-    pub conv_out: Wb,
+    pub norm_out: WeightBias,
+    pub conv_out: WeightBias,
 }
 
 /// A loaded VAE decoder: config, mapped weights and their handles.
@@ -234,7 +236,7 @@ pub struct VaeModel {
     /// Parameters the decoder uses.
     pub params: usize,
     pub(crate) store: WeightStore,
-    pub(crate) t: VaeTensors,
+    pub(crate) tensors: VaeTensors,
 }
 
 impl std::fmt::Debug for VaeModel {
@@ -305,30 +307,31 @@ impl VaeModel {
             b.shape(&format!("{MID_ATTN}{}.weight", n.names()[0])).is_some_and(|s| s == [cm, cm, 1, 1])
         });
         let mut b = b;
-        let t = register(&mut |name: &str, shape: &[usize]| b.tensor(name, shape), &config, naming, attn_conv_form)?;
+        let tensors =
+            register(&mut |name: &str, shape: &[usize]| b.tensor(name, shape), &config, naming, attn_conv_form)?;
         let (store, _) = b.finish(|n| n.starts_with("encoder.") || n.starts_with("quant_conv."))?;
-        let params = tensor_params(&t);
-        Ok(VaeModel { config, source, config_origin: origin, naming, params, store, t })
+        let params = tensor_params(&tensors);
+        Ok(VaeModel { config, source, config_origin: origin, naming, params, store, tensors })
     }
 
     #[inline]
-    pub(crate) fn w(&self, r: TRef) -> &[f32] {
+    pub(crate) fn weight(&self, r: TRef) -> &[f32] {
         self.store.get(r)
     }
 }
 
 fn tensor_params(t: &VaeTensors) -> usize {
-    let wb = |x: &Wb| x.w.len() + x.b.len();
+    let len = |x: &WeightBias| x.weight.len() + x.bias.len();
     let resnet =
-        |r: &Resnet| wb(&r.norm1) + wb(&r.conv1) + wb(&r.norm2) + wb(&r.conv2) + r.shortcut.as_ref().map_or(0, wb);
-    let mut n = t.post_quant.as_ref().map_or(0, wb) + wb(&t.conv_in) + resnet(&t.mid[0]) + resnet(&t.mid[1]);
+        |r: &Resnet| len(&r.norm1) + len(&r.conv1) + len(&r.norm2) + len(&r.conv2) + r.shortcut.as_ref().map_or(0, len);
+    let mut n = t.post_quant.as_ref().map_or(0, len) + len(&t.conv_in) + resnet(&t.mid[0]) + resnet(&t.mid[1]);
     if let Some(a) = &t.attn {
-        n += wb(&a.norm) + wb(&a.q) + wb(&a.k) + wb(&a.v) + wb(&a.out);
+        n += len(&a.norm) + len(&a.q) + len(&a.k) + len(&a.v) + len(&a.out);
     }
     for u in &t.up {
-        n += u.resnets.iter().map(resnet).sum::<usize>() + u.upsample.as_ref().map_or(0, wb);
+        n += u.resnets.iter().map(resnet).sum::<usize>() + u.upsample.as_ref().map_or(0, len);
     }
-    n + wb(&t.norm_out) + wb(&t.conv_out)
+    n + len(&t.norm_out) + len(&t.conv_out)
 }
 
 fn read_config(path: &Path) -> Result<VaeConfig> {
@@ -456,12 +459,12 @@ fn attention_naming(b: &StoreBuilder, source: &Path, wanted: bool) -> Result<Opt
 /// Hands out a tensor handle for (name, shape): validated from files, or generated.
 type Get<'a> = dyn FnMut(&str, &[usize]) -> Result<TRef> + 'a;
 
-fn wb(get: &mut Get, name: &str, w: &[usize], n: usize) -> Result<Wb> {
-    Ok(Wb { w: get(&format!("{name}.weight"), w)?, b: get(&format!("{name}.bias"), &[n])? })
+fn weight_bias(get: &mut Get, name: &str, shape: &[usize], n: usize) -> Result<WeightBias> {
+    Ok(WeightBias { weight: get(&format!("{name}.weight"), shape)?, bias: get(&format!("{name}.bias"), &[n])? })
 }
 
-fn norm(get: &mut Get, name: &str, c: usize) -> Result<Wb> {
-    wb(get, name, &[c], c)
+fn norm(get: &mut Get, name: &str, c: usize) -> Result<WeightBias> {
+    weight_bias(get, name, &[c], c)
 }
 
 fn resnet(get: &mut Get, name: &str, cin: usize, cout: usize) -> Result<Resnet> {
@@ -469,11 +472,11 @@ fn resnet(get: &mut Get, name: &str, cin: usize, cout: usize) -> Result<Resnet> 
         cin,
         cout,
         norm1: norm(get, &format!("{name}.norm1"), cin)?,
-        conv1: wb(get, &format!("{name}.conv1"), &[cout, cin, 3, 3], cout)?,
+        conv1: weight_bias(get, &format!("{name}.conv1"), &[cout, cin, 3, 3], cout)?,
         norm2: norm(get, &format!("{name}.norm2"), cout)?,
-        conv2: wb(get, &format!("{name}.conv2"), &[cout, cout, 3, 3], cout)?,
+        conv2: weight_bias(get, &format!("{name}.conv2"), &[cout, cout, 3, 3], cout)?,
         shortcut: if cin != cout {
-            Some(wb(get, &format!("{name}.conv_shortcut"), &[cout, cin, 1, 1], cout)?)
+            Some(weight_bias(get, &format!("{name}.conv_shortcut"), &[cout, cin, 1, 1], cout)?)
         } else {
             None
         },
@@ -484,8 +487,9 @@ fn resnet(get: &mut Get, name: &str, cin: usize, cout: usize) -> Result<Resnet> 
 /// (C, C, 1, 1) with `attn_conv_form`.
 fn register(get: &mut Get, cfg: &VaeConfig, naming: Option<AttnNaming>, attn_conv_form: bool) -> Result<VaeTensors> {
     let (lc, cm) = (cfg.latent_channels, cfg.mid_channels());
-    let post_quant = if cfg.post_quant_conv { Some(wb(get, "post_quant_conv", &[lc, lc, 1, 1], lc)?) } else { None };
-    let conv_in = wb(get, "decoder.conv_in", &[cm, lc, 3, 3], cm)?;
+    let post_quant =
+        if cfg.post_quant_conv { Some(weight_bias(get, "post_quant_conv", &[lc, lc, 1, 1], lc)?) } else { None };
+    let conv_in = weight_bias(get, "decoder.conv_in", &[cm, lc, 3, 3], cm)?;
     let mid =
         [resnet(get, "decoder.mid_block.resnets.0", cm, cm)?, resnet(get, "decoder.mid_block.resnets.1", cm, cm)?];
     let attn = match naming {
@@ -495,10 +499,10 @@ fn register(get: &mut Get, cfg: &VaeConfig, naming: Option<AttnNaming>, attn_con
             let shape: &[usize] = if attn_conv_form { &[cm, cm, 1, 1] } else { &[cm, cm] };
             Some(Attention {
                 norm: norm(get, &format!("{MID_ATTN}group_norm"), cm)?,
-                q: wb(get, &format!("{MID_ATTN}{q}"), shape, cm)?,
-                k: wb(get, &format!("{MID_ATTN}{k}"), shape, cm)?,
-                v: wb(get, &format!("{MID_ATTN}{v}"), shape, cm)?,
-                out: wb(get, &format!("{MID_ATTN}{o}"), shape, cm)?,
+                q: weight_bias(get, &format!("{MID_ATTN}{q}"), shape, cm)?,
+                k: weight_bias(get, &format!("{MID_ATTN}{k}"), shape, cm)?,
+                v: weight_bias(get, &format!("{MID_ATTN}{v}"), shape, cm)?,
+                out: weight_bias(get, &format!("{MID_ATTN}{o}"), shape, cm)?,
             })
         }
     };
@@ -512,7 +516,7 @@ fn register(get: &mut Get, cfg: &VaeConfig, naming: Option<AttnNaming>, attn_con
             resnets.push(resnet(get, &format!("decoder.up_blocks.{i}.resnets.{j}"), c_in, cout)?);
         }
         let upsample = if i + 1 < nb {
-            Some(wb(get, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout)?)
+            Some(weight_bias(get, &format!("decoder.up_blocks.{i}.upsamplers.0.conv"), &[cout, cout, 3, 3], cout)?)
         } else {
             None
         };
@@ -520,7 +524,7 @@ fn register(get: &mut Get, cfg: &VaeConfig, naming: Option<AttnNaming>, attn_con
     }
     let c0 = cfg.block_out_channels[0];
     let norm_out = norm(get, "decoder.conv_norm_out", c0)?;
-    let conv_out = wb(get, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels)?;
+    let conv_out = weight_bias(get, "decoder.conv_out", &[cfg.out_channels, c0, 3, 3], cfg.out_channels)?;
     Ok(VaeTensors { post_quant, conv_in, mid, attn, up, norm_out, conv_out })
 }
 
@@ -531,7 +535,7 @@ impl VaeModel {
         cfg.check("random VAE config")?;
         let mut b = StoreBuilder::new(Vec::new());
         let mut index = 0u64;
-        let t = {
+        let tensors = {
             let mut get = |name: &str, shape: &[usize]| -> Result<TRef> {
                 index += 1;
                 let len: usize = shape.iter().product();
@@ -550,7 +554,7 @@ impl VaeModel {
             register(&mut get, cfg, cfg.mid_attention.then_some(AttnNaming::New), false)?
         };
         let (store, _) = b.finish(|_| false)?;
-        let params = tensor_params(&t);
+        let params = tensor_params(&tensors);
         Ok(VaeModel {
             config: cfg.clone(),
             source: format!("random(seed {seed})").into(),
@@ -558,7 +562,7 @@ impl VaeModel {
             naming: cfg.mid_attention.then_some(AttnNaming::New),
             params,
             store,
-            t,
+            tensors,
         })
     }
 }
