@@ -18,6 +18,17 @@ pub enum Sampler {
     Ddim { eta: f32 },
 }
 
+impl Sampler {
+    /// The sampler as logs, reports and shard manifests name it: `ddpm`, `ddim(eta=0)`
+    /// (manifests compare this text, so its spelling must not change).
+    pub fn name(&self) -> String {
+        match self {
+            Sampler::Ddpm => "ddpm".into(),
+            Sampler::Ddim { eta } => format!("ddim(eta={eta})"),
+        }
+    }
+}
+
 /// The kept original timesteps for a respacing spec, ascending (`space_timesteps`).
 pub fn space_timesteps(spec: &str) -> Result<Vec<usize>> {
     let bad = |reason: String| Error::invalid("respacing", format!("`{spec}`: {reason}"));

@@ -74,7 +74,7 @@ pub enum Error {
     NonFinite { step: usize, steps: usize, timestep: usize, location: String, cause: String },
 
     /// The planned memory exceeds the caller's limit or what the machine has available.
-    #[error("{what} needs {} but {limit_from} is {}:\n{breakdown}", crate::limits::human(*need), crate::limits::human(*limit))]
+    #[error("{what} needs {} but {limit_from} is {}:\n{breakdown}", crate::units::human(*need), crate::units::human(*limit))]
     Memory { what: String, need: u64, limit: u64, limit_from: String, breakdown: String },
 
     /// The run was interrupted (Ctrl-C, or the caller's interrupt flag) between steps.

@@ -105,7 +105,7 @@ pub fn write_npz(path: &Path, pixels: &[u8], count: usize, side: usize, channels
         w.extend(pixels.iter().copied()).map_err(bad)?;
         w.finish().map_err(bad)?;
     }
-    crate::atomic_write(path, buf.get_ref())
+    crate::fsio::atomic_write(path, buf.get_ref())
 }
 
 fn check_channels(channels: usize) -> Result<()> {
@@ -114,6 +114,19 @@ fn check_channels(channels: usize) -> Result<()> {
     } else {
         Err(Error::invalid("image channels", format!("{channels}: PNG output needs 1 or 3")))
     }
+}
+
+/// `NNNNNN-classC-seedS.png` for image `index` (class and seed left out when unknown): the
+/// name every PNG the sampler writes gets, so files sort by image index.
+pub fn png_name(index: u64, class: i64, seed: Option<u64>) -> String {
+    let mut name = format!("{index:06}");
+    if class >= 0 {
+        name.push_str(&format!("-class{class}"));
+    }
+    if let Some(s) = seed {
+        name.push_str(&format!("-seed{s}"));
+    }
+    name + ".png"
 }
 
 /// Writes 8-bit pixels as a PNG through a temporary file and a rename.
@@ -126,5 +139,5 @@ pub fn write_png(path: &Path, pixels: &[u8], width: usize, height: usize, channe
         let mut writer = enc.write_header().map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
         writer.write_image_data(pixels).map_err(|e| Error::invalid("PNG", format!("{}: {e}", path.display())))?;
     }
-    crate::atomic_write(path, &bytes)
+    crate::fsio::atomic_write(path, &bytes)
 }

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod factors;
 pub mod forward;
+pub mod fsio;
 pub mod gpu;
 pub mod image;
 pub mod inputs;
@@ -27,7 +28,9 @@ pub mod noise;
 pub mod plan;
 pub mod policy;
 pub mod quality;
+pub mod scale_out;
 pub mod tensorfile;
+pub mod units;
 pub mod vae;
 pub mod weights;
 
@@ -37,29 +40,6 @@ pub use diffusion::Sampler;
 pub use engine::{Engine, EngineOptions, GuidedChannels, Request, SamplingBackend, SamplingEngine};
 pub use error::{Error, Result};
 pub use factors::Factors;
+pub use fsio::atomic_write;
 pub use policy::{CacheMode, CachePolicy, FullSteps};
 pub use weights::{DitModel, Layout, LoadOptions};
-
-use std::io::Write;
-use std::path::Path;
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename, so a
-/// reader never sees a partially written file under the final name.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| Error::invalid("output path", format!("{} has no file name", path.display())))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
-}

@@ -6,6 +6,7 @@
 use std::fmt::Write as _;
 
 use crate::error::{Error, Result};
+pub use crate::units::human;
 
 /// Itemised memory of one piece of work, in bytes.
 #[derive(Clone, Debug, Default)]
@@ -108,22 +109,6 @@ pub fn parse_size(s: &str) -> Result<u64> {
         return Err(bad());
     }
     Ok(bytes as u64)
-}
-
-/// Bytes as a short human-readable size.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
 }
 
 #[cfg(test)]

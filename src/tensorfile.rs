@@ -267,5 +267,5 @@ pub fn write_safetensors(
     }
     let bytes =
         safetensors::serialize(views, metadata).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
-    crate::atomic_write(path, &bytes)
+    crate::fsio::atomic_write(path, &bytes)
 }

@@ -184,5 +184,5 @@ pub fn write_random_official(path: &Path, cfg: &DitConfig, seed: u64, dtype: Flo
     meta.insert(meta::DIT_CONFIG.to_string(), serde_json::to_string(cfg).expect("config serialises"));
     let bytes =
         safetensors::serialize(views, Some(meta)).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
-    crate::atomic_write(path, &bytes)
+    crate::fsio::atomic_write(path, &bytes)
 }

@@ -56,12 +56,12 @@ const SHAPES: &[Shape] = &[
 /// Split workspaces beyond this many f32 are not measured.
 const MAX_WS: usize = 64 << 20;
 
-pub fn run(a: BenchGemmArgs) -> Result<(), Error> {
-    let backend: Backend = a.backend.parse()?;
-    if a.rows.is_empty() || a.rows.contains(&0) || a.iters == 0 {
+pub fn run(args: BenchGemmArgs) -> Result<(), Error> {
+    let backend: Backend = args.backend.parse()?;
+    if args.rows.is_empty() || args.rows.contains(&0) || args.iters == 0 {
         return Err(Error::invalid("--rows/--iters", "give one or more row counts ≥ 1 and --iters ≥ 1"));
     }
-    let max_rows = *a.rows.iter().max().unwrap_or(&1);
+    let max_rows = *args.rows.iter().max().unwrap_or(&1);
     let mut plan = Plan::new("bench-gemm");
     let big = max_rows * MLP;
     let ids = [
@@ -75,17 +75,17 @@ pub fn run(a: BenchGemmArgs) -> Result<(), Error> {
         plan.add("workspace", &[MAX_WS], Dt::F32),
     ];
     match backend {
-        Backend::Emu => bench(&EmuDevice::new(&plan)?, &plan, ids, &a),
-        Backend::Cuda => cuda(&plan, ids, &a),
+        Backend::Emu => bench(&EmuDevice::new(&plan)?, &plan, ids, &args),
+        Backend::Cuda => cuda(&plan, ids, &args),
         Backend::Cpu => Err(Error::invalid("--backend", "bench-gemm runs cuda or emu")),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(plan: &Plan, ids: [icdit::plan::BufId; 8], a: &BenchGemmArgs) -> Result<(), Error> {
+fn cuda(plan: &Plan, ids: [icdit::plan::BufId; 8], args: &BenchGemmArgs) -> Result<(), Error> {
     let dev = icdit::gpu::CudaDevice::open(plan)?
         .ok_or_else(|| Error::gpu("bench-gemm", "no CUDA GPU found (the driver reports no device)"))?;
-    bench(&dev, plan, ids, a)
+    bench(&dev, plan, ids, args)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -96,7 +96,7 @@ fn cuda(_: &Plan, _: [icdit::plan::BufId; 8], _: &BenchGemmArgs) -> Result<(), E
     ))
 }
 
-fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &BenchGemmArgs) -> Result<(), Error> {
+fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], args: &BenchGemmArgs) -> Result<(), Error> {
     let [a_id, am_id, w_id, b_id, add_id, out_id, pre_id, ws_id] = ids;
     // Random-looking f16 data (never zeros: they can run faster than real data).
     let fill = |id| -> Result<DevSlice<f16>, Error> {
@@ -111,10 +111,10 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
     let out: DevSlice<f16> = dev.slice(plan.get(out_id))?;
     let pre: DevSlice<f16> = dev.slice(plan.get(pre_id))?;
     let ws: DevSlice<f32> = dev.slice(plan.get(ws_id))?;
-    println!("bench-gemm on {}: median of 3 timings of {} launches each", dev.name(), a.iters);
+    println!("bench-gemm on {}: median of 3 timings of {} launches each", dev.name(), args.iters);
     println!("| shape | m | n | k | launch | µs | TFLOP/s | auto picks |");
     println!("|---|---|---|---|---|---|---|---|");
-    for &m in &a.rows {
+    for &m in &args.rows {
         for s in SHAPES {
             let mut g = GemmSpec::new(GemmOut::F16(out), x, w, m as i32, s.n as i32, s.k as i32);
             g.bias = Some(bias);
@@ -143,7 +143,7 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
                 }
             }
             for (name, how) in variants {
-                let us = time_us(dev, a.iters, || match how {
+                let us = time_us(dev, args.iters, || match how {
                     None => launch::gemm_ws(dev, &g, Some(ws)),
                     Some(h) => launch::gemm_as(dev, &g, Some(ws), h),
                 })?;
@@ -157,7 +157,7 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
     println!("| attention | sequences | tokens | key splits | µs | TFLOP/s | auto picks |");
     println!("|---|---|---|---|---|---|---|");
     let heads = 16;
-    let max_rows = a.rows.iter().copied().max().unwrap_or(1);
+    let max_rows = args.rows.iter().copied().max().unwrap_or(1);
     for &(seqs, tokens) in &[(2usize, 256usize), (8, 256), (32, 256), (2, 1024)] {
         if seqs * tokens > max_rows {
             continue;
@@ -168,7 +168,7 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], a: &Benc
             if splits > tiles {
                 continue;
             }
-            let us = time_us(dev, a.iters, || {
+            let us = time_us(dev, args.iters, || {
                 let (b, n) = (seqs as i32, tokens as i32);
                 if splits == 0 {
                     launch::attention_f16(dev, out, x, b, n, heads, 72)

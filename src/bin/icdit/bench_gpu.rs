@@ -77,7 +77,7 @@ fn mib(b: usize) -> f64 {
 fn measure<D: Device>(
     model: &Arc<DitModel>,
     opts: &EngineOptions,
-    a: &BenchGpuArgs,
+    args: &BenchGpuArgs,
     row: &mut Row,
     open: &dyn Fn(&Plan) -> icdit::Result<D>,
 ) -> Result<(), Error> {
@@ -93,50 +93,50 @@ fn measure<D: Device>(
         if row.step_ms.iter().any(|(k, _)| *k == kind) {
             continue;
         }
-        engine.time_step(kind, 2.min(a.iters))?; // warm-up
-        let ms = engine.time_step(kind, a.iters)?;
+        engine.time_step(kind, 2.min(args.iters))?; // warm-up
+        let ms = engine.time_step(kind, args.iters)?;
         row.step_ms.push((kind, ms));
         eprintln!("  batch {}: {kind} step {ms:.3} ms", row.batch);
     }
-    if a.e2e_runs > 0 {
+    if args.e2e_runs > 0 {
         let n = opts.max_batch;
         let classes: Vec<i64> = (0..n as i64).map(|i| i % model.config.num_classes as i64).collect();
         let mut out = vec![0.0f32; n * model.config.image_elems()];
         engine.sample(&Request::new(&classes, 0), &mut out, &mut |_| {})?; // warm-up
         let mut times = Vec::new();
-        for seed in 0..a.e2e_runs {
+        for seed in 0..args.e2e_runs {
             let t = Instant::now();
             engine.sample(&Request::new(&classes, seed as u64 + 1), &mut out, &mut |_| {})?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
         }
         let ms = median(times);
         row.e2e_ms.push((policy, ms));
-        eprintln!("  batch {}: {}-step DDIM, {policy}: {ms:.2} ms end to end", row.batch, a.steps);
+        eprintln!("  batch {}: {}-step DDIM, {policy}: {ms:.2} ms end to end", row.batch, args.steps);
     }
     Ok(())
 }
 
 fn bench_batches<D: Device>(
     model: &Arc<DitModel>,
-    a: &BenchGpuArgs,
+    args: &BenchGpuArgs,
     open: &dyn Fn(&Plan) -> icdit::Result<D>,
 ) -> Result<(String, Vec<Row>), Error> {
-    let factors = Arc::new(Factors::random(model, a.rank, 1)?);
+    let factors = Arc::new(Factors::random(model, args.rank, 1)?);
     let mut rows = Vec::new();
     let mut device = String::new();
-    for &batch in &a.batches {
+    for &batch in &args.batches {
         let base = EngineOptions {
             max_batch: batch,
-            respacing: format!("ddim{}", a.steps),
+            respacing: format!("ddim{}", args.steps),
             sampler: Sampler::Ddim { eta: 0.0 },
-            cfg_scale: a.cfg,
+            cfg_scale: args.cfg,
             full_steps: FullSteps::Period(2),
             ..Default::default()
         };
         let mut row = Row { batch, ..Default::default() };
         for cache in [CacheMode::None, CacheMode::Reuse, CacheMode::Icc(factors.clone())] {
             let opts = EngineOptions { cache, ..base.clone() };
-            measure(model, &opts, a, &mut row, open)?;
+            measure(model, &opts, args, &mut row, open)?;
         }
         device = row.device.clone();
         rows.push(row);
@@ -144,33 +144,33 @@ fn bench_batches<D: Device>(
     Ok((device, rows))
 }
 
-pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
-    let backend: Backend = a.backend.parse()?;
-    let mut cfg = DitConfig::family(&a.family, a.image_size / 8).ok_or_else(|| {
-        Error::invalid("--family", format!("`{}` at {} px: expected XL/2, XL/4 or XL/8", a.family, a.image_size))
+pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
+    let backend: Backend = args.backend.parse()?;
+    let mut cfg = DitConfig::family(&args.family, args.image_size / 8).ok_or_else(|| {
+        Error::invalid("--family", format!("`{}` at {} px: expected XL/2, XL/4 or XL/8", args.family, args.image_size))
     })?;
-    if let Some(d) = a.depth {
+    if let Some(d) = args.depth {
         cfg.depth = d;
     }
-    if a.batches.is_empty() || a.batches.contains(&0) {
+    if args.batches.is_empty() || args.batches.contains(&0) {
         return Err(Error::invalid("--batches", "give one or more batch sizes ≥ 1"));
     }
     let model = Arc::new(DitModel::random(&cfg, 0)?);
     let start = Instant::now();
     eprintln!(
         "bench-gpu: DiT {} {} px ({} blocks, {} tokens), random weights, backend {}, rank {}, DDIM {}, cfg {}",
-        a.family,
-        a.image_size,
+        args.family,
+        args.image_size,
         cfg.depth,
         cfg.tokens(),
         backend.name(),
-        a.rank,
-        a.steps,
-        a.cfg
+        args.rank,
+        args.steps,
+        args.cfg
     );
     let (device, rows) = match backend {
-        Backend::Emu => bench_batches(&model, &a, &EmuDevice::new)?,
-        Backend::Cuda => cuda(&model, &a)?,
+        Backend::Emu => bench_batches(&model, &args, &EmuDevice::new)?,
+        Backend::Cuda => cuda(&model, &args)?,
         Backend::Cpu => {
             return Err(Error::invalid("--backend", "bench-gpu runs cuda or emu; see bench-forward for the CPU"))
         }
@@ -197,13 +197,13 @@ pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
             e2e(r, CachePolicy::Icc)
         );
     }
-    let model_rows = if a.cfg > 1.0 { 2 } else { 1 };
+    let model_rows = if args.cfg > 1.0 { 2 } else { 1 };
     let json = serde_json::json!({
         "tool": "icdit bench-gpu",
         "device": device,
         "backend": backend.name(),
-        "family": a.family, "image_size": a.image_size, "depth": cfg.depth, "rank": a.rank,
-        "steps": a.steps, "cfg": a.cfg, "iters": a.iters, "e2e_runs": a.e2e_runs,
+        "family": args.family, "image_size": args.image_size, "depth": cfg.depth, "rank": args.rank,
+        "steps": args.steps, "cfg": args.cfg, "iters": args.iters, "e2e_runs": args.e2e_runs,
         "forward_gflop_per_row": 2.0 * cfg.forward_macs() as f64 / 1e9,
         "seconds": start.elapsed().as_secs_f64(),
         "batches": rows.iter().map(|r| serde_json::json!({
@@ -221,12 +221,12 @@ pub fn run(a: BenchGpuArgs) -> Result<(), Error> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda(model: &Arc<DitModel>, a: &BenchGpuArgs) -> Result<(String, Vec<Row>), Error> {
+fn cuda(model: &Arc<DitModel>, args: &BenchGpuArgs) -> Result<(String, Vec<Row>), Error> {
     let open = |plan: &Plan| {
         icdit::gpu::CudaDevice::open(plan)?
             .ok_or_else(|| Error::gpu("bench-gpu", "no CUDA GPU found (the driver reports no device)"))
     };
-    bench_batches(model, a, &open)
+    bench_batches(model, args, &open)
 }
 
 #[cfg(not(feature = "cuda"))]

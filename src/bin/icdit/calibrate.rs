@@ -9,7 +9,7 @@ use clap::Args;
 use icdit::calibrate::{self, CalibSet, Method};
 use icdit::Error;
 
-use crate::ModelArgs;
+use crate::model_args::ModelArgs;
 
 #[derive(Args)]
 pub struct CalibrateArgs {
@@ -71,37 +71,38 @@ fn bar(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
     })
 }
 
-pub fn run(a: CalibrateArgs) -> Result<(), Error> {
-    let weights = a.weights.clone().unwrap_or_else(crate::sample::default_weights);
-    let model = Arc::new(a.model.load(&weights)?);
-    let method = match a.method.as_str() {
+pub fn run(args: CalibrateArgs) -> Result<(), Error> {
+    let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
+    let model = Arc::new(args.model.load(&weights)?);
+    let method = match args.method.as_str() {
         "svd" => Method::Svd,
         "ca-svd" => Method::CaSvd,
         "cd-svd" => Method::CdSvd,
         other => return Err(Error::invalid("method", format!("`{other}`: expected svd, ca-svd or cd-svd"))),
     };
     let ranks = [
-        a.rank_qkv.unwrap_or(a.rank),
-        a.rank_qkv.unwrap_or(a.rank),
-        a.rank_qkv.unwrap_or(a.rank),
-        a.rank_proj.unwrap_or(a.rank),
-        a.rank_fc1.unwrap_or(a.rank),
-        a.rank_fc2.unwrap_or(a.rank),
+        args.rank_qkv.unwrap_or(args.rank),
+        args.rank_qkv.unwrap_or(args.rank),
+        args.rank_qkv.unwrap_or(args.rank),
+        args.rank_proj.unwrap_or(args.rank),
+        args.rank_fc1.unwrap_or(args.rank),
+        args.rank_fc2.unwrap_or(args.rank),
     ];
-    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.threads };
+    let threads =
+        if args.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { args.threads };
     let start = Instant::now();
-    let mut settings = serde_json::json!({ "method": a.method, "seed": a.seed });
+    let mut settings = serde_json::json!({ "method": args.method, "seed": args.seed });
 
     let vectors = if method != Method::Svd {
-        let set = match (&a.calib_latents, a.calib_self) {
+        let set = match (&args.calib_latents, args.calib_self) {
             (Some(p), _) => {
                 settings["calib_latents"] = p.display().to_string().into();
-                CalibSet::load(p, &model, a.seed, method)?
+                CalibSet::load(p, &model, args.seed, method)?
             }
             (None, Some(n)) => {
                 settings["calib_self"] = n.into();
                 let b = bar(n.div_ceil(16), "self-sampling");
-                let set = calibrate::self_calibration_set(&model, n, a.seed, threads, method, &mut |_| {
+                let set = calibrate::self_calibration_set(&model, n, args.seed, threads, method, &mut |_| {
                     if let Some(b) = &b {
                         b.inc(1);
                     }
@@ -119,9 +120,9 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
             }
         };
         settings["calib_samples"] = set.len().into();
-        settings["calib_batch"] = a.calib_batch.into();
-        let b = bar(set.len() / a.calib_batch.max(1), "statistics");
-        let stats = calibrate::collect_stats(&model, &set, a.calib_batch, a.threads, method, &mut |d, _| {
+        settings["calib_batch"] = args.calib_batch.into();
+        let b = bar(set.len() / args.calib_batch.max(1), "statistics");
+        let stats = calibrate::collect_stats(&model, &set, args.calib_batch, args.threads, method, &mut |d, _| {
             if let Some(b) = &b {
                 b.set_position(d as u64);
             }
@@ -144,13 +145,13 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
         b.finish_and_clear();
     }
     let factors = calibrate::build_factors(&model, method, ranks, layers, &report, settings)?;
-    factors.save(&a.out)?;
+    factors.save(&args.out)?;
     let secs = start.elapsed().as_secs_f64();
 
-    if a.json {
+    if args.json {
         outln!(
             "{}",
-            serde_json::json!({ "out": a.out.display().to_string(), "seconds": secs, "statistics_seconds": stats_s, "info": factors.info })
+            serde_json::json!({ "out": args.out.display().to_string(), "seconds": secs, "statistics_seconds": stats_s, "info": factors.info })
         );
     } else {
         outln!("{:>5} {:>5} {:>5} {:>8} {:>10} {:>10}", "block", "layer", "rank", "energy", "rel_err", "weighted");
@@ -169,12 +170,12 @@ pub fn run(a: CalibrateArgs) -> Result<(), Error> {
     eprintln!(
         "calibrated {} factors ({}, ranks q/k/v {} proj {} fc1 {} fc2 {}) in {secs:.1} s ({stats_s:.1} s statistics); wrote {}",
         6 * model.config.depth,
-        a.method,
+        args.method,
         ranks[0],
         ranks[3],
         ranks[4],
         ranks[5],
-        a.out.display()
+        args.out.display()
     );
     Ok(())
 }

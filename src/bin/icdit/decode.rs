@@ -33,28 +33,28 @@ pub struct DecodeArgs {
     backend: String,
 }
 
-pub fn run(mut a: DecodeArgs) -> Result<(), Error> {
-    let vae = Arc::new(VaeModel::load(&a.vae)?);
+pub fn run(mut args: DecodeArgs) -> Result<(), Error> {
+    let vae = Arc::new(VaeModel::load(&args.vae)?);
     let lc = vae.config.latent_channels;
-    let input = icdit::inputs::read_latents(&a.latents, lc)?;
+    let input = icdit::inputs::read_latents(&args.latents, lc)?;
     let (n, side, labels, seed, latents) = (input.count, input.side, input.labels, input.seed, input.latents);
     let shape = [n, lc, side, side];
-    if a.images.any() || a.out_decoded.is_none() {
-        a.images.prepare()?;
+    if args.images.any() || args.out_decoded.is_none() {
+        args.images.prepare()?;
     }
-    let backend: icdit::backend::Backend = a.backend.parse()?;
-    let mut dec = icdit::backend::AnyVae::new(vae, shape[2], a.threads, n.clamp(1, 16), backend)?;
+    let backend: icdit::backend::Backend = args.backend.parse()?;
+    let mut dec = icdit::backend::AnyVae::new(vae, shape[2], args.threads, n.clamp(1, 16), backend)?;
     let t = Instant::now();
     let images = crate::sample::decode_all(&mut dec, &latents, n)?;
     let secs = t.elapsed().as_secs_f64();
     let (oc, side) = (dec.model().config.out_channels, dec.out_side());
     let mut written = Vec::new();
-    if let Some(path) = &a.out_decoded {
+    if let Some(path) = &args.out_decoded {
         write_safetensors(path, &[("decoded", &[n, oc, side, side], &images)], &[], None)?;
         written.push(path.clone());
     }
-    if a.images.any() {
-        written.extend(a.images.write(&images, &labels, seed, oc, side, 8)?);
+    if args.images.any() {
+        written.extend(args.images.write(&images, &labels, seed, oc, side, 8)?);
     }
     let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(

@@ -21,8 +21,8 @@ mod bench_gpu;
 mod calibrate;
 mod decode;
 mod interrupt;
-mod launch;
 mod merge;
+mod model_args;
 mod output;
 mod report;
 mod sample;
@@ -31,7 +31,8 @@ use icdit::forward::StepKind;
 use icdit::inspect::Report;
 use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeConfig, VaeModel};
-use icdit::{CacheMode, CpuEngine, CpuOptions, DitModel, Error, LoadOptions, Numerics};
+use icdit::{CacheMode, CpuEngine, CpuOptions, DitModel, Error};
+use model_args::ModelArgs;
 
 #[derive(Parser)]
 #[command(name = "icdit", version, about = "DiT inference with increment-calibrated caching")]
@@ -67,23 +68,6 @@ enum Command {
     CacheReport(report::ReportArgs),
     /// Join the shards of a `sample --num-images` run into one FID `.npz` (uint8 NHWC `arr_0`).
     Merge(merge::MergeArgs),
-}
-
-/// Flags shared by every command that loads weights.
-#[derive(Args)]
-pub(crate) struct ModelArgs {
-    /// Attention heads, when neither the file nor the DiT family table tells.
-    #[arg(long)]
-    num_heads: Option<usize>,
-    /// Arithmetic to follow: `official` (default) or `diffusers` (for models trained with diffusers).
-    #[arg(long, default_value = "official")]
-    numerics: Numerics,
-}
-
-impl ModelArgs {
-    pub(crate) fn load(&self, path: &std::path::Path) -> Result<DitModel, Error> {
-        DitModel::load(path, &LoadOptions { num_heads: self.num_heads, numerics: self.numerics })
-    }
 }
 
 #[derive(Args)]
@@ -187,17 +171,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     interrupt::install();
     let result = match cli.command {
-        Command::Inspect(a) => inspect(a),
-        Command::Forward(a) => forward(a),
-        Command::BenchForward(a) => bench_forward(a),
-        Command::BenchVae(a) => bench_vae(a),
-        Command::BenchGpu(a) => bench_gpu::run(a),
-        Command::BenchGemm(a) => bench_gemm::run(a),
-        Command::Sample(a) => sample::run(*a),
-        Command::Calibrate(a) => calibrate::run(a),
-        Command::Decode(a) => decode::run(a),
-        Command::CacheReport(a) => report::run(a),
-        Command::Merge(a) => merge::run(a),
+        Command::Inspect(args) => inspect(args),
+        Command::Forward(args) => forward(args),
+        Command::BenchForward(args) => bench_forward(args),
+        Command::BenchVae(args) => bench_vae(args),
+        Command::BenchGpu(args) => bench_gpu::run(args),
+        Command::BenchGemm(args) => bench_gemm::run(args),
+        Command::Sample(args) => sample::run(*args),
+        Command::Calibrate(args) => calibrate::run(args),
+        Command::Decode(args) => decode::run(args),
+        Command::CacheReport(args) => report::run(args),
+        Command::Merge(args) => merge::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,65 +192,65 @@ fn main() -> ExitCode {
     }
 }
 
-fn inspect(a: InspectArgs) -> Result<(), Error> {
-    let model = a.model.load(&a.path)?;
-    let opts = CpuOptions { max_batch: a.batch, guidance: a.cfg, threads: 0, ..Default::default() };
+fn inspect(args: InspectArgs) -> Result<(), Error> {
+    let model = args.model.load(&args.path)?;
+    let opts = CpuOptions { max_batch: args.batch, guidance: args.cfg, threads: 0, ..Default::default() };
     let report = Report::new(&model, &opts);
-    if a.json {
+    if args.json {
         outln!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
         outln!("{report}");
-        if a.plan {
+        if args.plan {
             outln!("{}", icdit::cpu::plan_for(&model, &opts));
         }
     }
     Ok(())
 }
 
-fn forward(a: ForwardArgs) -> Result<(), Error> {
-    let model = Arc::new(a.model.load(&a.weights)?);
+fn forward(args: ForwardArgs) -> Result<(), Error> {
+    let model = Arc::new(args.model.load(&args.weights)?);
     let cfg = model.config;
-    let input = icdit::inputs::read_forward_input(&a.input, &cfg)?;
+    let input = icdit::inputs::read_forward_input(&args.input, &cfg)?;
     let (b, x, t, y) = (input.batch, input.x, input.t, input.y);
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions { max_batch: b, guidance: false, threads: a.threads, ..Default::default() },
+        &CpuOptions { max_batch: b, guidance: false, threads: args.threads, ..Default::default() },
     )?;
     let mut out = vec![0.0f32; b * cfg.output_elems()];
     let start = Instant::now();
     engine.forward(&x, &t, &y, &mut out)?;
     let secs = start.elapsed().as_secs_f64();
     let shape = [b, cfg.out_channels(), cfg.input_size, cfg.input_size];
-    write_safetensors(&a.out, &[("out", &shape, &out)], &[], None)?;
+    write_safetensors(&args.out, &[("out", &shape, &out)], &[], None)?;
     eprintln!(
         "forward: batch {b} in {:.1} ms on {} threads ({} GEMM kernel); wrote {}",
         secs * 1e3,
         engine.threads(),
         engine.gemm_kernel(),
-        a.out.display()
+        args.out.display()
     );
     Ok(())
 }
 
-fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
-    let model = Arc::new(match &a.vae {
+fn bench_vae(args: BenchVaeArgs) -> Result<(), Error> {
+    let model = Arc::new(match &args.vae {
         Some(p) => VaeModel::load(p)?,
         None => VaeModel::random(&VaeConfig::sd(), 1)?,
     });
     let cfg = model.config.clone();
-    let backend: icdit::backend::Backend = a.backend.parse()?;
-    if a.batch == 0 || (backend == icdit::backend::Backend::Cpu && a.batch != 1) {
+    let backend: icdit::backend::Backend = args.backend.parse()?;
+    if args.batch == 0 || (backend == icdit::backend::Backend::Cpu && args.batch != 1) {
         return Err(Error::invalid("--batch", "1 on the CPU; 1 or more on a GPU backend"));
     }
-    let mut dec = icdit::backend::AnyVae::new(Arc::clone(&model), a.latent, a.threads, a.batch, backend)?;
+    let mut dec = icdit::backend::AnyVae::new(Arc::clone(&model), args.latent, args.threads, args.batch, backend)?;
     let lat: Vec<f32> =
-        (0..a.batch * dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
-    let mut img = vec![0.0f32; a.batch * dec.image_len()];
-    for _ in 0..a.warmup {
+        (0..args.batch * dec.latent_len()).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.8).collect();
+    let mut img = vec![0.0f32; args.batch * dec.image_len()];
+    for _ in 0..args.warmup {
         dec.decode(&lat, &mut img)?;
     }
-    let mut ms = Vec::with_capacity(a.runs);
-    for _ in 0..a.runs.max(1) {
+    let mut ms = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs.max(1) {
         let start = Instant::now();
         dec.decode(&lat, &mut img)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);
@@ -274,17 +258,17 @@ fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
     let mut sorted = ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
-    let macs = cfg.macs(a.latent) as f64 * a.batch as f64;
+    let macs = cfg.macs(args.latent) as f64 * args.batch as f64;
     outln!(
         "{}",
         serde_json::json!({
             "impl": format!("icdit-{}-vae", backend.name()),
-            "batch": a.batch,
-            "ms_per_image": median / a.batch as f64,
+            "batch": args.batch,
+            "ms_per_image": median / args.batch as f64,
             "model": model.source.display().to_string(),
-            "latent": a.latent,
+            "latent": args.latent,
             "out_side": dec.out_side(),
-            "threads": a.threads,
+            "threads": args.threads,
             "cpu_isa": dec.cpu_isa().map(|i| i.name()),
             "gmacs": macs / 1e9,
             "median_ms": median,
@@ -296,30 +280,30 @@ fn bench_vae(a: BenchVaeArgs) -> Result<(), Error> {
     Ok(())
 }
 
-fn bench_forward(a: BenchArgs) -> Result<(), Error> {
-    let model = match &a.weights {
-        Some(p) => a.model.load(p)?,
+fn bench_forward(args: BenchArgs) -> Result<(), Error> {
+    let model = match &args.weights {
+        Some(p) => args.model.load(p)?,
         None => {
-            let cfg = icdit::DitConfig::family(&a.family, a.image_size / 8).ok_or_else(|| Error::Invalid {
+            let cfg = icdit::DitConfig::family(&args.family, args.image_size / 8).ok_or_else(|| Error::Invalid {
                 what: "family",
-                reason: format!("`{}`: expected XL/2, XL/4, XL/8, L/2, …, S/8", a.family),
+                reason: format!("`{}`: expected XL/2, XL/4, XL/8, L/2, …, S/8", args.family),
             })?;
             DitModel::random(&cfg, 0)?
         }
     };
     let model = Arc::new(model);
     let cfg = model.config;
-    let rows = a.rows.max(1);
-    let kind = a.step;
+    let rows = args.rows.max(1);
+    let kind = args.step;
     let cache = match kind {
         StepKind::Plain => CacheMode::None,
-        StepKind::Calibrated => CacheMode::Icc(Arc::new(icdit::Factors::random(&model, a.rank, 1)?)),
+        StepKind::Calibrated => CacheMode::Icc(Arc::new(icdit::Factors::random(&model, args.rank, 1)?)),
         _ => CacheMode::Reuse,
     };
     let ranks = cache.factors().map_or_else(Vec::new, |f| f.ranks());
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
-        &CpuOptions { max_batch: rows, guidance: false, threads: a.threads, cache, isa: None },
+        &CpuOptions { max_batch: rows, guidance: false, threads: args.threads, cache, isa: None },
     )?;
     let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
     let t: Vec<i64> = (0..rows).map(|r| (500 + r as i64) % 1000).collect();
@@ -328,11 +312,11 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
     if kind != StepKind::Plain {
         engine.forward_step(&x, &t, &y, &mut out, StepKind::Full)?; // fills the caches
     }
-    for _ in 0..a.warmup {
+    for _ in 0..args.warmup {
         engine.forward_step(&x, &t, &y, &mut out, kind)?;
     }
-    let mut ms = Vec::with_capacity(a.runs);
-    for _ in 0..a.runs.max(1) {
+    let mut ms = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs.max(1) {
         let start = Instant::now();
         engine.forward_step(&x, &t, &y, &mut out, kind)?;
         ms.push(start.elapsed().as_secs_f64() * 1e3);
@@ -348,7 +332,7 @@ fn bench_forward(a: BenchArgs) -> Result<(), Error> {
             "impl": "icdit-cpu",
             "model": model.source.display().to_string(),
             "step": kind.name(),
-            "rank": if kind == StepKind::Calibrated { Some(a.rank) } else { None },
+            "rank": if kind == StepKind::Calibrated { Some(args.rank) } else { None },
             "gmacs_per_row": macs as f64 / 1e9,
             "rows": rows,
             "threads": engine.threads(),

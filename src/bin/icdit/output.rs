@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use icdit::image::{self, Rounding};
+use icdit::fsio::check_writable_dir;
+use icdit::image::{self, png_name, Rounding};
 use icdit::Error;
 
 #[derive(Args, Default)]
@@ -91,25 +92,4 @@ impl ImageOut {
         }
         Ok(written)
     }
-}
-
-/// `NNNNNN-classC-seedS.png` for image `index` (class and seed left out when unknown).
-pub fn png_name(index: u64, class: i64, seed: Option<u64>) -> String {
-    let mut name = format!("{index:06}");
-    if class >= 0 {
-        name.push_str(&format!("-class{class}"));
-    }
-    if let Some(s) = seed {
-        name.push_str(&format!("-seed{s}"));
-    }
-    name + ".png"
-}
-
-/// Creates `dir` if needed and proves a file can be created in it.
-pub fn check_writable_dir(dir: &Path) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let probe = dir.join(format!(".icdit-write-check-{}", std::process::id()));
-    std::fs::write(&probe, b"").map_err(|e| Error::io(dir, e))?;
-    let _ = std::fs::remove_file(&probe);
-    Ok(())
 }

@@ -13,7 +13,7 @@ use icdit::engine::EngineOptions;
 use icdit::quality::{psnr, rel_l2, sample_set};
 use icdit::{CacheMode, CachePolicy, Error, FullSteps};
 
-use crate::ModelArgs;
+use crate::model_args::ModelArgs;
 
 #[derive(Args)]
 pub struct ReportArgs {
@@ -65,20 +65,20 @@ struct Row {
     ratio: f64,
 }
 
-pub fn run(a: ReportArgs) -> Result<(), Error> {
-    let weights = a.weights.clone().unwrap_or_else(crate::sample::default_weights);
-    let model = Arc::new(a.model.load(&weights)?);
+pub fn run(args: ReportArgs) -> Result<(), Error> {
+    let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
+    let model = Arc::new(args.model.load(&weights)?);
     let cfg = model.config;
     let start = Instant::now();
-    let sampler = match a.sampler.as_str() {
+    let sampler = match args.sampler.as_str() {
         "ddpm" => icdit::Sampler::Ddpm,
         "ddim" => icdit::Sampler::Ddim { eta: 0.0 },
         other => return Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
     };
-    if a.steps == 0 || a.per_class == 0 || a.periods.iter().any(|&p| p < 2) || a.ranks.contains(&0) {
+    if args.steps == 0 || args.per_class == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
         return Err(Error::invalid("cache-report", "steps, per-class and ranks must be ≥ 1 and periods ≥ 2"));
     }
-    let methods: Vec<Method> = a
+    let methods: Vec<Method> = args
         .methods
         .iter()
         .map(|m| match m.as_str() {
@@ -88,54 +88,55 @@ pub fn run(a: ReportArgs) -> Result<(), Error> {
         })
         .collect::<Result<_, _>>()?;
     let classes: Vec<i64> = if cfg.num_classes <= 32 {
-        (0..cfg.num_classes as i64).flat_map(|c| std::iter::repeat_n(c, a.per_class)).collect()
+        (0..cfg.num_classes as i64).flat_map(|c| std::iter::repeat_n(c, args.per_class)).collect()
     } else {
-        icdit::noise::class_labels(a.seed, 0, 16, cfg.num_classes)
+        icdit::noise::class_labels(args.seed, 0, 16, cfg.num_classes)
     };
     let base = EngineOptions {
         max_batch: classes.len().min(40),
         respacing: if matches!(sampler, icdit::Sampler::Ddim { .. }) {
-            format!("ddim{}", a.steps)
+            format!("ddim{}", args.steps)
         } else {
-            a.steps.to_string()
+            args.steps.to_string()
         },
         sampler,
-        cfg_scale: a.cfg,
-        threads: a.threads,
+        cfg_scale: args.cfg,
+        threads: args.threads,
         ..Default::default()
     };
-    let (reference, _) = sample_set(&model, &base, &classes, a.seed)?;
-    eprintln!("reference: {} images, {} steps, full compute", classes.len(), a.steps);
+    let (reference, _) = sample_set(&model, &base, &classes, args.seed)?;
+    eprintln!("reference: {} images, {} steps, full compute", classes.len(), args.steps);
 
     // Per method, the calibration statistics once; factors per rank.
-    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { a.threads };
+    let threads =
+        if args.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { args.threads };
     let mut factor_sets = Vec::new();
     for &m in &methods {
         let vectors = if m == Method::Svd {
             None
         } else {
-            let set = calibrate::self_calibration_set(&model, a.calib_self, a.seed, threads, m, &mut |_| {})?;
+            let set = calibrate::self_calibration_set(&model, args.calib_self, args.seed, threads, m, &mut |_| {})?;
             let stats = calibrate::collect_stats(&model, &set, 16, threads, m, &mut |_, _| {})?;
             Some(calibrate::weight_vectors(&stats, cfg.hidden_size))
         };
-        for &r in &a.ranks {
+        for &r in &args.ranks {
             let ranks = [r.min(cfg.hidden_size); 6];
             let (layers, report) = calibrate::compute_factors(&model, ranks, vectors.as_deref(), threads, &|_, _| {})?;
-            let settings = serde_json::json!({ "calib_self": a.calib_self, "seed": a.seed });
+            let settings = serde_json::json!({ "calib_self": args.calib_self, "seed": args.seed });
             let f = calibrate::build_factors(&model, m, ranks, layers, &report, settings)?;
             factor_sets.push((format!("{} {} r{r}", CachePolicy::Icc.name(), method_name(m)), Arc::new(f)));
         }
-        eprintln!("factors: {} at ranks {:?}", method_name(m), a.ranks);
+        eprintln!("factors: {} at ranks {:?}", method_name(m), args.ranks);
     }
 
     let mut rows = Vec::new();
-    for &period in &a.periods {
+    for &period in &args.periods {
         let reuse = format!("{} (naive caching)", CachePolicy::Reuse.name());
         let mut policies: Vec<(String, CacheMode)> = vec![(reuse, CacheMode::Reuse)];
         policies.extend(factor_sets.iter().map(|(n, f)| (n.clone(), CacheMode::Icc(Arc::clone(f)))));
         for (name, cache) in policies {
             let opts = EngineOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() };
-            let (samples, ratio) = sample_set(&model, &opts, &classes, a.seed)?;
+            let (samples, ratio) = sample_set(&model, &opts, &classes, args.seed)?;
             rows.push(Row {
                 policy: name,
                 period,
@@ -146,20 +147,20 @@ pub fn run(a: ReportArgs) -> Result<(), Error> {
         }
         eprintln!("period {period} done");
     }
-    let md = markdown(&rows, &a.periods);
+    let md = markdown(&rows, &args.periods);
     outln!("{md}");
-    if let Some(path) = &a.out_md {
+    if let Some(path) = &args.out_md {
         icdit::atomic_write(path, md.as_bytes())?;
     }
-    if a.json {
+    if args.json {
         let v: Vec<_> = rows
             .iter()
             .map(|r| serde_json::json!({"policy": r.policy, "period": r.period, "rel_l2": r.rel_l2, "psnr_db": r.psnr, "compute_ratio": r.ratio}))
             .collect();
         outln!(
             "{}",
-            serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": a.steps,
-                "sampler": a.sampler, "cfg": a.cfg, "seed": a.seed, "calib_self": a.calib_self, "results": v})
+            serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": args.steps,
+                "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, "calib_self": args.calib_self, "results": v})
         );
     }
     eprintln!("cache report in {:.1} s", start.elapsed().as_secs_f64());

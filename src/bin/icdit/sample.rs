@@ -13,8 +13,8 @@ use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, SampleSpace};
 
+use crate::model_args::ModelArgs;
 use crate::output::ImageOut;
-use crate::ModelArgs;
 
 /// The bundled default model (weights/README.md), used when --weights is not given.
 pub const DEFAULT_WEIGHTS: &str = "weights/icdit-shapes-32.safetensors";
@@ -120,9 +120,9 @@ struct Recommended {
     cfg: Option<f32>,
 }
 
-pub fn run(mut a: SampleArgs) -> Result<(), Error> {
-    let weights = a.weights.clone().unwrap_or_else(default_weights);
-    let model = Arc::new(a.model.load(&weights).map_err(|e| match (&a.weights, e) {
+pub fn run(mut args: SampleArgs) -> Result<(), Error> {
+    let weights = args.weights.clone().unwrap_or_else(default_weights);
+    let model = Arc::new(args.model.load(&weights).map_err(|e| match (&args.weights, e) {
         (None, Error::Io { path, source }) => Error::Io {
             path,
             source: std::io::Error::new(
@@ -134,11 +134,11 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     })?);
     let cfg = model.config;
     let rec = recommended(&model)?;
-    let vae = open_vae(&a, &weights, &model)?;
+    let vae = open_vae(&args, &weights, &model)?;
     let makes_images = model.space == SampleSpace::Pixel || vae.is_some();
-    if makes_images && a.shard.num_images.is_none() {
-        a.images.prepare()?; // a --num-images run checks its own folder (shard.rs)
-    } else if !makes_images && a.images.any() {
+    if makes_images && args.shard.num_images.is_none() {
+        args.images.prepare()?; // a --num-images run checks its own folder (icdit::scale_out)
+    } else if !makes_images && args.images.any() {
         return Err(Error::invalid(
             "--out/--grid/--npz",
             "this model samples VAE latents: pass --vae DIR (a diffusers AutoencoderKL folder) to decode \
@@ -146,28 +146,28 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         ));
     }
 
-    let classes = choose_classes(&a, &model)?;
-    let sampler = match a.sampler.as_deref().or(rec.sampler.as_deref()).unwrap_or("ddpm") {
+    let classes = choose_classes(&args, &model)?;
+    let sampler = match args.sampler.as_deref().or(rec.sampler.as_deref()).unwrap_or("ddpm") {
         "ddpm" => Sampler::Ddpm,
-        "ddim" => Sampler::Ddim { eta: a.eta },
+        "ddim" => Sampler::Ddim { eta: args.eta },
         other => return Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
     };
-    let respacing = match (&a.respacing, a.steps.or(rec.steps)) {
+    let respacing = match (&args.respacing, args.steps.or(rec.steps)) {
         (Some(spec), _) => spec.clone(),
         (None, Some(0)) => return Err(Error::invalid("steps", "must be at least 1")),
         (None, Some(n)) => n.to_string(),
         (None, None) => "250".into(),
     };
-    let cfg_scale = a.cfg.or(rec.cfg).unwrap_or(4.0);
-    let noise = a.noise.as_deref().map(|p| read_noise(p, classes.len(), &cfg)).transpose()?;
+    let cfg_scale = args.cfg.or(rec.cfg).unwrap_or(4.0);
+    let noise = args.noise.as_deref().map(|p| read_noise(p, classes.len(), &cfg)).transpose()?;
     let batch = if noise.as_ref().is_some_and(|n| n.1.is_some()) {
         classes.len() // per-step noise is laid out for the whole request
     } else {
-        a.batch.clamp(1, classes.len())
+        args.batch.clamp(1, classes.len())
     };
-    let cache = match (a.cache, &a.factors) {
+    let cache = match (args.cache, &args.factors) {
         // --compare names its own policies and reads --factors itself.
-        (CachePolicy::None, Some(_)) if !a.compare.is_empty() => CacheMode::None,
+        (CachePolicy::None, Some(_)) if !args.compare.is_empty() => CacheMode::None,
         (CachePolicy::None, None) => CacheMode::None,
         (CachePolicy::Reuse, None) => CacheMode::Reuse,
         (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
@@ -178,8 +178,11 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
             return Err(Error::invalid("--factors", "only used with --cache icc"))
         }
     };
-    let full_steps =
-        if a.full_steps.is_empty() { FullSteps::Period(a.period) } else { FullSteps::List(a.full_steps.clone()) };
+    let full_steps = if args.full_steps.is_empty() {
+        FullSteps::Period(args.period)
+    } else {
+        FullSteps::List(args.full_steps.clone())
+    };
     let opts = EngineOptions {
         cache,
         full_steps,
@@ -187,35 +190,35 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         respacing,
         sampler,
         cfg_scale,
-        guided_channels: if a.guide_all_channels { GuidedChannels::All } else { GuidedChannels::OfficialThree },
-        threads: a.threads,
-        max_memory: a.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
-        check_finite: !a.no_finite_check,
+        guided_channels: if args.guide_all_channels { GuidedChannels::All } else { GuidedChannels::OfficialThree },
+        threads: args.threads,
+        max_memory: args.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
+        check_finite: !args.no_finite_check,
         isa: None,
     };
-    let backend: Backend = a.backend.parse()?;
+    let backend: Backend = args.backend.parse()?;
     // The VAE decodes on the sampler's backend (on a device: its own arena, ≤ 16 latents a call).
     let any_vae = |v: Option<Arc<VaeModel>>, device: usize| {
-        v.map(|v| AnyVae::new_on(v, model.config.input_size, a.threads, a.batch.clamp(1, 16), backend, device))
+        v.map(|v| AnyVae::new_on(v, model.config.input_size, args.threads, args.batch.clamp(1, 16), backend, device))
             .transpose()
     };
-    if !a.compare.is_empty() {
-        return compare(&a, &model, &opts, &classes, any_vae(vae, 0)?);
+    if !args.compare.is_empty() {
+        return compare(&args, &model, &opts, &classes, any_vae(vae, 0)?);
     }
-    if let Some(num_images) = a.shard.num_images {
+    if let Some(num_images) = args.shard.num_images {
         let spec = crate::shard::RunSpec {
-            out: a.images.out.clone(),
-            rounding: a.images.rounding()?,
-            seed: a.seed,
-            batch: a.batch,
-            json: a.json,
-            backend: a.backend.parse()?,
+            out: args.images.out.clone(),
+            rounding: args.images.rounding()?,
+            seed: args.seed,
+            batch: args.batch,
+            json: args.json,
+            backend,
         };
         // Sharded runs decode on the CPU (one decoder shared by the device workers).
-        let vae = vae.map(|v| VaeDecoder::new(v, model.config.input_size, a.threads)).transpose()?;
-        return crate::shard::run(&a.shard, num_images, &spec, &model, &opts, vae);
+        let vae = vae.map(|v| VaeDecoder::new(v, model.config.input_size, args.threads)).transpose()?;
+        return crate::shard::run(&args.shard, num_images, &spec, &model, &opts, vae);
     }
-    let device = crate::shard::plain_device(&a.shard, backend)?;
+    let device = crate::shard::plain_device(&args.shard, backend)?;
     let vae = any_vae(vae, device)?;
     let mut engine = AnyEngine::new_on(Arc::clone(&model), &opts, backend, device)?;
     let steps = engine.steps();
@@ -259,7 +262,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         let first = chunk * batch;
         let req = Request {
             classes: labels,
-            seed: a.seed,
+            seed: args.seed,
             first_index: first as u64,
             noise: noise.as_ref().map(|n| &n.0[first * img..(first + labels.len()) * img]),
             step_noise: noise.as_ref().and_then(|n| n.1.as_deref()),
@@ -296,9 +299,9 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     let secs = start.elapsed().as_secs_f64();
 
     let mut written = Vec::new();
-    if let Some(path) = &a.out_latents {
+    if let Some(path) = &args.out_latents {
         let shape = [classes.len(), cfg.in_channels, cfg.input_size, cfg.input_size];
-        let meta = std::collections::HashMap::from([("icdit_seed".to_string(), a.seed.to_string())]);
+        let meta = std::collections::HashMap::from([("icdit_seed".to_string(), args.seed.to_string())]);
         write_safetensors(
             path,
             &[("latents", &shape, &samples)],
@@ -309,8 +312,11 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
     }
     let mut decode_s = 0.0;
     if makes_images {
-        let cols =
-            if a.class.is_empty() && a.random_classes.is_none() && cfg.num_classes <= 32 { a.per_class } else { 8 };
+        let cols = if args.class.is_empty() && args.random_classes.is_none() && cfg.num_classes <= 32 {
+            args.per_class
+        } else {
+            8
+        };
         let (images, channels, side) = match vae {
             None => (samples, cfg.in_channels, cfg.input_size),
             Some(mut dec) => {
@@ -320,7 +326,7 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
                 (images, dec.model().config.out_channels, dec.out_side())
             }
         };
-        written.extend(a.images.write(&images, &classes, Some(a.seed), channels, side, cols)?);
+        written.extend(args.images.write(&images, &classes, Some(args.seed), channels, side, cols)?);
     }
     if written.is_empty() {
         eprintln!("note: nothing written; pass --out-latents FILE to keep the latents, or --vae DIR to decode them");
@@ -335,26 +341,26 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {}{decode_note}); wrote {}",
         classes.len(),
         steps,
-        sampler_name(sampler),
+        sampler.name(),
         cfg_scale,
-        a.cache.name(),
+        args.cache.name(),
         secs,
         median_step,
         engine.describe(),
         if paths.is_empty() { "nothing".to_string() } else { paths.join(", ") }
     );
-    if a.json {
+    if args.json {
         let report = serde_json::json!({
             "weights": weights.display().to_string(),
             "images": classes.len(),
             "classes": classes,
-            "seed": a.seed,
-            "sampler": sampler_name(sampler),
+            "seed": args.seed,
+            "sampler": sampler.name(),
             "respacing": opts.respacing,
             "steps": steps,
             "cfg_scale": cfg_scale,
-            "guided_channels": if a.guide_all_channels { "all" } else { "official-3" },
-            "cache": a.cache.name(),
+            "guided_channels": if args.guide_all_channels { "all" } else { "official-3" },
+            "cache": args.cache.name(),
             "full_steps": full_steps_taken,
             "mean_gmacs_per_step_per_image": mean_macs / 1e9,
             "compute_ratio": macs_ratio,
@@ -373,13 +379,6 @@ pub fn run(mut a: SampleArgs) -> Result<(), Error> {
         outln!("{report}");
     }
     Ok(())
-}
-
-fn sampler_name(s: Sampler) -> String {
-    match s {
-        Sampler::Ddpm => "ddpm".into(),
-        Sampler::Ddim { eta } => format!("ddim(eta={eta})"),
-    }
 }
 
 /// The bundled model, relative to the working directory or to the source checkout.
@@ -407,22 +406,22 @@ fn recommended(model: &DitModel) -> Result<Recommended, Error> {
     }
 }
 
-fn choose_classes(a: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
+fn choose_classes(args: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
     let n = model.config.num_classes;
-    if !a.class.is_empty() {
-        return Ok(a.class.clone());
+    if !args.class.is_empty() {
+        return Ok(args.class.clone());
     }
-    if let Some(count) = a.random_classes {
+    if let Some(count) = args.random_classes {
         if count == 0 || count > 1 << 24 {
             return Err(Error::invalid("--random-classes", format!("{count}: must be 1 to 2^24 images per run")));
         }
-        return Ok(icdit::noise::class_labels(a.seed, 0, count, n));
+        return Ok(icdit::noise::class_labels(args.seed, 0, count, n));
     }
-    if a.per_class == 0 {
+    if args.per_class == 0 {
         return Err(Error::invalid("--per-class", "must be at least 1"));
     }
     if n <= 32 {
-        Ok((0..n as i64).flat_map(|c| std::iter::repeat_n(c, a.per_class)).collect())
+        Ok((0..n as i64).flat_map(|c| std::iter::repeat_n(c, args.per_class)).collect())
     } else {
         Ok(SAMPLE_PY_CLASSES.iter().copied().filter(|&c| (c as usize) < n).collect())
     }
@@ -435,8 +434,8 @@ fn read_noise(path: &Path, n: usize, cfg: &icdit::DitConfig) -> Result<(Vec<f32>
 }
 
 /// The VAE decoder for a latent-space model: --vae, or the pipeline's own `vae/` folder.
-fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<Arc<VaeModel>>, Error> {
-    let path = match &a.vae {
+fn open_vae(args: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<Arc<VaeModel>>, Error> {
+    let path = match &args.vae {
         Some(p) => p.clone(),
         None if weights.is_dir() && weights.join("vae").join("config.json").is_file() => weights.join("vae"),
         None => return Ok(None),
@@ -455,22 +454,10 @@ fn open_vae(a: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<A
     Ok(Some(vae))
 }
 
-/// Decodes `n` latents one after another into (C, H, W) images.
+/// Decodes `n` latents into (C, H, W) images, as many a call as the decoder takes,
+/// stopping cleanly on Ctrl-C.
 pub fn decode_all(dec: &mut AnyVae, latents: &[f32], n: usize) -> Result<Vec<f32>, Error> {
-    let (ll, il, per) = (dec.latent_len(), dec.image_len(), dec.batch());
-    decode_chunks(ll, il, per, latents, n, |z, out| dec.decode(z, out))
-}
-
-/// Decodes `n` latents `per` at a time with `decode`, stopping cleanly on Ctrl-C.
-pub fn decode_chunks(
-    ll: usize,
-    il: usize,
-    per: usize,
-    latents: &[f32],
-    n: usize,
-    mut decode: impl FnMut(&[f32], &mut [f32]) -> icdit::Result<()>,
-) -> Result<Vec<f32>, Error> {
-    let per = per.max(1);
+    let (ll, il, per) = (dec.latent_len(), dec.image_len(), dec.batch().max(1));
     let mut images = vec![0.0f32; n * il];
     for i in (0..n).step_by(per) {
         if crate::interrupt::requested() {
@@ -481,21 +468,21 @@ pub fn decode_chunks(
             });
         }
         let k = per.min(n - i);
-        decode(&latents[i * ll..(i + k) * ll], &mut images[i * il..(i + k) * il])?;
+        dec.decode(&latents[i * ll..(i + k) * ll], &mut images[i * il..(i + k) * il])?;
     }
     Ok(images)
 }
 
 /// `--compare`: one grid row per cache policy, each the same request (classes, seed, noise).
 fn compare(
-    a: &SampleArgs,
+    args: &SampleArgs,
     model: &Arc<DitModel>,
     opts: &EngineOptions,
     classes: &[i64],
     vae: Option<AnyVae>,
 ) -> Result<(), Error> {
     let cfg = model.config;
-    if a.noise.is_some() || a.out_latents.is_some() {
+    if args.noise.is_some() || args.out_latents.is_some() {
         return Err(Error::invalid("--compare", "cannot be combined with --noise or --out-latents"));
     }
     if model.space != SampleSpace::Pixel && vae.is_none() {
@@ -503,8 +490,8 @@ fn compare(
     }
     let start = Instant::now();
     let mut rows: Vec<(CachePolicy, Vec<f32>, f64)> = Vec::new();
-    for &policy in &a.compare {
-        let cache = match (policy, &a.factors) {
+    for &policy in &args.compare {
+        let cache = match (policy, &args.factors) {
             (CachePolicy::None, _) => CacheMode::None,
             (CachePolicy::Reuse, _) => CacheMode::Reuse,
             (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, model)?)),
@@ -513,7 +500,7 @@ fn compare(
             }
         };
         let o = EngineOptions { cache, ..opts.clone() };
-        let (samples, ratio) = icdit::quality::sample_set_on(model, &o, classes, a.seed, a.backend.parse()?)?;
+        let (samples, ratio) = icdit::quality::sample_set_on(model, &o, classes, args.seed, args.backend.parse()?)?;
         rows.push((policy, samples, ratio));
     }
     let reference = rows.iter().find(|r| r.0 == CachePolicy::None).map(|r| r.1.clone());
@@ -540,23 +527,23 @@ fn compare(
             (images, dec.model().config.out_channels, dec.out_side())
         }
     };
-    let mut out = ImageOut { grid: a.images.grid.clone(), grid_cols: Some(classes.len()), ..Default::default() };
-    out.rounding = a.images.rounding.clone();
+    let mut out = ImageOut { grid: args.images.grid.clone(), grid_cols: Some(classes.len()), ..Default::default() };
+    out.rounding = args.images.rounding.clone();
     if out.grid.is_none() {
         out.grid = Some(PathBuf::from("samples/compare.png"));
     }
     out.prepare()?;
     let labels: Vec<i64> = rows.iter().flat_map(|_| classes.iter().copied()).collect();
-    let written = out.write(&images, &labels, Some(a.seed), channels, side, classes.len())?;
+    let written = out.write(&images, &labels, Some(args.seed), channels, side, classes.len())?;
     eprintln!(
         "compared {} policies on {} images in {:.2} s; wrote {} (rows: {})",
         rows.len(),
         classes.len(),
         start.elapsed().as_secs_f64(),
         written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-        a.compare.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+        args.compare.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
     );
-    if a.json {
+    if args.json {
         outln!("{}", serde_json::json!({"policies": summary, "images": classes.len(), "steps": opts.respacing}));
     }
     Ok(())

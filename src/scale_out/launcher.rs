@@ -2,10 +2,11 @@
 //! torchrun (`RANK`/`WORLD_SIZE`), Slurm (`SLURM_PROCID`/`SLURM_NTASKS`), a Kubernetes
 //! Indexed Job (`JOB_COMPLETION_INDEX`, count from `--num-shards` or `ICDIT_NUM_SHARDS`), or
 //! `ICDIT_SHARD`/`ICDIT_NUM_SHARDS` — and which images a shard covers; and which GPUs of
-//! this machine it samples on (`--devices`).
+//! this machine it samples on (`--devices`). Errors name the flag or variable to change, as
+//! the command line spells them.
 
-use icdit::backend::Backend;
-use icdit::Error;
+use crate::backend::Backend;
+use crate::error::Error;
 
 /// The GPUs of `--devices 0,1,…`: a non-empty list of distinct device ordinals, for a GPU
 /// backend (`cuda`, or `emu`, where every ordinal is a separate emulated device).
@@ -43,6 +44,22 @@ pub fn parse_devices(list: &str, backend: Backend) -> Result<Vec<usize>, Error> 
     Ok(devices)
 }
 
+/// The device a run without `--num-images` samples on: the one `list` names (it has no
+/// parts to hand out to several).
+pub fn one_device(list: &str, backend: Backend) -> Result<usize, Error> {
+    match parse_devices(list, backend)?[..] {
+        [d] => Ok(d),
+        ref several => Err(Error::invalid(
+            "--devices",
+            format!(
+                "`{list}`: several devices are for --num-images runs (their part files are handed out to the \
+                 devices); a run without --num-images samples on one device for now: pass one, e.g. --devices {}",
+                several[0]
+            ),
+        )),
+    }
+}
+
 /// Shard i of s: images ⌊in/s⌋..⌊(i+1)n/s⌋ (sizes differ by at most one).
 pub fn shard_range(n: u64, i: u64, s: u64) -> (u64, u64) {
     let at = |k: u64| (n as u128 * k as u128 / s as u128) as u64;
@@ -50,11 +67,31 @@ pub fn shard_range(n: u64, i: u64, s: u64) -> (u64, u64) {
 }
 
 /// A resolved shard and where it came from, for the log.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ShardChoice {
     pub index: u64,
     pub count: u64,
     pub source: String,
+}
+
+/// Refuses a run of no images.
+pub fn check_num_images(num_images: u64) -> Result<(), Error> {
+    if num_images == 0 {
+        return Err(Error::invalid("--num-images", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// This process's shard of a `num_images`-image run: [`resolve_shard`], after
+/// [`check_num_images`] (in this order, so the first error is the one the command reports).
+pub fn shard_of_run(
+    num_images: u64,
+    flag_index: Option<u64>,
+    flag_count: Option<u64>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ShardChoice, Error> {
+    check_num_images(num_images)?;
+    resolve_shard(flag_index, flag_count, env)
 }
 
 /// Index variables in priority order, each with the count variable that goes with it.
