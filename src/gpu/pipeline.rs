@@ -35,7 +35,7 @@ use crate::embed;
 use crate::engine::{validate_request, EngineOptions, GuidedChannels, Request, Step};
 use crate::error::{Error, Result};
 use crate::factors::{Factors, LayerType};
-use crate::forward::{self, Act, Activation, DitOps, Linear, Modulation, Slot, StepKind};
+use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot, StepKind};
 use crate::plan::{BufId, Dt, Plan};
 use crate::policy;
 use crate::weights::{DitModel, TRef};
@@ -125,7 +125,7 @@ struct Bufs {
 
 /// Width of one row of the modulation buffers: every block's 6C, then the final layer's 2C.
 fn mod_width(cfg: &DitConfig) -> usize {
-    (6 * cfg.depth + 2) * cfg.hidden_size
+    forward::modulation_width(cfg)
 }
 
 fn plan(cfg: &DitConfig, max_rows: usize, steps: usize, factors: Option<&Factors>, caching: bool) -> (Plan, Bufs) {
@@ -609,44 +609,13 @@ impl<D: Device> GpuEngine<D> {
         self.dev.upload(self.s::<i32>(self.bufs.state)?, &st)
     }
 
-    /// The conditioning pass: `count` = steps × rows (timestep, label) pairs, row i using
-    /// label i mod rows, into every block's modulation for every step.
+    /// The conditioning of a request ([`forward::conditioning`]): `count` = steps × rows
+    /// (timestep, label) pairs, pair i using label i mod rows, into every block's modulation
+    /// for every step.
     fn conditioning(&self, count: usize, rows: usize) -> Result<()> {
-        let cfg = &self.model.config;
-        let (c, b) = (cfg.hidden_size, &self.bufs);
-        let cnt = count as i32;
-        launch::timestep_freq_f16(&self.dev, self.s(b.tfreq)?, self.s(b.t_all)?, self.s(b.freqs)?, cnt)?;
-        let mut g = GemmSpec::new(
-            GemmOut::F16(self.s(b.temb_h)?),
-            self.s(b.tfreq)?,
-            self.s(b.t0_w)?,
-            cnt,
-            c as i32,
-            FREQ_DIM as i32,
-        );
-        g.bias = Some(self.s(b.t0_b)?);
-        g.act = GemmAct::Silu;
-        self.gemm(&g)?;
-        let mut g =
-            GemmSpec::new(GemmOut::F32(self.s(b.temb)?), self.s(b.temb_h)?, self.s(b.t2_w)?, cnt, c as i32, c as i32);
-        g.bias = Some(self.s(b.t2_b)?);
-        self.gemm(&g)?;
-        launch::condition_silu_f16(
-            &self.dev,
-            self.s(b.silu_c)?,
-            self.s(b.temb)?,
-            self.s(b.table)?,
-            self.s(b.labels)?,
-            cnt,
-            rows as i32,
-            c as i32,
-            cfg.label_rows() as i32,
-        )?;
-        let mw = mod_width(cfg) as i32;
-        let mut g =
-            GemmSpec::new(GemmOut::F16(self.s(b.mod_all)?), self.s(b.silu_c)?, self.s(b.ada_w)?, cnt, mw, c as i32);
-        g.bias = Some(self.s(b.ada_b)?);
-        self.gemm(&g)
+        let mut ops = RequestConditioning { engine: self, label_rows: rows, err: None };
+        forward::conditioning(&mut ops, count);
+        ops.err.map_or(Ok(()), Err)
     }
 
     /// Copies the current step's modulation (step index in device memory) for `rows` rows.
@@ -662,9 +631,9 @@ impl<D: Device> GpuEngine<D> {
         let cfg = self.model.config;
         let eps = self.model.mlp_norm_eps;
         let err = {
-            let mut pass = Pass { e: &*self, images, mod_off: 0, fused_gelu: None, pending_residual: None, err: None };
+            let mut pass = Pass { e: &*self, images, err: None };
             forward::forward(&mut pass, &cfg, eps, rows, kind);
-            pass.finish()
+            pass.err
         };
         if let Some(e) = err {
             return Err(e);
@@ -818,58 +787,93 @@ impl<D: Device> GpuEngine<D> {
     }
 }
 
-/// One forward pass in flight: the [`DitOps`] of the GPU pipeline. Launch errors are kept
-/// (the first one) and returned when the pass ends.
-struct Pass<'a, D: Device> {
-    e: &'a GpuEngine<D>,
-    images: usize,
-    /// Offset of the current block's (or the final layer's) modulation within a row.
-    mod_off: usize,
-    /// A GELU already applied by the GEMM before it (src, dst of the `gelu` call it replaces).
-    fused_gelu: Option<(Act, Act)>,
-    /// A gated residual update not launched yet (y, gate, rows): the LayerNorm that follows
-    /// applies it in the same kernel; any other operation launches it first.
-    pending_residual: Option<(DevSlice<f16>, DevSlice<f16>, usize)>,
+/// The conditioning of a whole request on the device ([`ConditioningOps`]): every step's
+/// (timestep, label) pairs at once, `rows` = steps × rows of the request. Launch errors are
+/// kept (the first one) and returned when the pass ends.
+struct RequestConditioning<'a, D: Device> {
+    engine: &'a GpuEngine<D>,
+    /// Rows of one step: pair i uses label i mod label_rows.
+    label_rows: usize,
     err: Option<Error>,
 }
 
-impl<D: Device> Pass<'_, D> {
+impl<D: Device> RequestConditioning<'_, D> {
     fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
-        self.flush_residual();
-        self.run_now(f);
-    }
-
-    fn run_now(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
         if self.err.is_none() {
             if let Err(e) = f(self) {
                 self.err = Some(e);
             }
         }
     }
+}
 
-    /// Launches the pending gated residual update on its own, if there is one.
-    fn flush_residual(&mut self) {
-        if let Some((y, gate, rows)) = self.pending_residual.take() {
-            self.run_now(|p| {
-                let cfg = &p.e.model.config;
-                launch::gated_residual_add_f32x(
-                    &p.e.dev,
-                    p.e.s(p.e.bufs.x)?,
-                    y,
-                    gate,
-                    (rows * cfg.tokens()) as i32,
-                    cfg.tokens() as i32,
-                    cfg.hidden_size as i32,
-                    mod_width(cfg) as i32,
-                )
-            });
-        }
+impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
+    fn embed_conditioning(&mut self, count: usize) {
+        self.run(|p| {
+            let e = p.engine;
+            let cfg = &e.model.config;
+            let (c, b) = (cfg.hidden_size, &e.bufs);
+            let cnt = count as i32;
+            launch::timestep_freq_f16(&e.dev, e.s(b.tfreq)?, e.s(b.t_all)?, e.s(b.freqs)?, cnt)?;
+            let mut g = GemmSpec::new(
+                GemmOut::F16(e.s(b.temb_h)?),
+                e.s(b.tfreq)?,
+                e.s(b.t0_w)?,
+                cnt,
+                c as i32,
+                FREQ_DIM as i32,
+            );
+            g.bias = Some(e.s(b.t0_b)?);
+            g.act = GemmAct::Silu;
+            e.gemm(&g)?;
+            let mut g =
+                GemmSpec::new(GemmOut::F32(e.s(b.temb)?), e.s(b.temb_h)?, e.s(b.t2_w)?, cnt, c as i32, c as i32);
+            g.bias = Some(e.s(b.t2_b)?);
+            e.gemm(&g)?;
+            launch::condition_silu_f16(
+                &e.dev,
+                e.s(b.silu_c)?,
+                e.s(b.temb)?,
+                e.s(b.table)?,
+                e.s(b.labels)?,
+                cnt,
+                p.label_rows as i32,
+                c as i32,
+                cfg.label_rows() as i32,
+            )?;
+            Ok(())
+        });
     }
 
-    /// Ends the pass: launches what is still pending and returns the first error.
-    fn finish(mut self) -> Option<Error> {
-        self.flush_residual();
-        self.err
+    fn modulations(&mut self, count: usize) {
+        self.run(|p| {
+            let e = p.engine;
+            let cfg = &e.model.config;
+            let (c, b) = (cfg.hidden_size, &e.bufs);
+            let cnt = count as i32;
+            let mw = mod_width(cfg) as i32;
+            let mut g = GemmSpec::new(GemmOut::F16(e.s(b.mod_all)?), e.s(b.silu_c)?, e.s(b.ada_w)?, cnt, mw, c as i32);
+            g.bias = Some(e.s(b.ada_b)?);
+            e.gemm(&g)
+        });
+    }
+}
+
+/// One forward pass in flight: the [`DitOps`] of the GPU pipeline. Launch errors are kept
+/// (the first one) and returned when the pass ends.
+struct Pass<'a, D: Device> {
+    e: &'a GpuEngine<D>,
+    images: usize,
+    err: Option<Error>,
+}
+
+impl<D: Device> Pass<'_, D> {
+    fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
+        if self.err.is_none() {
+            if let Err(e) = f(self) {
+                self.err = Some(e);
+            }
+        }
     }
 
     fn buf(&self, a: Act) -> BufId {
@@ -904,10 +908,10 @@ impl<D: Device> Pass<'_, D> {
         }
     }
 
-    /// Chunk `k` of the current modulation, from its start to the end of the buffer.
-    fn chunk(&self, k: usize) -> Result<DevSlice<f16>> {
+    /// A chunk of this step's modulation, from its start to the end of the buffer.
+    fn chunk(&self, chunk: ModChunk) -> Result<DevSlice<f16>> {
         let all = self.e.s::<f16>(self.e.bufs.mod_cur)?;
-        let start = self.mod_off + k * self.e.model.config.hidden_size;
+        let start = chunk.offset(&self.e.model.config);
         all.sub(start, all.len() - start)
     }
 
@@ -953,65 +957,57 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn embed_conditioning(&mut self, _rows: usize) {
-        // Done for the whole request by the conditioning pass.
-    }
-
-    fn modulation(&mut self, which: Modulation, _rows: usize) {
-        let c = self.e.model.config.hidden_size;
-        self.mod_off = match which {
-            Modulation::Block(i) => i * 6 * c,
-            Modulation::Final => self.e.model.config.depth * 6 * c,
-        };
-    }
-
-    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
-        let pending = self.pending_residual.take();
-        self.run_now(|p| {
+    fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
+        self.run(|p| {
             let cfg = &p.e.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
             let (out, x) = (p.h(dst)?, p.e.s(p.e.bufs.x)?);
-            let (shift, scale) = (p.chunk(shift)?, p.chunk(scale)?);
-            match pending {
-                Some((y, gate, res_rows)) if res_rows == rows => launch::residual_layernorm_modulate_f32x(
-                    &p.e.dev, out, x, y, gate, stride, shift, scale, r, tokens, c, stride, eps,
-                ),
-                Some(_) => {
-                    Err(Error::invalid("GPU pipeline", "a residual update and the LayerNorm after it differ in rows"))
-                }
-                None => launch::layernorm_modulate_f32x(&p.e.dev, out, x, shift, scale, r, tokens, c, stride, eps),
-            }
+            let (shift, scale) = (p.chunk(norm.shift)?, p.chunk(norm.scale)?);
+            launch::layernorm_modulate_f32x(&p.e.dev, out, x, shift, scale, r, tokens, c, stride, norm.eps)
+        });
+    }
+
+    fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
+        // One kernel: the residual update of each row, then its LayerNorm.
+        self.run(|p| {
+            let cfg = &p.e.model.config;
+            let (r, tokens, c, stride) =
+                ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
+            let (out, x, y) = (p.h(dst)?, p.e.s(p.e.bufs.x)?, p.h(src)?);
+            let (gate, shift, scale) = (p.chunk(gate)?, p.chunk(norm.shift)?, p.chunk(norm.scale)?);
+            launch::residual_layernorm_modulate_f32x(
+                &p.e.dev, out, x, y, gate, stride, shift, scale, r, tokens, c, stride, norm.eps,
+            )
         });
     }
 
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        // A full step keeps fc1's output before and after GELU (two cache slots): one GEMM
-        // writes both, and the `gelu` call that follows is skipped.
-        let fuse = match (layer, dst, act) {
-            (Linear::Fc1(i), Act::Cache(j, Slot::Fc1Y), Activation::None) if i == j => {
-                Some((dst, Act::Cache(i, Slot::Fc2X)))
-            }
-            _ => None,
-        };
         self.run(|p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
-            let o = match (dst, fuse) {
-                (Act::Out, _) => GemmOut::F32(p.e.s(p.e.bufs.out)?),
-                (_, Some((_, post))) => GemmOut::F16(p.h(post)?),
+            let o = match dst {
+                Act::Out => GemmOut::F32(p.e.s(p.e.bufs.out)?),
                 _ => GemmOut::F16(p.h(dst)?),
             };
             let mut g = GemmSpec::new(o, p.h(src)?, p.e.s(w)?, m, out as i32, k as i32);
             g.bias = Some(p.e.s(bias)?);
             g.act = gemm_act(act);
-            if fuse.is_some() {
-                g.pre = Some(p.h(dst)?);
-                g.act = GemmAct::GeluTanh;
-            }
             p.e.gemm(&g)
         });
-        self.fused_gelu = fuse;
+    }
+
+    fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
+        // One GEMM writes both: `pre` before its GELU epilogue, `post` after.
+        self.run(|p| {
+            let (w, bias, out, k) = p.layer(layer);
+            let m = (rows * p.tokens()) as i32;
+            let mut g = GemmSpec::new(GemmOut::F16(p.h(post)?), p.h(src)?, p.e.s(w)?, m, out as i32, k as i32);
+            g.bias = Some(p.e.s(bias)?);
+            g.pre = Some(p.h(pre)?);
+            g.act = GemmAct::GeluTanh;
+            p.e.gemm(&g)
+        });
     }
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
@@ -1069,16 +1065,6 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
-        if self.fused_gelu.take() == Some((src, dst)) {
-            return;
-        }
-        self.run(|p| {
-            let n = rows * p.tokens() * p.e.model.config.mlp_hidden();
-            launch::gelu_f16(&p.e.dev, p.h(dst)?, p.h(src)?, n as i32)
-        });
-    }
-
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
         self.run(|p| {
             let cfg = &p.e.model.config;
@@ -1094,18 +1080,20 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
-        // Deferred to the LayerNorm that follows (the block's next one, or the next block's
-        // first, or the final layer's); resolved now, while `mod_off` names this block.
-        self.flush_residual();
-        match self.h(src).and_then(|y| Ok((y, self.chunk(gate)?))) {
-            Ok((y, g)) => self.pending_residual = Some((y, g, rows)),
-            Err(e) => {
-                if self.err.is_none() {
-                    self.err = Some(e);
-                }
-            }
-        }
+    fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
+        self.run(|p| {
+            let cfg = &p.e.model.config;
+            launch::gated_residual_add_f32x(
+                &p.e.dev,
+                p.e.s(p.e.bufs.x)?,
+                p.h(src)?,
+                p.chunk(gate)?,
+                (rows * cfg.tokens()) as i32,
+                cfg.tokens() as i32,
+                cfg.hidden_size as i32,
+                mod_width(cfg) as i32,
+            )
+        });
     }
 
     fn unpatchify(&mut self, rows: usize) {
