@@ -81,6 +81,11 @@ pub enum Linear {
 }
 
 impl Linear {
+    /// The block the layer belongs to (`None`: the final layer).
+    pub fn block_index(self) -> Option<usize> {
+        self.slots().map(|(i, _, _)| i)
+    }
+
     /// The cache slots (input, output) of a block's linear layer.
     pub fn slots(self) -> Option<(usize, Slot, Slot)> {
         match self {
@@ -93,7 +98,7 @@ impl Linear {
     }
 }
 
-/// Which adaLN modulation to compute.
+/// Which adaLN modulation vector: a block's or the final layer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Modulation {
     /// Block i: 6C values per row (shift/scale/gate for attention, then for the MLP).
@@ -113,6 +118,63 @@ pub mod chunk {
     /// The final layer's modulation is (shift, scale).
     pub const SHIFT_FINAL: usize = 0;
     pub const SCALE_FINAL: usize = 1;
+}
+
+/// One C-wide chunk of a modulation vector (a shift, a scale or a gate).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ModChunk {
+    pub of: Modulation,
+    /// Index within the vector ([`chunk`]).
+    pub index: usize,
+}
+
+impl ModChunk {
+    pub fn block(i: usize, index: usize) -> Self {
+        ModChunk { of: Modulation::Block(i), index }
+    }
+
+    pub fn final_layer(index: usize) -> Self {
+        ModChunk { of: Modulation::Final, index }
+    }
+
+    /// The block the chunk belongs to (`None`: the final layer).
+    pub fn block_index(self) -> Option<usize> {
+        match self.of {
+            Modulation::Block(i) => Some(i),
+            Modulation::Final => None,
+        }
+    }
+
+    /// Offset of the chunk within one row of all modulation vectors, the layout every backend
+    /// keeps them in: block 0's 6C values, block 1's, …, then the final layer's 2C.
+    pub fn offset(self, cfg: &DitConfig) -> usize {
+        let c = cfg.hidden_size;
+        match self.of {
+            Modulation::Block(i) => (6 * i + self.index) * c,
+            Modulation::Final => (6 * cfg.depth + self.index) * c,
+        }
+    }
+}
+
+/// Values per row of all modulation vectors of a pass: 6C per block, then 2C.
+pub fn modulation_width(cfg: &DitConfig) -> usize {
+    (6 * cfg.depth + 2) * cfg.hidden_size
+}
+
+/// A LayerNorm (no affine parameters) followed by adaLN modulation: which shift and scale,
+/// and the norm's ε.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Norm {
+    pub shift: ModChunk,
+    pub scale: ModChunk,
+    pub eps: f32,
+}
+
+impl Norm {
+    /// The block the norm belongs to (`None`: the final layer).
+    pub fn block_index(self) -> Option<usize> {
+        self.shift.block_index()
+    }
 }
 
 /// Post-GEMM activation of a linear layer.
@@ -135,88 +197,122 @@ pub enum StepKind {
     Reuse,
 }
 
+/// The conditioning of a forward pass: everything that depends only on the timesteps and
+/// labels. `rows` (timestep, label) pairs were staged by the backend.
+pub trait ConditioningOps {
+    /// c = MLP(freq(t)) + label_table[y], and keeps SiLU(c) for the modulation layers.
+    fn embed_conditioning(&mut self, rows: usize);
+    /// Every modulation vector, W·SiLU(c) + b for each block and the final layer, laid out
+    /// per row as [`ModChunk::offset`] says.
+    fn modulations(&mut self, rows: usize);
+}
+
 /// The operations of the DiT forward pass. `rows` is the number of batch rows in use
-/// (≤ the planned maximum); inputs were staged by the backend before the call.
+/// (≤ the planned maximum); inputs were staged by the backend before the call, and the
+/// modulation vectors of these rows computed by [`conditioning`].
+///
+/// Two operations exist because a backend may do them in one pass over memory:
+/// [`residual_norm_modulate`](DitOps::residual_norm_modulate) (a residual update and the
+/// LayerNorm after it) and [`linear_gelu_keep_pre`](DitOps::linear_gelu_keep_pre) (fc1 on a
+/// full step, whose output is cached both before and after GELU). The CPU backend composes
+/// them from their parts; nothing else is fused behind the forward pass's back.
 pub trait DitOps {
     /// X = patchify(input)·W_patchᵀ + b + pos_embed.
     fn embed_patches(&mut self, rows: usize);
-    /// c = MLP(freq(t)) + label_table[y], and keeps SiLU(c) for the modulation layers.
-    fn embed_conditioning(&mut self, rows: usize);
-    /// The modulation vector of a block or of the final layer: W·SiLU(c) + b.
-    fn modulation(&mut self, which: Modulation, rows: usize);
-    /// dst = LayerNorm(X)·(1 + scale) + shift, shift and scale being modulation chunks.
-    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize);
+    /// dst = LayerNorm(X)·(1 + scale) + shift.
+    fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize);
+    /// X += gate ⊙ src, then dst = LayerNorm(X)·(1 + scale) + shift: a sublayer's gated
+    /// residual update and the LayerNorm that follows it (the block's next one, the next
+    /// block's first, or the final layer's).
+    fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize);
     /// dst = act(src·Wᵀ + b).
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize);
+    /// pre = src·Wᵀ + b and post = GELU_tanh(pre).
+    fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize);
     /// dst = act(y_s + up·(down·(src − x_s))) with the layer's cached x_s, y_s and its
     /// rank-r factors (q, k and v factorised separately for the qkv layer).
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize);
-    /// dst = GELU_tanh(src).
-    fn gelu(&mut self, src: Act, dst: Act, rows: usize);
     /// dst = softmax(q·kᵀ/√D)·v per head, q | k | v read from src (merged heads).
     fn attention(&mut self, src: Act, dst: Act, rows: usize);
-    /// X += gate ⊙ src, gate being a modulation chunk broadcast over tokens.
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize);
+    /// X += gate ⊙ src, the gate broadcast over tokens.
+    fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize);
     /// Writes Out back to image layout (rows, Cout, I, I) as the output.
     fn unpatchify(&mut self, rows: usize);
 }
 
-/// One model evaluation on staged inputs (reference doc A: `DiT.forward`; E.3–E.5 for the
-/// cached kinds of step).
+/// The conditioning of `rows` staged (timestep, label) pairs (reference doc A.3–A.6): the
+/// CPU backend runs it before every pass; the GPU pipeline once per request, for every step's
+/// timestep at once, selecting each step's rows before its pass.
+pub fn conditioning<O: ConditioningOps>(ops: &mut O, rows: usize) {
+    ops.embed_conditioning(rows);
+    ops.modulations(rows);
+}
+
+/// One model evaluation on staged inputs and their [`conditioning`] (reference doc A:
+/// `DiT.forward`; E.3–E.5 for the cached kinds of step).
 pub fn forward<O: DitOps>(ops: &mut O, cfg: &DitConfig, mlp_norm_eps: f32, rows: usize, kind: StepKind) {
     use chunk::*;
+    let attn_norm = |i| Norm { shift: ModChunk::block(i, SHIFT_MSA), scale: ModChunk::block(i, SCALE_MSA), eps: 1e-6 };
+    let mlp_norm =
+        |i| Norm { shift: ModChunk::block(i, SHIFT_MLP), scale: ModChunk::block(i, SCALE_MLP), eps: mlp_norm_eps };
+    let final_norm =
+        Norm { shift: ModChunk::final_layer(SHIFT_FINAL), scale: ModChunk::final_layer(SCALE_FINAL), eps: 1e-6 };
+    // A full step computes every tracked tensor straight into its cache slot (fc1's output is
+    // kept before GELU, fc2's input after it); the other kinds use the scratch activations.
+    let full = kind == StepKind::Full;
+    let attn_in = |i| if full { Act::Cache(i, Slot::QkvX) } else { Act::H };
+
     ops.embed_patches(rows);
-    ops.embed_conditioning(rows);
+    if kind != StepKind::Reuse {
+        ops.norm_modulate(attn_in(0), attn_norm(0), rows);
+    }
     for i in 0..cfg.depth {
-        ops.modulation(Modulation::Block(i), rows);
+        let last = i + 1 == cfg.depth;
+        // The LayerNorm after this block: the next block's first, or the final layer's.
+        let (next_in, next_norm) = if last { (Act::H, final_norm) } else { (attn_in(i + 1), attn_norm(i + 1)) };
+        let (gate_msa, gate_mlp) = (ModChunk::block(i, GATE_MSA), ModChunk::block(i, GATE_MLP));
+        let s = |slot| Act::Cache(i, slot);
         match kind {
             StepKind::Plain => {
-                ops.norm_modulate(Act::H, SHIFT_MSA, SCALE_MSA, 1e-6, rows);
                 ops.linear(Linear::Qkv(i), Act::H, Act::Qkv, Activation::None, rows);
                 ops.attention(Act::Qkv, Act::Attn, rows);
                 ops.linear(Linear::Proj(i), Act::Attn, Act::Y, Activation::None, rows);
-                ops.gated_residual(Act::Y, GATE_MSA, rows);
-                ops.norm_modulate(Act::H, SHIFT_MLP, SCALE_MLP, mlp_norm_eps, rows);
+                ops.residual_norm_modulate(Act::Y, gate_msa, Act::H, mlp_norm(i), rows);
                 ops.linear(Linear::Fc1(i), Act::H, Act::Mlp, Activation::GeluTanh, rows);
                 ops.linear(Linear::Fc2(i), Act::Mlp, Act::Y, Activation::None, rows);
-                ops.gated_residual(Act::Y, GATE_MLP, rows);
+                ops.residual_norm_modulate(Act::Y, gate_mlp, next_in, next_norm, rows);
             }
             StepKind::Full => {
-                // The same arithmetic as Plain, with every tracked tensor living in its
-                // cache slot (fc1's output is kept before GELU, fc2's input after it).
-                let s = |slot| Act::Cache(i, slot);
-                ops.norm_modulate(s(Slot::QkvX), SHIFT_MSA, SCALE_MSA, 1e-6, rows);
                 ops.linear(Linear::Qkv(i), s(Slot::QkvX), s(Slot::QkvY), Activation::None, rows);
                 ops.attention(s(Slot::QkvY), s(Slot::ProjX), rows);
                 ops.linear(Linear::Proj(i), s(Slot::ProjX), s(Slot::ProjY), Activation::None, rows);
-                ops.gated_residual(s(Slot::ProjY), GATE_MSA, rows);
-                ops.norm_modulate(s(Slot::Fc1X), SHIFT_MLP, SCALE_MLP, mlp_norm_eps, rows);
-                ops.linear(Linear::Fc1(i), s(Slot::Fc1X), s(Slot::Fc1Y), Activation::None, rows);
-                ops.gelu(s(Slot::Fc1Y), s(Slot::Fc2X), rows);
+                ops.residual_norm_modulate(s(Slot::ProjY), gate_msa, s(Slot::Fc1X), mlp_norm(i), rows);
+                ops.linear_gelu_keep_pre(Linear::Fc1(i), s(Slot::Fc1X), s(Slot::Fc1Y), s(Slot::Fc2X), rows);
                 ops.linear(Linear::Fc2(i), s(Slot::Fc2X), s(Slot::Fc2Y), Activation::None, rows);
-                ops.gated_residual(s(Slot::Fc2Y), GATE_MLP, rows);
+                ops.residual_norm_modulate(s(Slot::Fc2Y), gate_mlp, next_in, next_norm, rows);
             }
             StepKind::Calibrated => {
-                ops.norm_modulate(Act::H, SHIFT_MSA, SCALE_MSA, 1e-6, rows);
                 ops.linear_calibrated(Linear::Qkv(i), Act::H, Act::Qkv, Activation::None, rows);
                 ops.attention(Act::Qkv, Act::Attn, rows);
                 ops.linear_calibrated(Linear::Proj(i), Act::Attn, Act::Y, Activation::None, rows);
-                ops.gated_residual(Act::Y, GATE_MSA, rows);
-                ops.norm_modulate(Act::H, SHIFT_MLP, SCALE_MLP, mlp_norm_eps, rows);
+                ops.residual_norm_modulate(Act::Y, gate_msa, Act::H, mlp_norm(i), rows);
                 ops.linear_calibrated(Linear::Fc1(i), Act::H, Act::Mlp, Activation::GeluTanh, rows);
                 ops.linear_calibrated(Linear::Fc2(i), Act::Mlp, Act::Y, Activation::None, rows);
-                ops.gated_residual(Act::Y, GATE_MLP, rows);
+                ops.residual_norm_modulate(Act::Y, gate_mlp, next_in, next_norm, rows);
             }
             StepKind::Reuse => {
-                // icc computes the normalisations too and throws them away; skipping them
-                // gives the same result.
-                ops.gated_residual(Act::Cache(i, Slot::ProjY), GATE_MSA, rows);
-                ops.gated_residual(Act::Cache(i, Slot::Fc2Y), GATE_MLP, rows);
+                // Each sublayer's output is the cached one under this step's gates. icc
+                // computes the normalisations too and throws them away; skipping them gives
+                // the same result. Only the final layer's LayerNorm follows the last update.
+                ops.gated_residual(s(Slot::ProjY), gate_msa, rows);
+                if last {
+                    ops.residual_norm_modulate(s(Slot::Fc2Y), gate_mlp, Act::H, final_norm, rows);
+                } else {
+                    ops.gated_residual(s(Slot::Fc2Y), gate_mlp, rows);
+                }
             }
         }
     }
-    ops.modulation(Modulation::Final, rows);
-    ops.norm_modulate(Act::H, SHIFT_FINAL, SCALE_FINAL, 1e-6, rows);
     ops.linear(Linear::Final, Act::H, Act::Out, Activation::None, rows);
     ops.unpatchify(rows);
 }

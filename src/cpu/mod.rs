@@ -21,7 +21,7 @@ use crate::config::{DitConfig, FREQ_DIM};
 use crate::embed;
 use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
-use crate::forward::{self, Act, Slot, StepKind};
+use crate::forward::{self, chunk, Act, ModChunk, Norm, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::policy;
 use crate::weights::DitModel;
@@ -144,7 +144,7 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         temb: p.add("t_hidden", &[rows, c], Dt::F32),
         c: p.add("c", &[rows, c], Dt::F32),
         silu_c: p.add("silu_c", &[rows, c], Dt::F32),
-        modv: p.add("modulation", &[rows, 6 * c], Dt::F32),
+        modv: p.add("modulation", &[rows, forward::modulation_width(cfg)], Dt::F32),
         gemm_scratch: p.add("gemm_scratch", &[threads, gemm::SCRATCH_PER_THREAD], Dt::F32),
         gemm_packed_a: p.add(
             "gemm_packed_a",
@@ -281,7 +281,10 @@ impl CpuEngine {
         let rows = rows.min(self.max_rows);
         match op {
             BenchOp::Attention => self.attention(Act::Qkv, Act::Attn, rows),
-            BenchOp::NormModulate => self.norm_modulate(Act::H, 0, 1, 1e-6, rows),
+            BenchOp::NormModulate => {
+                let (shift, scale) = (ModChunk::block(0, chunk::SHIFT_MSA), ModChunk::block(0, chunk::SCALE_MSA));
+                self.norm_modulate(Act::H, Norm { shift, scale, eps: 1e-6 }, rows)
+            }
         }
     }
 
@@ -304,6 +307,7 @@ impl CpuEngine {
             ));
         }
         let (cfg, eps) = (self.model.config, self.model.mlp_norm_eps);
+        forward::conditioning(self, rows);
         forward::forward(self, &cfg, eps, rows, kind);
         if kind == StepKind::Full {
             self.cached_rows = Some(rows);

@@ -11,7 +11,7 @@ use super::{math, CacheMode, CpuEngine};
 use crate::config::FREQ_DIM;
 use crate::embed;
 use crate::factors::LayerType;
-use crate::forward::{Act, Activation, DitOps, Linear, Modulation};
+use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm};
 
 fn gemm_act(a: Activation) -> gemm::Act {
     match a {
@@ -36,49 +36,22 @@ impl CpuEngine {
         };
         (self.model.w(w), self.model.w(b), out, k)
     }
-}
 
-impl DitOps for CpuEngine {
-    fn embed_patches(&mut self, rows: usize) {
+    /// dst = GELU_tanh(src), over (rows, N, M) MLP activations.
+    pub(super) fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
         let isa = self.gemm.isa();
-        let cfg = &self.model.config;
-        let (p, g, cin, isz) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.input_size);
-        let (n, pd, c) = (cfg.tokens(), cfg.patch_dim(), cfg.hidden_size);
-        let (inp, _) = self.ptr(self.bufs.input);
-        let (pat, _) = self.ptr(self.bufs.patches);
-        // Patch vector order is (channel, kh, kw), channel slowest (reference doc A.1).
+        let (n, m) = (self.model.config.tokens(), self.model.config.mlp_hidden());
+        // SAFETY: src is only read; dst is a distinct buffer, split by rows across threads.
+        let s = unsafe { self.view(self.act_buf(src), rows * n * m) };
+        let (d, _) = self.ptr(self.act_buf(dst));
         self.par(rows * n, |range| {
-            for tok in range {
-                let (r, t) = (tok / n, tok % n);
-                let (gi, gj) = (t / g, t % g);
-                for ch in 0..cin {
-                    for a in 0..p {
-                        for b in 0..p {
-                            // SAFETY: indices are within the planned input/patch buffers,
-                            // and each token writes only its own patch row.
-                            unsafe {
-                                let src = ((r * cin + ch) * isz + gi * p + a) * isz + gj * p + b;
-                                *pat.get().add(tok * pd + (ch * p + a) * p + b) = *inp.get().add(src);
-                            }
-                        }
-                    }
-                }
-            }
-        });
-        let t = &self.model.tensors;
-        let (pw, pb) = (self.model.w(t.patch_w), self.model.w(t.patch_b));
-        self.linear_weights(self.bufs.patches, pw, pb, self.bufs.x, rows * n, c, pd, gemm::Act::None);
-        let pos = self.model.w(t.pos_embed);
-        let (x, _) = self.ptr(self.bufs.x);
-        self.par(rows * n, |range| {
-            for tok in range {
-                // SAFETY: each token updates its own row of x.
-                let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
-                math::add(isa, row, &pos[(tok % n) * c..][..c]);
-            }
+            let out = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * m), range.len() * m) };
+            math::gelu_into(isa, &s[range.start * m..range.end * m], out);
         });
     }
+}
 
+impl ConditioningOps for CpuEngine {
     fn embed_conditioning(&mut self, rows: usize) {
         let isa = self.gemm.isa();
         let c = self.model.config.hidden_size;
@@ -125,37 +98,85 @@ impl DitOps for CpuEngine {
         }
     }
 
-    fn modulation(&mut self, which: Modulation, rows: usize) {
-        let c = self.model.config.hidden_size;
-        let t = &self.model.tensors;
-        let (w, b, width) = match which {
-            Modulation::Block(i) => (t.blocks[i].ada_w, t.blocks[i].ada_b, 6 * c),
-            Modulation::Final => (t.final_ada_w, t.final_ada_b, 2 * c),
-        };
-        // Written with row stride 6C whatever the width, so chunk k is always at k·C.
+    fn modulations(&mut self, rows: usize) {
+        let (model, cfg) = (Arc::clone(&self.model), self.model.config);
+        let (c, width) = (cfg.hidden_size, forward::modulation_width(&cfg));
+        let t = &model.tensors;
         let (mp, _) = self.ptr(self.bufs.modv);
-        // SAFETY: silu_c is only read, modulation only written.
+        // SAFETY: silu_c is only read, the modulation buffer only written.
         let a = unsafe { self.view(self.bufs.silu_c, rows * c) };
-        self.gemm(&Gemm {
-            m: rows,
-            n: width,
-            k: c,
-            a,
-            a_minus: None,
-            lda: c,
-            conv: None,
-            b: BMat::weight(self.model.w(w), c),
-            bias: Some(self.model.w(b)),
-            add: None,
-            act: gemm::Act::None,
-            c: mp,
-            ldc: 6 * c,
+        // One GEMM per vector, each into its columns of the rows.
+        let vectors = t.blocks.iter().map(|b| (b.ada_w, b.ada_b, 6 * c)).chain([(t.final_ada_w, t.final_ada_b, 2 * c)]);
+        let mut column = 0;
+        for (w, b, n) in vectors {
+            self.gemm(&Gemm {
+                m: rows,
+                n,
+                k: c,
+                a,
+                a_minus: None,
+                lda: c,
+                conv: None,
+                b: BMat::weight(model.w(w), c),
+                bias: Some(model.w(b)),
+                add: None,
+                act: gemm::Act::None,
+                // SAFETY: column + n ≤ width: the GEMM writes only its own columns.
+                c: SendPtr(unsafe { mp.get().add(column) }),
+                ldc: width,
+            });
+            column += n;
+        }
+    }
+}
+
+impl DitOps for CpuEngine {
+    fn embed_patches(&mut self, rows: usize) {
+        let isa = self.gemm.isa();
+        let cfg = &self.model.config;
+        let (p, g, cin, isz) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.input_size);
+        let (n, pd, c) = (cfg.tokens(), cfg.patch_dim(), cfg.hidden_size);
+        let (inp, _) = self.ptr(self.bufs.input);
+        let (pat, _) = self.ptr(self.bufs.patches);
+        // Patch vector order is (channel, kh, kw), channel slowest (reference doc A.1).
+        self.par(rows * n, |range| {
+            for tok in range {
+                let (r, t) = (tok / n, tok % n);
+                let (gi, gj) = (t / g, t % g);
+                for ch in 0..cin {
+                    for a in 0..p {
+                        for b in 0..p {
+                            // SAFETY: indices are within the planned input/patch buffers,
+                            // and each token writes only its own patch row.
+                            unsafe {
+                                let src = ((r * cin + ch) * isz + gi * p + a) * isz + gj * p + b;
+                                *pat.get().add(tok * pd + (ch * p + a) * p + b) = *inp.get().add(src);
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        let t = &self.model.tensors;
+        let (pw, pb) = (self.model.w(t.patch_w), self.model.w(t.patch_b));
+        self.linear_weights(self.bufs.patches, pw, pb, self.bufs.x, rows * n, c, pd, gemm::Act::None);
+        let pos = self.model.w(t.pos_embed);
+        let (x, _) = self.ptr(self.bufs.x);
+        self.par(rows * n, |range| {
+            for tok in range {
+                // SAFETY: each token updates its own row of x.
+                let row = unsafe { std::slice::from_raw_parts_mut(x.get().add(tok * c), c) };
+                math::add(isa, row, &pos[(tok % n) * c..][..c]);
+            }
         });
     }
 
-    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
+    fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
         let isa = self.gemm.isa();
-        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
+        let cfg = &self.model.config;
+        let (n, c, width) = (cfg.tokens(), cfg.hidden_size, forward::modulation_width(cfg));
+        let (shift, scale) = (norm.shift.offset(cfg), norm.scale.offset(cfg));
+        let eps = norm.eps;
         let (x, _) = self.ptr(self.bufs.x);
         let (h, _) = self.ptr(self.act_buf(dst));
         let (m, _) = self.ptr(self.bufs.modv);
@@ -167,8 +188,8 @@ impl DitOps for CpuEngine {
                     (
                         std::slice::from_raw_parts(x.get().add(tok * c), c),
                         std::slice::from_raw_parts_mut(h.get().add(tok * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + shift * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + scale * c), c),
+                        std::slice::from_raw_parts(m.get().add(r * width + shift), c),
+                        std::slice::from_raw_parts(m.get().add(r * width + scale), c),
                     )
                 };
                 math::layer_norm_modulate(isa, xr, sh, sc, eps, hr);
@@ -176,10 +197,20 @@ impl DitOps for CpuEngine {
         });
     }
 
+    fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
+        self.gated_residual(src, gate, rows);
+        self.norm_modulate(dst, norm, rows);
+    }
+
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
         let n = self.model.config.tokens();
         let (w, b, out, k) = self.layer_weights(layer);
         self.linear_weights(self.act_buf(src), w, b, self.act_buf(dst), rows * n, out, k, gemm_act(act));
+    }
+
+    fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
+        self.linear(layer, src, pre, Activation::None, rows);
+        self.gelu(pre, post, rows);
     }
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
@@ -261,18 +292,6 @@ impl DitOps for CpuEngine {
         }
     }
 
-    fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
-        let isa = self.gemm.isa();
-        let (n, m) = (self.model.config.tokens(), self.model.config.mlp_hidden());
-        // SAFETY: src is only read; dst is a distinct buffer, split by rows across threads.
-        let s = unsafe { self.view(self.act_buf(src), rows * n * m) };
-        let (d, _) = self.ptr(self.act_buf(dst));
-        self.par(rows * n, |range| {
-            let out = unsafe { std::slice::from_raw_parts_mut(d.get().add(range.start * m), range.len() * m) };
-            math::gelu_into(isa, &s[range.start * m..range.end * m], out);
-        });
-    }
-
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
         let isa = self.gemm.isa();
         let cfg = &self.model.config;
@@ -337,9 +356,11 @@ impl DitOps for CpuEngine {
         self.pool.run(&job);
     }
 
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
+    fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
         let isa = self.gemm.isa();
-        let (n, c) = (self.model.config.tokens(), self.model.config.hidden_size);
+        let cfg = &self.model.config;
+        let (n, c, width) = (cfg.tokens(), cfg.hidden_size, forward::modulation_width(cfg));
+        let gate = gate.offset(cfg);
         let (x, _) = self.ptr(self.bufs.x);
         let (s, _) = self.ptr(self.act_buf(src));
         let (m, _) = self.ptr(self.bufs.modv);
@@ -351,7 +372,7 @@ impl DitOps for CpuEngine {
                     (
                         std::slice::from_raw_parts_mut(x.get().add(tok * c), c),
                         std::slice::from_raw_parts(s.get().add(tok * c), c),
-                        std::slice::from_raw_parts(m.get().add(r * 6 * c + gate * c), c),
+                        std::slice::from_raw_parts(m.get().add(r * width + gate), c),
                     )
                 };
                 math::gated_add(isa, xr, gr, sr);

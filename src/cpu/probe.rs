@@ -5,7 +5,7 @@
 //! if one is.
 
 use super::CpuEngine;
-use crate::forward::{self, Act, Activation, DitOps, Linear, Modulation, StepKind};
+use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, StepKind};
 
 /// Where non-finite values first appeared.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -18,19 +18,54 @@ pub struct NonFiniteAt {
     pub tensor: Option<String>,
 }
 
-/// The CPU ops with a finiteness check of every output.
+/// The CPU ops with a finiteness check of every output, in the order the forward pass runs
+/// them: the conditioning is computed first but checked where the reference forward computes
+/// it (c after the patch embedding, each modulation vector as its block begins), so the first
+/// non-finite tensor named is the first the official code would meet.
 struct Probe<'a> {
-    e: &'a mut CpuEngine,
+    engine: &'a mut CpuEngine,
+    /// The block the ops run in (`None`: the embeddings or the final layer).
     block: Option<usize>,
+    /// Whether the current block's (or the final layer's) modulation vector was checked.
+    modulation_checked: bool,
+    /// Rows of the pass.
+    rows: usize,
     found: Option<(Option<usize>, String)>,
 }
 
 impl Probe<'_> {
+    /// Moves into the block of the next op (`None`: the final layer), checking its
+    /// modulation vector first, as the reference computes it as the block begins.
+    fn enter(&mut self, block: Option<usize>) {
+        if block == self.block && self.modulation_checked {
+            return;
+        }
+        self.block = block;
+        self.modulation_checked = true;
+        let cfg = self.engine.model.config;
+        let (c, width) = (cfg.hidden_size, forward::modulation_width(&cfg));
+        let (of, len, what) = match block {
+            Some(i) => (ModChunk::block(i, 0), 6 * c, "adaLN_modulation output"),
+            None => (ModChunk::final_layer(0), 2 * c, "final_layer.adaLN_modulation output"),
+        };
+        let start = of.offset(&cfg);
+        let bad = (0..self.rows).any(|r| {
+            self.engine.slice(self.engine.bufs.modv)[r * width + start..][..len].iter().any(|v| !v.is_finite())
+        });
+        if bad && self.found.is_none() {
+            let at = match block {
+                Some(i) => format!("block {i} ({what})"),
+                None => what.to_string(),
+            };
+            self.found = Some((block, at));
+        }
+    }
+
     fn check(&mut self, buf: super::BufId, len: usize, what: &str) {
         if self.found.is_some() {
             return;
         }
-        let s = &self.e.slice(buf)[..len];
+        let s = &self.engine.slice(buf)[..len];
         if s.iter().any(|v| !v.is_finite()) {
             let at = match self.block {
                 Some(i) => format!("block {i} ({what})"),
@@ -41,7 +76,7 @@ impl Probe<'_> {
     }
 
     fn check_act(&mut self, a: Act, rows: usize, what: &str) {
-        let cfg = self.e.model.config;
+        let cfg = self.engine.model.config;
         let (n, c, m) = (cfg.tokens(), cfg.hidden_size, cfg.mlp_hidden());
         let width = match a {
             Act::X | Act::H | Act::Attn | Act::Y => c,
@@ -50,7 +85,7 @@ impl Probe<'_> {
             Act::Out => cfg.patch_size * cfg.patch_size * cfg.out_channels(),
             Act::Cache(_, slot) => slot.width(&cfg),
         };
-        let id = self.e.act_buf(a);
+        let id = self.engine.act_buf(a);
         self.check(id, rows * n * width, what);
     }
 }
@@ -65,56 +100,61 @@ fn layer_name(l: Linear) -> &'static str {
     }
 }
 
+impl ConditioningOps for Probe<'_> {
+    // Checked later, where the reference computes them (see `Probe`).
+    fn embed_conditioning(&mut self, rows: usize) {
+        self.engine.embed_conditioning(rows);
+    }
+    fn modulations(&mut self, rows: usize) {
+        self.engine.modulations(rows);
+    }
+}
+
 impl DitOps for Probe<'_> {
     fn embed_patches(&mut self, rows: usize) {
-        self.e.embed_patches(rows);
-        let n = self.e.model.config.tokens();
-        let c = self.e.model.config.hidden_size;
-        self.check(self.e.bufs.x, rows * n * c, "patch embedding (x_embedder + pos_embed)");
+        self.engine.embed_patches(rows);
+        let n = self.engine.model.config.tokens();
+        let c = self.engine.model.config.hidden_size;
+        self.check(self.engine.bufs.x, rows * n * c, "patch embedding (x_embedder + pos_embed)");
+        self.check(self.engine.bufs.c, rows * c, "conditioning (t_embedder + y_embedder)");
     }
-    fn embed_conditioning(&mut self, rows: usize) {
-        self.e.embed_conditioning(rows);
-        let c = self.e.model.config.hidden_size;
-        self.check(self.e.bufs.c, rows * c, "conditioning (t_embedder + y_embedder)");
-    }
-    fn modulation(&mut self, which: Modulation, rows: usize) {
-        self.block = match which {
-            Modulation::Block(i) => Some(i),
-            Modulation::Final => None,
-        };
-        self.e.modulation(which, rows);
-        let c = self.e.model.config.hidden_size;
-        let what = if self.block.is_some() { "adaLN_modulation output" } else { "final_layer.adaLN_modulation output" };
-        self.check(self.e.bufs.modv, rows * 6 * c, what);
-    }
-    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
-        self.e.norm_modulate(dst, shift, scale, eps, rows);
+    fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
+        self.enter(norm.block_index());
+        self.engine.norm_modulate(dst, norm, rows);
         self.check_act(dst, rows, "LayerNorm + modulate output");
     }
+    fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
+        self.gated_residual(src, gate, rows);
+        self.norm_modulate(dst, norm, rows);
+    }
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.e.linear(layer, src, dst, act, rows);
+        self.enter(layer.block_index());
+        self.engine.linear(layer, src, dst, act, rows);
         self.check_act(dst, rows, &format!("{} output", layer_name(layer)));
     }
+    fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
+        self.linear(layer, src, pre, Activation::None, rows);
+        self.engine.gelu(pre, post, rows);
+        self.check_act(post, rows, "GELU output");
+    }
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.e.linear_calibrated(layer, src, dst, act, rows);
+        self.enter(layer.block_index());
+        self.engine.linear_calibrated(layer, src, dst, act, rows);
         self.check_act(dst, rows, &format!("{} calibrated output", layer_name(layer)));
     }
-    fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
-        self.e.gelu(src, dst, rows);
-        self.check_act(dst, rows, "GELU output");
-    }
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
-        self.e.attention(src, dst, rows);
+        self.engine.attention(src, dst, rows);
         self.check_act(dst, rows, "attention output");
     }
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
-        self.e.gated_residual(src, gate, rows);
+    fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
+        self.enter(gate.block_index());
+        self.engine.gated_residual(src, gate, rows);
         self.check_act(Act::X, rows, "gated residual");
     }
     fn unpatchify(&mut self, rows: usize) {
-        self.e.unpatchify(rows);
-        let len = rows * self.e.model.config.output_elems();
-        self.check(self.e.bufs.image, len, "final layer output");
+        self.engine.unpatchify(rows);
+        let len = rows * self.engine.model.config.output_elems();
+        self.check(self.engine.bufs.image, len, "final layer output");
     }
 }
 
@@ -127,7 +167,8 @@ impl CpuEngine {
         let cfg = self.model.config;
         let eps = self.model.mlp_norm_eps;
         let found = {
-            let mut probe = Probe { e: self, block: None, found: None };
+            let mut probe = Probe { engine: self, block: None, modulation_checked: false, rows, found: None };
+            forward::conditioning(&mut probe, rows);
             forward::forward(&mut probe, &cfg, eps, rows, kind);
             probe.found
         }?;

@@ -35,9 +35,8 @@ pub use plan::plan_for;
 
 use std::sync::Arc;
 
-use super::launch::{self, GemmAct, GemmOut, GemmSpec, SamplerMode, SamplerParams};
+use super::launch::{self, GemmSpec, SamplerMode, SamplerParams};
 use super::{DevSlice, DevType, Device};
-use crate::config::FREQ_DIM;
 use crate::diffusion::{Sampler, Schedule};
 use crate::engine::{EngineOptions, GuidedChannels, Request, SamplingBackend, SamplingEngine};
 use crate::error::{Error, Result};
@@ -45,7 +44,7 @@ use crate::forward::{self, StepKind};
 use crate::plan::{BufId, Plan};
 use crate::policy;
 use crate::weights::DitModel;
-use ops::Pass;
+use ops::{Pass, RequestConditioning};
 use plan::{mod_width, DeviceBuffers, BAD_LATENTS, BAD_OUTPUT, STATE};
 
 /// The GPU pipeline as a backend of the sampling loop: the device, its arena and the recorded
@@ -297,53 +296,9 @@ impl<D: Device> GpuBackend<D> {
     /// The conditioning pass: `count` = steps × rows (timestep, label) pairs, row i using
     /// label i mod rows, into every block's modulation for every step.
     fn conditioning(&self, count: usize, rows: usize) -> Result<()> {
-        let cfg = &self.model.config;
-        let (c, b) = (cfg.hidden_size, &self.buffers);
-        let cnt = count as i32;
-        launch::timestep_freq_f16(&self.dev, self.slice(b.tfreq)?, self.slice(b.t_all)?, self.slice(b.freqs)?, cnt)?;
-        let mut g = GemmSpec::new(
-            GemmOut::F16(self.slice(b.temb_h)?),
-            self.slice(b.tfreq)?,
-            self.slice(b.t0_w)?,
-            cnt,
-            c as i32,
-            FREQ_DIM as i32,
-        );
-        g.bias = Some(self.slice(b.t0_b)?);
-        g.act = GemmAct::Silu;
-        self.gemm(&g)?;
-        let mut g = GemmSpec::new(
-            GemmOut::F32(self.slice(b.temb)?),
-            self.slice(b.temb_h)?,
-            self.slice(b.t2_w)?,
-            cnt,
-            c as i32,
-            c as i32,
-        );
-        g.bias = Some(self.slice(b.t2_b)?);
-        self.gemm(&g)?;
-        launch::condition_silu_f16(
-            &self.dev,
-            self.slice(b.silu_c)?,
-            self.slice(b.temb)?,
-            self.slice(b.table)?,
-            self.slice(b.labels)?,
-            cnt,
-            rows as i32,
-            c as i32,
-            cfg.label_rows() as i32,
-        )?;
-        let mw = mod_width(cfg) as i32;
-        let mut g = GemmSpec::new(
-            GemmOut::F16(self.slice(b.mod_all)?),
-            self.slice(b.silu_c)?,
-            self.slice(b.ada_w)?,
-            cnt,
-            mw,
-            c as i32,
-        );
-        g.bias = Some(self.slice(b.ada_b)?);
-        self.gemm(&g)
+        let mut ops = RequestConditioning::new(self, rows);
+        forward::conditioning(&mut ops, count);
+        ops.finish().map_or(Ok(()), Err)
     }
 
     /// Copies the current step's modulation (step index in device memory) for `rows` rows.

@@ -1,14 +1,117 @@
-//! One forward pass of the GPU pipeline: [`Pass`] carries out the [`DitOps`] of
-//! [`crate::forward::forward`] as kernel launches on the pipeline's device and buffers, fusing a GELU
-//! into the GEMM before it and a gated residual update into the LayerNorm after it.
+//! One forward pass of the GPU pipeline and its conditioning: [`Pass`] carries out the
+//! [`DitOps`] of [`crate::forward::forward`] as kernel launches on the pipeline's device and
+//! buffers (fc1's GELU in its GEMM's epilogue, a gated residual update in the LayerNorm after
+//! it, as the ops say), and [`RequestConditioning`] the [`ConditioningOps`] of a whole request.
 
 use super::plan::mod_width;
 use super::GpuBackend;
+use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
-use crate::forward::{Act, Activation, DitOps, Linear, Modulation, Slot};
+use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm};
 use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
+
+/// The conditioning of a whole request on the device ([`ConditioningOps`]): every step's
+/// (timestep, label) pairs at once, `rows` = steps × rows of the request. Launch errors are
+/// kept (the first one) and returned when the pass ends.
+pub(super) struct RequestConditioning<'a, D: Device> {
+    pipeline: &'a GpuBackend<D>,
+    /// Rows of one step: pair i uses label i mod label_rows.
+    label_rows: usize,
+    err: Option<Error>,
+}
+
+impl<'a, D: Device> RequestConditioning<'a, D> {
+    /// The conditioning of `steps × label_rows` (timestep, label) pairs on `pipeline`.
+    pub(super) fn new(pipeline: &'a GpuBackend<D>, label_rows: usize) -> Self {
+        RequestConditioning { pipeline, label_rows, err: None }
+    }
+
+    /// Ends the pass: the first launch error, if any.
+    pub(super) fn finish(self) -> Option<Error> {
+        self.err
+    }
+
+    fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
+        if self.err.is_none() {
+            if let Err(e) = f(self) {
+                self.err = Some(e);
+            }
+        }
+    }
+}
+
+impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
+    fn embed_conditioning(&mut self, count: usize) {
+        self.run(|p| {
+            let pipeline = p.pipeline;
+            let cfg = &pipeline.model.config;
+            let (c, b) = (cfg.hidden_size, &pipeline.buffers);
+            let cnt = count as i32;
+            launch::timestep_freq_f16(
+                &pipeline.dev,
+                pipeline.slice(b.tfreq)?,
+                pipeline.slice(b.t_all)?,
+                pipeline.slice(b.freqs)?,
+                cnt,
+            )?;
+            let mut g = GemmSpec::new(
+                GemmOut::F16(pipeline.slice(b.temb_h)?),
+                pipeline.slice(b.tfreq)?,
+                pipeline.slice(b.t0_w)?,
+                cnt,
+                c as i32,
+                FREQ_DIM as i32,
+            );
+            g.bias = Some(pipeline.slice(b.t0_b)?);
+            g.act = GemmAct::Silu;
+            pipeline.gemm(&g)?;
+            let mut g = GemmSpec::new(
+                GemmOut::F32(pipeline.slice(b.temb)?),
+                pipeline.slice(b.temb_h)?,
+                pipeline.slice(b.t2_w)?,
+                cnt,
+                c as i32,
+                c as i32,
+            );
+            g.bias = Some(pipeline.slice(b.t2_b)?);
+            pipeline.gemm(&g)?;
+            launch::condition_silu_f16(
+                &pipeline.dev,
+                pipeline.slice(b.silu_c)?,
+                pipeline.slice(b.temb)?,
+                pipeline.slice(b.table)?,
+                pipeline.slice(b.labels)?,
+                cnt,
+                p.label_rows as i32,
+                c as i32,
+                cfg.label_rows() as i32,
+            )?;
+            Ok(())
+        });
+    }
+
+    fn modulations(&mut self, count: usize) {
+        self.run(|p| {
+            let pipeline = p.pipeline;
+            let cfg = &pipeline.model.config;
+            let (c, b) = (cfg.hidden_size, &pipeline.buffers);
+            let cnt = count as i32;
+            let mw = mod_width(cfg) as i32;
+            let mut g = GemmSpec::new(
+                GemmOut::F16(pipeline.slice(b.mod_all)?),
+                pipeline.slice(b.silu_c)?,
+                pipeline.slice(b.ada_w)?,
+                cnt,
+                mw,
+                c as i32,
+            );
+            g.bias = Some(pipeline.slice(b.ada_b)?);
+            pipeline.gemm(&g)
+        });
+    }
+}
 
 /// One forward pass in flight: the [`DitOps`] of the GPU pipeline. Launch errors are kept
 /// (the first one) and returned when the pass ends.
@@ -17,60 +120,28 @@ pub(super) struct Pass<'a, D: Device> {
     pipeline: &'a GpuBackend<D>,
     /// Images in the latents: model row r embeds image r mod `images`.
     images: usize,
-    /// Offset of the current block's (or the final layer's) modulation within a row.
-    mod_off: usize,
-    /// A GELU already applied by the GEMM before it (src, dst of the `gelu` call it replaces).
-    fused_gelu: Option<(Act, Act)>,
-    /// A gated residual update not launched yet (y, gate, rows): the LayerNorm that follows
-    /// applies it in the same kernel; any other operation launches it first.
-    pending_residual: Option<(DevSlice<f16>, DevSlice<f16>, usize)>,
     err: Option<Error>,
 }
 
 impl<'a, D: Device> Pass<'a, D> {
     /// A pass on `pipeline` whose rows are the images `row mod images` of the latents.
     pub(super) fn new(pipeline: &'a GpuBackend<D>, images: usize) -> Self {
-        Pass { pipeline, images, mod_off: 0, fused_gelu: None, pending_residual: None, err: None }
+        Pass { pipeline, images, err: None }
+    }
+
+    /// Ends the pass: the first launch error, if any.
+    pub(super) fn finish(self) -> Option<Error> {
+        self.err
     }
 }
 
 impl<D: Device> Pass<'_, D> {
     fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
-        self.flush_residual();
-        self.run_now(f);
-    }
-
-    fn run_now(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
         if self.err.is_none() {
             if let Err(e) = f(self) {
                 self.err = Some(e);
             }
         }
-    }
-
-    /// Launches the pending gated residual update on its own, if there is one.
-    fn flush_residual(&mut self) {
-        if let Some((y, gate, rows)) = self.pending_residual.take() {
-            self.run_now(|p| {
-                let cfg = &p.pipeline.model.config;
-                launch::gated_residual_add_f32x(
-                    &p.pipeline.dev,
-                    p.pipeline.slice(p.pipeline.buffers.x)?,
-                    y,
-                    gate,
-                    (rows * cfg.tokens()) as i32,
-                    cfg.tokens() as i32,
-                    cfg.hidden_size as i32,
-                    mod_width(cfg) as i32,
-                )
-            });
-        }
-    }
-
-    /// Ends the pass: launches what is still pending and returns the first error.
-    pub(super) fn finish(mut self) -> Option<Error> {
-        self.flush_residual();
-        self.err
     }
 
     /// The buffer an activation lives in.
@@ -107,10 +178,10 @@ impl<D: Device> Pass<'_, D> {
         }
     }
 
-    /// Chunk `k` of the current modulation, from its start to the end of the buffer.
-    fn chunk(&self, k: usize) -> Result<DevSlice<f16>> {
+    /// A chunk of this step's modulation, from its start to the end of the buffer.
+    fn chunk(&self, chunk: ModChunk) -> Result<DevSlice<f16>> {
         let all = self.pipeline.slice::<f16>(self.pipeline.buffers.mod_cur)?;
-        let start = self.mod_off + k * self.pipeline.model.config.hidden_size;
+        let start = chunk.offset(&self.pipeline.model.config);
         all.sub(start, all.len() - start)
     }
 
@@ -156,79 +227,76 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn embed_conditioning(&mut self, _rows: usize) {
-        // Done for the whole request by the conditioning pass.
-    }
-
-    fn modulation(&mut self, which: Modulation, _rows: usize) {
-        let c = self.pipeline.model.config.hidden_size;
-        self.mod_off = match which {
-            Modulation::Block(i) => i * 6 * c,
-            Modulation::Final => self.pipeline.model.config.depth * 6 * c,
-        };
-    }
-
-    fn norm_modulate(&mut self, dst: Act, shift: usize, scale: usize, eps: f32, rows: usize) {
-        let pending = self.pending_residual.take();
-        self.run_now(|p| {
+    fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
+        self.run(|p| {
             let cfg = &p.pipeline.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
             let (out, x) = (p.act_slice(dst)?, p.pipeline.slice(p.pipeline.buffers.x)?);
-            let (shift, scale) = (p.chunk(shift)?, p.chunk(scale)?);
-            match pending {
-                Some((y, gate, res_rows)) if res_rows == rows => launch::residual_layernorm_modulate_f32x(
-                    &p.pipeline.dev,
-                    out,
-                    x,
-                    y,
-                    gate,
-                    stride,
-                    shift,
-                    scale,
-                    r,
-                    tokens,
-                    c,
-                    stride,
-                    eps,
-                ),
-                Some(_) => {
-                    Err(Error::invalid("GPU pipeline", "a residual update and the LayerNorm after it differ in rows"))
-                }
-                None => {
-                    launch::layernorm_modulate_f32x(&p.pipeline.dev, out, x, shift, scale, r, tokens, c, stride, eps)
-                }
-            }
+            let (shift, scale) = (p.chunk(norm.shift)?, p.chunk(norm.scale)?);
+            launch::layernorm_modulate_f32x(&p.pipeline.dev, out, x, shift, scale, r, tokens, c, stride, norm.eps)
+        });
+    }
+
+    fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
+        // One kernel: the residual update of each row, then its LayerNorm.
+        self.run(|p| {
+            let cfg = &p.pipeline.model.config;
+            let (r, tokens, c, stride) =
+                ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
+            let (out, x, y) = (p.act_slice(dst)?, p.pipeline.slice(p.pipeline.buffers.x)?, p.act_slice(src)?);
+            let (gate, shift, scale) = (p.chunk(gate)?, p.chunk(norm.shift)?, p.chunk(norm.scale)?);
+            launch::residual_layernorm_modulate_f32x(
+                &p.pipeline.dev,
+                out,
+                x,
+                y,
+                gate,
+                stride,
+                shift,
+                scale,
+                r,
+                tokens,
+                c,
+                stride,
+                norm.eps,
+            )
         });
     }
 
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        // A full step keeps fc1's output before and after GELU (two cache slots): one GEMM
-        // writes both, and the `gelu` call that follows is skipped.
-        let fuse = match (layer, dst, act) {
-            (Linear::Fc1(i), Act::Cache(j, Slot::Fc1Y), Activation::None) if i == j => {
-                Some((dst, Act::Cache(i, Slot::Fc2X)))
-            }
-            _ => None,
-        };
         self.run(|p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
-            let o = match (dst, fuse) {
-                (Act::Out, _) => GemmOut::F32(p.pipeline.slice(p.pipeline.buffers.out)?),
-                (_, Some((_, post))) => GemmOut::F16(p.act_slice(post)?),
+            let o = match dst {
+                Act::Out => GemmOut::F32(p.pipeline.slice(p.pipeline.buffers.out)?),
                 _ => GemmOut::F16(p.act_slice(dst)?),
             };
             let mut g = GemmSpec::new(o, p.act_slice(src)?, p.pipeline.slice(w)?, m, out as i32, k as i32);
             g.bias = Some(p.pipeline.slice(bias)?);
             g.act = gemm_act(act);
-            if fuse.is_some() {
-                g.pre = Some(p.act_slice(dst)?);
-                g.act = GemmAct::GeluTanh;
-            }
             p.pipeline.gemm(&g)
         });
-        self.fused_gelu = fuse;
+    }
+
+    fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
+        // One GEMM writes both: `pre` before its GELU epilogue, `post` after.
+        self.run(|p| {
+            let (w, bias, out, k) = p.layer(layer);
+            let m = (rows * p.tokens()) as i32;
+            let mut g = GemmSpec::new(
+                GemmOut::F16(p.act_slice(post)?),
+                p.act_slice(src)?,
+                p.pipeline.slice(w)?,
+                m,
+                out as i32,
+                k as i32,
+            );
+            g.bias = Some(p.pipeline.slice(bias)?);
+            g.pre = Some(p.act_slice(pre)?);
+            g.act = GemmAct::GeluTanh;
+            p.pipeline.gemm(&g)
+        });
     }
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
@@ -302,16 +370,6 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn gelu(&mut self, src: Act, dst: Act, rows: usize) {
-        if self.fused_gelu.take() == Some((src, dst)) {
-            return;
-        }
-        self.run(|p| {
-            let n = rows * p.tokens() * p.pipeline.model.config.mlp_hidden();
-            launch::gelu_f16(&p.pipeline.dev, p.act_slice(dst)?, p.act_slice(src)?, n as i32)
-        });
-    }
-
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
         self.run(|p| {
             let cfg = &p.pipeline.model.config;
@@ -327,18 +385,20 @@ impl<D: Device> DitOps for Pass<'_, D> {
         });
     }
 
-    fn gated_residual(&mut self, src: Act, gate: usize, rows: usize) {
-        // Deferred to the LayerNorm that follows (the block's next one, or the next block's
-        // first, or the final layer's); resolved now, while `mod_off` names this block.
-        self.flush_residual();
-        match self.act_slice(src).and_then(|y| Ok((y, self.chunk(gate)?))) {
-            Ok((y, g)) => self.pending_residual = Some((y, g, rows)),
-            Err(e) => {
-                if self.err.is_none() {
-                    self.err = Some(e);
-                }
-            }
-        }
+    fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
+        self.run(|p| {
+            let cfg = &p.pipeline.model.config;
+            launch::gated_residual_add_f32x(
+                &p.pipeline.dev,
+                p.pipeline.slice(p.pipeline.buffers.x)?,
+                p.act_slice(src)?,
+                p.chunk(gate)?,
+                (rows * cfg.tokens()) as i32,
+                cfg.tokens() as i32,
+                cfg.hidden_size as i32,
+                mod_width(cfg) as i32,
+            )
+        });
     }
 
     fn unpatchify(&mut self, rows: usize) {
