@@ -8,9 +8,9 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use icdit::cost;
 use icdit::cpu::gemm::{self, BMat, Gemm, Gemmer};
-use icdit::cpu::isa::{Isa, ISA_ENV};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
 use icdit::forward::StepKind;
+use icdit::isa::{Isa, ISA_ENV};
 use icdit::{BenchOp, CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Factors};
 
 fn threads() -> usize {

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use icdit::cpu::gemm::{self, BMat, Conv3, Gemm, Gemmer};
-use icdit::cpu::isa::{Isa, ISA_ENV};
 use icdit::cpu::pool::{SendPtr, ThreadPool};
+use icdit::isa::{Isa, ISA_ENV};
 use icdit::vae::{VaeConfig, VaeDecoder, VaeModel};
 
 fn threads() -> usize {

@@ -16,11 +16,12 @@
 // out = f16(act(v)) or f32).
 //
 // Two tile shapes, one template (the launcher picks by how many tiles fill the GPU):
-//   gemm_fused_f16     block 64×64,   4 warps (2×2) of 32×32, k step 64, 4 stages
-//   gemm_fused_f16_l   block 128×128, 8 warps (2×4) of 64×32, k step 32, 4 stages
-// and, for measuring the choice (icdit bench-gemm): gemm_fused_f16_m (128×64, 4 warps of 64×32,
-// k 32, 4 stages), gemm_fused_f16_s32 (64×64, k 32, 4 stages), gemm_fused_f16_c (64×64, k 32,
-// 2 stages: the first kernel's configuration).
+//   gemm_fused_f16_64x64_k64     block 64×64,   4 warps (2×2) of 32×32, k step 64, 4 stages
+//   gemm_fused_f16_128x128_k32   block 128×128, 8 warps (2×4) of 64×32, k step 32, 4 stages
+// and, for measuring the choice (icdit bench-gemm): gemm_fused_f16_128x64_k32 (128×64, 4 warps
+// of 64×32, k 32, 4 stages), gemm_fused_f16_64x64_k32 (64×64, k 32, 4 stages) and
+// gemm_fused_f16_64x64_k32_s2 (64×64, k 32, 2 stages: the first kernel's configuration).
+// Each name says the block tile, the k step and (s2) a stage count other than 4.
 // Launch: grid (⌈N/BN⌉, ⌈M/BM⌉, splits), THREADS threads, dynamic shared memory
 // gemm_smem_bytes() below (over 48 KiB: the device opts every kernel in at load).
 // Stages: each holds the a tile (BM × BK), the w tile (BN × BK) and, with a_minus, its tile
@@ -45,8 +46,8 @@
 // two adjacent columns per thread (half2 / float2 accesses) when N, the strides and the
 // pointers allow, else one.
 // No output may overlap an input or another output.
-// Exported: gemm_fused_f16, gemm_fused_f16_l, gemm_fused_f16_m, gemm_fused_f16_s32,
-// gemm_fused_f16_c, gemm_splitk_reduce_f16.
+// Exported: gemm_fused_f16_64x64_k64, gemm_fused_f16_128x128_k32, gemm_fused_f16_128x64_k32,
+// gemm_fused_f16_64x64_k32, gemm_fused_f16_64x64_k32_s2, gemm_splitk_reduce_f16.
 
 #include "device.cuh"
 
@@ -300,23 +301,23 @@ __device__ __forceinline__ void gemm_tile(const Params& p, int act) {
         int ldc, int ld_add, int add_rows, int k_split, int act
 #define GEMM_ARGS out, out_f32, pre, a, a_minus, w, bias, add, ws, M, N, K, lda, ldc, ld_add, add_rows, k_split
 
-extern "C" __global__ void __launch_bounds__(Small::THREADS) gemm_fused_f16(GEMM_PARAMS) {
+extern "C" __global__ void __launch_bounds__(Small::THREADS) gemm_fused_f16_64x64_k64(GEMM_PARAMS) {
     gemm_tile<Small>(Params{GEMM_ARGS}, act);
 }
 
-extern "C" __global__ void __launch_bounds__(Large::THREADS) gemm_fused_f16_l(GEMM_PARAMS) {
+extern "C" __global__ void __launch_bounds__(Large::THREADS) gemm_fused_f16_128x128_k32(GEMM_PARAMS) {
     gemm_tile<Large>(Params{GEMM_ARGS}, act);
 }
 
-extern "C" __global__ void __launch_bounds__(Tall::THREADS) gemm_fused_f16_m(GEMM_PARAMS) {
+extern "C" __global__ void __launch_bounds__(Tall::THREADS) gemm_fused_f16_128x64_k32(GEMM_PARAMS) {
     gemm_tile<Tall>(Params{GEMM_ARGS}, act);
 }
 
-extern "C" __global__ void __launch_bounds__(Small32::THREADS) gemm_fused_f16_s32(GEMM_PARAMS) {
+extern "C" __global__ void __launch_bounds__(Small32::THREADS) gemm_fused_f16_64x64_k32(GEMM_PARAMS) {
     gemm_tile<Small32>(Params{GEMM_ARGS}, act);
 }
 
-extern "C" __global__ void __launch_bounds__(Classic::THREADS) gemm_fused_f16_c(GEMM_PARAMS) {
+extern "C" __global__ void __launch_bounds__(Classic::THREADS) gemm_fused_f16_64x64_k32_s2(GEMM_PARAMS) {
     gemm_tile<Classic>(Params{GEMM_ARGS}, act);
 }
 

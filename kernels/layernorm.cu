@@ -1,6 +1,6 @@
 // LayerNorm without affine parameters followed by adaLN modulation (DiT, reference doc A.6):
 //   out[r, c] = (x[r, c] − mean_r) / sqrt(var_r + eps) · (1 + scale[b, c]) + shift[b, c]
-// x: (rows, C) f16 (`layernorm_modulate_f16`) or f32 (`layernorm_modulate_f32x`: the GPU
+// x: (rows, C) f16 (`layernorm_modulate_f16`) or f32 (`layernorm_modulate_f32_stream`: the GPU
 // pipeline keeps the residual stream in f32); out: (rows, C) f16, rows = batch · tokens;
 // shift and scale are chunks of the
 // modulation vector: one row of C values per batch item b = r / tokens, rows `mod_stride`
@@ -9,9 +9,9 @@
 // shared memory as f32 (C·4 bytes); mean and variance are two block reductions in f32
 // (two-pass variance, no cancellation); the output is rounded once to f16.
 // Requires C even and 4-byte (f16 x) or 8-byte (f32 x) aligned pointers (the launcher checks).
-// `residual_layernorm_modulate_f32x` first applies the gated residual update of
+// `residual_layernorm_modulate_f32_stream` first applies the gated residual update of
 // kernels/residual.cu to the row, x += f32(gate[b])·f32(y) in f32 (the same expression as
-// `gated_residual_add_f32x`), writes the new x back, then normalises it as above: the block's
+// `gated_residual_add_f32_stream`), writes the new x back, then normalises it as above: the block's
 // residual add and the next LayerNorm in one pass over x.
 
 #include "block_reduce.cuh"
@@ -84,7 +84,7 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
-    layernorm_modulate_f32x(half* __restrict__ out, const float* __restrict__ x,
+    layernorm_modulate_f32_stream(half* __restrict__ out, const float* __restrict__ x,
                             const half* __restrict__ shift, const half* __restrict__ scale,
                             int tokens, int channels, int mod_stride, float eps) {
     layernorm_modulate<float, false>(out, x, nullptr, nullptr, nullptr, 0, shift, scale, tokens,
@@ -92,7 +92,7 @@ extern "C" __global__ void __launch_bounds__(LN_THREADS)
 }
 
 extern "C" __global__ void __launch_bounds__(LN_THREADS)
-    residual_layernorm_modulate_f32x(half* __restrict__ out, float* x, const half* __restrict__ y,
+    residual_layernorm_modulate_f32_stream(half* __restrict__ out, float* x, const half* __restrict__ y,
                                      const half* __restrict__ gate, int gate_stride,
                                      const half* __restrict__ shift,
                                      const half* __restrict__ scale, int tokens, int channels,

@@ -5,7 +5,7 @@
 // Elementwise on half2 pairs with one fused multiply-add per element (__hfma2: a single
 // rounding to f16). Launch: 256 threads per block, grid-stride loop over rows·C/2 pairs.
 // Requires C even and 4-byte aligned pointers (the launcher checks).
-// `gated_residual_add_f32x`: the same with x in f32 (the GPU pipeline's residual stream):
+// `gated_residual_add_f32_stream`: the same with x in f32 (the GPU pipeline's residual stream):
 // x += f32(gate)·f32(y) in f32 (one multiply and one add; nvcc may fuse them), on pairs.
 
 #include "device.cuh"
@@ -27,7 +27,7 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-    gated_residual_add_f32x(float* __restrict__ x, const half* __restrict__ y,
+    gated_residual_add_f32_stream(float* __restrict__ x, const half* __restrict__ y,
                             const half* __restrict__ gate, int rows, int tokens, int channels,
                             int gate_stride) {
     const long long pairs_per_row = channels / 2;

@@ -1,5 +1,5 @@
 // The VAE decoder's kernels besides the 3×3 convolution (kernels/vae_conv.cu); its 1×1
-// convolutions (the resnet shortcuts, the attention projections) are gemm_fused_f16 over pixels.
+// convolutions (the resnet shortcuts, the attention projections) are the fused GEMM of kernels/gemm.cu over pixels.
 // All activations NHWC: (images·pixels, C) row-major, f16 storage, f32 arithmetic.
 //
 // group_norm_silu_f16: GroupNorm (affine) over `groups` groups of C / groups consecutive
@@ -11,17 +11,12 @@
 //   second and third from L2 on a GPU: a group of a 256×256×128 image is 512 KiB).
 //   Launch: grid (groups, images), 256 threads.
 // softmax_rows_f16: out[r, :] = softmax(scale·x[r, :]) in f32 (max-subtracted, expf), rounded
-//   once to f16; the mid-block attention's probabilities (x = q·kᵀ from gemm_fused_f16,
+//   once to f16; the mid-block attention's probabilities (x = q·kᵀ from the fused GEMM,
 //   scale = 1/√C). Launch: one 256-thread block per row.
 // transpose_f16: out (cols, rows) = in (rows, cols)ᵀ, bit copies (V for the P·V GEMM, whose
 //   B operand is (N, K) row-major). Launch: 32×32 tiles through shared memory, block (32, 8),
 //   grid (⌈cols/32⌉, ⌈rows/32⌉).
-// vae_to_u8: the decoded image (NHWC, f16 or f32: exactly one of x16, x32 not null) to uint8
-//   pixels, as src/image.rs bit for bit: rounding 0 (DiT's sample_ddp.py) u8(clamp(127.5·x +
-//   128, 0, 255)) truncated; rounding 1 (diffusers) round-half-even(clamp(x/2 + 0.5, 0, 1)·255);
-//   NaN → 0 (Rust's `as u8`). Each f32 operation rounded separately (no contraction: __f*_rn
-//   on the GPU). Launch: 256 threads, grid-stride.
-// Exported: group_norm_silu_f16, softmax_rows_f16, transpose_f16, vae_to_u8.
+// Exported: group_norm_silu_f16, softmax_rows_f16, transpose_f16.
 
 #include "block_reduce.cuh"
 
@@ -38,19 +33,6 @@ inline float mul_rn(float a, float b) { return a * b; }
 inline float add_rn(float a, float b) { return a + b; }
 #endif
 
-__device__ __forceinline__ unsigned char dit_u8(float x) {
-    const float v = add_rn(mul_rn(127.5f, x), 128.f);
-    if (!(v > 0.f)) return 0;  // NaN too
-    if (v >= 255.f) return 255;
-    return (unsigned char)(int)v;
-}
-
-__device__ __forceinline__ unsigned char diffusers_u8(float x) {
-    float v = add_rn(mul_rn(x, 0.5f), 0.5f);  // x·0.5 is x/2 exactly rounded alike
-    if (!(v > 0.f)) return 0;
-    if (v > 1.f) v = 1.f;
-    return (unsigned char)(int)rintf(mul_rn(v, 255.f));  // current mode: half to even
-}
 
 }  // namespace
 
@@ -114,14 +96,5 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int i = threadIdx.y; i < 32; i += 8) {
         const int c = c0 + i, r = r0 + threadIdx.x;
         if (r < rows && c < cols) out[(size_t)c * rows + r] = tile[threadIdx.x][i];
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(256)
-    vae_to_u8(unsigned char* __restrict__ out, const half* __restrict__ x16,
-              const float* __restrict__ x32, int n, int rounding) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
-        const float v = x16 ? __half2float(x16[i]) : x32[i];
-        out[i] = rounding ? diffusers_u8(v) : dit_u8(v);
     }
 }

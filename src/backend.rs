@@ -7,7 +7,8 @@ use std::str::FromStr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use crate::engine::{Engine, EngineOptions, Request, Step};
+use crate::cpu::Engine;
+use crate::engine::{EngineOptions, Request, Step};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::{EmuDevice, GpuEngine};

@@ -523,7 +523,8 @@ pub fn self_calibration_set(
     method: Method,
     progress: &mut dyn FnMut(usize),
 ) -> Result<CalibSet> {
-    use crate::engine::{Engine, EngineOptions, Request};
+    use crate::cpu::Engine;
+    use crate::engine::{EngineOptions, Request};
     let cfg = model.config;
     if n == 0 {
         return Err(Error::invalid("--calib-self", "must be at least 1"));

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::config::DitConfig;
-use crate::cpu::CpuBackend;
 use crate::diffusion::{Sampler, Schedule};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
@@ -48,7 +47,7 @@ pub struct EngineOptions {
     /// CPU threads (0: all cores).
     pub threads: usize,
     /// The CPU instruction-set path; `None`: `ICDIT_CPU_ISA`, or the best this CPU runs.
-    pub isa: Option<crate::cpu::Isa>,
+    pub isa: Option<crate::isa::Isa>,
     /// Caching policy: none, naive reuse, or increment-calibrated with factors.
     pub cache: CacheMode,
     /// Which steps are full under a caching policy.
@@ -204,9 +203,6 @@ pub struct SamplingEngine<B> {
     backend: B,
     interrupt: Option<Arc<AtomicBool>>,
 }
-
-/// The sampling engine on the CPU reference backend.
-pub type Engine = SamplingEngine<CpuBackend>;
 
 impl<B: SamplingBackend> SamplingEngine<B> {
     /// An engine on a backend that is built and ready.

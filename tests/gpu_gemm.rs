@@ -1,4 +1,4 @@
-//! kernels/gemm.cu (`gemm_fused_f16`, launched by `launch::gemm`) against an f64 reference on
+//! kernels/gemm.cu (`gemm_fused_f16_64x64_k64`, launched by `launch::gemm`) against an f64 reference on
 //! the same f16 inputs, feature by feature: `a − a_minus`, bias, `add` (wrapping every
 //! `add_rows` rows, strided, at a column offset), strides and column-offset sub-slices of `a`
 //! and the outputs, the pre-activation output, GELU and SiLU, f16 and f32 outputs; at shapes
@@ -669,7 +669,7 @@ fn emulated_gemm_512x1152x1152_under_10s() {
     let start = Instant::now();
     let got = run(&dev, &plan, &bufs, &c, &data);
     let secs = start.elapsed().as_secs_f64();
-    println!("emulated gemm_fused_f16 (bias) 512×1152×1152 on {}: {secs:.2} s (with copies)", dev.name());
+    println!("emulated gemm_fused_f16_64x64_k64 (bias) 512×1152×1152 on {}: {secs:.2} s (with copies)", dev.name());
     let (exact, _) = reference(&c, &data);
     let bad = (0..got.out.len()).filter(|&i| got.out[i] != f16_rne(exact[i]).to_f32()).count();
     assert_eq!(bad, 0, "{bad} elements differ from the exact result");

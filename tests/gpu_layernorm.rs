@@ -1,4 +1,4 @@
-//! kernels/layernorm.cu (layernorm_modulate_f16 and _f32x, residual_layernorm_modulate_f32x:
+//! kernels/layernorm.cu (layernorm_modulate_f16 and _f32_stream, residual_layernorm_modulate_f32_stream:
 //! the block reduction) against an f64 reference of LayerNorm (no affine) followed by adaLN
 //! modulation, at row widths below, at and above one pass of the 256-thread block (512
 //! values), with batch items sharing modulation rows.
@@ -15,10 +15,10 @@
 //! tree levels; rstd by about half as many ulps plus rsqrtf's 2. The final rounding to f16
 //! (2^13 f32 ulps) dominates the bound at DiT widths.
 //!
-//! The `_f32x` kernels the GPU pipeline uses read x in f32 (its residual stream) instead of
+//! The `_f32_stream` kernels the GPU pipeline uses read x in f32 (its residual stream) instead of
 //! f16. The conversion of an f16 x was exact, so from the first addition on the arithmetic is
 //! the same and so is the bound; x now carries 24 significant bits, so the data exercises
-//! values no f16 holds. `residual_layernorm_modulate_f32x` first updates x ← x + gate·y in f32
+//! values no f16 holds. `residual_layernorm_modulate_f32_stream` first updates x ← x + gate·y in f32
 //! and normalises that: its x is checked to the bit against the exact sum rounded once (a
 //! product of two f16 values is exact in f32; see tests/gpu_residual.rs), its output with the
 //! bound above applied to the new x.
@@ -131,13 +131,13 @@ fn layernorm_modulate_cuda() {
     check(cuda("layernorm_modulate_cuda"));
 }
 
-/// `layernorm_modulate_f32x`: as `check`, with x in f32 (module header: the same bound).
-fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+/// `layernorm_modulate_f32_stream`: as `check`, with x in f32 (module header: the same bound).
+fn check_f32_stream<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     for (ci, c) in CASES.iter().enumerate() {
         let (rows, ch) = (c.rows, c.channels);
         let items = rows.div_ceil(c.tokens);
         let mod_len = (items - 1) * c.mod_stride + 2 * ch; // shift at 0, scale at +ch
-        let mut plan = Plan::new("layernorm f32x test");
+        let mut plan = Plan::new("layernorm f32-stream test");
         let (bx, bm, bo) = (
             add(&mut plan, "x", rows * ch, Dt::F32),
             add(&mut plan, "modulation", mod_len, Dt::F16),
@@ -151,14 +151,14 @@ fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             (put(&dev, &plan, bx, &x), put(&dev, &plan, bm, &modulation), out::<f16, _>(&dev, &plan, bo));
         let (shift, scale) = (dm.sub(0, mod_len).unwrap(), dm.sub(ch, mod_len - ch).unwrap());
         let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.mod_stride as i32);
-        launch::layernorm_modulate_f32x(&dev, dout, dx, shift, scale, r, t, chn, st, EPS).unwrap();
+        launch::layernorm_modulate_f32_stream(&dev, dout, dx, shift, scale, r, t, chn, st, EPS).unwrap();
         let got: Vec<f32> = get::<f16, _>(&dev, &plan, bo).iter().map(|h| h.to_f32()).collect();
-        assert!(get::<f32, _>(&dev, &plan, bx) == x, "layernorm_modulate_f32x wrote into x");
+        assert!(get::<f32, _>(&dev, &plan, bx) == x, "layernorm_modulate_f32_stream wrote into x");
 
         let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
         let (exact, bound) = reference(c, &x64, &f64s(&modulation));
         let what = format!(
-            "layernorm_modulate_f32x rows={rows} tokens={} C={ch} offset={} ({})",
+            "layernorm_modulate_f32_stream rows={rows} tokens={} C={ch} offset={} ({})",
             c.tokens,
             c.offset,
             dev.name()
@@ -168,26 +168,26 @@ fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
 }
 
 #[test]
-fn layernorm_modulate_f32x_emulated() {
-    check_f32x(emu);
+fn layernorm_modulate_f32_stream_emulated() {
+    check_f32_stream(emu);
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn layernorm_modulate_f32x_cuda() {
-    check_f32x(cuda("layernorm_modulate_f32x_cuda"));
+fn layernorm_modulate_f32_stream_cuda() {
+    check_f32_stream(cuda("layernorm_modulate_f32_stream_cuda"));
 }
 
-/// `residual_layernorm_modulate_f32x` against f64: the new x = x + gate·y must be the exact sum
+/// `residual_layernorm_modulate_f32_stream` against f64: the new x = x + gate·y must be the exact sum
 /// rounded once to f32, bit for bit (one f32 addition of an exact product), and the output
 /// LayerNorm(new x)·(1 + scale) + shift must be within the bound of the module header. Gate,
 /// shift and scale are chunks 2, 0 and 1 of the modulation rows, as in a DiT block.
-fn check_residual_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+fn check_residual_f32_stream<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     for (ci, c) in CASES.iter().enumerate() {
         let (rows, ch) = (c.rows, c.channels);
         let items = rows.div_ceil(c.tokens);
         let mod_len = (items - 1) * c.mod_stride + 3 * ch; // shift at 0, scale at +ch, gate at +2ch
-        let mut plan = Plan::new("residual + layernorm f32x test");
+        let mut plan = Plan::new("residual + layernorm f32-stream test");
         let (bx, by, bm, bo) = (
             add(&mut plan, "x", rows * ch, Dt::F32),
             add(&mut plan, "y", rows * ch, Dt::F16),
@@ -203,7 +203,7 @@ fn check_residual_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let dout = out::<f16, _>(&dev, &plan, bo);
         let chunk = |k: usize| dm.sub(k * ch, mod_len - k * ch).unwrap();
         let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.mod_stride as i32);
-        launch::residual_layernorm_modulate_f32x(
+        launch::residual_layernorm_modulate_f32_stream(
             &dev,
             dout,
             dx,
@@ -230,7 +230,8 @@ fn check_residual_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 (a + b, f32_sum_rne(a, b))
             })
             .unzip();
-        let what = format!("residual_layernorm_modulate_f32x rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
+        let what =
+            format!("residual_layernorm_modulate_f32_stream rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
         assert!(new_x.iter().zip(&x).filter(|(a, b)| a != b).count() > rows * ch / 2, "{what}: x barely changes");
         assert_within(&format!("{what}, x"), &got_x, &sum, |i| (U32 * sum[i].abs()).max(f64::MIN_POSITIVE));
         let bad: Vec<usize> = (0..rows * ch).filter(|&i| got_x[i].to_bits() != new_x[i].to_bits()).collect();
@@ -251,17 +252,17 @@ fn check_residual_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
 }
 
 #[test]
-fn residual_layernorm_modulate_f32x_emulated() {
-    check_residual_f32x(emu);
+fn residual_layernorm_modulate_f32_stream_emulated() {
+    check_residual_f32_stream(emu);
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn residual_layernorm_modulate_f32x_cuda() {
-    check_residual_f32x(cuda("residual_layernorm_modulate_f32x_cuda"));
+fn residual_layernorm_modulate_f32_stream_cuda() {
+    check_residual_f32_stream(cuda("residual_layernorm_modulate_f32_stream_cuda"));
 }
 
-/// `residual_layernorm_modulate_f32x` (the residual update fused into the LayerNorm after it)
+/// `residual_layernorm_modulate_f32_stream` (the residual update fused into the LayerNorm after it)
 /// against the two kernels it replaces, run one after the other on the same inputs: the new x
 /// and the normalised output must agree. The fused kernel evaluates the same f32 expressions in
 /// the same order, so they are expected bit for bit; a last-bit difference in x from the
@@ -291,7 +292,7 @@ fn fused_matches_separate<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let (of, os) = (out::<f16, _>(&dev, &plan, ids[4]), out::<f16, _>(&dev, &plan, ids[5]));
         let chunk = |k: usize| dm.sub(k * ch, mod_len - k * ch).unwrap();
         let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.mod_stride as i32);
-        launch::residual_layernorm_modulate_f32x(
+        launch::residual_layernorm_modulate_f32_stream(
             &dev,
             of,
             xf,
@@ -307,8 +308,8 @@ fn fused_matches_separate<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             EPS,
         )
         .unwrap();
-        launch::gated_residual_add_f32x(&dev, xs, dy, chunk(2), r, t, chn, st).unwrap();
-        launch::layernorm_modulate_f32x(&dev, os, xs, chunk(0), chunk(1), r, t, chn, st, EPS).unwrap();
+        launch::gated_residual_add_f32_stream(&dev, xs, dy, chunk(2), r, t, chn, st).unwrap();
+        launch::layernorm_modulate_f32_stream(&dev, os, xs, chunk(0), chunk(1), r, t, chn, st, EPS).unwrap();
 
         let what = format!("residual + layernorm fused vs separate, rows={rows} C={ch} ({})", dev.name());
         let (gx_f, gx_s) = (get::<f32, _>(&dev, &plan, ids[0]), get::<f32, _>(&dev, &plan, ids[1]));

@@ -3,7 +3,7 @@
 //! bits and f16's exponent range is narrow), and __hfma2 rounds once. The data mixes scales
 //! from 1e-4 (subnormal products) to 300 (products that overflow to infinity).
 //!
-//! `gated_residual_add_f32x` (x in f32: the GPU pipeline's residual stream) is defined to the
+//! `gated_residual_add_f32_stream` (x in f32: the GPU pipeline's residual stream) is defined to the
 //! bit as well: g·y, a product of two f16 values, has at most 22 significant bits and lies
 //! between 2^-48 and 2^32, so it is exact in f32, and what remains is one f32 addition, one
 //! rounding to nearest (error ≤ u·|x + g·y|, u = 2^-24), whether or not nvcc fuses the multiply
@@ -87,12 +87,12 @@ fn gated_residual_add_cuda() {
     check(cuda("gated_residual_add_cuda"));
 }
 
-fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+fn check_f32_stream<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     for (ci, c) in CASES.iter().enumerate() {
         let (rows, ch) = (c.rows, c.channels);
         let items = rows.div_ceil(c.tokens);
         let gate_len = (items - 1) * c.gate_stride + ch;
-        let mut plan = Plan::new("residual f32x test");
+        let mut plan = Plan::new("residual f32-stream test");
         let (bx, by, bg) = (
             add(&mut plan, "x", rows * ch, Dt::F32),
             add(&mut plan, "y", rows * ch, Dt::F16),
@@ -104,7 +104,7 @@ fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let (y, gate) = (mixed(&mut rng, rows * ch), mixed(&mut rng, gate_len));
         let (dx, dy, dg) = (put(&dev, &plan, bx, &x), put(&dev, &plan, by, &y), put(&dev, &plan, bg, &gate));
         let (r, t, chn, st) = (rows as i32, c.tokens as i32, ch as i32, c.gate_stride as i32);
-        launch::gated_residual_add_f32x(&dev, dx, dy, dg, r, t, chn, st).unwrap();
+        launch::gated_residual_add_f32_stream(&dev, dx, dy, dg, r, t, chn, st).unwrap();
         let got: Vec<f32> = get(&dev, &plan, bx);
 
         let (sum, expected): (Vec<f64>, Vec<f32>) = (0..rows * ch)
@@ -114,7 +114,7 @@ fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 (a + b, f32_sum_rne(a, b))
             })
             .unzip();
-        let what = format!("gated_residual_add_f32x rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
+        let what = format!("gated_residual_add_f32_stream rows={rows} tokens={} C={ch} ({})", c.tokens, dev.name());
         let rounded = (0..rows * ch).filter(|&i| expected[i] as f64 != sum[i]).count();
         println!("{what}: {} elements, {rounded} of the sums not representable in f32", rows * ch);
         assert_within(&what, &got, &sum, |i| (U32 * sum[i].abs()).max(f64::MIN_POSITIVE));
@@ -133,12 +133,12 @@ fn check_f32x<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
 }
 
 #[test]
-fn gated_residual_add_f32x_emulated() {
-    check_f32x(emu);
+fn gated_residual_add_f32_stream_emulated() {
+    check_f32_stream(emu);
 }
 
 #[cfg(feature = "cuda")]
 #[test]
-fn gated_residual_add_f32x_cuda() {
-    check_f32x(cuda("gated_residual_add_f32x_cuda"));
+fn gated_residual_add_f32_stream_cuda() {
+    check_f32_stream(cuda("gated_residual_add_f32_stream_cuda"));
 }

@@ -2,7 +2,7 @@
 //! the same f16 inputs: the 3×3 convolution (PyTorch and tap-major weights, the fused nearest
 //! 2× upsample, bias, residual add, f16 and f32 out, the 16-byte and element-wise staging
 //! paths, batches of images, both block tiles (64×64 and 128×128, forced and by the launcher's
-//! rule) at shapes that are not multiples of either), a 1×1 convolution as `gemm_fused_f16`
+//! rule) at shapes that are not multiples of either), a 1×1 convolution as `gemm_fused_f16_64x64_k64`
 //! with the shortcut as `add`, GroupNorm + SiLU, the row softmax, the transpose, the mid-block
 //! attention composed of them, and the uint8 conversion (bit for bit against src/image.rs);
 //! then the launchers' rejections.
@@ -17,9 +17,8 @@
 mod gpu_common;
 
 use gpu_common::*;
-use icdit::gpu::launch::{self, Conv3Spec, ConvTile, ConvWeights, GemmOut, GemmSpec, VaeImage};
+use icdit::gpu::launch::{self, Conv3Spec, ConvTile, ConvWeights, GemmOut, GemmSpec};
 use icdit::gpu::{f16, Device};
-use icdit::image::{to_u8, to_u8_diffusers, Rounding};
 use icdit::plan::{Dt, Plan};
 
 // ---- 3×3 convolution ---------------------------------------------------------------------------
@@ -282,7 +281,7 @@ fn conv3x3_tile_rule() {
     assert_eq!(ConvTile::Auto.choose(last.pixels() as i64, last.cout as i32), ConvTile::Large);
 }
 
-// ---- 1×1 convolution = gemm_fused_f16 over pixels ------------------------------------------------
+// ---- 1×1 convolution = gemm_fused_f16_64x64_k64 over pixels ------------------------------------------------
 
 /// A resnet shortcut 1×1 conv (cin ≠ cout) with the residual as `add`: integer data, exact.
 fn check_conv1x1<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
@@ -315,7 +314,7 @@ fn check_conv1x1<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 + (0..cin).map(|ci| x[p * cin + ci].to_f64() * w[co * cin + ci].to_f64()).sum::<f64>()
         })
         .collect();
-    let what = format!("1×1 conv {px} px {cin}→{cout} + shortcut add via gemm_fused_f16 ({})", dev.name());
+    let what = format!("1×1 conv {px} px {cin}→{cout} + shortcut add via gemm_fused_f16_64x64_k64 ({})", dev.name());
     assert_nontrivial(&what, &exact);
     assert_bits_eq(&what, &got, &exact.iter().map(|&e| f16_rne(e)).collect::<Vec<_>>());
 }
@@ -533,66 +532,12 @@ fn attention_composed_emulated() {
     check_attention(emu);
 }
 
-// ---- uint8 conversion ---------------------------------------------------------------------------
-
-/// Every f16 value (f16 input) and f32 values around every pixel boundary of both roundings
-/// (f32 input), under both roundings, bit for bit against src/image.rs.
-fn check_to_u8<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
-    let all16: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
-    let mut f32s: Vec<f32> = vec![f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 1.0, -1.0, 1e30, -1e30];
-    for level in 0..=256 {
-        // The x where each conversion's pre-truncation value crosses an integer or half.
-        for base in [(level as f32 - 128.0) / 127.5, (level as f32 - 127.5) / 127.5, (level as f32 / 255.0 - 0.5) * 2.0]
-        {
-            let mut v = base;
-            for _ in 0..3 {
-                v = f32::from_bits(v.to_bits().wrapping_sub(1));
-            }
-            for _ in 0..7 {
-                f32s.push(v);
-                v = f32::from_bits(v.to_bits().wrapping_add(1));
-            }
-        }
-    }
-    let mut rng = Rng::new(5);
-    f32s.extend((0..4000).map(|_| (rng.uniform() * 1.3) as f32));
-    let mut plan = Plan::new("to_u8 test");
-    let (b16, b32) = (add(&mut plan, "x16", all16.len(), Dt::F16), add(&mut plan, "x32", f32s.len(), Dt::F32));
-    let (bo16, bo32) = (add(&mut plan, "u8 a", all16.len(), Dt::U8), add(&mut plan, "u8 b", f32s.len(), Dt::U8));
-    let Some(dev) = open(&plan) else { return };
-    let (d16, d32) = (put(&dev, &plan, b16, &all16), put(&dev, &plan, b32, &f32s));
-    for rounding in [Rounding::Dit, Rounding::Diffusers] {
-        let f = |x: f32| match rounding {
-            Rounding::Dit => to_u8(x),
-            Rounding::Diffusers => to_u8_diffusers(x),
-        };
-        launch::vae_to_u8(&dev, out(&dev, &plan, bo16), VaeImage::F16(d16), all16.len() as i32, rounding).unwrap();
-        launch::vae_to_u8(&dev, out(&dev, &plan, bo32), VaeImage::F32(d32), f32s.len() as i32, rounding).unwrap();
-        let (g16, g32): (Vec<u8>, Vec<u8>) = (get(&dev, &plan, bo16), get(&dev, &plan, bo32));
-        for (i, h) in all16.iter().enumerate() {
-            assert_eq!(g16[i], f(h.to_f32()), "{rounding:?}: f16 {h} ({:#06x})", h.to_bits());
-        }
-        for (i, &x) in f32s.iter().enumerate() {
-            assert_eq!(g32[i], f(x), "{rounding:?}: f32 {x:e} ({:#010x})", x.to_bits());
-        }
-        let levels = g32.iter().collect::<std::collections::BTreeSet<_>>().len();
-        assert_eq!(levels, 256, "{rounding:?}: the f32 cases reach every level");
-        println!("vae_to_u8 {rounding:?} ({}): all 65536 f16 and {} f32 values bit-exact", dev.name(), f32s.len());
-    }
-}
-
-#[test]
-fn to_u8_emulated() {
-    check_to_u8(emu);
-}
-
 // ---- launcher rejections ------------------------------------------------------------------------
 
 #[test]
 fn vae_launchers_reject_bad_arguments() {
     let mut plan = Plan::new("rejections");
     let b = add(&mut plan, "buf", 4096, Dt::F16);
-    let bu = add(&mut plan, "u8", 64, Dt::U8);
     let dev = emu(&plan).unwrap();
     let s = out::<f16, _>(&dev, &plan, b);
     let small = s.sub(0, 100).unwrap();
@@ -695,9 +640,6 @@ fn vae_launchers_reject_bad_arguments() {
         "softmax NaN scale"
     );
     assert!(launch::transpose_f16(&dev, small, s.sub(200, 100).unwrap(), 0, 10).is_err(), "transpose zero rows");
-    let u = out::<u8, _>(&dev, &plan, bu);
-    assert!(launch::vae_to_u8(&dev, u, VaeImage::F16(small), 65, Rounding::Dit).is_err(), "to_u8 out too short");
-    assert!(launch::vae_to_u8(&dev, u, VaeImage::F16(small), 64, Rounding::Dit).is_ok());
 }
 
 // ---- on a GPU ----------------------------------------------------------------------------------
@@ -715,5 +657,4 @@ fn vae_kernels_cuda() {
     check_softmax(cuda(TEST));
     check_transpose(cuda(TEST));
     check_attention(cuda(TEST));
-    check_to_u8(cuda(TEST));
 }

@@ -98,7 +98,7 @@ pub fn lanes_sum(x: &[f32]) -> f32 {
 macro_rules! simd_fn {
     ($(#[$doc:meta])* pub fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
         $(#[$doc])*
-        pub fn $name(isa: $crate::cpu::isa::Isa, $($arg: $ty),*) {
+        pub fn $name(isa: $crate::isa::Isa, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
@@ -114,10 +114,10 @@ macro_rules! simd_fn {
             match isa.kind() {
                 // SAFETY: an `Isa` exists only for paths whose features the CPU has.
                 #[cfg(target_arch = "x86_64")]
-                $crate::cpu::isa::IsaKind::Avx512 => unsafe { avx512($($arg),*) },
+                $crate::isa::IsaKind::Avx512 => unsafe { avx512($($arg),*) },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                $crate::cpu::isa::IsaKind::Avx2 => unsafe { avx2($($arg),*) },
+                $crate::isa::IsaKind::Avx2 => unsafe { avx2($($arg),*) },
                 _ => body($($arg),*),
             }
         }

@@ -3,17 +3,16 @@
 //! pass performs no heap allocation.
 
 pub mod gemm;
-pub mod isa;
 pub mod math;
 mod ops;
 pub mod pool;
 mod probe;
 pub mod sampling;
 
+pub use crate::isa::{self, Isa, IsaKind};
 pub use crate::policy::CacheMode;
-pub use isa::{Isa, IsaKind};
 pub use probe::NonFiniteAt;
-pub use sampling::CpuBackend;
+pub use sampling::{CpuBackend, Engine};
 
 use std::sync::Arc;
 

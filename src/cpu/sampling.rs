@@ -46,7 +46,7 @@ pub struct CpuBackend {
 }
 
 impl CpuBackend {
-    /// [`Engine::memory_need`](crate::engine::Engine::memory_need).
+    /// [`Engine::memory_need`](Engine::memory_need).
     fn memory_need(model: &DitModel, opts: &EngineOptions) -> Result<MemoryNeed> {
         let schedule = opts.validate(&model.config)?;
         let cpu = CpuOptions::for_sampling(opts);
@@ -66,7 +66,7 @@ impl CpuBackend {
         Ok(need)
     }
 
-    /// [`Engine::new`](crate::engine::Engine::new).
+    /// [`Engine::new`](Engine::new).
     fn new(model: Arc<DitModel>, opts: &EngineOptions) -> Result<Self> {
         let cfg = model.config;
         Self::memory_need(&model, opts)?.check("the sampling engine", opts.max_memory)?;
@@ -311,6 +311,9 @@ impl SamplingBackend for CpuBackend {
 }
 
 /// The CPU sampling engine's own accessors and constructor.
+/// The sampling engine on the CPU reference backend.
+pub type Engine = SamplingEngine<CpuBackend>;
+
 impl SamplingEngine<CpuBackend> {
     /// The memory an engine for `model` and `opts` would hold, item by item (the loaded
     /// weights, the CPU forward arena, the sampler arena), computed without allocating.

@@ -86,16 +86,16 @@ kernels! {
     "layernorm" => {
         layernorm_modulate_f16(out: DevPtr<f16>, x: DevPtr<f16>, shift: DevPtr<f16>,
             scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
-        layernorm_modulate_f32x(out: DevPtr<f16>, x: DevPtr<f32>, shift: DevPtr<f16>,
+        layernorm_modulate_f32_stream(out: DevPtr<f16>, x: DevPtr<f32>, shift: DevPtr<f16>,
             scale: DevPtr<f16>, tokens: i32, channels: i32, mod_stride: i32, eps: f32);
-        residual_layernorm_modulate_f32x(out: DevPtr<f16>, x: DevPtr<f32>, y: DevPtr<f16>,
+        residual_layernorm_modulate_f32_stream(out: DevPtr<f16>, x: DevPtr<f32>, y: DevPtr<f16>,
             gate: DevPtr<f16>, gate_stride: i32, shift: DevPtr<f16>, scale: DevPtr<f16>,
             tokens: i32, channels: i32, mod_stride: i32, eps: f32);
     }
     "residual" => {
         gated_residual_add_f16(x: DevPtr<f16>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
             tokens: i32, channels: i32, gate_stride: i32);
-        gated_residual_add_f32x(x: DevPtr<f32>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
+        gated_residual_add_f32_stream(x: DevPtr<f32>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
             tokens: i32, channels: i32, gate_stride: i32);
     }
     "attention" => {
@@ -123,25 +123,24 @@ kernels! {
             cfg_scale: f32, mode: i32, steps: i32);
         check_finite_f32(v: DevPtr<f32>, n: i32, state: DevPtr<i32>, slot: i32);
     }
-    // @@ embed/activation/sampler kernels go here @@
     "gemm" => {
-        gemm_fused_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+        gemm_fused_f16_64x64_k64(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
-        gemm_fused_f16_l(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+        gemm_fused_f16_128x128_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
-        gemm_fused_f16_m(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+        gemm_fused_f16_128x64_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
-        gemm_fused_f16_s32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+        gemm_fused_f16_64x64_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
-        gemm_fused_f16_c(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
+        gemm_fused_f16_64x64_k32_s2(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
             add_rows: i32, k_split: i32, act: i32);
@@ -159,7 +158,5 @@ kernels! {
             beta: DevPtr<f16>, pixels: i32, channels: i32, groups: i32, eps: f32, silu: i32);
         softmax_rows_f16(out: DevPtr<f16>, x: DevPtr<f16>, cols: i32, scale: f32);
         transpose_f16(out: DevPtr<f16>, input: DevPtr<f16>, rows: i32, cols: i32);
-        vae_to_u8(out: DevPtr<u8>, x16: DevPtr<f16>, x32: DevPtr<f32>, n: i32, rounding: i32);
     }
-    // @@ general GEMM goes here @@
 }

@@ -146,7 +146,7 @@ pub fn layernorm_modulate_f16<D: Device + ?Sized>(
 
 /// As [`layernorm_modulate_f16`] with x in f32 (the pipeline's residual stream).
 #[allow(clippy::too_many_arguments)]
-pub fn layernorm_modulate_f32x<D: Device + ?Sized>(
+pub fn layernorm_modulate_f32_stream<D: Device + ?Sized>(
     dev: &D,
     out: DevSlice<f16>,
     x: DevSlice<f32>,
@@ -158,10 +158,10 @@ pub fn layernorm_modulate_f32x<D: Device + ?Sized>(
     mod_stride: i32,
     eps: f32,
 ) -> Result<()> {
-    let cfg = layernorm_cfg("layernorm_modulate_f32x", out, x, shift, scale, rows, tokens, channels, mod_stride)?;
+    let cfg = layernorm_cfg("layernorm_modulate_f32_stream", out, x, shift, scale, rows, tokens, channels, mod_stride)?;
     // SAFETY: out and x hold rows × channels, shift and scale every batch item's row.
     unsafe {
-        kernels::layernorm_modulate_f32x::launch(
+        kernels::layernorm_modulate_f32_stream::launch(
             dev,
             &cfg,
             out.ptr(),
@@ -176,11 +176,11 @@ pub fn layernorm_modulate_f32x<D: Device + ?Sized>(
     }
 }
 
-/// `x += gate·y` (as [`gated_residual_add_f32x`]) then `out = LayerNorm(x)·(1 + scale) + shift`
-/// (as [`layernorm_modulate_f32x`]), in one pass per row (kernels/layernorm.cu): a block's
+/// `x += gate·y` (as [`gated_residual_add_f32_stream`]) then `out = LayerNorm(x)·(1 + scale) + shift`
+/// (as [`layernorm_modulate_f32_stream`]), in one pass per row (kernels/layernorm.cu): a block's
 /// residual add fused with the LayerNorm that follows it.
 #[allow(clippy::too_many_arguments)]
-pub fn residual_layernorm_modulate_f32x<D: Device + ?Sized>(
+pub fn residual_layernorm_modulate_f32_stream<D: Device + ?Sized>(
     dev: &D,
     out: DevSlice<f16>,
     x: DevSlice<f32>,
@@ -195,12 +195,12 @@ pub fn residual_layernorm_modulate_f32x<D: Device + ?Sized>(
     mod_stride: i32,
     eps: f32,
 ) -> Result<()> {
-    const K: &str = "residual_layernorm_modulate_f32x";
+    const K: &str = "residual_layernorm_modulate_f32_stream";
     let cfg = layernorm_cfg(K, out, x, shift, scale, rows, tokens, channels, mod_stride)?;
     residual_check(K, x, y, gate, rows, tokens, channels, gate_stride)?;
     // SAFETY: out, x and y hold rows × channels; gate, shift and scale every batch item's row.
     unsafe {
-        kernels::residual_layernorm_modulate_f32x::launch(
+        kernels::residual_layernorm_modulate_f32_stream::launch(
             dev,
             &cfg,
             out.ptr(),
@@ -275,7 +275,7 @@ pub fn gated_residual_add_f16<D: Device + ?Sized>(
 
 /// As [`gated_residual_add_f16`] with x in f32 (the pipeline's residual stream).
 #[allow(clippy::too_many_arguments)]
-pub fn gated_residual_add_f32x<D: Device + ?Sized>(
+pub fn gated_residual_add_f32_stream<D: Device + ?Sized>(
     dev: &D,
     x: DevSlice<f32>,
     y: DevSlice<f16>,
@@ -285,10 +285,10 @@ pub fn gated_residual_add_f32x<D: Device + ?Sized>(
     channels: i32,
     gate_stride: i32,
 ) -> Result<()> {
-    let pairs = residual_check("gated_residual_add_f32x", x, y, gate, rows, tokens, channels, gate_stride)?;
+    let pairs = residual_check("gated_residual_add_f32_stream", x, y, gate, rows, tokens, channels, gate_stride)?;
     // SAFETY: x and y hold rows × channels, gate every batch item's row.
     unsafe {
-        kernels::gated_residual_add_f32x::launch(
+        kernels::gated_residual_add_f32_stream::launch(
             dev,
             &elementwise(pairs),
             x.ptr(),

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use super::graph::{self, Conv, Kernel, VaeAct, VaeOps, WORK_BUFFERS};
 use super::{Attention, VaeModel, WeightBias, GN_EPS};
 use crate::cpu::gemm::{self, BMat, Conv3, Gemm, Gemmer};
-use crate::cpu::isa::Isa;
 use crate::cpu::math;
 use crate::cpu::pool::{split, SendPtr, ThreadPool};
 use crate::error::{Error, Result};
+use crate::isa::Isa;
 use crate::plan::{Arena, BufId, Dt, Plan};
 
 /// Pixels per f32 partial sum in GroupNorm statistics (then folded into f64).

@@ -5,18 +5,16 @@
 //! are implicit GEMMs (`conv3x3_f16`, weights permuted tap-major once at upload, the
 //! nearest-2× upsample read through the next convolution's indexing, the residual added in
 //! the epilogue); GroupNorm is fused with SiLU; 1×1 convolutions and the mid block's
-//! attention are `gemm_fused_f16` calls around a row softmax. The result comes back as f32
-//! (C, H, W) images, or as uint8 NHWC pixels converted on the device
-//! ([`GpuVaeDecoder::decode_u8`]), the only bytes that cross to the host on the FID path.
+//! attention are fused GEMMs (kernels/gemm.cu) around a row softmax. The result comes back as f32
+//! (C, H, W) images.
 
 use std::sync::Arc;
 
 use super::graph::{self, Conv, Kernel, VaeAct, VaeOps, WORK_BUFFERS};
 use super::{Attention, VaeModel, WeightBias, GN_EPS};
 use crate::error::{Error, Result};
-use crate::gpu::launch::{self, Conv3Spec, ConvWeights, GemmOut, GemmSpec, VaeImage};
+use crate::gpu::launch::{self, Conv3Spec, ConvWeights, GemmOut, GemmSpec};
 use crate::gpu::{f16, DevSlice, DevType, Device};
-use crate::image::Rounding;
 use crate::plan::{BufId, Dt, Plan};
 use crate::weights::TRef;
 
@@ -40,8 +38,6 @@ struct DeviceBuffers {
     attn_out: BufId,
     attn_scores: BufId,
     attn_probs: BufId,
-    /// The image as uint8 NHWC pixels.
-    pixels: BufId,
 }
 
 /// A VAE decoder on a device for one latent size and up to `max_images` latents per call.
@@ -138,7 +134,6 @@ impl<D: Device> GpuVaeDecoder<D> {
             attn_scores: plan.add("attn_scores", &[attn_px, attn_px], h),
             attn_probs: plan.add("attn_probs", &[attn_px, attn_px], h),
             image: plan.add("image (NHWC f32)", &[n * side * side, oc], Dt::F32),
-            pixels: plan.add("pixels (NHWC u8)", &[n * side * side, oc], Dt::U8),
         };
         let dev = open(&plan)?;
         let mut d = GpuVaeDecoder {
@@ -263,17 +258,6 @@ impl<D: Device> GpuVaeDecoder<D> {
             return Err(Error::invalid("VAE output", format!("value {} at index {i} is not finite", images[i])));
         }
         Ok(())
-    }
-
-    /// Decodes into uint8 NHWC pixels converted on the device (`rounding` as
-    /// [`crate::image::to_u8`] / `to_u8_diffusers`).
-    pub fn decode_u8(&mut self, latents: &[f32], pixels: &mut [u8], rounding: Rounding) -> Result<()> {
-        let n = self.run(latents, pixels.len() / self.image_len().max(1), pixels.len())?;
-        let len = n * self.image_len();
-        let image = self.slice::<f32>(self.buffers.image)?.sub(0, len)?;
-        let pixels_dev = self.slice::<u8>(self.buffers.pixels)?;
-        launch::vae_to_u8(&self.dev, pixels_dev, VaeImage::F32(image), len as i32, rounding)?;
-        self.dev.download(pixels_dev.sub(0, len)?, pixels)
     }
 
     /// Validates, stages the latents and runs the decoder graph into the image buffer;

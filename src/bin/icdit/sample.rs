@@ -232,7 +232,7 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     // Everything the run will hold, before the request's buffers are allocated.
     // (The GPU backends' arena is on the device, checked against the card when it is made.)
     let mut need = match backend {
-        Backend::Cpu => icdit::engine::Engine::memory_need(&model, &opts)?,
+        Backend::Cpu => icdit::Engine::memory_need(&model, &opts)?,
         _ => icdit::limits::MemoryNeed::default(),
     };
     need.alloc(format!("samples ({} images)", classes.len()), icdit::limits::bytes_of(&[classes.len(), img], 4));

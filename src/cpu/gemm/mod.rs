@@ -14,9 +14,9 @@
 mod kernels;
 mod pack;
 
-use super::isa::{Isa, IsaKind};
 use super::math;
 use super::pool::{split, SendPtr, ThreadPool};
+use crate::isa::{Isa, IsaKind};
 use kernels::*;
 use pack::{pack_a, pack_b};
 

@@ -12,7 +12,7 @@
 //! every path.
 
 use super::{BMat, Conv3, Gemm, MR, NR};
-use crate::cpu::isa::{Isa, IsaKind};
+use crate::isa::{Isa, IsaKind};
 
 /// A 4×4 block transpose: `dst[q·ds + i] = src[i][q] − minus[i][q]` (without `minus`,
 /// `src[i][q]`) for i, q < 4.

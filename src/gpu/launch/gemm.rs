@@ -1,4 +1,4 @@
-//! The launcher of the fused GEMM (kernels/gemm.cu: `gemm_fused_f16`, `gemm_fused_f16_l`,
+//! The launcher of the fused GEMM (kernels/gemm.cu: `gemm_fused_f16_64x64_k64`, `gemm_fused_f16_128x128_k32`,
 //! `gemm_splitk_reduce_f16`): every linear layer of the GPU pipeline, `out = act(a'·wᵀ + bias + add)` with `a' = a` or `a − a_minus` (the
 //! increment-calibrated caching product `t = (x − x_s)·downᵀ`), an optional pre-activation
 //! copy, and strided operands so column groups of wider buffers can be read and written in
@@ -8,7 +8,7 @@ use super::{covers, invalid, positive};
 use crate::error::Result;
 use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
 
-const KERNEL: &str = "gemm_fused_f16";
+const KERNEL: &str = "gemm_fused_f16_64x64_k64";
 
 /// One of the kernel's tile shapes (`Cfg<…>` in kernels/gemm.cu): these constants must match.
 struct Shape {
@@ -22,15 +22,15 @@ struct Shape {
 /// The GEMM kernels of kernels/gemm.cu, by tile shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GemmTile {
-    /// `gemm_fused_f16`: 64×64 tiles, 4 warps of 32×32, k step 64, 4 stages (splits along k).
+    /// `gemm_fused_f16_64x64_k64`: 64×64 tiles, 4 warps of 32×32, k step 64, 4 stages (splits along k).
     Small,
-    /// `gemm_fused_f16_l`: 128×128 tiles, 8 warps of 64×32, k step 32, 4 stages.
+    /// `gemm_fused_f16_128x128_k32`: 128×128 tiles, 8 warps of 64×32, k step 32, 4 stages.
     Large,
-    /// `gemm_fused_f16_m`: 128×64 tiles, 4 warps of 64×32, k step 32, 4 stages.
+    /// `gemm_fused_f16_128x64_k32`: 128×64 tiles, 4 warps of 64×32, k step 32, 4 stages.
     Tall,
-    /// `gemm_fused_f16_s32`: 64×64 tiles, 4 warps of 32×32, k step 32, 4 stages.
+    /// `gemm_fused_f16_64x64_k32`: 64×64 tiles, 4 warps of 32×32, k step 32, 4 stages.
     Small32,
-    /// `gemm_fused_f16_c`: 64×64 tiles, 4 warps of 32×32, k step 32, 2 stages (the first kernel's
+    /// `gemm_fused_f16_64x64_k32_s2`: 64×64 tiles, 4 warps of 32×32, k step 32, 2 stages (the first kernel's
     /// configuration, kept for comparison).
     Classic,
 }
@@ -369,11 +369,11 @@ fn launch_gemm<D: Device + ?Sized>(
     };
     let split = !ws.is_null();
     let launch = match choice.tile {
-        GemmTile::Small => kernels::gemm_fused_f16::launch::<D>,
-        GemmTile::Large => kernels::gemm_fused_f16_l::launch::<D>,
-        GemmTile::Tall => kernels::gemm_fused_f16_m::launch::<D>,
-        GemmTile::Small32 => kernels::gemm_fused_f16_s32::launch::<D>,
-        GemmTile::Classic => kernels::gemm_fused_f16_c::launch::<D>,
+        GemmTile::Small => kernels::gemm_fused_f16_64x64_k64::launch::<D>,
+        GemmTile::Large => kernels::gemm_fused_f16_128x128_k32::launch::<D>,
+        GemmTile::Tall => kernels::gemm_fused_f16_128x64_k32::launch::<D>,
+        GemmTile::Small32 => kernels::gemm_fused_f16_64x64_k32::launch::<D>,
+        GemmTile::Classic => kernels::gemm_fused_f16_64x64_k32_s2::launch::<D>,
     };
     // SAFETY: every operand present covers the elements the kernel reads or writes for these
     // sizes and strides (checked above); absent operands are null, which the kernel skips.

@@ -9,10 +9,9 @@
 //! S = q·kᵀ ([`super::gemm`] with `w` = k), P = [`softmax_rows_f16`]`(S, 1/√C)`, Vᵀ =
 //! [`transpose_f16`]`(v)`, O = P·V ([`super::gemm`] with `w` = Vᵀ).
 
-use super::{covers, elementwise, invalid, positive, GemmOut};
+use super::{covers, invalid, positive, GemmOut};
 use crate::error::Result;
 use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
-use crate::image::Rounding;
 
 /// The layout of a 3×3 convolution weight (cout, 9·cin).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -294,41 +293,4 @@ pub fn transpose_f16<D: Device + ?Sized>(
     let cfg = LaunchCfg { grid: [((cols as i64 + 31) / 32) as u32, grid_y as u32, 1], block: [32, 8, 1], dyn_smem: 0 };
     // SAFETY: both hold rows·cols elements.
     unsafe { kernels::transpose_f16::launch(dev, &cfg, out.ptr(), input.ptr(), rows, cols) }
-}
-
-/// The decoded image, f16 or f32 (NHWC).
-#[derive(Clone, Copy, Debug)]
-pub enum VaeImage {
-    F16(DevSlice<f16>),
-    F32(DevSlice<f32>),
-}
-
-/// `out[i] = rounding.apply(x[i])` for `n` values, bit for bit as src/image.rs
-/// ([`crate::image::to_u8`], [`crate::image::to_u8_diffusers`]) (kernels/vae.cu).
-pub fn vae_to_u8<D: Device + ?Sized>(
-    dev: &D,
-    out: DevSlice<u8>,
-    x: VaeImage,
-    n: i32,
-    rounding: Rounding,
-) -> Result<()> {
-    const K: &str = "vae_to_u8";
-    positive(K, &[("n", n)])?;
-    covers(K, "out", out, n as i64, 1)?;
-    let (x16, x32) = match x {
-        VaeImage::F16(s) => {
-            covers(K, "x", s, n as i64, 2)?;
-            (s.ptr(), DevPtr::null())
-        }
-        VaeImage::F32(s) => {
-            covers(K, "x", s, n as i64, 4)?;
-            (DevPtr::null(), s.ptr())
-        }
-    };
-    let mode = match rounding {
-        Rounding::Dit => 0,
-        Rounding::Diffusers => 1,
-    };
-    // SAFETY: out and the input hold n elements; the other input is null.
-    unsafe { kernels::vae_to_u8::launch(dev, &elementwise(n as i64), out.ptr(), x16, x32, n, mode) }
 }

@@ -498,7 +498,7 @@ impl<D: Device> SamplingBackend for GpuBackend<D> {
     }
 }
 
-/// A DiT sampler on a device: the GPU counterpart of [`crate::engine::Engine`], with the same
+/// A DiT sampler on a device: the GPU counterpart of [`crate::Engine`], with the same
 /// options, requests and results, sampled by the same loop ([`SamplingEngine::sample`]) with
 /// every step on the device.
 pub type GpuEngine<D> = SamplingEngine<GpuBackend<D>>;

@@ -234,7 +234,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
             let (out, x) = (p.act_slice(dst)?, p.pipeline.slice(p.pipeline.buffers.x)?);
             let (shift, scale) = (p.chunk(norm.shift)?, p.chunk(norm.scale)?);
-            launch::layernorm_modulate_f32x(&p.pipeline.dev, out, x, shift, scale, r, tokens, c, stride, norm.eps)
+            launch::layernorm_modulate_f32_stream(&p.pipeline.dev, out, x, shift, scale, r, tokens, c, stride, norm.eps)
         });
     }
 
@@ -246,7 +246,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
             let (out, x, y) = (p.act_slice(dst)?, p.pipeline.slice(p.pipeline.buffers.x)?, p.act_slice(src)?);
             let (gate, shift, scale) = (p.chunk(gate)?, p.chunk(norm.shift)?, p.chunk(norm.scale)?);
-            launch::residual_layernorm_modulate_f32x(
+            launch::residual_layernorm_modulate_f32_stream(
                 &p.pipeline.dev,
                 out,
                 x,
@@ -388,7 +388,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
         self.run(|p| {
             let cfg = &p.pipeline.model.config;
-            launch::gated_residual_add_f32x(
+            launch::gated_residual_add_f32_stream(
                 &p.pipeline.dev,
                 p.pipeline.slice(p.pipeline.buffers.x)?,
                 p.act_slice(src)?,
