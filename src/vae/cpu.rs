@@ -141,37 +141,16 @@ impl VaeDecoder {
                 ),
             ));
         }
-        if let Some(i) = latent.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid("latents", format!("value {} at index {i} is not finite", latent[i])));
-        }
         let model = Arc::clone(&self.model);
         let cfg = &model.config;
-        let (lc, l) = (cfg.latent_channels, self.latent);
-        let l2 = l * l;
-        // z = latent / scaling + shift (a division, as DiT's sample.py does), to NHWC.
-        let (scale, shift) = (cfg.scaling_factor as f32, cfg.shift_factor as f32);
-        let lat = self.slice(self.buffers.latent, l2 * lc);
-        for p in 0..l2 {
-            for ch in 0..lc {
-                lat[p * lc + ch] = latent[ch * l2 + p] / scale + shift;
-            }
-        }
+        let l = self.latent;
+        let lat = self.slice(self.buffers.latent, l * l * cfg.latent_channels);
+        graph::stage_latents(&model, l, latent, |i, z| lat[i] = z)?;
         graph::decode(self, &model, l)?;
         let (oc, side) = (cfg.out_channels, cfg.out_side(l));
         let px = side * side;
         let out = self.slice(self.buffers.image, px * oc);
-        for (p, row) in out.chunks_exact(oc).enumerate() {
-            for (ch, &v) in row.iter().enumerate() {
-                image[ch * px + p] = v;
-            }
-        }
-        if let Some(i) = image.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid(
-                "VAE output",
-                format!("value {} at index {i} is not finite (do the VAE weights hold NaN or Inf?)", image[i]),
-            ));
-        }
-        Ok(())
+        graph::unstage_images(out, oc, px, image)
     }
 
     /// The arena buffer of a graph activation.

@@ -247,17 +247,7 @@ impl<D: Device> GpuVaeDecoder<D> {
         let out = self.slice::<f32>(self.buffers.image)?.sub(0, n * px * oc)?;
         let host = &mut self.image_host[..n * px * oc];
         self.dev.download(out, host)?;
-        for img in 0..n {
-            for p in 0..px {
-                for ch in 0..oc {
-                    images[(img * oc + ch) * px + p] = host[(img * px + p) * oc + ch];
-                }
-            }
-        }
-        if let Some(i) = images.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid("VAE output", format!("value {} at index {i} is not finite", images[i])));
-        }
-        Ok(())
+        graph::unstage_images(host, oc, px, images)
     }
 
     /// Validates, stages the latents and runs the decoder graph into the image buffer;
@@ -276,22 +266,11 @@ impl<D: Device> GpuVaeDecoder<D> {
                 ),
             ));
         }
-        if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
-            return Err(Error::invalid("latents", format!("value {} at index {i} is not finite", latents[i])));
-        }
         let model = Arc::clone(&self.model);
-        let cfg = &model.config;
-        let (lc, l) = (cfg.latent_channels, self.latent);
+        let (lc, l) = (model.config.latent_channels, self.latent);
         let l2 = l * l;
-        let (scale, shift) = (cfg.scaling_factor as f32, cfg.shift_factor as f32);
-        for img in 0..n {
-            for p in 0..l2 {
-                for ch in 0..lc {
-                    self.latent_host[(img * l2 + p) * lc + ch] =
-                        f16::from_f32(latents[(img * lc + ch) * l2 + p] / scale + shift);
-                }
-            }
-        }
+        let host = &mut self.latent_host;
+        graph::stage_latents(&model, l, latents, |i, z| host[i] = f16::from_f32(z))?;
         let staged = self.slice::<f16>(self.buffers.latent)?.sub(0, n * l2 * lc)?;
         self.dev.upload(staged, &self.latent_host[..n * l2 * lc])?;
         if self.graphs.len() < n {

@@ -9,7 +9,7 @@
 //! convolution's epilogue, and SiLU is applied by the GroupNorm before it.
 
 use super::{Attention, Resnet, VaeModel, WeightBias};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// How many activation buffers of the largest stage the graph rotates through: a resnet
 /// holds its input, the normalised activation, the first convolution's output and the
@@ -152,6 +152,51 @@ pub(crate) fn decode<O: VaeOps>(ops: &mut O, model: &VaeModel, latent: usize) ->
     let [normed, ..] = free_work_buffers(x);
     ops.group_norm(&t.norm_out, side * side, c0, true, x, normed)?;
     ops.conv(&t.conv_out, Conv::three_by_three(side, c0, oc), normed, VaeAct::Image, None)
+}
+
+/// Stages `latents` as the sampler produced them ((C, h, h) per image, before the scaling
+/// factor is undone) for the decoder: refuses non-finite values, then hands `put` each value
+/// z = latent / scaling + shift (a division, as DiT's sample.py does) with its index in NHWC
+/// order. Both decoders stage through this; each stores the values its own way.
+pub(crate) fn stage_latents(
+    model: &VaeModel,
+    side: usize,
+    latents: &[f32],
+    mut put: impl FnMut(usize, f32),
+) -> Result<()> {
+    if let Some(i) = latents.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid("latents", format!("value {} at index {i} is not finite", latents[i])));
+    }
+    let cfg = &model.config;
+    let (lc, l2) = (cfg.latent_channels, side * side);
+    let (scale, shift) = (cfg.scaling_factor as f32, cfg.shift_factor as f32);
+    for img in 0..latents.len() / (lc * l2) {
+        for p in 0..l2 {
+            for ch in 0..lc {
+                put((img * l2 + p) * lc + ch, latents[(img * lc + ch) * l2 + p] / scale + shift);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The decoder's NHWC output (`channels` per pixel) as (C, H, W) images, refusing non-finite
+/// values; `nhwc` and `images` hold the same number of values.
+pub(crate) fn unstage_images(nhwc: &[f32], channels: usize, pixels: usize, images: &mut [f32]) -> Result<()> {
+    for (img, out) in images.chunks_exact_mut(channels * pixels).enumerate() {
+        for p in 0..pixels {
+            for ch in 0..channels {
+                out[ch * pixels + p] = nhwc[(img * pixels + p) * channels + ch];
+            }
+        }
+    }
+    if let Some(i) = images.iter().position(|v| !v.is_finite()) {
+        return Err(Error::invalid(
+            "VAE output",
+            format!("value {} at index {i} is not finite (do the VAE weights hold NaN or Inf?)", images[i]),
+        ));
+    }
+    Ok(())
 }
 
 /// ResnetBlock2D: h = conv1(SiLU(GN1(x))); out = conv2(SiLU(GN2(h))) + (x or shortcut(x)).
