@@ -59,23 +59,23 @@ impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
             let mut g = GemmSpec::new(
                 GemmOut::F16(pipeline.slice(b.temb_h)?),
                 pipeline.slice(b.tfreq)?,
-                pipeline.slice(b.t0_w)?,
+                pipeline.slice(b.t_mlp_in_w)?,
                 cnt,
                 c as i32,
                 FREQ_DIM as i32,
             );
-            g.bias = Some(pipeline.slice(b.t0_b)?);
+            g.bias = Some(pipeline.slice(b.t_mlp_in_b)?);
             g.act = GemmAct::Silu;
             pipeline.gemm(&g)?;
             let mut g = GemmSpec::new(
                 GemmOut::F32(pipeline.slice(b.temb)?),
                 pipeline.slice(b.temb_h)?,
-                pipeline.slice(b.t2_w)?,
+                pipeline.slice(b.t_mlp_out_w)?,
                 cnt,
                 c as i32,
                 c as i32,
             );
-            g.bias = Some(pipeline.slice(b.t2_b)?);
+            g.bias = Some(pipeline.slice(b.t_mlp_out_b)?);
             pipeline.gemm(&g)?;
             launch::condition_silu_f16(
                 &pipeline.dev,
