@@ -4,8 +4,9 @@
 # policy and both samplers, on the bundled model and the hd72 fixture model, and VAE decodes.
 #   scripts/output-hashes.sh [ICDIT_BINARY] [OUT_DIR]    (defaults: target/release/icdit, a temp dir)
 # Run it on the binary before and after a change and diff the two listings. Safetensors files
-# are hashed with their JSON header's keys sorted: `calibrate` writes its metadata from a hash
-# map, so the key order (not the content) differs from run to run. Forces the AVX2 CPU path
+# are hashed with their JSON header's keys sorted, so that binaries from before 2026-12-05 (which
+# wrote factor-file metadata in hash-map order, varying from run to run) compare too; icdit now
+# writes metadata keys sorted (src/tensorfile.rs). Forces the AVX2 CPU path
 # (identical bits to AVX-512 and NEON) when the CPU has it, so listings compare across machines
 # with any of the three.
 set -euo pipefail

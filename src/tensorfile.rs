@@ -265,7 +265,79 @@ pub fn write_safetensors(
             .map_err(|e| Error::invalid("tensor to write", format!("{name}: {e}")))?;
         views.push((name.to_string(), view));
     }
-    let bytes =
-        safetensors::serialize(views, metadata).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
-    crate::fsio::atomic_write(path, &bytes)
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::invalid("tensors to write", e.to_string()))?;
+    crate::fsio::atomic_write(path, &with_sorted_metadata(bytes, metadata)?)
+}
+
+/// Adds `metadata` to a serialized safetensors file with its keys sorted, so that the same
+/// tensors and metadata always give the same bytes (the safetensors crate writes metadata in
+/// hash-map order). The header is the crate's: `__metadata__` first, then the tensors, padded
+/// with spaces to a multiple of 8 bytes.
+fn with_sorted_metadata(bytes: Vec<u8>, metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>> {
+    let Some(metadata) = metadata else { return Ok(bytes) };
+    let bad = |what: &str| Error::invalid("tensors to write", format!("serialised header: {what}"));
+    let n = bytes.get(..8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default())).ok_or_else(|| bad("short"))?;
+    let json = bytes.get(8..8 + n as usize).ok_or_else(|| bad("length past the end"))?;
+    let tensors = std::str::from_utf8(json).map_err(|_| bad("not UTF-8"))?.trim_end();
+    if !tensors.starts_with('{') {
+        return Err(bad("not a JSON object"));
+    }
+    let sorted: std::collections::BTreeMap<String, String> = metadata.into_iter().collect();
+    let meta = serde_json::to_string(&sorted).map_err(|e| bad(&e.to_string()))?;
+    let mut header = format!("{{\"__metadata__\":{meta}");
+    if tensors != "{}" {
+        header.push(',');
+    }
+    header.push_str(&tensors[1..]);
+    while header.len() % 8 != 0 {
+        header.push(' ');
+    }
+    let data = &bytes[8 + json.len()..];
+    let mut out = Vec::with_capacity(8 + header.len() + data.len());
+    out.extend((header.len() as u64).to_le_bytes());
+    out.extend(header.as_bytes());
+    out.extend(data);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_is_written_sorted_and_the_rest_as_the_crate_writes_it() {
+        let dir = std::env::temp_dir().join(format!("icdit-tensorfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = ([1.5f32, -2.0, 3.25], [7i64, 8]);
+        let write = |name: &str, meta: &[(&str, &str)]| {
+            let path = dir.join(name);
+            let meta = (!meta.is_empty()).then(|| meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+            write_safetensors(&path, &[("z", &[3], &a)], &[("labels", &[2], &b)], meta).unwrap();
+            std::fs::read(&path).unwrap()
+        };
+        let keys = [("b", "1"), ("a", "2"), ("c", "{\"x\": 3}")];
+        let first = write("first.safetensors", &keys);
+        for _ in 0..4 {
+            assert_eq!(write("again.safetensors", &keys), first, "same tensors and metadata, same bytes");
+        }
+        let n = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0);
+        let header = std::str::from_utf8(&first[8..8 + n]).unwrap();
+        assert!(header.starts_with(r#"{"__metadata__":{"a":"2","b":"1","c":"{\"x\": 3}"},"#), "{header}");
+        let f = TensorFile::open(&dir.join("first.safetensors")).unwrap();
+        assert_eq!(f.metadata().get("c").map(String::as_str), Some("{\"x\": 3}"));
+        assert_eq!(f.read_f32("z").unwrap(), (vec![3], a.to_vec()));
+        assert_eq!(f.read_i64("labels").unwrap(), (vec![2], b.to_vec()));
+        // No metadata, or one key: exactly the safetensors crate's bytes.
+        use safetensors::tensor::TensorView;
+        for meta in [&[][..], &[("format", "pt")][..]] {
+            let views = vec![
+                ("z", TensorView::new(Dtype::F32, vec![3], bytemuck::cast_slice(&a)).unwrap()),
+                ("labels", TensorView::new(Dtype::I64, vec![2], bytemuck::cast_slice(&b)).unwrap()),
+            ];
+            let m = (!meta.is_empty()).then(|| meta.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+            assert_eq!(write("one.safetensors", meta), safetensors::serialize(views, m).unwrap());
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
