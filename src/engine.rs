@@ -17,7 +17,7 @@ use crate::config::DitConfig;
 use crate::diffusion::{Sampler, Schedule};
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
-use crate::policy::{self, CacheMode};
+use crate::policy::{self, CacheMode, IccForm};
 use crate::weights::DitModel;
 
 /// Re-exported from [`crate::policy`], where the caching policy lives.
@@ -60,6 +60,12 @@ pub struct EngineOptions {
     /// the block and the operation (and a non-finite weight tensor, if that is the cause).
     /// The scan costs one pass over the output per step.
     pub check_finite: bool,
+    /// How calibrated steps compute icc's linears: [`IccForm::Auto`] is the direct form on the
+    /// CPU (the only one it computes) and the folded form in the GPU pipeline.
+    pub icc_form: IccForm,
+    /// GPU pipeline: each calibrated linear as one fused low-rank launch (kernels/lowrank.cu;
+    /// the default) or as the two fused GEMMs it replaces (`false`, kept for comparison).
+    pub fused_lowrank: bool,
 }
 
 impl Default for EngineOptions {
@@ -76,6 +82,8 @@ impl Default for EngineOptions {
             full_steps: FullSteps::Period(2),
             max_memory: None,
             check_finite: true,
+            icc_form: IccForm::Auto,
+            fused_lowrank: true,
         }
     }
 }

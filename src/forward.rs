@@ -230,8 +230,13 @@ pub trait DitOps {
     /// pre = src·Wᵀ + b and post = GELU_tanh(pre).
     fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize);
     /// dst = act(y_s + up·(down·(src − x_s))) with the layer's cached x_s, y_s and its
-    /// rank-r factors (q, k and v factorised separately for the qkv layer).
+    /// rank-r factors (q, k and v factorised separately for the qkv layer); in the folded
+    /// form dst = act(b_s + up·(down·src)) with the b_s of [`DitOps::refresh_base`].
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize);
+    /// After a full step's linear has written its cache slots x_s and y_s: a backend that
+    /// computes icc's folded form keeps b_s = y_s − up·(down·x_s) for the calibrated steps;
+    /// one that computes the direct form (or keeps no factors) does nothing.
+    fn refresh_base(&mut self, layer: Linear, rows: usize);
     /// dst = softmax(q·kᵀ/√D)·v per head, q | k | v read from src (merged heads).
     fn attention(&mut self, src: Act, dst: Act, rows: usize);
     /// X += gate ⊙ src, the gate broadcast over tokens.
@@ -284,11 +289,15 @@ pub fn forward<O: DitOps>(ops: &mut O, cfg: &DitConfig, mlp_norm_eps: f32, rows:
             }
             StepKind::Full => {
                 ops.linear(Linear::Qkv(i), s(Slot::QkvX), s(Slot::QkvY), Activation::None, rows);
+                ops.refresh_base(Linear::Qkv(i), rows);
                 ops.attention(s(Slot::QkvY), s(Slot::ProjX), rows);
                 ops.linear(Linear::Proj(i), s(Slot::ProjX), s(Slot::ProjY), Activation::None, rows);
+                ops.refresh_base(Linear::Proj(i), rows);
                 ops.residual_norm_modulate(s(Slot::ProjY), gate_msa, s(Slot::Fc1X), mlp_norm(i), rows);
                 ops.linear_gelu_keep_pre(Linear::Fc1(i), s(Slot::Fc1X), s(Slot::Fc1Y), s(Slot::Fc2X), rows);
+                ops.refresh_base(Linear::Fc1(i), rows);
                 ops.linear(Linear::Fc2(i), s(Slot::Fc2X), s(Slot::Fc2Y), Activation::None, rows);
+                ops.refresh_base(Linear::Fc2(i), rows);
                 ops.residual_norm_modulate(s(Slot::Fc2Y), gate_mlp, next_in, next_norm, rows);
             }
             StepKind::Calibrated => {

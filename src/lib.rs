@@ -42,5 +42,5 @@ pub use engine::{EngineOptions, GuidedChannels, Request, SamplingBackend, Sampli
 pub use error::{Error, Result};
 pub use factors::Factors;
 pub use fsio::atomic_write;
-pub use policy::{CacheMode, CachePolicy, FullSteps};
+pub use policy::{CacheMode, CachePolicy, FullSteps, IccForm};
 pub use weights::{DitModel, Layout, LoadOptions};

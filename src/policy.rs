@@ -53,6 +53,38 @@ impl fmt::Display for CachePolicy {
     }
 }
 
+/// How a calibrated step computes icc's linears (reference doc E.4). Both are the same
+/// algebra; they round differently in f16 (docs/performance.md, "The folded form").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum IccForm {
+    /// The backend's own: direct on the CPU, folded in the GPU pipeline.
+    #[default]
+    Auto,
+    /// y = y_s + up·(down·(x − x_s)), as the reference code computes it: a calibrated step
+    /// reads each linear's cached input and output.
+    Direct,
+    /// y = b_s + up·(down·x), with b_s = y_s − up·(down·x_s) kept by every full step: a
+    /// calibrated step reads one cached tensor per linear instead of two (GPU pipeline only).
+    Folded,
+}
+
+impl IccForm {
+    /// The name the command line takes and reports print.
+    pub fn name(self) -> &'static str {
+        match self {
+            IccForm::Auto => "auto",
+            IccForm::Direct => "direct",
+            IccForm::Folded => "folded",
+        }
+    }
+}
+
+impl fmt::Display for IccForm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.name())
+    }
+}
+
 /// Which block caches an engine keeps (reference doc E).
 #[derive(Clone, Debug, Default)]
 pub enum CacheMode {

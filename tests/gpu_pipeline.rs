@@ -34,7 +34,7 @@ use icdit::gpu::{Device, EmuDevice, GpuEngine};
 use icdit::plan::Plan;
 use icdit::{
     CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, GuidedChannels,
-    LoadOptions, Request, Sampler,
+    IccForm, LoadOptions, Request, Sampler,
 };
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -117,22 +117,49 @@ fn inputs(n: usize, seed: u64) -> Vec<f32> {
 
 /// One forward pass of each kind, in a full → calibrated → reuse sequence, against the CPU, on
 /// an engine planned for `max_batch` images (the pass itself is one image with guidance).
+/// `icc`: the form calibrated steps compute and whether each calibrated linear is one fused
+/// low-rank launch (the defaults: folded, fused).
 fn forward_kinds<D: Device>(
     model: &Arc<DitModel>,
     cache: CacheMode,
     kinds: &[StepKind],
     tag: &str,
     max_batch: usize,
+    icc: (IccForm, bool),
     open: Open<D>,
 ) {
     let cfg = model.config;
     let rows = 2;
-    let opts = EngineOptions { max_batch, cfg_scale: 4.0, cache: cache.clone(), ..Default::default() };
+    let opts = EngineOptions {
+        max_batch,
+        cfg_scale: 4.0,
+        cache: cache.clone(),
+        icc_form: icc.0,
+        fused_lowrank: icc.1,
+        ..Default::default()
+    };
     let mut gpu = engine(model, &opts, open);
-    if matches!(cache, CacheMode::Icc(_)) {
-        // Up to 1024 rows the engine merges q, k and v's up projections (src/gpu/pipeline.rs).
-        let merged = gpu.plan().buffers().iter().any(|b| b.name.contains("qkv.up (block-diagonal)"));
-        assert_eq!(merged, max_batch * 2 * cfg.tokens() <= 1024, "{tag}: merged q/k/v up projections");
+    if let CacheMode::Icc(f) = &cache {
+        // Ranks the fused kernel does not take (multiples of 8 up to 256) fall back to the
+        // direct form on two GEMMs.
+        let fits = f.ranks().iter().flatten().all(|&r| r % 8 == 0 && r <= 256);
+        let icc = (icc.0, icc.1 && fits);
+        let form = if icc.0 == IccForm::Auto {
+            if icc.1 {
+                IccForm::Folded
+            } else {
+                IccForm::Direct
+            }
+        } else {
+            icc.0
+        };
+        assert_eq!(gpu.icc_form(), (form, icc.1), "{tag}: the form the engine computes");
+        let has = |name: &str| gpu.plan().buffers().iter().any(|b| b.name.contains(name));
+        // Up to 1024 rows the two-GEMM path merges q, k and v's up projections.
+        let merged = !icc.1 && max_batch * 2 * cfg.tokens() <= 1024;
+        assert_eq!(has("qkv.up (block-diagonal)"), merged, "{tag}: merged q/k/v up projections");
+        assert_eq!(has("_base"), form == IccForm::Folded, "{tag}: b_s slots");
+        assert_eq!(has("icc_lowrank"), !icc.1, "{tag}: the rank-r intermediate in the arena");
     }
     let mut cpu =
         CpuEngine::new(Arc::clone(model), &CpuOptions { max_batch: 1, guidance: true, threads: 2, cache, isa: None })
@@ -155,14 +182,26 @@ fn bundled_forward_of_every_step_kind_matches_cpu() {
 
 fn forward_policies<D: Device>(open: Open<D>) {
     let model = bundled();
-    forward_kinds(&model, CacheMode::None, &[StepKind::Plain], "bundled", 1, open);
-    forward_kinds(&model, CacheMode::Reuse, &[StepKind::Full, StepKind::Reuse], "bundled", 1, open);
+    let auto = (IccForm::Auto, true);
+    forward_kinds(&model, CacheMode::None, &[StepKind::Plain], "bundled", 1, auto, open);
+    forward_kinds(&model, CacheMode::Reuse, &[StepKind::Full, StepKind::Reuse], "bundled", 1, auto, open);
     let factors = svd_factors(&model, 16);
     let icc = [StepKind::Full, StepKind::Calibrated, StepKind::Calibrated];
-    // Few rows: q, k and v's up projections in one GEMM (block-diagonal factor) …
-    forward_kinds(&model, CacheMode::Icc(factors.clone()), &icc, "bundled icc r16", 1, open);
+    let cache = CacheMode::Icc(factors.clone());
+    // The default: the folded form, one fused launch per calibrated linear; then the direct
+    // form fused, at one and three images.
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, folded", 1, auto, open);
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, direct", 1, (IccForm::Direct, true), open);
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, direct, 3 images", 3, (IccForm::Direct, true), open);
+    // The two-GEMM path: few rows, q, k and v's up projections in one GEMM (block-diagonal
+    // factor) …
+    let gemms = (IccForm::Direct, false);
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, two GEMMs", 1, gemms, open);
     // … many (3 images × 2 × 256 tokens = 1536 rows): three GEMMs.
-    forward_kinds(&model, CacheMode::Icc(factors.clone()), &icc, "bundled icc r16, separate q/k/v ups", 3, open);
+    forward_kinds(&model, cache, &icc, "bundled icc r16, two GEMMs, separate q/k/v ups", 3, gemms, open);
+    // Rank 12: not a multiple of 8, so `auto` computes the direct form on two GEMMs.
+    let r12 = CacheMode::Icc(svd_factors(&model, 12));
+    forward_kinds(&model, r12, &icc, "bundled icc r12, auto → direct on two GEMMs", 1, auto, open);
     // The factors matter: a calibrated step is not a reuse step.
     let cfg = model.config;
     let mut gpu = engine(
@@ -304,7 +343,21 @@ fn sampling_policies<D: Device>(open: Open<D>) {
         &EngineOptions { cache: CacheMode::Icc(factors.clone()), full_steps: FullSteps::Period(3), ..ddim.clone() },
         &classes,
         GUIDED_TOL,
-        "DDIM 10, guided, icc r8 period 3",
+        "DDIM 10, guided, icc r8 period 3 (folded form)",
+        &f16,
+        open,
+    );
+    sample_both(
+        &model,
+        &EngineOptions {
+            cache: CacheMode::Icc(factors.clone()),
+            full_steps: FullSteps::Period(3),
+            icc_form: IccForm::Direct,
+            ..ddim.clone()
+        },
+        &classes,
+        GUIDED_TOL,
+        "DDIM 10, guided, icc r8 period 3 (direct form)",
         &f16,
         open,
     );
@@ -373,6 +426,21 @@ fn pipeline_refuses_what_it_cannot_run() {
     let mut unchecked = emu_engine(&model, &EngineOptions { check_finite: false, ..wild });
     let e = unchecked.sample(&Request::new(&[1, 2], 0), &mut vec![0.0; 2 * img], &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("not finite"), "without the per-step check, the final check still refuses: {e}");
+    // The folded form needs the fused low-rank kernel (ranks multiples of 8 up to 256, and the
+    // option on); the CPU backend computes the direct form only.
+    let icc12 =
+        EngineOptions { cache: CacheMode::Icc(svd_factors(&model, 12)), icc_form: IccForm::Folded, ..opts.clone() };
+    let e =
+        GpuEngine::new(Arc::clone(&model), &icc12, EmuDevice::new).err().expect("rank 12 folded refused").to_string();
+    assert!(e.contains("folded") && e.contains("multiples of 8"), "{e}");
+    let icc8 =
+        EngineOptions { cache: CacheMode::Icc(svd_factors(&model, 8)), icc_form: IccForm::Folded, ..opts.clone() };
+    let off = EngineOptions { fused_lowrank: false, ..icc8.clone() };
+    let e =
+        GpuEngine::new(Arc::clone(&model), &off, EmuDevice::new).err().expect("folded without the kernel").to_string();
+    assert!(e.contains("folded") && e.contains("turn off"), "{e}");
+    let e = Engine::new(Arc::clone(&model), &icc8).err().expect("folded on the CPU refused").to_string();
+    assert!(e.contains("folded") && e.contains("direct"), "{e}");
     // Head dims other than 72 are refused when the engine is built.
     let cfg = DitConfig { hidden_size: 96, num_heads: 2, depth: 1, ..model.config };
     let other = Arc::new(DitModel::random(&cfg, 1).unwrap());
@@ -441,4 +509,56 @@ fn emulated_samples_are_bit_identical_across_worker_threads() {
     let again = run(|p| EmuDevice::with_threads(p, 2));
     assert!(one.iter().all(|v| v.is_finite()) && one.iter().any(|v| v.abs() > 1e-3));
     assert!(one == two && two == again, "samples differ between worker counts or runs");
+}
+
+/// icc's folded form (the GPU default) and its direct form (what the reference code and the
+/// CPU backend compute) on the same calibrated step: each against the f32 CPU backend's direct
+/// form, and the two against each other, on the bundled model, the head-dim-72 fixture model
+/// and one DiT-XL/2-width block with rank-128 factors. The measured differences are in
+/// docs/performance.md ("The folded form").
+#[test]
+fn icc_forms_agree_on_a_calibrated_step() {
+    let hd72 = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hd72/official.safetensors");
+    let hd72 = Arc::new(DitModel::load(&hd72, &LoadOptions::default()).unwrap());
+    let xl = Arc::new(DitModel::random(&DitConfig { depth: 1, ..DitConfig::xl2_256() }, 3).unwrap());
+    let bundled = bundled();
+    let cases = [
+        ("bundled, SVD r16", svd_factors(&bundled, 16), bundled),
+        ("hd72 fixture, SVD r8", svd_factors(&hd72, 8), hd72),
+        ("XL width 1 block, random r128", Arc::new(Factors::random(&xl, 128, 1).unwrap()), xl),
+    ];
+    for (tag, factors, model) in cases {
+        let cfg = model.config;
+        let (t, y) = ([400i64, 400], [2i64, cfg.null_class() as i64]);
+        let (x_full, x_cal) = (inputs(2 * cfg.image_elems(), 31), inputs(2 * cfg.image_elems(), 32));
+        let cache = CacheMode::Icc(factors);
+        let mut cpu = CpuEngine::new(
+            Arc::clone(&model),
+            &CpuOptions { max_batch: 1, guidance: true, threads: 2, cache: cache.clone(), isa: None },
+        )
+        .unwrap();
+        let mut want = vec![0.0f32; 2 * cfg.output_elems()];
+        cpu.forward_step(&x_full, &t, &y, &mut want, StepKind::Full).unwrap();
+        cpu.forward_step(&x_cal, &t, &y, &mut want, StepKind::Calibrated).unwrap();
+        let calibrated = |form| {
+            let opts = EngineOptions {
+                max_batch: 1,
+                cfg_scale: 4.0,
+                cache: cache.clone(),
+                icc_form: form,
+                ..Default::default()
+            };
+            let mut gpu = emu_engine(&model, &opts);
+            let mut out = vec![0.0f32; 2 * cfg.output_elems()];
+            gpu.forward_step(&x_full, &t, &y, &mut out, StepKind::Full).unwrap();
+            gpu.forward_step(&x_cal, &t, &y, &mut out, StepKind::Calibrated).unwrap();
+            out
+        };
+        let (folded, direct) = (calibrated(IccForm::Folded), calibrated(IccForm::Direct));
+        let f = assert_close(&format!("{tag}: folded form vs CPU direct"), &folded, &want, FORWARD_TOL);
+        let d = assert_close(&format!("{tag}: direct form vs CPU direct"), &direct, &want, FORWARD_TOL);
+        let between = rel_l2(&folded, &direct);
+        println!("{tag}: folded vs direct (both f16 pipeline) {between:.3e}; folded/direct error vs CPU {:.2}", f / d);
+        assert!(between > 0.0, "{tag}: the two forms gave bit-identical outputs: is the form option honoured?");
+    }
 }

@@ -48,32 +48,41 @@ fn nothing_allocates_after_set_up() {
 }
 
 /// The GPU pipeline on the emulated device: a request (full-size, replaying the recorded
-/// step graphs; and smaller, launching directly) allocates nothing on the host.
+/// step graphs; and smaller, launching directly) allocates nothing on the host, with icc's
+/// calibrated linears fused in the folded form (rank 8) and as two GEMMs (rank 4, which the
+/// fused kernel does not take).
 fn gpu_pipeline_allocates_nothing() {
     use icdit::gpu::{EmuDevice, GpuEngine};
     let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
-    let factors = Arc::new(Factors::random(&m, 4, 3).unwrap());
-    let opts = EngineOptions {
-        max_batch: 2,
-        respacing: "ddim4".into(),
-        sampler: Sampler::Ddim { eta: 0.0 },
-        cfg_scale: 3.0,
-        cache: CacheMode::Icc(factors),
-        ..Default::default()
-    };
-    let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
-    let img = m.config.image_elems();
-    let mut out = vec![0.0; 2 * img];
-    engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
-    engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
-    let before = ALLOCS.load(Ordering::SeqCst);
-    engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
-    engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
-    let during = ALLOCS.load(Ordering::SeqCst) - before;
-    println!("GPU pipeline (emulated): {during} host allocations in 2 requests ({} graphs)", engine.graph_count());
-    assert_eq!(during, 0, "the GPU pipeline allocated {during} times");
-    assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and calibrated");
-    assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    for (rank, form) in [(8, (icdit::IccForm::Folded, true)), (4, (icdit::IccForm::Direct, false))] {
+        let factors = Arc::new(Factors::random(&m, rank, 3).unwrap());
+        let opts = EngineOptions {
+            max_batch: 2,
+            respacing: "ddim4".into(),
+            sampler: Sampler::Ddim { eta: 0.0 },
+            cfg_scale: 3.0,
+            cache: CacheMode::Icc(factors),
+            ..Default::default()
+        };
+        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
+        assert_eq!(engine.icc_form(), form, "rank {rank}");
+        let img = m.config.image_elems();
+        let mut out = vec![0.0; 2 * img];
+        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
+        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
+        engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
+        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        println!(
+            "GPU pipeline (emulated), icc rank {rank} {:?}: {during} host allocations in 2 requests ({} graphs)",
+            form,
+            engine.graph_count()
+        );
+        assert_eq!(during, 0, "the GPU pipeline allocated {during} times");
+        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and calibrated");
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    }
 }
 
 fn vae_decode_allocates_nothing() {

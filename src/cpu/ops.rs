@@ -292,6 +292,9 @@ impl DitOps for CpuEngine {
         }
     }
 
+    /// The CPU backend computes the direct form: nothing to keep.
+    fn refresh_base(&mut self, _layer: Linear, _rows: usize) {}
+
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
         let isa = self.gemm.isa();
         let cfg = &self.model.config;

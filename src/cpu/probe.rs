@@ -142,6 +142,9 @@ impl DitOps for Probe<'_> {
         self.engine.linear_calibrated(layer, src, dst, act, rows);
         self.check_act(dst, rows, &format!("{} calibrated output", layer_name(layer)));
     }
+    fn refresh_base(&mut self, layer: Linear, rows: usize) {
+        self.engine.refresh_base(layer, rows);
+    }
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
         self.engine.attention(src, dst, rows);
         self.check_act(dst, rows, "attention output");

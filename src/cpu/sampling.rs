@@ -13,6 +13,7 @@ use crate::forward::StepKind;
 use crate::limits::MemoryNeed;
 use crate::noise;
 use crate::plan::{Arena, BufId, Dt, Plan};
+use crate::policy::IccForm;
 use crate::weights::DitModel;
 
 /// The sampler state's buffers in the sampler arena.
@@ -71,6 +72,12 @@ impl CpuBackend {
         let cfg = model.config;
         Self::memory_need(&model, opts)?.check("the sampling engine", opts.max_memory)?;
         let schedule = opts.validate(&cfg)?;
+        if opts.icc_form == IccForm::Folded {
+            return Err(Error::invalid(
+                "icc form",
+                "folded: the CPU backend computes icc's direct form only (what the official code computes); use direct or auto",
+            ));
+        }
         let rows = opts.model_rows(opts.max_batch);
         let forward = CpuEngine::new(model, &CpuOptions::for_sampling(opts))?;
         let (img, out) = (cfg.image_elems(), cfg.output_elems());

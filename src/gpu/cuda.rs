@@ -58,6 +58,8 @@ pub struct CudaDevice {
     bytes: usize,
     _modules: Vec<Module>,
     name: String,
+    /// Launches issued or recorded so far ([`Device::launches`]).
+    launches: std::sync::atomic::AtomicU64,
     _context: Context,
 }
 
@@ -179,6 +181,7 @@ impl CudaDevice {
             bytes,
             _modules: modules,
             name: format!("{gpu} (sm_{major}{minor}, kernels for sm_{ARCH})"),
+            launches: std::sync::atomic::AtomicU64::new(0),
             _context: context,
         }))
     }
@@ -228,6 +231,7 @@ impl Device for CudaDevice {
 
     unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
         cfg.check(kernel)?;
+        self.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let f = *self
             .functions
             .get(kernel.id)
@@ -264,6 +268,10 @@ impl Device for CudaDevice {
 
     fn memory_info(&self) -> Option<(usize, usize)> {
         cust::memory::mem_get_info().ok()
+    }
+
+    fn launches(&self) -> u64 {
+        self.launches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     type Graph = CudaGraph;

@@ -39,6 +39,8 @@ pub struct EmuDevice {
     name: String,
     /// Launches recorded since `begin_capture`, when capturing.
     capture: RefCell<Option<Vec<Recorded>>>,
+    /// Launches issued or recorded so far ([`Device::launches`]).
+    launches: std::cell::Cell<u64>,
 }
 
 /// One recorded launch: the kernel, its geometry, and its arguments copied into 8-byte
@@ -96,6 +98,7 @@ impl EmuDevice {
             workers,
             name: format!("emulated GPU ({workers} thread{})", if workers == 1 { "" } else { "s" }),
             capture: RefCell::new(None),
+            launches: std::cell::Cell::new(0),
         })
     }
 
@@ -187,6 +190,7 @@ impl Device for EmuDevice {
 
     unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()> {
         cfg.check(kernel)?;
+        self.launches.set(self.launches.get() + 1);
         if let Some(list) = self.capture.borrow_mut().as_mut() {
             if args.len() != kernel.arg_sizes.len() {
                 return Err(Error::invalid(
@@ -208,6 +212,10 @@ impl Device for EmuDevice {
         }
         // SAFETY: forwarded to the caller.
         unsafe { self.run(kernel, cfg, args) }
+    }
+
+    fn launches(&self) -> u64 {
+        self.launches.get()
     }
 
     type Graph = EmuGraph;

@@ -8,6 +8,8 @@ use crate::error::{Error, Result};
 
 mod gemm;
 pub use gemm::*;
+mod lowrank;
+pub use lowrank::*;
 mod embed;
 mod vae;
 pub use vae::*;

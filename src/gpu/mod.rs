@@ -11,7 +11,7 @@
 pub mod kernels;
 pub mod launch;
 pub mod pipeline;
-pub use pipeline::{GpuBackend, GpuEngine};
+pub use pipeline::{GpuBackend, GpuEngine, StepLaunches};
 
 mod emu;
 pub use emu::{EmuDevice, EmuGraph};
@@ -196,6 +196,9 @@ pub trait Device {
     /// pointer among them addresses enough arena memory for what the kernel reads and writes.
     /// Only the typed launchers in [`launch`] call this.
     unsafe fn launch(&self, kernel: &'static Kernel, cfg: &LaunchCfg, args: &[*mut c_void]) -> Result<()>;
+    /// Kernel launches issued so far on this device, those recorded into a graph included (a
+    /// graph's replays are not counted again): the pipeline counts a step's launches with it.
+    fn launches(&self) -> u64;
 
     /// (free, total) bytes of device memory, where the device can tell.
     fn memory_info(&self) -> Option<(usize, usize)> {

@@ -1,7 +1,9 @@
 //! `icdit bench-gpu`: the GPU pipeline on DiT-shaped random weights — step times of every kind
-//! (device events over replays of each step's graph), 50-step sampling end to end under no
-//! cache, naive reuse and icc, arena size and device memory — printed as a table and, last, one
-//! JSON line (scripts/gpu-check.sh collects it). `--backend emu` runs the same on the CPU
+//! (device events over replays of each step's graph) with their kernel launches per step and
+//! per block, their time and MAC ratios to a plain step, icc's calibrated step in each form
+//! (folded and direct on the fused low-rank kernel, direct on two GEMMs), 50-step sampling end
+//! to end under no cache, naive reuse and icc, arena size and device memory — printed as tables
+//! and, last, one JSON line (scripts/gpu-check.sh collects it). `--backend emu` runs the same on the CPU
 //! emulation (for checking the command without a GPU: use a small `--depth` and `--image-size`).
 
 use std::sync::Arc;
@@ -9,11 +11,12 @@ use std::time::Instant;
 
 use clap::Args;
 use icdit::backend::Backend;
+use icdit::cost;
 use icdit::engine::{EngineOptions, FullSteps, Request};
 use icdit::forward::StepKind;
-use icdit::gpu::{Device, EmuDevice, GpuEngine};
+use icdit::gpu::{Device, EmuDevice, GpuEngine, StepLaunches};
 use icdit::plan::Plan;
-use icdit::{CacheMode, CachePolicy, DitConfig, DitModel, Error, Factors, Sampler};
+use icdit::{CacheMode, CachePolicy, DitConfig, DitModel, Error, Factors, IccForm, Sampler};
 
 #[derive(Args, Debug)]
 pub struct BenchGpuArgs {
@@ -58,6 +61,15 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// One timed kind of step of one engine.
+struct StepTime {
+    /// The engine: `none`, `reuse`, `icc` (the default form), `icc-direct`, `icc-gemms`.
+    engine: String,
+    kind: StepKind,
+    ms: f32,
+    launches: Option<StepLaunches>,
+}
+
 /// What one batch size measured.
 #[derive(Default)]
 struct Row {
@@ -65,20 +77,28 @@ struct Row {
     device: String,
     arena_mib: f64,
     device_used_mib: Option<f64>,
-    step_ms: Vec<(StepKind, f32)>,
+    steps: Vec<StepTime>,
     e2e_ms: Vec<(CachePolicy, f64)>,
+}
+
+impl Row {
+    fn ms(&self, engine: &str, kind: StepKind) -> Option<f32> {
+        self.steps.iter().find(|s| s.engine == engine && s.kind == kind).map(|s| s.ms)
+    }
 }
 
 fn mib(b: usize) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
 
-/// Builds the engine of one policy, times its step kinds, then samples end to end.
+/// Builds the engine `label` of one policy, times its step kinds, then (`e2e`) samples end to end.
 fn measure<D: Device>(
     model: &Arc<DitModel>,
     opts: &EngineOptions,
     args: &BenchGpuArgs,
     row: &mut Row,
+    label: &str,
+    e2e: bool,
     open: &dyn Fn(&Plan) -> icdit::Result<D>,
 ) -> Result<(), Error> {
     let mut engine = GpuEngine::new(Arc::clone(model), opts, open)?;
@@ -90,15 +110,18 @@ fn measure<D: Device>(
     }
     let policy = opts.cache.policy();
     for &kind in policy.step_kinds() {
-        if row.step_ms.iter().any(|(k, _)| *k == kind) {
-            continue;
-        }
         engine.time_step(kind, 2.min(args.iters))?; // warm-up
         let ms = engine.time_step(kind, args.iters)?;
-        row.step_ms.push((kind, ms));
-        eprintln!("  batch {}: {kind} step {ms:.3} ms", row.batch);
+        let launches = engine.step_launches(kind);
+        eprintln!(
+            "  batch {}: {label} {kind} step {ms:.3} ms, {} launches ({} per block)",
+            row.batch,
+            launches.map_or(0, |l| l.step),
+            launches.map_or(0, |l| l.block)
+        );
+        row.steps.push(StepTime { engine: label.to_string(), kind, ms, launches });
     }
-    if args.e2e_runs > 0 {
+    if e2e && args.e2e_runs > 0 {
         let n = opts.max_batch;
         let classes: Vec<i64> = (0..n as i64).map(|i| i % model.config.num_classes as i64).collect();
         let mut out = vec![0.0f32; n * model.config.image_elems()];
@@ -134,9 +157,18 @@ fn bench_batches<D: Device>(
             ..Default::default()
         };
         let mut row = Row { batch, ..Default::default() };
-        for cache in [CacheMode::None, CacheMode::Reuse, CacheMode::Icc(factors.clone())] {
-            let opts = EngineOptions { cache, ..base.clone() };
-            measure(model, &opts, args, &mut row, open)?;
+        let icc = CacheMode::Icc(factors.clone());
+        // (label, cache, icc form, fused low-rank, end to end)
+        let engines = [
+            ("none", CacheMode::None, IccForm::Auto, true, true),
+            ("reuse", CacheMode::Reuse, IccForm::Auto, true, true),
+            ("icc", icc.clone(), IccForm::Auto, true, true),
+            ("icc-direct", icc.clone(), IccForm::Direct, true, false),
+            ("icc-gemms", icc, IccForm::Direct, false, false),
+        ];
+        for (label, cache, icc_form, fused_lowrank, e2e) in engines {
+            let opts = EngineOptions { cache, icc_form, fused_lowrank, ..base.clone() };
+            measure(model, &opts, args, &mut row, label, e2e, open)?;
         }
         device = row.device.clone();
         rows.push(row);
@@ -175,29 +207,53 @@ pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
             return Err(Error::invalid("--backend", "bench-gpu runs cuda or emu; see bench-forward for the CPU"))
         }
     };
+    let model_rows = if args.cfg > 1.0 { 2 } else { 1 };
+    let ranks = vec![[args.rank; 6]; cfg.depth];
+    let plain_macs = cost::step_macs(&cfg, StepKind::Plain, &ranks) as f64;
+    let mac_ratio = |k: StepKind| cost::step_macs(&cfg, k, &ranks) as f64 / plain_macs;
+    let (_, icc_mac_ratio) = cost::schedule_macs(
+        &cfg,
+        (0..args.steps).map(|i| if i % 2 == 0 { StepKind::Full } else { StepKind::Calibrated }),
+        &ranks,
+    );
     println!("device: {device}");
-    println!("| batch | arena MiB | device used MiB | plain ms | full ms | calibrated ms | reuse ms | e2e none ms | e2e reuse ms | e2e icc ms |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    let get =
-        |r: &Row, k: StepKind| r.step_ms.iter().find(|x| x.0 == k).map_or(String::new(), |x| format!("{:.3}", x.1));
-    let e2e =
-        |r: &Row, p: CachePolicy| r.e2e_ms.iter().find(|x| x.0 == p).map_or(String::new(), |x| format!("{:.2}", x.1));
+    println!("icc's calibrated linears: `icc` computes the folded form with fused low-rank launches, `icc-direct` the direct form with them, `icc-gemms` the direct form as two GEMMs per linear");
+    println!("| batch | engine | step | ms | time / plain | MACs / plain | launches per step | per block |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {
+        let plain = r.ms("none", StepKind::Plain);
+        for s in &r.steps {
+            println!(
+                "| {} | {} | {} | {:.3} | {} | {:.3} | {} | {} |",
+                r.batch,
+                s.engine,
+                s.kind,
+                s.ms,
+                plain.map_or(String::new(), |p| format!("{:.3}", s.ms / p)),
+                mac_ratio(s.kind),
+                s.launches.map_or(String::new(), |l| l.step.to_string()),
+                s.launches.map_or(String::new(), |l| l.block.to_string()),
+            );
+        }
+    }
+    println!();
+    println!("| batch | arena MiB | device used MiB | {}-step DDIM none ms | reuse ms | icc ms | icc / none (MACs {icc_mac_ratio:.3}) |", args.steps);
+    println!("|---|---|---|---|---|---|---|");
+    let e2e = |r: &Row, p: CachePolicy| r.e2e_ms.iter().find(|x| x.0 == p).map(|x| x.1);
+    let fmt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.2}"));
+    for r in &rows {
+        let (none, icc) = (e2e(r, CachePolicy::None), e2e(r, CachePolicy::Icc));
         println!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {:.0} | {} | {} | {} | {} | {} |",
             r.batch,
             r.arena_mib,
             r.device_used_mib.map_or(String::new(), |u| format!("{u:.0}")),
-            get(r, StepKind::Plain),
-            get(r, StepKind::Full),
-            get(r, StepKind::Calibrated),
-            get(r, StepKind::Reuse),
-            e2e(r, CachePolicy::None),
-            e2e(r, CachePolicy::Reuse),
-            e2e(r, CachePolicy::Icc)
+            fmt(none),
+            fmt(e2e(r, CachePolicy::Reuse)),
+            fmt(icc),
+            none.zip(icc).map_or(String::new(), |(n, i)| format!("{:.3}", i / n)),
         );
     }
-    let model_rows = if args.cfg > 1.0 { 2 } else { 1 };
     let json = serde_json::json!({
         "tool": "icdit bench-gpu",
         "device": device,
@@ -205,16 +261,31 @@ pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
         "family": args.family, "image_size": args.image_size, "depth": cfg.depth, "rank": args.rank,
         "steps": args.steps, "cfg": args.cfg, "iters": args.iters, "e2e_runs": args.e2e_runs,
         "forward_gflop_per_row": 2.0 * cfg.forward_macs() as f64 / 1e9,
+        "mac_ratio": {"full": mac_ratio(StepKind::Full), "calibrated": mac_ratio(StepKind::Calibrated),
+            "reuse": mac_ratio(StepKind::Reuse), "icc_period2_schedule": icc_mac_ratio},
         "seconds": start.elapsed().as_secs_f64(),
-        "batches": rows.iter().map(|r| serde_json::json!({
-            "batch": r.batch,
-            "arena_mib": r.arena_mib,
-            "device_used_mib": r.device_used_mib,
-            "step_ms": r.step_ms.iter().map(|(k, v)| (k.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "e2e_ms": r.e2e_ms.iter().map(|(p, v)| (p.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
-            "plain_tflops": r.step_ms.iter().find(|x| x.0 == StepKind::Plain).map(|x|
-                2.0 * cfg.forward_macs() as f64 * (model_rows * r.batch) as f64 / (x.1 as f64 * 1e-3) / 1e12),
-        })).collect::<Vec<_>>(),
+        "batches": rows.iter().map(|r| {
+            let plain = r.ms("none", StepKind::Plain);
+            serde_json::json!({
+                "batch": r.batch,
+                "arena_mib": r.arena_mib,
+                "device_used_mib": r.device_used_mib,
+                // Step times by kind, the first engine that ran each (none: plain; reuse: full,
+                // reuse; icc: calibrated, in its default form); "steps" has every engine's.
+                "step_ms": r.steps.iter().filter(|s| !s.engine.starts_with("icc-")).fold(serde_json::Map::new(), |mut m, s| {
+                    m.entry(s.kind.name().to_string()).or_insert(serde_json::json!(s.ms));
+                    m
+                }),
+                "steps": r.steps.iter().map(|s| serde_json::json!({
+                    "engine": s.engine, "kind": s.kind.name(), "ms": s.ms,
+                    "time_ratio": plain.map(|p| s.ms / p), "mac_ratio": mac_ratio(s.kind),
+                    "launches_per_step": s.launches.map(|l| l.step), "launches_per_block": s.launches.map(|l| l.block),
+                })).collect::<Vec<_>>(),
+                "e2e_ms": r.e2e_ms.iter().map(|(p, v)| (p.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                "plain_tflops": plain.map(|ms|
+                    2.0 * cfg.forward_macs() as f64 * (model_rows * r.batch) as f64 / (ms as f64 * 1e-3) / 1e12),
+            })
+        }).collect::<Vec<_>>(),
     });
     println!("{json}");
     Ok(())

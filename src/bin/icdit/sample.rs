@@ -11,7 +11,7 @@ use icdit::diffusion::Sampler;
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
-use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, SampleSpace};
+use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, IccForm, SampleSpace};
 
 use crate::model_args::ModelArgs;
 use crate::output::ImageOut;
@@ -85,6 +85,11 @@ pub struct SampleArgs {
     /// Rank-r factors for `--cache icc` (made by `icdit calibrate`).
     #[arg(long)]
     factors: Option<PathBuf>,
+    /// How icc's calibrated steps compute each linear: `direct`, y_s + up·(down·(x − x_s)) as
+    /// the reference code; `folded`, b_s + up·(down·x) with b_s kept by full steps (the GPU
+    /// pipeline only); `auto`, direct on the CPU and folded on the GPU.
+    #[arg(long, value_enum, default_value_t = IccForm::Auto)]
+    icc_form: IccForm,
     /// Sample the same request under several cache policies (`none`, `reuse`, `icc`; icc
     /// uses --factors) and write one grid row per policy, as the paper's comparison figures.
     #[arg(long, value_enum, value_delimiter = ',')]
@@ -195,6 +200,8 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
         max_memory: args.max_memory.as_deref().map(icdit::limits::parse_size).transpose()?,
         check_finite: !args.no_finite_check,
         isa: None,
+        icc_form: args.icc_form,
+        fused_lowrank: true,
     };
     let backend: Backend = args.backend.parse()?;
     // The VAE decodes on the sampler's backend (on a device: its own arena, ≤ 16 latents a call).

@@ -42,10 +42,10 @@ use crate::engine::{EngineOptions, GuidedChannels, Request, SamplingBackend, Sam
 use crate::error::{Error, Result};
 use crate::forward::{self, StepKind};
 use crate::plan::{BufId, Plan};
-use crate::policy;
+use crate::policy::{self, IccForm};
 use crate::weights::DitModel;
 use ops::{Pass, RequestConditioning};
-use plan::{mod_width, DeviceBuffers, BAD_LATENTS, BAD_OUTPUT, STATE};
+use plan::{mod_width, DeviceBuffers, IccLayout, BAD_LATENTS, BAD_OUTPUT, STATE};
 
 /// The GPU pipeline as a backend of the sampling loop: the device, its arena and the recorded
 /// step graphs, with the model, schedule and options they were built for.
@@ -67,6 +67,21 @@ pub struct GpuBackend<D: Device> {
     labels_host: Vec<i32>,
     /// Images of the request being sampled.
     images: usize,
+    /// How calibrated linears are computed.
+    icc: IccLayout,
+    /// Kernel launches of each recorded step kind.
+    launches: Vec<(StepKind, StepLaunches)>,
+}
+
+/// Kernel launches of one sampling step of a kind: the whole step (the step's modulation
+/// copy, the forward pass, the sampler update, the finiteness checks and the step advance) and
+/// one transformer block of it (block 1, or 0 in a one-block model: block 0 also holds the
+/// first LayerNorm, which every later block gets fused into the previous block's last
+/// residual update).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StepLaunches {
+    pub step: u64,
+    pub block: u64,
 }
 
 impl<D: Device> GpuBackend<D> {
@@ -90,7 +105,8 @@ impl<D: Device> GpuBackend<D> {
         let factors = opts.cache.factors().cloned();
         let max_rows = opts.model_rows(opts.max_batch);
         let caching = opts.cache.keeps_caches();
-        let (mut plan, buffers) = plan::plan(&cfg, max_rows, schedule.len(), factors.as_deref(), caching);
+        let icc = IccLayout::resolve(&cfg, opts, factors.as_deref())?;
+        let (mut plan, buffers) = plan::plan(&cfg, max_rows, schedule.len(), factors.as_deref(), caching, icc);
         plan.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
         // Kernels index within one buffer with 32-bit ints (the arena itself may be larger).
         if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
@@ -118,6 +134,8 @@ impl<D: Device> GpuBackend<D> {
             t_host: vec![0.0; steps * max_rows],
             labels_host: vec![0; max_rows],
             images: 0,
+            icc,
+            launches: Vec::new(),
         };
         backend.upload_weights()?;
         if let Some(f) = &factors {
@@ -142,12 +160,16 @@ impl<D: Device> GpuBackend<D> {
         }
         let (n, rows) = (self.opts.max_batch, self.max_rows);
         let params = self.sampler_params(n);
+        let counted = (self.model.config.depth > 1) as usize;
         for kind in kinds {
             self.dev.begin_capture()?;
-            let recorded = self.step_launches(kind, rows, n, &params);
+            let before = self.dev.launches();
+            let recorded = self.step_launches(kind, rows, n, &params, Some(counted));
+            let step = self.dev.launches() - before;
             let graph = self.dev.end_capture();
-            recorded?;
+            let block = recorded?;
             self.graphs.push((kind, graph?));
+            self.launches.push((kind, StepLaunches { step, block }));
         }
         self.cached_rows = None;
         Ok(())
@@ -213,10 +235,18 @@ impl<D: Device> GpuBackend<D> {
         }
     }
 
-    /// The launches of one sampling step of `kind` for `n` images (`rows` model rows).
-    fn step_launches(&mut self, kind: StepKind, rows: usize, n: usize, params: &SamplerParams) -> Result<()> {
+    /// The launches of one sampling step of `kind` for `n` images (`rows` model rows); the
+    /// number of them that belong to block `count` (0 when `None`).
+    fn step_launches(
+        &mut self,
+        kind: StepKind,
+        rows: usize,
+        n: usize,
+        params: &SamplerParams,
+        count: Option<usize>,
+    ) -> Result<u64> {
         self.select_step(rows, self.schedule.len())?;
-        self.run_forward(rows, n, kind)?;
+        let block = self.run_forward(rows, n, kind, count)?;
         let b = &self.buffers;
         let cfg = &self.model.config;
         if self.opts.check_finite {
@@ -241,7 +271,8 @@ impl<D: Device> GpuBackend<D> {
             let len = (n * cfg.image_elems()) as i32;
             launch::check_finite_f32(&self.dev, self.slice(b.latents)?, len, self.slice(b.state)?, BAD_LATENTS as i32)?;
         }
-        launch::step_advance(&self.dev, self.slice(b.state)?)
+        launch::step_advance(&self.dev, self.slice(b.state)?)?;
+        Ok(block)
     }
 
     /// The plan's buffer `id` as device elements of `T`.
@@ -316,12 +347,12 @@ impl<D: Device> GpuBackend<D> {
     }
 
     /// One forward pass of `kind` over `rows` rows whose images are rows mod `images` of the
-    /// latents, into the model output buffer.
-    fn run_forward(&mut self, rows: usize, images: usize, kind: StepKind) -> Result<()> {
+    /// latents, into the model output buffer; the launches of block `count` (0 when `None`).
+    fn run_forward(&mut self, rows: usize, images: usize, kind: StepKind, count: Option<usize>) -> Result<u64> {
         let cfg = self.model.config;
         let eps = self.model.mlp_norm_eps;
-        let err = {
-            let mut pass = Pass::new(&*self, images);
+        let (err, block) = {
+            let mut pass = Pass::new(&*self, images, count);
             forward::forward(&mut pass, &cfg, eps, rows, kind);
             pass.finish()
         };
@@ -331,7 +362,7 @@ impl<D: Device> GpuBackend<D> {
         if kind == StepKind::Full {
             self.cached_rows = Some(rows);
         }
-        Ok(())
+        Ok(block)
     }
 
     /// The step-order rules ([`policy::check_step`]) against this engine's caches.
@@ -392,7 +423,7 @@ impl<D: Device> GpuBackend<D> {
         self.put_state(0, 0)?;
         self.conditioning(rows, rows)?;
         self.select_step(rows, 1)?;
-        self.run_forward(rows, rows, kind)?;
+        self.run_forward(rows, rows, kind, None)?;
         let mo = self.slice::<f32>(self.buffers.model_out)?.sub(0, out.len())?;
         self.dev.download(mo, out)
     }
@@ -456,7 +487,7 @@ impl<D: Device> SamplingBackend for GpuBackend<D> {
             }
             None => {
                 let params = self.sampler_params(n);
-                self.step_launches(kind, rows, n, &params)?;
+                self.step_launches(kind, rows, n, &params, None)?;
             }
         }
         Ok(())
@@ -530,6 +561,19 @@ impl<D: Device> SamplingEngine<GpuBackend<D>> {
     /// Number of recorded step graphs (one per step kind the policy uses).
     pub fn graph_count(&self) -> usize {
         self.backend().graphs.len()
+    }
+
+    /// Kernel launches of a full-size step of `kind` and of one of its blocks, counted when
+    /// the step was recorded (`None`: the policy runs no such step).
+    pub fn step_launches(&self, kind: StepKind) -> Option<StepLaunches> {
+        self.backend().launches.iter().find(|l| l.0 == kind).map(|l| l.1)
+    }
+
+    /// The form calibrated steps compute ([`IccForm::Direct`] or [`IccForm::Folded`]; `Auto`
+    /// resolved) and whether each calibrated linear is one fused low-rank launch.
+    pub fn icc_form(&self) -> (IccForm, bool) {
+        let icc = self.backend().icc;
+        (if icc.folded { IccForm::Folded } else { IccForm::Direct }, icc.fused)
     }
 
     pub fn device(&self) -> &D {

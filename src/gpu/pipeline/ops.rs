@@ -7,8 +7,8 @@ use super::plan::mod_width;
 use super::GpuBackend;
 use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
-use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm};
-use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec};
+use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
+use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec, LowRankSpec};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
 
@@ -114,34 +114,185 @@ impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
 }
 
 /// One forward pass in flight: the [`DitOps`] of the GPU pipeline. Launch errors are kept
-/// (the first one) and returned when the pass ends.
+/// (the first one) and returned when the pass ends, with the launches one block made.
 pub(super) struct Pass<'a, D: Device> {
     /// The pipeline whose buffers and device the pass runs on.
     pipeline: &'a GpuBackend<D>,
     /// Images in the latents: model row r embeds image r mod `images`.
     images: usize,
     err: Option<Error>,
+    /// The block whose launches are counted, the block the current op belongs to (attention
+    /// belongs to the block of the op before it), and the count.
+    count: Option<usize>,
+    block: Option<usize>,
+    counted: u64,
 }
 
 impl<'a, D: Device> Pass<'a, D> {
-    /// A pass on `pipeline` whose rows are the images `row mod images` of the latents.
-    pub(super) fn new(pipeline: &'a GpuBackend<D>, images: usize) -> Self {
-        Pass { pipeline, images, err: None }
+    /// A pass on `pipeline` whose rows are the images `row mod images` of the latents,
+    /// counting the launches of block `count`.
+    pub(super) fn new(pipeline: &'a GpuBackend<D>, images: usize, count: Option<usize>) -> Self {
+        Pass { pipeline, images, err: None, count, block: None, counted: 0 }
     }
 
-    /// Ends the pass: the first launch error, if any.
-    pub(super) fn finish(self) -> Option<Error> {
-        self.err
+    /// Ends the pass: the first launch error, if any, and the counted block's launches.
+    pub(super) fn finish(self) -> (Option<Error>, u64) {
+        (self.err, self.counted)
     }
 }
 
 impl<D: Device> Pass<'_, D> {
-    fn run(&mut self, f: impl FnOnce(&Self) -> Result<()>) {
+    /// Runs one op's launches, unless an earlier one failed; `block`: the block the op belongs
+    /// to, `None` outside the blocks, `Some(None)` the block of the op before.
+    fn run_in(&mut self, block: Option<Option<usize>>, f: impl FnOnce(&Self) -> Result<()>) {
+        if let Some(b) = block {
+            self.block = b;
+        }
         if self.err.is_none() {
+            let before = self.pipeline.dev.launches();
             if let Err(e) = f(self) {
                 self.err = Some(e);
             }
+            if self.count.is_some() && self.block == self.count {
+                self.counted += self.pipeline.dev.launches() - before;
+            }
         }
+    }
+
+    /// [`Pass::run_in`] for an op of block `block` (`None`: outside the blocks).
+    fn run(&mut self, block: Option<usize>, f: impl FnOnce(&Self) -> Result<()>) {
+        self.run_in(Some(block), f);
+    }
+
+    /// (block, cached input slot, cached output slot) of a calibrated linear.
+    fn calibrated_slots(&self, layer: Linear) -> Result<(usize, Slot, Slot)> {
+        layer.slots().ok_or_else(|| Error::invalid("GPU pipeline", "only block linears are calibrated"))
+    }
+
+    /// A calibrated linear's b_s slot (the folded form).
+    fn base(&self, layer: Linear) -> Result<DevSlice<f16>> {
+        let (i, j) = match layer {
+            Linear::Qkv(i) => (i, 0),
+            Linear::Proj(i) => (i, 1),
+            Linear::Fc1(i) => (i, 2),
+            Linear::Fc2(i) => (i, 3),
+            Linear::Final => return Err(Error::invalid("GPU pipeline", "the final layer has no b_s")),
+        };
+        let id = self
+            .pipeline
+            .buffers
+            .bases
+            .get(i)
+            .ok_or_else(|| Error::invalid("GPU pipeline", "no b_s slots planned (the direct form)"))?[j];
+        self.pipeline.slice(id)
+    }
+
+    /// One fused low-rank launch of `layer`'s factors: out = act(add + scale·up·(down·a')),
+    /// a' = a − a_minus or a; q, k and v as the three groups of the qkv layer.
+    #[allow(clippy::too_many_arguments)]
+    fn lowrank(
+        &self,
+        layer: Linear,
+        out: DevSlice<f16>,
+        a: DevSlice<f16>,
+        a_minus: Option<DevSlice<f16>>,
+        add: DevSlice<f16>,
+        scale: f32,
+        act: Activation,
+        rows: usize,
+    ) -> Result<()> {
+        let (i, _, _) = self.calibrated_slots(layer)?;
+        let bf =
+            self.pipeline.buffers.factors.get(i).ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
+        let (_, _, n, k) = self.layer(layer);
+        let s = |id| self.pipeline.slice::<f16>(id);
+        // (down, up per group, rank per group, groups)
+        let (down, up, ranks, groups) = match layer {
+            Linear::Qkv(_) => (bf.down[0], [bf.up[0], bf.up[1], bf.up[2]], [bf.ranks[0], bf.ranks[1], bf.ranks[2]], 3),
+            Linear::Proj(_) => (bf.down[1], [bf.up[3]; 3], [bf.ranks[3], 0, 0], 1),
+            Linear::Fc1(_) => (bf.down[2], [bf.up[4]; 3], [bf.ranks[4], 0, 0], 1),
+            Linear::Fc2(_) => (bf.down[3], [bf.up[5]; 3], [bf.ranks[5], 0, 0], 1),
+            Linear::Final => unreachable!("calibrated_slots() refuses the final layer"),
+        };
+        launch::lowrank_fused(
+            &self.pipeline.dev,
+            &LowRankSpec {
+                out,
+                a,
+                a_minus,
+                down: s(down)?,
+                up: [s(up[0])?, s(up[1])?, s(up[2])?],
+                ranks: ranks.map(|r| r as i32),
+                groups,
+                add: Some(add),
+                scale,
+                m: (rows * self.tokens()) as i32,
+                n: n as i32,
+                k: k as i32,
+                lda: k as i32,
+                ldc: n as i32,
+                ld_add: n as i32,
+                act: gemm_act(act),
+            },
+        )
+    }
+
+    /// A calibrated linear in the direct form as two fused GEMMs, the rank-r intermediate in
+    /// the arena: for ranks the fused kernel does not take, and for comparison.
+    fn calibrated_two_gemms(&self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) -> Result<()> {
+        let p = self;
+        let (i, xs, ys) = p.calibrated_slots(layer)?;
+        let bf =
+            p.pipeline.buffers.factors.get(i).ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
+        let low_id =
+            p.pipeline.buffers.lowrank.ok_or_else(|| Error::invalid("GPU pipeline", "no low-rank buffer planned"))?;
+        let (_, _, out, inp) = p.layer(layer);
+        let m = (rows * p.tokens()) as i32;
+        // (down buffer, parts as (layer-type index, output group))
+        let (down, parts): (BufId, &[(usize, usize)]) = match layer {
+            Linear::Qkv(_) => (bf.down[0], &[(0, 0), (1, 1), (2, 2)]),
+            Linear::Proj(_) => (bf.down[1], &[(3, 0)]),
+            Linear::Fc1(_) => (bf.down[2], &[(4, 0)]),
+            Linear::Fc2(_) => (bf.down[3], &[(5, 0)]),
+            Linear::Final => unreachable!("calibrated_slots() refuses the final layer"),
+        };
+        let r_total: usize = parts.iter().map(|&(t, _)| bf.ranks[t]).sum();
+        let low = p.pipeline.slice::<f16>(low_id)?;
+        // T = (x − x_s)·downᵀ, the increment formed while staging, never stored.
+        let mut g =
+            GemmSpec::new(GemmOut::F16(low), p.act_slice(src)?, p.pipeline.slice(down)?, m, r_total as i32, inp as i32);
+        g.a_minus = Some(p.act_slice(Act::Cache(i, xs))?);
+        p.pipeline.gemm(&g)?;
+        // dst = act(y_s + T·upᵀ) per output group, or for q, k and v at once.
+        let group = out / parts.len();
+        let (dst_s, ycache) = (p.act_slice(dst)?, p.act_slice(Act::Cache(i, ys))?);
+        if let (Linear::Qkv(_), Some(merged)) = (layer, bf.qkv_up) {
+            let mut g =
+                GemmSpec::new(GemmOut::F16(dst_s), low, p.pipeline.slice(merged)?, m, out as i32, r_total as i32);
+            g.add = Some((ycache, out as i32, m));
+            g.act = gemm_act(act);
+            return p.pipeline.gemm(&g);
+        }
+        let mut r0 = 0;
+        for &(t, grp) in parts {
+            let rank = bf.ranks[t];
+            let off = grp * group;
+            let mut g = GemmSpec::new(
+                GemmOut::F16(dst_s.sub(off, dst_s.len() - off)?),
+                low.sub(r0, low.len() - r0)?,
+                p.pipeline.slice(bf.up[t])?,
+                m,
+                group as i32,
+                rank as i32,
+            );
+            g.lda = r_total as i32;
+            g.ldc = out as i32;
+            g.add = Some((ycache.sub(off, ycache.len() - off)?, out as i32, m));
+            g.act = gemm_act(act);
+            p.pipeline.gemm(&g)?;
+            r0 += rank;
+        }
+        Ok(())
     }
 
     /// The buffer an activation lives in.
@@ -199,7 +350,7 @@ fn gemm_act(a: Activation) -> GemmAct {
 
 impl<D: Device> DitOps for Pass<'_, D> {
     fn embed_patches(&mut self, rows: usize) {
-        self.run(|p| {
+        self.run(None, |p| {
             let (pipeline, cfg) = (p.pipeline, &p.pipeline.model.config);
             let b = &pipeline.buffers;
             launch::patchify_f16(
@@ -228,7 +379,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
-        self.run(|p| {
+        self.run(norm.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
@@ -240,7 +391,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
         // One kernel: the residual update of each row, then its LayerNorm.
-        self.run(|p| {
+        self.run(gate.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
@@ -265,7 +416,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.run(|p| {
+        self.run(layer.block_index(), |p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
             let o = match dst {
@@ -281,7 +432,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
         // One GEMM writes both: `pre` before its GELU epilogue, `post` after.
-        self.run(|p| {
+        self.run(layer.block_index(), |p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
             let mut g = GemmSpec::new(
@@ -300,78 +451,35 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.run(|p| {
-            let (i, xs, ys) =
-                layer.slots().ok_or_else(|| Error::invalid("GPU pipeline", "only block linears are calibrated"))?;
-            let bf = p
-                .pipeline
-                .buffers
-                .factors
-                .get(i)
-                .ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
-            let low_id = p
-                .pipeline
-                .buffers
-                .lowrank
-                .ok_or_else(|| Error::invalid("GPU pipeline", "no low-rank buffer planned"))?;
-            let (_, _, out, inp) = p.layer(layer);
-            let m = (rows * p.tokens()) as i32;
-            // (down buffer, parts as (layer-type index, output group))
-            let (down, parts): (BufId, &[(usize, usize)]) = match layer {
-                Linear::Qkv(_) => (bf.down[0], &[(0, 0), (1, 1), (2, 2)]),
-                Linear::Proj(_) => (bf.down[1], &[(3, 0)]),
-                Linear::Fc1(_) => (bf.down[2], &[(4, 0)]),
-                Linear::Fc2(_) => (bf.down[3], &[(5, 0)]),
-                Linear::Final => unreachable!("slots() is None for the final layer"),
-            };
-            let r_total: usize = parts.iter().map(|&(t, _)| bf.ranks[t]).sum();
-            let low = p.pipeline.slice::<f16>(low_id)?;
-            // T = (x − x_s)·downᵀ, the increment formed while staging, never stored.
-            let mut g = GemmSpec::new(
-                GemmOut::F16(low),
-                p.act_slice(src)?,
-                p.pipeline.slice(down)?,
-                m,
-                r_total as i32,
-                inp as i32,
-            );
-            g.a_minus = Some(p.act_slice(Act::Cache(i, xs))?);
-            p.pipeline.gemm(&g)?;
-            // dst = act(y_s + T·upᵀ) per output group, or for q, k and v at once.
-            let group = out / parts.len();
-            let (dst_s, ycache) = (p.act_slice(dst)?, p.act_slice(Act::Cache(i, ys))?);
-            if let (Linear::Qkv(_), Some(merged)) = (layer, bf.qkv_up) {
-                let mut g =
-                    GemmSpec::new(GemmOut::F16(dst_s), low, p.pipeline.slice(merged)?, m, out as i32, r_total as i32);
-                g.add = Some((ycache, out as i32, m));
-                g.act = gemm_act(act);
-                return p.pipeline.gemm(&g);
+        self.run(layer.block_index(), |p| {
+            if p.pipeline.icc.fused {
+                let (i, xs, ys) = p.calibrated_slots(layer)?;
+                // Direct: y_s + up·(down·(x − x_s)); folded: b_s + up·(down·x).
+                let (a_minus, add) = if p.pipeline.icc.folded {
+                    (None, p.base(layer)?)
+                } else {
+                    (Some(p.act_slice(Act::Cache(i, xs))?), p.act_slice(Act::Cache(i, ys))?)
+                };
+                return p.lowrank(layer, p.act_slice(dst)?, p.act_slice(src)?, a_minus, add, 1.0, act, rows);
             }
-            let mut r0 = 0;
-            for &(t, grp) in parts {
-                let rank = bf.ranks[t];
-                let off = grp * group;
-                let mut g = GemmSpec::new(
-                    GemmOut::F16(dst_s.sub(off, dst_s.len() - off)?),
-                    low.sub(r0, low.len() - r0)?,
-                    p.pipeline.slice(bf.up[t])?,
-                    m,
-                    group as i32,
-                    rank as i32,
-                );
-                g.lda = r_total as i32;
-                g.ldc = out as i32;
-                g.add = Some((ycache.sub(off, ycache.len() - off)?, out as i32, m));
-                g.act = gemm_act(act);
-                p.pipeline.gemm(&g)?;
-                r0 += rank;
-            }
-            Ok(())
+            p.calibrated_two_gemms(layer, src, dst, act, rows)
+        });
+    }
+
+    fn refresh_base(&mut self, layer: Linear, rows: usize) {
+        if !self.pipeline.icc.folded {
+            return;
+        }
+        self.run(layer.block_index(), |p| {
+            // b_s = y_s − up·(down·x_s), from the slots the full step has just written.
+            let (i, xs, ys) = p.calibrated_slots(layer)?;
+            let (x_s, y_s) = (p.act_slice(Act::Cache(i, xs))?, p.act_slice(Act::Cache(i, ys))?);
+            p.lowrank(layer, p.base(layer)?, x_s, None, y_s, -1.0, Activation::None, rows)
         });
     }
 
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
-        self.run(|p| {
+        self.run_in(None, |p| {
             let cfg = &p.pipeline.model.config;
             launch::attention_f16(
                 &p.pipeline.dev,
@@ -386,7 +494,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
-        self.run(|p| {
+        self.run(gate.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             launch::gated_residual_add_f32_stream(
                 &p.pipeline.dev,
@@ -402,7 +510,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn unpatchify(&mut self, rows: usize) {
-        self.run(|p| {
+        self.run(None, |p| {
             let (pipeline, cfg) = (p.pipeline, &p.pipeline.model.config);
             launch::unpatchify_f32(
                 &pipeline.dev,

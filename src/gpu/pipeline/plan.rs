@@ -5,11 +5,12 @@
 
 use crate::config::{DitConfig, FREQ_DIM};
 use crate::engine::EngineOptions;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::factors::{Factors, LayerType};
 use crate::forward::Slot;
 use crate::gpu::launch;
 use crate::plan::{BufId, Dt, Plan};
+use crate::policy::IccForm;
 use crate::weights::DitModel;
 
 /// f32 values per step in the sampler's coefficient table (see kernels/sampler.cu).
@@ -71,6 +72,9 @@ pub(super) struct DeviceBuffers {
     pub(super) blocks: Vec<BlockWeights>,
     pub(super) factors: Vec<BlockFactors>,
     pub(super) cache: Vec<[BufId; 8]>,
+    /// icc's folded form: every block's b_s = y_s − up·(down·x_s) of qkv, proj, fc1 and fc2
+    /// (empty for the direct form).
+    pub(super) bases: Vec<[BufId; 4]>,
     pub(super) patches: BufId,
     pub(super) x: BufId,
     pub(super) h: BufId,
@@ -100,14 +104,63 @@ pub(super) fn mod_width(cfg: &DitConfig) -> usize {
     (6 * cfg.depth + 2) * cfg.hidden_size
 }
 
+/// How the pipeline computes icc's calibrated linears, resolved from the options and the
+/// factors' ranks ([`IccLayout::resolve`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct IccLayout {
+    /// The folded form (b_s slots, refreshed by full steps) rather than the direct form.
+    pub(super) folded: bool,
+    /// One fused low-rank launch per calibrated linear (kernels/lowrank.cu) rather than two GEMMs.
+    pub(super) fused: bool,
+}
+
+impl IccLayout {
+    /// The layout `opts` asks for with these factors: fused when the options allow it and every
+    /// layer's ranks fit the kernel; folded when asked, or by default (`auto`) when fused (the
+    /// folded form's full-step refresh needs the fused kernel).
+    pub(super) fn resolve(cfg: &DitConfig, opts: &EngineOptions, factors: Option<&Factors>) -> Result<Self> {
+        let Some(f) = factors else { return Ok(IccLayout::default()) };
+        let (c, m) = (cfg.hidden_size, cfg.mlp_hidden());
+        let fits = f.blocks.iter().all(|b| {
+            let r = |t| b.get(t).rank;
+            launch::lowrank_fits(c, c, &[r(LayerType::Q), r(LayerType::K), r(LayerType::V)])
+                && launch::lowrank_fits(c, c, &[r(LayerType::Proj)])
+                && launch::lowrank_fits(c, c, &[r(LayerType::Fc1)])
+                && launch::lowrank_fits(m, m, &[r(LayerType::Fc2)])
+        });
+        let fused = opts.fused_lowrank && fits;
+        let folded = match opts.icc_form {
+            IccForm::Auto => fused,
+            IccForm::Direct => false,
+            IccForm::Folded if fused => true,
+            IccForm::Folded => {
+                return Err(Error::invalid(
+                    "icc form",
+                    if fits {
+                        "folded: the folded form needs the fused low-rank kernel, which these options turn off"
+                            .to_string()
+                    } else {
+                        format!(
+                            "folded: the folded form needs the fused low-rank kernel, which takes ranks that are multiples of 8 up to {}; these factors' are not",
+                            launch::LOWRANK_MAX_RANK
+                        )
+                    },
+                ))
+            }
+        };
+        Ok(IccLayout { folded, fused })
+    }
+}
+
 /// The arena for `max_rows` model rows (guidance included) and a schedule of `steps` steps,
-/// with factors and cache slots when the policy uses them.
+/// with factors and cache slots when the policy uses them, and icc's b_s slots in the folded form.
 pub(super) fn plan(
     cfg: &DitConfig,
     max_rows: usize,
     steps: usize,
     factors: Option<&Factors>,
     caching: bool,
+    icc: IccLayout,
 ) -> (Plan, DeviceBuffers) {
     let (c, n, m, d) = (cfg.hidden_size, cfg.tokens(), cfg.mlp_hidden(), cfg.depth);
     let fin = cfg.patch_size * cfg.patch_size * cfg.out_channels();
@@ -142,7 +195,7 @@ pub(super) fn plan(
                     let (out, _) = t.shape(c, m);
                     p.add(format!("factors.{i}.{}.up", t.name()), &[out, b.get(t).rank], h)
                 });
-                let qkv_up = (max_rows * n <= MERGED_QKV_UP_ROWS)
+                let qkv_up = (!icc.fused && max_rows * n <= MERGED_QKV_UP_ROWS)
                     .then(|| p.add(format!("factors.{i}.qkv.up (block-diagonal)"), &[3 * c, b.qkv_rank()], h));
                 BlockFactors { down, up, ranks, qkv_up }
             })
@@ -155,7 +208,18 @@ pub(super) fn plan(
     } else {
         Vec::new()
     };
-    let lowrank = factors.map(|f| {
+    let bases = if icc.folded && caching {
+        (0..d)
+            .map(|i| {
+                [("qkv", 3 * c), ("proj", c), ("fc1", m), ("fc2", c)]
+                    .map(|(l, w)| p.add(format!("cache.{i}.{l}_base"), &[max_rows, n, w], h))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    // The two-GEMM path's rank-r intermediate (the fused kernel keeps it on chip).
+    let lowrank = factors.filter(|_| !icc.fused).map(|f| {
         let (qkv, one) = f.max_ranks();
         p.add("icc_lowrank", &[max_rows, n, qkv.max(one)], h)
     });
@@ -177,6 +241,7 @@ pub(super) fn plan(
         blocks,
         factors: factor_bufs,
         cache,
+        bases,
         patches: p.add("patches", &[max_rows, n, cfg.patch_dim()], h),
         x: p.add("x (residual stream)", &[max_rows, n, c], Dt::F32),
         h: p.add("h", &[max_rows, n, c], h),
@@ -209,5 +274,6 @@ pub fn plan_for(model: &DitModel, opts: &EngineOptions) -> Result<Plan> {
     let schedule = opts.validate(&model.config)?;
     let factors = opts.cache.factors().map(|f| f.as_ref());
     let rows = opts.model_rows(opts.max_batch);
-    Ok(plan(&model.config, rows, schedule.len(), factors, opts.cache.keeps_caches()).0)
+    let icc = IccLayout::resolve(&model.config, opts, factors)?;
+    Ok(plan(&model.config, rows, schedule.len(), factors, opts.cache.keeps_caches(), icc).0)
 }
