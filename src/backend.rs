@@ -141,6 +141,28 @@ impl AnyEngine {
         }
     }
 
+    /// Device-timed milliseconds per step of `kind` (replays of its recorded graph, see
+    /// [`GpuEngine::time_step`]); `None` on the CPU backend, whose steps the host times as they
+    /// run. Overwrites the device's request state: call between requests.
+    pub fn device_step_ms(&mut self, kind: StepKind, iters: usize) -> Result<Option<f32>> {
+        match self {
+            AnyEngine::Cpu(_) => Ok(None),
+            AnyEngine::Emu(e) => e.time_step(kind, iters).map(Some),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.time_step(kind, iters).map(Some),
+        }
+    }
+
+    /// Kernel launches of a step of `kind` and of one of its blocks (GPU backends).
+    pub fn step_launches(&self, kind: StepKind) -> Option<crate::gpu::StepLaunches> {
+        match self {
+            AnyEngine::Cpu(_) => None,
+            AnyEngine::Emu(e) => e.step_launches(kind),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.step_launches(kind),
+        }
+    }
+
     /// What runs the model: "cpu (N threads)" or the device's name.
     pub fn describe(&self) -> String {
         match self {

@@ -562,3 +562,42 @@ fn icc_forms_agree_on_a_calibrated_step() {
         assert!(between > 0.0, "{tag}: the two forms gave bit-identical outputs: is the form option honoured?");
     }
 }
+
+/// Kernel launches per block, counted as each step kind is recorded: a calibrated block is
+/// seven launches with the fused low-rank kernel in either form (q|k|v, attention, proj, the
+/// residual + LayerNorm, fc1, fc2, the residual + LayerNorm), against more on two GEMMs; the
+/// folded form's full block adds one b_s refresh per linear; a reuse block is two gated updates.
+#[test]
+fn launches_per_block() {
+    let model = bundled();
+    let factors = svd_factors(&model, 16);
+    let launches = |cache: CacheMode, form: IccForm, fused: bool, kind: StepKind| {
+        let opts = EngineOptions {
+            max_batch: 1,
+            respacing: "ddim4".into(),
+            sampler: Sampler::Ddim { eta: 0.0 },
+            cache,
+            icc_form: form,
+            fused_lowrank: fused,
+            ..Default::default()
+        };
+        let l = emu_engine(&model, &opts).step_launches(kind).expect("the kind was recorded");
+        println!("{form:?} fused {fused} {kind:?}: {} launches per step, {} per block", l.step, l.block);
+        l
+    };
+    let icc = CacheMode::Icc(factors);
+    let plain = launches(CacheMode::None, IccForm::Auto, true, StepKind::Plain);
+    let reuse = launches(CacheMode::Reuse, IccForm::Auto, true, StepKind::Reuse);
+    let full_direct = launches(icc.clone(), IccForm::Direct, true, StepKind::Full);
+    let full_folded = launches(icc.clone(), IccForm::Folded, true, StepKind::Full);
+    let cal_direct = launches(icc.clone(), IccForm::Direct, true, StepKind::Calibrated);
+    let cal_folded = launches(icc.clone(), IccForm::Folded, true, StepKind::Calibrated);
+    let cal_gemms = launches(icc, IccForm::Direct, false, StepKind::Calibrated);
+    assert_eq!(reuse.block, 2);
+    assert_eq!((cal_direct.block, cal_folded.block), (7, 7));
+    assert!(cal_gemms.block >= 11, "two GEMMs per calibrated linear: {}", cal_gemms.block);
+    assert_eq!(full_direct.block, plain.block);
+    assert_eq!(full_folded.block, plain.block + 4);
+    assert_eq!(full_folded.step, full_direct.step + 4 * model.config.depth as u64);
+    assert!(cal_folded.step < plain.step);
+}

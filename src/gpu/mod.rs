@@ -11,7 +11,7 @@
 pub mod kernels;
 pub mod launch;
 pub mod pipeline;
-pub use pipeline::{GpuBackend, GpuEngine, StepLaunches};
+pub use pipeline::{GpuBackend, GpuEngine, OpTime, StepLaunches};
 
 mod emu;
 pub use emu::{EmuDevice, EmuGraph};

@@ -14,7 +14,7 @@ use icdit::backend::Backend;
 use icdit::cost;
 use icdit::engine::{EngineOptions, FullSteps, Request};
 use icdit::forward::StepKind;
-use icdit::gpu::{Device, EmuDevice, GpuEngine, StepLaunches};
+use icdit::gpu::{Device, EmuDevice, GpuEngine, OpTime, StepLaunches};
 use icdit::plan::Plan;
 use icdit::{CacheMode, CachePolicy, DitConfig, DitModel, Error, Factors, IccForm, Sampler};
 
@@ -79,6 +79,8 @@ struct Row {
     device_used_mib: Option<f64>,
     steps: Vec<StepTime>,
     e2e_ms: Vec<(CachePolicy, f64)>,
+    /// Per-op device time of the profiled steps: (engine, kind, ops).
+    profiles: Vec<(String, StepKind, Vec<OpTime>)>,
 }
 
 impl Row {
@@ -120,6 +122,9 @@ fn measure<D: Device>(
             launches.map_or(0, |l| l.block)
         );
         row.steps.push(StepTime { engine: label.to_string(), kind, ms, launches });
+        if matches!(label, "none" | "icc") {
+            row.profiles.push((label.to_string(), kind, engine.profile_step(kind)?));
+        }
     }
     if e2e && args.e2e_runs > 0 {
         let n = opts.max_batch;
@@ -237,6 +242,25 @@ pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
         }
     }
     println!();
+    println!("Device time per kind of op in one step (events around each op, launched directly):");
+    println!("| batch | engine | step | op | ops | ms | share |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in &rows {
+        for (engine, kind, ops) in &r.profiles {
+            let total: f32 = ops.iter().map(|o| o.ms).sum();
+            for o in ops {
+                println!(
+                    "| {} | {engine} | {kind} | {} | {} | {:.3} | {:.1} % |",
+                    r.batch,
+                    o.op,
+                    o.count,
+                    o.ms,
+                    100.0 * o.ms / total.max(f32::MIN_POSITIVE)
+                );
+            }
+        }
+    }
+    println!();
     println!("| batch | arena MiB | device used MiB | {}-step DDIM none ms | reuse ms | icc ms | icc / none (MACs {icc_mac_ratio:.3}) |", args.steps);
     println!("|---|---|---|---|---|---|---|");
     let e2e = |r: &Row, p: CachePolicy| r.e2e_ms.iter().find(|x| x.0 == p).map(|x| x.1);
@@ -280,6 +304,10 @@ pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
                     "engine": s.engine, "kind": s.kind.name(), "ms": s.ms,
                     "time_ratio": plain.map(|p| s.ms / p), "mac_ratio": mac_ratio(s.kind),
                     "launches_per_step": s.launches.map(|l| l.step), "launches_per_block": s.launches.map(|l| l.block),
+                })).collect::<Vec<_>>(),
+                "profiles": r.profiles.iter().map(|(engine, kind, ops)| serde_json::json!({
+                    "engine": engine, "kind": kind.name(),
+                    "ops": ops.iter().map(|o| serde_json::json!({"op": o.op, "count": o.count, "ms": o.ms})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "e2e_ms": r.e2e_ms.iter().map(|(p, v)| (p.name().to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
                 "plain_tflops": plain.map(|ms|

@@ -9,6 +9,7 @@ use clap::Args;
 use icdit::backend::{AnyEngine, AnyVae, Backend};
 use icdit::diffusion::Sampler;
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
+use icdit::forward::StepKind;
 use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, IccForm, SampleSpace};
@@ -343,6 +344,8 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     let mut sorted = step_ms.clone();
     sorted.sort_by(f64::total_cmp);
     let median_step = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let step_kinds =
+        if args.json { step_kind_report(&mut engine, &cfg, &kinds, &step_ms, &ranks)? } else { Vec::new() };
     let paths: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
         "sampled {} images ({} steps, {}, cfg {}, cache {}: {full_steps_taken} full steps, compute ratio {macs_ratio:.3}) in {:.2} s ({:.1} ms per step, {}{decode_note}); wrote {}",
@@ -381,11 +384,68 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
             "vae_decode_s": decode_s,
             "median_step_ms": median_step,
             "step_ms": step_ms,
+            "step_kinds": step_kinds,
             "outputs": paths,
         });
         outln!("{report}");
     }
     Ok(())
+}
+
+/// Per kind of step the run took: how many, the median time (host-timed as each step ran on
+/// the CPU; on a GPU backend, where the host only issues steps, device-timed over replays of
+/// the kind's recorded step after the run), the time ratio to the run's full (or plain) step and
+/// icc's MAC ratio beside it, and on a GPU the kernel launches per step and per block.
+fn step_kind_report(
+    engine: &mut AnyEngine,
+    cfg: &icdit::DitConfig,
+    kinds: &[StepKind],
+    step_ms: &[f64],
+    ranks: &[[usize; 6]],
+) -> Result<Vec<serde_json::Value>, Error> {
+    let mut seen: Vec<StepKind> = Vec::new();
+    for &k in kinds {
+        if !seen.contains(&k) {
+            seen.push(k);
+        }
+    }
+    let mut timed: Vec<(StepKind, usize, f64, &str)> = Vec::new();
+    for &kind in &seen {
+        let count = kinds.iter().filter(|&&k| k == kind).count();
+        let (ms, how) = match engine.device_step_ms(kind, count.min(8))? {
+            Some(ms) => (ms as f64, "device events"),
+            None => {
+                // Step i of every request chunk is kinds[i mod steps].
+                let mut v: Vec<f64> = step_ms
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| kinds[i % kinds.len()] == kind)
+                    .map(|(_, &t)| t)
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                (v.get(v.len() / 2).copied().unwrap_or(f64::NAN), "host")
+            }
+        };
+        timed.push((kind, count, ms, how));
+    }
+    let full_ms = timed.iter().find(|t| matches!(t.0, StepKind::Full | StepKind::Plain)).map(|t| t.2);
+    let plain_macs = icdit::cost::step_macs(cfg, StepKind::Plain, ranks) as f64;
+    Ok(timed
+        .iter()
+        .map(|&(kind, count, ms, how)| {
+            let launches = engine.step_launches(kind);
+            serde_json::json!({
+                "kind": kind.name(),
+                "steps": count,
+                "median_ms": ms,
+                "timing": how,
+                "time_ratio": full_ms.map(|f| ms / f),
+                "mac_ratio": icdit::cost::step_macs(cfg, kind, ranks) as f64 / plain_macs,
+                "launches_per_step": launches.map(|l| l.step),
+                "launches_per_block": launches.map(|l| l.block),
+            })
+        })
+        .collect())
 }
 
 /// The bundled model, relative to the working directory or to the source checkout.

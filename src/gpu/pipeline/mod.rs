@@ -73,6 +73,17 @@ pub struct GpuBackend<D: Device> {
     launches: Vec<(StepKind, StepLaunches)>,
 }
 
+/// Device time of one kind of op over a profiled forward pass ([`GpuEngine::profile_step`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpTime {
+    /// "attention", "calibrated linear", "residual + LayerNorm-modulate", …
+    pub op: &'static str,
+    /// Milliseconds, all of the pass's ops of this kind together.
+    pub ms: f32,
+    /// How many ops of this kind the pass ran.
+    pub count: usize,
+}
+
 /// Kernel launches of one sampling step of a kind: the whole step (the step's modulation
 /// copy, the forward pass, the sampler update, the finiteness checks and the step advance) and
 /// one transformer block of it (block 1, or 0 in a one-block model: block 0 also holds the
@@ -175,8 +186,10 @@ impl<D: Device> GpuBackend<D> {
         Ok(())
     }
 
-    /// [`GpuEngine::time_step`].
-    fn time_step(&mut self, kind: StepKind, iters: usize) -> Result<f32> {
+    /// Stages a synthetic full-size request for timing steps of `kind` (labels 0, 1, …, noise
+    /// from seed 0, its conditioning, and a full step first for the cached kinds); the index of
+    /// the kind's graph and how many steps of it the schedule leaves room for.
+    fn prepare_timing(&mut self, kind: StepKind) -> Result<(usize, usize)> {
         let cfg = self.model.config;
         let (n, rows, steps) = (self.opts.max_batch, self.max_rows, self.schedule.len());
         let find = |k: StepKind| self.graphs.iter().position(|g| g.0 == k);
@@ -185,7 +198,7 @@ impl<D: Device> GpuBackend<D> {
         })?;
         let full = find(StepKind::Full);
         let needs_full = matches!(kind, StepKind::Calibrated | StepKind::Reuse);
-        let iters = iters.clamp(1, if needs_full { steps - 1 } else { steps }.max(1));
+        let room = if needs_full { steps - 1 } else { steps }.max(1);
         self.upload_request(n, rows, |r| (r % cfg.num_classes) as i32, 0, 0)?;
         let b = &self.buffers;
         launch::normal_f32(
@@ -201,6 +214,13 @@ impl<D: Device> GpuBackend<D> {
             let f = full.ok_or_else(|| Error::invalid("time step", "no full step recorded"))?;
             self.dev.launch_graph(&self.graphs[f].1)?;
         }
+        Ok((g, room))
+    }
+
+    /// [`GpuEngine::time_step`].
+    fn time_step(&mut self, kind: StepKind, iters: usize) -> Result<f32> {
+        let (g, room) = self.prepare_timing(kind)?;
+        let iters = iters.clamp(1, room);
         let start = self.dev.record_event()?;
         for _ in 0..iters {
             self.dev.launch_graph(&self.graphs[g].1)?;
@@ -210,6 +230,39 @@ impl<D: Device> GpuBackend<D> {
         self.dev.synchronize()?;
         self.cached_rows = None;
         Ok(ms / iters as f32)
+    }
+
+    /// [`GpuEngine::profile_step`].
+    fn profile_step(&mut self, kind: StepKind) -> Result<Vec<OpTime>> {
+        self.prepare_timing(kind)?;
+        let (n, rows) = (self.opts.max_batch, self.max_rows);
+        let cfg = self.model.config;
+        let eps = self.model.mlp_norm_eps;
+        let start = self.dev.record_event()?;
+        self.select_step(rows, self.schedule.len())?;
+        let ops = {
+            let mut pass = Pass::profiled(&*self, n);
+            forward::forward(&mut pass, &cfg, eps, rows, kind);
+            pass.finish_profile()?
+        };
+        let end = self.dev.record_event()?;
+        self.dev.synchronize()?;
+        self.cached_rows = None;
+        let mut times: Vec<OpTime> = Vec::new();
+        for (what, a, b) in &ops {
+            let ms = self.dev.elapsed_ms(a, b)?;
+            match times.iter_mut().find(|t| t.op == *what) {
+                Some(t) => {
+                    t.ms += ms;
+                    t.count += 1;
+                }
+                None => times.push(OpTime { op: what, ms, count: 1 }),
+            }
+        }
+        let total = self.dev.elapsed_ms(&start, &end)?;
+        let ops_ms: f32 = times.iter().map(|t| t.ms).sum();
+        times.push(OpTime { op: "between ops (step selection, gaps)", ms: (total - ops_ms).max(0.0), count: 1 });
+        Ok(times)
     }
 
     fn sampler_params(&self, n: usize) -> SamplerParams {
@@ -556,6 +609,14 @@ impl<D: Device> SamplingEngine<GpuBackend<D>> {
     /// synthetic (labels 0, 1, …, noise from seed 0); for benchmarks (`icdit bench-gpu`).
     pub fn time_step(&mut self, kind: StepKind, iters: usize) -> Result<f32> {
         self.backend_mut().time_step(kind, iters)
+    }
+
+    /// Device time of each kind of op in one forward pass of `kind` for a full-size request
+    /// (events around every op, launched directly rather than from the recorded graph, so the
+    /// sum is a little above [`GpuEngine::time_step`]'s), after the same preparation as
+    /// [`GpuEngine::time_step`]; last, the time between the ops. For `icdit bench-gpu`.
+    pub fn profile_step(&mut self, kind: StepKind) -> Result<Vec<OpTime>> {
+        self.backend_mut().profile_step(kind)
     }
 
     /// Number of recorded step graphs (one per step kind the policy uses).

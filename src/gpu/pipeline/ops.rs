@@ -126,13 +126,28 @@ pub(super) struct Pass<'a, D: Device> {
     count: Option<usize>,
     block: Option<usize>,
     counted: u64,
+    /// When profiling: each op's kind with device events around its launches.
+    profile: Option<Vec<(&'static str, D::Event, D::Event)>>,
 }
 
 impl<'a, D: Device> Pass<'a, D> {
     /// A pass on `pipeline` whose rows are the images `row mod images` of the latents,
     /// counting the launches of block `count`.
     pub(super) fn new(pipeline: &'a GpuBackend<D>, images: usize, count: Option<usize>) -> Self {
-        Pass { pipeline, images, err: None, count, block: None, counted: 0 }
+        Pass { pipeline, images, err: None, count, block: None, counted: 0, profile: None }
+    }
+
+    /// A pass that also records device events around every op ([`Pass::finish_profile`]).
+    pub(super) fn profiled(pipeline: &'a GpuBackend<D>, images: usize) -> Self {
+        Pass { profile: Some(Vec::new()), ..Pass::new(pipeline, images, None) }
+    }
+
+    /// Ends a profiled pass: the first error, or each op's kind and the events around it.
+    pub(super) fn finish_profile(self) -> Result<Vec<(&'static str, D::Event, D::Event)>> {
+        match self.err {
+            Some(e) => Err(e),
+            None => Ok(self.profile.unwrap_or_default()),
+        }
     }
 
     /// Ends the pass: the first launch error, if any, and the counted block's launches.
@@ -144,24 +159,38 @@ impl<'a, D: Device> Pass<'a, D> {
 impl<D: Device> Pass<'_, D> {
     /// Runs one op's launches, unless an earlier one failed; `block`: the block the op belongs
     /// to, `None` outside the blocks, `Some(None)` the block of the op before.
-    fn run_in(&mut self, block: Option<Option<usize>>, f: impl FnOnce(&Self) -> Result<()>) {
+    /// `what`: the op's kind, for profiles.
+    fn run_in(&mut self, what: &'static str, block: Option<Option<usize>>, f: impl FnOnce(&Self) -> Result<()>) {
         if let Some(b) = block {
             self.block = b;
         }
         if self.err.is_none() {
             let before = self.pipeline.dev.launches();
+            let start = match self.profile.as_ref().map(|_| self.pipeline.dev.record_event()).transpose() {
+                Ok(e) => e,
+                Err(e) => {
+                    self.err = Some(e);
+                    return;
+                }
+            };
             if let Err(e) = f(self) {
                 self.err = Some(e);
             }
             if self.count.is_some() && self.block == self.count {
                 self.counted += self.pipeline.dev.launches() - before;
             }
+            if let Some(start) = start {
+                match self.pipeline.dev.record_event() {
+                    Ok(end) => self.profile.as_mut().expect("profiling").push((what, start, end)),
+                    Err(e) => self.err = Some(e),
+                }
+            }
         }
     }
 
     /// [`Pass::run_in`] for an op of block `block` (`None`: outside the blocks).
-    fn run(&mut self, block: Option<usize>, f: impl FnOnce(&Self) -> Result<()>) {
-        self.run_in(Some(block), f);
+    fn run(&mut self, what: &'static str, block: Option<usize>, f: impl FnOnce(&Self) -> Result<()>) {
+        self.run_in(what, Some(block), f);
     }
 
     /// (block, cached input slot, cached output slot) of a calibrated linear.
@@ -350,7 +379,7 @@ fn gemm_act(a: Activation) -> GemmAct {
 
 impl<D: Device> DitOps for Pass<'_, D> {
     fn embed_patches(&mut self, rows: usize) {
-        self.run(None, |p| {
+        self.run("patch embedding", None, |p| {
             let (pipeline, cfg) = (p.pipeline, &p.pipeline.model.config);
             let b = &pipeline.buffers;
             launch::patchify_f16(
@@ -379,7 +408,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn norm_modulate(&mut self, dst: Act, norm: Norm, rows: usize) {
-        self.run(norm.block_index(), |p| {
+        self.run("LayerNorm-modulate", norm.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
@@ -391,7 +420,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn residual_norm_modulate(&mut self, src: Act, gate: ModChunk, dst: Act, norm: Norm, rows: usize) {
         // One kernel: the residual update of each row, then its LayerNorm.
-        self.run(gate.block_index(), |p| {
+        self.run("residual + LayerNorm-modulate", gate.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             let (r, tokens, c, stride) =
                 ((rows * cfg.tokens()) as i32, cfg.tokens() as i32, cfg.hidden_size as i32, mod_width(cfg) as i32);
@@ -416,7 +445,8 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn linear(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.run(layer.block_index(), |p| {
+        let what = if layer == Linear::Final { "final linear" } else { "block linear" };
+        self.run(what, layer.block_index(), |p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
             let o = match dst {
@@ -432,7 +462,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn linear_gelu_keep_pre(&mut self, layer: Linear, src: Act, pre: Act, post: Act, rows: usize) {
         // One GEMM writes both: `pre` before its GELU epilogue, `post` after.
-        self.run(layer.block_index(), |p| {
+        self.run("block linear", layer.block_index(), |p| {
             let (w, bias, out, k) = p.layer(layer);
             let m = (rows * p.tokens()) as i32;
             let mut g = GemmSpec::new(
@@ -451,7 +481,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
-        self.run(layer.block_index(), |p| {
+        self.run("calibrated linear", layer.block_index(), |p| {
             if p.pipeline.icc.fused {
                 let (i, xs, ys) = p.calibrated_slots(layer)?;
                 // Direct: y_s + up·(down·(x − x_s)); folded: b_s + up·(down·x).
@@ -470,7 +500,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
         if !self.pipeline.icc.folded {
             return;
         }
-        self.run(layer.block_index(), |p| {
+        self.run("b_s refresh", layer.block_index(), |p| {
             // b_s = y_s − up·(down·x_s), from the slots the full step has just written.
             let (i, xs, ys) = p.calibrated_slots(layer)?;
             let (x_s, y_s) = (p.act_slice(Act::Cache(i, xs))?, p.act_slice(Act::Cache(i, ys))?);
@@ -479,7 +509,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn attention(&mut self, src: Act, dst: Act, rows: usize) {
-        self.run_in(None, |p| {
+        self.run_in("attention", None, |p| {
             let cfg = &p.pipeline.model.config;
             launch::attention_f16(
                 &p.pipeline.dev,
@@ -494,7 +524,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize) {
-        self.run(gate.block_index(), |p| {
+        self.run("gated residual", gate.block_index(), |p| {
             let cfg = &p.pipeline.model.config;
             launch::gated_residual_add_f32_stream(
                 &p.pipeline.dev,
@@ -510,7 +540,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn unpatchify(&mut self, rows: usize) {
-        self.run(None, |p| {
+        self.run("unpatchify", None, |p| {
             let (pipeline, cfg) = (p.pipeline, &p.pipeline.model.config);
             launch::unpatchify_f32(
                 &pipeline.dev,
