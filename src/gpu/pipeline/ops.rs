@@ -113,6 +113,9 @@ impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
     }
 }
 
+/// A profiled op: its kind and the device events before and after its launches.
+pub(super) type OpEvents<D> = (&'static str, <D as Device>::Event, <D as Device>::Event);
+
 /// One forward pass in flight: the [`DitOps`] of the GPU pipeline. Launch errors are kept
 /// (the first one) and returned when the pass ends, with the launches one block made.
 pub(super) struct Pass<'a, D: Device> {
@@ -127,7 +130,7 @@ pub(super) struct Pass<'a, D: Device> {
     block: Option<usize>,
     counted: u64,
     /// When profiling: each op's kind with device events around its launches.
-    profile: Option<Vec<(&'static str, D::Event, D::Event)>>,
+    profile: Option<Vec<OpEvents<D>>>,
 }
 
 impl<'a, D: Device> Pass<'a, D> {
@@ -143,7 +146,7 @@ impl<'a, D: Device> Pass<'a, D> {
     }
 
     /// Ends a profiled pass: the first error, or each op's kind and the events around it.
-    pub(super) fn finish_profile(self) -> Result<Vec<(&'static str, D::Event, D::Event)>> {
+    pub(super) fn finish_profile(self) -> Result<Vec<OpEvents<D>>> {
         match self.err {
             Some(e) => Err(e),
             None => Ok(self.profile.unwrap_or_default()),
