@@ -5,7 +5,10 @@
 //   out[m, n] = f16(act(v))
 // with a' = f16(a − a_minus) when a_minus is given (icc's direct form, y_s + up·(down·(x − x_s)))
 // or a' = a (the folded form b_s + up·(down·x); with scale = −1 and add = y_s the same kernel
-// writes b_s = y_s − up·(down·x_s) on a full step).
+// writes b_s = y_s − up·(down·x_s) on a full step). The projected form: with t_minus (f32,
+// (M, ld_t), group g's columns at r_off_g) t = f16(Σ_k a·down − t_minus), i.e.
+// y_s + up·(down·x − t_s); and with t_out the kernel stops after phase 1 and writes the f32
+// sums Σ_k a·down there instead (t_s = down·x_s on a full step; out, up and add unused).
 // Output groups: the n columns are `groups` (1 or 3) equal groups of gw = N / groups columns;
 // group g uses down rows [r_off_g, r_off_g + r_g) of the stacked down factor (R_total, K) and
 // its own up factor up_g (gw, r_g) (row stride r_g), n' = n − g·gw. q, k and v of a qkv layer
@@ -55,8 +58,10 @@ struct Params {
     const half* __restrict__ up1;
     const half* __restrict__ up2;
     const half* add;
+    const float* t_minus;
+    float* t_out;
     float scale;
-    int M, N, K, lda, ldc, ld_add, groups, r0, r1, r2, col_splits, act;
+    int M, N, K, lda, ldc, ld_add, ld_t, groups, r0, r1, r2, col_splits, act;
 };
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -157,9 +162,20 @@ __device__ __forceinline__ void lowrank(const Params& p) {
                 wmma::store_matrix_sync(cf + i * 16 * ldf + f * 16, acc[i][j], ldf, wmma::mem_row_major);
         }
         __syncthreads();  // t complete in cf; every warp is done with the stages
+        if (p.t_out) {  // projection only: t in f32 to global memory, no phase 2
+            for (int e = threadIdx.x; e < BM * rank; e += THREADS) {
+                const int r = e / rank, c = e % rank;
+                if (m0 + r < p.M) p.t_out[(size_t)(m0 + r) * p.ld_t + r_off + c] = cf[r * ldf + c];
+            }
+            return;
+        }
         for (int e = threadIdx.x; e < BM * rp; e += THREADS) {
             const int r = e / rp, c = e % rp;
-            ts[r * ldt + c] = __float2half_rn(cf[r * ldf + c]);
+            float v = cf[r * ldf + c];
+            // The projected form: t − t_s in f32, rounded once (rows past M and columns past
+            // the rank stay zero: their t is zero and t_s is not read).
+            if (p.t_minus && c < rank && m0 + r < p.M) v -= p.t_minus[(size_t)(m0 + r) * p.ld_t + r_off + c];
+            ts[r * ldt + c] = __float2half_rn(v);
         }
         // The barrier at the top of phase 2's first tile publishes ts.
     }
@@ -220,10 +236,12 @@ __device__ __forceinline__ void lowrank(const Params& p) {
 #define LOWRANK_PARAMS                                                                         \
     half *out, const half *__restrict__ a, const half *__restrict__ a_minus,                   \
         const half *__restrict__ down, const half *__restrict__ up0, const half *__restrict__ up1, \
-        const half *__restrict__ up2, const half *add, float scale, int M, int N, int K, int lda, \
-        int ldc, int ld_add, int groups, int r0, int r1, int r2, int col_splits, int act
-#define LOWRANK_ARGS \
-    out, a, a_minus, down, up0, up1, up2, add, scale, M, N, K, lda, ldc, ld_add, groups, r0, r1, r2, col_splits, act
+        const half *__restrict__ up2, const half *add, const float *t_minus, float *t_out,      \
+        float scale, int M, int N, int K, int lda, int ldc, int ld_add, int ld_t, int groups,    \
+        int r0, int r1, int r2, int col_splits, int act
+#define LOWRANK_ARGS                                                                           \
+    out, a, a_minus, down, up0, up1, up2, add, t_minus, t_out, scale, M, N, K, lda, ldc, ld_add, \
+        ld_t, groups, r0, r1, r2, col_splits, act
 
 extern "C" __global__ void __launch_bounds__(THREADS) lowrank_fused_f16_bm16(LOWRANK_PARAMS) {
     lowrank<1>(Params{LOWRANK_ARGS});

@@ -61,7 +61,7 @@ pub struct EngineOptions {
     /// The scan costs one pass over the output per step.
     pub check_finite: bool,
     /// How calibrated steps compute icc's linears: [`IccForm::Auto`] is the direct form on the
-    /// CPU (the only one it computes) and the folded form in the GPU pipeline.
+    /// CPU (the only one it computes) and the projected form in the GPU pipeline.
     pub icc_form: IccForm,
     /// GPU pipeline: each calibrated linear as one fused low-rank launch (kernels/lowrank.cu;
     /// the default) or as the two fused GEMMs it replaces (`false`, kept for comparison).

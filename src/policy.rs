@@ -57,7 +57,8 @@ impl fmt::Display for CachePolicy {
 /// algebra; they round differently in f16 (docs/performance.md, "The folded form").
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum IccForm {
-    /// The backend's own: direct on the CPU, folded in the GPU pipeline.
+    /// The backend's own: direct on the CPU, projected in the GPU pipeline (direct where the
+    /// fused low-rank kernel does not take the factors' ranks).
     #[default]
     Auto,
     /// y = y_s + up·(down·(x − x_s)), as the reference code computes it: a calibrated step
@@ -66,6 +67,10 @@ pub enum IccForm {
     /// y = b_s + up·(down·x), with b_s = y_s − up·(down·x_s) kept by every full step: a
     /// calibrated step reads one cached tensor per linear instead of two (GPU pipeline only).
     Folded,
+    /// y = y_s + up·(down·x − t_s), with t_s = down·x_s (f32, rank-r wide) kept by every full
+    /// step: a calibrated step reads y_s and the narrow t_s instead of y_s and x_s, and the full
+    /// step adds only the down projection (GPU pipeline only).
+    Projected,
 }
 
 impl IccForm {
@@ -75,6 +80,7 @@ impl IccForm {
             IccForm::Auto => "auto",
             IccForm::Direct => "direct",
             IccForm::Folded => "folded",
+            IccForm::Projected => "projected",
         }
     }
 }

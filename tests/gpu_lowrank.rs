@@ -42,6 +42,8 @@ struct Case {
     pad_c: usize,
     pad_add: usize,
     minus: bool,
+    /// The projected form: t_s (f32, (m, Σ ranks)) subtracted from the projection.
+    t_minus: bool,
     add: bool,
     scale: f32,
     act: GemmAct,
@@ -57,6 +59,7 @@ const BASE: Case = Case {
     pad_c: 0,
     pad_add: 0,
     minus: true,
+    t_minus: false,
     add: true,
     scale: 1.0,
     act: GemmAct::None,
@@ -75,7 +78,10 @@ struct Operands {
     down: Vec<f16>,
     ups: Vec<Vec<f16>>,
     add: Vec<f16>,
+    /// t_s of the projected form, (m, Σ ranks).
+    tm: Vec<f32>,
     bufs: [Guarded; 8],
+    tm_buf: Guarded,
 }
 
 fn operands(c: &Case, seed: u64) -> Operands {
@@ -91,6 +97,11 @@ fn operands(c: &Case, seed: u64) -> Operands {
     };
     let ups: Vec<Vec<f16>> =
         c.ranks.iter().map(|&r| if c.ints { rng.ints(c.gw * r, 2) } else { rng.f16s(c.gw * r, 0.3) }).collect();
+    let tm: Vec<f32> = if c.ints {
+        rng.ints(c.m * r_total, 8).iter().map(|h| h.to_f32()).collect()
+    } else {
+        (0..c.m * r_total).map(|_| rng.uniform() as f32 * 2.0).collect()
+    };
     let mut plan = Plan::new("lowrank test");
     let ldc = n + c.pad_c;
     let bufs = [
@@ -103,7 +114,8 @@ fn operands(c: &Case, seed: u64) -> Operands {
         gpu_common::add(&mut plan, "add", add.len(), Dt::F16),
         gpu_common::add(&mut plan, "out", c.m * ldc, Dt::F16),
     ];
-    Operands { plan, a, am, down, ups, add, bufs }
+    let tm_buf = gpu_common::add(&mut plan, "t_s", tm.len().max(1), Dt::F32);
+    Operands { plan, a, am, down, ups, add, tm, bufs, tm_buf }
 }
 
 /// The exact result and its error bound per output element (see the module doc).
@@ -111,6 +123,7 @@ fn reference(c: &Case, o: &Operands) -> (Vec<f64>, Vec<f64>) {
     let groups = c.ranks.len();
     let n = c.gw * groups;
     let (lda, ld_add) = (c.k + c.pad_a, n + c.pad_add);
+    let r_total: usize = c.ranks.iter().sum();
     let u = U32;
     let mut exact = vec![0.0; c.m * n];
     let mut bound = vec![0.0; c.m * n];
@@ -129,7 +142,13 @@ fn reference(c: &Case, o: &Operands) -> (Vec<f64>, Vec<f64>) {
                     s += p;
                     s1 += p.abs();
                 }
-                let e1 = 2.0 * (c.k as f64 + 2.0) * u * s1;
+                // The projected form subtracts t_s in f32 (one more rounding) before f16.
+                let (s, e1) = if c.t_minus {
+                    let d = s - o.tm[i * r_total + r_off + r] as f64;
+                    (d, 2.0 * (c.k as f64 + 2.0) * u * s1 + u * d.abs())
+                } else {
+                    (s, 2.0 * (c.k as f64 + 2.0) * u * s1)
+                };
                 t[r] = s;
                 e[r] = e1 + U16 * (s.abs() + e1);
             }
@@ -178,6 +197,7 @@ fn check<D: Device>(open: &impl Fn(&Plan) -> Option<D>, what: &str, c: &Case, la
         put(&dev, p, bu2, &pad(o.ups.get(2).unwrap_or(&empty))),
     ];
     let addm = put(&dev, p, badd, &o.add);
+    let tm = put(&dev, p, o.tm_buf, &if o.tm.is_empty() { vec![0.0] } else { o.tm.clone() });
     let out_s: DevSlice<f16> = out(&dev, p, bo);
     let mut ranks = [0i32; 3];
     for (g, &r) in c.ranks.iter().enumerate() {
@@ -192,6 +212,7 @@ fn check<D: Device>(open: &impl Fn(&Plan) -> Option<D>, what: &str, c: &Case, la
         ranks,
         groups: groups as i32,
         add: c.add.then_some(addm),
+        t_minus: c.t_minus.then_some(tm),
         scale: c.scale,
         m: c.m as i32,
         n: n as i32,
@@ -251,6 +272,12 @@ fn cases<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let one = Case { m: 40, k: 96, gw: 200, ranks: &[128], minus: false, ..BASE };
     check(&open, "one group r128 folded, ints", &one, None);
     check(&open, "one group r128 folded, ints", &one, Some(LowRankChoice { bm: 32, col_splits: 3 }));
+    // The projected form: y_s + up·(down·x − t_s), t_s in f32.
+    let projected = Case { minus: false, t_minus: true, ..BASE };
+    for l in [LowRankChoice { bm: 16, col_splits: 2 }, LowRankChoice { bm: 32, col_splits: 1 }] {
+        check(&open, "qkv projected, ints", &projected, Some(l));
+    }
+    check(&open, "qkv projected, uniform", &Case { ints: false, ..projected }, None);
     // Without add (pure product).
     check(&open, "no add, ints", &Case { add: false, ..BASE }, None);
     // Uniform data: the bound. GELU as fc1 of a calibrated step.
@@ -304,6 +331,7 @@ fn versus_gemms<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         ranks: [128, 0, 0],
         groups: 1,
         add: Some(addm),
+        t_minus: None,
         scale: 1.0,
         m,
         n,
@@ -320,6 +348,7 @@ fn versus_gemms<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     launch::gemm(&dev, &g2).unwrap();
     let (f, s) = (get::<f16, _>(&dev, &plan, bo), get::<f16, _>(&dev, &plan, bo2));
     let (exact, bound) = reference(&c, &Operands { plan: Plan::new("unused"), ..o });
+
     let to32 = |v: &[f16]| v.iter().map(|h| h.to_f32()).collect::<Vec<_>>();
     let name = dev.name().to_string();
     assert_within(&format!("fused, 256×1152 r128 ({name})"), &to32(&f), &exact, |i| bound[i]);
@@ -354,6 +383,8 @@ fn rejections<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let up = [put(&dev, p, bu0, &o.ups[0]), put(&dev, p, bu1, &o.ups[1]), put(&dev, p, bu2, &o.ups[2])];
     let addm = put(&dev, p, badd, &o.add);
     let o_s: DevSlice<f16> = out(&dev, p, bo);
+    let tm_all = put(&dev, p, o.tm_buf, &o.tm);
+    let tm_short = tm_all.sub(0, tm_all.len() - 1).unwrap();
     let n = (BASE.gw * 3) as i32;
     let good = LowRankSpec {
         out: o_s,
@@ -364,6 +395,7 @@ fn rejections<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         ranks: [16, 8, 24],
         groups: 3,
         add: Some(addm),
+        t_minus: None,
         scale: 1.0,
         m: BASE.m as i32,
         n,
@@ -388,12 +420,13 @@ fn rejections<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         ("SiLU", LowRankSpec { act: GemmAct::Silu, ..good }),
         ("scale NaN", LowRankSpec { scale: f32::NAN, ..good }),
         ("a short", LowRankSpec { a: short(a), ..good }),
-        ("a misaligned", LowRankSpec { a: a.sub(1, a.len() - 1).unwrap(), ..good }),
+        ("a misaligned", LowRankSpec { a: a.sub(1, a.len() - 1).unwrap(), m: BASE.m as i32 - 1, ..good }),
         ("a_minus short", LowRankSpec { a_minus: Some(short(am)), ..good }),
         ("down short", LowRankSpec { down: short(down), ..good }),
         ("up[2] short", LowRankSpec { up: [up[0], up[1], short(up[2])], ..good }),
         ("add short", LowRankSpec { add: Some(short(addm)), ..good }),
         ("out short", LowRankSpec { out: short(o_s), ..good }),
+        ("t_minus short", LowRankSpec { t_minus: Some(tm_short), ..good }),
     ];
     for (what, spec) in &cases {
         match launch::lowrank_fused(&dev, spec) {
@@ -418,4 +451,67 @@ fn lowrank_rejections_emulated() {
 #[test]
 fn lowrank_rejections_cuda() {
     rejections(cuda("lowrank_rejections_cuda"));
+}
+
+/// The projection alone (the projected form's full-step refresh): t_s = x·downᵀ in f32 for the
+/// three groups of a qkv layer, each group's columns after the ranks before it — exact on
+/// integers, within the f32 summation bound on uniform data; nothing past (m, Σ ranks) written.
+fn projection<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    for ints in [true, false] {
+        let c = Case { m: 37, ints, ..BASE };
+        let o = operands(&c, 17);
+        let Some(dev) = open(&o.plan) else { return };
+        let p = &o.plan;
+        let [ba, _, bd, ..] = o.bufs;
+        let (a, down) = (put(&dev, p, ba, &o.a), put(&dev, p, bd, &o.down));
+        let t_out: DevSlice<f32> = out(&dev, p, o.tm_buf);
+        let spec = launch::ProjectSpec {
+            t_out,
+            a,
+            down,
+            ranks: [16, 8, 24],
+            groups: 3,
+            m: c.m as i32,
+            k: c.k as i32,
+            lda: c.k as i32,
+        };
+        launch::lowrank_project(&dev, &spec).unwrap();
+        let got = get::<f32, _>(&dev, p, o.tm_buf);
+        let r_total = 48;
+        let (mut exact, mut bound) = (vec![0.0; c.m * r_total], vec![0.0; c.m * r_total]);
+        for i in 0..c.m {
+            for r in 0..r_total {
+                let (mut s, mut s1) = (0.0, 0.0);
+                for kk in 0..c.k {
+                    let v = o.a[i * c.k + kk].to_f64() * o.down[r * c.k + kk].to_f64();
+                    s += v;
+                    s1 += v.abs();
+                }
+                exact[i * r_total + r] = s;
+                bound[i * r_total + r] = 2.0 * (c.k as f64 + 2.0) * U32 * s1 + 1e-30;
+            }
+        }
+        let what = format!("projection, {} ({})", if ints { "ints" } else { "uniform" }, dev.name());
+        if ints {
+            assert_nontrivial(&what, &exact);
+            assert!(got.iter().zip(&exact).all(|(&g, &e)| g as f64 == e), "{what}: not exact");
+            println!("{what}: exact");
+        } else {
+            assert_within(&what, &got, &exact, |i| bound[i]);
+        }
+        // Too short an output is refused.
+        let short = launch::ProjectSpec { t_out: t_out.sub(0, t_out.len() - 1).unwrap(), ..spec };
+        assert!(launch::lowrank_project(&dev, &short).is_err());
+    }
+}
+
+#[test]
+fn lowrank_projection_emulated() {
+    projection(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn lowrank_projection_cuda() {
+    projection(cuda("lowrank_projection_cuda"));
 }

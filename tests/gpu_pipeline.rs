@@ -146,7 +146,7 @@ fn forward_kinds<D: Device>(
         let icc = (icc.0, icc.1 && fits);
         let form = if icc.0 == IccForm::Auto {
             if icc.1 {
-                IccForm::Folded
+                IccForm::Projected
             } else {
                 IccForm::Direct
             }
@@ -159,6 +159,7 @@ fn forward_kinds<D: Device>(
         let merged = !icc.1 && max_batch * 2 * cfg.tokens() <= 1024;
         assert_eq!(has("qkv.up (block-diagonal)"), merged, "{tag}: merged q/k/v up projections");
         assert_eq!(has("_base"), form == IccForm::Folded, "{tag}: b_s slots");
+        assert_eq!(has("_t_s"), form == IccForm::Projected, "{tag}: t_s slots");
         assert_eq!(has("icc_lowrank"), !icc.1, "{tag}: the rank-r intermediate in the arena");
     }
     let mut cpu =
@@ -188,9 +189,10 @@ fn forward_policies<D: Device>(open: Open<D>) {
     let factors = svd_factors(&model, 16);
     let icc = [StepKind::Full, StepKind::Calibrated, StepKind::Calibrated];
     let cache = CacheMode::Icc(factors.clone());
-    // The default: the folded form, one fused launch per calibrated linear; then the direct
-    // form fused, at one and three images.
-    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, folded", 1, auto, open);
+    // The default: the projected form, one fused launch per calibrated linear; then the
+    // folded form, and the direct form fused, at one and three images.
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, auto (projected)", 1, auto, open);
+    forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, folded", 1, (IccForm::Folded, true), open);
     forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, direct", 1, (IccForm::Direct, true), open);
     forward_kinds(&model, cache.clone(), &icc, "bundled icc r16, direct, 3 images", 3, (IccForm::Direct, true), open);
     // The two-GEMM path: few rows, q, k and v's up projections in one GEMM (block-diagonal
@@ -343,7 +345,7 @@ fn sampling_policies<D: Device>(open: Open<D>) {
         &EngineOptions { cache: CacheMode::Icc(factors.clone()), full_steps: FullSteps::Period(3), ..ddim.clone() },
         &classes,
         GUIDED_TOL,
-        "DDIM 10, guided, icc r8 period 3 (folded form)",
+        "DDIM 10, guided, icc r8 period 3 (projected form, the default)",
         &f16,
         open,
     );
@@ -358,6 +360,20 @@ fn sampling_policies<D: Device>(open: Open<D>) {
         &classes,
         GUIDED_TOL,
         "DDIM 10, guided, icc r8 period 3 (direct form)",
+        &f16,
+        open,
+    );
+    sample_both(
+        &model,
+        &EngineOptions {
+            cache: CacheMode::Icc(factors.clone()),
+            full_steps: FullSteps::Period(3),
+            icc_form: IccForm::Folded,
+            ..ddim.clone()
+        },
+        &classes,
+        GUIDED_TOL,
+        "DDIM 10, guided, icc r8 period 3 (folded form)",
         &f16,
         open,
     );
@@ -439,6 +455,12 @@ fn pipeline_refuses_what_it_cannot_run() {
     let e =
         GpuEngine::new(Arc::clone(&model), &off, EmuDevice::new).err().expect("folded without the kernel").to_string();
     assert!(e.contains("folded") && e.contains("turn off"), "{e}");
+    let projected = EngineOptions { icc_form: IccForm::Projected, ..off };
+    let e = GpuEngine::new(Arc::clone(&model), &projected, EmuDevice::new)
+        .err()
+        .expect("projected without the kernel")
+        .to_string();
+    assert!(e.contains("projected") && e.contains("turn off"), "{e}");
     let e = Engine::new(Arc::clone(&model), &icc8).err().expect("folded on the CPU refused").to_string();
     assert!(e.contains("folded") && e.contains("direct"), "{e}");
     // Head dims other than 72 are refused when the engine is built.
@@ -511,9 +533,9 @@ fn emulated_samples_are_bit_identical_across_worker_threads() {
     assert!(one == two && two == again, "samples differ between worker counts or runs");
 }
 
-/// icc's folded form (the GPU default) and its direct form (what the reference code and the
-/// CPU backend compute) on the same calibrated step: each against the f32 CPU backend's direct
-/// form, and the two against each other, on the bundled model, the head-dim-72 fixture model
+/// icc's three forms on the same calibrated step — direct (what the reference code and the CPU
+/// backend compute), folded, and projected (the GPU default) — each against the f32 CPU
+/// backend's direct form, and the other two against the pipeline's direct form, on the bundled model, the head-dim-72 fixture model
 /// and one DiT-XL/2-width block with rank-128 factors. The measured differences are in
 /// docs/performance.md ("The folded form").
 #[test]
@@ -554,19 +576,26 @@ fn icc_forms_agree_on_a_calibrated_step() {
             gpu.forward_step(&x_cal, &t, &y, &mut out, StepKind::Calibrated).unwrap();
             out
         };
-        let (folded, direct) = (calibrated(IccForm::Folded), calibrated(IccForm::Direct));
-        let f = assert_close(&format!("{tag}: folded form vs CPU direct"), &folded, &want, FORWARD_TOL);
+        let (direct, folded, projected) =
+            (calibrated(IccForm::Direct), calibrated(IccForm::Folded), calibrated(IccForm::Projected));
         let d = assert_close(&format!("{tag}: direct form vs CPU direct"), &direct, &want, FORWARD_TOL);
-        let between = rel_l2(&folded, &direct);
-        println!("{tag}: folded vs direct (both f16 pipeline) {between:.3e}; folded/direct error vs CPU {:.2}", f / d);
-        assert!(between > 0.0, "{tag}: the two forms gave bit-identical outputs: is the form option honoured?");
+        let f = assert_close(&format!("{tag}: folded form vs CPU direct"), &folded, &want, FORWARD_TOL);
+        let p = assert_close(&format!("{tag}: projected form vs CPU direct"), &projected, &want, FORWARD_TOL);
+        let (fd, pd) = (rel_l2(&folded, &direct), rel_l2(&projected, &direct));
+        println!(
+            "{tag}: against the pipeline's direct form: folded {fd:.3e}, projected {pd:.3e}; error vs CPU relative to direct's: folded {:.2}, projected {:.2}",
+            f / d,
+            p / d
+        );
+        assert!(fd > 0.0 && pd > 0.0, "{tag}: two forms gave bit-identical outputs: is the form option honoured?");
     }
 }
 
 /// Kernel launches per block, counted as each step kind is recorded: a calibrated block is
-/// seven launches with the fused low-rank kernel in either form (q|k|v, attention, proj, the
+/// seven launches with the fused low-rank kernel in every form (q|k|v, attention, proj, the
 /// residual + LayerNorm, fc1, fc2, the residual + LayerNorm), against more on two GEMMs; the
-/// folded form's full block adds one b_s refresh per linear; a reuse block is two gated updates.
+/// folded and projected forms' full block adds one refresh per linear (b_s or t_s); a reuse
+/// block is two gated updates.
 #[test]
 fn launches_per_block() {
     let model = bundled();
@@ -592,9 +621,12 @@ fn launches_per_block() {
     let full_folded = launches(icc.clone(), IccForm::Folded, true, StepKind::Full);
     let cal_direct = launches(icc.clone(), IccForm::Direct, true, StepKind::Calibrated);
     let cal_folded = launches(icc.clone(), IccForm::Folded, true, StepKind::Calibrated);
+    let full_projected = launches(icc.clone(), IccForm::Projected, true, StepKind::Full);
+    let cal_projected = launches(icc.clone(), IccForm::Projected, true, StepKind::Calibrated);
     let cal_gemms = launches(icc, IccForm::Direct, false, StepKind::Calibrated);
     assert_eq!(reuse.block, 2);
-    assert_eq!((cal_direct.block, cal_folded.block), (7, 7));
+    assert_eq!((cal_direct.block, cal_folded.block, cal_projected.block), (7, 7, 7));
+    assert_eq!(full_projected.block, plain.block + 4);
     assert!(cal_gemms.block >= 11, "two GEMMs per calibrated linear: {}", cal_gemms.block);
     assert_eq!(full_direct.block, plain.block);
     assert_eq!(full_folded.block, plain.block + 4);

@@ -49,12 +49,17 @@ fn nothing_allocates_after_set_up() {
 
 /// The GPU pipeline on the emulated device: a request (full-size, replaying the recorded
 /// step graphs; and smaller, launching directly) allocates nothing on the host, with icc's
-/// calibrated linears fused in the folded form (rank 8) and as two GEMMs (rank 4, which the
-/// fused kernel does not take).
+/// calibrated linears fused in the projected and folded forms (rank 8) and as two GEMMs in the
+/// direct form (rank 4, which the fused kernel does not take).
 fn gpu_pipeline_allocates_nothing() {
     use icdit::gpu::{EmuDevice, GpuEngine};
     let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
-    for (rank, form) in [(8, (icdit::IccForm::Folded, true)), (4, (icdit::IccForm::Direct, false))] {
+    use icdit::IccForm;
+    for (rank, want, form) in [
+        (8, IccForm::Auto, (IccForm::Projected, true)),
+        (8, IccForm::Folded, (IccForm::Folded, true)),
+        (4, IccForm::Auto, (IccForm::Direct, false)),
+    ] {
         let factors = Arc::new(Factors::random(&m, rank, 3).unwrap());
         let opts = EngineOptions {
             max_batch: 2,
@@ -62,6 +67,7 @@ fn gpu_pipeline_allocates_nothing() {
             sampler: Sampler::Ddim { eta: 0.0 },
             cfg_scale: 3.0,
             cache: CacheMode::Icc(factors),
+            icc_form: want,
             ..Default::default()
         };
         let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();

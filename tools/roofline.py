@@ -3,7 +3,9 @@
 
 For each step kind (plain, full with cache writes, calibrated in the direct form
 y = y_s + up·(down·(x − x_s)), calibrated in the folded form y = b_s + up·(down·x) with
-b_s = y_s − W_r·x_s stored at the full step, reuse) and batch (images; guidance doubles the
+b_s = y_s − W_r·x_s stored at the full step, calibrated in the projected form
+y = y_s + up·(down·x − t_s) with t_s = down·x_s stored at the full step, the full steps that
+store b_s or t_s, reuse) and batch (images; guidance doubles the
 model rows), counts the tensor-core FLOPs and the bytes a step must move, as the pipeline
 computes it (f16 storage, adaLN modulation precomputed per request so its weights are not read
 per step), and the time floor on an H100 SXM and an H200 at their spec rates.
@@ -52,11 +54,28 @@ def step(kind, images, rank):
     elif kind == "full":
         flops = 2 * (t * linear_macs_tok + attn_macs) * DEPTH + 2 * final_macs
         dram, transient = weights + t * DEPTH * (8 * C + 2 * M) * F16, transient_plain + M
-    elif kind in ("calibrated", "folded"):
+    elif kind == "full-folded":
+        # The full step of the folded form: a plain full step, then per linear b_s = y_s −
+        # up·(down·x_s) from the x_s and y_s it has just written (still in L2 at batch 1), the
+        # b_s slots (5C + M per token and block) written to DRAM.
+        flops = 2 * (t * (linear_macs_tok + lowrank_macs_tok) + attn_macs) * DEPTH + 2 * final_macs
+        dram = weights + factors + t * DEPTH * (8 * C + 2 * M + 5 * C + M) * F16
+        transient = transient_plain + M + sum(i + o for i, o in [(C, 3 * C), (C, C), (C, M), (M, C)])
+    elif kind == "full-projected":
+        # The full step of the projected form: a plain full step, then per linear
+        # t_s = down·x_s (f32, 6r per token and block: q, k, v, proj, fc1, fc2) from the x_s it
+        # has just written (L2 at batch 1): the down factors and t_s go to DRAM.
+        down_macs_tok = rank * (3 * C + C + C + M)
+        flops = 2 * (t * (linear_macs_tok + down_macs_tok) + attn_macs) * DEPTH + 2 * final_macs
+        dram = weights + DEPTH * down_macs_tok * F16 + t * DEPTH * ((8 * C + 2 * M) * F16 + 6 * rank * 4)
+        transient = transient_plain + M + (C + C + C + M)
+    elif kind in ("calibrated", "folded", "projected"):
         flops = 2 * (t * lowrank_macs_tok + attn_macs) * DEPTH + 2 * final_macs
-        # direct: read x_s and y_s of every linear (8C + 2M); folded: b_s only (3C + C + M + C)
-        cache = (8 * C + 2 * M) if kind == "calibrated" else (5 * C + M)
-        dram = factors + t * DEPTH * cache * F16
+        # direct: read x_s and y_s of every linear (8C + 2M); folded: b_s only (3C + C + M + C);
+        # projected: y_s (5C + M) and t_s (6r, f32)
+        cache = {"calibrated": (8 * C + 2 * M) * F16, "folded": (5 * C + M) * F16,
+                 "projected": (5 * C + M) * F16 + 6 * rank * 4}[kind]
+        dram = factors + t * DEPTH * cache
         # LN ×2, attention, residuals ×2, and per linear: x in, t out and in, y out
         transient = 14 * C + sum(i + 2 * r + o for i, o, r in
                                  [(C, 3 * C, 3 * rank), (C, C, rank), (C, M, rank), (M, C, rank)])
@@ -73,7 +92,7 @@ def main():
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args()
-    kinds = ["plain", "full", "calibrated", "folded", "reuse"]
+    kinds = ["plain", "full", "full-folded", "full-projected", "calibrated", "folded", "projected", "reuse"]
     hdr = ["batch", "step", "GFLOP", "DRAM MB", "transient MB"]
     for card in CARDS:
         hdr += [f"{card} compute ms", f"{card} DRAM ms", f"{card} floor ms"]
@@ -81,7 +100,7 @@ def main():
     for images in (1, 4, 16):
         for kind in kinds:
             flops, w, act = step(kind, images, a.rank)
-            r = [str(images), kind if kind not in ("calibrated", "folded") else f"{kind} r{a.rank}",
+            r = [str(images), kind if kind not in ("calibrated", "folded", "projected") else f"{kind} r{a.rank}",
                  f"{flops / 1e9:.1f}", f"{w / 1e6:.0f}", f"{act / 1e6:.0f}"]
             for peak, bw in CARDS.values():
                 tc, tm = flops / peak * 1e3, w / bw * 1e3
@@ -100,13 +119,17 @@ def main():
     # 50-step DDIM, icc period 2: 25 full + 25 calibrated, batch 1
     for card, (peak, bw) in CARDS.items():
         tot = {}
-        for form in ("calibrated", "folded"):
-            f_full, w_full, _ = step("full", 1, a.rank)
-            f_cal, w_cal, _ = step(form, 1, a.rank)
-            lo = 25 * max(f_full / peak, w_full / bw) + 25 * max(f_cal / peak, w_cal / bw)
-            tot[form] = lo * 1e3
-        print(f"\n{card}: 50-step DDIM, icc period 2 r{a.rank}, batch 1: floor {tot['calibrated']:.1f} ms "
-              f"(direct form), {tot['folded']:.1f} ms (folded form)")
+        full_of = {"calibrated": "full", "folded": "full-folded", "projected": "full-projected"}
+        for period in (2, 3):
+            for images in (1, 16):
+                for form in ("calibrated", "folded", "projected"):
+                    f_full, w_full, _ = step(full_of[form], images, a.rank)
+                    f_cal, w_cal, _ = step(form, images, a.rank)
+                    full = -(-50 // period)
+                    lo = full * max(f_full / peak, w_full / bw) + (50 - full) * max(f_cal / peak, w_cal / bw)
+                    tot[form] = lo * 1e3
+                print(f"{card}: 50-step DDIM, icc period {period} r{a.rank}, batch {images}: floor "
+                      f"{tot['calibrated']:.1f} ms direct, {tot['folded']:.1f} ms folded, {tot['projected']:.1f} ms projected")
 
 
 if __name__ == "__main__":

@@ -72,10 +72,13 @@ impl CpuBackend {
         let cfg = model.config;
         Self::memory_need(&model, opts)?.check("the sampling engine", opts.max_memory)?;
         let schedule = opts.validate(&cfg)?;
-        if opts.icc_form == IccForm::Folded {
+        if matches!(opts.icc_form, IccForm::Folded | IccForm::Projected) {
             return Err(Error::invalid(
                 "icc form",
-                "folded: the CPU backend computes icc's direct form only (what the official code computes); use direct or auto",
+                format!(
+                    "{}: the CPU backend computes icc's direct form only (what the official code computes); use direct or auto",
+                    opts.icc_form
+                ),
             ));
         }
         let rows = opts.model_rows(opts.max_batch);

@@ -1,7 +1,8 @@
 //! `icdit bench-gpu`: the GPU pipeline on DiT-shaped random weights — step times of every kind
 //! (device events over replays of each step's graph) with their kernel launches per step and
-//! per block, their time and MAC ratios to a plain step, icc's calibrated step in each form
-//! (folded and direct on the fused low-rank kernel, direct on two GEMMs), 50-step sampling end
+//! per block, their time and MAC ratios to a plain step, a per-op breakdown of the plain, full
+//! and calibrated steps, icc's steps in each form (projected, direct and folded on the fused
+//! low-rank kernel, direct on two GEMMs), 50-step sampling end
 //! to end under no cache, naive reuse and icc, arena size and device memory — printed as tables
 //! and, last, one JSON line (scripts/gpu-check.sh collects it). `--backend emu` runs the same on the CPU
 //! emulation (for checking the command without a GPU: use a small `--depth` and `--image-size`).
@@ -63,7 +64,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One timed kind of step of one engine.
 struct StepTime {
-    /// The engine: `none`, `reuse`, `icc` (the default form), `icc-direct`, `icc-gemms`.
+    /// The engine: `none`, `reuse`, `icc` (the default form), `icc-direct`, `icc-folded`, `icc-gemms`.
     engine: String,
     kind: StepKind,
     ms: f32,
@@ -169,6 +170,7 @@ fn bench_batches<D: Device>(
             ("reuse", CacheMode::Reuse, IccForm::Auto, true, true),
             ("icc", icc.clone(), IccForm::Auto, true, true),
             ("icc-direct", icc.clone(), IccForm::Direct, true, false),
+            ("icc-folded", icc.clone(), IccForm::Folded, true, false),
             ("icc-gemms", icc, IccForm::Direct, false, false),
         ];
         for (label, cache, icc_form, fused_lowrank, e2e) in engines {
@@ -222,7 +224,7 @@ pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
         &ranks,
     );
     println!("device: {device}");
-    println!("icc's calibrated linears: `icc` computes the folded form with fused low-rank launches, `icc-direct` the direct form with them, `icc-gemms` the direct form as two GEMMs per linear");
+    println!("icc's calibrated linears: `icc` computes the projected form (the default) with fused low-rank launches, `icc-direct` the direct form and `icc-folded` the folded form with them, `icc-gemms` the direct form as two GEMMs per linear");
     println!("| batch | engine | step | ms | time / plain | MACs / plain | launches per step | per block |");
     println!("|---|---|---|---|---|---|---|---|");
     for r in &rows {

@@ -87,8 +87,9 @@ pub struct SampleArgs {
     #[arg(long)]
     factors: Option<PathBuf>,
     /// How icc's calibrated steps compute each linear: `direct`, y_s + up·(down·(x − x_s)) as
-    /// the reference code; `folded`, b_s + up·(down·x) with b_s kept by full steps (the GPU
-    /// pipeline only); `auto`, direct on the CPU and folded on the GPU.
+    /// the reference code; `projected`, y_s + up·(down·x − t_s) with t_s = down·x_s kept by full
+    /// steps; `folded`, b_s + up·(down·x) with b_s kept by full steps (those two: the GPU
+    /// pipeline only); `auto`, direct on the CPU and projected on the GPU.
     #[arg(long, value_enum, default_value_t = IccForm::Auto)]
     icc_form: IccForm,
     /// Sample the same request under several cache policies (`none`, `reuse`, `icc`; icc

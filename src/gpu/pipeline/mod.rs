@@ -630,11 +630,11 @@ impl<D: Device> SamplingEngine<GpuBackend<D>> {
         self.backend().launches.iter().find(|l| l.0 == kind).map(|l| l.1)
     }
 
-    /// The form calibrated steps compute ([`IccForm::Direct`] or [`IccForm::Folded`]; `Auto`
-    /// resolved) and whether each calibrated linear is one fused low-rank launch.
+    /// The form calibrated steps compute (`Auto` resolved: direct, folded or projected) and
+    /// whether each calibrated linear is one fused low-rank launch.
     pub fn icc_form(&self) -> (IccForm, bool) {
         let icc = self.backend().icc;
-        (if icc.folded { IccForm::Folded } else { IccForm::Direct }, icc.fused)
+        (icc.form, icc.fused)
     }
 
     pub fn device(&self) -> &D {

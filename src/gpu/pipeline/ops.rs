@@ -8,9 +8,10 @@ use super::GpuBackend;
 use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
 use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
-use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec, LowRankSpec};
+use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec, LowRankSpec, ProjectSpec};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
+use crate::policy::IccForm;
 
 /// The conditioning of a whole request on the device ([`ConditioningOps`]): every step's
 /// (timestep, label) pairs at once, `rows` = steps × rows of the request. Launch errors are
@@ -113,6 +114,9 @@ impl<D: Device> ConditioningOps for RequestConditioning<'_, D> {
     }
 }
 
+/// A calibrated linear's factors on the device: (down, up per group, rank per group, groups).
+type LayerFactors = (DevSlice<f16>, [DevSlice<f16>; 3], [i32; 3], i32);
+
 /// A profiled op: its kind and the device events before and after its launches.
 pub(super) type OpEvents<D> = (&'static str, <D as Device>::Event, <D as Device>::Event);
 
@@ -201,26 +205,43 @@ impl<D: Device> Pass<'_, D> {
         layer.slots().ok_or_else(|| Error::invalid("GPU pipeline", "only block linears are calibrated"))
     }
 
-    /// A calibrated linear's b_s slot (the folded form).
-    fn base(&self, layer: Linear) -> Result<DevSlice<f16>> {
+    /// A calibrated linear's b_s slot (the folded form, f16) or t_s slot (the projected form, f32).
+    fn base<T: crate::gpu::DevType>(&self, layer: Linear) -> Result<DevSlice<T>> {
         let (i, j) = match layer {
             Linear::Qkv(i) => (i, 0),
             Linear::Proj(i) => (i, 1),
             Linear::Fc1(i) => (i, 2),
             Linear::Fc2(i) => (i, 3),
-            Linear::Final => return Err(Error::invalid("GPU pipeline", "the final layer has no b_s")),
+            Linear::Final => return Err(Error::invalid("GPU pipeline", "the final layer has no cached base")),
         };
         let id = self
             .pipeline
             .buffers
             .bases
             .get(i)
-            .ok_or_else(|| Error::invalid("GPU pipeline", "no b_s slots planned (the direct form)"))?[j];
+            .ok_or_else(|| Error::invalid("GPU pipeline", "no b_s or t_s slots planned (the direct form)"))?[j];
         self.pipeline.slice(id)
     }
 
-    /// One fused low-rank launch of `layer`'s factors: out = act(add + scale·up·(down·a')),
-    /// a' = a − a_minus or a; q, k and v as the three groups of the qkv layer.
+    /// A calibrated linear's factors on the device: (down, up per group, rank per group, groups);
+    /// q, k and v are the three groups of the qkv layer.
+    fn factors_of(&self, layer: Linear) -> Result<LayerFactors> {
+        let (i, _, _) = self.calibrated_slots(layer)?;
+        let bf =
+            self.pipeline.buffers.factors.get(i).ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
+        let s = |id| self.pipeline.slice::<f16>(id);
+        let r = |t: usize| bf.ranks[t] as i32;
+        Ok(match layer {
+            Linear::Qkv(_) => (s(bf.down[0])?, [s(bf.up[0])?, s(bf.up[1])?, s(bf.up[2])?], [r(0), r(1), r(2)], 3),
+            Linear::Proj(_) => (s(bf.down[1])?, [s(bf.up[3])?; 3], [r(3), 0, 0], 1),
+            Linear::Fc1(_) => (s(bf.down[2])?, [s(bf.up[4])?; 3], [r(4), 0, 0], 1),
+            Linear::Fc2(_) => (s(bf.down[3])?, [s(bf.up[5])?; 3], [r(5), 0, 0], 1),
+            Linear::Final => unreachable!("calibrated_slots() refuses the final layer"),
+        })
+    }
+
+    /// One fused low-rank launch of `layer`'s factors: out = act(add + scale·up·(down·a' − t_s)),
+    /// a' = a − a_minus or a, t_s subtracted when given.
     #[allow(clippy::too_many_arguments)]
     fn lowrank(
         &self,
@@ -228,35 +249,26 @@ impl<D: Device> Pass<'_, D> {
         out: DevSlice<f16>,
         a: DevSlice<f16>,
         a_minus: Option<DevSlice<f16>>,
+        t_minus: Option<DevSlice<f32>>,
         add: DevSlice<f16>,
         scale: f32,
         act: Activation,
         rows: usize,
     ) -> Result<()> {
-        let (i, _, _) = self.calibrated_slots(layer)?;
-        let bf =
-            self.pipeline.buffers.factors.get(i).ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
         let (_, _, n, k) = self.layer(layer);
-        let s = |id| self.pipeline.slice::<f16>(id);
-        // (down, up per group, rank per group, groups)
-        let (down, up, ranks, groups) = match layer {
-            Linear::Qkv(_) => (bf.down[0], [bf.up[0], bf.up[1], bf.up[2]], [bf.ranks[0], bf.ranks[1], bf.ranks[2]], 3),
-            Linear::Proj(_) => (bf.down[1], [bf.up[3]; 3], [bf.ranks[3], 0, 0], 1),
-            Linear::Fc1(_) => (bf.down[2], [bf.up[4]; 3], [bf.ranks[4], 0, 0], 1),
-            Linear::Fc2(_) => (bf.down[3], [bf.up[5]; 3], [bf.ranks[5], 0, 0], 1),
-            Linear::Final => unreachable!("calibrated_slots() refuses the final layer"),
-        };
+        let (down, up, ranks, groups) = self.factors_of(layer)?;
         launch::lowrank_fused(
             &self.pipeline.dev,
             &LowRankSpec {
                 out,
                 a,
                 a_minus,
-                down: s(down)?,
-                up: [s(up[0])?, s(up[1])?, s(up[2])?],
-                ranks: ranks.map(|r| r as i32),
+                down,
+                up,
+                ranks,
                 groups,
                 add: Some(add),
+                t_minus,
                 scale,
                 m: (rows * self.tokens()) as i32,
                 n: n as i32,
@@ -485,29 +497,55 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn linear_calibrated(&mut self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) {
         self.run("calibrated linear", layer.block_index(), |p| {
-            if p.pipeline.icc.fused {
-                let (i, xs, ys) = p.calibrated_slots(layer)?;
-                // Direct: y_s + up·(down·(x − x_s)); folded: b_s + up·(down·x).
-                let (a_minus, add) = if p.pipeline.icc.folded {
-                    (None, p.base(layer)?)
-                } else {
-                    (Some(p.act_slice(Act::Cache(i, xs))?), p.act_slice(Act::Cache(i, ys))?)
-                };
-                return p.lowrank(layer, p.act_slice(dst)?, p.act_slice(src)?, a_minus, add, 1.0, act, rows);
+            if !p.pipeline.icc.fused {
+                return p.calibrated_two_gemms(layer, src, dst, act, rows);
             }
-            p.calibrated_two_gemms(layer, src, dst, act, rows)
+            let (i, xs, ys) = p.calibrated_slots(layer)?;
+            let (out, x) = (p.act_slice(dst)?, p.act_slice(src)?);
+            let y_s = || p.act_slice(Act::Cache(i, ys));
+            match p.pipeline.icc.form {
+                // y_s + up·(down·(x − x_s))
+                IccForm::Direct => {
+                    p.lowrank(layer, out, x, Some(p.act_slice(Act::Cache(i, xs))?), None, y_s()?, 1.0, act, rows)
+                }
+                // b_s + up·(down·x)
+                IccForm::Folded => p.lowrank(layer, out, x, None, None, p.base::<f16>(layer)?, 1.0, act, rows),
+                // y_s + up·(down·x − t_s)
+                _ => p.lowrank(layer, out, x, None, Some(p.base::<f32>(layer)?), y_s()?, 1.0, act, rows),
+            }
         });
     }
 
     fn refresh_base(&mut self, layer: Linear, rows: usize) {
-        if !self.pipeline.icc.folded {
-            return;
-        }
-        self.run("b_s refresh", layer.block_index(), |p| {
-            // b_s = y_s − up·(down·x_s), from the slots the full step has just written.
+        let what = match self.pipeline.icc.form {
+            IccForm::Folded => "b_s refresh",
+            IccForm::Projected => "t_s refresh",
+            _ => return,
+        };
+        self.run(what, layer.block_index(), |p| {
+            // From the slots the full step has just written: b_s = y_s − up·(down·x_s), or
+            // t_s = down·x_s.
             let (i, xs, ys) = p.calibrated_slots(layer)?;
-            let (x_s, y_s) = (p.act_slice(Act::Cache(i, xs))?, p.act_slice(Act::Cache(i, ys))?);
-            p.lowrank(layer, p.base(layer)?, x_s, None, y_s, -1.0, Activation::None, rows)
+            let x_s = p.act_slice(Act::Cache(i, xs))?;
+            if p.pipeline.icc.form == IccForm::Folded {
+                let y_s = p.act_slice(Act::Cache(i, ys))?;
+                return p.lowrank(layer, p.base::<f16>(layer)?, x_s, None, None, y_s, -1.0, Activation::None, rows);
+            }
+            let (down, _, ranks, groups) = p.factors_of(layer)?;
+            let (_, _, _, k) = p.layer(layer);
+            launch::lowrank_project(
+                &p.pipeline.dev,
+                &ProjectSpec {
+                    t_out: p.base::<f32>(layer)?,
+                    a: x_s,
+                    down,
+                    ranks,
+                    groups,
+                    m: (rows * p.tokens()) as i32,
+                    k: k as i32,
+                    lda: k as i32,
+                },
+            )
         });
     }
 

@@ -72,8 +72,9 @@ pub(super) struct DeviceBuffers {
     pub(super) blocks: Vec<BlockWeights>,
     pub(super) factors: Vec<BlockFactors>,
     pub(super) cache: Vec<[BufId; 8]>,
-    /// icc's folded form: every block's b_s = y_s − up·(down·x_s) of qkv, proj, fc1 and fc2
-    /// (empty for the direct form).
+    /// icc's folded form: every block's b_s = y_s − up·(down·x_s) of qkv, proj, fc1 and fc2;
+    /// the projected form: every block's t_s = down·x_s (f32) of the same (empty for the
+    /// direct form).
     pub(super) bases: Vec<[BufId; 4]>,
     pub(super) patches: BufId,
     pub(super) x: BufId,
@@ -106,18 +107,26 @@ pub(super) fn mod_width(cfg: &DitConfig) -> usize {
 
 /// How the pipeline computes icc's calibrated linears, resolved from the options and the
 /// factors' ranks ([`IccLayout::resolve`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct IccLayout {
-    /// The folded form (b_s slots, refreshed by full steps) rather than the direct form.
-    pub(super) folded: bool,
+    /// Direct, folded (b_s slots, refreshed by full steps) or projected (t_s slots, refreshed
+    /// by full steps); never `Auto`.
+    pub(super) form: IccForm,
     /// One fused low-rank launch per calibrated linear (kernels/lowrank.cu) rather than two GEMMs.
     pub(super) fused: bool,
 }
 
+impl Default for IccLayout {
+    fn default() -> Self {
+        IccLayout { form: IccForm::Direct, fused: false }
+    }
+}
+
 impl IccLayout {
     /// The layout `opts` asks for with these factors: fused when the options allow it and every
-    /// layer's ranks fit the kernel; folded when asked, or by default (`auto`) when fused (the
-    /// folded form's full-step refresh needs the fused kernel).
+    /// layer's ranks fit the kernel; folded or projected when asked (both need the fused
+    /// kernel for the full step's refresh), and by default (`auto`) projected when fused, else
+    /// direct (docs/performance.md, "icc's three forms").
     pub(super) fn resolve(cfg: &DitConfig, opts: &EngineOptions, factors: Option<&Factors>) -> Result<Self> {
         let Some(f) = factors else { return Ok(IccLayout::default()) };
         let (c, m) = (cfg.hidden_size, cfg.mlp_hidden());
@@ -129,31 +138,31 @@ impl IccLayout {
                 && launch::lowrank_fits(m, m, &[r(LayerType::Fc2)])
         });
         let fused = opts.fused_lowrank && fits;
-        let folded = match opts.icc_form {
-            IccForm::Auto => fused,
-            IccForm::Direct => false,
-            IccForm::Folded if fused => true,
-            IccForm::Folded => {
+        let form = match opts.icc_form {
+            IccForm::Auto if fused => IccForm::Projected,
+            IccForm::Auto | IccForm::Direct => IccForm::Direct,
+            f if fused => f,
+            f => {
                 return Err(Error::invalid(
                     "icc form",
                     if fits {
-                        "folded: the folded form needs the fused low-rank kernel, which these options turn off"
-                            .to_string()
+                        format!("{f}: the {f} form needs the fused low-rank kernel, which these options turn off")
                     } else {
                         format!(
-                            "folded: the folded form needs the fused low-rank kernel, which takes ranks that are multiples of 8 up to {}; these factors' are not",
+                            "{f}: the {f} form needs the fused low-rank kernel, which takes ranks that are multiples of 8 up to {}; these factors' are not",
                             launch::LOWRANK_MAX_RANK
                         )
                     },
                 ))
             }
         };
-        Ok(IccLayout { folded, fused })
+        Ok(IccLayout { form, fused })
     }
 }
 
 /// The arena for `max_rows` model rows (guidance included) and a schedule of `steps` steps,
-/// with factors and cache slots when the policy uses them, and icc's b_s slots in the folded form.
+/// with factors and cache slots when the policy uses them, and icc's b_s or t_s slots in the
+/// folded or projected form.
 pub(super) fn plan(
     cfg: &DitConfig,
     max_rows: usize,
@@ -208,15 +217,29 @@ pub(super) fn plan(
     } else {
         Vec::new()
     };
-    let bases = if icc.folded && caching {
-        (0..d)
+    let bases = match (icc.form, factors) {
+        (IccForm::Folded, Some(_)) if caching => (0..d)
             .map(|i| {
                 [("qkv", 3 * c), ("proj", c), ("fc1", m), ("fc2", c)]
                     .map(|(l, w)| p.add(format!("cache.{i}.{l}_base"), &[max_rows, n, w], h))
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        (IccForm::Projected, Some(f)) if caching => f
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let r = |t| b.get(t).rank;
+                [
+                    ("qkv", b.qkv_rank()),
+                    ("proj", r(LayerType::Proj)),
+                    ("fc1", r(LayerType::Fc1)),
+                    ("fc2", r(LayerType::Fc2)),
+                ]
+                .map(|(l, w)| p.add(format!("cache.{i}.{l}_t_s"), &[max_rows, n, w.max(1)], Dt::F32))
+            })
+            .collect(),
+        _ => Vec::new(),
     };
     // The two-GEMM path's rank-r intermediate (the fused kernel keeps it on chip).
     let lowrank = factors.filter(|_| !icc.fused).map(|f| {
