@@ -9,7 +9,10 @@
 // stride ld_add, its row index wrapping every add_rows rows (add_rows = M: an ordinary matrix
 // such as icc's cached y_s; add_rows = tokens: the positional embedding added to every image);
 // out (f16) or out_f32 (f32, exactly one of the two) and pre (f16) with row stride ldc. Every
-// pointer but a, w and one output may be null (operand absent). act: 0 none, 1 GELU (tanh
+// pointer but a, w and one output may be null (operand absent). With n2 > 0 the product has
+// n2 more columns from a second weight w2 (n2, K), whose raw f32 sums (no bias, add or
+// activation) go to out2 (row stride ld2): a full step's linear keeps icc's t_s = down·x_s
+// this way, in the same pass over its input. act: 0 none, 1 GELU (tanh
 // approximation), 2 SiLU; the values of GemmAct in src/gpu/launch/gemm.rs.
 // Precision: WMMA m16n16k16, f16 inputs (products exact), f32 accumulation; the epilogue adds
 // bias then add in f32, in that order, and rounds each output once (pre = f16(v),
@@ -68,6 +71,12 @@ struct Params {
     const half* add;
     float* ws;
     int M, N, K, lda, ldc, ld_add, add_rows, k_split;
+    // More output columns N .. N + n2 − 1 from a second weight w2 (n2, K), written as raw f32
+    // sums (no bias, add or activation) to out2 (row stride ld2): icc's t_s = down·x_s, kept
+    // by a full step's linear in the same pass over x_s. n2 = 0: none.
+    const half* __restrict__ w2;
+    float* out2;
+    int n2, ld2;
 };
 
 __device__ __forceinline__ float gelu_tanh(float x) {
@@ -86,9 +95,14 @@ __device__ __forceinline__ bool aligned(const void* p, size_t bytes) {
     return reinterpret_cast<size_t>(p) % bytes == 0;
 }
 
-// The epilogue of one element: v + bias, + add, pre = f16(v), out = act(v).
+// The epilogue of one element: v + bias, + add, pre = f16(v), out = act(v); a column of the
+// second weight (gn ≥ N): the raw sum to out2.
 template <int ACT>
 __device__ __forceinline__ void finish1(const Params& p, int gm, int gn, float v) {
+    if (gn >= p.N) {
+        p.out2[(size_t)gm * p.ld2 + gn - p.N] = v;
+        return;
+    }
     if (p.bias) v += __half2float(p.bias[gn]);
     if (p.add) v += __half2float(p.add[(size_t)(gm % p.add_rows) * p.ld_add + gn]);
     const size_t at = (size_t)gm * p.ldc + gn;
@@ -103,6 +117,13 @@ __device__ __forceinline__ void finish1(const Params& p, int gm, int gn, float v
 // The same for columns gn and gn + 1 (gn even, N even), by 4- and 8-byte accesses.
 template <int ACT>
 __device__ __forceinline__ void finish2(const Params& p, int gm, int gn, float v0, float v1) {
+    if (gn >= p.N) {  // N even: the pair lies wholly in the second weight's columns
+        float2 y;
+        y.x = v0;
+        y.y = v1;
+        *reinterpret_cast<float2*>(p.out2 + (size_t)gm * p.ld2 + gn - p.N) = y;
+        return;
+    }
     if (p.bias) {
         const float2 b = __half22float2(*reinterpret_cast<const half2*>(p.bias + gn));
         v0 += b.x;
@@ -133,7 +154,8 @@ __device__ __forceinline__ void finish2(const Params& p, int gm, int gn, float v
 __device__ __forceinline__ bool pairs_ok(const Params& p) {
     return p.N % 2 == 0 && p.ldc % 2 == 0 && aligned(p.bias, 4) && aligned(p.pre, 4) &&
            aligned(p.out, 4) && aligned(p.out_f32, 8) &&
-           (!p.add || (p.ld_add % 2 == 0 && aligned(p.add, 4)));
+           (!p.add || (p.ld_add % 2 == 0 && aligned(p.add, 4))) &&
+           (p.n2 == 0 || (p.n2 % 2 == 0 && p.ld2 % 2 == 0 && aligned(p.out2, 8)));
 }
 
 template <int BM_, int BN_, int WM_, int WN_, int BK_, int STAGES_>
@@ -180,6 +202,31 @@ __device__ __forceinline__ void load_scalar(half* s, const half* g, int ld, int 
     }
 }
 
+// The w tile: rows [n0, n0 + BN) of w (rows < N) followed by w2 (rows N .. N + n2), as
+// load_async / load_scalar (w's row stride is K for both).
+template <class C>
+__device__ __forceinline__ void load_w_async(half* s, const Params& p, int k_end, int n0, int k0) {
+    const int rows = p.N + p.n2;
+    for (int c = threadIdx.x; c < C::BN * C::CHUNKS; c += C::THREADS) {
+        const int r = c / C::CHUNKS, kc = (c % C::CHUNKS) * 8;
+        const int gr = n0 + r, gk = k0 + kc;
+        const bool valid = gr < rows && gk < k_end;
+        const half* src = gr < p.N ? p.w + (size_t)gr * p.K : p.w2 + (size_t)(gr - p.N) * p.K;
+        cp_async_16(s + r * C::LDS + kc, valid ? src + gk : p.w, valid);
+    }
+}
+
+template <class C>
+__device__ __forceinline__ void load_w_scalar(half* s, const Params& p, int k_end, int n0, int k0) {
+    const int rows = p.N + p.n2;
+    for (int i = threadIdx.x; i < C::BN * C::BK; i += C::THREADS) {
+        const int r = i / C::BK, kk = i % C::BK;
+        const int gr = n0 + r, gk = k0 + kk;
+        const half* src = gr < p.N ? p.w + (size_t)gr * p.K : p.w2 + (size_t)(gr - p.N) * p.K;
+        s[r * C::LDS + kk] = gr < rows && gk < k_end ? src[gk] : __float2half_rn(0.f);
+    }
+}
+
 // The block's f32 tile cs (row stride LDC) through the epilogue into the outputs.
 template <class C, int ACT>
 __device__ __forceinline__ void epilogue(const float* cs, const Params& p, int m0, int n0) {
@@ -187,13 +234,13 @@ __device__ __forceinline__ void epilogue(const float* cs, const Params& p, int m
         for (int i = threadIdx.x; i < C::BM * C::BN / 2; i += C::THREADS) {
             const int r = i / (C::BN / 2), c = 2 * (i % (C::BN / 2));
             const int gm = m0 + r, gn = n0 + c;
-            if (gm < p.M && gn < p.N) finish2<ACT>(p, gm, gn, cs[r * C::LDC + c], cs[r * C::LDC + c + 1]);
+            if (gm < p.M && gn < p.N + p.n2) finish2<ACT>(p, gm, gn, cs[r * C::LDC + c], cs[r * C::LDC + c + 1]);
         }
     } else {
         for (int i = threadIdx.x; i < C::BM * C::BN; i += C::THREADS) {
             const int r = i / C::BN, c = i % C::BN;
             const int gm = m0 + r, gn = n0 + c;
-            if (gm < p.M && gn < p.N) finish1<ACT>(p, gm, gn, cs[r * C::LDC + c]);
+            if (gm < p.M && gn < p.N + p.n2) finish1<ACT>(p, gm, gn, cs[r * C::LDC + c]);
         }
     }
 }
@@ -209,7 +256,7 @@ __device__ __forceinline__ void gemm_tile(const Params& p, int act) {
     const int stage = (C::BM + C::BN + (diff ? C::BM : 0)) * C::LDS;  // halves
     const bool a_vec = k_end % 8 == 0 && p.lda % 8 == 0 && aligned(p.a, 16) &&
                        (!diff || aligned(p.a_minus, 16));
-    const bool w_vec = k_end % 8 == 0 && p.K % 8 == 0 && aligned(p.w, 16);
+    const bool w_vec = k_end % 8 == 0 && p.K % 8 == 0 && aligned(p.w, 16) && (p.n2 == 0 || aligned(p.w2, 16));
     const int ktiles = k_end > k_begin ? (k_end - k_begin + C::BK - 1) / C::BK : 0;
 
     // k tile kt into buffer kt mod STAGES.
@@ -223,10 +270,16 @@ __device__ __forceinline__ void gemm_tile(const Params& p, int act) {
             load_scalar<C, C::BM>(s, p.a, p.lda, p.M, k_end, m0, k0);
             if (diff) load_scalar<C, C::BM>(s + (C::BM + C::BN) * C::LDS, p.a_minus, p.lda, p.M, k_end, m0, k0);
         }
-        if (w_vec)
+        if (p.n2 > 0) {
+            if (w_vec)
+                load_w_async<C>(s + C::BM * C::LDS, p, k_end, n0, k0);
+            else
+                load_w_scalar<C>(s + C::BM * C::LDS, p, k_end, n0, k0);
+        } else if (w_vec) {
             load_async<C, C::BN>(s + C::BM * C::LDS, p.w, p.K, p.N, k_end, n0, k0);
-        else
+        } else {
             load_scalar<C, C::BN>(s + C::BM * C::LDS, p.w, p.K, p.N, k_end, n0, k0);
+        }
     };
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[C::FM][C::FN];
@@ -276,11 +329,12 @@ __device__ __forceinline__ void gemm_tile(const Params& p, int act) {
                                     acc[i][j], C::LDC, wmma::mem_row_major);
     __syncthreads();
 
-    if (p.ws) {  // split-K partial: raw sums into slice z, row stride N
-        float* dst = p.ws + (size_t)blockIdx.z * p.M * p.N;
+    if (p.ws) {  // split-K partial: raw sums into slice z, row stride N + n2
+        const int nt = p.N + p.n2;
+        float* dst = p.ws + (size_t)blockIdx.z * p.M * nt;
         for (int i = threadIdx.x; i < C::BM * C::BN; i += C::THREADS) {
             const int r = i / C::BN, c = i % C::BN;
-            if (m0 + r < p.M && n0 + c < p.N) dst[(size_t)(m0 + r) * p.N + n0 + c] = cs[r * C::LDC + c];
+            if (m0 + r < p.M && n0 + c < nt) dst[(size_t)(m0 + r) * nt + n0 + c] = cs[r * C::LDC + c];
         }
         return;
     }
@@ -298,8 +352,10 @@ __device__ __forceinline__ void gemm_tile(const Params& p, int act) {
     half *out, float *out_f32, half *pre, const half *__restrict__ a,                        \
         const half *__restrict__ a_minus, const half *__restrict__ w,                        \
         const half *__restrict__ bias, const half *add, float *ws, int M, int N, int K, int lda, \
-        int ldc, int ld_add, int add_rows, int k_split, int act
-#define GEMM_ARGS out, out_f32, pre, a, a_minus, w, bias, add, ws, M, N, K, lda, ldc, ld_add, add_rows, k_split
+        int ldc, int ld_add, int add_rows, int k_split, const half *__restrict__ w2,           \
+        float *out2, int n2, int ld2, int act
+#define GEMM_ARGS \
+    out, out_f32, pre, a, a_minus, w, bias, add, ws, M, N, K, lda, ldc, ld_add, add_rows, k_split, w2, out2, n2, ld2
 
 extern "C" __global__ void __launch_bounds__(Small::THREADS) gemm_fused_f16_64x64_k64(GEMM_PARAMS) {
     gemm_tile<Small>(Params{GEMM_ARGS}, act);
@@ -321,20 +377,22 @@ extern "C" __global__ void __launch_bounds__(Classic::THREADS) gemm_fused_f16_64
     gemm_tile<Classic>(Params{GEMM_ARGS}, act);
 }
 
-// v[m, n] = Σ_z ws[z, m, n] in order z = 0 .. splits − 1, then the GEMM's epilogue. Grid-stride
-// over the M·N outputs.
+// v[m, n] = Σ_z ws[z, m, n] in order z = 0 .. splits − 1, then the GEMM's epilogue (columns
+// N .. N + n2 − 1 to out2). Grid-stride over the M·(N + n2) outputs.
 extern "C" __global__ void __launch_bounds__(256)
     gemm_splitk_reduce_f16(half* out, float* out_f32, half* pre, const float* __restrict__ ws,
                            const half* __restrict__ bias, const half* add, int M, int N, int ldc,
-                           int ld_add, int add_rows, int splits, int act) {
-    const Params p{out, out_f32, pre, nullptr, nullptr, nullptr, bias, add, nullptr,
-                   M,   N,       0,   0,       ldc,     ld_add,  add_rows, 0};
-    const size_t total = (size_t)M * N;
+                           int ld_add, int add_rows, int splits, float* out2, int n2, int ld2,
+                           int act) {
+    const Params p{out, out_f32, pre,      nullptr, nullptr, nullptr, bias, add, nullptr, M,  N,
+                   0,   0,       ldc,      ld_add,  add_rows, 0,      nullptr, out2, n2,  ld2};
+    const int nt = N + n2;
+    const size_t total = (size_t)M * nt;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (size_t)gridDim.x * blockDim.x) {
         float v = 0.f;
         for (int z = 0; z < splits; ++z) v += ws[(size_t)z * total + i];
-        const int gm = (int)(i / N), gn = (int)(i % N);
+        const int gm = (int)(i / nt), gn = (int)(i % nt);
         if (act == ACT_GELU_TANH)
             finish1<ACT_GELU_TANH>(p, gm, gn, v);
         else if (act == ACT_SILU)

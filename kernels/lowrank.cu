@@ -7,8 +7,8 @@
 // or a' = a (the folded form b_s + up·(down·x); with scale = −1 and add = y_s the same kernel
 // writes b_s = y_s − up·(down·x_s) on a full step). The projected form: with t_minus (f32,
 // (M, ld_t), group g's columns at r_off_g) t = f16(Σ_k a·down − t_minus), i.e.
-// y_s + up·(down·x − t_s); and with t_out the kernel stops after phase 1 and writes the f32
-// sums Σ_k a·down there instead (t_s = down·x_s on a full step; out, up and add unused).
+// y_s + up·(down·x − t_s), t_s = down·x_s kept by a full step's GEMM (gemm.cu's second
+// weight).
 // Output groups: the n columns are `groups` (1 or 3) equal groups of gw = N / groups columns;
 // group g uses down rows [r_off_g, r_off_g + r_g) of the stacked down factor (R_total, K) and
 // its own up factor up_g (gw, r_g) (row stride r_g), n' = n − g·gw. q, k and v of a qkv layer
@@ -59,7 +59,6 @@ struct Params {
     const half* __restrict__ up2;
     const half* add;
     const float* t_minus;
-    float* t_out;
     float scale;
     int M, N, K, lda, ldc, ld_add, ld_t, groups, r0, r1, r2, col_splits, act;
 };
@@ -162,13 +161,6 @@ __device__ __forceinline__ void lowrank(const Params& p) {
                 wmma::store_matrix_sync(cf + i * 16 * ldf + f * 16, acc[i][j], ldf, wmma::mem_row_major);
         }
         __syncthreads();  // t complete in cf; every warp is done with the stages
-        if (p.t_out) {  // projection only: t in f32 to global memory, no phase 2
-            for (int e = threadIdx.x; e < BM * rank; e += THREADS) {
-                const int r = e / rank, c = e % rank;
-                if (m0 + r < p.M) p.t_out[(size_t)(m0 + r) * p.ld_t + r_off + c] = cf[r * ldf + c];
-            }
-            return;
-        }
         for (int e = threadIdx.x; e < BM * rp; e += THREADS) {
             const int r = e / rp, c = e % rp;
             float v = cf[r * ldf + c];
@@ -236,11 +228,11 @@ __device__ __forceinline__ void lowrank(const Params& p) {
 #define LOWRANK_PARAMS                                                                         \
     half *out, const half *__restrict__ a, const half *__restrict__ a_minus,                   \
         const half *__restrict__ down, const half *__restrict__ up0, const half *__restrict__ up1, \
-        const half *__restrict__ up2, const half *add, const float *t_minus, float *t_out,      \
+        const half *__restrict__ up2, const half *add, const float *t_minus,                   \
         float scale, int M, int N, int K, int lda, int ldc, int ld_add, int ld_t, int groups,    \
         int r0, int r1, int r2, int col_splits, int act
 #define LOWRANK_ARGS                                                                           \
-    out, a, a_minus, down, up0, up1, up2, add, t_minus, t_out, scale, M, N, K, lda, ldc, ld_add, \
+    out, a, a_minus, down, up0, up1, up2, add, t_minus, scale, M, N, K, lda, ldc, ld_add,        \
         ld_t, groups, r0, r1, r2, col_splits, act
 
 extern "C" __global__ void __launch_bounds__(THREADS) lowrank_fused_f16_bm16(LOWRANK_PARAMS) {

@@ -675,3 +675,78 @@ fn emulated_gemm_512x1152x1152_under_10s() {
     assert_eq!(bad, 0, "{bad} elements differ from the exact result");
     assert!(secs < 10.0, "took {secs:.2} s, the bar is 10 s");
 }
+
+/// A second weight (`GemmSpec::also`, icc's t_s = down·x_s kept by a full step's linear): its
+/// columns come out as raw f32 sums — no bias, add or activation — into their own output, while
+/// the first weight's columns get the full epilogue; with and without split-k, through the
+/// paired (even n) and element-wise (odd n) epilogues, a − a_minus included. Small integers:
+/// every value exact.
+fn second_weight<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
+    for (n, n2, splits, minus) in
+        [(50usize, 24usize, 1usize, false), (50, 24, 3, false), (49, 20, 1, true), (49, 20, 2, false)]
+    {
+        let (m, k) = (37usize, 96usize);
+        let mut plan = Plan::new("gemm second weight");
+        let (ba, bm, bw, bw2, bb, bad_, bo, bo2, bws) = (
+            gpu_common::add(&mut plan, "a", m * k, Dt::F16),
+            gpu_common::add(&mut plan, "a_minus", m * k, Dt::F16),
+            gpu_common::add(&mut plan, "w", n * k, Dt::F16),
+            gpu_common::add(&mut plan, "w2", n2 * k, Dt::F16),
+            gpu_common::add(&mut plan, "bias", n, Dt::F16),
+            gpu_common::add(&mut plan, "add", m * n, Dt::F16),
+            gpu_common::add(&mut plan, "out", m * n, Dt::F16),
+            gpu_common::add(&mut plan, "out2", m * n2, Dt::F32),
+            gpu_common::add(&mut plan, "ws", 4 * m * (n + n2), Dt::F32),
+        );
+        let Some(dev) = open(&plan) else { return };
+        let mut rng = Rng::new(21);
+        let (a, am, w, w2) = (rng.ints(m * k, 2), rng.ints(m * k, 2), rng.ints(n * k, 2), rng.ints(n2 * k, 2));
+        let (bias, addv) = (rng.ints(n, 4), rng.ints(m * n, 4));
+        let o2: DevSlice<f32> = out(&dev, &plan, bo2);
+        let spec = GemmSpec {
+            a_minus: minus.then(|| put(&dev, &plan, bm, &am)),
+            bias: Some(put(&dev, &plan, bb, &bias)),
+            add: Some((put(&dev, &plan, bad_, &addv), n as i32, m as i32)),
+            also: Some(launch::GemmAlso { w: put(&dev, &plan, bw2, &w2), n: n2 as i32, out: o2, ld: n2 as i32 }),
+            ..GemmSpec::new(
+                GemmOut::F16(out(&dev, &plan, bo)),
+                put(&dev, &plan, ba, &a),
+                put(&dev, &plan, bw, &w),
+                m as i32,
+                n as i32,
+                k as i32,
+            )
+        };
+        let ws: DevSlice<f32> = out(&dev, &plan, bws);
+        launch::gemm_as(&dev, &spec, Some(ws), GemmLaunch { tile: GemmTile::Small, splits }).unwrap();
+        let ap = |i: usize, kk: usize| {
+            let x = a[i * k + kk].to_f64();
+            if minus {
+                x - am[i * k + kk].to_f64()
+            } else {
+                x
+            }
+        };
+        let dot = |i: usize, w: &[f16], j: usize| (0..k).map(|kk| ap(i, kk) * w[j * k + kk].to_f64()).sum::<f64>();
+        let exact: Vec<f64> =
+            (0..m * n).map(|e| dot(e / n, &w, e % n) + bias[e % n].to_f64() + addv[e].to_f64()).collect();
+        let exact2: Vec<f64> = (0..m * n2).map(|e| dot(e / n2, &w2, e % n2)).collect();
+        let what = format!("second weight n {n} + {n2}, {splits} k slice(s), a_minus {minus} ({})", dev.name());
+        assert_nontrivial(&what, &exact2);
+        assert_bits_eq(&what, &get::<f16, _>(&dev, &plan, bo), &exact.iter().map(|&v| f16_rne(v)).collect::<Vec<_>>());
+        let got2 = get::<f32, _>(&dev, &plan, bo2);
+        assert!(got2.iter().zip(&exact2).all(|(&g, &e)| g as f64 == e), "{what}: second output not exact");
+        println!("{what}: exact");
+    }
+}
+
+#[test]
+fn gemm_second_weight_emulated() {
+    second_weight(emu);
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn gemm_second_weight_cuda() {
+    second_weight(cuda("gemm_second_weight_cuda"));
+}

@@ -127,36 +127,41 @@ kernels! {
         gemm_fused_f16_64x64_k64(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            add_rows: i32, k_split: i32, act: i32);
+            add_rows: i32, k_split: i32, w2: DevPtr<f16>, out2: DevPtr<f32>, n2: i32, ld2: i32,
+            act: i32);
         gemm_fused_f16_128x128_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            add_rows: i32, k_split: i32, act: i32);
+            add_rows: i32, k_split: i32, w2: DevPtr<f16>, out2: DevPtr<f32>, n2: i32, ld2: i32,
+            act: i32);
         gemm_fused_f16_128x64_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            add_rows: i32, k_split: i32, act: i32);
+            add_rows: i32, k_split: i32, w2: DevPtr<f16>, out2: DevPtr<f32>, n2: i32, ld2: i32,
+            act: i32);
         gemm_fused_f16_64x64_k32(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            add_rows: i32, k_split: i32, act: i32);
+            add_rows: i32, k_split: i32, w2: DevPtr<f16>, out2: DevPtr<f32>, n2: i32, ld2: i32,
+            act: i32);
         gemm_fused_f16_64x64_k32_s2(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,
             ws: DevPtr<f32>, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            add_rows: i32, k_split: i32, act: i32);
+            add_rows: i32, k_split: i32, w2: DevPtr<f16>, out2: DevPtr<f32>, n2: i32, ld2: i32,
+            act: i32);
         gemm_splitk_reduce_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>,
             ws: DevPtr<f32>, bias: DevPtr<f16>, add: DevPtr<f16>, m: i32, n: i32, ldc: i32,
-            ld_add: i32, add_rows: i32, splits: i32, act: i32);
+            ld_add: i32, add_rows: i32, splits: i32, out2: DevPtr<f32>, n2: i32, ld2: i32, act: i32);
     }
     "lowrank" => {
         lowrank_fused_f16_bm16(out: DevPtr<f16>, a: DevPtr<f16>, a_minus: DevPtr<f16>, down: DevPtr<f16>,
             up0: DevPtr<f16>, up1: DevPtr<f16>, up2: DevPtr<f16>, add: DevPtr<f16>, t_minus: DevPtr<f32>,
-            t_out: DevPtr<f32>, scale: f32, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            ld_t: i32, groups: i32, r0: i32, r1: i32, r2: i32, col_splits: i32, act: i32);
+            scale: f32, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32, ld_t: i32, groups: i32,
+            r0: i32, r1: i32, r2: i32, col_splits: i32, act: i32);
         lowrank_fused_f16_bm32(out: DevPtr<f16>, a: DevPtr<f16>, a_minus: DevPtr<f16>, down: DevPtr<f16>,
             up0: DevPtr<f16>, up1: DevPtr<f16>, up2: DevPtr<f16>, add: DevPtr<f16>, t_minus: DevPtr<f32>,
-            t_out: DevPtr<f32>, scale: f32, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32,
-            ld_t: i32, groups: i32, r0: i32, r1: i32, r2: i32, col_splits: i32, act: i32);
+            scale: f32, m: i32, n: i32, k: i32, lda: i32, ldc: i32, ld_add: i32, ld_t: i32, groups: i32,
+            r0: i32, r1: i32, r2: i32, col_splits: i32, act: i32);
     }
     "vae_conv" => {
         conv3x3_f16(out: DevPtr<f16>, out_f32: DevPtr<f32>, input: DevPtr<f16>, w: DevPtr<f16>,

@@ -51,6 +51,10 @@ pub struct BenchGpuArgs {
     /// Classifier-free guidance scale (4 as DiT's samples; 1 disables guidance).
     #[arg(long, default_value_t = 4.0)]
     cfg: f32,
+    /// Only build each engine and print its kernel launches per step and per block (counted as
+    /// the steps are recorded; nothing runs): exact on any backend, fast under emulation.
+    #[arg(long)]
+    launches_only: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -113,6 +117,11 @@ fn measure<D: Device>(
     }
     let policy = opts.cache.policy();
     for &kind in policy.step_kinds() {
+        if args.launches_only {
+            let launches = engine.step_launches(kind);
+            row.steps.push(StepTime { engine: label.to_string(), kind, ms: f32::NAN, launches });
+            continue;
+        }
         engine.time_step(kind, 2.min(args.iters))?; // warm-up
         let ms = engine.time_step(kind, args.iters)?;
         let launches = engine.step_launches(kind);
@@ -127,7 +136,7 @@ fn measure<D: Device>(
             row.profiles.push((label.to_string(), kind, engine.profile_step(kind)?));
         }
     }
-    if e2e && args.e2e_runs > 0 {
+    if e2e && args.e2e_runs > 0 && !args.launches_only {
         let n = opts.max_batch;
         let classes: Vec<i64> = (0..n as i64).map(|i| i % model.config.num_classes as i64).collect();
         let mut out = vec![0.0f32; n * model.config.image_elems()];

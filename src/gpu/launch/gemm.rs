@@ -194,6 +194,20 @@ pub struct GemmSpec {
     pub lda: i32,
     pub ldc: i32,
     pub act: GemmAct,
+    /// More output columns from a second weight: their raw f32 sums `a'·w2ᵀ`, no bias, add or
+    /// activation (icc's t_s = down·x_s, kept by a full step's linear in the same pass).
+    pub also: Option<GemmAlso>,
+}
+
+/// The second weight of a [`GemmSpec`] and where its columns go.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmAlso {
+    /// (n, k), row stride k.
+    pub w: DevSlice<f16>,
+    pub n: i32,
+    /// (m, n) f32, row stride `ld`.
+    pub out: DevSlice<f32>,
+    pub ld: i32,
 }
 
 impl GemmSpec {
@@ -213,7 +227,13 @@ impl GemmSpec {
             lda: k,
             ldc: n,
             act: GemmAct::None,
+            also: None,
         }
+    }
+
+    /// Columns the kernel computes: n, plus the second weight's.
+    fn n_total(&self) -> i32 {
+        self.n + self.also.map_or(0, |x| x.n)
     }
 }
 
@@ -266,7 +286,9 @@ pub fn gemm_as<D: Device + ?Sized>(
         let k_split = ((k + splits - 1) / splits + bk - 1) / bk * bk;
         Choice { tile: how.tile, splits: (k + k_split - 1) / k_split, k_split }
     };
-    if choice.splits > 1 && workspace.is_none_or(|w| (w.len as i64) < choice.splits * spec.m as i64 * spec.n as i64) {
+    if choice.splits > 1
+        && workspace.is_none_or(|w| (w.len as i64) < choice.splits * spec.m as i64 * spec.n_total() as i64)
+    {
         return Err(invalid(KERNEL, format!("{} k slices need a workspace of that many (m, n) slices", choice.splits)));
     }
     launch_gemm(dev, spec, workspace, choice)
@@ -290,13 +312,20 @@ pub fn gemm_ws<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace: Option<D
         dev,
         spec,
         workspace,
-        choose(spec.m as i64, spec.n as i64, spec.k as i64, ws_elems, spec.a_minus.is_some()),
+        choose(spec.m as i64, spec.n_total() as i64, spec.k as i64, ws_elems, spec.a_minus.is_some()),
     )
 }
 
 /// The checks on sizes and strides that need no launch choice.
 fn validate(spec: &GemmSpec) -> Result<()> {
-    let &GemmSpec { add, m, n, k, lda, ldc, .. } = spec;
+    let &GemmSpec { add, m, n, k, lda, ldc, also, .. } = spec;
+    if let Some(x) = also {
+        positive(KERNEL, &[("second weight's n", x.n)])?;
+        stride_at_least("second output's row stride", x.ld, x.n)?;
+        if n as i64 + x.n as i64 + 128 > i32::MAX as i64 {
+            return Err(invalid(KERNEL, format!("n = {n} + {} is too large", x.n)));
+        }
+    }
     let (ld_add, add_rows) = add.map_or((n, m), |(_, ld, rows)| (ld, rows));
     positive(KERNEL, &[("m", m), ("n", n), ("k", k), ("add rows", add_rows)])?;
     stride_at_least("lda", lda, k)?;
@@ -317,7 +346,8 @@ fn launch_gemm<D: Device + ?Sized>(
     workspace: Option<DevSlice<f32>>,
     choice: Choice,
 ) -> Result<()> {
-    let &GemmSpec { out, pre, a, a_minus, w, bias, add, m, n, k, lda, ldc, act } = spec;
+    let &GemmSpec { out, pre, a, a_minus, w, bias, add, m, n, k, lda, ldc, act, also } = spec;
+    let n_total = spec.n_total();
     let (add_slice, ld_add, add_rows) = match add {
         Some((s, ld, rows)) => (Some(s), ld, rows),
         None => (None, n, m),
@@ -347,6 +377,10 @@ fn launch_gemm<D: Device + ?Sized>(
         covers(KERNEL, "a_minus", s, span(m, lda, k), 2)?;
     }
     covers(KERNEL, "w", w, span(n, k, k), 2)?;
+    if let Some(x) = also {
+        covers(KERNEL, "second weight", x.w, span(x.n, k, k), 2)?;
+        covers(KERNEL, "second output", x.out, span(m, x.ld, x.n), 4)?;
+    }
     if let Some(s) = bias {
         covers(KERNEL, "bias", s, n as i64, 2)?;
     }
@@ -356,13 +390,13 @@ fn launch_gemm<D: Device + ?Sized>(
     }
 
     let cfg = LaunchCfg {
-        grid: [((n as i64 + shape.bn - 1) / shape.bn) as u32, grid_y as u32, choice.splits as u32],
+        grid: [((n_total as i64 + shape.bn - 1) / shape.bn) as u32, grid_y as u32, choice.splits as u32],
         block: [shape.threads, 1, 1],
         dyn_smem: shape.smem(a_minus.is_some()),
     };
     let ws = match workspace {
         Some(s) if choice.splits > 1 => {
-            covers(KERNEL, "workspace", s, choice.splits * m as i64 * n as i64, 4)?;
+            covers(KERNEL, "workspace", s, choice.splits * m as i64 * n_total as i64, 4)?;
             s.ptr()
         }
         _ => DevPtr::null(),
@@ -400,13 +434,17 @@ fn launch_gemm<D: Device + ?Sized>(
             ld_add,
             add_rows,
             choice.k_split as i32,
+            also.map_or(DevPtr::null(), |x| x.w.ptr()),
+            if split { DevPtr::null() } else { also.map_or(DevPtr::null(), |x| x.out.ptr()) },
+            also.map_or(0, |x| x.n),
+            also.map_or(0, |x| x.ld),
             act.code(),
         )?;
     }
     if !split {
         return Ok(());
     }
-    let total = m as i64 * n as i64;
+    let total = m as i64 * n_total as i64;
     let cfg = LaunchCfg { grid: [super::blocks(total, 256, 1024), 1, 1], block: [256, 1, 1], dyn_smem: 0 };
     // SAFETY: as above; `ws` holds `splits` slices of m·n partial sums written by the launch
     // before it on the same stream.
@@ -426,6 +464,9 @@ fn launch_gemm<D: Device + ?Sized>(
             ld_add,
             add_rows,
             choice.splits as i32,
+            also.map_or(DevPtr::null(), |x| x.out.ptr()),
+            also.map_or(0, |x| x.n),
+            also.map_or(0, |x| x.ld),
             act.code(),
         )
     }

@@ -2,7 +2,7 @@
 //! `lowrank_fused_f16_bm32`): `out = act(add + scale·(a'·downᵀ)·upᵀ)` with `a' = a − a_minus`
 //! (icc's direct form) or `a` (the folded form), optionally `t_s` subtracted from the projection
 //! (the projected form), the rank-r intermediate kept on chip, and up to three output groups
-//! (q, k and v) in one launch; and the projection alone ([`lowrank_project`]).
+//! (q, k and v) in one launch.
 
 use super::{covers, invalid, positive, GemmAct};
 use crate::error::Result;
@@ -95,52 +95,6 @@ pub fn lowrank_smem_bytes(bm: i64, max_rank: i64) -> u32 {
     (cf + ts + work) as u32
 }
 
-/// The projection alone, `t_out = a·downᵀ` in f32 for every group at once ((m, Σ ranks), group
-/// g's columns after the groups before it): the projected form's t_s = down·x_s, kept by a
-/// full step (the first phase of the fused kernel, its sums written out instead of used).
-#[derive(Clone, Copy, Debug)]
-pub struct ProjectSpec {
-    pub t_out: DevSlice<f32>,
-    /// (m, k), row stride `lda`.
-    pub a: DevSlice<f16>,
-    pub down: DevSlice<f16>,
-    pub ranks: [i32; 3],
-    pub groups: i32,
-    pub m: i32,
-    pub k: i32,
-    pub lda: i32,
-}
-
-/// Runs [`ProjectSpec`] (kernels/lowrank.cu, projection only), rows per block as
-/// [`lowrank_choice`] picks them.
-pub fn lowrank_project<D: Device + ?Sized>(dev: &D, spec: &ProjectSpec) -> Result<()> {
-    let &ProjectSpec { t_out, a, down, ranks, groups, m, k, lda } = spec;
-    let r_total: i32 = ranks[..(groups.clamp(1, 3) as usize)].iter().sum();
-    // The fused kernel's checks on a spec whose n is one column per group (up, out and add
-    // are not read in this mode; `a` stands in for them).
-    let base = LowRankSpec {
-        out: a,
-        a,
-        a_minus: None,
-        down,
-        up: [a; 3],
-        ranks: [0; 3],
-        groups,
-        add: None,
-        t_minus: None,
-        scale: 1.0,
-        m,
-        n: groups,
-        k,
-        lda,
-        ldc: groups,
-        ld_add: groups,
-        act: GemmAct::None,
-    };
-    let choice = LowRankChoice { col_splits: 1, ..lowrank_choice(m, groups, k, groups) };
-    launch_checked(dev, &base, choice, Some((t_out, ranks, r_total)))
-}
-
 /// Elements a (rows, width) matrix with row stride `ld` spans.
 fn span(rows: i32, ld: i32, width: i32) -> i64 {
     (rows as i64 - 1) * ld as i64 + width as i64
@@ -156,20 +110,8 @@ pub fn lowrank_fused<D: Device + ?Sized>(dev: &D, spec: &LowRankSpec) -> Result<
 
 /// [`lowrank_fused`] with the layout given (tests cover every layout this way).
 pub fn lowrank_fused_as<D: Device + ?Sized>(dev: &D, spec: &LowRankSpec, choice: LowRankChoice) -> Result<()> {
-    launch_checked(dev, spec, choice, None)
-}
-
-/// The checks and the launch; `project`: (t_out, ranks, Σ ranks) for a projection-only launch,
-/// whose spec carries no ranks of its own (up, out and add are not read).
-fn launch_checked<D: Device + ?Sized>(
-    dev: &D,
-    spec: &LowRankSpec,
-    choice: LowRankChoice,
-    project: Option<(DevSlice<f32>, [i32; 3], i32)>,
-) -> Result<()> {
-    let &LowRankSpec { out, a, a_minus, down, up, groups, add, t_minus, scale, m, n, k, lda, ldc, ld_add, act, .. } =
+    let &LowRankSpec { out, a, a_minus, down, up, ranks, groups, add, t_minus, scale, m, n, k, lda, ldc, ld_add, act } =
         spec;
-    let ranks = project.map_or(spec.ranks, |p| p.1);
     positive(KERNEL, &[("m", m), ("n", n), ("k", k), ("groups", groups)])?;
     if groups != 1 && groups != 3 {
         return Err(invalid(KERNEL, format!("groups = {groups}: 1 or 3")));
@@ -210,21 +152,16 @@ fn launch_checked<D: Device + ?Sized>(
         covers(KERNEL, "a_minus", s, span(m, lda, k), 16)?;
     }
     covers(KERNEL, "down", down, r_total * k as i64, 16)?;
-    if project.is_none() {
-        for (g, &r) in ranks.iter().enumerate() {
-            covers(KERNEL, ["up[0]", "up[1]", "up[2]"][g], up[g], gw as i64 * r as i64, 16)?;
-        }
+    for (g, &r) in ranks.iter().enumerate() {
+        covers(KERNEL, ["up[0]", "up[1]", "up[2]"][g], up[g], gw as i64 * r as i64, 16)?;
     }
     if let Some(s) = add {
         covers(KERNEL, "add", s, span(m, ld_add, n), 2)?;
     }
-    // t_s and the projection's output: (m, Σ ranks) f32, row stride Σ ranks.
+    // t_s: (m, Σ ranks) f32, row stride Σ ranks.
     let ld_t = r_total.max(1) as i32;
     if let Some(s) = t_minus {
         covers(KERNEL, "t_minus", s, m as i64 * r_total, 4)?;
-    }
-    if let Some((s, _, _)) = project {
-        covers(KERNEL, "t_out", s, m as i64 * r_total, 4)?;
     }
     let grid_y = (m as i64 + choice.bm - 1) / choice.bm;
     if grid_y > 65535 {
@@ -263,7 +200,6 @@ fn launch_checked<D: Device + ?Sized>(
             up_ptr(2),
             add.map_or(crate::gpu::DevPtr::null(), DevSlice::ptr),
             t_minus.map_or(crate::gpu::DevPtr::null(), DevSlice::ptr),
-            project.map_or(crate::gpu::DevPtr::null(), |p| p.0.ptr()),
             scale,
             m,
             n,

@@ -8,7 +8,7 @@ use super::GpuBackend;
 use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
 use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
-use crate::gpu::launch::{self, GemmAct, GemmOut, GemmSpec, LowRankSpec, ProjectSpec};
+use crate::gpu::launch::{self, GemmAct, GemmAlso, GemmOut, GemmSpec, LowRankSpec};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
 use crate::policy::IccForm;
@@ -221,6 +221,17 @@ impl<D: Device> Pass<'_, D> {
             .get(i)
             .ok_or_else(|| Error::invalid("GPU pipeline", "no b_s or t_s slots planned (the direct form)"))?[j];
         self.pipeline.slice(id)
+    }
+
+    /// In the projected form, a full step's block linear (its input is the cache slot x_s) also
+    /// computes t_s = down·x_s into its slot, as more columns of the same GEMM.
+    fn keep_projection(&self, layer: Linear, src: Act) -> Result<Option<GemmAlso>> {
+        if self.pipeline.icc.form != IccForm::Projected || !matches!(src, Act::Cache(..)) || layer == Linear::Final {
+            return Ok(None);
+        }
+        let (down, _, ranks, groups) = self.factors_of(layer)?;
+        let r: i32 = ranks[..groups as usize].iter().sum();
+        Ok((r > 0).then_some(GemmAlso { w: down, n: r, out: self.base::<f32>(layer)?, ld: r }))
     }
 
     /// A calibrated linear's factors on the device: (down, up per group, rank per group, groups);
@@ -471,6 +482,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
             let mut g = GemmSpec::new(o, p.act_slice(src)?, p.pipeline.slice(w)?, m, out as i32, k as i32);
             g.bias = Some(p.pipeline.slice(bias)?);
             g.act = gemm_act(act);
+            g.also = p.keep_projection(layer, src)?;
             p.pipeline.gemm(&g)
         });
     }
@@ -491,6 +503,7 @@ impl<D: Device> DitOps for Pass<'_, D> {
             g.bias = Some(p.pipeline.slice(bias)?);
             g.pre = Some(p.act_slice(pre)?);
             g.act = GemmAct::GeluTanh;
+            g.also = p.keep_projection(layer, src)?;
             p.pipeline.gemm(&g)
         });
     }
@@ -517,35 +530,15 @@ impl<D: Device> DitOps for Pass<'_, D> {
     }
 
     fn refresh_base(&mut self, layer: Linear, rows: usize) {
-        let what = match self.pipeline.icc.form {
-            IccForm::Folded => "b_s refresh",
-            IccForm::Projected => "t_s refresh",
-            _ => return,
-        };
-        self.run(what, layer.block_index(), |p| {
-            // From the slots the full step has just written: b_s = y_s − up·(down·x_s), or
-            // t_s = down·x_s.
+        // The projected form's t_s came with the linear itself (`keep_projection`).
+        if self.pipeline.icc.form != IccForm::Folded {
+            return;
+        }
+        self.run("b_s refresh", layer.block_index(), |p| {
+            // b_s = y_s − up·(down·x_s), from the slots the full step has just written.
             let (i, xs, ys) = p.calibrated_slots(layer)?;
-            let x_s = p.act_slice(Act::Cache(i, xs))?;
-            if p.pipeline.icc.form == IccForm::Folded {
-                let y_s = p.act_slice(Act::Cache(i, ys))?;
-                return p.lowrank(layer, p.base::<f16>(layer)?, x_s, None, None, y_s, -1.0, Activation::None, rows);
-            }
-            let (down, _, ranks, groups) = p.factors_of(layer)?;
-            let (_, _, _, k) = p.layer(layer);
-            launch::lowrank_project(
-                &p.pipeline.dev,
-                &ProjectSpec {
-                    t_out: p.base::<f32>(layer)?,
-                    a: x_s,
-                    down,
-                    ranks,
-                    groups,
-                    m: (rows * p.tokens()) as i32,
-                    k: k as i32,
-                    lda: k as i32,
-                },
-            )
+            let (x_s, y_s) = (p.act_slice(Act::Cache(i, xs))?, p.act_slice(Act::Cache(i, ys))?);
+            p.lowrank(layer, p.base::<f16>(layer)?, x_s, None, None, y_s, -1.0, Activation::None, rows)
         });
     }
 
