@@ -486,6 +486,29 @@ try:
             lines.append(f"| {b['batch']} | {g(st, 'plain', '.3f')} | {g(st, 'full', '.3f')} | {g(st, 'calibrated', '.3f')} | "
                          f"{g(st, 'reuse', '.3f')} | {g(ee, 'none', '.2f')} | {g(ee, 'reuse', '.2f')} | {g(ee, 'icc', '.2f')} | "
                          f"{g(b, 'plain_tflops', '.1f')} | {g(b, 'arena_mib', '.0f')} |")
+        # Issue 22: every engine's step kinds with their time and MAC ratios to a plain step and
+        # their launches (icc = the projected form; icc-direct, icc-folded; icc-gemms = the
+        # previous two-GEMM path), the 50-step icc/none ratio, and each step's per-op profile.
+        mr = e.get("mac_ratio", {})
+        lines += ["", f"Step kinds per engine (MAC ratios: calibrated {g(mr, 'calibrated', '.3f')}, "
+                  f"50-step icc period 2 {g(mr, 'icc_period2_schedule', '.3f')}):", "",
+                  "| batch | engine | step | ms | time / plain | MACs / plain | launches/step | launches/block |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for b in e["batches"]:
+            for st in b.get("steps", []):
+                lines.append(f"| {b['batch']} | {st['engine']} | {st['kind']} | {g(st, 'ms', '.3f')} | "
+                             f"{g(st, 'time_ratio', '.3f')} | {g(st, 'mac_ratio', '.3f')} | "
+                             f"{g(st, 'launches_per_step', 'd')} | {g(st, 'launches_per_block', 'd')} |")
+            ee = b["e2e_ms"]
+            if ee.get("none") and ee.get("icc"):
+                lines.append(f"| {b['batch']} | 50-step icc / none | | | {ee['icc'] / ee['none']:.3f} | "
+                             f"{g(mr, 'icc_period2_schedule', '.3f')} | | |")
+        lines += ["", "Device time per kind of op (one step, events around each op):", "",
+                  "| batch | engine | step | op | ops | ms |", "|---|---|---|---|---|---|"]
+        for b in e["batches"]:
+            for pr in b.get("profiles", []):
+                for o in pr["ops"]:
+                    lines.append(f"| {b['batch']} | {pr['engine']} | {pr['kind']} | {o['op']} | {o['count']} | {g(o, 'ms', '.3f')} |")
 except (OSError, ValueError, KeyError):
     pass
 lines += ["", f"Report: {summary['report']} (card, commit, date, this table)."]
