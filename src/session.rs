@@ -153,7 +153,7 @@ pub struct SessionRequest<'a> {
     pub seed: u64,
     /// Image index of the first image (noise is keyed by seed and index).
     pub first_index: u64,
-    /// Guidance scale for this request; `None`: the session's.
+    /// Guidance scale for this request; `None`: the one the session was opened with.
     pub cfg: Option<f32>,
     /// Compute x̂₀ after each step and pass it to the step callback.
     pub preview: bool,
@@ -204,6 +204,8 @@ impl SessionInfo {
 pub struct Session {
     model: Arc<DitModel>,
     opts: EngineOptions,
+    /// The guidance scale the session was opened with (requests without one use it).
+    default_cfg: f32,
     backend: Backend,
     device: usize,
     engine: AnyEngine,
@@ -217,6 +219,9 @@ pub struct Session {
     /// x̂₀ of the current step, and its pixels for pixel-space models.
     preview: Vec<f32>,
     preview_pixels: Vec<u8>,
+    /// The thread that opened a GPU session (a device context is bound to it); `None` for
+    /// the CPU backend, whose engine may move between threads.
+    opener: Option<std::thread::ThreadId>,
 }
 
 impl Session {
@@ -285,6 +290,8 @@ impl Session {
             engine,
             backend: o.backend,
             device: o.device,
+            default_cfg: opts.cfg_scale,
+            opener: (o.backend != Backend::Cpu).then(|| std::thread::current().id()),
             opts,
             model,
         })
@@ -340,6 +347,7 @@ impl Session {
     /// (guidance doubles the model rows), so a new scale re-plans and re-allocates the
     /// engine; requests at an unchanged scale allocate nothing.
     pub fn set_guidance(&mut self, cfg: f32) -> Result<()> {
+        self.check_thread()?;
         if cfg == self.opts.cfg_scale {
             return Ok(());
         }
@@ -352,8 +360,30 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the session must be used and dropped on the thread that opened it (the GPU
+    /// backends: a device context belongs to one thread).
+    pub fn thread_bound(&self) -> bool {
+        self.opener.is_some()
+    }
+
+    /// Whether the calling thread may use this session (always, on the CPU backend).
+    pub fn usable_here(&self) -> bool {
+        self.opener.is_none_or(|t| t == std::thread::current().id())
+    }
+
+    fn check_thread(&self) -> Result<()> {
+        if self.usable_here() {
+            return Ok(());
+        }
+        Err(Error::invalid(
+            "thread",
+            "this session runs on a GPU backend and was opened on another thread: use it from the thread that opened it",
+        ))
+    }
+
     /// Refuses an empty request or one above the session's batch before anything else.
     fn check_batch(&self, req: &SessionRequest) -> Result<()> {
+        self.check_thread()?;
         let n = req.classes.len();
         if n == 0 || n > self.opts.max_batch {
             return Err(Error::invalid(
@@ -454,9 +484,7 @@ impl Session {
         out: Option<&mut [f32]>,
         on_step: &mut dyn FnMut(Step, Option<Preview>),
     ) -> Result<()> {
-        if let Some(s) = req.cfg {
-            self.set_guidance(s)?;
-        }
+        self.set_guidance(req.cfg.unwrap_or(self.default_cfg))?;
         let n = req.classes.len();
         let cfg = self.model.config;
         let img = cfg.image_elems();

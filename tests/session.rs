@@ -124,6 +124,9 @@ fn a_new_guidance_scale_replans_and_matches_a_fresh_engine() {
         e.sample(&Request::new(&[6], 3), &mut want, &mut |_| {}).unwrap();
         assert_eq!(out, want, "cfg {cfg}");
     }
+    // A request without a scale goes back to the one the session was opened with.
+    s.sample_latents(&SessionRequest::new(&[6], 3), &mut out, &mut |_, _| {}).unwrap();
+    assert_eq!(s.options().cfg_scale, 4.0);
 }
 
 #[test]
