@@ -321,6 +321,7 @@ fn checked_out<'py>(o: &Bound<'py, PyAny>, pixels: bool, shape: [usize; 4]) -> P
 /// (`icdit calibrate`): plain SVD, or channel-aware (`ca-svd`) / change-aware (`cd-svd`)
 /// SVD calibrated on `calib_self` samples the model draws itself. Returns `out`.
 #[pyfunction]
+#[allow(clippy::too_many_arguments)]
 #[pyo3(signature = (out, *, weights=None, method="ca-svd", rank=128, calib_self=None, seed=0, threads=0))]
 fn calibrate(
     py: Python<'_>,
