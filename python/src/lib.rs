@@ -2,6 +2,10 @@
 //! Arrays in and out (numpy uint8 NHWC pixels or float32 NCHW latents), the GIL released
 //! while sampling, Ctrl-C and `Engine.cancel()` stop a request between steps, progress and
 //! preview callbacks, errors as Python exceptions whose message names the argument.
+//!
+//! Arrays are made by numpy and written through their `__array_interface__` data pointer
+//! (checked: dtype, shape, C order, writeable), so the module needs no numpy headers or crate
+//! and builds the icdit library with the same dependency features as the C ABI.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,7 +15,6 @@ use icdit::backend::Backend;
 use icdit::engine::Step;
 use icdit::session::{self, Preview, Session, SessionInfo, SessionOptions, SessionRequest};
 use icdit::{Error, FullSteps};
-use numpy::{PyArray1, PyArray4, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -167,11 +170,15 @@ impl Engine {
         } else {
             [n, i.latent_channels, i.latent_side, i.latent_side]
         };
-        let array: Bound<'py, PyAny> = match out {
-            Some(o) => checked_out(&o, pixels, shape)?,
-            None if pixels => PyArray4::<u8>::zeros(py, shape, false).into_any(),
-            None => PyArray4::<f32>::zeros(py, shape, false).into_any(),
+        let np = py.import("numpy")?;
+        let (dtype, elem) = if pixels { ("uint8", 1) } else { ("float32", 4) };
+        let array = match out {
+            Some(o) => o,
+            None => np.call_method1("zeros", (shape, dtype))?,
         };
+        // The array is held (and so its memory kept) until this call returns.
+        let (ptr, len) = writable(&array, dtype, shape)?;
+        debug_assert_eq!(ptr % elem, 0);
         let req = SessionRequest { classes: &classes, seed, first_index, cfg, preview: preview.is_some() };
         let latent_shape = [n, i.latent_channels, i.latent_side, i.latent_side];
         let pixel_shape = [n, i.latent_side, i.latent_side, i.latent_channels];
@@ -187,8 +194,9 @@ impl Engine {
                     cb.call1(py, (s.index, s.total))?;
                 }
                 if let (Some(cb), Some(p)) = (&preview, p) {
-                    let lat = PyArray1::from_slice(py, p.latents).reshape(latent_shape)?;
-                    let px = p.pixels.map(|x| PyArray1::from_slice(py, x).reshape(pixel_shape)).transpose()?;
+                    let np = py.import("numpy")?;
+                    let lat = filled(&np, "float32", latent_shape, bytemuck_f32(p.latents))?;
+                    let px = p.pixels.map(|x| filled(&np, "uint8", pixel_shape, x)).transpose()?;
                     cb.call1(py, (s.index, s.total, lat, px))?;
                 }
                 Ok(())
@@ -199,14 +207,13 @@ impl Engine {
             }
         };
         let result = if pixels {
-            let a = array.cast::<PyArray4<u8>>()?;
-            let mut rw = a.try_readwrite()?;
-            let buf = rw.as_slice_mut()?;
+            // SAFETY: `writable` checked a C-ordered, writeable uint8 array of `len` bytes.
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
             py.detach(|| self.lock().0.sample_pixels(&req, buf, &mut on_step))
         } else {
-            let a = array.cast::<PyArray4<f32>>()?;
-            let mut rw = a.try_readwrite()?;
-            let buf = rw.as_slice_mut()?;
+            // SAFETY: as above, a float32 array of `len / 4` elements, aligned (numpy aligns
+            // its own arrays; `writable` refuses unaligned ones).
+            let buf = unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, len / 4) };
             py.detach(|| self.lock().0.sample_latents(&req, buf, &mut on_step))
         };
         match (result, failure) {
@@ -231,6 +238,32 @@ impl Engine {
         preview: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         self.sample(py, classes, seed, cfg, first_index, "latents", out, progress, preview)
+    }
+
+    /// For scripts/embed-overhead.py: `iters` requests straight through the Rust API
+    /// (`icdit::Engine::sample` into f32 latents, an engine of its own with this one's model
+    /// and options, CPU backend, after one request to warm it), timed in Rust; seconds per
+    /// request.
+    #[pyo3(signature = (classes, seed=0, iters=10))]
+    fn _time_rust_api(&self, py: Python<'_>, classes: Vec<i64>, seed: u64, iters: usize) -> PyResult<Vec<f64>> {
+        let (model, opts) = {
+            let s = self.lock();
+            (Arc::clone(s.0.model()), s.0.options().clone())
+        };
+        py.detach(|| -> icdit::Result<Vec<f64>> {
+            let mut engine = icdit::Engine::new(model, &opts)?;
+            let mut out = vec![0.0f32; classes.len() * self.info.latent_len()];
+            let req = icdit::Request::new(&classes, seed);
+            engine.sample(&req, &mut out, &mut |_| {})?; // first touch of the new arenas
+            (0..iters)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    engine.sample(&req, &mut out, &mut |_| {})?;
+                    Ok(t.elapsed().as_secs_f64())
+                })
+                .collect()
+        })
+        .map_err(py_err)
     }
 
     /// Stops the request in progress (or the next one) before its next step; it raises
@@ -293,28 +326,49 @@ impl Engine {
     }
 }
 
-/// The caller's `out` array: the right dtype, shape and layout, or a TypeError naming it.
-fn checked_out<'py>(o: &Bound<'py, PyAny>, pixels: bool, shape: [usize; 4]) -> PyResult<Bound<'py, PyAny>> {
-    let want = if pixels { "uint8" } else { "float32" };
-    let ok = if pixels { o.cast::<PyArray4<u8>>().is_ok() } else { o.cast::<PyArray4<f32>>().is_ok() };
-    if !ok {
-        let found = match o.cast::<numpy::PyUntypedArray>() {
-            Ok(a) => format!("a {}-d {} array", a.ndim(), a.dtype()),
-            Err(_) => format!("a {}", o.get_type().name()?),
-        };
-        return Err(PyTypeError::new_err(format!(
-            "out: expected a 4-d {want} numpy array of shape {shape:?}, got {found}"
-        )));
+/// The data pointer and byte length of `o`, a numpy array that must be C-ordered, writeable,
+/// aligned and of `dtype` and `shape`; a TypeError or ValueError naming `out` otherwise.
+fn writable(o: &Bound<'_, PyAny>, dtype: &str, shape: [usize; 4]) -> PyResult<(usize, usize)> {
+    let want = format!("a C-ordered, writeable {dtype} numpy array of shape {shape:?}");
+    let Ok(iface) = o.getattr("__array_interface__") else {
+        return Err(PyTypeError::new_err(format!("out: expected {want}, got a {}", o.get_type().name()?)));
+    };
+    let typestr: String = iface.get_item("typestr")?.extract()?;
+    let expected = if dtype == "uint8" { "|u1" } else { "<f4" };
+    if typestr != expected {
+        let found: String = o.getattr("dtype")?.str()?.extract()?;
+        return Err(PyTypeError::new_err(format!("out: expected {want}, got dtype {found}")));
     }
-    let a = o.cast::<numpy::PyUntypedArray>()?;
-    if a.shape() != shape || !a.is_c_contiguous() {
+    let found: Vec<usize> = iface.get_item("shape")?.extract()?;
+    let strides_none = iface.get_item("strides")?.is_none();
+    let (ptr, readonly): (usize, bool) = iface.get_item("data")?.extract()?;
+    let elem = if dtype == "uint8" { 1 } else { 4 };
+    if found != shape || !strides_none || readonly || ptr % elem != 0 {
         return Err(PyValueError::new_err(format!(
-            "out: expected a C-contiguous {want} array of shape {shape:?}, got shape {:?}{}",
-            a.shape(),
-            if a.is_c_contiguous() { "" } else { " (not C-contiguous)" }
+            "out: expected {want}, got shape {found:?}{}{}",
+            if strides_none { "" } else { ", not C-ordered" },
+            if readonly { ", read-only" } else { "" }
         )));
     }
-    Ok(o.clone())
+    Ok((ptr, shape.iter().product::<usize>() * elem))
+}
+
+/// A new numpy array of `dtype` and `shape` holding `bytes`.
+fn filled<'py>(np: &Bound<'py, PyModule>, dtype: &str, shape: [usize; 4], bytes: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    let a = np.call_method1("empty", (shape, dtype))?;
+    let (ptr, len) = writable(&a, dtype, shape)?;
+    if len != bytes.len() {
+        return Err(PyRuntimeError::new_err(format!("preview: {} bytes for an array of {len}", bytes.len())));
+    }
+    // SAFETY: a fresh array of exactly `len` bytes, not shared yet.
+    unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr as *mut u8, len) };
+    Ok(a)
+}
+
+/// The bytes of an f32 slice.
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: f32 has no padding and any byte is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
 /// Computes rank-r factors for increment-calibrated caching and writes them to `out`

@@ -111,12 +111,20 @@ def test_bad_input_raises_naming_the_argument(short, tmp_path):
         short.sample([1, 2, 3, 4, 5])
     with pytest.raises(TypeError, match="classes"):
         short.sample([1.5])
-    with pytest.raises(TypeError, match="out: expected a 4-d uint8 numpy array.*float32"):
+    with pytest.raises(TypeError, match="out: expected a C-ordered, writeable uint8 .* got dtype float32"):
         short.sample([1], out=np.zeros((1, 32, 32, 3), np.float32))
-    with pytest.raises(TypeError, match="out: expected a 4-d float32"):
+    with pytest.raises(TypeError, match="out: expected a C-ordered, writeable float32 .* got dtype float64"):
         short.sample([1], output="latents", out=np.zeros((1, 3, 32, 32), np.float64))
+    with pytest.raises(TypeError, match="out: .* got a list"):
+        short.sample([1], out=[0] * 3072)
     with pytest.raises(ValueError, match=r"out: .*shape \[1, 32, 32, 3\], got shape \[2, 32, 32, 3\]"):
         short.sample([1], out=np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="not C-ordered"):
+        short.sample([1], out=np.zeros((1, 3, 32, 32), np.uint8).transpose(0, 2, 3, 1))
+    frozen = np.zeros((1, 32, 32, 3), np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        short.sample([1], out=frozen)
     with pytest.raises(ValueError, match="invalid output"):
         short.sample([1], output="png")
     with pytest.raises(ValueError, match="invalid cfg scale"):
