@@ -222,6 +222,8 @@ pub struct Session {
     /// The thread that opened a GPU session (a device context is bound to it); `None` for
     /// the CPU backend, whose engine may move between threads.
     opener: Option<std::thread::ThreadId>,
+    /// Time the last request spent in the engine's sampling loop (for overhead measurements).
+    last_engine: std::time::Duration,
 }
 
 impl Session {
@@ -292,6 +294,7 @@ impl Session {
             device: o.device,
             default_cfg: opts.cfg_scale,
             opener: (o.backend != Backend::Cpu).then(|| std::thread::current().id()),
+            last_engine: std::time::Duration::ZERO,
             opts,
             model,
         })
@@ -379,6 +382,12 @@ impl Session {
             "thread",
             "this session runs on a GPU backend and was opened on another thread: use it from the thread that opened it",
         ))
+    }
+
+    /// Wall time the last request spent inside the engine's sampling loop (the step
+    /// callbacks included): what a wrapper adds is a call's time minus this.
+    pub fn last_engine_time(&self) -> std::time::Duration {
+        self.last_engine
     }
 
     /// Refuses an empty request or one above the session's batch before anything else.
@@ -493,25 +502,29 @@ impl Session {
             Some(o) => o,
             None => &mut self.latents[..n * img],
         };
-        if !req.preview {
-            return self.engine.sample(&request, out, &mut |s| on_step(s, None));
-        }
-        if !self.engine.previews() {
+        if req.preview && !self.engine.previews() {
             return Err(Error::invalid("preview", "the GPU backends do not give per-step previews yet"));
         }
-        let pixels = &mut self.preview_pixels;
-        let rounding = self.rounding;
-        let pixel_model = self.model.space == SampleSpace::Pixel;
-        self.engine.sample_previewed(&request, out, &mut self.preview[..n * img], &mut |s, x0| {
-            let px = if pixel_model {
-                let p = &mut pixels[..n * img];
-                image::to_nhwc_u8(x0, n, cfg.in_channels, cfg.input_size, rounding, p);
-                Some(&p[..])
-            } else {
-                None
-            };
-            on_step(s, Some(Preview { latents: x0, pixels: px }));
-        })
+        let start = std::time::Instant::now();
+        let r = if !req.preview {
+            self.engine.sample(&request, out, &mut |s| on_step(s, None))
+        } else {
+            let pixels = &mut self.preview_pixels;
+            let rounding = self.rounding;
+            let pixel_model = self.model.space == SampleSpace::Pixel;
+            self.engine.sample_previewed(&request, out, &mut self.preview[..n * img], &mut |s, x0| {
+                let px = if pixel_model {
+                    let p = &mut pixels[..n * img];
+                    image::to_nhwc_u8(x0, n, cfg.in_channels, cfg.input_size, rounding, p);
+                    Some(&p[..])
+                } else {
+                    None
+                };
+                on_step(s, Some(Preview { latents: x0, pixels: px }));
+            })
+        };
+        self.last_engine = start.elapsed();
+        r
     }
 }
 

@@ -581,9 +581,19 @@ pub extern "C" fn icdit_abi_version() -> u32 {
     ICDIT_ABI_VERSION
 }
 
-/// Hooks for this crate's tests; not part of the C ABI.
+/// Hooks for this crate's tests and overhead measurement; not part of the C ABI.
 #[doc(hidden)]
 pub mod testing {
+    /// Seconds the last request on `engine` spent in the engine's sampling loop.
+    ///
+    /// # Safety
+    /// `engine` is a live handle with no call in progress.
+    pub unsafe fn last_engine_seconds(engine: *mut super::IcditEngine) -> f64 {
+        engine
+            .as_ref()
+            .map_or(0.0, |h| h.inner.lock().unwrap_or_else(|p| p.into_inner()).session.last_engine_time().as_secs_f64())
+    }
+
     /// Makes the next request on `engine` panic inside the engine's step loop (in the step
     /// callback the sampling loop runs), to prove the panic reaches C as a status.
     ///

@@ -58,6 +58,10 @@ impl Drop for Held {
 struct Engine {
     session: Mutex<Held>,
     interrupt: Arc<AtomicBool>,
+    /// The last request's time in the engine and in the per-step callbacks (this module's
+    /// GIL re-acquisition and signal check included), in ns: for scripts/embed-overhead.py.
+    last_engine_ns: std::sync::atomic::AtomicU64,
+    last_callbacks_ns: std::sync::atomic::AtomicU64,
     info: SessionInfo,
     class_names: Option<Vec<String>>,
     describe: String,
@@ -128,6 +132,8 @@ impl Engine {
         let session = Session::open(&opts).map_err(py_err)?;
         Ok(Engine {
             interrupt: session.interrupt_flag(),
+            last_engine_ns: Default::default(),
+            last_callbacks_ns: Default::default(),
             info: session.info(),
             class_names: session.model().class_names.clone(),
             describe: session.engine().describe(),
@@ -184,10 +190,12 @@ impl Engine {
         let pixel_shape = [n, i.latent_side, i.latent_side, i.latent_channels];
         let mut failure: Option<PyErr> = None;
         let interrupt = &*self.interrupt;
+        let mut callbacks = std::time::Duration::ZERO;
         let mut on_step = |s: Step, p: Option<Preview>| {
             if failure.is_some() {
                 return;
             }
+            let t = std::time::Instant::now();
             let r = Python::attach(|py| -> PyResult<()> {
                 py.check_signals()?;
                 if let Some(cb) = &progress {
@@ -205,17 +213,19 @@ impl Engine {
                 failure = Some(e);
                 interrupt.store(true, Ordering::SeqCst);
             }
+            callbacks += t.elapsed();
         };
         let result = if pixels {
             // SAFETY: `writable` checked a C-ordered, writeable uint8 array of `len` bytes.
             let buf = unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) };
-            py.detach(|| self.lock().0.sample_pixels(&req, buf, &mut on_step))
+            py.detach(|| self.timed(|s| s.sample_pixels(&req, buf, &mut on_step)))
         } else {
             // SAFETY: as above, a float32 array of `len / 4` elements, aligned (numpy aligns
             // its own arrays; `writable` refuses unaligned ones).
             let buf = unsafe { std::slice::from_raw_parts_mut(ptr as *mut f32, len / 4) };
-            py.detach(|| self.lock().0.sample_latents(&req, buf, &mut on_step))
+            py.detach(|| self.timed(|s| s.sample_latents(&req, buf, &mut on_step)))
         };
+        self.last_callbacks_ns.store(callbacks.as_nanos() as u64, Ordering::Relaxed);
         match (result, failure) {
             (_, Some(e)) => Err(e),
             (Err(e), None) => Err(py_err(e)),
@@ -264,6 +274,13 @@ impl Engine {
                 .collect()
         })
         .map_err(py_err)
+    }
+
+    /// For scripts/embed-overhead.py: (seconds in the engine's sampling loop, seconds of that
+    /// in this module's per-step callbacks) of the last request.
+    fn _last_timing(&self) -> (f64, f64) {
+        let s = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64 * 1e-9;
+        (s(&self.last_engine_ns), s(&self.last_callbacks_ns))
     }
 
     /// Stops the request in progress (or the next one) before its next step; it raises
@@ -321,6 +338,14 @@ impl Engine {
 }
 
 impl Engine {
+    /// Runs `f` on the session and records its engine time.
+    fn timed<T>(&self, f: impl FnOnce(&mut Session) -> T) -> T {
+        let mut held = self.lock();
+        let r = f(&mut held.0);
+        self.last_engine_ns.store(held.0.last_engine_time().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
         self.session.lock().unwrap_or_else(|p| p.into_inner())
     }
