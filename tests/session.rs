@@ -166,3 +166,16 @@ fn bad_input_names_the_argument() {
     // The session still works after every refusal.
     s.sample_pixels(&SessionRequest::new(&[1], 0), &mut out, &mut |_, _| {}).unwrap();
 }
+
+#[test]
+fn gpu_sessions_refuse_previews_until_the_pipeline_gives_them() {
+    // The GPU pipeline on the emulated device: sampling works, previews are refused by name.
+    let mut s = Session::open(&SessionOptions { backend: icdit::backend::Backend::Emu, ..short() }).unwrap();
+    assert!(!s.info().previews && s.thread_bound() && s.usable_here());
+    let mut out = vec![0u8; s.info().pixel_len()];
+    let req = SessionRequest { preview: true, ..SessionRequest::new(&[1], 0) };
+    match s.sample_pixels(&req, &mut out, &mut |_, _| {}) {
+        Err(Error::Invalid { what: "preview", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}

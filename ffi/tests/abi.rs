@@ -244,3 +244,22 @@ fn previews_reach_c_and_end_at_the_result() {
         icdit_close(h);
     }
 }
+
+#[test]
+fn a_gpu_handle_belongs_to_the_thread_that_opened_it() {
+    unsafe {
+        let emu = CString::new("emu").unwrap();
+        let h = open(|o| o.backend = emu.as_ptr()).unwrap();
+        let addr = h as usize;
+        let (status, msg) = std::thread::spawn(move || {
+            let h = addr as *mut IcditEngine;
+            let mut px = vec![0u8; 3072];
+            let s = icdit_sample_pixels(h, &request(&[1], 0), px.as_mut_ptr(), px.len());
+            (s, last_error(h))
+        })
+        .join()
+        .unwrap();
+        assert!(status == IcditStatus::InvalidArgument && msg.starts_with("invalid thread"), "{status:?} {msg}");
+        icdit_close(h);
+    }
+}
