@@ -70,9 +70,15 @@ fn build_emulation(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         // Keep f32 arithmetic as written (no fused multiply-add contraction): deterministic
         // results whatever -march the host compiler is given.
         .flag("-ffp-contract=off")
-        // __shared__ and threadIdx are thread-locals read in inner loops; the library is only
-        // linked into executables, so the cheapest TLS model applies.
-        .flag("-ftls-model=initial-exec")
+        // __shared__ and threadIdx are thread-locals read in inner loops: linked into an
+        // executable, the cheapest TLS model applies. Feature `dlopen` (the C ABI and the
+        // Python module, loaded at run time) needs the general model: dlopen cannot place an
+        // initial-exec library's thread-locals once the process has started.
+        .flag(if std::env::var_os("CARGO_FEATURE_DLOPEN").is_some() {
+            "-ftls-model=global-dynamic"
+        } else {
+            "-ftls-model=initial-exec"
+        })
         .warnings(true)
         .extra_warnings(true)
         .file(kernels.join("emu/runtime.cpp"));

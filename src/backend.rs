@@ -83,6 +83,33 @@ impl AnyEngine {
         }
     }
 
+    /// See [`SamplingEngine::sample_previewed`](crate::SamplingEngine::sample_previewed).
+    pub fn sample_previewed(
+        &mut self,
+        req: &Request,
+        out: &mut [f32],
+        preview: &mut [f32],
+        on_step: &mut dyn FnMut(Step, &[f32]),
+    ) -> Result<()> {
+        match self {
+            AnyEngine::Cpu(e) => e.sample_previewed(req, out, preview, on_step),
+            AnyEngine::Emu(e) => e.sample_previewed(req, out, preview, on_step),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.sample_previewed(req, out, preview, on_step),
+        }
+    }
+
+    /// Whether the backend gives per-step previews (the CPU backend does; the GPU pipeline
+    /// does not yet).
+    pub fn previews(&self) -> bool {
+        match self {
+            AnyEngine::Cpu(e) => e.previews(),
+            AnyEngine::Emu(e) => e.previews(),
+            #[cfg(feature = "cuda")]
+            AnyEngine::Cuda(e) => e.previews(),
+        }
+    }
+
     /// See [`Engine::set_interrupt`].
     pub fn set_interrupt(&mut self, flag: Option<Arc<AtomicBool>>) {
         match self {

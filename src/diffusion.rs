@@ -244,6 +244,14 @@ pub fn ddpm_mean_logvar(c: &StepCoeffs, x: f32, eps: f32, var: Variance, i: usiz
     (mean, log_var)
 }
 
+/// The sampler's estimate of the clean sample, x̂₀ = √(1/ᾱ)·x − √(1/ᾱ − 1)·ε, computed as
+/// both updates compute it (no clipping, as DiT samples); for per-step previews.
+pub fn predict_x0(c: &StepCoeffs, x: &[f32], eps: &[f32], out: &mut [f32]) {
+    for ((o, &x), &e) in out.iter_mut().zip(x).zip(eps) {
+        *o = c.sqrt_recip * x - c.sqrt_recipm1 * e;
+    }
+}
+
 /// One DDIM step on one image (reference doc D.6): ε is re-derived from x₀ as the official
 /// code does, then x_{k−1} = x₀·√ᾱ_prev + √(1 − ᾱ_prev − σ²)·ε' + σ·noise.
 pub fn ddim_step(c: &StepCoeffs, eta: f32, x: &mut [f32], eps: &[f32], noise: &[f32]) {

@@ -199,6 +199,17 @@ pub trait SamplingBackend {
     /// Copies the request's final latents into `out` (its length validated); a backend that
     /// checks values on the way fails here with [`Error::NonFinite`].
     fn finish(&mut self, out: &mut [f32]) -> Result<()>;
+    /// Whether [`denoised`](SamplingBackend::denoised) is implemented (per-step previews).
+    fn previews(&self) -> bool {
+        false
+    }
+    /// After [`step`](SamplingBackend::step) `k`: the model's current estimate of the clean
+    /// sample, x̂₀ = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̂ with the step's guided ε̂, into `out`
+    /// (the request's size). Only called when [`previews`](SamplingBackend::previews) is true.
+    fn denoised(&mut self, k: usize, out: &mut [f32]) -> Result<()> {
+        let _ = (k, out);
+        Err(Error::invalid("preview", "this backend does not give per-step previews"))
+    }
 }
 
 /// A model plus a sampler on a backend, ready to serve requests.
@@ -256,6 +267,46 @@ impl<B: SamplingBackend> SamplingEngine<B> {
     /// [−1, 1] for pixel-space models). Allocates nothing. `progress` runs after each step
     /// (on a device: as each step is issued; the host waits only for the final copy).
     pub fn sample(&mut self, req: &Request, out: &mut [f32], progress: &mut dyn FnMut(Step)) -> Result<()> {
+        self.run(req, out, None, &mut |step, _| progress(step))
+    }
+
+    /// Whether this engine's backend gives per-step previews
+    /// ([`sample_previewed`](SamplingEngine::sample_previewed)).
+    pub fn previews(&self) -> bool {
+        self.backend.previews()
+    }
+
+    /// As [`sample`](SamplingEngine::sample), and after each step writes the model's current
+    /// x̂₀ (the denoised estimate, same layout as `out`) into the caller's `preview` buffer
+    /// and passes it to `on_step`. Allocates nothing; after the last step x̂₀ is the result.
+    pub fn sample_previewed(
+        &mut self,
+        req: &Request,
+        out: &mut [f32],
+        preview: &mut [f32],
+        on_step: &mut dyn FnMut(Step, &[f32]),
+    ) -> Result<()> {
+        if !self.backend.previews() {
+            return Err(Error::invalid("preview", "this backend does not give per-step previews"));
+        }
+        if preview.len() != out.len() {
+            return Err(Error::invalid(
+                "preview buffer",
+                format!("{} elements, expected {} (the output's size)", preview.len(), out.len()),
+            ));
+        }
+        self.run(req, out, Some(preview), on_step)
+    }
+
+    /// The sampling loop, written once; `preview` (validated by the caller) receives x̂₀
+    /// after each step when given.
+    fn run(
+        &mut self,
+        req: &Request,
+        out: &mut [f32],
+        mut preview: Option<&mut [f32]>,
+        on_step: &mut dyn FnMut(Step, &[f32]),
+    ) -> Result<()> {
         let cfg = self.backend.model().config;
         let (steps, max_batch) = (self.backend.schedule().len(), self.backend.options().max_batch);
         validate_request(&cfg, steps, max_batch, req, out.len())?;
@@ -273,7 +324,14 @@ impl<B: SamplingBackend> SamplingEngine<B> {
             let kind = policy::step_kind(&opts.cache, &opts.full_steps, index);
             policy::check_step(kind, &opts.cache, self.backend.cached_rows(), rows)?;
             self.backend.step(req, index, k, kind)?;
-            progress(Step { index, total: steps, timestep: self.backend.schedule().timestep_map[k] });
+            let step = Step { index, total: steps, timestep: self.backend.schedule().timestep_map[k] };
+            match preview.as_deref_mut() {
+                Some(buf) => {
+                    self.backend.denoised(k, buf)?;
+                    on_step(step, buf);
+                }
+                None => on_step(step, &[]),
+            }
         }
         self.backend.finish(out)?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {

@@ -45,6 +45,28 @@ fn nothing_allocates_after_set_up() {
     sample_allocates_nothing_after_the_first_call();
     vae_decode_allocates_nothing();
     gpu_pipeline_allocates_nothing();
+    session_allocates_nothing();
+}
+
+/// The embedding layer the C ABI and Python wrap: pixels, latents and per-step previews
+/// into the caller's buffers, after the first request.
+fn session_allocates_nothing() {
+    use icdit::session::{Session, SessionOptions, SessionRequest};
+    let mut s = Session::open(&SessionOptions { steps: Some(3), max_batch: 2, ..Default::default() }).unwrap();
+    let info = s.info();
+    let (mut px, mut lat) = (vec![0u8; 2 * info.pixel_len()], vec![0.0f32; 2 * info.latent_len()]);
+    let preview = SessionRequest { preview: true, ..SessionRequest::new(&[1, 2], 5) };
+    s.sample_pixels(&preview, &mut px, &mut |_, _| {}).unwrap();
+    let before = ALLOCS.load(Ordering::SeqCst);
+    let mut previews = 0;
+    s.sample_pixels(&preview, &mut px, &mut |_, p| previews += p.is_some() as usize).unwrap();
+    s.sample_latents(&SessionRequest::new(&[3, 4], 6), &mut lat, &mut |_, _| {}).unwrap();
+    s.sample_pixels(&SessionRequest::new(&[5], 7), &mut px[..info.pixel_len()], &mut |_, _| {}).unwrap();
+    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    println!("session: {during} allocations in 3 requests ({previews} previews)");
+    assert_eq!(during, 0, "the session allocated {during} times");
+    assert_eq!(previews, 3);
+    assert!(px.iter().any(|&v| v != px[0]) && lat.iter().any(|v| v.abs() > 1e-3));
 }
 
 /// The GPU pipeline on the emulated device: a request (full-size, replaying the recorded

@@ -318,6 +318,20 @@ impl SamplingBackend for CpuBackend {
         out.copy_from_slice(&self.buffer(self.buffers.latents)[..len]);
         Ok(())
     }
+
+    fn previews(&self) -> bool {
+        true
+    }
+
+    /// x̂₀ from the step's input (x_t is still the first rows of `model_input`) and its
+    /// guided ε; nothing is kept or computed for it when no preview is asked for.
+    fn denoised(&mut self, k: usize, out: &mut [f32]) -> Result<()> {
+        let len = out.len();
+        let c = self.schedule.coeffs(k);
+        let (x, eps) = self.buffer_pair(self.buffers.model_input, self.buffers.guided_eps);
+        diffusion::predict_x0(&c, &x[..len], &eps[..len], out);
+        Ok(())
+    }
 }
 
 /// The CPU sampling engine's own accessors and constructor.

@@ -17,9 +17,6 @@ use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, IccForm
 use crate::model_args::ModelArgs;
 use crate::output::ImageOut;
 
-/// The bundled default model (weights/README.md), used when --weights is not given.
-pub const DEFAULT_WEIGHTS: &str = "weights/icdit-shapes-32.safetensors";
-
 /// The classes DiT's sample.py draws for ImageNet models.
 const SAMPLE_PY_CLASSES: [i64; 8] = [207, 360, 387, 974, 88, 979, 417, 279];
 
@@ -119,14 +116,6 @@ pub struct SampleArgs {
     no_finite_check: bool,
 }
 
-/// Sampling settings a model file may recommend (metadata `icdit_sampling`).
-#[derive(serde::Deserialize, Default)]
-struct Recommended {
-    sampler: Option<String>,
-    steps: Option<usize>,
-    cfg: Option<f32>,
-}
-
 pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     let weights = args.weights.clone().unwrap_or_else(default_weights);
     let model = Arc::new(args.model.load(&weights).map_err(|e| match (&args.weights, e) {
@@ -140,8 +129,8 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
         (_, e) => e,
     })?);
     let cfg = model.config;
-    let rec = recommended(&model)?;
-    let vae = open_vae(&args, &weights, &model)?;
+    let rec = icdit::session::recommended(&model)?;
+    let vae = icdit::session::open_vae(args.vae.as_deref(), &weights, &model)?;
     let makes_images = model.space == SampleSpace::Pixel || vae.is_some();
     if makes_images && args.shard.num_images.is_none() {
         args.images.prepare()?; // a --num-images run checks its own folder (icdit::scale_out)
@@ -449,29 +438,9 @@ fn step_kind_report(
         .collect())
 }
 
-/// The bundled model, relative to the working directory or to the source checkout.
+/// The bundled model (see [`icdit::session::default_weights`]).
 pub fn default_weights() -> PathBuf {
-    let here = PathBuf::from(DEFAULT_WEIGHTS);
-    if here.exists() {
-        return here;
-    }
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_WEIGHTS);
-    if built.exists() {
-        built
-    } else {
-        here
-    }
-}
-
-fn recommended(model: &DitModel) -> Result<Recommended, Error> {
-    let Some(file) = model.store.files().first() else { return Ok(Recommended::default()) };
-    match file.metadata().get("icdit_sampling") {
-        None => Ok(Recommended::default()),
-        Some(s) => serde_json::from_str(s).map_err(|e| Error::Config {
-            origin: format!("{} (metadata `icdit_sampling`)", file.path().display()),
-            reason: e.to_string(),
-        }),
-    }
+    icdit::session::default_weights()
 }
 
 fn choose_classes(args: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error> {
@@ -499,27 +468,6 @@ fn choose_classes(args: &SampleArgs, model: &DitModel) -> Result<Vec<i64>, Error
 fn read_noise(path: &Path, n: usize, cfg: &icdit::DitConfig) -> Result<(Vec<f32>, Option<Vec<f32>>), Error> {
     let noise = icdit::inputs::read_noise(path, n, cfg)?;
     Ok((noise.z, noise.step_noise))
-}
-
-/// The VAE decoder for a latent-space model: --vae, or the pipeline's own `vae/` folder.
-fn open_vae(args: &SampleArgs, weights: &Path, model: &DitModel) -> Result<Option<Arc<VaeModel>>, Error> {
-    let path = match &args.vae {
-        Some(p) => p.clone(),
-        None if weights.is_dir() && weights.join("vae").join("config.json").is_file() => weights.join("vae"),
-        None => return Ok(None),
-    };
-    if model.space == SampleSpace::Pixel {
-        return Err(Error::invalid("--vae", "this model samples pixels directly; it has no latents to decode"));
-    }
-    let vae = Arc::new(VaeModel::load(&path)?);
-    let (lc, c) = (vae.config.latent_channels, model.config.in_channels);
-    if lc != c {
-        return Err(Error::Config {
-            origin: format!("{} with {}", path.display(), weights.display()),
-            reason: format!("the VAE decodes {lc}-channel latents but the DiT samples {c} channels"),
-        });
-    }
-    Ok(Some(vae))
 }
 
 /// Decodes `n` latents into (C, H, W) images, as many a call as the decoder takes,
