@@ -175,7 +175,9 @@ __device__ __forceinline__ void lowrank(const Params& p) {
     // ---- phase 2: the block's output tiles, act(add + scale · t·up_gᵀ) ---------------------
     const int tiles = (gw + BN - 1) / BN;
     const int first = (int)((long long)s * tiles / splits), last = (int)((long long)(s + 1) * tiles / splits);
-    half* ub[2] = {work, work + BN * ldt};
+    // The two up-tile buffers: work and work + BN·ldt (by arithmetic, not an array, so the
+    // pointers stay in registers).
+    const int ub_stride = BN * ldt;
     const int up_chunks = rp / 8;  // 16-byte chunks per up-tile row
     auto load_up = [&](int tile, half* dst) {
         const int n0 = tile * BN;
@@ -185,17 +187,17 @@ __device__ __forceinline__ void lowrank(const Params& p) {
             cp_async_16(dst + r * ldt + kc, valid ? up + (size_t)(n0 + r) * rank + kc : up, valid);
         }
     };
-    if (first < last) load_up(first, ub[0]);
+    if (first < last) load_up(first, work);
     cp_async_commit();
         for (int tile = first; tile < last; ++tile) {
         const int b = (tile - first) % 2;
-        if (tile + 1 < last) load_up(tile + 1, ub[1 - b]);
+        if (tile + 1 < last) load_up(tile + 1, work + (1 - b) * ub_stride);
         cp_async_commit();
         cp_async_wait<1>();  // this thread's copies of this tile have landed
         __syncthreads();     // everyone's have; ts is published; the last epilogue is done with cf
         wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FMR];
         for (int i = 0; i < FMR; ++i) wmma::fill_fragment(acc[i], 0.f);
-        const half* us = ub[b];
+        const half* us = work + b * ub_stride;
         for (int kk = 0; kk < rp; kk += 16) {
             wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::col_major> fb;
             wmma::load_matrix_sync(fb, us + warp * 16 * ldt + kk, ldt);
