@@ -113,7 +113,8 @@ pub fn check_plan_size(cfg: &DitConfig, rows: usize) -> Result<()> {
         .unwrap_or(0);
     let r = rows as u128;
     let image = (cfg.out_channels().max(cfg.in_channels) as u128) * (cfg.input_size as u128).pow(2);
-    let largest = [(r + 16) * n * widest.max(FREQ_DIM as u128), r * image, 1024 * n * n, r * 6 * c].into_iter().max();
+    let largest =
+        [(r + 16) * n * widest.max(FREQ_DIM as u128), r * image, 1024 * n * (n + 2 * c), r * 6 * c].into_iter().max();
     if largest.unwrap_or(0) > (1u128 << 56) {
         return Err(Error::invalid(
             "batch",
@@ -150,7 +151,7 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
             &[gemm::packed_a_len(rows * n, c.max(m).max(cfg.patch_dim()).max(FREQ_DIM))],
             Dt::F32,
         ),
-        attn_scratch: p.add("attn_scores", &[threads, n * n], Dt::F32),
+        attn_scratch: p.add("attn_scratch", &[threads, ops::attention_scratch(n, cfg.head_dim())], Dt::F32),
         cache: Vec::new(),
         lowrank: None,
     };

@@ -13,6 +13,11 @@ use crate::embed;
 use crate::factors::LayerType;
 use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm};
 
+/// f32 elements of attention scratch one thread needs: the N×N scores, packed vᵀ and Oᵀ.
+pub(super) fn attention_scratch(n: usize, d: usize) -> usize {
+    n * n + gemm::packed_a_len(d, n) + d * n
+}
+
 fn gemm_act(a: Activation) -> gemm::Act {
     match a {
         Activation::None => gemm::Act::None,
@@ -243,52 +248,85 @@ impl DitOps for CpuEngine {
             }
             Linear::Final => unreachable!(),
         };
-        // T = (x − x_s)·downᵀ, all of q/k/v's projections in one GEMM; the increment
-        // x − x_s (reference doc E.4) is formed while packing, never stored.
+        // One pass over the pool: each thread takes its own MR-aligned rows and computes
+        // T = (x − x_s)·downᵀ for them (all of q/k/v's projections in one product; the
+        // increment x − x_s, reference doc E.4, is formed while packing, never stored), then
+        // dst = act(y_s + T·upᵀ) for the same rows, one output group (C or M columns) per
+        // factorised layer. T stays in this thread's rows of the low-rank buffer, written and
+        // read by the same core while it is in cache; no thread waits for another between
+        // the products, and nothing is packed for the other thread. Each element is summed
+        // in the same order as by separate GEMMs, so the bits do not depend on the split.
         let (lp, _) = self.ptr(low);
-        // SAFETY: src and the cached input are only read; lowrank only written.
-        let (x, xs_cache) =
-            unsafe { (self.view(self.act_buf(src), m * inp), self.view(self.act_buf(Act::Cache(i, xs)), m * inp)) };
-        self.gemm(&Gemm {
-            m,
-            n: rank_total,
-            k: inp,
-            a: x,
-            a_minus: Some(xs_cache),
-            lda: inp,
-            conv: None,
-            b: BMat::weight(down, inp),
-            bias: None,
-            add: None,
-            act: gemm::Act::None,
-            c: lp,
-            ldc: rank_total.max(1),
-        });
-        // dst = act(y_s + T·upᵀ), one output group (C or M columns) per factorised layer.
-        let group = out / parts.len();
         let (dp, _) = self.ptr(self.act_buf(dst));
-        // SAFETY: lowrank and the cached output are only read; dst only written.
-        let (t, ycache) =
-            unsafe { (self.view(low, m * rank_total), self.view(self.act_buf(Act::Cache(i, ys)), m * out)) };
-        let mut r0 = 0;
-        for &(lt, g) in parts {
-            let f = block.get(lt);
-            self.gemm(&Gemm {
-                m,
-                n: group,
-                k: f.rank,
-                a: &t[r0..],
-                a_minus: None,
-                lda: rank_total.max(1),
-                conv: None,
-                b: BMat::weight(factors.w(f.up), f.rank),
-                bias: None,
-                add: Some((&ycache[g * group..], out)),
-                act: gemm_act(act),
-                c: SendPtr(unsafe { dp.get().add(g * group) }),
-                ldc: out,
-            });
-            r0 += f.rank;
+        let (sp, _) = self.ptr(self.bufs.gemm_scratch);
+        // SAFETY: src and both caches are only read; lowrank and dst only written (distinct
+        // buffers), each thread touching only its own rows of them.
+        let (x, xs_cache, ycache) = unsafe {
+            (
+                self.view(self.act_buf(src), m * inp),
+                self.view(self.act_buf(Act::Cache(i, xs)), m * inp),
+                self.view(self.act_buf(Act::Cache(i, ys)), m * out),
+            )
+        };
+        let (gemmer, ld, group, act) = (self.gemm, rank_total.max(1), out / parts.len(), gemm_act(act));
+        let job = |tid: usize, rows: std::ops::Range<usize>| {
+            if rows.is_empty() {
+                return;
+            }
+            let (r, len) = (rows.start, rows.len());
+            // SAFETY: each thread has its own scratch slice and its own rows of lowrank/dst.
+            let scratch = unsafe {
+                std::slice::from_raw_parts_mut(sp.get().add(tid * gemm::SCRATCH_PER_THREAD), gemm::SCRATCH_PER_THREAD)
+            };
+            gemmer.run_single(
+                scratch,
+                &Gemm {
+                    m: len,
+                    n: rank_total,
+                    k: inp,
+                    a: &x[r * inp..],
+                    a_minus: Some(&xs_cache[r * inp..]),
+                    lda: inp,
+                    conv: None,
+                    b: BMat::weight(down, inp),
+                    bias: None,
+                    add: None,
+                    act: gemm::Act::None,
+                    c: SendPtr(unsafe { lp.get().add(r * ld) }),
+                    ldc: ld,
+                },
+            );
+            // SAFETY: this thread's rows of T, complete now; nobody else writes them.
+            let t = unsafe { std::slice::from_raw_parts(lp.get().add(r * ld), len * ld) };
+            let mut r0 = 0;
+            for &(lt, g) in parts {
+                let f = block.get(lt);
+                gemmer.run_single(
+                    scratch,
+                    &Gemm {
+                        m: len,
+                        n: group,
+                        k: f.rank,
+                        a: &t[r0..],
+                        a_minus: None,
+                        lda: ld,
+                        conv: None,
+                        b: BMat::weight(factors.w(f.up), f.rank),
+                        bias: None,
+                        add: Some((&ycache[r * out + g * group..], out)),
+                        act,
+                        c: SendPtr(unsafe { dp.get().add(r * out + g * group) }),
+                        ldc: out,
+                    },
+                );
+                r0 += f.rank;
+            }
+        };
+        let threads = self.pool.threads();
+        if threads == 1 || m * rank_total * (inp + group) < gemm::SMALL_MACS {
+            job(0, 0..m);
+        } else {
+            self.pool.run(&|tid| job(tid, split(m, threads, tid, gemm::MR)));
         }
     }
 
@@ -306,11 +344,14 @@ impl DitOps for CpuEngine {
         let (gs, _) = self.ptr(self.bufs.gemm_scratch);
         let gemmer = self.gemm;
         let threads = self.pool.threads();
+        let per = attention_scratch(n, d);
         // SAFETY (whole closure): qkv is read-only; each (row, head) job writes its own
         // D-column slice of attn; each thread uses its own score and GEMM scratch slices.
         let job = |tid: usize| {
             let qkv = unsafe { std::slice::from_raw_parts(qkv.get(), qlen) };
-            let scores = unsafe { std::slice::from_raw_parts_mut(ss.get().add(tid * n * n), n * n) };
+            let own = unsafe { std::slice::from_raw_parts_mut(ss.get().add(tid * per), per) };
+            let (scores, rest) = own.split_at_mut(n * n);
+            let (vt, ot) = rest.split_at_mut(gemm::packed_a_len(d, n));
             let scratch = unsafe {
                 std::slice::from_raw_parts_mut(gs.get().add(tid * gemm::SCRATCH_PER_THREAD), gemm::SCRATCH_PER_THREAD)
             };
@@ -337,23 +378,30 @@ impl DitOps for CpuEngine {
                 for row in scores.chunks_exact_mut(n) {
                     math::softmax_scaled(isa, row, scale);
                 }
-                // O = P·v: B(j = d, p = token) = v[token, d], i.e. rs 1, cs 3C.
+                // O = P·v, computed as Oᵀ = vᵀ·Pᵀ: with the head dim (72) as the GEMM's rows
+                // it fills whole 12-row tiles, where as columns it left a third of a 32-wide
+                // panel idle (96 computed for 72). vᵀ is packed straight from v (its columns
+                // are v's rows); Oᵀ goes through this thread's scratch and is transposed into
+                // attn. Each element is the same sum over tokens in the same order, so the
+                // bits are those of P·v.
                 let pv = Gemm {
-                    m: n,
-                    n: d,
+                    m: d,
+                    n,
                     k: n,
-                    a: scores,
+                    a: &[],
                     a_minus: None,
                     lda: n,
                     conv: None,
-                    b: BMat { data: &qkv[base + 2 * c..], rs: 1, cs: 3 * c },
+                    b: BMat::weight(scores, n),
                     bias: None,
                     add: None,
                     act: gemm::Act::None,
-                    c: SendPtr(unsafe { attn.get().add(r * n * c + hd * d) }),
-                    ldc: c,
+                    c: SendPtr(ot.as_mut_ptr()),
+                    ldc: n,
                 };
-                gemmer.run_single(scratch, &pv);
+                gemmer.run_single_cols(scratch, vt, &qkv[base + 2 * c..], 3 * c, &pv);
+                // SAFETY: row r, every token, this head's D columns of attn: this job's own.
+                unsafe { gemmer.transpose(ot, n, d, n, attn.get().add(r * n * c + hd * d), c) };
             }
         };
         self.pool.run(&job);

@@ -37,7 +37,10 @@ pub(super) unsafe fn kernel_portable(
 }
 
 /// AVX-512 microkernel: 12 rows × 32 columns in 24 zmm accumulators; per k step two B
-/// loads, twelve broadcasts and 24 FMAs. Edge columns use masked loads/stores.
+/// loads, twelve broadcasts and 24 FMAs. Edge columns use masked loads/stores. A tile of at
+/// most 4 valid rows (the modulation GEMMs have m = 2 per request row pair) runs a 4-row
+/// build of the same loop instead of computing 12 rows and storing 2: every element is the
+/// same chain of FMAs either way, so the bits do not change.
 ///
 /// # Safety
 /// As [`kernel_portable`], and the CPU must support AVX-512F.
@@ -54,8 +57,33 @@ pub(super) unsafe fn kernel_avx512(
     nr: usize,
     accumulate: bool,
 ) {
+    if mr <= 4 {
+        kernel_avx512_rows::<4>(kc, a, b, c, ldc, mr, nr, accumulate)
+    } else {
+        kernel_avx512_rows::<MR>(kc, a, b, c, ldc, mr, nr, accumulate)
+    }
+}
+
+/// [`kernel_avx512`] computing the first `R` rows of the tile (`mr` ≤ `R` ≤ `MR`).
+///
+/// # Safety
+/// As [`kernel_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+#[inline]
+unsafe fn kernel_avx512_rows<const R: usize>(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    mr: usize,
+    nr: usize,
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for p in 0..kc {
         let b0 = _mm512_loadu_ps(b.add(p * NR));
         let b1 = _mm512_loadu_ps(b.add(p * NR + 16));

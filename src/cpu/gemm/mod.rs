@@ -18,7 +18,7 @@ use super::math;
 use super::pool::{split, SendPtr, ThreadPool};
 use crate::isa::{Isa, IsaKind};
 use kernels::*;
-use pack::{pack_a, pack_b};
+use pack::{pack_a, pack_a_cols, pack_b};
 
 /// Microkernel tile: MR rows × NR columns of C, the layout of the packed panels. AVX-512
 /// holds it in registers at once (12 × 2 zmm = 24 of 32); AVX2 (16 ymm) and NEON (32 q
@@ -30,6 +30,10 @@ pub const NR: usize = 32;
 const KC: usize = 256;
 const MC: usize = 144;
 const NC: usize = 384;
+
+/// Below this many multiply-adds a product runs on the calling thread alone: waking the
+/// workers would cost more than it saves.
+pub const SMALL_MACS: usize = 1 << 16;
 
 /// f32 elements of scratch each thread needs.
 pub const SCRATCH_PER_THREAD: usize = KC * NC + MC * KC;
@@ -160,7 +164,7 @@ impl Gemmer {
         assert!(scratch.len() >= threads * SCRATCH_PER_THREAD, "GEMM scratch too small");
         check_bounds(g);
         let scratch = SendPtr(scratch.as_mut_ptr());
-        if g.m * g.n * g.k < 1 << 16 || threads == 1 {
+        if g.m * g.n * g.k < SMALL_MACS || threads == 1 {
             // Too small to be worth waking the workers (or nobody to wake).
             // SAFETY: the scratch length was checked for at least one thread.
             let mine = unsafe { std::slice::from_raw_parts_mut(scratch.get(), SCRATCH_PER_THREAD) };
@@ -211,6 +215,36 @@ impl Gemmer {
         self.block(g, 0..g.m, 0..g.n, scratch, None);
     }
 
+    /// Single-threaded GEMM whose A operand has contiguous columns: A(i, p) =
+    /// `a_cols[p·cs + i]` (`g.a`, `g.a_minus`, `g.lda` and `g.conv` are ignored). A is
+    /// packed once into `packed` ([`packed_a_len`]`(m, k)` floats) with plain copies, where
+    /// the row-major packer would need transposes. Attention's O = P·v runs as
+    /// Oᵀ = vᵀ·Pᵀ through this, so the head dim (72) fills 12-row tiles.
+    pub fn run_single_cols(&self, scratch: &mut [f32], packed: &mut [f32], a_cols: &[f32], cs: usize, g: &Gemm) {
+        assert!(scratch.len() >= SCRATCH_PER_THREAD, "GEMM scratch too small");
+        if g.m == 0 || g.n == 0 {
+            return;
+        }
+        let len = packed_a_len(g.m, g.k);
+        assert!(g.k == 0 || (cs >= g.m && a_cols.len() >= (g.k - 1) * cs + g.m), "GEMM: A (columns) too small");
+        assert!(packed.len() >= len, "GEMM: packed A too small");
+        check_bounds(&Gemm { a: &[], a_minus: None, conv: None, lda: g.k, k: 0, ..*g });
+        if g.k > 0 {
+            let last = (g.n - 1) * g.b.rs + (g.k - 1) * g.b.cs;
+            assert!(g.b.data.len() > last, "GEMM: B too small");
+        }
+        pack_a_cols(a_cols, cs, g.m, g.k, packed);
+        self.block(g, 0..g.m, 0..g.n, scratch, Some(&packed[..len]));
+    }
+
+    /// `dst[c·ds + r] = src[r·ss + c]`, r < rows, c < cols (by 4×4 register blocks).
+    ///
+    /// # Safety
+    /// `dst` must be writable at every `c·ds + r`, and nothing else may access those elements.
+    pub unsafe fn transpose(&self, src: &[f32], ss: usize, rows: usize, cols: usize, dst: *mut f32, ds: usize) {
+        pack::transpose(self.isa, src, ss, rows, cols, dst, ds)
+    }
+
     /// C[rows, cols] for one thread: the BLIS jc → pc → ic → jr → ir loop nest. With
     /// `pre`, A was packed for all rows already (layout of [`packed_a_len`]).
     fn block(
@@ -225,14 +259,26 @@ impl Gemmer {
             return;
         }
         let (bpack, apack) = scratch.split_at_mut(KC * NC);
+        let row_tiles = rows.len().div_ceil(MR);
         let mut j0 = cols.start;
         while j0 < cols.end {
             let nc = NC.min(cols.end - j0);
+            let col_tiles = nc.div_ceil(NR);
             let mut p0 = 0;
             while p0 < g.k {
                 let kc = KC.min(g.k - p0);
                 let last = p0 + kc == g.k;
                 pack_b(self.isa, g.b, j0, nc, p0, kc, bpack);
+                // The next B block to pack (weights: a DRAM read), fetched while this one's
+                // kernels run, spread over all of them.
+                let mut b_ahead = Ahead::new(row_tiles * col_tiles);
+                if g.b.cs == 1 {
+                    let next = if p0 + kc < g.k { Some((j0, nc, p0 + kc)) } else { None };
+                    let next = next.or((j0 + nc < cols.end).then(|| (j0 + nc, NC.min(cols.end - j0 - nc), 0)));
+                    if let Some((nj, nn, np)) = next {
+                        b_ahead.add(g.b.data, nj * g.b.rs + np, g.b.rs, nn, KC.min(g.k - np));
+                    }
+                }
                 let mut i0 = rows.start;
                 while i0 < rows.end {
                     let mc = MC.min(rows.end - i0);
@@ -243,10 +289,35 @@ impl Gemmer {
                             apack
                         }
                     };
-                    for jp in 0..nc.div_ceil(NR) {
+                    // What the next pack_a and this block's epilogue will read (the icc
+                    // caches x_s and y_s are cold), fetched while the kernels run instead
+                    // of stalling the packer and the epilogue.
+                    let mut ahead = Ahead::new(mc.div_ceil(MR) * col_tiles);
+                    if last {
+                        if let Some((m, ld)) = g.add {
+                            ahead.add(m, i0 * ld + j0, ld, mc, nc);
+                        }
+                    }
+                    if pre.is_none() && g.conv.is_none() {
+                        let next = if i0 + mc < rows.end {
+                            Some((i0 + mc, MC.min(rows.end - i0 - mc), p0))
+                        } else {
+                            (p0 + kc < g.k).then(|| (rows.start, MC.min(rows.len()), p0 + kc))
+                        };
+                        if let Some((ni, nm, np)) = next {
+                            let nk = KC.min(g.k - np);
+                            ahead.add(g.a, ni * g.lda + np, g.lda, nm, nk);
+                            if let Some(minus) = g.a_minus {
+                                ahead.add(minus, ni * g.lda + np, g.lda, nm, nk);
+                            }
+                        }
+                    }
+                    for jp in 0..col_tiles {
                         let nr = NR.min(nc - jp * NR);
                         for ip in 0..mc.div_ceil(MR) {
                             let mr = MR.min(mc - ip * MR);
+                            ahead.step();
+                            b_ahead.step();
                             // SAFETY: bounds were checked in `check_bounds`; the packed
                             // panels are padded to full MR/NR tiles.
                             unsafe {
@@ -280,6 +351,73 @@ impl Gemmer {
             j0 += nc;
         }
     }
+}
+
+/// Software prefetch of up to three row-major regions (`rows` × `cols` floats from `start`,
+/// row stride `ld`), issued a few cache lines per micro-kernel call so that the lines arrive
+/// while the kernels compute. Prefetching moves no values, so it changes no bits; on paths
+/// without a prefetch instruction here (aarch64, scalar builds elsewhere) it does nothing.
+struct Ahead<'a> {
+    regions: [(&'a [f32], usize, usize, usize, usize); 3],
+    len: usize,
+    /// Kernel calls left to spread the lines over.
+    calls: usize,
+    /// Cursor: region, row, float offset within the row.
+    at: (usize, usize, usize),
+    lines_left: usize,
+}
+
+/// Floats per 64-byte cache line.
+const LINE: usize = 16;
+
+impl<'a> Ahead<'a> {
+    fn new(calls: usize) -> Self {
+        Ahead { regions: [(&[], 0, 0, 0, 0); 3], len: 0, calls: calls.max(1), at: (0, 0, 0), lines_left: 0 }
+    }
+
+    fn add(&mut self, data: &'a [f32], start: usize, ld: usize, rows: usize, cols: usize) {
+        if self.len < 3 && rows > 0 && cols > 0 {
+            self.regions[self.len] = (data, start, ld, rows, cols);
+            self.len += 1;
+            self.lines_left += rows * cols.div_ceil(LINE);
+        }
+    }
+
+    /// Issues this call's share of the remaining lines.
+    #[inline]
+    fn step(&mut self) {
+        if self.lines_left == 0 {
+            return;
+        }
+        let mut n = self.lines_left.div_ceil(self.calls);
+        self.calls = self.calls.saturating_sub(1).max(1);
+        self.lines_left -= n;
+        while n > 0 && self.at.0 < self.len {
+            let (data, start, ld, rows, cols) = self.regions[self.at.0];
+            let (r, c) = (self.at.1, self.at.2);
+            prefetch(data.as_ptr().wrapping_add(start + r * ld + c));
+            n -= 1;
+            self.at = if c + LINE < cols {
+                (self.at.0, r, c + LINE)
+            } else if r + 1 < rows {
+                (self.at.0, r + 1, 0)
+            } else {
+                (self.at.0 + 1, 0, 0)
+            };
+        }
+    }
+}
+
+#[inline(always)]
+fn prefetch(p: *const f32) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        _mm_prefetch::<_MM_HINT_T1>(p as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// Floats of a whole packed A (rows padded to MR): the shared buffer of [`Gemmer::run`].
@@ -445,6 +583,55 @@ mod tests {
                         pool.threads(),
                         gemmers[0].name()
                     );
+                }
+            }
+        }
+    }
+
+    /// An A operand with contiguous columns (packed by copies) gives the bits of the same
+    /// operand stored row-major, on every path and at ragged shapes, with and without an
+    /// epilogue; and the transpose helper moves every element.
+    #[test]
+    fn column_operand_and_transpose_match_row_major() {
+        for gm in Isa::available().map(Gemmer::new) {
+            for &(m, n, k) in &[(72, 256, 256), (13, 33, 300), (1, 5, 7), (25, 40, 0)] {
+                let mut s = (m * 17 + n * 3 + k) as u64;
+                let cs = m + 2;
+                let cols: Vec<f32> = (0..k.max(1) * cs).map(|_| lcg(&mut s)).collect();
+                let rows: Vec<f32> = (0..m * k).map(|i| cols[(i % k.max(1)) * cs + i / k.max(1)]).collect();
+                let bdata: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+                let add: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+                let (mut c1, mut c2) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                let mut scratch = vec![0.0; SCRATCH_PER_THREAD];
+                let mut packed = vec![0.0; packed_a_len(m, k)];
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    a: &rows,
+                    a_minus: None,
+                    lda: k,
+                    conv: None,
+                    b: BMat::weight(&bdata, k),
+                    bias: None,
+                    add: Some((&add, n)),
+                    act: Act::GeluTanh,
+                    c: SendPtr(c1.as_mut_ptr()),
+                    ldc: n,
+                };
+                gm.run_single(&mut scratch, &g);
+                let g = Gemm { a: &[], c: SendPtr(c2.as_mut_ptr()), ..g };
+                gm.run_single_cols(&mut scratch, &mut packed, &cols, cs, &g);
+                let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} m{m} n{n} k{k}: column operand differs", gm.name());
+                assert!(c1.iter().any(|v| *v != 0.0), "trivial result");
+                // Transpose c1 (m×n, stride n) into t (n×m, stride m + 1).
+                let mut t = vec![f32::NAN; n * (m + 1)];
+                unsafe { gm.transpose(&c1, n, m, n, t.as_mut_ptr(), m + 1) };
+                for i in 0..m {
+                    for j in 0..n {
+                        assert_eq!(t[j * (m + 1) + i].to_bits(), c1[i * n + j].to_bits(), "{} transpose", gm.name());
+                    }
                 }
             }
         }

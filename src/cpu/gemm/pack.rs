@@ -319,3 +319,63 @@ unsafe fn pack_a_conv_panel_t4<T: Block4>(
         }
     }
 }
+
+/// Packs an A operand whose columns are contiguous, A(i, p) = `src[p·cs + i]` (attention's
+/// vᵀ read straight from v), for all `m` rows and `k` columns into the layout a shared
+/// packed A has ([`super::packed_a_len`]: per KC block, MR-tall panels, rows past `m`
+/// repeating the last). Each panel row of 12 is a contiguous copy.
+pub(super) fn pack_a_cols(src: &[f32], cs: usize, m: usize, k: usize, out: &mut [f32]) {
+    let m_pad = m.next_multiple_of(MR);
+    let mut p0 = 0;
+    while p0 < k {
+        let kc = super::KC.min(k - p0);
+        for ip in 0..m_pad / MR {
+            let (i0, height) = (ip * MR, MR.min(m - ip * MR));
+            let panel = &mut out[p0 * m_pad + ip * MR * kc..][..MR * kc];
+            for (p, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                let row = &src[(p0 + p) * cs + i0..][..height];
+                dst[..height].copy_from_slice(row);
+                dst[height..].fill(row[height - 1]);
+            }
+        }
+        p0 += kc;
+    }
+}
+
+/// `dst[c·ds + r] = src[r·ss + c]` for r < rows, c < cols: a transpose, by 4×4 register
+/// blocks on the SIMD paths (it only moves values, so every path gives the same bits).
+///
+/// # Safety
+/// `dst` must be writable at every `c·ds + r`, and nothing else may access those elements.
+pub(super) unsafe fn transpose(isa: Isa, src: &[f32], ss: usize, rows: usize, cols: usize, dst: *mut f32, ds: usize) {
+    assert!(rows == 0 || cols == 0 || src.len() >= (rows - 1) * ss + cols, "transpose: source too small");
+    let (r4, c4) = (rows & !3, cols & !3);
+    let s = src.as_ptr();
+    let blocked = match isa.kind() {
+        #[cfg(target_arch = "x86_64")]
+        IsaKind::Avx2 | IsaKind::Avx512 => {
+            for r in (0..r4).step_by(4) {
+                for c in (0..c4).step_by(4) {
+                    Sse::t4(std::array::from_fn(|i| s.add((r + i) * ss + c)), None, dst.add(c * ds + r), ds);
+                }
+            }
+            true
+        }
+        #[cfg(target_arch = "aarch64")]
+        IsaKind::Neon => {
+            for r in (0..r4).step_by(4) {
+                for c in (0..c4).step_by(4) {
+                    Neon::t4(std::array::from_fn(|i| s.add((r + i) * ss + c)), None, dst.add(c * ds + r), ds);
+                }
+            }
+            true
+        }
+        _ => false,
+    };
+    for r in 0..rows {
+        let from = if blocked && r < r4 { c4 } else { 0 };
+        for c in from..cols {
+            *dst.add(c * ds + r) = src[r * ss + c];
+        }
+    }
+}
