@@ -135,7 +135,7 @@ typedef struct IcditInfo {
   size_t pixel_len;
   // The guidance scale the handle was opened with.
   float cfg;
-  // Whether per-step previews are available (the CPU backend).
+  // Whether per-step previews are available (the CPU backend and the GPU pipeline).
   bool previews;
 } IcditInfo;
 

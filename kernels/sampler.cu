@@ -82,7 +82,7 @@ extern "C" __global__ void __launch_bounds__(256)
     sampler_step_f32(float* __restrict__ x, const float* __restrict__ model_out,
                      const float* __restrict__ coeffs, const int* __restrict__ state, int images,
                      int cin, int cout, int hw, int guided_channels, float cfg_scale, int mode,
-                     int steps) {
+                     int steps, float* __restrict__ x0_out) {
     const long long img = (long long)cin * hw, quads = (img + 3) / 4;
     const int s = state[0];
     if (s < 0 || s >= steps) {
@@ -117,6 +117,7 @@ extern "C" __global__ void __launch_bounds__(256)
             }
             const float xv = x[r * img + e];
             const float x0 = sub_rn(mul_rn(sqrt_recip, xv), mul_rn(sqrt_recipm1, eps));
+            if (x0_out) x0_out[r * img + e] = x0;  // the step's x̂₀, for per-step previews
             float next;
             if (mode == DDIM) {  // diffusion.rs ddim_step
                 const float e_re = sub_rn(mul_rn(sqrt_recip, xv), x0) / sqrt_recipm1;

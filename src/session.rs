@@ -504,7 +504,7 @@ impl Session {
             None => &mut self.latents[..n * img],
         };
         if req.preview && !self.engine.previews() {
-            return Err(Error::invalid("preview", "the GPU backends do not give per-step previews yet"));
+            return Err(Error::invalid("preview", "this backend does not give per-step previews"));
         }
         let start = std::time::Instant::now();
         let r = if !req.preview {

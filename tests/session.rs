@@ -168,14 +168,40 @@ fn bad_input_names_the_argument() {
 }
 
 #[test]
-fn gpu_sessions_refuse_previews_until_the_pipeline_gives_them() {
-    // The GPU pipeline on the emulated device: sampling works, previews are refused by name.
-    let mut s = Session::open(&SessionOptions { backend: icdit::backend::Backend::Emu, ..short() }).unwrap();
-    assert!(!s.info().previews && s.thread_bound() && s.usable_here());
-    let mut out = vec![0u8; s.info().pixel_len()];
-    let req = SessionRequest { preview: true, ..SessionRequest::new(&[1], 0) };
-    match s.sample_pixels(&req, &mut out, &mut |_, _| {}) {
-        Err(Error::Invalid { what: "preview", .. }) => {}
-        other => panic!("{other:?}"),
+fn gpu_previews_are_the_cpus_x0_within_the_pipelines_bound() {
+    // The GPU pipeline on the emulated device keeps each step's x̂₀ in its sampler update, and
+    // DDIM's last one is the result itself. Against the CPU backend's x̂₀: the pipeline's f16
+    // error in ε̂ is multiplied by √(1/ᾱ_t − 1) in x̂₀, largest at the first step (t = 999:
+    // measured 4.8e-2 relative L2, then 1.3e-2, 1.6e-2, 1.6e-2 — the last is the sample's own
+    // error, which tests/gpu_pipeline.rs bounds); a stale, zero or misplaced buffer would be
+    // off by about 1. Bound: 0.1 at every step.
+    let mut gpu = Session::open(&SessionOptions { backend: icdit::backend::Backend::Emu, ..short() }).unwrap();
+    assert!(gpu.info().previews && gpu.thread_bound() && gpu.usable_here());
+    let mut cpu = Session::open(&short()).unwrap();
+    let classes = [2i64, 7];
+    let n = gpu.info().latent_len() * 2;
+    let run = |s: &mut Session| {
+        let mut seen: Vec<Vec<f32>> = Vec::new();
+        let mut out = vec![0.0; n];
+        let req = SessionRequest { preview: true, ..SessionRequest::new(&classes, 3) };
+        s.sample_latents(&req, &mut out, &mut |_, p| seen.push(p.expect("a preview every step").latents.to_vec()))
+            .unwrap();
+        (seen, out)
+    };
+    let ((g, g_out), (c, _)) = (run(&mut gpu), run(&mut cpu));
+    assert_eq!((g.len(), c.len()), (4, 4));
+    assert_eq!(g[3], g_out, "DDIM's last x̂₀ is the result");
+    let rel = |a: &[f32], b: &[f32]| {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+        (num / b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>()).sqrt()
+    };
+    for (i, (gp, cp)) in g.iter().zip(&c).enumerate() {
+        let e = rel(gp, cp);
+        println!("step {i}: GPU x̂₀ vs CPU x̂₀ relative L2 {e:.2e}");
+        assert!(e < 0.1, "step {i}: {e}");
+        if i > 0 {
+            assert_ne!(g[i], g[i - 1], "step {i}: the preview did not change");
+        }
     }
+    assert!(rel(&g[0], &g[3]) > 1e-2, "the first preview is not already the result");
 }

@@ -151,7 +151,7 @@ pub struct IcditInfo {
     pub pixel_len: usize,
     /// The guidance scale the handle was opened with.
     pub cfg: f32,
-    /// Whether per-step previews are available (the CPU backend).
+    /// Whether per-step previews are available (the CPU backend and the GPU pipeline).
     pub previews: bool,
 }
 

@@ -120,7 +120,7 @@ kernels! {
         normal_f32(out: DevPtr<f32>, state: DevPtr<i32>, images: i32, elems: i32, stream_step: i32);
         sampler_step_f32(x: DevPtr<f32>, model_out: DevPtr<f32>, coeffs: DevPtr<f32>,
             state: DevPtr<i32>, images: i32, cin: i32, cout: i32, hw: i32, guided_channels: i32,
-            cfg_scale: f32, mode: i32, steps: i32);
+            cfg_scale: f32, mode: i32, steps: i32, x0_out: DevPtr<f32>);
         check_finite_f32(v: DevPtr<f32>, n: i32, state: DevPtr<i32>, slot: i32);
     }
     "gemm" => {

@@ -9,7 +9,7 @@
 use super::{covers, elementwise, invalid, positive};
 use crate::diffusion::StepCoeffs;
 use crate::error::Result;
-use crate::gpu::{kernels, DevSlice, Device};
+use crate::gpu::{kernels, DevPtr, DevSlice, Device};
 
 /// Elements of the sampler state: s, seed (2), first image index (2).
 pub const SAMPLER_STATE_LEN: usize = 5;
@@ -116,6 +116,21 @@ pub fn sampler_step_f32<D: Device + ?Sized>(
     state: DevSlice<i32>,
     p: &SamplerParams,
 ) -> Result<()> {
+    sampler_step_keep_x0(dev, x, model_out, coeffs, state, p, None)
+}
+
+/// [`sampler_step_f32`], also writing the step's x̂₀ = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̂ (guided ε̂,
+/// before the update; the same (images, Cin, hw) layout as x) into `x0` when given: the
+/// engine's per-step previews.
+pub fn sampler_step_keep_x0<D: Device + ?Sized>(
+    dev: &D,
+    x: DevSlice<f32>,
+    model_out: DevSlice<f32>,
+    coeffs: DevSlice<f32>,
+    state: DevSlice<i32>,
+    p: &SamplerParams,
+    x0: Option<DevSlice<f32>>,
+) -> Result<()> {
     const K: &str = "sampler_step_f32";
     positive(K, &[("images", p.images), ("cin", p.cin), ("cout", p.cout), ("hw", p.hw), ("steps", p.steps)])?;
     let min_cout = if p.mode == SamplerMode::DdpmLearned { 2 * p.cin as i64 } else { p.cin as i64 };
@@ -134,6 +149,9 @@ pub fn sampler_step_f32<D: Device + ?Sized>(
     covers(K, "model_out", model_out, rows * p.cout as i64 * p.hw as i64, 4)?;
     covers(K, "coeffs", coeffs, p.steps as i64 * SAMPLER_COEFFS_PER_STEP as i64, 4)?;
     covers(K, "state", state, SAMPLER_STATE_LEN as i64, 4)?;
+    if let Some(s) = x0 {
+        covers(K, "x0", s, p.images as i64 * image, 4)?;
+    }
     let quads = p.images as i64 * ((image + 3) / 4);
     // SAFETY: x holds images × Cin × hw, model_out rows × Cout × hw (the guided rows
     // included), coeffs steps rows of 12 (the kernel reads row s only for s in 0..steps),
@@ -154,6 +172,7 @@ pub fn sampler_step_f32<D: Device + ?Sized>(
             p.cfg_scale,
             p.mode.code(),
             p.steps,
+            x0.map_or(DevPtr::null(), DevSlice::ptr),
         )
     }
 }

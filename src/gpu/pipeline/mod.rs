@@ -312,13 +312,15 @@ impl<D: Device> GpuBackend<D> {
                 BAD_OUTPUT as i32,
             )?;
         }
-        launch::sampler_step_f32(
+        // Every step also keeps its x̂₀ (one more write of the images) for previews.
+        launch::sampler_step_keep_x0(
             &self.dev,
             self.slice(b.latents)?,
             self.slice(b.model_out)?,
             self.slice(b.coeffs)?,
             self.slice(b.state)?,
             params,
+            Some(self.slice(b.x0)?),
         )?;
         if self.opts.check_finite {
             let len = (n * cfg.image_elems()) as i32;
@@ -548,6 +550,15 @@ impl<D: Device> SamplingBackend for GpuBackend<D> {
 
     fn wait(&mut self) -> Result<()> {
         self.dev.synchronize()
+    }
+
+    fn previews(&self) -> bool {
+        true
+    }
+
+    /// Copies the x̂₀ the step's sampler update kept (the host waits for the step).
+    fn denoised(&mut self, _k: usize, out: &mut [f32]) -> Result<()> {
+        self.dev.download(self.slice::<f32>(self.buffers.x0)?.sub(0, out.len())?, out)
     }
 
     /// Copies the latents back (the host's only wait), then reads the step flags the device

@@ -95,6 +95,8 @@ pub(super) struct DeviceBuffers {
     pub(super) mod_all: BufId,
     pub(super) mod_cur: BufId,
     pub(super) latents: BufId,
+    /// The last step's x̂₀ (per-step previews), the latents' layout.
+    pub(super) x0: BufId,
     pub(super) coeffs: BufId,
     pub(super) state: BufId,
     pub(super) split_ws: BufId,
@@ -284,6 +286,7 @@ pub(super) fn plan(
         mod_all: p.add("modulation (steps × rows)", &[cond, mw], h),
         mod_cur: p.add("modulation (this step)", &[max_rows, mw], h),
         latents: p.add("latents", &[max_rows, cfg.image_elems()], Dt::F32),
+        x0: p.add("x̂₀ of the last step (previews)", &[max_rows, cfg.image_elems()], Dt::F32),
         coeffs: p.add("sampler coefficients", &[steps, COEFFS], Dt::F32),
         state: p.add("request state", &[STATE], Dt::I32),
         split_ws: p.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
