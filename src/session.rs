@@ -126,6 +126,31 @@ impl Default for SessionOptions {
     }
 }
 
+/// `ddpm` or `ddim` (with DDIM's η), as the command line spells them.
+pub fn parse_sampler(name: &str, eta: f32) -> Result<Sampler> {
+    match name {
+        "ddpm" => Ok(Sampler::Ddpm),
+        "ddim" => Ok(Sampler::Ddim { eta }),
+        other => Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
+    }
+}
+
+/// The sampler of a run: the one named, else the model's recommendation, else DDPM (DiT's).
+pub fn resolve_sampler(name: Option<&str>, rec: &Recommended, eta: f32) -> Result<Sampler> {
+    parse_sampler(name.or(rec.sampler.as_deref()).unwrap_or("ddpm"), eta)
+}
+
+/// The respacing of a run: the spec given, else `steps` or the model's recommended steps,
+/// else DiT's 250.
+pub fn resolve_respacing(spec: Option<&str>, steps: Option<usize>, rec: &Recommended) -> Result<String> {
+    match (spec, steps.or(rec.steps)) {
+        (Some(spec), _) => Ok(spec.to_string()),
+        (None, Some(0)) => Err(Error::invalid("steps", "must be at least 1")),
+        (None, Some(n)) => Ok(n.to_string()),
+        (None, None) => Ok("250".into()),
+    }
+}
+
 /// `none`, `reuse` or `icc`, as the command line spells them.
 pub fn parse_cache(s: &str) -> Result<CachePolicy> {
     match s {
@@ -233,17 +258,8 @@ impl Session {
         let weights = o.weights.clone().unwrap_or_else(default_weights);
         let model = Arc::new(DitModel::load(&weights, &o.load)?);
         let rec = recommended(&model)?;
-        let sampler = match o.sampler.as_deref().or(rec.sampler.as_deref()).unwrap_or("ddpm") {
-            "ddpm" => Sampler::Ddpm,
-            "ddim" => Sampler::Ddim { eta: o.eta },
-            other => return Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
-        };
-        let respacing = match (&o.respacing, o.steps.or(rec.steps)) {
-            (Some(spec), _) => spec.clone(),
-            (None, Some(0)) => return Err(Error::invalid("steps", "must be at least 1")),
-            (None, Some(n)) => n.to_string(),
-            (None, None) => "250".into(),
-        };
+        let sampler = resolve_sampler(o.sampler.as_deref(), &rec, o.eta)?;
+        let respacing = resolve_respacing(o.respacing.as_deref(), o.steps, &rec)?;
         let cache = match (o.cache, &o.factors) {
             (CachePolicy::None, None) => CacheMode::None,
             (CachePolicy::Reuse, None) => CacheMode::Reuse,

@@ -342,43 +342,19 @@ fn sampling_policies<D: Device>(open: Open<D>) {
         &f16,
         open,
     );
-    sample_both(
-        &model,
-        &EngineOptions { cache: CacheMode::Icc(factors.clone()), full_steps: FullSteps::Period(3), ..ddim.clone() },
-        &classes,
-        GUIDED_TOL,
-        "DDIM 10, guided, icc r8 period 3 (projected form, the default)",
-        &f16,
-        open,
-    );
-    sample_both(
-        &model,
-        &EngineOptions {
+    for (form, tag) in [
+        (IccForm::Auto, "DDIM 10, guided, icc r8 period 3 (projected form, the default)"),
+        (IccForm::Direct, "DDIM 10, guided, icc r8 period 3 (direct form)"),
+        (IccForm::Folded, "DDIM 10, guided, icc r8 period 3 (folded form)"),
+    ] {
+        let opts = EngineOptions {
             cache: CacheMode::Icc(factors.clone()),
             full_steps: FullSteps::Period(3),
-            icc_form: IccForm::Direct,
+            icc_form: form,
             ..ddim.clone()
-        },
-        &classes,
-        GUIDED_TOL,
-        "DDIM 10, guided, icc r8 period 3 (direct form)",
-        &f16,
-        open,
-    );
-    sample_both(
-        &model,
-        &EngineOptions {
-            cache: CacheMode::Icc(factors.clone()),
-            full_steps: FullSteps::Period(3),
-            icc_form: IccForm::Folded,
-            ..ddim.clone()
-        },
-        &classes,
-        GUIDED_TOL,
-        "DDIM 10, guided, icc r8 period 3 (folded form)",
-        &f16,
-        open,
-    );
+        };
+        sample_both(&model, &opts, &classes, GUIDED_TOL, tag, &f16, open);
+    }
     let ddpm = EngineOptions { respacing: "10".into(), sampler: Sampler::Ddpm, ..ddim.clone() };
     sample_both(&model, &ddpm, &classes, GUIDED_TOL, "DDPM 10, guided, no cache", &f16, open);
     sample_both(

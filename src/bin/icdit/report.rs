@@ -70,11 +70,7 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     let model = Arc::new(args.model.load(&weights)?);
     let cfg = model.config;
     let start = Instant::now();
-    let sampler = match args.sampler.as_str() {
-        "ddpm" => icdit::Sampler::Ddpm,
-        "ddim" => icdit::Sampler::Ddim { eta: 0.0 },
-        other => return Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
-    };
+    let sampler = icdit::session::parse_sampler(&args.sampler, 0.0)?;
     if args.steps == 0 || args.per_class == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
         return Err(Error::invalid("cache-report", "steps, per-class and ranks must be ≥ 1 and periods ≥ 2"));
     }

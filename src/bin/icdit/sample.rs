@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use clap::Args;
 use icdit::backend::{AnyEngine, AnyVae, Backend};
-use icdit::diffusion::Sampler;
 use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::forward::StepKind;
 use icdit::tensorfile::write_safetensors;
@@ -143,17 +142,8 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     }
 
     let classes = choose_classes(&args, &model)?;
-    let sampler = match args.sampler.as_deref().or(rec.sampler.as_deref()).unwrap_or("ddpm") {
-        "ddpm" => Sampler::Ddpm,
-        "ddim" => Sampler::Ddim { eta: args.eta },
-        other => return Err(Error::invalid("sampler", format!("`{other}`: expected ddpm or ddim"))),
-    };
-    let respacing = match (&args.respacing, args.steps.or(rec.steps)) {
-        (Some(spec), _) => spec.clone(),
-        (None, Some(0)) => return Err(Error::invalid("steps", "must be at least 1")),
-        (None, Some(n)) => n.to_string(),
-        (None, None) => "250".into(),
-    };
+    let sampler = icdit::session::resolve_sampler(args.sampler.as_deref(), &rec, args.eta)?;
+    let respacing = icdit::session::resolve_respacing(args.respacing.as_deref(), args.steps, &rec)?;
     let cfg_scale = args.cfg.or(rec.cfg).unwrap_or(4.0);
     let noise = args.noise.as_deref().map(|p| read_noise(p, classes.len(), &cfg)).transpose()?;
     let batch = if noise.as_ref().is_some_and(|n| n.1.is_some()) {

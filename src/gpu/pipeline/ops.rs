@@ -297,55 +297,45 @@ impl<D: Device> Pass<'_, D> {
     fn calibrated_two_gemms(&self, layer: Linear, src: Act, dst: Act, act: Activation, rows: usize) -> Result<()> {
         let p = self;
         let (i, xs, ys) = p.calibrated_slots(layer)?;
-        let bf =
-            p.pipeline.buffers.factors.get(i).ok_or_else(|| Error::invalid("GPU pipeline", "no factors planned"))?;
         let low_id =
             p.pipeline.buffers.lowrank.ok_or_else(|| Error::invalid("GPU pipeline", "no low-rank buffer planned"))?;
         let (_, _, out, inp) = p.layer(layer);
         let m = (rows * p.tokens()) as i32;
-        // (down buffer, parts as (layer-type index, output group))
-        let (down, parts): (BufId, &[(usize, usize)]) = match layer {
-            Linear::Qkv(_) => (bf.down[0], &[(0, 0), (1, 1), (2, 2)]),
-            Linear::Proj(_) => (bf.down[1], &[(3, 0)]),
-            Linear::Fc1(_) => (bf.down[2], &[(4, 0)]),
-            Linear::Fc2(_) => (bf.down[3], &[(5, 0)]),
-            Linear::Final => unreachable!("calibrated_slots() refuses the final layer"),
-        };
-        let r_total: usize = parts.iter().map(|&(t, _)| bf.ranks[t]).sum();
+        let (down, up, ranks, groups) = p.factors_of(layer)?;
+        let ranks = &ranks[..groups as usize];
+        let r_total: i32 = ranks.iter().sum();
         let low = p.pipeline.slice::<f16>(low_id)?;
         // T = (x − x_s)·downᵀ, the increment formed while staging, never stored.
-        let mut g =
-            GemmSpec::new(GemmOut::F16(low), p.act_slice(src)?, p.pipeline.slice(down)?, m, r_total as i32, inp as i32);
+        let mut g = GemmSpec::new(GemmOut::F16(low), p.act_slice(src)?, down, m, r_total, inp as i32);
         g.a_minus = Some(p.act_slice(Act::Cache(i, xs))?);
         p.pipeline.gemm(&g)?;
         // dst = act(y_s + T·upᵀ) per output group, or for q, k and v at once.
-        let group = out / parts.len();
+        let group = out / ranks.len();
         let (dst_s, ycache) = (p.act_slice(dst)?, p.act_slice(Act::Cache(i, ys))?);
-        if let (Linear::Qkv(_), Some(merged)) = (layer, bf.qkv_up) {
-            let mut g =
-                GemmSpec::new(GemmOut::F16(dst_s), low, p.pipeline.slice(merged)?, m, out as i32, r_total as i32);
+        let merged = p.pipeline.buffers.factors[i].qkv_up.filter(|_| matches!(layer, Linear::Qkv(_)));
+        if let Some(merged) = merged {
+            let mut g = GemmSpec::new(GemmOut::F16(dst_s), low, p.pipeline.slice(merged)?, m, out as i32, r_total);
             g.add = Some((ycache, out as i32, m));
             g.act = gemm_act(act);
             return p.pipeline.gemm(&g);
         }
         let mut r0 = 0;
-        for &(t, grp) in parts {
-            let rank = bf.ranks[t];
+        for (grp, &rank) in ranks.iter().enumerate() {
             let off = grp * group;
             let mut g = GemmSpec::new(
                 GemmOut::F16(dst_s.sub(off, dst_s.len() - off)?),
                 low.sub(r0, low.len() - r0)?,
-                p.pipeline.slice(bf.up[t])?,
+                up[grp],
                 m,
                 group as i32,
-                rank as i32,
+                rank,
             );
-            g.lda = r_total as i32;
+            g.lda = r_total;
             g.ldc = out as i32;
             g.add = Some((ycache.sub(off, ycache.len() - off)?, out as i32, m));
             g.act = gemm_act(act);
             p.pipeline.gemm(&g)?;
-            r0 += rank;
+            r0 += rank as usize;
         }
         Ok(())
     }
