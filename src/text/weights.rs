@@ -376,3 +376,16 @@ fn open_shards(dir: &Path, index: &Path) -> Result<(Vec<TensorFile>, Option<Hash
     }
     Ok((files, Some(owner)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::T5Config;
+
+    #[test]
+    fn xxl_size_and_cost_from_its_shapes() {
+        // google/t5-v1_1-xxl's encoder: 4.76 B parameters (9.5 GB as bf16).
+        assert_eq!(T5Config::XXL.parameters(), 4_762_310_656);
+        // [negative, positive] at 120 tokens: 1.117 T multiply-adds.
+        assert_eq!(T5Config::XXL.macs(240, 120), 1_116_985_098_240);
+    }
+}
