@@ -145,6 +145,13 @@ impl T5Encoder {
             ));
         }
         let valid = valid_lengths(mask, batch, len)?;
+        let mut need = crate::limits::MemoryNeed::default();
+        need.held("T5 encoder weights, memory-mapped file(s)", self.weights.file_bytes());
+        need.alloc(
+            format!("T5 encoder work for {batch} × {len} tokens (activations, one f32 matrix, GEMM scratch)"),
+            self.working_bytes(rows, len),
+        );
+        need.check("the T5 encoder", None)?;
         let mut b = self.buffers(rows, len);
         self.embed(ids, &mut b.x)?;
         self.position_bias(len, &mut b.bias)?;
@@ -299,29 +306,21 @@ impl T5Encoder {
         if let Some(w) = self.weights.view(name) {
             return Ok(w);
         }
-        let len = self.weights.elems(name);
+        let len = self.weights.elems(name)?;
         if buf.len() < len {
             buf.resize(len, 0.0);
         }
-        let dst = SendPtr(buf.as_mut_ptr());
-        let failed = std::sync::atomic::AtomicBool::new(false);
-        let threads = self.pool.threads();
-        let chunk = |tid: usize| {
-            let range = split(len, threads, tid, 4096);
-            // SAFETY: each thread converts its own range of `buf`.
-            let out = unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start), range.len()) };
-            if self.weights.read_range(name, range, out).is_err() {
-                failed.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        };
+        let out = &mut buf[..len];
         if len < 1 << 16 {
-            chunk_all(&chunk, threads);
+            self.weights.read_range(name, 0..len, out)?;
         } else {
-            self.pool.run(&chunk);
-        }
-        if failed.into_inner() {
-            // Only a name the config does not know fails; re-read serially for its error.
-            self.weights.read_range(name, 0..len, &mut buf[..len])?;
+            let dst = SendPtr(out.as_mut_ptr());
+            self.pool.par(len, |range| {
+                // SAFETY: each thread converts its own range of `out`.
+                let part = unsafe { std::slice::from_raw_parts_mut(dst.get().add(range.start), range.len()) };
+                // The name is known and the range inside the tensor: this cannot fail.
+                let _ = self.weights.read_range(name, range, part);
+            });
         }
         Ok(&buf[..len])
     }
@@ -407,14 +406,6 @@ fn sum_squares(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// Runs a per-thread job for every thread id on the caller (for work too small to wake
-/// the pool).
-fn chunk_all(f: &(dyn Fn(usize) + Sync), threads: usize) {
-    for tid in 0..threads {
-        f(tid);
-    }
 }
 
 /// Each sequence's count of valid tokens: its mask must be ones then zeros, with at least

@@ -202,10 +202,7 @@ impl T5Weights {
                 if owner.as_ref().is_some_and(|o: &HashMap<String, usize>| o.get(name) != Some(&i)) {
                     continue;
                 }
-                let entry = f.get(name).cloned().ok_or_else(|| Error::MissingTensors {
-                    path: f.path().to_path_buf(),
-                    names: vec![name.to_string()],
-                })?;
+                let Some(entry) = f.get(name).cloned() else { continue };
                 let float = match entry.dtype {
                     safetensors::Dtype::F32 => FloatType::F32,
                     safetensors::Dtype::F16 => FloatType::F16,
@@ -287,21 +284,24 @@ impl T5Weights {
 
     /// Elements `range` of the (row-major) tensor, converted to f32 into `out`.
     pub fn read_range(&self, name: &str, range: std::ops::Range<usize>, out: &mut [f32]) -> Result<()> {
-        let loc = self.tensors.get(name).ok_or_else(|| Error::MissingTensors {
-            path: self.files[0].path().to_path_buf(),
-            names: vec![name.to_string()],
-        })?;
-        debug_assert_eq!(out.len(), range.len());
-        debug_assert!(range.end <= loc.entry.elems());
+        let loc = self.loc(name)?;
+        assert!(range.end <= loc.entry.elems() && out.len() == range.len(), "{name}: range past the tensor");
         let size = loc.float.size();
         let bytes = &self.files[loc.file].bytes(&loc.entry)[range.start * size..range.end * size];
         decode(loc.float, bytes, out);
         Ok(())
     }
 
-    /// Element count of a tensor the config names (0 for an unknown name).
-    pub fn elems(&self, name: &str) -> usize {
-        self.tensors.get(name).map_or(0, |l| l.entry.elems())
+    fn loc(&self, name: &str) -> Result<&Loc> {
+        self.tensors.get(name).ok_or_else(|| Error::MissingTensors {
+            path: self.files[0].path().to_path_buf(),
+            names: vec![name.to_string()],
+        })
+    }
+
+    /// Element count of a tensor.
+    pub fn elems(&self, name: &str) -> Result<usize> {
+        Ok(self.loc(name)?.entry.elems())
     }
 }
 
