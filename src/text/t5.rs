@@ -110,7 +110,7 @@ impl T5Encoder {
         &self.weights
     }
 
-    /// f32 bytes one encode of `rows` tokens, `len` per sequence, allocates: activations,
+    /// f32 bytes one encode of `rows` tokens, `len` per sequence, allocates: activations and output,
     /// the position bias, one converted matrix (for f16/bf16 weights) and GEMM scratch.
     pub fn working_bytes(&self, rows: usize, len: usize) -> u64 {
         let (d, i, f, heads) = (self.cfg.d_model, self.cfg.inner(), self.cfg.d_ff, self.cfg.num_heads);
@@ -120,7 +120,7 @@ impl T5Encoder {
         } else {
             (f * d).max(i * d)
         };
-        let elems = 3 * rows * d
+        let elems = 4 * rows * d
             + 4 * rows * i
             + 2 * rows * f
             + heads * len * len
