@@ -12,7 +12,7 @@ use std::process::Command;
 
 use common::{assert_close, fixture, TempDir};
 use icdit::tensorfile::TensorFile;
-use icdit::text::{relative_bucket, Embeddings, TextEncoder, TextOptions, MAX_SEQUENCE_LENGTH};
+use icdit::text::{relative_bucket, Embeddings, T5Tokenizer, TextEncoder, TextOptions, MAX_SEQUENCE_LENGTH};
 use icdit::Error;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
@@ -74,6 +74,48 @@ fn token_ids_and_masks_equal_transformers() {
     assert!(enc.tokenize(&[p[4]], 32).unwrap().0.contains(&2), "the unicode prompt has <unk>");
     let (one, _) = enc.tokenize(&["x"], 1).unwrap();
     assert_eq!(one, [1], "length 1 holds only </s>");
+}
+
+#[test]
+fn spiece_model_alone_gives_transformers_ids() {
+    // The published PixArt-α folders ship only spiece.model: built from it, the tokenizer
+    // gives the ids transformers' T5Tokenizer gives (the fixture's were made from the same
+    // spiece.model, 100 sentinels).
+    let dir = TempDir::new("spiece");
+    std::fs::copy(pipeline().join("tokenizer/spiece.model"), dir.join("spiece.model")).unwrap();
+    let tok = T5Tokenizer::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let json = T5Tokenizer::open(&pipeline().join("tokenizer")).unwrap();
+    assert_eq!(tok.vocab_size(), json.vocab_size());
+    let r = refs();
+    for (len, suffix) in [(32, ""), (120, "_120")] {
+        let ids = ints(&r, &format!("input_ids{suffix}")).1;
+        let mask = ints(&r, &format!("attention_mask{suffix}")).1;
+        for (i, prompt) in prompts().iter().enumerate() {
+            let (got_ids, got_mask) = tok.tokenize(prompt, len).unwrap();
+            assert_eq!(got_ids, ids[i * len..(i + 1) * len], "ids of {prompt:?} at length {len}");
+            assert_eq!(got_mask, mask[i * len..(i + 1) * len], "mask of {prompt:?} at length {len}");
+        }
+    }
+    // tokenizer_config.json's extra_ids sets the sentinels: none, and `<extra_id_0>` is text.
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"extra_ids": 0}"#).unwrap();
+    let none = T5Tokenizer::open(&dir).unwrap();
+    assert_eq!(none.vocab_size(), json.vocab_size() - 100);
+    assert!(none.tokenize("<extra_id_0>", 16).unwrap().0.iter().filter(|&&i| i != 0).count() > 2);
+    std::fs::write(dir.join("tokenizer_config.json"), r#"{"extra_ids": "many"}"#).unwrap();
+    let e = T5Tokenizer::open(&dir).expect_err("extra_ids").to_string();
+    assert!(e.contains("tokenizer_config.json") && e.contains("extra_ids"), "{e}");
+    // Not a SentencePiece model: an error naming the file, for every truncation of a real one.
+    std::fs::remove_file(dir.join("tokenizer_config.json")).unwrap();
+    let real = std::fs::read(pipeline().join("tokenizer/spiece.model")).unwrap();
+    for cut in [0, 1, 7, 100, real.len() / 2, real.len() - 1] {
+        std::fs::write(dir.join("spiece.model"), &real[..cut]).unwrap();
+        if let Err(e) = T5Tokenizer::open(&dir) {
+            assert!(e.to_string().contains("spiece.model"), "{e}");
+        }
+    }
+    std::fs::write(dir.join("spiece.model"), b"\x0f\xff\xff").unwrap();
+    let e = T5Tokenizer::open(&dir).expect_err("garbage").to_string();
+    assert!(e.contains("spiece.model") && e.contains("not a SentencePiece model"), "{e}");
 }
 
 #[test]
@@ -249,12 +291,8 @@ fn sharded_weights_give_the_single_files_bits() {
 fn missing_files_are_named() {
     let dir = TempDir::new("missing");
     let e = open_err(&dir).to_string();
-    assert!(e.contains("tokenizer.json"), "{e}");
-    // Only SentencePiece's model: the message says how to make tokenizer.json.
+    assert!(e.contains("tokenizer.json") && e.contains("spiece.model"), "{e}");
     std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
-    std::fs::copy(pipeline().join("tokenizer/spiece.model"), dir.join("tokenizer/spiece.model")).unwrap();
-    let e = open_err(&dir).to_string();
-    assert!(e.contains("spiece.model") && e.contains("save_pretrained"), "{e}");
     std::fs::write(dir.join("tokenizer/tokenizer.json"), "{\"not\": \"a tokenizer\"}").unwrap();
     let e = open_err(&dir).to_string();
     assert!(e.contains("tokenizer.json") && e.contains("tokenizers crate"), "{e}");

@@ -68,6 +68,8 @@ PROMPTS = [
     # characters outside the vocabulary (<unk>), punctuation.
     "Ｆｕｌｌ-width café — naïve ½ ﬁsh\u00a0boat cafe\u0301 東京!? (v2.0) #art",
     "two  dogs\tplaying\nwith a ball",
+    # Special tokens written as text: matched whole, as transformers does.
+    "a fox </s> and <extra_id_0> <pad>",
 ]
 
 # Normalisation rules (code points → code points) compiled into the model's charsmap.

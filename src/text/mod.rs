@@ -13,7 +13,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! - [`tokenizer`]: `tokenizer/tokenizer.json` through the `tokenizers` crate, plus the
+//! - [`tokenizer`]: `tokenizer/tokenizer.json` through the `tokenizers` crate (or, in a
+//!   folder with only `spiece.model`, the same tokenizer built by [`spiece`]), plus the
 //!   pipeline's preprocessing, truncation, padding and mask.
 //! - [`weights`]: `text_encoder/config.json` and its (possibly sharded) f32/f16/bf16
 //!   safetensors, memory-mapped and validated at open.
@@ -26,6 +27,7 @@
 //! Nothing here is opened unless a prompt has to be encoded: a caller that has embeddings
 //! ([`Embeddings::load`]) never touches the encoder. See docs/text-encoder.md for the cost.
 
+pub mod spiece;
 pub mod t5;
 pub mod tokenizer;
 pub mod weights;

@@ -25,28 +25,32 @@ impl std::fmt::Debug for T5Tokenizer {
 }
 
 impl T5Tokenizer {
-    /// Reads `dir/tokenizer.json`. A folder with only SentencePiece's `spiece.model` (as the
-    /// published PixArt-α folders ship) is refused with the one-line conversion to run.
+    /// Reads `dir/tokenizer.json`, or, when the folder has only SentencePiece's
+    /// `spiece.model` (as the published PixArt-α folders do), builds the same tokenizer from it
+    /// ([`super::spiece`]) with `tokenizer_config.json`'s `extra_ids` sentinels (100 if unset).
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
+        let spiece = dir.join("spiece.model");
+        if !path.is_file() && spiece.is_file() {
+            let inner = super::spiece::tokenizer_from_spiece(&spiece, extra_ids(dir)?)?;
+            return Self::wrap(inner, spiece);
+        }
         if !path.is_file() {
-            let spiece = dir.join("spiece.model");
-            let reason = if spiece.is_file() {
-                format!(
-                    "icdit reads the tokenizer from tokenizer.json, and this folder has only {}; make it once with \
-                     transformers: python -c \"from transformers import AutoTokenizer as T; \
-                     T.from_pretrained('{d}').save_pretrained('{d}')\"",
-                    spiece.display(),
-                    d = dir.display()
-                )
-            } else {
-                "no tokenizer.json (the T5 tokenizer of a diffusers pipeline folder, under tokenizer/)".to_string()
-            };
-            return Err(Error::Config { origin: path.display().to_string(), reason });
+            return Err(Error::Config {
+                origin: path.display().to_string(),
+                reason: "no tokenizer.json or spiece.model (the T5 tokenizer of a diffusers pipeline folder, under \
+                         tokenizer/)"
+                    .into(),
+            });
         }
         let bad = |reason: String| Error::Config { origin: path.display().to_string(), reason };
-        let mut inner = tokenizers::Tokenizer::from_file(&path)
+        let inner = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| bad(format!("not a tokenizer file the tokenizers crate reads: {e}")))?;
+        Self::wrap(inner, path)
+    }
+
+    fn wrap(mut inner: tokenizers::Tokenizer, path: PathBuf) -> Result<Self> {
+        let bad = |reason: String| Error::Config { origin: path.display().to_string(), reason };
         // The pipeline's truncation and padding are ours (below); whatever the file asks for
         // would otherwise apply to the pieces before `</s>` is added.
         inner.with_truncation(None).map_err(|e| bad(format!("cannot turn off its truncation: {e}")))?;
@@ -86,6 +90,26 @@ impl T5Tokenizer {
         ids.resize(max_len, self.pad as i64);
         mask.resize(max_len, 0);
         Ok((ids, mask))
+    }
+}
+
+/// `extra_ids` of `dir/tokenizer_config.json` (transformers' default 100 when the file or
+/// the key is absent).
+fn extra_ids(dir: &Path) -> Result<usize> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(100);
+    }
+    let bad = |reason: String| Error::Config { origin: path.display().to_string(), reason };
+    let text = crate::tensorfile::read_json_text(&path)?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    match v.get("extra_ids") {
+        None | Some(serde_json::Value::Null) => Ok(100),
+        Some(n) => n
+            .as_u64()
+            .filter(|&n| n <= 10_000)
+            .map(|n| n as usize)
+            .ok_or_else(|| bad(format!("`extra_ids` is {n}; expected a count up to 10000"))),
     }
 }
 
