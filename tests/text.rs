@@ -273,6 +273,12 @@ fn sharded_weights_give_the_single_files_bits() {
     let enc = open(&dir);
     assert_eq!(enc.encoder.weights().paths().len(), 3);
     assert_eq!(enc.encode(&p, 32).unwrap(), single);
+    // diffusers' fp16 variant names are found too.
+    let variant = TempDir::new("variant");
+    write_pipeline(&variant, None, 1, |_, s, v| Some((Dtype::F16, s, v)));
+    let te = variant.join("text_encoder");
+    std::fs::rename(te.join("model.safetensors"), te.join("model.fp16.safetensors")).unwrap();
+    assert_eq!(open(&variant).encode(&p, 32).unwrap().len, 32);
     // A shard the index names but that lacks the tensor.
     let te = dir.join("text_encoder");
     let index = std::fs::read_to_string(te.join("model.safetensors.index.json")).unwrap();

@@ -1,6 +1,7 @@
 //! The T5 v1.1 encoder's config and weights in a diffusers pipeline folder's `text_encoder/`:
 //! `config.json` plus `model.safetensors`, or the shards a `model.safetensors.index.json`
-//! lists (the published XXL encoder is sharded). Files are memory-mapped and every tensor's
+//! lists (the published XXL encoder is sharded), or diffusers' fp16 variants of either
+//! (`model.fp16.safetensors`, `model.safetensors.index.fp16.json`). Files are memory-mapped and every tensor's
 //! name, shape and dtype is checked at open; values are read (f32 in place, f16/bf16
 //! converted) one matrix at a time while encoding, so the model is never held as f32 whole.
 
@@ -183,18 +184,23 @@ impl T5Weights {
     /// and checks every tensor against `cfg`: all missing names in one error, then each
     /// shape and dtype (f32, f16 or bf16).
     pub fn open(dir: &Path, cfg: &T5Config) -> Result<T5Weights> {
-        let single = dir.join("model.safetensors");
-        let index = dir.join("model.safetensors.index.json");
-        let (files, owner) = if index.is_file() {
-            open_shards(dir, &index)?
-        } else if single.is_file() {
-            (vec![TensorFile::open(&single)?], None)
-        } else {
+        // The full-precision files first, then diffusers' fp16 variant names.
+        let candidates = [
+            ("model.safetensors.index.json", true),
+            ("model.safetensors", false),
+            ("model.safetensors.index.fp16.json", true),
+            ("model.fp16.safetensors", false),
+        ];
+        let Some((name, sharded)) = candidates.into_iter().find(|(n, _)| dir.join(n).is_file()) else {
             return Err(Error::Config {
                 origin: dir.display().to_string(),
-                reason: "no model.safetensors or model.safetensors.index.json (the T5 encoder's weights)".into(),
+                reason: "no model.safetensors or model.safetensors.index.json (nor their .fp16 variants): \
+                         the T5 encoder's weights"
+                    .into(),
             });
         };
+        let (files, owner) =
+            if sharded { open_shards(dir, &dir.join(name))? } else { (vec![TensorFile::open(&dir.join(name))?], None) };
         let mut tensors = HashMap::new();
         for (i, f) in files.iter().enumerate() {
             for name in f.names() {
