@@ -32,6 +32,7 @@ pub mod quality;
 pub mod scale_out;
 pub mod session;
 pub mod tensorfile;
+pub mod text;
 pub mod units;
 pub mod vae;
 pub mod weights;

@@ -20,6 +20,7 @@ mod bench_gemm;
 mod bench_gpu;
 mod calibrate;
 mod decode;
+mod encode;
 mod interrupt;
 mod merge;
 mod model_args;
@@ -68,6 +69,9 @@ enum Command {
     CacheReport(report::ReportArgs),
     /// Join the shards of a `sample --num-images` run into one FID `.npz` (uint8 NHWC `arr_0`).
     Merge(merge::MergeArgs),
+    /// Encode prompts with a PixArt-α pipeline's T5 tokenizer and encoder (CPU) into
+    /// `input_ids`, `attention_mask` and `prompt_embeds`.
+    Encode(encode::EncodeArgs),
 }
 
 #[derive(Args)]
@@ -182,6 +186,7 @@ fn main() -> ExitCode {
         Command::Decode(args) => decode::run(args),
         Command::CacheReport(args) => report::run(args),
         Command::Merge(args) => merge::run(args),
+        Command::Encode(args) => encode::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
