@@ -1,0 +1,94 @@
+//! icc's rank-r factors for PixArt-α: for every cached linear of every block (reference doc,
+//! "Increment-calibrated caching on PixArt"), `up` (out, r) and `down` (r, in), named after
+//! the layer's weight with `.weight` replaced by `.up` / `.down`
+//! (`transformer_blocks.0.attn1.to_out.0.up`). f32, f16 or bf16, one safetensors file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use super::weights::{Layer, PixArtModel};
+use crate::error::{Error, Result};
+use crate::tensorfile::TensorFile;
+use crate::weights::{StoreBuilder, TRef, WeightStore};
+
+/// One layer's factors.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerFactors {
+    pub up: TRef,
+    pub down: TRef,
+    pub rank: usize,
+}
+
+/// The factors of every cached linear.
+pub struct PixArtFactors {
+    pub source: PathBuf,
+    depth: usize,
+    layers: HashMap<Layer, LayerFactors>,
+    store: WeightStore,
+}
+
+impl std::fmt::Debug for PixArtFactors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PixArtFactors").field("source", &self.source).field("depth", &self.depth).finish()
+    }
+}
+
+impl PixArtFactors {
+    /// Loads and checks a factor file against a model: every cached linear's `.up` and
+    /// `.down`, shapes (out, r) and (r, in) with one r per layer, 1 ≤ r ≤ min(out, in), and
+    /// nothing else.
+    pub fn load(path: &Path, model: &PixArtModel) -> Result<Self> {
+        let cfg = &model.config;
+        let mut b = StoreBuilder::new(vec![TensorFile::open(path)?]);
+        let mut layers = HashMap::new();
+        for i in 0..cfg.depth {
+            for layer in Layer::cached(i) {
+                let (out, inp) = layer.shape(cfg);
+                let (up_name, down_name) = (format!("{}.up", layer.name()), format!("{}.down", layer.name()));
+                let rank = match b.shape(&up_name) {
+                    Some(&[o, r]) if o == out && r >= 1 && r <= out.min(inp) => r,
+                    Some(found) => {
+                        return Err(Error::invalid(
+                            "factors",
+                            format!(
+                                "{}: `{up_name}` has shape {found:?}; expected [{out}, r] with 1 ≤ r ≤ {}",
+                                path.display(),
+                                out.min(inp)
+                            ),
+                        ))
+                    }
+                    None => 1,
+                };
+                let up = b.tensor(&up_name, &[out, rank])?;
+                let down = b.tensor(&down_name, &[rank, inp])?;
+                layers.insert(layer, LayerFactors { up, down, rank });
+            }
+        }
+        let (store, _) = b.finish(|_| false)?;
+        Ok(PixArtFactors { source: path.to_path_buf(), depth: cfg.depth, layers, store })
+    }
+
+    /// Refuses factors made for a model of another depth.
+    pub fn check(&self, model: &PixArtModel) -> Result<()> {
+        if self.depth != model.config.depth {
+            return Err(Error::invalid(
+                "factors",
+                format!("{}: {} blocks of factors for a {}-block model", self.source.display(), self.depth, model.config.depth),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, layer: Layer) -> LayerFactors {
+        self.layers[&layer]
+    }
+
+    pub fn w(&self, r: TRef) -> &[f32] {
+        self.store.get(r)
+    }
+
+    /// The largest rank of any layer.
+    pub fn max_rank(&self) -> usize {
+        self.layers.values().map(|f| f.rank).max().unwrap_or(0)
+    }
+}
