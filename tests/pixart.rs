@@ -83,3 +83,128 @@ fn forward_f16_bf16_weights() {
         assert_close(&format!("forward, {name}"), &run_forward(model, 2), &reference(name), 1e-5);
     }
 }
+
+fn sampling(name: &str) -> (Vec<usize>, Vec<usize>, Vec<f32>) {
+    let f = TensorFile::open(&fixture("pixart/sampling.safetensors")).unwrap();
+    let ts = f.read_i64(&format!("{name}_timesteps")).unwrap().1.iter().map(|&t| t as usize).collect();
+    let (shape, traj) = f.read_f32(&format!("{name}_trajectory")).unwrap_or_default();
+    (ts, shape, traj)
+}
+
+fn embeddings(name: &str) -> Embeddings {
+    Embeddings::load(&fixture(&format!("pixart/{name}.safetensors"))).unwrap()
+}
+
+fn noise() -> Vec<f32> {
+    TensorFile::open(&fixture("pixart/noise.safetensors")).unwrap().read_f32("z").unwrap().1
+}
+
+fn engine(sampler: PixArtSampler, steps: usize, cfg: f32, cache: PixArtCache, period: usize) -> PixArtEngine {
+    let opts = PixArtOptions {
+        max_batch: 2,
+        max_text_len: 6,
+        sampler,
+        steps,
+        cfg_scale: cfg,
+        threads: 2,
+        cache,
+        full_steps: FullSteps::Period(period),
+        ..Default::default()
+    };
+    PixArtEngine::new(load(&tiny()), &opts).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn sample_with(e: &mut PixArtEngine) -> Vec<f32> {
+    let (pos, neg, z) = (embeddings("prompt_embeds"), embeddings("negative_embeds"), noise());
+    let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: Some(&z), seed: 0, first_index: 0 };
+    let mut out = vec![0.0; z.len()];
+    e.sample(&req, &mut out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+    out
+}
+
+/// DPM-Solver++'s and DDIM's timesteps are diffusers' (20-step default included).
+#[test]
+fn timesteps_match_diffusers() {
+    for (name, sampler, steps) in [
+        ("dpm", PixArtSampler::DpmSolver, 6),
+        ("dpm_unguided", PixArtSampler::DpmSolver, 5),
+        ("dpm20", PixArtSampler::DpmSolver, 20),
+        ("ddim", PixArtSampler::Ddim, 6),
+    ] {
+        let (want, _, _) = sampling(name);
+        assert_eq!(PixArtSchedule::new(sampler, steps).unwrap().timesteps, want, "{name}");
+    }
+}
+
+/// Whole sampling runs against diffusers' schedulers driving the transformer: DPM-Solver++
+/// 2M at guidance 4.5 (6 steps) and unguided (5 steps), DDIM at 4.5 (6 steps). Tolerance
+/// 1e-4 relative L2 on the final latents (measured ≤ 1e-6).
+#[test]
+fn sampling_matches_diffusers() {
+    for (name, sampler, steps, cfg) in [
+        ("dpm", PixArtSampler::DpmSolver, 6, 4.5),
+        ("dpm_unguided", PixArtSampler::DpmSolver, 5, 1.0),
+        ("ddim", PixArtSampler::Ddim, 6, 4.5),
+    ] {
+        let (_, shape, traj) = sampling(name);
+        let img = traj.len() / shape[0];
+        let want = &traj[traj.len() - img..];
+        let mut e = engine(sampler, steps, cfg, PixArtCache::None, 1);
+        let got = sample_with(&mut e);
+        assert_close(&format!("{name}: final latents"), &got, want, 1e-4);
+        assert_eq!(e.schedule().len(), shape[0]);
+    }
+}
+
+/// icc factors that are exact: up·down = W for every cached linear (rank min(out, in)), so a
+/// calibrated linear is y_s + W·(x − x_s) = W·x + b.
+fn exact_factors(dir: &Path) -> PathBuf {
+    let f = TensorFile::open(&tiny().join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for i in 0..2 {
+        for layer in icdit::pixart::Layer::cached(i) {
+            let name = layer.name();
+            let (shape, w) = f.read_f32(&format!("{name}.weight")).unwrap();
+            let (out, inp) = (shape[0], shape[1]);
+            let eye = |n: usize| (0..n * n).map(|j| if j / n == j % n { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
+            let (up, down) = if out >= inp {
+                ((vec![out, inp], w), (vec![inp, inp], eye(inp)))
+            } else {
+                ((vec![out, out], eye(out)), (vec![out, inp], w))
+            };
+            tensors.push((format!("{name}.up"), up.0, up.1));
+            tensors.push((format!("{name}.down"), down.0, down.1));
+        }
+    }
+    let path = dir.join("exact.safetensors");
+    let views: Vec<(&str, &[usize], &[f32])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    write_safetensors(&path, &views, &[], None).unwrap();
+    path
+}
+
+/// Caching: with period 1 every step is full, which equals no caching (tolerance 1e-6,
+/// measured 0); icc with exact full-rank factors equals no caching within float error
+/// (tolerance 1e-4, measured ~1e-6); reuse at period 2 differs from it (rel. L2 > 1e-3)
+/// and icc with exact factors is closer than reuse.
+#[test]
+fn caching_policies() {
+    let dir = TempDir::new("pixart-factors");
+    let factors = Arc::new(PixArtFactors::load(&exact_factors(&dir), &load(&tiny())).unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(factors.max_rank(), 32);
+    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    for cache in [PixArtCache::Reuse, PixArtCache::Icc(Arc::clone(&factors))] {
+        let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache.clone(), 1));
+        assert_close(&format!("{} period 1 vs none", cache.policy()), &got, &none, 1e-6);
+    }
+    let mut icc_engine = engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(Arc::clone(&factors)), 3);
+    let kinds: Vec<StepKind> = (0..6).map(|i| icc_engine.step_kind(i)).collect();
+    use StepKind::{Calibrated, Full};
+    assert_eq!(kinds, [Full, Calibrated, Calibrated, Full, Calibrated, Calibrated]);
+    let icc = sample_with(&mut icc_engine);
+    let icc_err = assert_close("icc, exact factors, period 3 vs none", &icc, &none, 1e-4);
+    let reuse = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Reuse, 2));
+    let reuse_err = rel_l2(&reuse, &none);
+    println!("reuse, period 2 vs none: relative L2 {reuse_err:.3e}");
+    assert!(reuse_err > 1e-3 && reuse_err > 100.0 * icc_err, "reuse {reuse_err:.3e}, icc {icc_err:.3e}");
+}
