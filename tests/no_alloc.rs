@@ -78,7 +78,8 @@ fn pixart_sampling_allocates_nothing() {
         (PixArtSampler::DpmSolver, PixArtCache::Icc(factors)),
     ] {
         let policy = cache.policy();
-        let opts = PixArtOptions { max_batch: 2, max_text_len: 6, sampler, steps: 5, threads: 2, cache, ..Default::default() };
+        let opts =
+            PixArtOptions { max_batch: 2, max_text_len: 6, sampler, steps: 5, threads: 2, cache, ..Default::default() };
         let mut e = PixArtEngine::new(Arc::clone(&model), &opts).unwrap();
         let mut out = vec![0.0f32; 2 * model.config.image_elems()];
         let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };

@@ -69,7 +69,12 @@ fn forward_matches_diffusers() {
     let model = load(&tiny());
     let want = reference("out");
     for threads in [1, 2] {
-        assert_close(&format!("forward, f32 weights, {threads} threads"), &run_forward(Arc::clone(&model), threads), &want, 1e-5);
+        assert_close(
+            &format!("forward, f32 weights, {threads} threads"),
+            &run_forward(Arc::clone(&model), threads),
+            &want,
+            1e-5,
+        );
     }
 }
 
@@ -79,7 +84,10 @@ fn forward_matches_diffusers() {
 fn forward_f16_bf16_weights() {
     for (dir, name) in [("pixart/tiny_f16", "out_f16"), ("pixart/tiny_bf16", "out_bf16")] {
         let model = load(&fixture(dir));
-        assert_eq!(model.dtypes.keys().copied().collect::<Vec<_>>(), vec![if name == "out_f16" { "f16" } else { "bf16" }]);
+        assert_eq!(
+            model.dtypes.keys().copied().collect::<Vec<_>>(),
+            vec![if name == "out_f16" { "f16" } else { "bf16" }]
+        );
         assert_close(&format!("forward, {name}"), &run_forward(model, 2), &reference(name), 1e-5);
     }
 }
@@ -207,4 +215,179 @@ fn caching_policies() {
     let reuse_err = rel_l2(&reuse, &none);
     println!("reuse, period 2 vs none: relative L2 {reuse_err:.3e}");
     assert!(reuse_err > 1e-3 && reuse_err > 100.0 * icc_err, "reuse {reuse_err:.3e}, icc {icc_err:.3e}");
+}
+
+fn icdit(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `icdit forward` on the pipeline folder writes diffusers' output (1e-5).
+#[test]
+fn cli_forward() {
+    let dir = TempDir::new("pixart-cli-forward");
+    let out = dir.join("out.safetensors");
+    let input = fixture("pixart/forward_in.safetensors");
+    let (ok, err) = icdit(&["forward", "--weights", p(&tiny()), "--input", p(&input), "--out", p(&out)]);
+    assert!(ok, "{err}");
+    let got = TensorFile::open(&out).unwrap().read_f32("out").unwrap();
+    assert_eq!(got.0, vec![2, 8, 8, 8]);
+    assert_close("icdit forward", &got.1, &reference("out"), 1e-5);
+}
+
+/// `icdit sample` from embeddings files and given noise: the latents are diffusers' (1e-4)
+/// for DPM-Solver++ and DDIM; with icc factors and a VAE it writes a grid.
+#[test]
+fn cli_sample() {
+    let dir = TempDir::new("pixart-cli-sample");
+    let (pe, ne, z) = (
+        fixture("pixart/prompt_embeds.safetensors"),
+        fixture("pixart/negative_embeds.safetensors"),
+        fixture("pixart/noise.safetensors"),
+    );
+    for (name, sampler) in [("dpm", "dpm-solver"), ("ddim", "ddim")] {
+        let lat = dir.join(format!("{name}.safetensors"));
+        let (ok, err) = icdit(&[
+            "sample",
+            "--weights",
+            p(&tiny()),
+            "--prompt-embeds",
+            p(&pe),
+            "--negative-embeds",
+            p(&ne),
+            "--noise",
+            p(&z),
+            "--steps",
+            "6",
+            "--sampler",
+            sampler,
+            "--cfg",
+            "4.5",
+            "--threads",
+            "2",
+            "--out-latents",
+            p(&lat),
+        ]);
+        assert!(ok, "{err}");
+        let (_, shape, traj) = sampling(name);
+        let img = traj.len() / shape[0];
+        let got = TensorFile::open(&lat).unwrap().read_f32("latents").unwrap();
+        assert_eq!(got.0, vec![2, 4, 8, 8]);
+        assert_close(&format!("icdit sample --sampler {sampler}"), &got.1, &traj[traj.len() - img..], 1e-4);
+    }
+    let factors = exact_factors(&dir);
+    let grid = dir.join("grid.png");
+    let (ok, err) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&pe),
+        "--negative-embeds",
+        p(&ne),
+        "--steps",
+        "4",
+        "--cache",
+        "icc",
+        "--period",
+        "2",
+        "--factors",
+        p(&factors),
+        "--vae",
+        p(&fixture("vae/new")),
+        "--grid",
+        p(&grid),
+    ]);
+    assert!(ok, "{err}");
+    assert!(std::fs::read(&grid).unwrap().starts_with(b"\x89PNG"), "{err}");
+}
+
+/// A copy of the tiny pipeline whose transformer config is edited by `edit`.
+fn edited_pipeline(dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let root = dir.join("pipe");
+    std::fs::create_dir_all(root.join("transformer")).unwrap();
+    std::fs::copy(tiny().join("model_index.json"), root.join("model_index.json")).unwrap();
+    let w = "transformer/diffusion_pytorch_model.safetensors";
+    std::fs::copy(tiny().join(w), root.join(w)).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("transformer/config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(root.join("transformer/config.json"), cfg.to_string()).unwrap();
+    root
+}
+
+/// Bad input is a clear error naming what is wrong.
+#[test]
+fn errors() {
+    let dir = TempDir::new("pixart-errors");
+    let err = |r: icdit::Result<PixArtModel>| r.err().map(|e| e.to_string()).unwrap_or_default();
+    // No transformer/.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::copy(tiny().join("model_index.json"), empty.join("model_index.json")).unwrap();
+    let e = err(PixArtModel::load(&empty));
+    assert!(e.contains("transformer/config.json"), "{e}");
+    // A tensor of the wrong shape (the config says another caption width).
+    let e = err(PixArtModel::load(&edited_pipeline(&dir.join("a"), |c| c["caption_channels"] = 16.into())));
+    assert!(e.contains("caption_projection.linear_1.weight") && e.contains("16"), "{e}");
+    // The 1024-MS model's micro-conditions.
+    let e = err(PixArtModel::load(&edited_pipeline(&dir.join("b"), |c| c["use_additional_conditions"] = true.into())));
+    assert!(e.contains("use_additional_conditions") && e.contains("not supported yet"), "{e}");
+    let e = err(PixArtModel::load(&edited_pipeline(&dir.join("c"), |c| c["sample_size"] = 128.into())));
+    assert!(e.contains("use_additional_conditions"), "{e}");
+    // CLI: another backend, missing negative embeddings, embeddings of the wrong width.
+    let pe = fixture("pixart/prompt_embeds.safetensors");
+    let lat = dir.join("l.safetensors");
+    let (ok, e) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&pe),
+        "--backend",
+        "emu",
+        "--out-latents",
+        p(&lat),
+    ]);
+    assert!(!ok && e.contains("PixArt runs on the CPU backend only for now"), "{e}");
+    let (ok, e) = icdit(&["sample", "--weights", p(&tiny()), "--prompt-embeds", p(&pe), "--out-latents", p(&lat)]);
+    assert!(!ok && e.contains("--negative-embeds") && e.contains("text encoder"), "{e}");
+    let narrow = dir.join("narrow.safetensors");
+    write_safetensors(
+        &narrow,
+        &[("prompt_embeds", &[1, 3, 5], &[0.5; 15])],
+        &[("attention_mask", &[1, 3], &[1, 1, 0])],
+        None,
+    )
+    .unwrap();
+    let (ok, e) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&narrow),
+        "--cfg",
+        "1",
+        "--out-latents",
+        p(&lat),
+    ]);
+    assert!(!ok && e.contains("caption_channels is 24"), "{e}");
+    let (ok, e) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&pe),
+        "--cache",
+        "icc",
+        "--cfg",
+        "1",
+        "--out-latents",
+        p(&lat),
+    ]);
+    assert!(!ok && e.contains("--factors"), "{e}");
 }

@@ -169,7 +169,10 @@ impl PixArtConfig {
             return Err(format!("{name} must be 1 to 65536"));
         }
         if !self.sample_size.is_multiple_of(self.patch_size) {
-            return Err(format!("sample_size {} is not a multiple of patch_size {}", self.sample_size, self.patch_size));
+            return Err(format!(
+                "sample_size {} is not a multiple of patch_size {}",
+                self.sample_size, self.patch_size
+            ));
         }
         if !self.hidden_size().is_multiple_of(4) {
             return Err(format!("hidden size {} must be a multiple of 4 (the 2-D position table)", self.hidden_size()));

@@ -173,7 +173,9 @@ impl PixArtCpu {
             cap: add("caption", rows * l * c),
             mask_bias: add("mask bias", rows * l),
             cross: (0..cfg.depth)
-                .map(|i| [add(&format!("block {i} cross k"), rows * l * c), add(&format!("block {i} cross v"), rows * l * c)])
+                .map(|i| {
+                    [add(&format!("block {i} cross k"), rows * l * c), add(&format!("block {i} cross v"), rows * l * c)]
+                })
                 .collect(),
             gemm_scratch: add("gemm scratch", threads * gemm::SCRATCH_PER_THREAD),
             packed_a: add("gemm packed a", gemm::packed_a_len(tok.max(rows * l), widest_k)),
@@ -288,7 +290,12 @@ impl PixArtCpu {
         if rows == 0 || rows > self.max_rows || x.len() != rows * img || t.len() != rows {
             return Err(Error::invalid(
                 "model input",
-                format!("{rows} rows ({} latent values, {} timesteps) for an engine of {} rows of {img}", x.len(), t.len(), self.max_rows),
+                format!(
+                    "{rows} rows ({} latent values, {} timesteps) for an engine of {} rows of {img}",
+                    x.len(),
+                    t.len(),
+                    self.max_rows
+                ),
             ));
         }
         let input = self.bufs.input;
@@ -303,12 +310,19 @@ impl PixArtCpu {
     pub fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
         let d = self.model.config.caption_channels;
         if len == 0 || len > self.max_text_len {
-            return Err(Error::invalid("text length", format!("{len} tokens; this engine takes 1 to {}", self.max_text_len)));
+            return Err(Error::invalid(
+                "text length",
+                format!("{len} tokens; this engine takes 1 to {}", self.max_text_len),
+            ));
         }
         if rows == 0 || rows > self.max_rows || text.len() != rows * len * d || mask.len() != rows * len {
             return Err(Error::invalid(
                 "caption",
-                format!("{} embedding values and {} mask values for {rows} rows of {len} tokens × {d}", text.len(), mask.len()),
+                format!(
+                    "{} embedding values and {} mask values for {rows} rows of {len} tokens × {d}",
+                    text.len(),
+                    mask.len()
+                ),
             ));
         }
         if let Some(i) = mask.iter().position(|&v| v != 0 && v != 1) {
@@ -335,7 +349,10 @@ impl PixArtCpu {
             return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
         }
         if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(rows) {
-            return Err(Error::invalid("step kind", format!("a {} step needs a full step with the same {rows} rows before it", kind.name())));
+            return Err(Error::invalid(
+                "step kind",
+                format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
+            ));
         }
         self.conditioning(rows);
         let cfg = self.model.config;
@@ -354,13 +371,24 @@ impl PixArtCpu {
     }
 
     /// Convenience: one plain forward pass on `rows` rows (the `icdit forward` command).
-    pub fn forward(&mut self, x: &[f32], t: &[f32], text: &[f32], mask: &[i64], len: usize, out: &mut [f32]) -> Result<()> {
+    pub fn forward(
+        &mut self,
+        x: &[f32],
+        t: &[f32],
+        text: &[f32],
+        mask: &[i64],
+        len: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let rows = t.len();
         self.stage_text(text, mask, rows, len)?;
         self.stage_inputs(x, t, rows)?;
         self.run(rows, StepKind::Plain)?;
         if out.len() != rows * self.model.config.out_elems() {
-            return Err(Error::invalid("output buffer", format!("{} values, expected {}", out.len(), rows * self.model.config.out_elems())));
+            return Err(Error::invalid(
+                "output buffer",
+                format!("{} values, expected {}", out.len(), rows * self.model.config.out_elems()),
+            ));
         }
         out.copy_from_slice(self.output(rows));
         Ok(())
@@ -368,11 +396,24 @@ impl PixArtCpu {
 
     /// C = act(A·Wᵀ + b (+ add)) over m rows, on the pool.
     #[allow(clippy::too_many_arguments)]
-    fn gemm(&self, a: &[f32], a_minus: Option<&[f32]>, m: usize, k: usize, w: &[f32], bias: Option<&[f32]>, n: usize, add: Option<&[f32]>, act: gemm::Act, c: SendPtr) {
+    fn gemm(
+        &self,
+        a: &[f32],
+        a_minus: Option<&[f32]>,
+        m: usize,
+        k: usize,
+        w: &[f32],
+        bias: Option<&[f32]>,
+        n: usize,
+        add: Option<&[f32]>,
+        act: gemm::Act,
+        c: SendPtr,
+    ) {
         let (sp, sl) = self.ptr(self.bufs.gemm_scratch);
         let (pp, pl) = self.ptr(self.bufs.packed_a);
         // SAFETY: the scratch buffers are only used by GEMMs, one at a time.
-        let (scratch, packed) = unsafe { (std::slice::from_raw_parts_mut(sp.get(), sl), std::slice::from_raw_parts_mut(pp.get(), pl)) };
+        let (scratch, packed) =
+            unsafe { (std::slice::from_raw_parts_mut(sp.get(), sl), std::slice::from_raw_parts_mut(pp.get(), pl)) };
         let g = Gemm {
             m,
             n,
@@ -540,7 +581,8 @@ impl PixArtOps for PixArtCpu {
 
     fn embed_patches(&mut self, rows: usize) {
         let cfg = self.model.config;
-        let (p, g, cin, s, c, n) = (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.sample_size, cfg.hidden_size(), cfg.tokens());
+        let (p, g, cin, s, c, n) =
+            (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.sample_size, cfg.hidden_size(), cfg.tokens());
         let pd = cin * p * p;
         let (input, patches) = (self.bufs.input, self.bufs.patches);
         // SAFETY: input is read, patches written.
@@ -582,7 +624,14 @@ impl PixArtOps for PixArtCpu {
                 let r = tok / n;
                 let out = unsafe { std::slice::from_raw_parts_mut(d.get().add(tok * c), c) };
                 let mv = &m[r * width..];
-                math::layer_norm_modulate(isa, &x[tok * c..(tok + 1) * c], &mv[shift..shift + c], &mv[scale..scale + c], norm.eps, out);
+                math::layer_norm_modulate(
+                    isa,
+                    &x[tok * c..(tok + 1) * c],
+                    &mv[shift..shift + c],
+                    &mv[scale..scale + c],
+                    norm.eps,
+                    out,
+                );
             }
         });
     }
@@ -609,17 +658,43 @@ impl PixArtOps for PixArtCpu {
         let (i, xs, ys) = slots(layer).expect("only cached linears are calibrated");
         let (out, inp) = layer.shape(&self.model.config);
         let m = rows * self.model.config.tokens();
-        let f = factors.get(layer);
+        let f = factors.get(layer).expect("factors load every cached layer");
         let low = self.bufs.lowrank.expect("planned with icc");
         // SAFETY: src and the caches are read; lowrank and dst (distinct) written.
         let (x, x_s, y_s) = unsafe {
-            (self.view(self.act_buf(src)), self.view(self.act_buf(Act::Cache(i, xs))), self.view(self.act_buf(Act::Cache(i, ys))))
+            (
+                self.view(self.act_buf(src)),
+                self.view(self.act_buf(Act::Cache(i, xs))),
+                self.view(self.act_buf(Act::Cache(i, ys))),
+            )
         };
         let (lp, _) = self.ptr(low);
-        self.gemm(&x[..m * inp], Some(&x_s[..m * inp]), m, inp, factors.w(f.down), None, f.rank, None, gemm::Act::None, lp);
+        self.gemm(
+            &x[..m * inp],
+            Some(&x_s[..m * inp]),
+            m,
+            inp,
+            factors.w(f.down),
+            None,
+            f.rank,
+            None,
+            gemm::Act::None,
+            lp,
+        );
         let t = unsafe { self.view(low) };
         let (dp, _) = self.ptr(self.act_buf(dst));
-        self.gemm(&t[..m * f.rank], None, m, f.rank, factors.w(f.up), None, out, Some(&y_s[..m * out]), gemm_act(act), dp);
+        self.gemm(
+            &t[..m * f.rank],
+            None,
+            m,
+            f.rank,
+            factors.w(f.up),
+            None,
+            out,
+            Some(&y_s[..m * out]),
+            gemm_act(act),
+            dp,
+        );
     }
 
     /// The CPU computes icc's direct form: nothing to keep.
@@ -684,7 +759,8 @@ impl PixArtOps for PixArtCpu {
                 for a in 0..p {
                     for b in 0..p {
                         for ch in 0..co {
-                            img[((r * co + ch) * s + gi * p + a) * s + gj * p + b] = out[(tok * p * p + a * p + b) * co + ch];
+                            img[((r * co + ch) * s + gi * p + a) * s + gj * p + b] =
+                                out[(tok * p * p + a * p + b) * co + ch];
                         }
                     }
                 }

@@ -38,7 +38,11 @@ impl Embeddings {
         if rows == 0 || len == 0 || dim == 0 || embeds.len() != rows * len * dim || mask.len() != rows * len {
             return Err(Error::invalid(
                 "prompt embeddings",
-                format!("{} values and {} mask values for {rows} prompts × {len} tokens × {dim}", embeds.len(), mask.len()),
+                format!(
+                    "{} values and {} mask values for {rows} prompts × {len} tokens × {dim}",
+                    embeds.len(),
+                    mask.len()
+                ),
             ));
         }
         Ok(Embeddings { embeds, mask, rows, len, dim })
@@ -54,7 +58,9 @@ impl Embeddings {
         };
         let (mshape, mask) = f.read_i64("attention_mask")?;
         if mshape != [rows, len] {
-            return Err(bad(format!("`attention_mask` has shape {mshape:?}; expected [{rows}, {len}] (as prompt_embeds)")));
+            return Err(bad(format!(
+                "`attention_mask` has shape {mshape:?}; expected [{rows}, {len}] (as prompt_embeds)"
+            )));
         }
         if let Some(i) = mask.iter().position(|&m| m != 0 && m != 1) {
             return Err(bad(format!("`attention_mask` element {i} is {}; masks are 0 or 1", mask[i])));
@@ -240,7 +246,10 @@ impl Core {
         let (p, img) = (req.prompt, cfg.image_elems());
         let n = p.rows;
         if n > self.opts.max_batch {
-            return Err(Error::invalid("batch", format!("{n} prompts; this engine was built for 1..={}", self.opts.max_batch)));
+            return Err(Error::invalid(
+                "batch",
+                format!("{n} prompts; this engine was built for 1..={}", self.opts.max_batch),
+            ));
         }
         if p.dim != cfg.caption_channels {
             return Err(Error::invalid(
@@ -302,7 +311,12 @@ impl Core {
             }
             None => {
                 for i in 0..n {
-                    noise::fill_normal(req.seed, req.first_index + i as u64, 0, &mut self.latents[i * img..(i + 1) * img]);
+                    noise::fill_normal(
+                        req.seed,
+                        req.first_index + i as u64,
+                        0,
+                        &mut self.latents[i * img..(i + 1) * img],
+                    );
                 }
             }
         }

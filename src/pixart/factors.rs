@@ -3,7 +3,6 @@
 //! the layer's weight with `.weight` replaced by `.up` / `.down`
 //! (`transformer_blocks.0.attn1.to_out.0.up`). f32, f16 or bf16, one safetensors file.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use super::weights::{Layer, PixArtModel};
@@ -23,7 +22,8 @@ pub struct LayerFactors {
 pub struct PixArtFactors {
     pub source: PathBuf,
     depth: usize,
-    layers: HashMap<Layer, LayerFactors>,
+    /// By [`Layer::index`]; `None` for the layers icc does not cache.
+    layers: Vec<Option<LayerFactors>>,
     store: WeightStore,
 }
 
@@ -40,7 +40,7 @@ impl PixArtFactors {
     pub fn load(path: &Path, model: &PixArtModel) -> Result<Self> {
         let cfg = &model.config;
         let mut b = StoreBuilder::new(vec![TensorFile::open(path)?]);
-        let mut layers = HashMap::new();
+        let mut layers = vec![None; Layer::all(cfg.depth).count()];
         for i in 0..cfg.depth {
             for layer in Layer::cached(i) {
                 let (out, inp) = layer.shape(cfg);
@@ -61,7 +61,7 @@ impl PixArtFactors {
                 };
                 let up = b.tensor(&up_name, &[out, rank])?;
                 let down = b.tensor(&down_name, &[rank, inp])?;
-                layers.insert(layer, LayerFactors { up, down, rank });
+                layers[layer.index(cfg.depth)] = Some(LayerFactors { up, down, rank });
             }
         }
         let (store, _) = b.finish(|_| false)?;
@@ -73,14 +73,20 @@ impl PixArtFactors {
         if self.depth != model.config.depth {
             return Err(Error::invalid(
                 "factors",
-                format!("{}: {} blocks of factors for a {}-block model", self.source.display(), self.depth, model.config.depth),
+                format!(
+                    "{}: {} blocks of factors for a {}-block model",
+                    self.source.display(),
+                    self.depth,
+                    model.config.depth
+                ),
             ));
         }
         Ok(())
     }
 
-    pub fn get(&self, layer: Layer) -> LayerFactors {
-        self.layers[&layer]
+    /// A cached layer's factors (`None`: the layer is not one icc caches).
+    pub fn get(&self, layer: Layer) -> Option<LayerFactors> {
+        self.layers.get(layer.index(self.depth)).copied().flatten()
     }
 
     pub fn w(&self, r: TRef) -> &[f32] {
@@ -89,6 +95,6 @@ impl PixArtFactors {
 
     /// The largest rank of any layer.
     pub fn max_rank(&self) -> usize {
-        self.layers.values().map(|f| f.rank).max().unwrap_or(0)
+        self.layers.iter().flatten().map(|f| f.rank).max().unwrap_or(0)
     }
 }

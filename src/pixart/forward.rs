@@ -161,8 +161,7 @@ pub fn forward<O: PixArtOps>(ops: &mut O, cfg: &PixArtConfig, rows: usize, kind:
     use chunk::*;
     let eps = cfg.norm_eps;
     let norm = |i, shift, scale| Norm { shift: ModChunk::block(i, shift), scale: ModChunk::block(i, scale), eps };
-    let final_norm =
-        Norm { shift: ModChunk::final_layer(SHIFT_FINAL), scale: ModChunk::final_layer(SCALE_FINAL), eps };
+    let final_norm = Norm { shift: ModChunk::final_layer(SHIFT_FINAL), scale: ModChunk::final_layer(SCALE_FINAL), eps };
     ops.embed_patches(rows);
     for i in 0..cfg.depth {
         let (norm1, norm2) = (norm(i, SHIFT_MSA, SCALE_MSA), norm(i, SHIFT_MLP, SCALE_MLP));

@@ -40,7 +40,16 @@ pub enum Layer {
 impl Layer {
     /// The cached linears of block i (reference doc, "Increment-calibrated caching on PixArt").
     pub fn cached(i: usize) -> [Layer; 8] {
-        [Layer::Q1(i), Layer::K1(i), Layer::V1(i), Layer::Out1(i), Layer::Q2(i), Layer::Out2(i), Layer::Ff1(i), Layer::Ff2(i)]
+        [
+            Layer::Q1(i),
+            Layer::K1(i),
+            Layer::V1(i),
+            Layer::Out1(i),
+            Layer::Q2(i),
+            Layer::Out2(i),
+            Layer::Ff1(i),
+            Layer::Ff2(i),
+        ]
     }
 
     /// The diffusers name of the layer's weight without `.weight`/`.bias`.
@@ -83,7 +92,30 @@ impl Layer {
         }
     }
 
-    /// Every layer of a model of `depth` blocks.
+    /// A dense index: block i's ten layers at 10·i.., then the six others after all blocks
+    /// (tables are indexed by it instead of hashed on the hot path).
+    pub fn index(self, depth: usize) -> usize {
+        match self {
+            Layer::Q1(i) => 10 * i,
+            Layer::K1(i) => 10 * i + 1,
+            Layer::V1(i) => 10 * i + 2,
+            Layer::Out1(i) => 10 * i + 3,
+            Layer::Q2(i) => 10 * i + 4,
+            Layer::K2(i) => 10 * i + 5,
+            Layer::V2(i) => 10 * i + 6,
+            Layer::Out2(i) => 10 * i + 7,
+            Layer::Ff1(i) => 10 * i + 8,
+            Layer::Ff2(i) => 10 * i + 9,
+            Layer::Caption1 => 10 * depth,
+            Layer::Caption2 => 10 * depth + 1,
+            Layer::Time1 => 10 * depth + 2,
+            Layer::Time2 => 10 * depth + 3,
+            Layer::AdaLn => 10 * depth + 4,
+            Layer::ProjOut => 10 * depth + 5,
+        }
+    }
+
+    /// Every layer of a model of `depth` blocks, in [`index`](Layer::index) order.
     pub fn all(depth: usize) -> impl Iterator<Item = Layer> {
         let blocks = (0..depth).flat_map(|i| {
             [
@@ -122,7 +154,8 @@ pub struct PixArtTensors {
     pub block_tables: Vec<TRef>,
     /// The final layer's `scale_shift_table` (2, C).
     pub final_table: TRef,
-    pub linears: HashMap<Layer, LinearTensors>,
+    /// Every linear layer, by [`Layer::index`].
+    pub linears: Vec<LinearTensors>,
 }
 
 /// A loaded PixArt-α transformer: config, mapped weights and handles.
@@ -162,7 +195,7 @@ impl PixArtModel {
 
     /// (weight, bias) of a linear layer.
     pub fn linear(&self, layer: Layer) -> (&[f32], &[f32]) {
-        let t = self.tensors.linears[&layer];
+        let t = self.tensors.linears[layer.index(self.config.depth)];
         (self.w(t.w), self.w(t.b))
     }
 
@@ -178,10 +211,8 @@ impl PixArtModel {
 
     /// The first tensor (by name) holding a NaN or an infinity.
     pub fn find_non_finite(&self) -> Option<String> {
-        let mut named: Vec<(String, TRef)> = self
-            .tensors
-            .linears
-            .iter()
+        let mut named: Vec<(String, TRef)> = Layer::all(self.config.depth)
+            .zip(&self.tensors.linears)
             .flat_map(|(l, t)| [(format!("{}.weight", l.name()), t.w), (format!("{}.bias", l.name()), t.b)])
             .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
@@ -193,16 +224,17 @@ fn register(b: &mut StoreBuilder, cfg: &PixArtConfig) -> Result<PixArtTensors> {
     let (c, p) = (cfg.hidden_size(), cfg.patch_size);
     let patch_w = b.tensor("pos_embed.proj.weight", &[c, cfg.in_channels, p, p])?;
     let patch_b = b.tensor("pos_embed.proj.bias", &[c])?;
-    let block_tables =
-        (0..cfg.depth).map(|i| b.tensor(&format!("transformer_blocks.{i}.scale_shift_table"), &[6, c])).collect::<Result<_>>()?;
+    let block_tables = (0..cfg.depth)
+        .map(|i| b.tensor(&format!("transformer_blocks.{i}.scale_shift_table"), &[6, c]))
+        .collect::<Result<_>>()?;
     let final_table = b.tensor("scale_shift_table", &[2, c])?;
-    let mut linears = HashMap::new();
+    let mut linears = Vec::new();
     for layer in Layer::all(cfg.depth) {
         let (out, inp) = layer.shape(cfg);
         let name = layer.name();
         let w = b.tensor(&format!("{name}.weight"), &[out, inp])?;
         let bias = b.tensor(&format!("{name}.bias"), &[out])?;
-        linears.insert(layer, LinearTensors { w, b: bias });
+        linears.push(LinearTensors { w, b: bias });
     }
     // The model runs at its trained size, where the grid is the base size.
     let (g, scale) = (cfg.grid(), cfg.interpolation_scale);

@@ -85,10 +85,16 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
         return Err(bad(format!("`x` has shape {xs:?}; expected [{b}, {cin}, {s}, {s}]")));
     }
     let [eb, len, d] = es[..] else {
-        return Err(bad(format!("`encoder_hidden_states` has shape {es:?}; expected [{b}, L, {}]", cfg.caption_channels)));
+        return Err(bad(format!(
+            "`encoder_hidden_states` has shape {es:?}; expected [{b}, L, {}]",
+            cfg.caption_channels
+        )));
     };
     if eb != b || d != cfg.caption_channels || len == 0 {
-        return Err(bad(format!("`encoder_hidden_states` has shape {es:?}; expected [{b}, L, {}]", cfg.caption_channels)));
+        return Err(bad(format!(
+            "`encoder_hidden_states` has shape {es:?}; expected [{b}, L, {}]",
+            cfg.caption_channels
+        )));
     }
     if ms != [b, len] {
         return Err(bad(format!("`encoder_attention_mask` has shape {ms:?}; expected [{b}, {len}]")));
@@ -97,8 +103,10 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
         return Err(bad(format!("`t` element {i} is {}; timesteps are 0 to 999", t[i])));
     }
     let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-    let mut cpu =
-        PixArtCpu::new(Arc::clone(&model), &PixArtCpuOptions { max_rows: b, max_text_len: len, threads, ..Default::default() })?;
+    let mut cpu = PixArtCpu::new(
+        Arc::clone(&model),
+        &PixArtCpuOptions { max_rows: b, max_text_len: len, threads, ..Default::default() },
+    )?;
     let mut out = vec![0.0f32; b * cfg.out_elems()];
     let start = Instant::now();
     cpu.forward(&x, &tf, &text, &mask, len, &mut out)?;
@@ -188,7 +196,10 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     if f.images.any() && vae.is_none() {
         return Err(Error::invalid(
             "--grid/--out/--npz",
-            format!("decoding needs a VAE: {} has no vae/ folder (pass --vae DIR, or write --out-latents)", f.weights.display()),
+            format!(
+                "decoding needs a VAE: {} has no vae/ folder (pass --vae DIR, or write --out-latents)",
+                f.weights.display()
+            ),
         ));
     }
     if f.images.out.is_some() {
@@ -209,7 +220,11 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         threads: f.threads,
         isa: None,
         cache,
-        full_steps: if f.full_steps.is_empty() { FullSteps::Period(f.period) } else { FullSteps::List(f.full_steps.to_vec()) },
+        full_steps: if f.full_steps.is_empty() {
+            FullSteps::Period(f.period)
+        } else {
+            FullSteps::List(f.full_steps.to_vec())
+        },
     };
     let noise = match f.noise {
         Some(p) => {
@@ -217,7 +232,10 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
             let (shape, z) = file.read_f32("z")?;
             let want = [n, cfg.in_channels, cfg.sample_size, cfg.sample_size];
             if shape != want {
-                return Err(Error::Layout { path: p.to_path_buf(), reason: format!("`z` has shape {shape:?}; expected {want:?}") });
+                return Err(Error::Layout {
+                    path: p.to_path_buf(),
+                    reason: format!("`z` has shape {shape:?}; expected {want:?}"),
+                });
             }
             Some(z)
         }
@@ -225,7 +243,13 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     };
     let mut engine = PixArtEngine::new(Arc::clone(&model), &opts)?;
     engine.set_interrupt(Some(crate::interrupt::flag()));
-    let req = PixArtRequest { prompt: &prompt, negative: negative.as_ref(), noise: noise.as_deref(), seed: f.seed, first_index: 0 };
+    let req = PixArtRequest {
+        prompt: &prompt,
+        negative: negative.as_ref(),
+        noise: noise.as_deref(),
+        seed: f.seed,
+        first_index: 0,
+    };
     let mut latents = vec![0.0f32; n * cfg.image_elems()];
     let start = Instant::now();
     engine.sample(&req, &mut latents, &mut |_| {})?;
@@ -255,7 +279,14 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
                 dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
             }
             let side = dec.out_side();
-            written.extend(f.images.write(&images, &vec![0; n], Some(f.seed), vae.config.out_channels, side, n.min(8))?);
+            written.extend(f.images.write(
+                &images,
+                &vec![0; n],
+                Some(f.seed),
+                vae.config.out_channels,
+                side,
+                n.min(8),
+            )?);
         }
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
