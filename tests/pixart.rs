@@ -411,11 +411,14 @@ fn errors() {
 fn caching_matches_python_reference() {
     let f = TensorFile::open(&fixture("pixart/sampling.safetensors")).unwrap();
     let factors = Arc::new(
-        PixArtFactors::load(&fixture("pixart/factors_rank4.safetensors"), &load(&tiny())).unwrap_or_else(|e| panic!("{e}")),
+        PixArtFactors::load(&fixture("pixart/factors_rank4.safetensors"), &load(&tiny()))
+            .unwrap_or_else(|e| panic!("{e}")),
     );
     assert_eq!(factors.max_rank(), 4);
     let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
-    for (name, cache, period) in [("icc_period3", PixArtCache::Icc(factors), 3), ("reuse_period2", PixArtCache::Reuse, 2)] {
+    for (name, cache, period) in
+        [("icc_period3", PixArtCache::Icc(factors), 3), ("reuse_period2", PixArtCache::Reuse, 2)]
+    {
         let want = f.read_f32(name).unwrap().1;
         let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache, period));
         assert_close(name, &got, &want, 1e-4);
@@ -423,4 +426,35 @@ fn caching_matches_python_reference() {
         println!("{name} vs no caching: relative L2 {vs_none:.3e}");
         assert!(vs_none > 1e-3, "{name} should differ from no caching ({vs_none:.3e})");
     }
+}
+
+/// `icdit calibrate --method svd` on the pipeline folder: factors named after the layers at
+/// rank min(r, out, in); at full rank icc equals no caching (1e-4, measured ~1e-6), at rank 4
+/// it does not (> 1e-3). CA-SVD is refused with a clear error.
+#[test]
+fn cli_calibrate_svd() {
+    let dir = TempDir::new("pixart-calibrate");
+    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    for (rank, exact) in [("32", true), ("4", false)] {
+        let out = dir.join(format!("svd{rank}.safetensors"));
+        let (ok, err) =
+            icdit(&["calibrate", "--weights", p(&tiny()), "--method", "svd", "--rank", rank, "--out", p(&out)]);
+        assert!(ok, "{err}");
+        let f = TensorFile::open(&out).unwrap();
+        assert_eq!(
+            f.get("transformer_blocks.1.ff.net.2.down").unwrap().shape,
+            vec![rank.parse::<usize>().unwrap(), 128]
+        );
+        let factors = Arc::new(PixArtFactors::load(&out, &load(&tiny())).unwrap());
+        let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(factors), 3));
+        if exact {
+            assert_close("icc, full-rank SVD factors vs none", &got, &none, 1e-4);
+        } else {
+            let err = rel_l2(&got, &none);
+            println!("icc, rank-4 SVD factors vs none: relative L2 {err:.3e}");
+            assert!(err > 1e-3, "{err:.3e}");
+        }
+    }
+    let (ok, err) = icdit(&["calibrate", "--weights", p(&tiny()), "--method", "ca-svd", "--out", p(&dir.join("x"))]);
+    assert!(!ok && err.contains("not supported yet") && err.contains("--method svd"), "{err}");
 }

@@ -98,3 +98,41 @@ impl PixArtFactors {
         self.layers.iter().flatten().map(|f| f.rank).max().unwrap_or(0)
     }
 }
+
+/// One factorised layer's report: its name, rank, the share of singular-value energy kept and
+/// the relative reconstruction error ‖W − up·down‖ / ‖W‖.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SvdLayer {
+    pub name: String,
+    pub rank: usize,
+    pub energy: f64,
+    pub rel_error: f64,
+}
+
+/// Plain-SVD factors of every cached linear at rank min(`rank`, out, in) (icc's `svd`
+/// method: W = U S Vᵀ, up = U_r·S_r, down = V_rᵀ), written to `path` under the layers' names.
+pub fn calibrate_svd(model: &PixArtModel, rank: usize, path: &Path) -> Result<Vec<SvdLayer>> {
+    if rank == 0 {
+        return Err(Error::invalid("rank", "must be at least 1"));
+    }
+    let cfg = &model.config;
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut report = Vec::new();
+    for i in 0..cfg.depth {
+        for layer in Layer::cached(i) {
+            let (out, inp) = layer.shape(cfg);
+            let r = rank.min(out).min(inp);
+            let (w, _) = model.linear(layer);
+            let (up, down, energy, rel_error, _) = crate::calibrate::factorize(w, out, inp, r, None)?;
+            let name = layer.name();
+            tensors.push((format!("{name}.up"), vec![out, r], up));
+            tensors.push((format!("{name}.down"), vec![r, inp], down));
+            report.push(SvdLayer { name, rank: r, energy, rel_error });
+        }
+    }
+    let views: Vec<(&str, &[usize], &[f32])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    let meta = [("method".to_string(), "svd".to_string()), ("model".to_string(), model.source.display().to_string())];
+    crate::tensorfile::write_safetensors(path, &views, &[], Some(meta.into_iter().collect()))?;
+    Ok(report)
+}

@@ -72,6 +72,9 @@ fn bar(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<(), Error> {
+    if let Some(dir) = args.weights.as_deref().filter(|w| icdit::pixart::is_pipeline(w)) {
+        return pixart(dir, &args);
+    }
     let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
     let model = Arc::new(args.model.load(&weights)?);
     let method = match args.method.as_str() {
@@ -175,6 +178,41 @@ pub fn run(args: CalibrateArgs) -> Result<(), Error> {
         ranks[3],
         ranks[4],
         ranks[5],
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `icdit calibrate` on a PixArt-α pipeline folder: plain SVD only for now (CA-SVD needs
+/// statistics from sampling calibration prompts, which needs the text encoder).
+fn pixart(dir: &std::path::Path, args: &CalibrateArgs) -> Result<(), Error> {
+    if args.method != "svd" {
+        return Err(Error::invalid(
+            "method",
+            format!(
+                "`{}` on PixArt-α is not supported yet (it needs calibration prompts); use --method svd",
+                args.method
+            ),
+        ));
+    }
+    if args.calib_latents.is_some() || args.calib_self.is_some() {
+        return Err(Error::invalid("calibration data", "--method svd on PixArt-α reads the weights only"));
+    }
+    let model = icdit::pixart::PixArtModel::load(dir)?;
+    let start = Instant::now();
+    let report = icdit::pixart::factors::calibrate_svd(&model, args.rank, &args.out)?;
+    if args.json {
+        let v = serde_json::json!({ "method": "svd", "rank": args.rank, "layers": report });
+        outln!("{}", serde_json::to_string_pretty(&v).expect("report serialises"));
+    } else {
+        for l in &report {
+            outln!("{:<40} rank {:>4}  energy kept {:.4}  rel. error {:.4}", l.name, l.rank, l.energy, l.rel_error);
+        }
+    }
+    eprintln!(
+        "calibrate (PixArt-α, svd): {} layers in {:.2} s; wrote {}",
+        report.len(),
+        start.elapsed().as_secs_f64(),
         args.out.display()
     );
     Ok(())
