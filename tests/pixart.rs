@@ -156,23 +156,43 @@ fn timesteps_match_diffusers() {
 }
 
 /// Whole sampling runs against diffusers' schedulers driving the transformer: DPM-Solver++
-/// 2M at guidance 4.5 (6 steps) and unguided (5 steps), DDIM at 4.5 (6 steps). Tolerance
-/// 1e-4 relative L2 on the final latents (measured 0.9–1.4e-6).
+/// 2M at guidance 4.5 (6 steps) and unguided (5 steps), DDIM at 4.5 (6 steps). Every step's
+/// x̂₀ (the previews) and the final latents within 1e-4 relative L2 (measured 0.5–1.5e-6);
+/// DPM-Solver++'s last preview is the result.
 #[test]
 fn sampling_matches_diffusers() {
+    let f = TensorFile::open(&fixture("pixart/sampling.safetensors")).unwrap();
     for (name, sampler, steps, cfg) in [
         ("dpm", PixArtSampler::DpmSolver, 6, 4.5),
         ("dpm_unguided", PixArtSampler::DpmSolver, 5, 1.0),
         ("ddim", PixArtSampler::Ddim, 6, 4.5),
     ] {
         let (_, shape, traj) = sampling(name);
+        let x0s = f.read_f32(&format!("{name}_x0")).unwrap().1;
         let img = traj.len() / shape[0];
-        let want = &traj[traj.len() - img..];
         let mut e = engine(sampler, steps, cfg, PixArtCache::None, 1);
-        let got = sample_with(&mut e);
-        assert_close(&format!("{name}: final latents"), &got, want, 1e-4);
-        assert_eq!(e.schedule().len(), shape[0]);
+        let (pos, neg, z) = (embeddings("prompt_embeds"), embeddings("negative_embeds"), noise());
+        let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: Some(&z), seed: 0, first_index: 0 };
+        let (mut out, mut preview) = (vec![0.0; img], vec![0.0; img]);
+        let mut seen = 0;
+        e.sample_previewed(&req, &mut out, &mut preview, &mut |step, x0| {
+            assert_eq!(step.timestep, e_timestep(name, step.index));
+            assert_close(&format!("{name}: x̂₀ of step {}", step.index), x0, &x0s[step.index * img..][..img], 1e-4);
+            seen += 1;
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(seen, steps);
+        if sampler == PixArtSampler::DpmSolver {
+            // Its last step goes to σ = 0; DDIM's goes to ᾱ[0] < 1 instead.
+            assert_eq!(out, preview, "{name}: the last x̂₀ is the result");
+        }
+        assert_close(&format!("{name}: final latents"), &out, &traj[traj.len() - img..], 1e-4);
+        assert_eq!(sample_with(&mut e), out, "{name}: sample and sample_previewed agree");
     }
+}
+
+fn e_timestep(name: &str, index: usize) -> usize {
+    sampling(name).0[index]
 }
 
 /// icc factors that are exact: up·down = W for every cached linear (rank min(out, in)), so a

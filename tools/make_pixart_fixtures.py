@@ -116,17 +116,26 @@ def sample(m, scheduler, steps, cfg, z, pos, pos_mask, neg, neg_mask):
     guided = cfg > 1.0
     ehs = torch.cat([neg, pos]) if guided else pos
     mask = torch.cat([neg_mask, pos_mask]) if guided else pos_mask
-    traj = []
-    for t in scheduler.timesteps:
+    traj, x0s = [], []
+    for i, t in enumerate(scheduler.timesteps):
         inp = torch.cat([x, x]) if guided else x
         eps = forward(m, inp, t.expand(inp.shape[0]), ehs, mask)
         if guided:
             u, c = eps.chunk(2)
             eps = u + cfg * (c - u)
         eps = eps.chunk(2, dim=1)[0]
-        x = scheduler.step(eps, t, x, return_dict=False)[0]
+        if isinstance(scheduler, DDIMScheduler):
+            step = scheduler.step(eps, t, x)
+            x, x0 = step.prev_sample, step.pred_original_sample
+        else:
+            # DPM-Solver++'s data prediction x̂₀ = (x − σ_t·ε)/α_t at this step's σ.
+            sigma = scheduler.sigmas[i]
+            alpha_t = 1.0 / (sigma**2 + 1.0) ** 0.5
+            x0 = (x - sigma * alpha_t * eps) / alpha_t
+            x = scheduler.step(eps, t, x, return_dict=False)[0]
         traj.append(x.clone())
-    return scheduler.timesteps.clone(), torch.stack(traj)
+        x0s.append(x0.clone())
+    return scheduler.timesteps.clone(), torch.stack(traj), torch.stack(x0s)
 
 
 CACHED = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0",
@@ -245,9 +254,10 @@ def main():
             sch = DPMSolverMultistepScheduler.from_config(base)
         else:
             sch = DDIMScheduler.from_config(base, clip_sample=False, set_alpha_to_one=False)
-        ts, traj = sample(m, sch, steps, cfg, z, pos, pos_mask, negs, neg_masks)
+        ts, traj, x0s = sample(m, sch, steps, cfg, z, pos, pos_mask, negs, neg_masks)
         runs[f"{name}_timesteps"] = ts.to(torch.int64)
         runs[f"{name}_trajectory"] = traj
+        runs[f"{name}_x0"] = x0s
     # DPM-Solver++ timesteps of the published 20-step default.
     sch = DPMSolverMultistepScheduler.from_config(base)
     sch.set_timesteps(20)
@@ -276,7 +286,7 @@ def main():
             "* `forward_in` / `forward_out`: inputs x, t, encoder_hidden_states, encoder_attention_mask "
             "(image 0's mask is partial) and diffusers' outputs with the f32, f16 and bf16 weights.\n"
             "* `prompt_embeds`, `negative_embeds`, `noise`: a 2-image sampling request; `sampling`: the "
-            "latents after each step (`*_trajectory`, [steps, B, C, H, W]) and the timesteps of "
+            "latents after each step (`*_trajectory`, [steps, B, C, H, W]), each step's x̂₀ (`*_x0`) and the timesteps of "
             "DPM-Solver++ 6 steps at guidance 4.5, 5 steps unguided, and DDIM 6 steps at 4.5; "
             "`dpm20_timesteps`: the 20-step default's; `icc_period3` / `reuse_period2`: the final latents of "
             "6 guided DPM-Solver++ steps under icc (random rank-4 factors `factors_rank4`, every 3rd step full) "

@@ -140,8 +140,8 @@ struct Core {
     latents: Vec<f32>,
     /// ε after guidance, (B, C, S, S).
     eps: Vec<f32>,
-    /// DPM-Solver++'s previous x̂₀.
-    x0_prev: Vec<f32>,
+    /// The last step's x̂₀ (DPM-Solver++ reads the previous one; previews show it).
+    x0: Vec<f32>,
     /// What the model sees: [x; x] under guidance.
     model_in: Vec<f32>,
     t: Vec<f32>,
@@ -190,7 +190,7 @@ impl PixArtEngine {
                 opts: opts.clone(),
                 latents: vec![0.0; b * img],
                 eps: vec![0.0; b * img],
-                x0_prev: vec![0.0; b * img],
+                x0: vec![0.0; b * img],
                 model_in: vec![0.0; rows * img],
                 t: vec![0.0; rows],
                 text: vec![0.0; rows * opts.max_text_len * cfg.caption_channels],
@@ -228,9 +228,38 @@ impl PixArtEngine {
 
     /// Samples one image per prompt into `out` ((B, C, S, S) latents). Allocates nothing.
     pub fn sample(&mut self, req: &PixArtRequest, out: &mut [f32], progress: &mut dyn FnMut(Step)) -> Result<()> {
+        self.run(req, out, None, &mut |s, _| progress(s))
+    }
+
+    /// As [`sample`](PixArtEngine::sample), and after each step writes that step's x̂₀ (the
+    /// model's estimate of the clean latents, same layout as `out`) into `preview` and passes
+    /// it to `on_step`; after the last step x̂₀ is the result. Allocates nothing.
+    pub fn sample_previewed(
+        &mut self,
+        req: &PixArtRequest,
+        out: &mut [f32],
+        preview: &mut [f32],
+        on_step: &mut dyn FnMut(Step, &[f32]),
+    ) -> Result<()> {
+        if preview.len() != out.len() {
+            return Err(Error::invalid(
+                "preview buffer",
+                format!("{} elements, expected {} (the output's size)", preview.len(), out.len()),
+            ));
+        }
+        self.run(req, out, Some(preview), on_step)
+    }
+
+    fn run(
+        &mut self,
+        req: &PixArtRequest,
+        out: &mut [f32],
+        preview: Option<&mut [f32]>,
+        on_step: &mut dyn FnMut(Step, &[f32]),
+    ) -> Result<()> {
         let n = self.core.stage(req, out.len())?;
         let rows = self.core.opts.model_rows(n);
-        run_steps(&mut self.core, n, rows, self.interrupt.as_deref(), None, &mut |s, _| progress(s))?;
+        run_steps(&mut self.core, n, rows, self.interrupt.as_deref(), preview, on_step)?;
         out.copy_from_slice(&self.core.latents[..out.len()]);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
@@ -401,7 +430,7 @@ impl StepLoop for Core {
                 cause: "the weights, the embeddings or the latents overflow".into(),
             });
         }
-        self.schedule.step(index, &mut self.latents[..n * img], &self.eps[..n * img], &mut self.x0_prev[..n * img]);
+        self.schedule.step(index, &mut self.latents[..n * img], &self.eps[..n * img], &mut self.x0[..n * img]);
         Ok(())
     }
 
@@ -409,7 +438,8 @@ impl StepLoop for Core {
         Ok(())
     }
 
-    fn denoised(&mut self, _k: usize, _out: &mut [f32]) -> Result<()> {
-        Err(Error::invalid("preview", "the PixArt engine does not give per-step previews yet"))
+    fn denoised(&mut self, _k: usize, out: &mut [f32]) -> Result<()> {
+        out.copy_from_slice(&self.x0[..out.len()]);
+        Ok(())
     }
 }

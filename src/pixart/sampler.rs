@@ -112,11 +112,12 @@ impl PixArtSchedule {
     }
 
     /// Step `index` (0 first) of the latents `x` with the guided ε: the sampler's update in
-    /// place. `x0_prev` carries DPM-Solver++'s previous x̂₀ between steps (same length as x).
-    pub fn step(&self, index: usize, x: &mut [f32], eps: &[f32], x0_prev: &mut [f32]) {
+    /// place. `x0` receives this step's x̂₀ (the model's estimate of the clean latents, what
+    /// previews show); DPM-Solver++ reads the previous step's from it (same length as x).
+    pub fn step(&self, index: usize, x: &mut [f32], eps: &[f32], x0: &mut [f32]) {
         match self.sampler {
-            PixArtSampler::DpmSolver => self.dpm_step(index, x, eps, x0_prev),
-            PixArtSampler::Ddim => self.ddim_step(index, x, eps),
+            PixArtSampler::DpmSolver => self.dpm_step(index, x, eps, x0),
+            PixArtSampler::Ddim => self.ddim_step(index, x, eps, x0),
         }
     }
 
@@ -126,8 +127,9 @@ impl PixArtSchedule {
         let last = index + 1 == self.len();
         if sigma_t == 0.0 {
             // The final step, first order to σ = 0: the result is x̂₀.
-            for (xv, &e) in x.iter_mut().zip(eps) {
+            for ((xv, &e), p) in x.iter_mut().zip(eps).zip(x0_prev.iter_mut()) {
                 *xv = (*xv - sig_s * e) / alpha_s;
+                *p = *xv;
             }
             return;
         }
@@ -155,16 +157,17 @@ impl PixArtSchedule {
         }
     }
 
-    fn ddim_step(&self, index: usize, x: &mut [f32], eps: &[f32]) {
+    fn ddim_step(&self, index: usize, x: &mut [f32], eps: &[f32], x0_out: &mut [f32]) {
         let t = self.timesteps[index];
         let prev = t as isize - (TRAIN_STEPS / self.len()) as isize;
         let a_t = self.alphas_cumprod[t];
         let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.alphas_cumprod[0] };
         let (sa_t, sb_t) = (a_t.sqrt(), (1.0 - a_t).sqrt());
         let (sa_p, sb_p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
-        for (xv, &e) in x.iter_mut().zip(eps) {
+        for ((xv, &e), p) in x.iter_mut().zip(eps).zip(x0_out.iter_mut()) {
             let x0 = (*xv - sb_t * e) / sa_t;
             *xv = sa_p * x0 + sb_p * e;
+            *p = x0;
         }
     }
 }
