@@ -441,10 +441,6 @@ impl PixArtCpu {
         self.gemm(&a[..m * inp], None, m, inp, w, Some(b), out, None, act, self.ptr(dst).0);
     }
 
-    fn tokens_of(&self, _a: Act) -> usize {
-        self.model.config.tokens()
-    }
-
     /// An elementwise job over (rows·N) tokens, split across the pool.
     fn par(&self, total: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
         self.pool.par(total, f);
@@ -637,7 +633,7 @@ impl PixArtOps for PixArtCpu {
     }
 
     fn linear(&mut self, layer: Layer, src: Act, dst: Act, act: Activation, rows: usize) {
-        let m = rows * self.tokens_of(src);
+        let m = rows * self.model.config.tokens();
         self.linear_raw(layer, self.act_buf(src), self.act_buf(dst), m, gemm_act(act));
     }
 

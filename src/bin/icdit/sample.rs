@@ -582,9 +582,19 @@ fn pixart_sample(weights: &Path, args: &mut SampleArgs) -> Result<(), Error> {
         ("--compare", !args.compare.is_empty()),
         ("--num-images", args.shard.num_images.is_some()),
         ("--guide-all-channels", args.guide_all_channels),
+        ("--eta", args.eta != 0.0),
     ];
     if let Some((flag, _)) = dit_only.iter().find(|(_, given)| *given) {
         return Err(Error::invalid("flags", format!("{flag} is for class-conditional DiT models, not PixArt-α")));
+    }
+    let not_yet = [
+        ("--icc-form", args.icc_form != IccForm::Auto),
+        ("--json", args.json),
+        ("--max-memory", args.max_memory.is_some()),
+        ("--no-finite-check", args.no_finite_check),
+    ];
+    if let Some((flag, _)) = not_yet.iter().find(|(_, given)| *given) {
+        return Err(Error::invalid("flags", format!("{flag} is not supported for PixArt-α yet (docs/pixart.md)")));
     }
     crate::pixart::sample(crate::pixart::SampleFlags {
         weights,
