@@ -370,6 +370,14 @@ fn errors() {
     assert!(e.contains("use_additional_conditions") && e.contains("not supported yet"), "{e}");
     let e = err(PixArtModel::load(&edited_pipeline(&dir.join("c"), |c| c["sample_size"] = 128.into())));
     assert!(e.contains("use_additional_conditions"), "{e}");
+    // A scheduler config asking for another DPM-Solver variant.
+    let pipe = edited_pipeline(&dir.join("d"), |_| {});
+    std::fs::create_dir_all(pipe.join("scheduler")).unwrap();
+    let sched = std::fs::read_to_string(tiny().join("scheduler/scheduler_config.json")).unwrap();
+    let sched = sched.replace("\"solver_order\": 2", "\"solver_order\": 3");
+    std::fs::write(pipe.join("scheduler/scheduler_config.json"), sched).unwrap();
+    let e = err(PixArtModel::load(&pipe));
+    assert!(e.contains("solver_order is 3"), "{e}");
     // CLI: another backend, missing negative embeddings, embeddings of the wrong width.
     let pe = fixture("pixart/prompt_embeds.safetensors");
     let lat = dir.join("l.safetensors");

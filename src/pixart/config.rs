@@ -229,5 +229,35 @@ pub fn check_scheduler(dir: &Path) -> Result<()> {
     if v.get("trained_betas").is_some_and(|b| !b.is_null()) {
         return Err(bad("trained_betas are set; icdit's PixArt schedule is the linear one".into()));
     }
+    // The DPM-Solver++ variant icdit computes (PixArt-α's published one); keys that are absent
+    // take diffusers' defaults, which are these.
+    if v.get("_class_name").and_then(|c| c.as_str()).unwrap_or("DPMSolverMultistepScheduler")
+        == "DPMSolverMultistepScheduler"
+    {
+        num("solver_order", 2.0)?;
+        text_is("algorithm_type", "dpmsolver++")?;
+        text_is("solver_type", "midpoint")?;
+        text_is("final_sigmas_type", "zero")?;
+        for (key, want) in [
+            ("lower_order_final", true),
+            ("thresholding", false),
+            ("euler_at_final", false),
+            ("use_karras_sigmas", false),
+            ("use_exponential_sigmas", false),
+            ("use_beta_sigmas", false),
+            ("use_lu_lambdas", false),
+            ("use_flow_sigmas", false),
+            ("rescale_betas_zero_snr", false),
+        ] {
+            if let Some(x) = v.get(key).and_then(|x| x.as_bool()) {
+                if x != want {
+                    return Err(bad(format!("{key} is {x}; icdit's DPM-Solver++ has {want}")));
+                }
+            }
+        }
+        if v.get("variance_type").is_some_and(|x| !x.is_null()) {
+            return Err(bad("variance_type is set; icdit's DPM-Solver++ predicts ε only".into()));
+        }
+    }
     Ok(())
 }
