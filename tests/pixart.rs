@@ -271,7 +271,8 @@ fn cli_forward() {
 }
 
 /// `icdit sample` from embeddings files and given noise: the latents are diffusers' (1e-4)
-/// for DPM-Solver++ and DDIM; with icc factors and a VAE it writes a grid.
+/// for DPM-Solver++ and DDIM; with icc factors and a VAE it writes a grid; `--compare`
+/// writes one grid row per policy.
 #[test]
 fn cli_sample() {
     let dir = TempDir::new("pixart-cli-sample");
@@ -335,6 +336,30 @@ fn cli_sample() {
     ]);
     assert!(ok, "{err}");
     assert!(std::fs::read(&grid).unwrap().starts_with(b"\x89PNG"), "{err}");
+    // --compare: one grid row per policy, distances to `none` printed.
+    let cmp = dir.join("compare.png");
+    let (ok, err) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&pe),
+        "--negative-embeds",
+        p(&ne),
+        "--steps",
+        "4",
+        "--compare",
+        "none,reuse,icc",
+        "--factors",
+        p(&factors),
+        "--vae",
+        p(&fixture("vae/new")),
+        "--grid",
+        p(&cmp),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("reuse: relative L2 of the latents to `none`") && err.contains("icc: relative L2"), "{err}");
+    assert!(std::fs::read(&cmp).unwrap().starts_with(b"\x89PNG"), "{err}");
 }
 
 /// A copy of the tiny pipeline whose transformer config is edited by `edit`.

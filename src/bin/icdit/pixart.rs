@@ -133,6 +133,8 @@ pub struct SampleFlags<'a> {
     pub seed: u64,
     pub noise: Option<&'a Path>,
     pub cache: CachePolicy,
+    /// `--compare`: sample the request under each policy, one grid row per policy.
+    pub compare: &'a [CachePolicy],
     pub period: usize,
     pub full_steps: &'a [usize],
     pub factors: Option<&'a Path>,
@@ -180,12 +182,8 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         None => None,
     };
     let cache = match (f.cache, f.factors) {
-        (CachePolicy::None, None) => PixArtCache::None,
-        (CachePolicy::Reuse, None) => PixArtCache::Reuse,
-        (CachePolicy::Icc, Some(p)) => PixArtCache::Icc(Arc::new(PixArtFactors::load(p, &model)?)),
-        (CachePolicy::Icc, None) => {
-            return Err(Error::invalid("--cache icc", "needs --factors FILE (factors named after the layers)"))
-        }
+        (_, Some(_)) if !f.compare.is_empty() => PixArtCache::None,
+        (CachePolicy::Icc, _) | (_, None) => cache_mode(f.cache, f.factors, &model)?,
         (_, Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
     };
     let vae = match f.vae {
@@ -204,6 +202,18 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     if f.images.out.is_some() {
         return Err(Error::invalid("--out", "PixArt-α writes a --grid or --npz for now, not one PNG per image"));
+    }
+    if !f.compare.is_empty() {
+        if f.out_latents.is_some() || vae.is_none() {
+            return Err(Error::invalid(
+                "--compare",
+                "writes a grid of decoded images: it needs a VAE (the folder's vae/ or --vae DIR) and cannot be \
+                 combined with --out-latents",
+            ));
+        }
+        if f.images.grid.is_none() {
+            f.images.grid = Some(PathBuf::from("samples/compare.png"));
+        }
     }
     if f.images.any() {
         f.images.prepare()?;
@@ -241,8 +251,6 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         }
         None => None,
     };
-    let mut engine = PixArtEngine::new(Arc::clone(&model), &opts)?;
-    engine.set_interrupt(Some(crate::interrupt::flag()));
     let req = PixArtRequest {
         prompt: &prompt,
         negative: negative.as_ref(),
@@ -250,9 +258,46 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         seed: f.seed,
         first_index: 0,
     };
-    let mut latents = vec![0.0f32; n * cfg.image_elems()];
     let start = Instant::now();
-    engine.sample(&req, &mut latents, &mut |_| {})?;
+    let sample_with = |opts: &PixArtOptions| -> Result<(Vec<f32>, usize), Error> {
+        let mut engine = PixArtEngine::new(Arc::clone(&model), opts)?;
+        engine.set_interrupt(Some(crate::interrupt::flag()));
+        let mut latents = vec![0.0f32; n * cfg.image_elems()];
+        engine.sample(&req, &mut latents, &mut |_| {})?;
+        Ok((latents, engine.threads()))
+    };
+    if !f.compare.is_empty() {
+        // One row of images per policy, in the order given; distances to `none` if it is one.
+        let mut rows: Vec<(CachePolicy, Vec<f32>)> = Vec::new();
+        for &policy in f.compare {
+            let o = PixArtOptions { cache: cache_mode(policy, f.factors, &model)?, ..opts.clone() };
+            rows.push((policy, sample_with(&o)?.0));
+        }
+        let reference = rows.iter().find(|r| r.0 == CachePolicy::None).map(|r| r.1.clone());
+        for (policy, latents) in &rows {
+            match &reference {
+                Some(r) if *policy != CachePolicy::None => eprintln!(
+                    "{:>6}: relative L2 of the latents to `none` {:.4}, PSNR {:.2} dB",
+                    policy.name(),
+                    icdit::quality::rel_l2(latents, r),
+                    icdit::quality::psnr(latents, r)
+                ),
+                _ => eprintln!("{:>6}", policy.name()),
+            }
+        }
+        let all: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
+        let dir = vae.as_deref().unwrap_or(f.weights);
+        let written =
+            decode_write(dir, &all, rows.len() * n, cfg.sample_size, cfg.in_channels, f.threads, f.images, f.seed, n)?;
+        eprintln!(
+            "sample --compare (PixArt-α): {n} image(s) × {} policies in {:.2} s; wrote {}",
+            rows.len(),
+            start.elapsed().as_secs_f64(),
+            written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
+        return Ok(());
+    }
+    let (latents, threads) = sample_with(&opts)?;
     let secs = start.elapsed().as_secs_f64();
     let shape = [n, cfg.in_channels, cfg.sample_size, cfg.sample_size];
     let mut written: Vec<PathBuf> = Vec::new();
@@ -260,34 +305,19 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         write_safetensors(p, &[("latents", &shape, &latents)], &[], None)?;
         written.push(p.to_path_buf());
     }
-    if let Some(dir) = vae {
-        if f.images.any() {
-            let vae = Arc::new(VaeModel::load(&dir)?);
-            if vae.config.latent_channels != cfg.in_channels {
-                return Err(Error::Config {
-                    origin: dir.display().to_string(),
-                    reason: format!(
-                        "the VAE decodes {} latent channels; the transformer samples {}",
-                        vae.config.latent_channels, cfg.in_channels
-                    ),
-                });
-            }
-            let mut dec = VaeDecoder::new(Arc::clone(&vae), cfg.sample_size, f.threads)?;
-            let (ll, il) = (dec.latent_len(), dec.image_len());
-            let mut images = vec![0.0f32; n * il];
-            for i in 0..n {
-                dec.decode(&latents[i * ll..(i + 1) * ll], &mut images[i * il..(i + 1) * il])?;
-            }
-            let side = dec.out_side();
-            written.extend(f.images.write(
-                &images,
-                &vec![0; n],
-                Some(f.seed),
-                vae.config.out_channels,
-                side,
-                n.min(8),
-            )?);
-        }
+    if let Some(dir) = vae.as_deref().filter(|_| f.images.any()) {
+        let cols = n.min(8);
+        written.extend(decode_write(
+            dir,
+            &latents,
+            n,
+            cfg.sample_size,
+            cfg.in_channels,
+            f.threads,
+            f.images,
+            f.seed,
+            cols,
+        )?);
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
@@ -296,8 +326,53 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         sampler.name(),
         opts.cache.policy(),
         secs,
-        engine.threads(),
+        threads,
         names.join(", ")
     );
     Ok(())
+}
+
+/// The engine's cache for a policy; icc reads `--factors`.
+fn cache_mode(policy: CachePolicy, factors: Option<&Path>, model: &PixArtModel) -> Result<PixArtCache, Error> {
+    Ok(match (policy, factors) {
+        (CachePolicy::None, _) => PixArtCache::None,
+        (CachePolicy::Reuse, _) => PixArtCache::Reuse,
+        (CachePolicy::Icc, Some(p)) => PixArtCache::Icc(Arc::new(PixArtFactors::load(p, model)?)),
+        (CachePolicy::Icc, None) => {
+            return Err(Error::invalid("--cache icc", "needs --factors FILE (factors named after the layers)"))
+        }
+    })
+}
+
+/// Decodes `count` latents with the VAE in `dir` (latents / its scaling factor) and writes
+/// them where `images` says, `cols` per grid row.
+#[allow(clippy::too_many_arguments)]
+fn decode_write(
+    dir: &Path,
+    latents: &[f32],
+    count: usize,
+    side: usize,
+    channels: usize,
+    threads: usize,
+    images: &ImageOut,
+    seed: u64,
+    cols: usize,
+) -> Result<Vec<PathBuf>, Error> {
+    let vae = Arc::new(VaeModel::load(dir)?);
+    if vae.config.latent_channels != channels {
+        return Err(Error::Config {
+            origin: dir.display().to_string(),
+            reason: format!(
+                "the VAE decodes {} latent channels; the transformer samples {channels}",
+                vae.config.latent_channels
+            ),
+        });
+    }
+    let mut dec = VaeDecoder::new(Arc::clone(&vae), side, threads)?;
+    let (ll, il) = (dec.latent_len(), dec.image_len());
+    let mut pixels = vec![0.0f32; count * il];
+    for i in 0..count {
+        dec.decode(&latents[i * ll..(i + 1) * ll], &mut pixels[i * il..(i + 1) * il])?;
+    }
+    images.write(&pixels, &vec![0; count], Some(seed), vae.config.out_channels, dec.out_side(), cols)
 }
