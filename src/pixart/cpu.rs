@@ -242,6 +242,17 @@ impl PixArtCpu {
         self.cached_rows
     }
 
+    /// Block `block`'s cache slot as the last full step left it ((rows, N, width) of its
+    /// rows); `None` without caches or before a full step.
+    pub fn cache_slot(&self, block: usize, slot: Slot) -> Option<&[f32]> {
+        let rows = self.cached_rows?;
+        let id = *self.bufs.cache.get(block)?.get(slot.index())?;
+        let len = rows * self.model.config.tokens() * slot.width(&self.model.config);
+        // SAFETY: read-only view; no op runs while it is borrowed (&self).
+        let all = unsafe { self.view(id) };
+        Some(&all[..len])
+    }
+
     fn ptr(&self, id: BufId) -> (SendPtr, usize) {
         let b = self.plan.get(id);
         (SendPtr(self.arena.f32_ptr(b)), b.elems())

@@ -6,10 +6,12 @@
 //! - [`weights`]: the transformer's tensors, memory-mapped (f32/f16/bf16).
 //! - [`forward`]: the forward pass, written once against [`forward::PixArtOps`].
 //! - [`cpu`]: the CPU implementation of those ops.
-//! - [`factors`]: icc's rank-r factors, named after the layers.
+//! - [`factors`]: icc's rank-r factors, named after the layers; plain SVD.
+//! - [`calibrate`]: CA-SVD factors calibrated on prompts the model samples itself.
 //! - [`sampler`]: DPM-Solver++ 2M and DDIM as diffusers computes them.
 //! - [`engine`]: the sampling backend the engine's loop drives, and the embeddings files.
 
+pub mod calibrate;
 pub mod config;
 pub mod cpu;
 pub mod engine;
