@@ -168,6 +168,9 @@ impl PixArtConfig {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0 || *v > 1 << 16) {
             return Err(format!("{name} must be 1 to 65536"));
         }
+        if self.hidden_size() > 1 << 16 {
+            return Err(format!("hidden size {} (heads × head dim) is above 65536", self.hidden_size()));
+        }
         if !self.sample_size.is_multiple_of(self.patch_size) {
             return Err(format!(
                 "sample_size {} is not a multiple of patch_size {}",
