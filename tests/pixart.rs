@@ -548,3 +548,39 @@ fn cli_calibrate_ca_svd() {
     let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
     assert!(diff > 1e-3, "CA-SVD's factors equal plain SVD's ({diff:.3e})");
 }
+
+/// A sharded transformer (two files and `diffusion_pytorch_model.safetensors.index.json`)
+/// loads and gives the same output as the single file.
+#[test]
+fn sharded_weights() {
+    let dir = TempDir::new("pixart-shards");
+    let pipe = dir.join("pipe");
+    std::fs::create_dir_all(pipe.join("transformer")).unwrap();
+    std::fs::copy(tiny().join("model_index.json"), pipe.join("model_index.json")).unwrap();
+    std::fs::copy(tiny().join("transformer/config.json"), pipe.join("transformer/config.json")).unwrap();
+    let f = TensorFile::open(&tiny().join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let mut names: Vec<String> = f.names().map(str::to_string).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (part, chunk) in names.chunks(names.len().div_ceil(2)).enumerate() {
+        let file = format!("diffusion_pytorch_model-0000{}-of-00002.safetensors", part + 1);
+        let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = chunk
+            .iter()
+            .map(|n| {
+                let (s, d) = f.read_f32(n).unwrap();
+                (n.clone(), s, d)
+            })
+            .collect();
+        let views: Vec<(&str, &[usize], &[f32])> =
+            tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+        write_safetensors(&pipe.join("transformer").join(&file), &views, &[], None).unwrap();
+        for n in chunk {
+            map.insert(n.clone(), file.clone().into());
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(pipe.join("transformer/diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    let model = load(&pipe);
+    assert_eq!(model.store_files(), 2);
+    assert_close("forward, sharded weights", &run_forward(model, 1), &reference("out"), 1e-5);
+}

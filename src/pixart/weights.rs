@@ -204,6 +204,11 @@ impl PixArtModel {
         self.store.files().iter().map(|f| f.len_bytes()).sum()
     }
 
+    /// How many weight files are mapped (shards).
+    pub fn store_files(&self) -> usize {
+        self.store.files().len()
+    }
+
     /// Bytes icdit holds itself (converted tensors, the position table).
     pub fn owned_bytes(&self) -> usize {
         self.store.owned_bytes()
