@@ -255,7 +255,7 @@ pub fn collect_stats(
 
 /// Per sample: mean over tokens of |x| (or of |x − prev|), min-max normalised over
 /// channels (+1e-6 both sides); then the batch mean is added to `acc`.
-fn accumulate(x: &[f32], prev: Option<&[f32]>, rows: usize, n: usize, d: usize, acc: &mut [f32]) {
+pub(crate) fn accumulate(x: &[f32], prev: Option<&[f32]>, rows: usize, n: usize, d: usize, acc: &mut [f32]) {
     let mut m = vec![0.0f64; d];
     let mut batch_sum = vec![0.0f32; d];
     for r in 0..rows {
@@ -282,7 +282,7 @@ fn accumulate(x: &[f32], prev: Option<&[f32]>, rows: usize, n: usize, d: usize, 
 }
 
 /// icc's `shift2ratio`: clamp from below at max/R.
-fn floor_at_ratio(v: &mut [f32], ratio: f32) {
+pub(crate) fn floor_at_ratio(v: &mut [f32], ratio: f32) {
     let max = v.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     let floor = max / ratio;
     for x in v.iter_mut() {

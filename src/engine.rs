@@ -298,13 +298,13 @@ impl<B: SamplingBackend> SamplingEngine<B> {
         self.run(req, out, Some(preview), on_step)
     }
 
-    /// The sampling loop, written once; `preview` (validated by the caller) receives x̂₀
-    /// after each step when given.
+    /// The sampling loop ([`run_steps`]) on this engine's backend; `preview` (validated by
+    /// the caller) receives x̂₀ after each step when given.
     fn run(
         &mut self,
         req: &Request,
         out: &mut [f32],
-        mut preview: Option<&mut [f32]>,
+        preview: Option<&mut [f32]>,
         on_step: &mut dyn FnMut(Step, &[f32]),
     ) -> Result<()> {
         let cfg = self.backend.model().config;
@@ -313,32 +313,101 @@ impl<B: SamplingBackend> SamplingEngine<B> {
         let n = req.classes.len();
         let rows = self.backend.options().model_rows(n);
         self.backend.stage(req)?;
-        for (index, k) in (0..steps).rev().enumerate() {
-            if self.interrupt.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
-                self.backend.wait()?;
-                return Err(Error::Interrupted {
-                    done: format!("{index} of {steps} steps of a {n}-image request were done"),
-                });
-            }
-            let opts = self.backend.options();
-            let kind = policy::step_kind(&opts.cache, &opts.full_steps, index);
-            policy::check_step(kind, &opts.cache, self.backend.cached_rows(), rows)?;
-            self.backend.step(req, index, k, kind)?;
-            let step = Step { index, total: steps, timestep: self.backend.schedule().timestep_map[k] };
-            match preview.as_deref_mut() {
-                Some(buf) => {
-                    self.backend.denoised(k, buf)?;
-                    on_step(step, buf);
-                }
-                None => on_step(step, &[]),
-            }
-        }
+        let mut steps = BackendSteps { backend: &mut self.backend, req };
+        run_steps(&mut steps, n, rows, self.interrupt.as_deref(), preview, on_step)?;
         self.backend.finish(out)?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
         }
         Ok(())
     }
+}
+
+/// The steps of one staged request, as the sampling loop ([`run_steps`]) sees them: a
+/// [`SamplingBackend`] with its request (DiT), or another model family's sampler (PixArt-α,
+/// [`crate::pixart::PixArtEngine`]).
+pub trait StepLoop {
+    /// Sampling steps of the request.
+    fn steps(&self) -> usize;
+    /// The diffusion timestep the model sees at schedule index `k`.
+    fn timestep(&self, k: usize) -> usize;
+    /// The kind of model call at sampling step `index` (0 first) under the caching policy.
+    fn step_kind(&self, index: usize) -> StepKind;
+    /// Whether a call of `kind` over `rows` rows may run now (the caches hold a full step
+    /// over the same rows when it needs them).
+    fn check_step(&self, kind: StepKind, rows: usize) -> Result<()>;
+    /// Step `index` at schedule index `k`: model call, guidance and sampler update.
+    fn step(&mut self, index: usize, k: usize, kind: StepKind) -> Result<()>;
+    /// Waits for the work already issued (an interrupted request).
+    fn wait(&mut self) -> Result<()>;
+    /// x̂₀ after step `k` into `out` (per-step previews).
+    fn denoised(&mut self, k: usize, out: &mut [f32]) -> Result<()>;
+}
+
+/// A DiT backend with the request it staged.
+struct BackendSteps<'a, 'r, B> {
+    backend: &'a mut B,
+    req: &'a Request<'r>,
+}
+
+impl<B: SamplingBackend> StepLoop for BackendSteps<'_, '_, B> {
+    fn steps(&self) -> usize {
+        self.backend.schedule().len()
+    }
+    fn timestep(&self, k: usize) -> usize {
+        self.backend.schedule().timestep_map[k]
+    }
+    fn step_kind(&self, index: usize) -> StepKind {
+        let opts = self.backend.options();
+        policy::step_kind(&opts.cache, &opts.full_steps, index)
+    }
+    fn check_step(&self, kind: StepKind, rows: usize) -> Result<()> {
+        policy::check_step(kind, &self.backend.options().cache, self.backend.cached_rows(), rows)
+    }
+    fn step(&mut self, index: usize, k: usize, kind: StepKind) -> Result<()> {
+        self.backend.step(self.req, index, k, kind)
+    }
+    fn wait(&mut self) -> Result<()> {
+        self.backend.wait()
+    }
+    fn denoised(&mut self, k: usize, out: &mut [f32]) -> Result<()> {
+        self.backend.denoised(k, out)
+    }
+}
+
+/// THE sampling loop, written once: for each step in sampling order (schedule index k from
+/// the last down to 0), stop on an interrupt, pick the step's kind by the caching policy and
+/// check it may follow the last, run it, and report it (with x̂₀ when `preview` is given).
+/// `images` images over `rows` model rows were staged by the caller.
+pub fn run_steps<L: StepLoop + ?Sized>(
+    l: &mut L,
+    images: usize,
+    rows: usize,
+    interrupt: Option<&AtomicBool>,
+    mut preview: Option<&mut [f32]>,
+    on_step: &mut dyn FnMut(Step, &[f32]),
+) -> Result<()> {
+    let steps = l.steps();
+    for (index, k) in (0..steps).rev().enumerate() {
+        if interrupt.is_some_and(|f| f.load(Ordering::Relaxed)) {
+            l.wait()?;
+            return Err(Error::Interrupted {
+                done: format!("{index} of {steps} steps of a {images}-image request were done"),
+            });
+        }
+        let kind = l.step_kind(index);
+        l.check_step(kind, rows)?;
+        l.step(index, k, kind)?;
+        let step = Step { index, total: steps, timestep: l.timestep(k) };
+        match preview.as_deref_mut() {
+            Some(buf) => {
+                l.denoised(k, buf)?;
+                on_step(step, buf);
+            }
+            None => on_step(step, &[]),
+        }
+    }
+    Ok(())
 }
 
 /// Checks a request against a model, an engine's batch limit and its step count.

@@ -26,6 +26,7 @@ pub mod inspect;
 pub mod isa;
 pub mod limits;
 pub mod noise;
+pub mod pixart;
 pub mod plan;
 pub mod policy;
 pub mod quality;

@@ -1,5 +1,5 @@
-//! Proves the CPU forward pass, the sampling engine, the VAE decoder and the GPU pipeline
-//! (on the emulated device) allocate nothing
+//! Proves the CPU forward pass, the sampling engine, the VAE decoder, the GPU pipeline
+//! (on the emulated device) and PixArt-α's CPU sampling allocate nothing
 //! after set-up: a
 //! counting global allocator sees every heap allocation on every thread (the worker pools
 //! included).
@@ -46,6 +46,52 @@ fn nothing_allocates_after_set_up() {
     vae_decode_allocates_nothing();
     gpu_pipeline_allocates_nothing();
     session_allocates_nothing();
+    pixart_sampling_allocates_nothing();
+}
+
+/// PixArt-α's sampling (tests/fixtures/pixart/tiny): DPM-Solver++ and DDIM under guidance,
+/// without caching, with reuse and with icc (rank-1 factors), after the first request.
+fn pixart_sampling_allocates_nothing() {
+    use icdit::pixart::{
+        Embeddings, PixArtCache, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions, PixArtRequest, PixArtSampler,
+    };
+    let model = Arc::new(PixArtModel::load(&common::fixture("pixart/tiny")).unwrap());
+    let dir = common::TempDir::new("pixart-no-alloc");
+    let path = dir.join("rank1.safetensors");
+    let mut tensors = Vec::new();
+    for i in 0..model.config.depth {
+        for layer in icdit::pixart::Layer::cached(i) {
+            let (out, inp) = layer.shape(&model.config);
+            tensors.push((format!("{}.up", layer.name()), vec![out, 1], vec![0.01f32; out]));
+            tensors.push((format!("{}.down", layer.name()), vec![1, inp], vec![0.02f32; inp]));
+        }
+    }
+    let views: Vec<(&str, &[usize], &[f32])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    icdit::tensorfile::write_safetensors(&path, &views, &[], None).unwrap();
+    let factors = Arc::new(PixArtFactors::load(&path, &model).unwrap());
+    let load = |name: &str| Embeddings::load(&common::fixture(&format!("pixart/{name}.safetensors"))).unwrap();
+    let (pos, neg) = (load("prompt_embeds"), load("negative_embeds"));
+    for (sampler, cache) in [
+        (PixArtSampler::DpmSolver, PixArtCache::None),
+        (PixArtSampler::Ddim, PixArtCache::Reuse),
+        (PixArtSampler::DpmSolver, PixArtCache::Icc(factors)),
+    ] {
+        let policy = cache.policy();
+        let opts =
+            PixArtOptions { max_batch: 2, max_text_len: 6, sampler, steps: 5, threads: 2, cache, ..Default::default() };
+        let mut e = PixArtEngine::new(Arc::clone(&model), &opts).unwrap();
+        let mut out = vec![0.0f32; 2 * model.config.image_elems()];
+        let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };
+        e.sample(&req, &mut out, &mut |_| {}).unwrap();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        e.sample(&req, &mut out, &mut |_| {}).unwrap();
+        e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
+        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        println!("PixArt {} / {policy}: {during} allocations in 2 requests", sampler.name());
+        assert_eq!(during, 0, "PixArt sampling ({}, {policy}) allocated {during} times", sampler.name());
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    }
 }
 
 /// The embedding layer the C ABI and Python wrap: pixels, latents and per-step previews

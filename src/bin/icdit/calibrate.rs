@@ -44,6 +44,14 @@ pub struct CalibrateArgs {
     /// Calibrate on N samples the model draws itself (full compute), noised as icc does.
     #[arg(long)]
     calib_self: Option<usize>,
+    /// PixArt-α, `--method ca-svd`: the calibration prompts' embeddings (`prompt_embeds`,
+    /// `attention_mask`, as `icdit encode` writes them); the model samples each itself.
+    #[arg(long)]
+    calib_embeds: Option<PathBuf>,
+    /// PixArt-α: the negative prompt's embeddings (1 row); calibration samples are then
+    /// guided at 4.5, else unguided.
+    #[arg(long)]
+    negative_embeds: Option<PathBuf>,
     /// Samples per statistics forward (icc: 16).
     #[arg(long, default_value_t = 16)]
     calib_batch: usize,
@@ -72,6 +80,9 @@ fn bar(len: usize, what: &str) -> Option<indicatif::ProgressBar> {
 }
 
 pub fn run(args: CalibrateArgs) -> Result<(), Error> {
+    if let Some(dir) = args.weights.as_deref().filter(|w| icdit::pixart::is_pipeline(w)) {
+        return pixart(dir, &args);
+    }
     let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
     let model = Arc::new(args.model.load(&weights)?);
     let method = match args.method.as_str() {
@@ -175,6 +186,70 @@ pub fn run(args: CalibrateArgs) -> Result<(), Error> {
         ranks[3],
         ranks[4],
         ranks[5],
+        args.out.display()
+    );
+    Ok(())
+}
+
+/// `icdit calibrate` on a PixArt-α pipeline folder: plain SVD of the weights, or CA-SVD
+/// calibrated on prompt embeddings (`--calib-embeds`) the model samples itself.
+fn pixart(dir: &std::path::Path, args: &CalibrateArgs) -> Result<(), Error> {
+    if args.calib_latents.is_some() || args.calib_self.is_some() {
+        return Err(Error::invalid(
+            "calibration data",
+            "PixArt-α calibrates on prompts: --calib-embeds FILE (with --method ca-svd), not --calib-latents/--calib-self",
+        ));
+    }
+    let model = Arc::new(icdit::pixart::PixArtModel::load(dir)?);
+    let start = Instant::now();
+    let report = match (args.method.as_str(), &args.calib_embeds) {
+        ("svd", None) => icdit::pixart::factors::calibrate_svd(&model, args.rank, &args.out)?,
+        ("svd", Some(_)) => return Err(Error::invalid("--calib-embeds", "only used with --method ca-svd")),
+        ("ca-svd", Some(p)) => {
+            let prompts = icdit::pixart::Embeddings::load(p)?;
+            let negative = args.negative_embeds.as_deref().map(icdit::pixart::Embeddings::load).transpose()?;
+            let b = bar(2 * prompts.rows.div_ceil(8), "sampling, statistics");
+            let report = icdit::pixart::calibrate::calibrate_ca_svd(
+                &model,
+                &prompts,
+                negative.as_ref(),
+                20,
+                args.rank,
+                args.seed,
+                args.threads,
+                &args.out,
+                &mut |d, _| {
+                    if let Some(b) = &b {
+                        b.set_position(d as u64);
+                    }
+                },
+            )?;
+            if let Some(b) = b {
+                b.finish_and_clear();
+            }
+            report
+        }
+        ("ca-svd", None) => {
+            return Err(Error::invalid(
+                "calibration data",
+                "ca-svd on PixArt-α needs --calib-embeds FILE (the calibration prompts' embeddings)",
+            ))
+        }
+        (other, _) => return Err(Error::invalid("method", format!("`{other}` on PixArt-α: expected svd or ca-svd"))),
+    };
+    if args.json {
+        let v = serde_json::json!({ "method": args.method, "rank": args.rank, "layers": report });
+        outln!("{}", serde_json::to_string_pretty(&v).expect("report serialises"));
+    } else {
+        for l in &report {
+            outln!("{:<40} rank {:>4}  energy kept {:.4}  rel. error {:.4}", l.name, l.rank, l.energy, l.rel_error);
+        }
+    }
+    eprintln!(
+        "calibrate (PixArt-α, {}): {} layers in {:.2} s; wrote {}",
+        args.method,
+        report.len(),
+        start.elapsed().as_secs_f64(),
         args.out.display()
     );
     Ok(())

@@ -25,6 +25,7 @@ mod interrupt;
 mod merge;
 mod model_args;
 mod output;
+mod pixart;
 mod report;
 mod sample;
 mod shard;
@@ -99,7 +100,9 @@ struct ForwardArgs {
     /// Weights: an official-layout .safetensors file or a diffusers folder.
     #[arg(long)]
     weights: PathBuf,
-    /// safetensors with `x` f32 [B, C, H, W], `t` i64 [B] (original timesteps), `y` i64 [B].
+    /// safetensors with `x` f32 [B, C, H, W], `t` i64 [B] (original timesteps), `y` i64 [B];
+    /// for a PixArt-α pipeline folder `encoder_hidden_states` f32 [B, L, D] and
+    /// `encoder_attention_mask` i64 [B, L] instead of `y`.
     #[arg(long)]
     input: PathBuf,
     /// Output safetensors with `out` f32 [B, Cout, H, W].
@@ -198,6 +201,9 @@ fn main() -> ExitCode {
 }
 
 fn inspect(args: InspectArgs) -> Result<(), Error> {
+    if icdit::pixart::is_pipeline(&args.path) {
+        return pixart::inspect(&args.path, args.json);
+    }
     let model = args.model.load(&args.path)?;
     let opts = CpuOptions { max_batch: args.batch, guidance: args.cfg, threads: 0, ..Default::default() };
     let report = Report::new(&model, &opts);
@@ -213,6 +219,9 @@ fn inspect(args: InspectArgs) -> Result<(), Error> {
 }
 
 fn forward(args: ForwardArgs) -> Result<(), Error> {
+    if icdit::pixart::is_pipeline(&args.weights) {
+        return pixart::forward(&args.weights, &args.input, &args.out, args.threads);
+    }
     let model = Arc::new(args.model.load(&args.weights)?);
     let cfg = model.config;
     let input = icdit::inputs::read_forward_input(&args.input, &cfg)?;

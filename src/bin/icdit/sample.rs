@@ -26,6 +26,14 @@ pub struct SampleArgs {
     weights: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
+    /// PixArt-α (--weights a pipeline folder): the prompts' embeddings, one image per prompt
+    /// (`prompt_embeds` f32 [B, L, D] and `attention_mask` i64 [B, L], as `icdit encode`
+    /// writes them).
+    #[arg(long)]
+    prompt_embeds: Option<PathBuf>,
+    /// PixArt-α: the negative prompt's embeddings (1 or B rows, same L), needed under guidance.
+    #[arg(long)]
+    negative_embeds: Option<PathBuf>,
     /// Comma-separated class labels, one image each.
     #[arg(long, value_delimiter = ',', conflicts_with = "random_classes")]
     class: Vec<i64>,
@@ -116,6 +124,15 @@ pub struct SampleArgs {
 }
 
 pub fn run(mut args: SampleArgs) -> Result<(), Error> {
+    if let Some(weights) = args.weights.clone().filter(|w| icdit::pixart::is_pipeline(w)) {
+        return pixart_sample(&weights, &mut args);
+    }
+    if args.prompt_embeds.is_some() || args.negative_embeds.is_some() {
+        return Err(Error::invalid(
+            "--prompt-embeds",
+            "prompt embeddings drive a text-to-image model: pass a PixArt-α pipeline folder as --weights",
+        ));
+    }
     let weights = args.weights.clone().unwrap_or_else(default_weights);
     let model = Arc::new(args.model.load(&weights).map_err(|e| match (&args.weights, e) {
         (None, Error::Io { path, source }) => Error::Io {
@@ -553,4 +570,49 @@ fn compare(
         outln!("{}", serde_json::json!({"policies": summary, "images": classes.len(), "steps": opts.respacing}));
     }
     Ok(())
+}
+
+/// `icdit sample` on a PixArt-α pipeline folder (src/bin/icdit/pixart.rs); the class-label
+/// and DiT-only flags are refused.
+fn pixart_sample(weights: &Path, args: &mut SampleArgs) -> Result<(), Error> {
+    let dit_only = [
+        ("--class", !args.class.is_empty()),
+        ("--random-classes", args.random_classes.is_some()),
+        ("--respacing", args.respacing.is_some()),
+        ("--num-images", args.shard.num_images.is_some()),
+        ("--guide-all-channels", args.guide_all_channels),
+        ("--eta", args.eta != 0.0),
+    ];
+    if let Some((flag, _)) = dit_only.iter().find(|(_, given)| *given) {
+        return Err(Error::invalid("flags", format!("{flag} is for class-conditional DiT models, not PixArt-α")));
+    }
+    let not_yet = [
+        ("--icc-form", args.icc_form != IccForm::Auto),
+        ("--json", args.json),
+        ("--max-memory", args.max_memory.is_some()),
+        ("--no-finite-check", args.no_finite_check),
+    ];
+    if let Some((flag, _)) = not_yet.iter().find(|(_, given)| *given) {
+        return Err(Error::invalid("flags", format!("{flag} is not supported for PixArt-α yet (docs/pixart.md)")));
+    }
+    crate::pixart::sample(crate::pixart::SampleFlags {
+        weights,
+        prompt_embeds: args.prompt_embeds.as_deref(),
+        negative_embeds: args.negative_embeds.as_deref(),
+        steps: args.steps,
+        sampler: args.sampler.as_deref(),
+        cfg: args.cfg,
+        seed: args.seed,
+        noise: args.noise.as_deref(),
+        cache: args.cache,
+        compare: &args.compare,
+        period: args.period,
+        full_steps: &args.full_steps,
+        factors: args.factors.as_deref(),
+        out_latents: args.out_latents.as_deref(),
+        images: &mut args.images,
+        vae: args.vae.as_deref(),
+        threads: args.threads,
+        backend: &args.backend,
+    })
 }

@@ -1,0 +1,28 @@
+//! PixArt-α, the text-to-image DiT (issue 23; reference: `pixart-reference.md`): a diffusers
+//! pipeline folder's transformer on the CPU backend, fed prompt embeddings, sampled with
+//! DPM-Solver++ (2M) or DDIM under classifier-free guidance, with none / reuse / icc caching.
+//!
+//! - [`config`]: `transformer/config.json` and the scheduler config, checked.
+//! - [`weights`]: the transformer's tensors, memory-mapped (f32/f16/bf16).
+//! - [`forward`]: the forward pass, written once against [`forward::PixArtOps`].
+//! - [`cpu`]: the CPU implementation of those ops.
+//! - [`factors`]: icc's rank-r factors, named after the layers; plain SVD.
+//! - [`calibrate`]: CA-SVD factors calibrated on prompts the model samples itself.
+//! - [`sampler`]: DPM-Solver++ 2M and DDIM as diffusers computes them.
+//! - [`engine`]: the sampling backend the engine's loop drives, and the embeddings files.
+
+pub mod calibrate;
+pub mod config;
+pub mod cpu;
+pub mod engine;
+pub mod factors;
+pub mod forward;
+pub mod sampler;
+pub mod weights;
+
+pub use config::{is_pipeline, PixArtConfig};
+pub use cpu::{PixArtCache, PixArtCpu, PixArtCpuOptions};
+pub use engine::{Embeddings, PixArtEngine, PixArtOptions, PixArtRequest};
+pub use factors::PixArtFactors;
+pub use sampler::{PixArtSampler, PixArtSchedule};
+pub use weights::{Layer, PixArtModel};
