@@ -584,3 +584,34 @@ fn sharded_weights() {
     assert_eq!(model.store_files(), 2);
     assert_close("forward, sharded weights", &run_forward(model, 1), &reference("out"), 1e-5);
 }
+
+/// `icdit sample --prompt`: the prompts go through the folder's text encoder (opened only
+/// then). The tiny pipeline joined with the tiny T5 (d_model 64 against caption channels 24)
+/// reaches the encoder and is refused with both widths named; without a text encoder, a
+/// prompt is refused naming the missing folder, and guidance without negative embeddings says
+/// what to pass.
+#[test]
+fn cli_sample_from_prompts() {
+    let dir = TempDir::new("pixart-cli-prompt");
+    let pipe = dir.join("pipe");
+    std::fs::create_dir_all(&pipe).unwrap();
+    for (name, from) in [
+        ("model_index.json", tiny().join("model_index.json")),
+        ("transformer", tiny().join("transformer")),
+        ("scheduler", tiny().join("scheduler")),
+        ("text_encoder", fixture("t5/text_encoder")),
+        ("tokenizer", fixture("t5/tokenizer")),
+    ] {
+        std::os::unix::fs::symlink(std::fs::canonicalize(from).unwrap(), pipe.join(name)).unwrap();
+    }
+    let latents = dir.join("latents.safetensors");
+    let base = ["sample", "--steps", "2", "--out-latents", p(&latents)];
+    let (ok, err) = icdit(&[&base[..], &["--weights", p(&pipe), "--prompt", "a red square", "--cfg", "1"]].concat());
+    assert!(!ok && err.contains("64") && err.contains("24"), "{err}");
+    assert!(!latents.exists(), "no output after a refused request");
+    let (ok, err) = icdit(&[&base[..], &["--weights", p(&tiny()), "--prompt", "a red square", "--cfg", "1"]].concat());
+    assert!(!ok && err.contains("tokenizer"), "{err}");
+    let embeds = fixture("pixart/prompt_embeds.safetensors");
+    let (ok, err) = icdit(&[&base[..], &["--weights", p(&tiny()), "--prompt-embeds", p(&embeds)]].concat());
+    assert!(!ok && err.contains("--negative-embeds") && err.contains("text_encoder"), "{err}");
+}

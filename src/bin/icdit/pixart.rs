@@ -127,6 +127,12 @@ pub struct SampleFlags<'a> {
     pub weights: &'a Path,
     pub prompt_embeds: Option<&'a Path>,
     pub negative_embeds: Option<&'a Path>,
+    /// `--prompt`s, encoded with the folder's text encoder (instead of `prompt_embeds`).
+    pub prompts: &'a [String],
+    /// `--negative-prompt` (default "").
+    pub negative_prompt: Option<&'a str>,
+    /// `--max-sequence-length` (default 120).
+    pub max_sequence_length: Option<usize>,
     pub steps: Option<usize>,
     pub sampler: Option<&'a str>,
     pub cfg: Option<f32>,
@@ -154,14 +160,34 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     let model = Arc::new(PixArtModel::load(f.weights)?);
     let cfg = model.config;
-    let prompt_path = f.prompt_embeds.ok_or_else(|| {
-        Error::invalid(
-            "--prompt-embeds",
-            "a PixArt-α pipeline samples from prompt embeddings: pass --prompt-embeds FILE (`prompt_embeds` f32 \
-             [B, L, D] and `attention_mask` i64 [B, L], as `icdit encode` writes them)",
-        )
-    })?;
-    let prompt = Embeddings::load(prompt_path)?;
+    // The text encoder is opened only when a prompt must be encoded (its weights stay unmapped
+    // otherwise); a request's embeddings are computed once, before sampling.
+    let mut encoder: Option<icdit::text::TextEncoder> = None;
+    let mut encode = |prompts: &[&str], len: usize| -> Result<Embeddings, Error> {
+        let enc = match &mut encoder {
+            Some(enc) => enc,
+            None => encoder.insert(icdit::text::TextEncoder::open(
+                f.weights,
+                &icdit::text::TextOptions { threads: f.threads, isa: None },
+            )?),
+        };
+        let e = enc.encode(prompts, len)?;
+        Embeddings::new(e.embeds, e.mask, e.batch, e.len, e.dim)
+    };
+    let prompt = match (f.prompt_embeds, f.prompts) {
+        (Some(p), _) => Embeddings::load(p)?,
+        (None, prompts) if !prompts.is_empty() => {
+            let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+            encode(&texts, f.max_sequence_length.unwrap_or(icdit::text::DEFAULT_MAX_LEN))?
+        }
+        (None, _) => {
+            return Err(Error::invalid(
+                "--prompt",
+                "a PixArt-α pipeline samples from prompts: pass --prompt TEXT (one image each), or --prompt-embeds \
+                 FILE (`prompt_embeds` f32 [B, L, D] and `attention_mask` i64 [B, L], as `icdit encode` writes them)",
+            ))
+        }
+    };
     let sampler = match f.sampler {
         None | Some("dpm-solver") => PixArtSampler::DpmSolver,
         Some("ddim") => PixArtSampler::Ddim,
@@ -170,13 +196,21 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         }
     };
     let cfg_scale = f.cfg.unwrap_or(4.5);
+    let has_encoder = f.weights.join("text_encoder").join("config.json").is_file();
     let negative = match f.negative_embeds {
         Some(p) => Some(Embeddings::load(p)?),
+        // The negative prompt, encoded to the prompts' length (the pipeline's default: "").
+        None if cfg_scale > 1.0 && (has_encoder || f.negative_prompt.is_some()) => {
+            Some(encode(&[f.negative_prompt.unwrap_or("")], prompt.len)?)
+        }
         None if cfg_scale > 1.0 => {
             return Err(Error::invalid(
                 "--negative-embeds",
-                "guidance (--cfg > 1, default 4.5) needs the negative prompt's embeddings, and without a text \
-                 encoder they must be given: pass --negative-embeds FILE (e.g. the embeddings of \"\"), or --cfg 1",
+                format!(
+                    "guidance (--cfg > 1, default 4.5) needs the negative prompt's embeddings, and {} has no \
+                     text_encoder/ to compute them: pass --negative-embeds FILE (e.g. the embeddings of \"\"), or --cfg 1",
+                    f.weights.display()
+                ),
             ))
         }
         None => None,

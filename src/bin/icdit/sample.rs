@@ -31,9 +31,19 @@ pub struct SampleArgs {
     /// writes them).
     #[arg(long)]
     prompt_embeds: Option<PathBuf>,
-    /// PixArt-α: the negative prompt's embeddings (1 or B rows, same L), needed under guidance.
+    /// PixArt-α: the negative prompt's embeddings (1 or B rows, same L); under guidance, without
+    /// it, the negative prompt is encoded with the folder's text encoder.
     #[arg(long)]
     negative_embeds: Option<PathBuf>,
+    /// PixArt-α: a prompt, encoded with the folder's T5 encoder (repeat for several images).
+    #[arg(long, conflicts_with = "prompt_embeds")]
+    prompt: Vec<String>,
+    /// PixArt-α: the negative prompt under guidance (default "", as the pipeline's).
+    #[arg(long, conflicts_with = "negative_embeds")]
+    negative_prompt: Option<String>,
+    /// PixArt-α: tokens per prompt (default 120, PixArt-α's; at most 512).
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// Comma-separated class labels, one image each.
     #[arg(long, value_delimiter = ',', conflicts_with = "random_classes")]
     class: Vec<i64>,
@@ -127,10 +137,15 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     if let Some(weights) = args.weights.clone().filter(|w| icdit::pixart::is_pipeline(w)) {
         return pixart_sample(&weights, &mut args);
     }
-    if args.prompt_embeds.is_some() || args.negative_embeds.is_some() {
+    if args.prompt_embeds.is_some()
+        || args.negative_embeds.is_some()
+        || !args.prompt.is_empty()
+        || args.negative_prompt.is_some()
+        || args.max_sequence_length.is_some()
+    {
         return Err(Error::invalid(
-            "--prompt-embeds",
-            "prompt embeddings drive a text-to-image model: pass a PixArt-α pipeline folder as --weights",
+            "--prompt/--prompt-embeds",
+            "prompts drive a text-to-image model: pass a PixArt-α pipeline folder as --weights",
         ));
     }
     let weights = args.weights.clone().unwrap_or_else(default_weights);
@@ -599,6 +614,9 @@ fn pixart_sample(weights: &Path, args: &mut SampleArgs) -> Result<(), Error> {
         weights,
         prompt_embeds: args.prompt_embeds.as_deref(),
         negative_embeds: args.negative_embeds.as_deref(),
+        prompts: &args.prompt,
+        negative_prompt: args.negative_prompt.as_deref(),
+        max_sequence_length: args.max_sequence_length,
         steps: args.steps,
         sampler: args.sampler.as_deref(),
         cfg: args.cfg,
