@@ -14,7 +14,9 @@ mod embed;
 mod vae;
 pub use vae::*;
 mod sampler;
+mod forecast;
 pub use embed::*;
+pub use forecast::*;
 pub use sampler::*;
 
 fn invalid(kernel: &str, reason: String) -> Error {
