@@ -24,6 +24,7 @@ mod interrupt;
 mod merge;
 mod model_args;
 mod output;
+mod plot;
 mod report;
 mod sample;
 mod shard;
@@ -63,8 +64,9 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Decode latents (from `sample --out-latents`) to images with a VAE.
     Decode(decode::DecodeArgs),
-    /// Measure what caching costs in sample quality: reuse vs icc (SVD, CA-SVD) at several
-    /// ranks and periods, against full compute.
+    /// Measure what caching costs and saves: every policy (reuse, icc with SVD / CA-SVD
+    /// factors, fora, taylor) at several periods, ranks and orders against full compute —
+    /// quality, MAC ratio and wall-clock ratio; optionally the quality–time frontier as a PNG.
     CacheReport(report::ReportArgs),
     /// Join the shards of a `sample --num-images` run into one FID `.npz` (uint8 NHWC `arr_0`).
     Merge(merge::MergeArgs),
