@@ -139,10 +139,7 @@ impl Forecast {
     /// Checks the order.
     pub fn validate(&self) -> Result<()> {
         if self.order > MAX_TAYLOR_ORDER {
-            return Err(Error::invalid(
-                "taylor order",
-                format!("{}: must be 0 to {MAX_TAYLOR_ORDER}", self.order),
-            ));
+            return Err(Error::invalid("taylor order", format!("{}: must be 0 to {MAX_TAYLOR_ORDER}", self.order)));
         }
         Ok(())
     }
@@ -361,10 +358,12 @@ pub fn check_step(kind: StepKind, cache: &CacheMode, cached_rows: Option<usize>,
                 kinds.join(" and ")
             }),
         )),
-        (StepKind::Calibrated | StepKind::Reuse | StepKind::Forecast, _) if cached_rows != Some(rows) => Err(Error::invalid(
-            "step kind",
-            format!("a {kind:?} step needs a full step with the same {rows} rows before it"),
-        )),
+        (StepKind::Calibrated | StepKind::Reuse | StepKind::Forecast, _) if cached_rows != Some(rows) => {
+            Err(Error::invalid(
+                "step kind",
+                format!("a {kind:?} step needs a full step with the same {rows} rows before it"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -459,7 +458,7 @@ mod tests {
     fn forecast_steps_follow_the_full_steps() {
         use StepKind::*;
         // Warm-up 2, period 3: full steps 0, 1, 3, 6.
-        let (period, taylor) = (FullSteps::Period(3), Forecast { order: 2, warmup: 2 });
+        let (period, taylor) = (FullSteps::Period(3), super::Forecast { order: 2, warmup: 2 });
         let cache = CacheMode::Taylor(taylor);
         let kinds: Vec<_> = (0..8).map(|i| step_kind(&cache, &period, i)).collect();
         assert_eq!(kinds, [TaylorFull, TaylorFull, Forecast, TaylorFull, Forecast, Forecast, TaylorFull, Forecast]);
@@ -473,11 +472,11 @@ mod tests {
         assert_eq!(at(4).weights, [1.0, 1.0, 0.5]);
         assert_eq!(at(5).weights, [1.0, 2.0, 2.0]);
         // Order 1 never uses the second difference; order 0 is block reuse.
-        let first = forecast_step(&period, Forecast { order: 1, warmup: 2 }, 5);
+        let first = forecast_step(&period, super::Forecast { order: 1, warmup: 2 }, 5);
         assert_eq!(first.weights, [1.0, 2.0, 0.0]);
-        let zero = forecast_step(&period, Forecast { order: 0, warmup: 0 }, 5);
-        assert_eq!((zero.weights, forecast_step(&period, Forecast::default(), 3).orders), ([1.0, 0.0, 0.0], 0));
-        assert!(Forecast { order: 3, warmup: 0 }.validate().unwrap_err().to_string().contains("must be 0 to 2"));
+        let zero = forecast_step(&period, super::Forecast { order: 0, warmup: 0 }, 5);
+        assert_eq!((zero.weights, forecast_step(&period, super::Forecast::default(), 3).orders), ([1.0, 0.0, 0.0], 0));
+        assert!(super::Forecast { order: 3, warmup: 0 }.validate().unwrap_err().to_string().contains("must be 0 to 2"));
         // Kinds of another policy are refused by name.
         let err = check_step(Full, &cache, None, 2).unwrap_err().to_string();
         assert!(err.contains("full steps are not part of cache policy taylor"), "{err}");

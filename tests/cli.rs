@@ -465,7 +465,9 @@ fn cache_report_compares_policies_and_draws_the_frontier() {
     // none, then per period reuse, fora and taylor orders 0 and 2.
     assert_eq!(rows.len(), 1 + 2 * 4, "{json}");
     let find = |policy: &str, setting: &str| {
-        rows.iter().find(|r| r["policy"] == policy && r["setting"] == setting).unwrap_or_else(|| panic!("{policy} {setting}"))
+        rows.iter()
+            .find(|r| r["policy"] == policy && r["setting"] == setting)
+            .unwrap_or_else(|| panic!("{policy} {setting}"))
     };
     for p in [2, 3] {
         let (reuse, fora) = (find("reuse", &format!("period {p}")), find("fora", &format!("period {p}")));

@@ -177,9 +177,7 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
     }
     if let Some(f) = cache.forecast() {
         bufs.forecast = (0..cfg.depth)
-            .map(|i| {
-                ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, rows, n, c], Dt::F32))
-            })
+            .map(|i| ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, rows, n, c], Dt::F32)))
             .collect();
     }
     if let Some(f) = cache.factors() {

@@ -40,13 +40,7 @@ fn style(p: CachePolicy) -> (RGBColor, usize) {
 
 /// A setting's short label on the plot: "p3", "svd r16 p3", "o2 p3".
 fn short(setting: &str) -> String {
-    setting
-        .replace("period ", "p")
-        .replace("order ", "o")
-        .split(" warm-up")
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    setting.replace("period ", "p").replace("order ", "o").split(" warm-up").next().unwrap_or_default().to_string()
 }
 
 fn plot_err(e: impl std::fmt::Display) -> Error {
@@ -69,7 +63,8 @@ pub fn frontier(path: &Path, rows: &[Row], title: &str) -> Result<(), Error> {
         let root = BitMapBackend::with_buffer(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         let panels = root.split_evenly((1, 2));
-        let axes: [(&str, fn(&Row) -> f64); 2] =
+        type Axis = (&'static str, fn(&Row) -> f64);
+        let axes: [Axis; 2] =
             [("wall-clock time / full compute", |r| r.time_ratio), ("MACs / full compute", |r| r.mac_ratio)];
         for (panel, (area, (xname, x_of))) in panels.iter().zip(axes).enumerate() {
             let mut chart = ChartBuilder::on(area)
@@ -87,14 +82,28 @@ pub fn frontier(path: &Path, rows: &[Row], title: &str) -> Result<(), Error> {
             while x <= x1 + 1e-9 {
                 chart.draw_series(LineSeries::new([(x, y0), (x, y1)], grey)).map_err(plot_err)?;
                 let (px, py) = chart.backend_coord(&(x, y0));
-                labels.push(Label { x: px as f32, y: py as f32 + 20.0, size: 15.0, text: format!("{x:.1}"), color: BLACK, anchor: 0.5 });
+                labels.push(Label {
+                    x: px as f32,
+                    y: py as f32 + 20.0,
+                    size: 15.0,
+                    text: format!("{x:.1}"),
+                    color: BLACK,
+                    anchor: 0.5,
+                });
                 x += 0.1;
             }
             let mut y = (y0 / step).ceil() * step;
             while y <= y1 {
                 chart.draw_series(LineSeries::new([(0.0, y), (x1, y)], grey)).map_err(plot_err)?;
                 let (px, py) = chart.backend_coord(&(0.0, y));
-                labels.push(Label { x: px as f32 - 8.0, y: py as f32 + 5.0, size: 15.0, text: format!("{y:.0}"), color: BLACK, anchor: 1.0 });
+                labels.push(Label {
+                    x: px as f32 - 8.0,
+                    y: py as f32 + 5.0,
+                    size: 15.0,
+                    text: format!("{y:.0}"),
+                    color: BLACK,
+                    anchor: 1.0,
+                });
                 y += step;
             }
             // The time budgets of the summary table, on the time panel.
@@ -116,7 +125,14 @@ pub fn frontier(path: &Path, rows: &[Row], title: &str) -> Result<(), Error> {
                 }
                 .map_err(plot_err)?;
                 let (px, py) = chart.backend_coord(&at);
-                labels.push(Label { x: px as f32 + 7.0, y: py as f32 - 6.0, size: 12.0, text: short(&r.setting), color, anchor: 0.0 });
+                labels.push(Label {
+                    x: px as f32 + 7.0,
+                    y: py as f32 - 6.0,
+                    size: 12.0,
+                    text: short(&r.setting),
+                    color,
+                    anchor: 0.0,
+                });
             }
             let (left, bottom) = chart.backend_coord(&(0.0, y0));
             let (right, top) = chart.backend_coord(&(x1, y1));
@@ -128,7 +144,14 @@ pub fn frontier(path: &Path, rows: &[Row], title: &str) -> Result<(), Error> {
                 color: BLACK,
                 anchor: 0.5,
             });
-            labels.push(Label { x: left as f32, y: top as f32 - 12.0, size: 17.0, text: "PSNR vs full compute (dB)".into(), color: BLACK, anchor: 0.0 });
+            labels.push(Label {
+                x: left as f32,
+                y: top as f32 - 12.0,
+                size: 17.0,
+                text: "PSNR vs full compute (dB)".into(),
+                color: BLACK,
+                anchor: 0.0,
+            });
             // Legend: one entry per policy present, in a row above the panel's top right.
             let mut seen: Vec<CachePolicy> = Vec::new();
             for r in &points {
@@ -147,7 +170,14 @@ pub fn frontier(path: &Path, rows: &[Row], title: &str) -> Result<(), Error> {
                     _ => root.draw(&(EmptyElement::at(at) + Rectangle::new([(-5, -5), (5, 5)], f))),
                 }
                 .map_err(plot_err)?;
-                labels.push(Label { x: lx as f32 + 12.0, y: ly as f32 + 5.0, size: 15.0, text: p.name().into(), color: BLACK, anchor: 0.0 });
+                labels.push(Label {
+                    x: lx as f32 + 12.0,
+                    y: ly as f32 + 5.0,
+                    size: 15.0,
+                    text: p.name().into(),
+                    color: BLACK,
+                    anchor: 0.0,
+                });
             }
         }
         root.present().map_err(plot_err)?;

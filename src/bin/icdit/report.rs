@@ -160,8 +160,7 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
             let vectors = if m == Method::Svd {
                 None
             } else {
-                let set =
-                    calibrate::self_calibration_set(&model, args.calib_self, args.seed, threads, m, &mut |_| {})?;
+                let set = calibrate::self_calibration_set(&model, args.calib_self, args.seed, threads, m, &mut |_| {})?;
                 let stats = calibrate::collect_stats(&model, &set, 16, threads, m, &mut |_, _| {})?;
                 Some(calibrate::weight_vectors(&stats, cfg.hidden_size))
             };
@@ -298,10 +297,8 @@ fn markdown(rows: &[Row], policies: &[CachePolicy], title: &str) -> String {
     for &p in policies.iter().filter(|&&p| p != CachePolicy::None) {
         s.push_str(&format!("| {} |", p.name()));
         for b in BUDGETS {
-            let best = rows
-                .iter()
-                .filter(|r| r.policy == p && r.time_ratio <= b)
-                .max_by(|a, b| a.psnr.total_cmp(&b.psnr));
+            let best =
+                rows.iter().filter(|r| r.policy == p && r.time_ratio <= b).max_by(|a, b| a.psnr.total_cmp(&b.psnr));
             match best {
                 Some(r) => s.push_str(&format!(" {:.2} ({}, {:.3}) |", r.psnr, r.setting, r.time_ratio)),
                 None => s.push_str(" — |"),

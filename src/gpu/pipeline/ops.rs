@@ -366,11 +366,10 @@ impl<D: Device> Pass<'_, D> {
     fn forecast_args(&self, block: usize, branch: Branch, rows: usize) -> Result<(DevSlice<f32>, i32, i32, i32)> {
         let cfg = &self.pipeline.model.config;
         let b = &self.pipeline.buffers;
-        let id = b
-            .forecast
-            .get(block)
-            .map(|f| f[branch as usize])
-            .ok_or_else(|| Error::invalid("GPU pipeline", "no Taylor factors planned (cache policy taylor only)"))?;
+        let id =
+            b.forecast.get(block).map(|f| f[branch as usize]).ok_or_else(|| {
+                Error::invalid("GPU pipeline", "no Taylor factors planned (cache policy taylor only)")
+            })?;
         let stride = self.pipeline.max_rows * cfg.tokens() * cfg.hidden_size;
         let factors = self.pipeline.slice::<f32>(id)?;
         let levels = factors.len() / stride;
@@ -380,7 +379,8 @@ impl<D: Device> Pass<'_, D> {
     /// The forecast table and the request state.
     fn forecast_table(&self) -> Result<(DevSlice<f32>, DevSlice<i32>)> {
         let b = &self.pipeline.buffers;
-        let table = b.forecast_table.ok_or_else(|| Error::invalid("GPU pipeline", "no Taylor forecast table planned"))?;
+        let table =
+            b.forecast_table.ok_or_else(|| Error::invalid("GPU pipeline", "no Taylor forecast table planned"))?;
         Ok((self.pipeline.slice(table)?, self.pipeline.slice(b.state)?))
     }
 
@@ -592,7 +592,17 @@ impl<D: Device> DitOps for Pass<'_, D> {
             let (factors, stride, levels, n) = p.forecast_args(block, branch, rows)?;
             let (table, state) = p.forecast_table()?;
             let steps = p.pipeline.schedule.len() as i32;
-            launch::forecast_update_f32(&p.pipeline.dev, factors, p.act_slice(src)?, table, state, n, stride, levels, steps)
+            launch::forecast_update_f32(
+                &p.pipeline.dev,
+                factors,
+                p.act_slice(src)?,
+                table,
+                state,
+                n,
+                stride,
+                levels,
+                steps,
+            )
         });
     }
 

@@ -228,9 +228,8 @@ pub(super) fn plan(
     let cache = if Slot::ALL.iter().any(|&s| kept(s)) {
         (0..d)
             .map(|i| {
-                Slot::ALL.map(|s| {
-                    kept(s).then(|| p.add(format!("cache.{i}.{}", s.name()), &[max_rows, n, s.width(cfg)], h))
-                })
+                Slot::ALL
+                    .map(|s| kept(s).then(|| p.add(format!("cache.{i}.{}", s.name()), &[max_rows, n, s.width(cfg)], h)))
             })
             .collect()
     } else {
@@ -238,14 +237,11 @@ pub(super) fn plan(
     };
     let forecast = cache_mode.forecast().map_or_else(Vec::new, |f| {
         (0..d)
-            .map(|i| {
-                ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, max_rows, n, c], Dt::F32))
-            })
+            .map(|i| ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, max_rows, n, c], Dt::F32)))
             .collect()
     });
-    let forecast_table = cache_mode
-        .forecast()
-        .map(|_| p.add("Taylor forecast table", &[steps, launch::FORECAST_TABLE], Dt::F32));
+    let forecast_table =
+        cache_mode.forecast().map(|_| p.add("Taylor forecast table", &[steps, launch::FORECAST_TABLE], Dt::F32));
     let bases = match (icc.form, factors) {
         (IccForm::Folded, Some(_)) if caching => (0..d)
             .map(|i| {
