@@ -60,7 +60,7 @@ typedef struct IcditOptions {
   const char *sampler;
   // A respacing spec ("ddim50", "250", "10,20") instead of steps; NULL: from steps.
   const char *respacing;
-  // "none" (NULL), "reuse" or "icc".
+  // "none" (NULL), "reuse", "icc", "fora" or "taylor" (order 2, warm-up 2).
   const char *cache;
   // Float to uint8: "dit" (NULL) or "diffusers".
   const char *rounding;

@@ -25,7 +25,7 @@ pub fn calibrated_block_macs(cfg: &DitConfig, ranks: [usize; 6]) -> u64 {
     n * 2 * c * (r[0] + r[1] + r[2]) + n * 2 * c * r[3] + n * (c + m) * (r[4] + r[5]) + 2 * n * n * c + 6 * c * c
 }
 
-/// One block of a reuse step: the adaLN modulation only.
+/// One block of a reuse or forecast step: the adaLN modulation only.
 pub fn reuse_block_macs(cfg: &DitConfig) -> u64 {
     let c = cfg.hidden_size as u64;
     6 * c * c
@@ -34,8 +34,11 @@ pub fn reuse_block_macs(cfg: &DitConfig) -> u64 {
 /// A whole forward of the given kind; `ranks` per block (used by calibrated steps).
 pub fn step_macs(cfg: &DitConfig, kind: StepKind, ranks: &[[usize; 6]]) -> u64 {
     let blocks: u64 = match kind {
-        StepKind::Plain | StepKind::Full => cfg.depth as u64 * full_block_macs(cfg),
-        StepKind::Reuse => cfg.depth as u64 * reuse_block_macs(cfg),
+        StepKind::Plain | StepKind::Full | StepKind::BranchFull | StepKind::TaylorFull => {
+            cfg.depth as u64 * full_block_macs(cfg)
+        }
+        // A forecast's Σ w_i·D_i is elementwise (2·order + 1 flops per element), not counted.
+        StepKind::Reuse | StepKind::Forecast => cfg.depth as u64 * reuse_block_macs(cfg),
         StepKind::Calibrated => {
             (0..cfg.depth).map(|i| calibrated_block_macs(cfg, ranks.get(i).copied().unwrap_or([0; 6]))).sum()
         }

@@ -1,7 +1,8 @@
 //! The DiT forward pass (reference doc part A), written once against [`DitOps`], the small
 //! set of fused operations every backend implements, for every kind of step the cache
 //! policies need (reference doc part E): plain, full (refreshing the caches), calibrated
-//! (increment-calibrated linears) and reuse. The CPU reference backend and the GPU
+//! (increment-calibrated linears) and reuse; and for the policies of docs/caching-policies.md,
+//! branch-full (FORA-style block reuse), Taylor-full and forecast (TaylorSeer-style). The CPU reference backend and the GPU
 //! pipeline differ only in how they carry out these calls.
 
 use crate::config::DitConfig;
@@ -195,6 +196,24 @@ pub enum StepKind {
     Calibrated,
     /// Each sublayer's output is the cached one, gated by the current modulation (`forward_reuse`).
     Reuse,
+    /// Full compute keeping only each block's two branch outputs (the `proj_y` and `fc2_y`
+    /// slots): the full step of FORA-style block reuse, whose cached steps are `Reuse`.
+    BranchFull,
+    /// Full compute that also updates each block's Taylor factors from its two branch outputs
+    /// ([`DitOps::forecast_update`]): the full step of Taylor forecasting.
+    TaylorFull,
+    /// Each branch output predicted from its Taylor factors ([`DitOps::forecast`]), gated by
+    /// the current modulation; attention and every block linear skipped.
+    Forecast,
+}
+
+/// A transformer block's two branches, whose outputs Taylor forecasting predicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Branch {
+    /// proj's output (attention branch).
+    Attn,
+    /// fc2's output (MLP branch).
+    Mlp,
 }
 
 /// The conditioning of a forward pass: everything that depends only on the timesteps and
@@ -241,6 +260,13 @@ pub trait DitOps {
     fn attention(&mut self, src: Act, dst: Act, rows: usize);
     /// X += gate ⊙ src, the gate broadcast over tokens.
     fn gated_residual(&mut self, src: Act, gate: ModChunk, rows: usize);
+    /// Taylor-full step: updates block `block`'s Taylor factors of `branch` from its new output
+    /// `src` with the current step's [`crate::policy::ForecastStep`] (`orders`, Δ):
+    /// D₀ ← y, D_{i+1} ← (D_i(new) − D_i(old))/Δ for i < orders, higher factors zeroed.
+    fn forecast_update(&mut self, block: usize, branch: Branch, src: Act, rows: usize);
+    /// Forecast step: dst = Σ_i w_i·D_i over block `block`'s Taylor factors of `branch`, with
+    /// the current step's weights w_i = k^i/i!.
+    fn forecast(&mut self, block: usize, branch: Branch, dst: Act, rows: usize);
     /// Writes Out back to image layout (rows, Cout, I, I) as the output.
     fn unpatchify(&mut self, rows: usize);
 }
@@ -268,7 +294,7 @@ pub fn forward<O: DitOps>(ops: &mut O, cfg: &DitConfig, mlp_norm_eps: f32, rows:
     let attn_in = |i| if full { Act::Cache(i, Slot::QkvX) } else { Act::H };
 
     ops.embed_patches(rows);
-    if kind != StepKind::Reuse {
+    if !matches!(kind, StepKind::Reuse | StepKind::Forecast) {
         ops.norm_modulate(attn_in(0), attn_norm(0), rows);
     }
     for i in 0..cfg.depth {
@@ -278,14 +304,27 @@ pub fn forward<O: DitOps>(ops: &mut O, cfg: &DitConfig, mlp_norm_eps: f32, rows:
         let (gate_msa, gate_mlp) = (ModChunk::block(i, GATE_MSA), ModChunk::block(i, GATE_MLP));
         let s = |slot| Act::Cache(i, slot);
         match kind {
-            StepKind::Plain => {
+            StepKind::Plain | StepKind::BranchFull | StepKind::TaylorFull => {
+                // The plain block; a branch-full step writes the two branch outputs straight
+                // into their cache slots, a Taylor-full step updates the factors from them.
+                let (attn_y, mlp_y) = match kind {
+                    StepKind::BranchFull => (s(Slot::ProjY), s(Slot::Fc2Y)),
+                    _ => (Act::Y, Act::Y),
+                };
+                let taylor = kind == StepKind::TaylorFull;
                 ops.linear(Linear::Qkv(i), Act::H, Act::Qkv, Activation::None, rows);
                 ops.attention(Act::Qkv, Act::Attn, rows);
-                ops.linear(Linear::Proj(i), Act::Attn, Act::Y, Activation::None, rows);
-                ops.residual_norm_modulate(Act::Y, gate_msa, Act::H, mlp_norm(i), rows);
+                ops.linear(Linear::Proj(i), Act::Attn, attn_y, Activation::None, rows);
+                if taylor {
+                    ops.forecast_update(i, Branch::Attn, attn_y, rows);
+                }
+                ops.residual_norm_modulate(attn_y, gate_msa, Act::H, mlp_norm(i), rows);
                 ops.linear(Linear::Fc1(i), Act::H, Act::Mlp, Activation::GeluTanh, rows);
-                ops.linear(Linear::Fc2(i), Act::Mlp, Act::Y, Activation::None, rows);
-                ops.residual_norm_modulate(Act::Y, gate_mlp, next_in, next_norm, rows);
+                ops.linear(Linear::Fc2(i), Act::Mlp, mlp_y, Activation::None, rows);
+                if taylor {
+                    ops.forecast_update(i, Branch::Mlp, mlp_y, rows);
+                }
+                ops.residual_norm_modulate(mlp_y, gate_mlp, next_in, next_norm, rows);
             }
             StepKind::Full => {
                 ops.linear(Linear::Qkv(i), s(Slot::QkvX), s(Slot::QkvY), Activation::None, rows);
@@ -318,6 +357,17 @@ pub fn forward<O: DitOps>(ops: &mut O, cfg: &DitConfig, mlp_norm_eps: f32, rows:
                     ops.residual_norm_modulate(s(Slot::Fc2Y), gate_mlp, Act::H, final_norm, rows);
                 } else {
                     ops.gated_residual(s(Slot::Fc2Y), gate_mlp, rows);
+                }
+            }
+            StepKind::Forecast => {
+                // As a reuse step, on the predicted branch outputs.
+                ops.forecast(i, Branch::Attn, Act::Y, rows);
+                ops.gated_residual(Act::Y, gate_msa, rows);
+                ops.forecast(i, Branch::Mlp, Act::Y, rows);
+                if last {
+                    ops.residual_norm_modulate(Act::Y, gate_mlp, Act::H, final_norm, rows);
+                } else {
+                    ops.gated_residual(Act::Y, gate_mlp, rows);
                 }
             }
         }

@@ -45,6 +45,6 @@ pub use engine::{EngineOptions, GuidedChannels, Request, SamplingBackend, Sampli
 pub use error::{Error, Result};
 pub use factors::Factors;
 pub use fsio::atomic_write;
-pub use policy::{CacheMode, CachePolicy, FullSteps, IccForm};
+pub use policy::{CacheMode, CachePolicy, Forecast, FullSteps, IccForm};
 pub use session::{Session, SessionOptions, SessionRequest};
 pub use weights::{DitModel, Layout, LoadOptions};

@@ -25,6 +25,12 @@ pub enum CachePolicy {
     Reuse,
     /// Increment-calibrated caching: cached steps correct the caches with rank-r factors.
     Icc,
+    /// FORA-style block reuse: cached steps reuse each block's attention and MLP branch
+    /// outputs from the last full step under the current gates (attention skipped too).
+    Fora,
+    /// TaylorSeer-style forecasting: cached steps predict each block's branch outputs by a
+    /// Taylor expansion over finite differences of the full steps' outputs.
+    Taylor,
 }
 
 impl CachePolicy {
@@ -34,6 +40,8 @@ impl CachePolicy {
             CachePolicy::None => "none",
             CachePolicy::Reuse => "reuse",
             CachePolicy::Icc => "icc",
+            CachePolicy::Fora => "fora",
+            CachePolicy::Taylor => "taylor",
         }
     }
 
@@ -43,6 +51,8 @@ impl CachePolicy {
             CachePolicy::None => &[StepKind::Plain],
             CachePolicy::Reuse => &[StepKind::Full, StepKind::Reuse],
             CachePolicy::Icc => &[StepKind::Full, StepKind::Calibrated],
+            CachePolicy::Fora => &[StepKind::BranchFull, StepKind::Reuse],
+            CachePolicy::Taylor => &[StepKind::TaylorFull, StepKind::Forecast],
         }
     }
 }
@@ -101,6 +111,96 @@ pub enum CacheMode {
     Reuse,
     /// Caches plus rank-r factors for full, calibrated and reuse steps.
     Icc(Arc<Factors>),
+    /// Each block's two branch outputs (the `proj_y` and `fc2_y` slots only) for branch-full
+    /// and reuse steps (FORA-style block reuse).
+    Fora,
+    /// Each block's two branch outputs and their finite differences, for Taylor-full and
+    /// forecast steps (TaylorSeer-style).
+    Taylor(Forecast),
+}
+
+/// Largest Taylor order `--taylor-order` takes.
+pub const MAX_TAYLOR_ORDER: usize = 2;
+
+/// The settings of Taylor forecasting: the expansion's order and the warm-up full steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Forecast {
+    /// Highest finite difference kept and used (0 ..= [`MAX_TAYLOR_ORDER`]; 0 is block reuse).
+    pub order: usize,
+    /// The first `warmup` sampling steps are all full (besides the schedule's full steps).
+    pub warmup: usize,
+}
+
+impl Forecast {
+    /// What `--cache taylor` uses unless told otherwise: order 2 (TaylorSeer's second-order
+    /// expansion) after 2 warm-up full steps (so the first cached steps already have D₁).
+    pub const CLI_DEFAULT: Forecast = Forecast { order: 2, warmup: 2 };
+
+    /// Checks the order.
+    pub fn validate(&self) -> Result<()> {
+        if self.order > MAX_TAYLOR_ORDER {
+            return Err(Error::invalid("taylor order", format!("{}: must be 0 to {MAX_TAYLOR_ORDER}", self.order)));
+        }
+        Ok(())
+    }
+}
+
+/// The numbers one step of Taylor forecasting uses ([`forecast_step`]); every backend takes
+/// them as they are, so both compute the same expansion.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ForecastStep {
+    /// Full step: how many finite differences it forms from the new branch outputs (the order,
+    /// or fewer while fewer earlier full steps exist; 0 on the first); higher ones are zeroed.
+    pub orders: usize,
+    /// Full step: Δ, the step distance from the previous full step (1 on the first).
+    pub delta: f32,
+    /// Cached step: the weight k^i/i! of the i-th difference, k the step distance from the
+    /// last full step; 0 past the differences available.
+    pub weights: [f32; MAX_TAYLOR_ORDER + 1],
+}
+
+impl ForecastStep {
+    /// Order 0: a full step keeps only D₀, a cached step predicts D₀ (block reuse). What a
+    /// forward pass outside a sampling loop uses.
+    pub const REUSE: ForecastStep = ForecastStep { orders: 0, delta: 1.0, weights: [1.0, 0.0, 0.0] };
+}
+
+/// Taylor forecasting's numbers at sampling step `index` (TaylorSeer): a full step at distance
+/// Δ from the previous one updates D₀ = y, D_{i+1} = (D_i(new) − D_i(old))/Δ up to the order
+/// (as many as the full steps so far allow); a cached step k steps after the last full step
+/// predicts y ≈ Σ_i D_i·k^i/i! over the differences available.
+pub fn forecast_step(full_steps: &FullSteps, forecast: Forecast, index: usize) -> ForecastStep {
+    let full = |j: usize| j < forecast.warmup || full_steps.is_full(j);
+    let (mut count, mut last, mut prev) = (0usize, 0usize, None);
+    for j in 0..=index {
+        if full(j) {
+            count += 1;
+            prev = Some(last);
+            last = j;
+        }
+    }
+    let order = forecast.order.min(MAX_TAYLOR_ORDER);
+    let mut step = ForecastStep::REUSE;
+    if count == 0 {
+        return step;
+    }
+    step.weights = [0.0; MAX_TAYLOR_ORDER + 1];
+    if full(index) {
+        step.orders = order.min(count - 1);
+        if let Some(p) = prev.filter(|_| count > 1) {
+            step.delta = (index - p) as f32;
+        }
+    } else {
+        let k = (index - last) as f32;
+        let (mut w, available) = (1.0f32, order.min(count - 1));
+        for (i, weight) in step.weights.iter_mut().enumerate().take(available + 1) {
+            if i > 0 {
+                w = w * k / i as f32;
+            }
+            *weight = w;
+        }
+    }
+    step
 }
 
 impl CacheMode {
@@ -110,7 +210,50 @@ impl CacheMode {
             CacheMode::None => CachePolicy::None,
             CacheMode::Reuse => CachePolicy::Reuse,
             CacheMode::Icc(_) => CachePolicy::Icc,
+            CacheMode::Fora => CachePolicy::Fora,
+            CacheMode::Taylor(_) => CachePolicy::Taylor,
         }
+    }
+
+    /// The step kind that refreshes this policy's caches (`Plain` without caching).
+    pub fn full_kind(&self) -> StepKind {
+        match self {
+            CacheMode::None => StepKind::Plain,
+            CacheMode::Reuse | CacheMode::Icc(_) => StepKind::Full,
+            CacheMode::Fora => StepKind::BranchFull,
+            CacheMode::Taylor(_) => StepKind::TaylorFull,
+        }
+    }
+
+    /// Whether an engine built for this policy can run a forward pass of `kind` (it planned the
+    /// buffers that kind reads and writes).
+    pub fn runs(&self, kind: StepKind) -> bool {
+        use StepKind::*;
+        match self {
+            CacheMode::None => kind == Plain,
+            CacheMode::Reuse => matches!(kind, Plain | Full | Reuse),
+            CacheMode::Icc(_) => matches!(kind, Plain | Full | Calibrated | Reuse),
+            CacheMode::Fora => matches!(kind, Plain | BranchFull | Reuse),
+            CacheMode::Taylor(_) => matches!(kind, Plain | TaylorFull | Forecast),
+        }
+    }
+
+    /// Taylor forecasting's settings; `None` under the other policies.
+    pub fn forecast(&self) -> Option<Forecast> {
+        match self {
+            CacheMode::Taylor(f) => Some(*f),
+            _ => None,
+        }
+    }
+
+    /// The full steps the policy adds to the schedule's (Taylor's warm-up).
+    fn warmup(&self) -> usize {
+        self.forecast().map_or(0, |f| f.warmup)
+    }
+
+    /// Whether sampling step `index` is full under this policy and `full_steps`.
+    pub fn is_full(&self, full_steps: &FullSteps, index: usize) -> bool {
+        index < self.warmup() || full_steps.is_full(index)
     }
 
     /// Whether an engine under this policy keeps block caches (every policy but `None`).
@@ -187,9 +330,10 @@ impl FullSteps {
 pub fn step_kind(cache: &CacheMode, full_steps: &FullSteps, index: usize) -> StepKind {
     match cache {
         CacheMode::None => StepKind::Plain,
-        _ if full_steps.is_full(index) => StepKind::Full,
-        CacheMode::Reuse => StepKind::Reuse,
+        _ if cache.is_full(full_steps, index) => cache.full_kind(),
+        CacheMode::Reuse | CacheMode::Fora => StepKind::Reuse,
         CacheMode::Icc(_) => StepKind::Calibrated,
+        CacheMode::Taylor(_) => StepKind::Forecast,
     }
 }
 
@@ -207,10 +351,19 @@ pub fn check_step(kind: StepKind, cache: &CacheMode, cached_rows: Option<usize>,
         (StepKind::Calibrated, CacheMode::Reuse) => {
             Err(Error::invalid("step kind", "calibrated steps need factors (cache mode icc)"))
         }
-        (StepKind::Calibrated | StepKind::Reuse, _) if cached_rows != Some(rows) => Err(Error::invalid(
+        _ if !cache.runs(kind) => Err(Error::invalid(
             "step kind",
-            format!("a {kind:?} step needs a full step with the same {rows} rows before it"),
+            format!("{kind} steps are not part of cache policy {} (it runs {} steps)", cache.policy(), {
+                let kinds: Vec<_> = cache.policy().step_kinds().iter().map(|k| k.name()).collect();
+                kinds.join(" and ")
+            }),
         )),
+        (StepKind::Calibrated | StepKind::Reuse | StepKind::Forecast, _) if cached_rows != Some(rows) => {
+            Err(Error::invalid(
+                "step kind",
+                format!("a {kind:?} step needs a full step with the same {rows} rows before it"),
+            ))
+        }
         _ => Ok(()),
     }
 }
@@ -225,13 +378,30 @@ impl StepKind {
             StepKind::Full => "full",
             StepKind::Calibrated => "calibrated",
             StepKind::Reuse => "reuse",
+            StepKind::BranchFull => "branch-full",
+            StepKind::TaylorFull => "taylor-full",
+            StepKind::Forecast => "forecast",
         }
+    }
+
+    /// Whether a pass of this kind refreshes its policy's caches (the cached kinds that follow
+    /// need one with the same rows before them).
+    pub fn refreshes_caches(self) -> bool {
+        matches!(self, StepKind::Full | StepKind::BranchFull | StepKind::TaylorFull)
     }
 }
 
 impl clap::ValueEnum for StepKind {
     fn value_variants<'a>() -> &'a [Self] {
-        &[StepKind::Plain, StepKind::Full, StepKind::Calibrated, StepKind::Reuse]
+        &[
+            StepKind::Plain,
+            StepKind::Full,
+            StepKind::Calibrated,
+            StepKind::Reuse,
+            StepKind::BranchFull,
+            StepKind::TaylorFull,
+            StepKind::Forecast,
+        ]
     }
 
     fn to_possible_value(&self) -> Option<PossibleValue> {
@@ -257,7 +427,7 @@ mod tests {
             assert_eq!(CachePolicy::from_str(p.name(), false), Ok(*p));
         }
         let names: Vec<_> = CachePolicy::value_variants().iter().map(|p| p.name()).collect();
-        assert_eq!(names, ["none", "reuse", "icc"]);
+        assert_eq!(names, ["none", "reuse", "icc", "fora", "taylor"]);
         for k in StepKind::value_variants() {
             assert_eq!(StepKind::from_str(k.name(), false), Ok(*k));
         }
@@ -282,6 +452,37 @@ mod tests {
             named.sort_by_key(|k| k.name());
             assert_eq!(seen, named, "{}", cache.policy());
         }
+    }
+
+    #[test]
+    fn forecast_steps_follow_the_full_steps() {
+        use StepKind::*;
+        // Warm-up 2, period 3: full steps 0, 1, 3, 6.
+        let (period, taylor) = (FullSteps::Period(3), super::Forecast { order: 2, warmup: 2 });
+        let cache = CacheMode::Taylor(taylor);
+        let kinds: Vec<_> = (0..8).map(|i| step_kind(&cache, &period, i)).collect();
+        assert_eq!(kinds, [TaylorFull, TaylorFull, Forecast, TaylorFull, Forecast, Forecast, TaylorFull, Forecast]);
+        let at = |i| forecast_step(&period, taylor, i);
+        // The first full step forms no difference; the second one order 1 over Δ = 1.
+        assert_eq!((at(0).orders, at(1).orders, at(1).delta), (0, 1, 1.0));
+        // Step 2, one after the last full step, with D₀ and D₁ known: weights 1, 1, 0.
+        assert_eq!(at(2).weights, [1.0, 1.0, 0.0]);
+        // Step 3: full, Δ = 2, both orders; steps 4 and 5: k = 1, 2 with three terms.
+        assert_eq!((at(3).orders, at(3).delta), (2, 2.0));
+        assert_eq!(at(4).weights, [1.0, 1.0, 0.5]);
+        assert_eq!(at(5).weights, [1.0, 2.0, 2.0]);
+        // Order 1 never uses the second difference; order 0 is block reuse.
+        let first = forecast_step(&period, super::Forecast { order: 1, warmup: 2 }, 5);
+        assert_eq!(first.weights, [1.0, 2.0, 0.0]);
+        let zero = forecast_step(&period, super::Forecast { order: 0, warmup: 0 }, 5);
+        assert_eq!((zero.weights, forecast_step(&period, super::Forecast::default(), 3).orders), ([1.0, 0.0, 0.0], 0));
+        assert!(super::Forecast { order: 3, warmup: 0 }.validate().unwrap_err().to_string().contains("must be 0 to 2"));
+        // Kinds of another policy are refused by name.
+        let err = check_step(Full, &cache, None, 2).unwrap_err().to_string();
+        assert!(err.contains("full steps are not part of cache policy taylor"), "{err}");
+        assert!(check_step(Forecast, &cache, None, 2).is_err());
+        assert!(check_step(Reuse, &CacheMode::Fora, Some(2), 2).is_ok());
+        assert!(check_step(Full, &CacheMode::Fora, None, 2).is_err());
     }
 
     #[test]

@@ -46,20 +46,44 @@ pub fn sample_set_on(
     seed: u64,
     backend: crate::backend::Backend,
 ) -> Result<(Vec<f32>, f64)> {
+    let set = sample_set_timed(model, opts, classes, seed, backend)?;
+    Ok((set.samples, set.mac_ratio))
+}
+
+/// A sample set with what it cost ([`sample_set_timed`]).
+pub struct SampleSet {
+    pub samples: Vec<f32>,
+    /// Mean MACs per step of the schedule against no caching (icc's accounting, src/cost.rs).
+    pub mac_ratio: f64,
+    /// Wall-clock seconds in the sampling loop, every batch together (the engine's build, its
+    /// weight upload and graph recording excluded; on a device, until the result is copied back).
+    pub seconds: f64,
+}
+
+/// [`sample_set_on`], also timing the sampling calls.
+pub fn sample_set_timed(
+    model: &Arc<DitModel>,
+    opts: &EngineOptions,
+    classes: &[i64],
+    seed: u64,
+    backend: crate::backend::Backend,
+) -> Result<SampleSet> {
     let mut engine = crate::backend::AnyEngine::new(Arc::clone(model), opts, backend)?;
     let img = model.config.image_elems();
     let mut out = vec![0.0f32; classes.len() * img];
     let batch = opts.max_batch.max(1);
+    let start = std::time::Instant::now();
     for (i, chunk) in classes.chunks(batch).enumerate() {
         let first = i * batch;
         let req = Request { first_index: first as u64, ..Request::new(chunk, seed) };
         engine.sample(&req, &mut out[first * img..(first + chunk.len()) * img], &mut |_| {})?;
     }
+    let seconds = start.elapsed().as_secs_f64();
     let ranks = match &opts.cache {
         crate::CacheMode::Icc(f) => f.ranks(),
         _ => Vec::new(),
     };
     let kinds: Vec<_> = (0..engine.steps()).map(|i| engine.step_kind(i)).collect();
-    let (_, ratio) = cost::schedule_macs(&model.config, kinds.into_iter(), &ranks);
-    Ok((out, ratio))
+    let (_, mac_ratio) = cost::schedule_macs(&model.config, kinds.into_iter(), &ranks);
+    Ok(SampleSet { samples: out, mac_ratio, seconds })
 }

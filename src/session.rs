@@ -20,7 +20,7 @@ use crate::engine::{EngineOptions, GuidedChannels, Request, Step};
 use crate::error::{Error, Result};
 use crate::factors::Factors;
 use crate::image::{self, Rounding};
-use crate::policy::{CacheMode, CachePolicy, FullSteps};
+use crate::policy::{CacheMode, CachePolicy, Forecast, FullSteps};
 use crate::vae::VaeModel;
 use crate::weights::{DitModel, LoadOptions};
 
@@ -92,6 +92,8 @@ pub struct SessionOptions {
     pub guide_all_channels: bool,
     pub cache: CachePolicy,
     pub full_steps: FullSteps,
+    /// Taylor forecasting's order and warm-up full steps (cache `taylor` only).
+    pub taylor: Forecast,
     /// CPU threads (0: all cores).
     pub threads: usize,
     /// Float to uint8 for pixel outputs.
@@ -118,6 +120,7 @@ impl Default for SessionOptions {
             guide_all_channels: false,
             cache: CachePolicy::None,
             full_steps: FullSteps::Period(2),
+            taylor: Forecast::CLI_DEFAULT,
             threads: 0,
             rounding: Rounding::Dit,
             check_finite: true,
@@ -151,13 +154,39 @@ pub fn resolve_respacing(spec: Option<&str>, steps: Option<usize>, rec: &Recomme
     }
 }
 
-/// `none`, `reuse` or `icc`, as the command line spells them.
+/// `none`, `reuse`, `icc`, `fora` or `taylor`, as the command line spells them.
 pub fn parse_cache(s: &str) -> Result<CachePolicy> {
     match s {
         "none" => Ok(CachePolicy::None),
         "reuse" => Ok(CachePolicy::Reuse),
         "icc" => Ok(CachePolicy::Icc),
-        other => Err(Error::invalid("cache", format!("`{other}`: expected none, reuse or icc"))),
+        "fora" => Ok(CachePolicy::Fora),
+        "taylor" => Ok(CachePolicy::Taylor),
+        other => Err(Error::invalid("cache", format!("`{other}`: expected none, reuse, icc, fora or taylor"))),
+    }
+}
+
+/// The cache mode of a policy by name: icc loads its factors from `factors` (required, and
+/// refused under the other policies); taylor takes `forecast` (its order checked).
+pub fn cache_mode(
+    policy: CachePolicy,
+    factors: Option<&std::path::Path>,
+    forecast: Forecast,
+    model: &DitModel,
+) -> Result<CacheMode> {
+    match (policy, factors) {
+        (CachePolicy::Icc, Some(f)) => Ok(CacheMode::Icc(Arc::new(Factors::load(f, model)?))),
+        (CachePolicy::Icc, None) => {
+            Err(Error::invalid("factors", "cache icc needs a factors file (see `icdit calibrate`)"))
+        }
+        (_, Some(_)) => Err(Error::invalid("factors", "only used with cache icc")),
+        (CachePolicy::None, None) => Ok(CacheMode::None),
+        (CachePolicy::Reuse, None) => Ok(CacheMode::Reuse),
+        (CachePolicy::Fora, None) => Ok(CacheMode::Fora),
+        (CachePolicy::Taylor, None) => {
+            forecast.validate()?;
+            Ok(CacheMode::Taylor(forecast))
+        }
     }
 }
 
@@ -260,17 +289,7 @@ impl Session {
         let rec = recommended(&model)?;
         let sampler = resolve_sampler(o.sampler.as_deref(), &rec, o.eta)?;
         let respacing = resolve_respacing(o.respacing.as_deref(), o.steps, &rec)?;
-        let cache = match (o.cache, &o.factors) {
-            (CachePolicy::None, None) => CacheMode::None,
-            (CachePolicy::Reuse, None) => CacheMode::Reuse,
-            (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
-            (CachePolicy::Icc, None) => {
-                return Err(Error::invalid("factors", "cache icc needs a factors file (see `icdit calibrate`)"))
-            }
-            (CachePolicy::None | CachePolicy::Reuse, Some(_)) => {
-                return Err(Error::invalid("factors", "only used with cache icc"))
-            }
-        };
+        let cache = cache_mode(o.cache, o.factors.as_deref(), o.taylor, &model)?;
         let opts = EngineOptions {
             max_batch: o.max_batch,
             respacing,

@@ -1,5 +1,6 @@
 //! Exactness of the caching policies on a real (fixture) model: period 1 is no caching
-//! bit for bit, full-rank factors make icc equal to full compute, rank 0 is naive reuse.
+//! bit for bit, full-rank factors make icc equal to full compute, rank 0 is naive reuse,
+//! FORA-style block reuse is naive reuse and Taylor order 0 is block reuse, bit for bit.
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use common::{fixture, rel_l2};
 use icdit::factors::{FactorInfo, LayerType};
-use icdit::{CacheMode, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions, Request, Sampler};
+use icdit::{CacheMode, DitModel, Engine, EngineOptions, Factors, Forecast, FullSteps, LoadOptions, Request, Sampler};
 
 fn model() -> Arc<DitModel> {
     Arc::new(DitModel::load(&fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap())
@@ -73,6 +74,39 @@ fn period_one_is_no_caching_bit_for_bit() {
     assert_eq!(sample(&m, CacheMode::Reuse, 1), plain, "reuse, period 1");
     let f = Arc::new(zero_rank_factors(&m));
     assert_eq!(sample(&m, CacheMode::Icc(f), 1), plain, "icc, period 1");
+}
+
+#[test]
+fn period_one_is_no_caching_bit_for_bit_under_fora_and_taylor() {
+    let m = model();
+    let plain = sample(&m, CacheMode::None, 1);
+    assert_eq!(sample(&m, CacheMode::Fora, 1), plain, "fora, period 1");
+    for order in 0..=2 {
+        let taylor = CacheMode::Taylor(Forecast { order, warmup: 2 });
+        assert_eq!(sample(&m, taylor, 1), plain, "taylor order {order}, period 1");
+    }
+}
+
+/// FORA's cached step is our reuse step (attention and MLP branch outputs reused under the
+/// current gates); fora keeps 2 of reuse's 8 slots, and its full step is a plain pass.
+#[test]
+fn fora_is_naive_reuse_and_taylor_order_zero_is_fora() {
+    let m = model();
+    let plain = sample(&m, CacheMode::None, 1);
+    for period in [2, 3] {
+        let fora = sample(&m, CacheMode::Fora, period);
+        assert_eq!(fora, sample(&m, CacheMode::Reuse, period), "fora vs reuse, period {period}");
+        let order0 = sample(&m, CacheMode::Taylor(Forecast { order: 0, warmup: 0 }), period);
+        assert_eq!(order0, fora, "taylor order 0 vs fora, period {period}");
+        let mut errors = vec![("fora", rel_l2(&fora, &plain))];
+        for order in [1, 2] {
+            let t = sample(&m, CacheMode::Taylor(Forecast { order, warmup: 0 }), period);
+            errors.push((["", "taylor 1", "taylor 2"][order], rel_l2(&t, &plain)));
+            assert_ne!(t, fora, "taylor order {order} forecasts, period {period}");
+        }
+        println!("period {period}: relative L2 against full compute {errors:?}");
+        assert!(errors.iter().all(|e| e.1 > 1e-4 && e.1.is_finite()), "{errors:?}");
+    }
 }
 
 #[test]

@@ -431,3 +431,63 @@ fn sample_and_decode_on_the_emulated_gpu_match_the_cpu_images() {
     // f16 sampling then an f16 decode: measured 175 of 3072 values (5.7%) by 1 level.
     assert!(worst <= 2 && n * 10 <= diff.len(), "{n} values differ, worst by {worst}");
 }
+
+/// `cache-report` across policies: one row per setting with quality, MAC and time ratios, the
+/// equalities the policies promise (fora = reuse, taylor order 0 = fora), and the frontier PNG.
+#[test]
+fn cache_report_compares_policies_and_draws_the_frontier() {
+    let plot = tmp("frontier.png");
+    let o = icdit(&[
+        "cache-report",
+        "--weights",
+        &hd72(),
+        "--policies",
+        "none,reuse,fora,taylor",
+        "--periods",
+        "2,3",
+        "--orders",
+        "0,2",
+        "--steps",
+        "6",
+        "--per-class",
+        "1",
+        "--threads",
+        "2",
+        "--json",
+        "--plot",
+        &plot.display().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let json = text.lines().find(|l| l.starts_with('{')).expect("a JSON line");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    // none, then per period reuse, fora and taylor orders 0 and 2.
+    assert_eq!(rows.len(), 1 + 2 * 4, "{json}");
+    let find = |policy: &str, setting: &str| {
+        rows.iter()
+            .find(|r| r["policy"] == policy && r["setting"] == setting)
+            .unwrap_or_else(|| panic!("{policy} {setting}"))
+    };
+    for p in [2, 3] {
+        let (reuse, fora) = (find("reuse", &format!("period {p}")), find("fora", &format!("period {p}")));
+        let order0 = find("taylor", &format!("order 0 period {p} warm-up 2"));
+        let order2 = find("taylor", &format!("order 2 period {p} warm-up 2"));
+        assert_eq!(reuse["rel_l2"], fora["rel_l2"], "fora is reuse");
+        assert!(reuse["rel_l2"].as_f64().unwrap() > 0.0);
+        // Warm-up 2 makes step 1 full too: more MACs than fora, a different sample.
+        assert!(order0["mac_ratio"].as_f64() > fora["mac_ratio"].as_f64());
+        assert_ne!(order0["rel_l2"], order2["rel_l2"]);
+        for r in [reuse, fora, order0, order2] {
+            let t = r["time_ratio"].as_f64().unwrap();
+            assert!(t > 0.0 && t.is_finite(), "{r}");
+        }
+    }
+    assert!(text.contains("| policy | setting | rel. L2 | PSNR dB | MAC ratio | time ratio |"), "{text}");
+    assert!(text.contains("time ≤ 0.35"), "{text}");
+    let (w, h, px) = read_png(&plot);
+    assert_eq!((w, h), (1500, 640));
+    // Text and markers were drawn: dark pixels (glyphs) and the policies' colours.
+    assert!(px.chunks(3).any(|c| c[0] < 60 && c[1] < 60 && c[2] < 60));
+    assert!(px.chunks(3).any(|c| c == [44, 160, 44]), "taylor's green markers");
+}

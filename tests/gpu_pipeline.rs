@@ -313,6 +313,32 @@ fn forward_ratio<D: Device>(model: &Arc<DitModel>, f16: &Arc<DitModel>, open: Op
     gpu_err / f16_err
 }
 
+/// FORA-style block reuse and Taylor forecasting (f32 factors, each step's numbers read on the
+/// device at the step index), order 2 with two warm-up full steps so that forecasts use D₁ and
+/// D₂: one guided image over DDIM 7, period 3 (full steps 0, 3, 6; taylor also 1).
+#[test]
+fn bundled_sampling_matches_cpu_under_fora_and_taylor() {
+    let model = bundled();
+    let rounded = bundled_f16_rounded();
+    let open = EmuDevice::new;
+    let f16 = F16Reference { model: &rounded, forward_ratio: forward_ratio(&model, &rounded, open) };
+    let ddim = EngineOptions {
+        max_batch: 1,
+        respacing: "ddim7".into(),
+        sampler: Sampler::Ddim { eta: 0.0 },
+        cfg_scale: 4.0,
+        threads: 2,
+        full_steps: FullSteps::Period(3),
+        ..Default::default()
+    };
+    for (cache, tag) in [
+        (CacheMode::Fora, "DDIM 7, guided, fora period 3"),
+        (CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 2 }), "DDIM 7, guided, taylor order 2 period 3"),
+    ] {
+        sample_both(&model, &EngineOptions { cache, ..ddim.clone() }, &[3], GUIDED_TOL, tag, &f16, open);
+    }
+}
+
 #[test]
 fn bundled_sampling_matches_cpu_under_every_policy() {
     sampling_policies(EmuDevice::new);

@@ -157,6 +157,31 @@ fn gpu_pipeline_allocates_nothing() {
         assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and calibrated");
         assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
     }
+    // FORA-style block reuse and Taylor forecasting (its per-step numbers read on the device).
+    for cache in [CacheMode::Fora, CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 1 })] {
+        let opts = EngineOptions {
+            max_batch: 2,
+            respacing: "ddim6".into(),
+            sampler: Sampler::Ddim { eta: 0.0 },
+            cfg_scale: 3.0,
+            cache: cache.clone(),
+            full_steps: FullSteps::Period(3),
+            ..Default::default()
+        };
+        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
+        let img = m.config.image_elems();
+        let mut out = vec![0.0; 2 * img];
+        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
+        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
+        let before = ALLOCS.load(Ordering::SeqCst);
+        engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
+        engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
+        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        println!("GPU pipeline (emulated), {cache:?}: {during} host allocations in 2 requests");
+        assert_eq!(during, 0, "the GPU pipeline allocated {during} times under {cache:?}");
+        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and cached");
+        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    }
 }
 
 fn vae_decode_allocates_nothing() {
@@ -244,6 +269,8 @@ fn sample_allocates_nothing_after_the_first_call() {
         (Sampler::Ddim { eta: 0.0 }, CacheMode::None),
         (Sampler::Ddpm, CacheMode::Reuse),
         (Sampler::Ddim { eta: 0.0 }, CacheMode::Icc(factors)),
+        (Sampler::Ddpm, CacheMode::Fora),
+        (Sampler::Ddim { eta: 0.0 }, CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 1 })),
     ];
     for (sampler, cache) in policies {
         let label = format!("{sampler:?} / {cache:?}");

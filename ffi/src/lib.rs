@@ -69,7 +69,7 @@ pub struct IcditOptions {
     pub sampler: *const c_char,
     /// A respacing spec ("ddim50", "250", "10,20") instead of steps; NULL: from steps.
     pub respacing: *const c_char,
-    /// "none" (NULL), "reuse" or "icc".
+    /// "none" (NULL), "reuse", "icc", "fora" or "taylor" (order 2, warm-up 2).
     pub cache: *const c_char,
     /// Float to uint8: "dit" (NULL) or "diffusers".
     pub rounding: *const c_char,

@@ -34,7 +34,7 @@ class Engine:
         sampler: Optional[Literal["ddpm", "ddim"]] = None,
         eta: float = 0.0,
         cfg: Optional[float] = None,
-        cache: Literal["none", "reuse", "icc"] = "none",
+        cache: Literal["none", "reuse", "icc", "fora", "taylor"] = "none",
         period: int = 2,
         full_steps: Optional[Sequence[int]] = None,
         threads: int = 0,

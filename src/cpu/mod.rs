@@ -22,7 +22,7 @@ use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
 use crate::forward::{self, chunk, Act, ModChunk, Norm, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
-use crate::policy;
+use crate::policy::{self, ForecastStep};
 use crate::weights::DitModel;
 use gemm::{BMat, Gemm, Gemmer};
 use pool::{SendPtr, ThreadPool};
@@ -91,8 +91,12 @@ struct ForwardBuffers {
     gemm_scratch: BufId,
     gemm_packed_a: BufId,
     attn_scratch: BufId,
-    /// Per block, the eight cache slots (in `Slot::ALL` order); empty without caching.
-    cache: Vec<[BufId; 8]>,
+    /// Per block, the cache slots the policy keeps (in `Slot::ALL` order; all eight for reuse
+    /// and icc, `proj_y` and `fc2_y` for fora); empty without them.
+    cache: Vec<[Option<BufId>; 8]>,
+    /// Per block, the Taylor factors of the attention and MLP branch outputs:
+    /// (order + 1, rows, N, C) each, D_i at i·rows·N·C; empty unless the policy is taylor.
+    forecast: Vec<[BufId; 2]>,
     /// The rank-r projection (x − x_s)·downᵀ of calibrated steps.
     lowrank: Option<BufId>,
 }
@@ -153,12 +157,27 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         ),
         attn_scratch: p.add("attn_scratch", &[threads, ops::attention_scratch(n, cfg.head_dim())], Dt::F32),
         cache: Vec::new(),
+        forecast: Vec::new(),
         lowrank: None,
     };
     let mut bufs = bufs;
-    if cache.keeps_caches() {
+    let kept = |s: Slot| match cache {
+        CacheMode::None | CacheMode::Taylor(_) => false,
+        CacheMode::Reuse | CacheMode::Icc(_) => true,
+        CacheMode::Fora => matches!(s, Slot::ProjY | Slot::Fc2Y),
+    };
+    if Slot::ALL.iter().any(|&s| kept(s)) {
         bufs.cache = (0..cfg.depth)
-            .map(|i| Slot::ALL.map(|s| p.add(format!("cache.{i}.{}", s.name()), &[rows, n, s.width(cfg)], Dt::F32)))
+            .map(|i| {
+                Slot::ALL.map(|s| {
+                    kept(s).then(|| p.add(format!("cache.{i}.{}", s.name()), &[rows, n, s.width(cfg)], Dt::F32))
+                })
+            })
+            .collect();
+    }
+    if let Some(f) = cache.forecast() {
+        bufs.forecast = (0..cfg.depth)
+            .map(|i| ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, rows, n, c], Dt::F32)))
             .collect();
     }
     if let Some(f) = cache.factors() {
@@ -211,6 +230,8 @@ pub struct CpuEngine {
     cache: CacheMode,
     /// Rows of the last full step, whose activations the caches hold.
     cached_rows: Option<usize>,
+    /// Taylor forecasting's numbers for the next pass ([`CpuEngine::set_forecast_step`]).
+    forecast_step: ForecastStep,
 }
 
 impl CpuEngine {
@@ -249,6 +270,7 @@ impl CpuEngine {
             y: vec![0; max_rows],
             cache: opts.cache.clone(),
             cached_rows: None,
+            forecast_step: ForecastStep::REUSE,
         })
     }
 
@@ -309,11 +331,17 @@ impl CpuEngine {
         let (cfg, eps) = (self.model.config, self.model.mlp_norm_eps);
         forward::conditioning(self, rows);
         forward::forward(self, &cfg, eps, rows, kind);
-        if kind == StepKind::Full {
+        if kind.refreshes_caches() {
             self.cached_rows = Some(rows);
         }
         out.copy_from_slice(&self.slice(self.bufs.image)[..need]);
         Ok(())
+    }
+
+    /// The numbers the next Taylor-full or forecast pass uses (the sampling loop sets each
+    /// step's, [`crate::policy::forecast_step`]); [`ForecastStep::REUSE`] until set.
+    pub fn set_forecast_step(&mut self, step: ForecastStep) {
+        self.forecast_step = step;
     }
 
     /// Rows of the last full step, whose activations the caches hold (`None`: none yet).
@@ -325,7 +353,7 @@ impl CpuEngine {
     /// of the last full step. `None` without caches or before any full step.
     pub fn cache_slot(&self, block: usize, slot: Slot) -> Option<&[f32]> {
         let rows = self.cached_rows?;
-        let id = *self.bufs.cache.get(block)?.get(slot as usize)?;
+        let id = (*self.bufs.cache.get(block)?.get(slot as usize)?)?;
         let len = rows * self.model.config.tokens() * slot.width(&self.model.config);
         Some(&self.slice(id)[..len])
     }
@@ -406,7 +434,11 @@ impl CpuEngine {
             Act::Y => self.bufs.y,
             Act::Mlp => self.bufs.mlp,
             Act::Out => self.bufs.out,
-            Act::Cache(i, slot) => self.bufs.cache[i][slot as usize],
+            Act::Cache(i, slot) => match self.bufs.cache.get(i).and_then(|b| b[slot as usize]) {
+                Some(id) => id,
+                // check_step refuses every kind whose slots the policy did not plan.
+                None => unreachable!("cache slot {} of block {i} is not planned under this policy", slot.name()),
+            },
         }
     }
 

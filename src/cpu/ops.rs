@@ -11,7 +11,7 @@ use super::{math, CacheMode, CpuEngine};
 use crate::config::FREQ_DIM;
 use crate::embed;
 use crate::factors::LayerType;
-use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm};
+use crate::forward::{self, Act, Activation, Branch, ConditioningOps, DitOps, Linear, ModChunk, Norm};
 
 /// f32 elements of attention scratch one thread needs: the N×N scores, packed vᵀ and Oᵀ.
 pub(super) fn attention_scratch(n: usize, d: usize) -> usize {
@@ -427,6 +427,56 @@ impl DitOps for CpuEngine {
                     )
                 };
                 math::gated_add(isa, xr, gr, sr);
+            }
+        });
+    }
+
+    fn forecast_update(&mut self, block: usize, branch: Branch, src: Act, rows: usize) {
+        let step = self.forecast_step;
+        let (d, total) = self.ptr(self.bufs.forecast[block][branch as usize]);
+        let (y, _) = self.ptr(self.act_buf(src));
+        let cfg = &self.model.config;
+        let (stride, len) = (self.max_rows * cfg.tokens() * cfg.hidden_size, rows * cfg.tokens() * cfg.hidden_size);
+        let levels = total / stride;
+        self.par(len, |range| {
+            for e in range {
+                // SAFETY: each element index is this job's own in every factor; y is read-only.
+                unsafe {
+                    let mut new = *y.get().add(e);
+                    for i in 0..levels {
+                        let di = d.get().add(i * stride + e);
+                        if i <= step.orders {
+                            let old = *di;
+                            *di = new;
+                            new = (new - old) / step.delta;
+                        } else {
+                            *di = 0.0;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn forecast(&mut self, block: usize, branch: Branch, dst: Act, rows: usize) {
+        let w = self.forecast_step.weights;
+        let (d, total) = self.ptr(self.bufs.forecast[block][branch as usize]);
+        let (out, _) = self.ptr(self.act_buf(dst));
+        let cfg = &self.model.config;
+        let (stride, len) = (self.max_rows * cfg.tokens() * cfg.hidden_size, rows * cfg.tokens() * cfg.hidden_size);
+        // Only the leading terms with a weight: order 0 (or a forecast with one full step
+        // behind it) is D₀ itself, bit for bit.
+        let terms = (total / stride).min(w.iter().take_while(|&&x| x != 0.0).count());
+        self.par(len, |range| {
+            for e in range {
+                // SAFETY: each element index is this job's own in dst; the factors are read-only.
+                unsafe {
+                    let mut acc = w[0] * *d.get().add(e);
+                    for (i, &wi) in w.iter().enumerate().take(terms).skip(1) {
+                        acc += wi * *d.get().add(i * stride + e);
+                    }
+                    *out.get().add(e) = acc;
+                }
             }
         });
     }

@@ -5,7 +5,7 @@
 //! if one is.
 
 use super::CpuEngine;
-use crate::forward::{self, Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, StepKind};
+use crate::forward::{self, Act, Activation, Branch, ConditioningOps, DitOps, Linear, ModChunk, Norm, StepKind};
 
 /// Where non-finite values first appeared.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,6 +154,15 @@ impl DitOps for Probe<'_> {
         self.engine.gated_residual(src, gate, rows);
         self.check_act(Act::X, rows, "gated residual");
     }
+    fn forecast_update(&mut self, block: usize, branch: Branch, src: Act, rows: usize) {
+        self.enter(Some(block));
+        self.engine.forecast_update(block, branch, src, rows);
+    }
+    fn forecast(&mut self, block: usize, branch: Branch, dst: Act, rows: usize) {
+        self.enter(Some(block));
+        self.engine.forecast(block, branch, dst, rows);
+        self.check_act(dst, rows, "Taylor forecast of a branch output");
+    }
     fn unpatchify(&mut self, rows: usize) {
         self.engine.unpatchify(rows);
         let len = rows * self.engine.model.config.output_elems();
@@ -164,7 +173,8 @@ impl DitOps for Probe<'_> {
 impl CpuEngine {
     /// Runs the forward pass on the inputs staged by the last call again, checking every
     /// op's output, and says where NaN or Inf first appeared (`None` if the pass is
-    /// finite this time). A full step writes the same caches again; calibrated and reuse
+    /// finite this time). A full step writes the same caches again (a Taylor-full step updates
+    /// its factors again: the request fails anyway); calibrated and reuse
     /// steps only read them. Allocates (it runs only after a failure).
     pub fn locate_non_finite(&mut self, rows: usize, kind: StepKind) -> Option<NonFiniteAt> {
         let cfg = self.model.config;

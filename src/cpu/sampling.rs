@@ -13,7 +13,7 @@ use crate::forward::StepKind;
 use crate::limits::MemoryNeed;
 use crate::noise;
 use crate::plan::{Arena, BufId, Dt, Plan};
-use crate::policy::IccForm;
+use crate::policy::{self, IccForm};
 use crate::weights::DitModel;
 
 /// The sampler state's buffers in the sampler arena.
@@ -270,6 +270,9 @@ impl SamplingBackend for CpuBackend {
                     std::slice::from_raw_parts_mut(self.arena.f32_ptr(pout), rows * cfg.output_elems()),
                 )
             };
+            if let Some(f) = self.opts.cache.forecast() {
+                self.forward.set_forecast_step(policy::forecast_step(&self.opts.full_steps, f, index));
+            }
             self.forward.forward_step(min, &self.t[..rows], &self.y[..rows], mout, kind)?;
             if self.opts.check_finite && mout.iter().any(|v| !v.is_finite()) {
                 let (location, cause) = match self.forward.locate_non_finite(rows, kind) {

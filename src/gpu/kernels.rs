@@ -98,6 +98,12 @@ kernels! {
         gated_residual_add_f32_stream(x: DevPtr<f32>, y: DevPtr<f16>, gate: DevPtr<f16>, rows: i32,
             tokens: i32, channels: i32, gate_stride: i32);
     }
+    "forecast" => {
+        forecast_update_f32(factors: DevPtr<f32>, y: DevPtr<f16>, table: DevPtr<f32>,
+            state: DevPtr<i32>, n: i32, stride: i32, levels: i32, steps: i32);
+        forecast_f16(y: DevPtr<f16>, factors: DevPtr<f32>, table: DevPtr<f32>,
+            state: DevPtr<i32>, n: i32, stride: i32, levels: i32, steps: i32);
+    }
     "attention" => {
         attention_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
     }

@@ -13,8 +13,10 @@ pub use lowrank::*;
 mod embed;
 mod vae;
 pub use vae::*;
+mod forecast;
 mod sampler;
 pub use embed::*;
+pub use forecast::*;
 pub use sampler::*;
 
 fn invalid(kernel: &str, reason: String) -> Error {

@@ -134,7 +134,13 @@ pub(super) fn settings(
     let cache = opts.cache.policy().name();
     let (factors, factors_src, full_steps) = match &opts.cache {
         CacheMode::None => (Value::Null, Value::Null, Value::Null),
-        CacheMode::Reuse => (Value::Null, Value::Null, full_steps_value(&opts.full_steps)),
+        CacheMode::Reuse | CacheMode::Fora => (Value::Null, Value::Null, full_steps_value(&opts.full_steps)),
+        // The order and warm-up change the pixels: they go with the full steps.
+        CacheMode::Taylor(f) => (
+            Value::Null,
+            Value::Null,
+            json!({"full_steps": full_steps_value(&opts.full_steps), "taylor_order": f.order, "taylor_warmup": f.warmup}),
+        ),
         CacheMode::Icc(f) => (
             json!(file_fingerprint(&f.source)?),
             json!(f.source.display().to_string()),

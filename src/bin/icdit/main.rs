@@ -26,6 +26,7 @@ mod merge;
 mod model_args;
 mod output;
 mod pixart;
+mod plot;
 mod report;
 mod sample;
 mod shard;
@@ -65,8 +66,9 @@ enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Decode latents (from `sample --out-latents`) to images with a VAE.
     Decode(decode::DecodeArgs),
-    /// Measure what caching costs in sample quality: reuse vs icc (SVD, CA-SVD) at several
-    /// ranks and periods, against full compute.
+    /// Measure what caching costs and saves: every policy (reuse, icc with SVD / CA-SVD
+    /// factors, fora, taylor) at several periods, ranks and orders against full compute —
+    /// quality, MAC ratio and wall-clock ratio; optionally the quality–time frontier as a PNG.
     CacheReport(report::ReportArgs),
     /// Join the shards of a `sample --num-images` run into one FID `.npz` (uint8 NHWC `arr_0`).
     Merge(merge::MergeArgs),
@@ -139,7 +141,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     warmup: usize,
     /// Step kind: `plain` (no caches), `full` (refreshes the caches), `calibrated`
-    /// (increment-calibrated, random factors of --rank) or `reuse` (naive caching).
+    /// (increment-calibrated, random factors of --rank), `reuse` (naive caching), or fora's and
+    /// taylor's `branch-full`, `taylor-full` and `forecast` (order 2, three terms).
     #[arg(long, value_enum, default_value_t = StepKind::Plain)]
     step: StepKind,
     /// Factor rank for `--step calibrated`.
@@ -312,8 +315,11 @@ fn bench_forward(args: BenchArgs) -> Result<(), Error> {
     let cache = match kind {
         StepKind::Plain => CacheMode::None,
         StepKind::Calibrated => CacheMode::Icc(Arc::new(icdit::Factors::random(&model, args.rank, 1)?)),
-        _ => CacheMode::Reuse,
+        StepKind::BranchFull => CacheMode::Fora,
+        StepKind::TaylorFull | StepKind::Forecast => CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 0 }),
+        StepKind::Full | StepKind::Reuse => CacheMode::Reuse,
     };
+    let fill = cache.full_kind();
     let ranks = cache.factors().map_or_else(Vec::new, |f| f.ranks());
     let mut engine = CpuEngine::new(
         Arc::clone(&model),
@@ -324,8 +330,10 @@ fn bench_forward(args: BenchArgs) -> Result<(), Error> {
     let y: Vec<i64> = (0..rows).map(|r| (r % cfg.label_rows()) as i64).collect();
     let mut out = vec![0.0f32; rows * cfg.output_elems()];
     if kind != StepKind::Plain {
-        engine.forward_step(&x, &t, &y, &mut out, StepKind::Full)?; // fills the caches
+        engine.forward_step(&x, &t, &y, &mut out, fill)?; // fills the caches
     }
+    // Taylor steps as in a sampling run with a full history: order 2, Δ = 1, k = 1.
+    engine.set_forecast_step(icdit::policy::ForecastStep { orders: 2, delta: 1.0, weights: [1.0, 1.0, 0.5] });
     for _ in 0..args.warmup {
         engine.forward_step(&x, &t, &y, &mut out, kind)?;
     }

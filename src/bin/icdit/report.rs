@@ -1,17 +1,20 @@
-//! `icdit cache-report`: what caching costs in sample quality on a model. Samples a fixed
-//! request at full compute, then under naive reuse and under increment-calibrated caching
-//! with SVD and self-calibrated CA-SVD factors at several ranks and periods, and reports
-//! each policy's error against the full-compute samples and its compute ratio.
+//! `icdit cache-report`: what each caching policy costs in sample quality and what it saves in
+//! compute and time on a model. Samples a fixed request at full compute, then under every
+//! asked policy and setting (periods; icc's factor methods and ranks; taylor's orders), and
+//! reports each one's error against the full-compute samples (relative L2, PSNR), its MAC
+//! ratio (src/cost.rs) and its wall-clock ratio (sampling time against the full-compute run,
+//! measured in the same run on the same backend); Markdown, JSON and a frontier plot.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
+use icdit::backend::Backend;
 use icdit::calibrate::{self, Method};
 use icdit::engine::EngineOptions;
-use icdit::quality::{psnr, rel_l2, sample_set};
-use icdit::{CacheMode, CachePolicy, Error, FullSteps};
+use icdit::quality::{psnr, rel_l2, sample_set_timed};
+use icdit::{CacheMode, CachePolicy, Error, Forecast, FullSteps};
 
 use crate::model_args::ModelArgs;
 
@@ -22,15 +25,25 @@ pub struct ReportArgs {
     weights: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
-    /// Factor ranks to compare (uniform over the six layer types).
+    /// Policies to compare: `none` (full compute, the reference; always sampled), `reuse`,
+    /// `icc`, `fora`, `taylor` (docs/caching-policies.md).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "reuse,icc")]
+    policies: Vec<CachePolicy>,
+    /// icc: factor ranks to compare (uniform over the six layer types).
     #[arg(long, value_delimiter = ',', default_value = "4,8,16,32,64")]
     ranks: Vec<usize>,
-    /// Cache periods to compare (every N-th step full).
+    /// Cache periods (full-step intervals) to compare: every N-th step full.
     #[arg(long, value_delimiter = ',', default_value = "2,3,5")]
     periods: Vec<usize>,
-    /// Factor methods: `svd`, `ca-svd`.
+    /// icc: factor methods, `svd`, `ca-svd`.
     #[arg(long, value_delimiter = ',', default_value = "svd,ca-svd")]
     methods: Vec<String>,
+    /// taylor: orders to compare (0, 1, 2; 0 is fora's block reuse).
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    orders: Vec<usize>,
+    /// taylor: warm-up full steps (the first N steps full, besides every period's).
+    #[arg(long, default_value_t = Forecast::CLI_DEFAULT.warmup)]
+    taylor_warmup: usize,
     /// Samples the model draws itself for CA-SVD's statistics.
     #[arg(long, default_value_t = 64)]
     calib_self: usize,
@@ -46,24 +59,45 @@ pub struct ReportArgs {
     sampler: String,
     #[arg(long, default_value_t = 4.0)]
     cfg: f32,
+    /// Where sampling runs (and is timed): `cpu`, `cuda` (the GPU pipeline; a build with the
+    /// `cuda` feature) or `emu` (the pipeline on its CPU emulation: correct, not fast).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
-    /// Also write the table as Markdown to this file.
+    /// Sample every setting (and the timed full-compute run) this many times and keep the
+    /// fastest: a machine shared with other jobs slows some runs down, never speeds one up.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
+    /// Also write the tables as Markdown to this file.
     #[arg(long)]
     out_md: Option<PathBuf>,
     /// Print the results as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Draw the quality–cost frontier into this PNG: PSNR against the time ratio (left panel)
+    /// and against the MAC ratio (right panel), one marker series per policy, points labelled
+    /// with their settings.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
-struct Row {
-    policy: String,
-    period: usize,
-    rel_l2: f64,
-    psnr: f64,
-    ratio: f64,
+/// One policy at one setting, measured against full compute.
+pub(crate) struct Row {
+    pub(crate) policy: CachePolicy,
+    /// The setting without the policy's name: "period 3", "svd r16 period 3", "order 2 period 3".
+    pub(crate) setting: String,
+    pub(crate) period: usize,
+    pub(crate) rel_l2: f64,
+    pub(crate) psnr: f64,
+    pub(crate) mac_ratio: f64,
+    pub(crate) time_ratio: f64,
+    pub(crate) seconds: f64,
 }
+
+/// Time-ratio budgets of the summary table (issue 24's targets).
+const BUDGETS: [f64; 2] = [0.5, 0.35];
 
 pub fn run(args: ReportArgs) -> Result<(), Error> {
     let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
@@ -71,8 +105,12 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     let cfg = model.config;
     let start = Instant::now();
     let sampler = icdit::session::parse_sampler(&args.sampler, 0.0)?;
+    let backend: Backend = args.backend.parse()?;
     if args.steps == 0 || args.per_class == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
         return Err(Error::invalid("cache-report", "steps, per-class and ranks must be ≥ 1 and periods ≥ 2"));
+    }
+    for &order in &args.orders {
+        Forecast { order, warmup: args.taylor_warmup }.validate()?;
     }
     let methods: Vec<Method> = args
         .methods
@@ -100,63 +138,126 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
         threads: args.threads,
         ..Default::default()
     };
-    let (reference, _) = sample_set(&model, &base, &classes, args.seed)?;
-    eprintln!("reference: {} images, {} steps, full compute", classes.len(), args.steps);
+    // The fastest of `repeats` runs of a setting (their samples are identical).
+    let timed = |opts: &EngineOptions| -> Result<icdit::quality::SampleSet, Error> {
+        let mut best = sample_set_timed(&model, opts, &classes, args.seed, backend)?;
+        for _ in 1..args.repeats.max(1) {
+            best.seconds = best.seconds.min(sample_set_timed(&model, opts, &classes, args.seed, backend)?.seconds);
+        }
+        Ok(best)
+    };
+    // Full compute first as the reference, which also warms the caches and pages; then timed.
+    let reference = sample_set_timed(&model, &base, &classes, args.seed, backend)?.samples;
+    let full_seconds = timed(&base)?.seconds;
+    eprintln!("reference: {} images, {} steps, full compute: {full_seconds:.2} s", classes.len(), args.steps);
 
-    // Per method, the calibration statistics once; factors per rank.
+    // icc: per method the calibration statistics once, factors per rank.
     let threads =
         if args.threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { args.threads };
     let mut factor_sets = Vec::new();
-    for &m in &methods {
-        let vectors = if m == Method::Svd {
-            None
-        } else {
-            let set = calibrate::self_calibration_set(&model, args.calib_self, args.seed, threads, m, &mut |_| {})?;
-            let stats = calibrate::collect_stats(&model, &set, 16, threads, m, &mut |_, _| {})?;
-            Some(calibrate::weight_vectors(&stats, cfg.hidden_size))
-        };
-        for &r in &args.ranks {
-            let ranks = [r.min(cfg.hidden_size); 6];
-            let (layers, report) = calibrate::compute_factors(&model, ranks, vectors.as_deref(), threads, &|_, _| {})?;
-            let settings = serde_json::json!({ "calib_self": args.calib_self, "seed": args.seed });
-            let f = calibrate::build_factors(&model, m, ranks, layers, &report, settings)?;
-            factor_sets.push((format!("{} {} r{r}", CachePolicy::Icc.name(), method_name(m)), Arc::new(f)));
+    if args.policies.contains(&CachePolicy::Icc) {
+        for &m in &methods {
+            let vectors = if m == Method::Svd {
+                None
+            } else {
+                let set = calibrate::self_calibration_set(&model, args.calib_self, args.seed, threads, m, &mut |_| {})?;
+                let stats = calibrate::collect_stats(&model, &set, 16, threads, m, &mut |_, _| {})?;
+                Some(calibrate::weight_vectors(&stats, cfg.hidden_size))
+            };
+            for &r in &args.ranks {
+                let ranks = [r.min(cfg.hidden_size); 6];
+                let (layers, report) =
+                    calibrate::compute_factors(&model, ranks, vectors.as_deref(), threads, &|_, _| {})?;
+                let settings = serde_json::json!({ "calib_self": args.calib_self, "seed": args.seed });
+                let f = calibrate::build_factors(&model, m, ranks, layers, &report, settings)?;
+                factor_sets.push((format!("{} r{r}", method_name(m)), Arc::new(f)));
+            }
+            eprintln!("factors: {} at ranks {:?}", method_name(m), args.ranks);
         }
-        eprintln!("factors: {} at ranks {:?}", method_name(m), args.ranks);
     }
 
     let mut rows = Vec::new();
+    if args.policies.contains(&CachePolicy::None) {
+        rows.push(Row {
+            policy: CachePolicy::None,
+            setting: "full compute".into(),
+            period: 1,
+            rel_l2: 0.0,
+            psnr: f64::INFINITY,
+            mac_ratio: 1.0,
+            time_ratio: 1.0,
+            seconds: full_seconds,
+        });
+    }
     for &period in &args.periods {
-        let reuse = format!("{} (naive caching)", CachePolicy::Reuse.name());
-        let mut policies: Vec<(String, CacheMode)> = vec![(reuse, CacheMode::Reuse)];
-        policies.extend(factor_sets.iter().map(|(n, f)| (n.clone(), CacheMode::Icc(Arc::clone(f)))));
-        for (name, cache) in policies {
+        let mut settings: Vec<(CachePolicy, String, CacheMode)> = Vec::new();
+        for &policy in &args.policies {
+            match policy {
+                CachePolicy::None => {}
+                CachePolicy::Reuse => settings.push((policy, format!("period {period}"), CacheMode::Reuse)),
+                CachePolicy::Fora => settings.push((policy, format!("period {period}"), CacheMode::Fora)),
+                CachePolicy::Icc => settings.extend(
+                    factor_sets
+                        .iter()
+                        .map(|(n, f)| (policy, format!("{n} period {period}"), CacheMode::Icc(Arc::clone(f)))),
+                ),
+                CachePolicy::Taylor => settings.extend(args.orders.iter().map(|&order| {
+                    let f = Forecast { order, warmup: args.taylor_warmup };
+                    let warm = if f.warmup > 0 { format!(" warm-up {}", f.warmup) } else { String::new() };
+                    (policy, format!("order {order} period {period}{warm}"), CacheMode::Taylor(f))
+                })),
+            }
+        }
+        for (policy, setting, cache) in settings {
             let opts = EngineOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() };
-            let (samples, ratio) = sample_set(&model, &opts, &classes, args.seed)?;
+            let set = timed(&opts)?;
             rows.push(Row {
-                policy: name,
+                policy,
+                setting,
                 period,
-                rel_l2: rel_l2(&samples, &reference),
-                psnr: psnr(&samples, &reference),
-                ratio,
+                rel_l2: rel_l2(&set.samples, &reference),
+                psnr: psnr(&set.samples, &reference),
+                mac_ratio: set.mac_ratio,
+                time_ratio: set.seconds / full_seconds,
+                seconds: set.seconds,
             });
         }
         eprintln!("period {period} done");
     }
-    let md = markdown(&rows, &args.periods);
+    let title = format!(
+        "{} images, {} {} steps, cfg {}, {} backend, full compute {full_seconds:.2} s{}",
+        classes.len(),
+        args.steps,
+        args.sampler,
+        args.cfg,
+        backend.name(),
+        if args.repeats > 1 { format!(" (fastest of {})", args.repeats) } else { String::new() }
+    );
+    let md = markdown(&rows, &args.policies, &title);
     outln!("{md}");
     if let Some(path) = &args.out_md {
         icdit::atomic_write(path, md.as_bytes())?;
     }
+    if let Some(path) = &args.plot {
+        crate::plot::frontier(path, &rows, &title)?;
+        eprintln!("wrote {}", path.display());
+    }
     if args.json {
         let v: Vec<_> = rows
             .iter()
-            .map(|r| serde_json::json!({"policy": r.policy, "period": r.period, "rel_l2": r.rel_l2, "psnr_db": r.psnr, "compute_ratio": r.ratio}))
+            .map(|r| {
+                serde_json::json!({"policy": r.policy.name(), "setting": r.setting, "period": r.period,
+                    "rel_l2": r.rel_l2, "psnr_db": if r.psnr.is_finite() { serde_json::json!(r.psnr) } else { serde_json::Value::Null },
+                    "mac_ratio": r.mac_ratio, "time_ratio": r.time_ratio, "seconds": r.seconds})
+            })
             .collect();
         outln!(
             "{}",
             serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": args.steps,
-                "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, "calib_self": args.calib_self, "results": v})
+                "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, "calib_self": args.calib_self,
+                "backend": backend.name(), "full_compute_seconds": full_seconds, "taylor_warmup": args.taylor_warmup,
+                "repeats": args.repeats,
+                "results": v})
         );
     }
     eprintln!("cache report in {:.1} s", start.elapsed().as_secs_f64());
@@ -171,27 +272,36 @@ fn method_name(m: Method) -> &'static str {
     }
 }
 
-/// One row per policy, one column group per period: relative L2, PSNR, compute ratio.
-fn markdown(rows: &[Row], periods: &[usize]) -> String {
-    let mut s = String::from("| policy |");
-    for p in periods {
-        s.push_str(&format!(" period {p}: rel. L2 | PSNR dB | compute |"));
+/// One row per policy and setting; then, per policy, the best PSNR within each time budget.
+fn markdown(rows: &[Row], policies: &[CachePolicy], title: &str) -> String {
+    let mut s = format!("{title}\n\n| policy | setting | rel. L2 | PSNR dB | MAC ratio | time ratio |\n");
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.4} | {:.2} | {:.3} | {:.3} |\n",
+            r.policy.name(),
+            r.setting,
+            r.rel_l2,
+            r.psnr,
+            r.mac_ratio,
+            r.time_ratio
+        ));
+    }
+    s.push_str("\nBest PSNR (dB) within a time budget (time ratio against full compute):\n\n| policy |");
+    for b in BUDGETS {
+        s.push_str(&format!(" time ≤ {b} |"));
     }
     s.push_str("\n| --- |");
-    s.push_str(&" ---: | ---: | ---: |".repeat(periods.len()));
+    s.push_str(&" ---: |".repeat(BUDGETS.len()));
     s.push('\n');
-    let mut names: Vec<&str> = Vec::new();
-    for r in rows {
-        if !names.contains(&r.policy.as_str()) {
-            names.push(&r.policy);
-        }
-    }
-    for name in names {
-        s.push_str(&format!("| {name} |"));
-        for &p in periods {
-            match rows.iter().find(|r| r.policy == name && r.period == p) {
-                Some(r) => s.push_str(&format!(" {:.4} | {:.2} | {:.3} |", r.rel_l2, r.psnr, r.ratio)),
-                None => s.push_str(" | | |"),
+    for &p in policies.iter().filter(|&&p| p != CachePolicy::None) {
+        s.push_str(&format!("| {} |", p.name()));
+        for b in BUDGETS {
+            let best =
+                rows.iter().filter(|r| r.policy == p && r.time_ratio <= b).max_by(|a, b| a.psnr.total_cmp(&b.psnr));
+            match best {
+                Some(r) => s.push_str(&format!(" {:.2} ({}, {:.3}) |", r.psnr, r.setting, r.time_ratio)),
+                None => s.push_str(" — |"),
             }
         }
         s.push('\n');

@@ -11,7 +11,7 @@ use icdit::engine::{EngineOptions, GuidedChannels, Request};
 use icdit::forward::StepKind;
 use icdit::tensorfile::write_safetensors;
 use icdit::vae::{VaeDecoder, VaeModel};
-use icdit::{CacheMode, CachePolicy, DitModel, Error, Factors, FullSteps, IccForm, SampleSpace};
+use icdit::{CacheMode, CachePolicy, DitModel, Error, Forecast, FullSteps, IccForm, SampleSpace};
 
 use crate::model_args::ModelArgs;
 use crate::output::ImageOut;
@@ -88,9 +88,17 @@ pub struct SampleArgs {
     /// `step_noise` f32 [steps, B, C, H, W].
     #[arg(long)]
     noise: Option<PathBuf>,
-    /// Caching: `none`, `reuse` (naive caching) or `icc` (increment-calibrated, needs --factors).
+    /// Caching: `none`, `reuse` (naive caching), `icc` (increment-calibrated, needs --factors),
+    /// `fora` (block-output reuse) or `taylor` (Taylor forecasting of the block outputs); see
+    /// docs/caching-policies.md.
     #[arg(long, value_enum, default_value_t = CachePolicy::None)]
     cache: CachePolicy,
+    /// `--cache taylor`: the expansion's order (0, 1 or 2; 0 is block-output reuse).
+    #[arg(long, default_value_t = Forecast::CLI_DEFAULT.order)]
+    taylor_order: usize,
+    /// `--cache taylor`: the first N steps are full, besides the --period/--full-steps ones.
+    #[arg(long, default_value_t = Forecast::CLI_DEFAULT.warmup)]
+    taylor_warmup: usize,
     /// Under caching, every N-th step (counted from the first) is a full step.
     #[arg(long, default_value_t = 2, conflicts_with = "full_steps")]
     period: usize,
@@ -106,8 +114,9 @@ pub struct SampleArgs {
     /// pipeline only); `auto`, direct on the CPU and projected on the GPU.
     #[arg(long, value_enum, default_value_t = IccForm::Auto)]
     icc_form: IccForm,
-    /// Sample the same request under several cache policies (`none`, `reuse`, `icc`; icc
-    /// uses --factors) and write one grid row per policy, as the paper's comparison figures.
+    /// Sample the same request under several cache policies (`none`, `reuse`, `icc`, `fora`,
+    /// `taylor`; icc uses --factors, taylor --taylor-order/--taylor-warmup) and write one grid
+    /// row per policy, as the paper's comparison figures.
     #[arg(long, value_enum, value_delimiter = ',')]
     compare: Vec<CachePolicy>,
     /// Images per engine call.
@@ -183,18 +192,17 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
     } else {
         args.batch.clamp(1, classes.len())
     };
+    let forecast = Forecast { order: args.taylor_order, warmup: args.taylor_warmup };
     let cache = match (args.cache, &args.factors) {
         // --compare names its own policies and reads --factors itself.
         (CachePolicy::None, Some(_)) if !args.compare.is_empty() => CacheMode::None,
-        (CachePolicy::None, None) => CacheMode::None,
-        (CachePolicy::Reuse, None) => CacheMode::Reuse,
-        (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, &model)?)),
         (CachePolicy::Icc, None) => {
             return Err(Error::invalid("--cache icc", "needs --factors FILE (see `icdit calibrate`)"))
         }
-        (CachePolicy::None | CachePolicy::Reuse, Some(_)) => {
+        (CachePolicy::None | CachePolicy::Reuse | CachePolicy::Fora | CachePolicy::Taylor, Some(_)) => {
             return Err(Error::invalid("--factors", "only used with --cache icc"))
         }
+        (policy, factors) => icdit::session::cache_mode(policy, factors.as_deref(), forecast, &model)?,
     };
     let full_steps = if args.full_steps.is_empty() {
         FullSteps::Period(args.period)
@@ -529,13 +537,13 @@ fn compare(
     let start = Instant::now();
     let mut rows: Vec<(CachePolicy, Vec<f32>, f64)> = Vec::new();
     for &policy in &args.compare {
+        let forecast = Forecast { order: args.taylor_order, warmup: args.taylor_warmup };
         let cache = match (policy, &args.factors) {
-            (CachePolicy::None, _) => CacheMode::None,
-            (CachePolicy::Reuse, _) => CacheMode::Reuse,
-            (CachePolicy::Icc, Some(f)) => CacheMode::Icc(Arc::new(Factors::load(f, model)?)),
             (CachePolicy::Icc, None) => {
                 return Err(Error::invalid("--compare icc", "needs --factors FILE (see `icdit calibrate`)"))
             }
+            (CachePolicy::Icc, f) => icdit::session::cache_mode(policy, f.as_deref(), forecast, model)?,
+            (_, _) => icdit::session::cache_mode(policy, None, forecast, model)?,
         };
         let o = EngineOptions { cache, ..opts.clone() };
         let (samples, ratio) = icdit::quality::sample_set_on(model, &o, classes, args.seed, args.backend.parse()?)?;

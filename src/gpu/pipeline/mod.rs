@@ -115,9 +115,8 @@ impl<D: Device> GpuBackend<D> {
         opts.cache.check_depth(cfg.depth)?;
         let factors = opts.cache.factors().cloned();
         let max_rows = opts.model_rows(opts.max_batch);
-        let caching = opts.cache.keeps_caches();
         let icc = IccLayout::resolve(&cfg, opts, factors.as_deref())?;
-        let (mut plan, buffers) = plan::plan(&cfg, max_rows, schedule.len(), factors.as_deref(), caching, icc);
+        let (mut plan, buffers) = plan::plan(&cfg, max_rows, schedule.len(), factors.as_deref(), &opts.cache, icc);
         plan.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
         // Kernels index within one buffer with 32-bit ints (the arena itself may be larger).
         if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
@@ -196,8 +195,8 @@ impl<D: Device> GpuBackend<D> {
         let g = find(kind).ok_or_else(|| {
             Error::invalid("time step", format!("{kind:?} steps are not part of this engine's cache policy"))
         })?;
-        let full = find(StepKind::Full);
-        let needs_full = matches!(kind, StepKind::Calibrated | StepKind::Reuse);
+        let full = find(self.opts.cache.full_kind());
+        let needs_full = matches!(kind, StepKind::Calibrated | StepKind::Reuse | StepKind::Forecast);
         let room = if needs_full { steps - 1 } else { steps }.max(1);
         self.upload_request(n, rows, |r| (r % cfg.num_classes) as i32, 0, 0)?;
         let b = &self.buffers;
@@ -414,7 +413,7 @@ impl<D: Device> GpuBackend<D> {
         if let Some(e) = err {
             return Err(e);
         }
-        if kind == StepKind::Full {
+        if kind.refreshes_caches() {
             self.cached_rows = Some(rows);
         }
         Ok(block)
@@ -471,6 +470,14 @@ impl<D: Device> GpuBackend<D> {
             self.labels_host[r] = y[r] as i32;
         }
         self.check_kind(kind, rows)?;
+        if matches!(kind, StepKind::TaylorFull | StepKind::Forecast) {
+            return Err(Error::invalid(
+                "step kind",
+                format!(
+                    "{kind} steps take their numbers from the sampling step index: the GPU pipeline runs them only inside a sampling request"
+                ),
+            ));
+        }
         let b = &self.buffers;
         self.dev.upload(self.slice::<f32>(b.latents)?.sub(0, x.len())?, x)?;
         self.dev.upload(self.slice::<f32>(b.t_all)?.sub(0, rows)?, &self.t_host[..rows])?;
@@ -536,7 +543,7 @@ impl<D: Device> SamplingBackend for GpuBackend<D> {
         match self.graphs.iter().find(|g| g.0 == kind).filter(|_| full_size) {
             Some((_, graph)) => {
                 self.dev.launch_graph(graph)?;
-                if kind == StepKind::Full {
+                if kind.refreshes_caches() {
                     self.cached_rows = Some(rows);
                 }
             }

@@ -7,7 +7,7 @@ use super::plan::mod_width;
 use super::GpuBackend;
 use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
-use crate::forward::{Act, Activation, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
+use crate::forward::{Act, Activation, Branch, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
 use crate::gpu::launch::{self, GemmAct, GemmAlso, GemmOut, GemmSpec, LowRankSpec};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
@@ -341,9 +341,9 @@ impl<D: Device> Pass<'_, D> {
     }
 
     /// The buffer an activation lives in.
-    fn act_id(&self, a: Act) -> BufId {
+    fn act_id(&self, a: Act) -> Result<BufId> {
         let b = &self.pipeline.buffers;
-        match a {
+        Ok(match a {
             Act::X => b.x,
             Act::H => b.h,
             Act::Qkv => b.qkv,
@@ -351,13 +351,37 @@ impl<D: Device> Pass<'_, D> {
             Act::Y => b.y,
             Act::Mlp => b.mlp,
             Act::Out => b.out,
-            Act::Cache(i, slot) => b.cache[i][slot as usize],
-        }
+            Act::Cache(i, slot) => b.cache.get(i).and_then(|s| s[slot as usize]).ok_or_else(|| {
+                Error::invalid("GPU pipeline", format!("cache slot {} of block {i} is not planned", slot.name()))
+            })?,
+        })
     }
 
     /// An activation's buffer, as f16 elements.
     fn act_slice(&self, a: Act) -> Result<DevSlice<f16>> {
-        self.pipeline.slice(self.act_id(a))
+        self.pipeline.slice(self.act_id(a)?)
+    }
+
+    /// One branch's Taylor factors, their stride, levels and the elements of `rows` rows.
+    fn forecast_args(&self, block: usize, branch: Branch, rows: usize) -> Result<(DevSlice<f32>, i32, i32, i32)> {
+        let cfg = &self.pipeline.model.config;
+        let b = &self.pipeline.buffers;
+        let id =
+            b.forecast.get(block).map(|f| f[branch as usize]).ok_or_else(|| {
+                Error::invalid("GPU pipeline", "no Taylor factors planned (cache policy taylor only)")
+            })?;
+        let stride = self.pipeline.max_rows * cfg.tokens() * cfg.hidden_size;
+        let factors = self.pipeline.slice::<f32>(id)?;
+        let levels = factors.len() / stride;
+        Ok((factors, stride as i32, levels as i32, (rows * cfg.tokens() * cfg.hidden_size) as i32))
+    }
+
+    /// The forecast table and the request state.
+    fn forecast_table(&self) -> Result<(DevSlice<f32>, DevSlice<i32>)> {
+        let b = &self.pipeline.buffers;
+        let table =
+            b.forecast_table.ok_or_else(|| Error::invalid("GPU pipeline", "no Taylor forecast table planned"))?;
+        Ok((self.pipeline.slice(table)?, self.pipeline.slice(b.state)?))
     }
 
     /// (weight, bias, out, in) of a linear layer.
@@ -560,6 +584,34 @@ impl<D: Device> DitOps for Pass<'_, D> {
                 cfg.hidden_size as i32,
                 mod_width(cfg) as i32,
             )
+        });
+    }
+
+    fn forecast_update(&mut self, block: usize, branch: Branch, src: Act, rows: usize) {
+        self.run("Taylor factor update", Some(block), |p| {
+            let (factors, stride, levels, n) = p.forecast_args(block, branch, rows)?;
+            let (table, state) = p.forecast_table()?;
+            let steps = p.pipeline.schedule.len() as i32;
+            launch::forecast_update_f32(
+                &p.pipeline.dev,
+                factors,
+                p.act_slice(src)?,
+                table,
+                state,
+                n,
+                stride,
+                levels,
+                steps,
+            )
+        });
+    }
+
+    fn forecast(&mut self, block: usize, branch: Branch, dst: Act, rows: usize) {
+        self.run("Taylor forecast", Some(block), |p| {
+            let (factors, stride, levels, n) = p.forecast_args(block, branch, rows)?;
+            let (table, state) = p.forecast_table()?;
+            let steps = p.pipeline.schedule.len() as i32;
+            launch::forecast_f16(&p.pipeline.dev, p.act_slice(dst)?, factors, table, state, n, stride, levels, steps)
         });
     }
 

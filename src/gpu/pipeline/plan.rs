@@ -10,7 +10,7 @@ use crate::factors::{Factors, LayerType};
 use crate::forward::Slot;
 use crate::gpu::launch;
 use crate::plan::{BufId, Dt, Plan};
-use crate::policy::IccForm;
+use crate::policy::{CacheMode, IccForm};
 use crate::weights::DitModel;
 
 /// f32 values per step in the sampler's coefficient table (see kernels/sampler.cu).
@@ -71,7 +71,14 @@ pub(super) struct DeviceBuffers {
     pub(super) freqs: BufId,
     pub(super) blocks: Vec<BlockWeights>,
     pub(super) factors: Vec<BlockFactors>,
-    pub(super) cache: Vec<[BufId; 8]>,
+    /// Per block, the cache slots the policy keeps (all eight for reuse and icc, `proj_y` and
+    /// `fc2_y` for fora), f16.
+    pub(super) cache: Vec<[Option<BufId>; 8]>,
+    /// Per block, Taylor forecasting's factors of the attention and MLP branch outputs, f32
+    /// (order + 1, max rows, N, C) each; empty unless the policy is taylor.
+    pub(super) forecast: Vec<[BufId; 2]>,
+    /// Taylor forecasting's numbers per step ([`launch::FORECAST_TABLE`] f32 each).
+    pub(super) forecast_table: Option<BufId>,
     /// icc's folded form: every block's b_s = y_s − up·(down·x_s) of qkv, proj, fc1 and fc2;
     /// the projected form: every block's t_s = down·x_s (f32) of the same (empty for the
     /// direct form).
@@ -170,9 +177,10 @@ pub(super) fn plan(
     max_rows: usize,
     steps: usize,
     factors: Option<&Factors>,
-    caching: bool,
+    cache_mode: &CacheMode,
     icc: IccLayout,
 ) -> (Plan, DeviceBuffers) {
+    let caching = cache_mode.keeps_caches();
     let (c, n, m, d) = (cfg.hidden_size, cfg.tokens(), cfg.mlp_hidden(), cfg.depth);
     let fin = cfg.patch_size * cfg.patch_size * cfg.out_channels();
     let mw = mod_width(cfg);
@@ -212,13 +220,28 @@ pub(super) fn plan(
             })
             .collect()
     });
-    let cache = if caching {
+    let kept = |s: Slot| match cache_mode {
+        CacheMode::None | CacheMode::Taylor(_) => false,
+        CacheMode::Reuse | CacheMode::Icc(_) => true,
+        CacheMode::Fora => matches!(s, Slot::ProjY | Slot::Fc2Y),
+    };
+    let cache = if Slot::ALL.iter().any(|&s| kept(s)) {
         (0..d)
-            .map(|i| Slot::ALL.map(|s| p.add(format!("cache.{i}.{}", s.name()), &[max_rows, n, s.width(cfg)], h)))
+            .map(|i| {
+                Slot::ALL
+                    .map(|s| kept(s).then(|| p.add(format!("cache.{i}.{}", s.name()), &[max_rows, n, s.width(cfg)], h)))
+            })
             .collect()
     } else {
         Vec::new()
     };
+    let forecast = cache_mode.forecast().map_or_else(Vec::new, |f| {
+        (0..d)
+            .map(|i| ["attn", "mlp"].map(|b| p.add(format!("taylor.{i}.{b}"), &[f.order + 1, max_rows, n, c], Dt::F32)))
+            .collect()
+    });
+    let forecast_table =
+        cache_mode.forecast().map(|_| p.add("Taylor forecast table", &[steps, launch::FORECAST_TABLE], Dt::F32));
     let bases = match (icc.form, factors) {
         (IccForm::Folded, Some(_)) if caching => (0..d)
             .map(|i| {
@@ -266,6 +289,8 @@ pub(super) fn plan(
         blocks,
         factors: factor_bufs,
         cache,
+        forecast,
+        forecast_table,
         bases,
         patches: p.add("patches", &[max_rows, n, cfg.patch_dim()], h),
         x: p.add("x (residual stream)", &[max_rows, n, c], Dt::F32),
@@ -301,5 +326,5 @@ pub fn plan_for(model: &DitModel, opts: &EngineOptions) -> Result<Plan> {
     let factors = opts.cache.factors().map(|f| f.as_ref());
     let rows = opts.model_rows(opts.max_batch);
     let icc = IccLayout::resolve(&model.config, opts, factors)?;
-    Ok(plan(&model.config, rows, schedule.len(), factors, opts.cache.keeps_caches(), icc).0)
+    Ok(plan(&model.config, rows, schedule.len(), factors, &opts.cache, icc).0)
 }

@@ -13,6 +13,7 @@ use crate::factors::{Factors, LayerType};
 use crate::gpu::launch;
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
+use crate::policy;
 use crate::weights::TRef;
 
 /// Elements converted to f16 per upload while the weights are staged (2 MiB).
@@ -126,6 +127,20 @@ impl<D: Device> GpuBackend<D> {
             let row = launch::sampler_coeffs(&self.schedule.coeffs(steps - 1 - s), eta);
             table[s * COEFFS..][..COEFFS].copy_from_slice(&row);
         }
-        self.dev.upload(self.slice::<f32>(self.buffers.coeffs)?, &table)
+        self.dev.upload(self.slice::<f32>(self.buffers.coeffs)?, &table)?;
+        if let (Some(f), Some(id)) = (self.opts.cache.forecast(), self.buffers.forecast_table) {
+            // Taylor forecasting's numbers of every step (kernels/forecast.cu's table layout).
+            let w = launch::FORECAST_TABLE;
+            let mut rows = vec![0.0f32; steps * w];
+            for s in 0..steps {
+                let st = policy::forecast_step(&self.opts.full_steps, f, s);
+                let row = &mut rows[s * w..][..w];
+                row[0] = st.orders as f32;
+                row[1] = st.delta;
+                row[2..2 + st.weights.len()].copy_from_slice(&st.weights);
+            }
+            self.dev.upload(self.slice::<f32>(id)?, &rows)?;
+        }
+        Ok(())
     }
 }
