@@ -9,13 +9,15 @@
 // launcher needs K % 8 == 0, lda % 8 == 0 and 16-byte aligned a, w and w2 (the tensor map's
 // rules). A second weight w2 (n2, K) (map_w2; n2 = 0: none) adds ⌈n2/128⌉ column tiles whose
 // raw f32 sums go to out2 (row stride ld2), as in gemm.cu (icc's t_s = down·x_s, kept by a
-// full step's linear in the same pass). Not here (the launcher keeps gemm.cu's kernels for
-// them): icc's a − a_minus, split-K.
+// full step's linear in the same pass). Split-K (ws not null): every tile once per k slice of
+// k_split (a multiple of 64), raw sums into slice z of ws, which gemm.cu's
+// gemm_splitk_reduce_f16 adds up in order and finishes with the epilogue; without ws,
+// k_split = K. Not here (the launcher keeps gemm.cu's kernels for it): icc's a − a_minus.
 //
 // Launch: a persistent grid (at most one CTA per SM: __launch_bounds__(384, 1)), 384 threads:
-//   warpgroup 0, the producer: one elected thread walks the CTA's tiles (tile t, t + grid, …;
-//     consecutive tiles share a w column, so the CTAs running at once read the same weight
-//     tiles) and, per 64-wide k step, waits until the consumers have released the stage
+//   warpgroup 0, the producer: one elected thread walks the CTA's work units (unit u, u + grid,
+//     …; a unit is a tile and a k slice, consecutive tiles sharing a w column, so the CTAs
+//     running at once read the same weight tiles) and, per 64-wide k step, waits until the consumers have released the stage
 //     (empty[s]), sets the transaction count (32 KiB) and issues the two bulk tensor copies
 //     completing on full[s]; setmaxnreg gives its registers to the consumers;
 //   warpgroups 1 and 2, the consumers: rows 0–63 and 64–127 of the 128 × 128 tile; per k step
@@ -73,6 +75,26 @@ __device__ __forceinline__ void epilogue(const Params& p, const float (&d)[64], 
     }
 }
 
+// Split-K: the raw sums of one consumer's 64 × 128 accumulators into slice z of the workspace
+// ((splits, M, N + n2), row stride N + n2), for gemm_splitk_reduce_f16 (gemm.cu) to add up.
+__device__ __forceinline__ void store_partial(const Params& p, const float (&d)[64], int z, int row0,
+                                              int col0, int limit) {
+    const int t = threadIdx.x % 128, nt = p.N + p.n2;
+    const int r = row0 + 16 * (t / 32) + (t % 32) / 4;
+    float* dst = p.ws + (size_t)z * p.M * nt;
+    SM90_UNROLL
+    for (int j = 0; j < 16; ++j) {
+        const int c = col0 + 8 * j + 2 * (t % 4);
+        SM90_UNROLL
+        for (int h = 0; h < 2; ++h) {
+            const int gm = r + 8 * h;
+            if (gm >= p.M) continue;
+            if (c < limit) dst[(size_t)gm * nt + c] = d[4 * j + 2 * h];
+            if (c + 1 < limit) dst[(size_t)gm * nt + c + 1] = d[4 * j + 2 * h + 1];
+        }
+    }
+}
+
 // MUTANT ≠ 0 only in the emulation's mutation tests (emu_mutant_gemm_sm90 below): each drops
 // one synchronisation the kernel needs, which the tests must see fail.
 enum Mutant : int {
@@ -93,7 +115,11 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
     // Column tiles: ⌈N/BN⌉ of w, then ⌈n2/BN⌉ of the second weight (each weight's tiles start
     // at its row 0, so no tile mixes the two).
     const int tiles_m = (p.M + BM - 1) / BM, tiles_n1 = (p.N + BN - 1) / BN;
-    const int tiles = tiles_m * (tiles_n1 + (p.n2 + BN - 1) / BN), ktiles = (p.K + BK - 1) / BK;
+    // Work units: every tile once per k slice (split-K: gridDim-independent, k_split a multiple
+    // of BK, slice z covering k in [z·k_split, min(K, (z + 1)·k_split))).
+    const int tiles = tiles_m * (tiles_n1 + (p.n2 + BN - 1) / BN);
+    const int splits = (p.K + p.k_split - 1) / p.k_split, units = tiles * splits;
+    auto k_tiles = [&](int z) { return (min(p.K, (z + 1) * p.k_split) - z * p.k_split + BK - 1) / BK; };
     const int wg = threadIdx.x / 128;
 
     if (threadIdx.x == 0) {
@@ -110,17 +136,19 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
         if (threadIdx.x < 32 && elect_one()) {
             int s = 0;
             unsigned phase = 0;
-            for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+            for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+                const int tile = unit % tiles, z = unit / tiles, k0 = z * p.k_split;
                 const int m0 = (tile % tiles_m) * BM, tn = tile / tiles_m;
                 const bool second = tn >= tiles_n1;
                 const TensorMap* map_b = second ? map_w2 : map_w;
                 const int n0 = (second ? tn - tiles_n1 : tn) * BN;
+                const int ktiles = k_tiles(z);
                 for (int kt = 0; kt < ktiles; ++kt) {
                     if (MUTANT != NO_EMPTY_WAIT) mbar_wait(empty0 + 8 * s, phase ^ 1);  // stage s released
                     mbar_arrive_expect_tx(full0 + 8 * s, STAGE_BYTES);
                     const uint32_t st = base + s * STAGE_BYTES;
-                    tma_load_2d(st, map_a, kt * BK, m0, full0 + 8 * s);
-                    tma_load_2d(st + A_BYTES, map_b, kt * BK, n0, full0 + 8 * s);
+                    tma_load_2d(st, map_a, k0 + kt * BK, m0, full0 + 8 * s);
+                    tma_load_2d(st + A_BYTES, map_b, k0 + kt * BK, n0, full0 + 8 * s);
                     if (++s == STAGES) {
                         s = 0;
                         phase ^= 1;
@@ -137,8 +165,10 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
     int s = 0;
     unsigned phase = 0;
     float d[64];
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
+        const int tile = unit % tiles, z = unit / tiles;
         const int m0 = (tile % tiles_m) * BM, tn = tile / tiles_m;
+        const int ktiles = k_tiles(z);
         for (int kt = 0; kt < ktiles; ++kt) {
             if (MUTANT != NO_FULL_WAIT) mbar_wait(full0 + 8 * s, phase);
             const uint32_t a_s = base + s * STAGE_BYTES + c * 64 * 128;
@@ -157,10 +187,12 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
                 phase ^= 1;
             }
         }
-        if (tn < tiles_n1)
-            epilogue<ACT>(p, d, m0 + 64 * c, tn * BN, p.N, pairs);
+        const int col0 = tn < tiles_n1 ? tn * BN : p.N + (tn - tiles_n1) * BN;
+        const int limit = tn < tiles_n1 ? p.N : p.N + p.n2;
+        if (p.ws)
+            store_partial(p, d, z, m0 + 64 * c, col0, limit);
         else
-            epilogue<ACT>(p, d, m0 + 64 * c, p.N + (tn - tiles_n1) * BN, p.N + p.n2, pairs);
+            epilogue<ACT>(p, d, m0 + 64 * c, col0, limit, pairs);
     }
 }
 
@@ -173,13 +205,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
                               const __grid_constant__ TensorMap map_w2, half* out, float* out_f32,
                               half* pre, const half* __restrict__ bias, const half* add, int M,
                               int N, int K, int ldc, int ld_add, int add_rows, float* out2, int n2,
-                              int ld2, int act) {
+                              int ld2, float* ws, int k_split, int act) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
     __trap();  // built for another architecture than sm_90a: never launched (see build.rs)
 #else
-    const Params p{out,    out_f32, pre,    nullptr, nullptr, nullptr, bias, add,
-                   nullptr, M,      N,      K,       0,       ldc,     ld_add, add_rows,
-                   0,      nullptr, out2,   n2,      ld2};
+    const Params p{out, out_f32, pre,    nullptr, nullptr, nullptr, bias, add, ws,  M, N,
+                   K,   0,       ldc,    ld_add,  add_rows, k_split, nullptr, out2, n2, ld2};
     if (act == ACT_GELU_TANH)
         gemm_persistent<ACT_GELU_TANH>(&map_a, &map_w, &map_w2, p);
     else if (act == ACT_SILU)
@@ -194,7 +225,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1)
 extern "C" void emu_mutant_gemm_sm90(const TensorMap map_a, const TensorMap map_w, half* out, int M,
                                      int N, int K, int mutant) {
     const Params p{out, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N,
-                   K,   0,       N,       N,       M,       0,       nullptr, nullptr, 0,       0};
+                   K,   0,       N,       N,       M,       K,       nullptr, nullptr, 0,       0};
     switch (mutant) {
         case NO_FULL_WAIT: gemm_persistent<ACT_NONE, NO_FULL_WAIT>(&map_a, &map_w, &map_w, p); break;
         case NO_EMPTY_WAIT: gemm_persistent<ACT_NONE, NO_EMPTY_WAIT>(&map_a, &map_w, &map_w, p); break;

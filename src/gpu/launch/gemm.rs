@@ -261,6 +261,15 @@ fn stride_at_least(name: &str, ld: i32, width: i32) -> Result<()> {
     Ok(())
 }
 
+/// `p`, or null when `cond` holds (a split launch writes only its workspace).
+fn unless<T>(cond: bool, p: DevPtr<T>) -> DevPtr<T> {
+    if cond {
+        DevPtr::null()
+    } else {
+        p
+    }
+}
+
 fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
@@ -281,10 +290,29 @@ pub fn gemm_choice_on<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace_el
 }
 
 fn choose_on<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws_elems: i64) -> Choice {
+    let (m, n, k) = (spec.m as i64, spec.n_total() as i64, spec.k as i64);
     if dev.gemm_sm90() && sm90_unsupported(spec).is_none() {
-        return Choice { tile: GemmTile::Sm90, splits: 1, k_split: spec.k as i64 };
+        return choose_sm90(m, n, k, ws_elems, dev.multiprocessors() as i64);
     }
-    choose(spec.m as i64, spec.n_total() as i64, spec.k as i64, ws_elems, spec.a_minus.is_some())
+    choose(m, n, k, ws_elems, spec.a_minus.is_some())
+}
+
+/// The Hopper kernel's split of k (not measured yet: the first GPU check times it): while its
+/// 128×128 tiles would leave multiprocessors idle and the workspace allows, about one work unit
+/// per multiprocessor, slices of at least `MIN_SPLIT_K` and whole 64-wide k steps, at most
+/// `MAX_SPLITS`. At DiT-XL/2's batch 1 (512 rows, 132 SMs): proj and fc2 (36 tiles) in 4
+/// slices, qkv (108 tiles) in 2, fc1 (144 tiles) whole.
+fn choose_sm90(m: i64, n: i64, k: i64, ws_elems: i64, sms: i64) -> Choice {
+    let tiles = SM90.tiles(m, n);
+    let mut splits = 1;
+    if ws_elems > 0 && tiles < sms {
+        splits = ((sms + tiles - 1) / tiles).min(k / MIN_SPLIT_K).min(MAX_SPLITS).min(ws_elems / (m * n)).max(1);
+    }
+    if splits == 1 {
+        return Choice { tile: GemmTile::Sm90, splits: 1, k_split: k };
+    }
+    let k_split = ((k + splits - 1) / splits + SM90.bk - 1) / SM90.bk * SM90.bk;
+    Choice { tile: GemmTile::Sm90, splits: (k + k_split - 1) / k_split, k_split }
 }
 
 /// A launch chosen by the caller instead of [`gemm_ws`]'s rule (for `icdit bench-gemm`, which
@@ -297,8 +325,8 @@ pub struct GemmLaunch {
 }
 
 /// Why the Hopper kernel does not take `spec` (`None`: it does). It has no icc increment
-/// (`a_minus`) and no split-K, and its tensor maps need k and the row stride of `a` to be
-/// multiples of 8 and the matrices (a, w, a second weight) 16-byte aligned.
+/// (`a_minus`), and its tensor maps need k and the row stride of `a` to be multiples of 8 and
+/// the matrices (a, w, a second weight) 16-byte aligned.
 pub fn sm90_unsupported(spec: &GemmSpec) -> Option<&'static str> {
     let misaligned = |s: DevSlice<f16>| s.ptr().addr() % 16 != 0;
     if spec.a_minus.is_some() {
@@ -326,9 +354,6 @@ pub fn gemm_as<D: Device + ?Sized>(
         }
         if !dev.gemm_sm90() {
             return Err(invalid(KERNEL, format!("the Hopper kernel does not run on {}", dev.name())));
-        }
-        if how.splits > 1 {
-            return Err(invalid(KERNEL, "the Hopper kernel does not split k".to_string()));
         }
     }
     let k = spec.k as i64;
@@ -437,57 +462,6 @@ fn launch_gemm<D: Device + ?Sized>(
         covers(KERNEL, "add", s, span(m.min(add_rows), ld_add, n), 2)?;
     }
 
-    if choice.tile == GemmTile::Sm90 {
-        let map = |s: DevSlice<f16>, rows: i32, stride: i32| {
-            dev.tensor_map_2d(&TensorMapSpec {
-                addr: s.ptr().addr(),
-                rows: rows as u64,
-                cols: k as u64,
-                stride: stride as u64,
-                box_rows: 128,
-                box_cols: 64,
-            })
-        };
-        let (map_a, map_w) = (map(a, m, lda)?, map(w, n, k)?);
-        // Without a second weight the kernel never reads its map: w's stands in.
-        let map_w2 = match also {
-            Some(x) => map(x.w, x.n, k)?,
-            None => map_w,
-        };
-        let up = |x: i32, t: i64| (x as i64 + t - 1) / t;
-        let tiles = up(m, shape.bm) * (up(n, shape.bn) + also.map_or(0, |x| up(x.n, shape.bn)));
-        let cfg = LaunchCfg {
-            grid: [tiles.min(dev.multiprocessors() as i64).max(1) as u32, 1, 1],
-            block: [shape.threads, 1, 1],
-            dyn_smem: SM90_SMEM,
-        };
-        // SAFETY: the tensor maps cover exactly a (m × k, stride lda) and w (n × k), both
-        // inside their slices (checked above); the other operands as for gemm.cu's kernels.
-        return unsafe {
-            kernels::gemm_sm90_f16_128x128_k64::launch(
-                dev,
-                &cfg,
-                map_a,
-                map_w,
-                map_w2,
-                out16,
-                out32,
-                ptr_or_null(pre),
-                ptr_or_null(bias),
-                ptr_or_null(add_slice),
-                m,
-                n,
-                k,
-                ldc,
-                ld_add,
-                add_rows,
-                also.map_or(DevPtr::null(), |x| x.out.ptr()),
-                also.map_or(0, |x| x.n),
-                also.map_or(0, |x| x.ld),
-                act.code(),
-            )
-        };
-    }
     let cfg = LaunchCfg {
         grid: [((n_total as i64 + shape.bn - 1) / shape.bn) as u32, grid_y as u32, choice.splits as u32],
         block: [shape.threads, 1, 1],
@@ -501,45 +475,49 @@ fn launch_gemm<D: Device + ?Sized>(
         _ => DevPtr::null(),
     };
     let split = !ws.is_null();
-    let launch = match choice.tile {
-        GemmTile::Small => kernels::gemm_fused_f16_64x64_k64::launch::<D>,
-        GemmTile::Large => kernels::gemm_fused_f16_128x128_k32::launch::<D>,
-        GemmTile::Tall => kernels::gemm_fused_f16_128x64_k32::launch::<D>,
-        GemmTile::Small32 => kernels::gemm_fused_f16_64x64_k32::launch::<D>,
-        GemmTile::Classic => kernels::gemm_fused_f16_64x64_k32_s2::launch::<D>,
-        GemmTile::Sm90 => unreachable!("launched above"),
-    };
-    // SAFETY: every operand present covers the elements the kernel reads or writes for these
-    // sizes and strides (checked above); absent operands are null, which the kernel skips.
-    // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
-    // reads it and writes the outputs.
-    unsafe {
-        launch(
-            dev,
-            &cfg,
-            if split { DevPtr::null() } else { out16 },
-            if split { DevPtr::null() } else { out32 },
-            if split { DevPtr::null() } else { ptr_or_null(pre) },
-            a.ptr(),
-            ptr_or_null(a_minus),
-            w.ptr(),
-            ptr_or_null(bias),
-            ptr_or_null(add_slice),
-            ws,
-            m,
-            n,
-            k,
-            lda,
-            ldc,
-            ld_add,
-            add_rows,
-            choice.k_split as i32,
-            also.map_or(DevPtr::null(), |x| x.w.ptr()),
-            if split { DevPtr::null() } else { also.map_or(DevPtr::null(), |x| x.out.ptr()) },
-            also.map_or(0, |x| x.n),
-            also.map_or(0, |x| x.ld),
-            act.code(),
-        )?;
+    if choice.tile == GemmTile::Sm90 {
+        launch_sm90(dev, spec, ws, choice.k_split)?;
+    } else {
+        let launch = match choice.tile {
+            GemmTile::Small => kernels::gemm_fused_f16_64x64_k64::launch::<D>,
+            GemmTile::Large => kernels::gemm_fused_f16_128x128_k32::launch::<D>,
+            GemmTile::Tall => kernels::gemm_fused_f16_128x64_k32::launch::<D>,
+            GemmTile::Small32 => kernels::gemm_fused_f16_64x64_k32::launch::<D>,
+            GemmTile::Classic => kernels::gemm_fused_f16_64x64_k32_s2::launch::<D>,
+            GemmTile::Sm90 => unreachable!("launched above"),
+        };
+        // SAFETY: every operand present covers the elements the kernel reads or writes for these
+        // sizes and strides (checked above); absent operands are null, which the kernel skips.
+        // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
+        // reads it and writes the outputs.
+        unsafe {
+            launch(
+                dev,
+                &cfg,
+                if split { DevPtr::null() } else { out16 },
+                if split { DevPtr::null() } else { out32 },
+                if split { DevPtr::null() } else { ptr_or_null(pre) },
+                a.ptr(),
+                ptr_or_null(a_minus),
+                w.ptr(),
+                ptr_or_null(bias),
+                ptr_or_null(add_slice),
+                ws,
+                m,
+                n,
+                k,
+                lda,
+                ldc,
+                ld_add,
+                add_rows,
+                choice.k_split as i32,
+                also.map_or(DevPtr::null(), |x| x.w.ptr()),
+                if split { DevPtr::null() } else { also.map_or(DevPtr::null(), |x| x.out.ptr()) },
+                also.map_or(0, |x| x.n),
+                also.map_or(0, |x| x.ld),
+                act.code(),
+            )?;
+        }
     }
     if !split {
         return Ok(());
@@ -572,9 +550,79 @@ fn launch_gemm<D: Device + ?Sized>(
     }
 }
 
+/// The Hopper kernel's launch (kernels/gemm_sm90.cu) for a checked `spec`: tensor maps of a, w
+/// and the second weight, a persistent grid of min(work units, multiprocessors) blocks; with
+/// `ws` not null, k slices of `k_split` into it (the caller then launches the reduction).
+fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_split: i64) -> Result<()> {
+    let &GemmSpec { out, pre, a, w, bias, add, m, n, k, lda, ldc, act, also, .. } = spec;
+    let (add_slice, ld_add, add_rows) = match add {
+        Some((s, ld, rows)) => (Some(s), ld, rows),
+        None => (None, n, m),
+    };
+    let (out16, out32) = match out {
+        GemmOut::F16(s) => (s.ptr(), DevPtr::null()),
+        GemmOut::F32(s) => (DevPtr::null(), s.ptr()),
+    };
+    let split = !ws.is_null();
+    let map = |s: DevSlice<f16>, rows: i32, stride: i32| {
+        dev.tensor_map_2d(&TensorMapSpec {
+            addr: s.ptr().addr(),
+            rows: rows as u64,
+            cols: k as u64,
+            stride: stride as u64,
+            box_rows: SM90.bm as u32,
+            box_cols: SM90.bk as u32,
+        })
+    };
+    let (map_a, map_w) = (map(a, m, lda)?, map(w, n, k)?);
+    // Without a second weight the kernel never reads its map: w's stands in.
+    let map_w2 = match also {
+        Some(x) => map(x.w, x.n, k)?,
+        None => map_w,
+    };
+    let up = |x: i64, t: i64| (x + t - 1) / t;
+    let tiles = up(m as i64, SM90.bm) * (up(n as i64, SM90.bn) + also.map_or(0, |x| up(x.n as i64, SM90.bn)));
+    let units = tiles * up(k as i64, k_split);
+    let cfg = LaunchCfg {
+        grid: [units.min(dev.multiprocessors() as i64).max(1) as u32, 1, 1],
+        block: [SM90.threads, 1, 1],
+        dyn_smem: SM90_SMEM,
+    };
+    // SAFETY: the tensor maps cover exactly a (m × k, stride lda), w (n × k) and the second
+    // weight, inside their slices; the other operands were checked by the caller as for
+    // gemm.cu's kernels (split: only `ws`, (splits, m, n + n2), is written).
+    unsafe {
+        kernels::gemm_sm90_f16_128x128_k64::launch(
+            dev,
+            &cfg,
+            map_a,
+            map_w,
+            map_w2,
+            unless(split, out16),
+            unless(split, out32),
+            unless(split, ptr_or_null(pre)),
+            ptr_or_null(bias),
+            ptr_or_null(add_slice),
+            m,
+            n,
+            k,
+            ldc,
+            ld_add,
+            add_rows,
+            unless(split, also.map_or(DevPtr::null(), |x| x.out.ptr())),
+            also.map_or(0, |x| x.n),
+            also.map_or(0, |x| x.ld),
+            ws,
+            k_split as i32,
+            act.code(),
+        )
+    }
+}
+
 /// The first-use check of the Hopper GEMM on a device (issue 26): a few small GEMMs with
-/// every epilogue (bias, row-wrapped add, pre-activation copy, GELU and SiLU, f16 and f32 out;
-/// shapes that are not multiples of the tile) on the Hopper kernel and on gemm.cu's, compared
+/// every epilogue (bias, row-wrapped add, pre-activation copy, GELU and SiLU, f16 and f32 out,
+/// a second weight, split-K; shapes that are not multiples of the tile) on the Hopper kernel
+/// and on gemm.cu's, compared
 /// within `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each
 /// output rounded once to f16: a rounding step apart at most). On disagreement the device
 /// turns the Hopper kernel off ([`Device::disable_gemm_sm90`]) and this says so once on
@@ -612,13 +660,16 @@ struct CheckCase {
     add_rows: i32,
     pre: bool,
     n2: i32,
+    /// k slices of the Hopper launch (the fallback's is whole).
+    splits: usize,
 }
 
-const SM90_CASES: [CheckCase; 4] = [
-    CheckCase { m: 200, n: 136, k: 72, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 50, pre: true, n2: 0 },
-    CheckCase { m: 130, n: 200, k: 136, act: GemmAct::Silu, f32_out: false, bias: false, add_rows: 0, pre: false, n2: 40 },
-    CheckCase { m: 64, n: 64, k: 64, act: GemmAct::None, f32_out: true, bias: true, add_rows: 64, pre: false, n2: 0 },
-    CheckCase { m: 300, n: 24, k: 200, act: GemmAct::None, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 130 },
+const SM90_CASES: [CheckCase; 5] = [
+    CheckCase { m: 200, n: 136, k: 72, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 50, pre: true, n2: 0, splits: 1 },
+    CheckCase { m: 130, n: 200, k: 136, act: GemmAct::Silu, f32_out: false, bias: false, add_rows: 0, pre: false, n2: 40, splits: 1 },
+    CheckCase { m: 64, n: 64, k: 64, act: GemmAct::None, f32_out: true, bias: true, add_rows: 64, pre: false, n2: 0, splits: 1 },
+    CheckCase { m: 300, n: 24, k: 200, act: GemmAct::None, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 130, splits: 1 },
+    CheckCase { m: 100, n: 72, k: 520, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 24, splits: 3 },
 ];
 
 /// The first case whose Hopper result differs from the fallback's, described; `None`: all agree.
@@ -647,6 +698,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
         let outs = [take(m * n * 4)?, take(m * n * 4)?];
         let pres = [s16(take(m * n * 2)?, m * n), s16(take(m * n * 2)?, m * n)];
         let outs2 = [s32(take(m * n2.max(1) * 4)?, m * n2.max(1)), s32(take(m * n2.max(1) * 4)?, m * n2.max(1))];
+        let ws = s32(take(c.splits * m * (n + n2) * 4)?, c.splits * m * (n + n2));
         // Deterministic values in [−1, 1) (an LCG), the weights scaled by 1/√k.
         let mut state = 0x9e37_79b9u32.wrapping_mul(index as u32 + 1);
         let mut fill = |s: DevSlice<f16>, scale: f32| -> Result<()> {
@@ -674,7 +726,8 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
                 also: (n2 > 0).then_some(GemmAlso { w: w2, n: c.n2, out: outs2[i], ld: c.n2 }),
                 ..GemmSpec::new(out, a, w, c.m, c.n, c.k)
             };
-            gemm_as(dev, &spec, None, GemmLaunch { tile, splits: 1 })?;
+            let splits = if tile == GemmTile::Sm90 { c.splits } else { 1 };
+            gemm_as(dev, &spec, (splits > 1).then_some(ws), GemmLaunch { tile, splits })?;
             let mut got = Vec::new();
             match out {
                 GemmOut::F32(s) => {
@@ -761,6 +814,25 @@ mod tests {
                 assert_eq!(c.k_split % c.tile.shape().bk, if c.splits > 1 { 0 } else { k % c.tile.shape().bk });
             }
         }
+    }
+
+    #[test]
+    fn hopper_split_choice() {
+        let ws = 1 << 24;
+        let pick = |m, n, k| {
+            let c = choose_sm90(m, n, k, ws, 132);
+            assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k && c.k_split % 64 == 0 || c.splits == 1);
+            c.splits
+        };
+        // DiT-XL/2, batch 1 with guidance: 512 rows.
+        assert_eq!(pick(512, 1152, 1152), 4); // proj: 36 tiles
+        assert_eq!(pick(512, 1152, 4608), 4); // fc2
+        assert_eq!(pick(512, 3456, 1152), 2); // qkv: 108 tiles
+        assert_eq!(pick(512, 4608, 1152), 1); // fc1: 144 tiles
+        assert_eq!(pick(8192, 1152, 1152), 1); // batch 16
+        // Short k is not split below 256 per slice; no workspace, no split.
+        assert_eq!(pick(512, 128, 300), 1);
+        assert_eq!(choose_sm90(512, 1152, 1152, 0, 132).splits, 1);
     }
 
     #[test]
