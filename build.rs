@@ -81,10 +81,13 @@ fn build_emulation(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         })
         .warnings(true)
         .extra_warnings(true)
+        // The tensor map is a 64-byte aligned kernel parameter passed by value: GCC notes that
+        // its ABI changed in GCC 4.6, which concerns no compiler in use.
+        .flag_if_supported("-Wno-psabi")
         .file(kernels.join("emu/runtime.cpp"));
     // The emulator's own tests (src/gpu/emu_selftest.rs): emulation only, wrong on purpose.
-    let selftest = kernels.join("emu/selftest.cu");
-    for cu in sources.iter().chain([&selftest]) {
+    let selftests = [kernels.join("emu/selftest.cu"), kernels.join("emu/sm90_selftest.cu")];
+    for cu in sources.iter().chain(&selftests) {
         let wrapper = wrap_dir.join(format!("{}.cpp", stem(cu)));
         let text = format!("#include \"{}\"\n", cu.display());
         if fs::read_to_string(&wrapper).ok().as_deref() != Some(text.as_str()) {
@@ -122,9 +125,18 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         // One fatbin per file: SASS for sm_<arch> (loaded as is: no JIT at start-up, and it
         // is the code the ptxas report below describes) plus compute_<arch> PTX, which the
         // driver can JIT for a newer GPU. Measurements behind this choice: docs/gpu-emulation.md.
+        // The Hopper GEMM's wgmma and setmaxnreg exist only for the arch-specific sm_90a
+        // target (written as -gencode: the -arch shorthand has been seen to also run a plain
+        // sm_90 pass that rejects them); built for another architecture, its kernel is a stub
+        // the launcher never picks (Device::gemm_sm90).
+        let gencode = if name == "gemm_sm90" && digits == "90" {
+            "-gencode=arch=compute_90a,code=sm_90a".to_string()
+        } else {
+            format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]")
+        };
         let output = Command::new(&nvcc)
             .args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v"])
-            .arg(format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]"))
+            .arg(gencode)
             .arg("-I")
             .arg(kernels)
             .arg("-o")

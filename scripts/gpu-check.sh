@@ -321,6 +321,8 @@ step_engine() {
         show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
         show timeout -k 5 60 "$BIN/icdit" bench-gemm
+        show cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit"
+        show env ICDIT_GEMM=wmma timeout -k 5 60 "$BIN/icdit" bench-gpu --batches 1 --e2e-runs 1
         show timeout -k 5 90 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0
         return
     fi
@@ -344,6 +346,31 @@ step_engine() {
     if ((c >= 10)); then
         { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
         grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 40
+    fi
+    # The Hopper GEMM (issue 26): its SASS must use the tensor memory accelerator and wgmma
+    # (UTMALDG, HGMMA), its first-use check must have passed, and the same engine on the
+    # fallback kernels (ICDIT_GEMM=wmma, batch 1) gives the comparison in this run.
+    if command -v cuobjdump >/dev/null 2>&1; then
+        local sass="$WORK/sm90.sass" hg tm
+        cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit" >"$sass" 2>&1
+        hg=$(grep -c 'HGMMA' "$sass")
+        tm=$(grep -c 'UTMALDG' "$sass")
+        echo "## SASS of gemm_sm90_f16_128x128_k64: $hg HGMMA, $tm UTMALDG, $(grep -c 'USETMAXREG' "$sass") USETMAXREG, $(grep -cE '\b(LDL|STL)' "$sass") LDL/STL" | tee -a "$log"
+        if ((hg == 0 || tm == 0)); then
+            note "Hopper GEMM SASS" FAIL 0 "$hg HGMMA, $tm UTMALDG in gemm_sm90_f16_128x128_k64"
+            FAILED=1
+        fi
+    else
+        echo "## cuobjdump: not on PATH (Hopper GEMM SASS not checked)" >>"$log"
+    fi
+    if grep -q 'disagrees with the fallback kernels' "$log"; then
+        note "Hopper GEMM first-use check" FAIL 0 "$(grep -m1 'disagrees with the fallback' "$log")"
+        FAILED=1
+    fi
+    c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+    if ((c >= 30)); then
+        { echo "## ICDIT_GEMM=wmma icdit bench-gpu --batches 1 --e2e-runs 1 (the fallback kernels, for comparison)"
+          ICDIT_GEMM=wmma timeout -k 5 "$c" "$BIN/icdit" bench-gpu --batches 1 --e2e-runs 1 2>&1 | sed 's/^/# /'; } >>"$log"
     fi
     step_kernels "$log"
     if ((rc == 0)); then

@@ -425,7 +425,7 @@ fn run<D: Device>(dev: &D, plan: &Plan, b: &Bufs, c: &Case, d: &Data) -> Got {
     let ws: DevSlice<f32> = out(dev, plan, b.ws);
     let (tile, splits) = match c.force {
         Some(h) => (h.tile, h.splits),
-        None => launch::gemm_choice(c.m as i32, c.n as i32, c.k as i32, if c.ws { ws.len() } else { 0 }, c.minus),
+        None => launch::gemm_choice_on(dev, &spec, if c.ws { ws.len() } else { 0 }),
     };
     match (c.force, c.ws) {
         (Some(h), _) => launch::gemm_as(dev, &spec, c.ws.then_some(ws), h).unwrap(),
@@ -501,7 +501,18 @@ fn check_cases<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
 
 #[test]
 fn gemm_fused_emulated() {
+    // The emulation models an sm_90 GPU: the GEMMs the Hopper kernel takes run on it.
     check_cases(emu);
+}
+
+#[test]
+fn gemm_fused_emulated_without_hopper() {
+    // The same cases on gemm.cu's kernels only (an sm_80/sm_89 GPU, or ICDIT_GEMM=wmma).
+    check_cases(|plan: &Plan| {
+        let dev = emu(plan)?;
+        dev.disable_gemm_sm90();
+        Some(dev)
+    });
 }
 
 #[cfg(feature = "cuda")]
@@ -664,16 +675,23 @@ fn emulated_gemm_512x1152x1152_under_10s() {
     let c = case(512, 1152, 1152);
     let mut plan = Plan::new("gemm speed");
     let bufs = Bufs::new(&mut plan, &c);
-    let dev = emu(&plan).unwrap();
     let data = Data::new(&c, &mut Rng::new(1), true);
-    let start = Instant::now();
-    let got = run(&dev, &plan, &bufs, &c, &data);
-    let secs = start.elapsed().as_secs_f64();
-    println!("emulated gemm_fused_f16_64x64_k64 (bias) 512×1152×1152 on {}: {secs:.2} s (with copies)", dev.name());
     let (exact, _) = reference(&c, &data);
-    let bad = (0..got.out.len()).filter(|&i| got.out[i] != f16_rne(exact[i]).to_f32()).count();
-    assert_eq!(bad, 0, "{bad} elements differ from the exact result");
-    assert!(secs < 10.0, "took {secs:.2} s, the bar is 10 s");
+    // The launcher's own choice on the emulation (the Hopper kernel), then gemm.cu's.
+    for hopper in [true, false] {
+        let dev = emu(&plan).unwrap();
+        if !hopper {
+            dev.disable_gemm_sm90();
+        }
+        let start = Instant::now();
+        let got = run(&dev, &plan, &bufs, &c, &data);
+        let secs = start.elapsed().as_secs_f64();
+        let kernel = if hopper { "gemm_sm90_f16_128x128_k64" } else { "gemm_fused_f16_64x64_k64" };
+        println!("emulated {kernel} (bias) 512×1152×1152 on {}: {secs:.2} s (with copies)", dev.name());
+        let bad = (0..got.out.len()).filter(|&i| got.out[i] != f16_rne(exact[i]).to_f32()).count();
+        assert_eq!(bad, 0, "{kernel}: {bad} elements differ from the exact result");
+        assert!(secs < 10.0, "{kernel} took {secs:.2} s, the bar is 10 s");
+    }
 }
 
 /// A second weight (`GemmSpec::also`, icc's t_s = down·x_s kept by a full step's linear): its
@@ -718,7 +736,6 @@ fn second_weight<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             )
         };
         let ws: DevSlice<f32> = out(&dev, &plan, bws);
-        launch::gemm_as(&dev, &spec, Some(ws), GemmLaunch { tile: GemmTile::Small, splits }).unwrap();
         let ap = |i: usize, kk: usize| {
             let x = a[i * k + kk].to_f64();
             if minus {
@@ -731,12 +748,26 @@ fn second_weight<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let exact: Vec<f64> =
             (0..m * n).map(|e| dot(e / n, &w, e % n) + bias[e % n].to_f64() + addv[e].to_f64()).collect();
         let exact2: Vec<f64> = (0..m * n2).map(|e| dot(e / n2, &w2, e % n2)).collect();
-        let what = format!("second weight n {n} + {n2}, {splits} k slice(s), a_minus {minus} ({})", dev.name());
-        assert_nontrivial(&what, &exact2);
-        assert_bits_eq(&what, &get::<f16, _>(&dev, &plan, bo), &exact.iter().map(|&v| f16_rne(v)).collect::<Vec<_>>());
-        let got2 = get::<f32, _>(&dev, &plan, bo2);
-        assert!(got2.iter().zip(&exact2).all(|(&g, &e)| g as f64 == e), "{what}: second output not exact");
-        println!("{what}: exact");
+        // gemm.cu's kernel, and the Hopper kernel where it takes the GEMM (no a_minus, no split).
+        let mut tiles = vec![GemmTile::Small];
+        if dev.gemm_sm90() && splits == 1 && launch::sm90_unsupported(&spec).is_none() {
+            tiles.push(GemmTile::Sm90);
+        }
+        for tile in tiles {
+            let _: DevSlice<f16> = out(&dev, &plan, bo);
+            let _: DevSlice<f32> = out(&dev, &plan, bo2);
+            launch::gemm_as(&dev, &spec, Some(ws), GemmLaunch { tile, splits }).unwrap();
+            let what = format!(
+                "second weight n {n} + {n2}, {} tiles, {splits} k slice(s), a_minus {minus} ({})",
+                tile.name(),
+                dev.name()
+            );
+            assert_nontrivial(&what, &exact2);
+            assert_bits_eq(&what, &get::<f16, _>(&dev, &plan, bo), &exact.iter().map(|&v| f16_rne(v)).collect::<Vec<_>>());
+            let got2 = get::<f32, _>(&dev, &plan, bo2);
+            assert!(got2.iter().zip(&exact2).all(|(&g, &e)| g as f64 == e), "{what}: second output not exact");
+            println!("{what}: exact");
+        }
     }
 }
 

@@ -636,5 +636,7 @@ fn launches_per_block() {
     assert_eq!(full_direct.block, plain.block);
     assert_eq!(full_folded.block, plain.block + 4);
     assert_eq!(full_folded.step, full_direct.step + 4 * model.config.depth as u64);
-    assert!(cal_folded.step < plain.step);
+    // No more launches than a plain step (equal when no plain GEMM splits along k, as with the
+    // Hopper GEMM on the emulation's three multiprocessors at this size).
+    assert!(cal_folded.step <= plain.step, "{} against {}", cal_folded.step, plain.step);
 }

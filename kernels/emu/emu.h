@@ -239,3 +239,4 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 
 #include "half.h"
 #include "wmma.h"
+#include "sm90.h"

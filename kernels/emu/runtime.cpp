@@ -127,7 +127,7 @@ void stack_release(std::vector<char*>& stacks) {
     stacks.clear();
 }
 
-enum State : uint8_t { READY, RUNNING, AT_BARRIER, IN_WARP_OP, DONE };
+enum State : uint8_t { READY, RUNNING, AT_BARRIER, IN_WARP_OP, IN_GROUP_OP, AT_MBARRIER, DONE };
 
 struct Fiber {
     Ctx ctx;
@@ -135,6 +135,7 @@ struct Fiber {
     uint3 tid;
     unsigned linear;
     State state;
+    uint32_t wait_mbar;  // AT_MBARRIER: the mbarrier's shared address
 };
 
 // Lanes of one warp waiting in one collective (disjoint masks may wait side by side).
@@ -152,6 +153,38 @@ struct Warp {
     Pending pending[32];
 };
 
+// An mbarrier (sm90.h): the arrivals a phase expects, those still missing, the transaction
+// bytes still expected (may go negative: a copy may land before its expect_tx), the phase.
+struct Mbarrier {
+    uint32_t addr;
+    int expected, pending;
+    int64_t tx;
+    unsigned phase;
+};
+
+// A bulk tensor copy issued and not landed yet, with the tensor map as it was passed.
+struct TensorCopy {
+    uint32_t dst, mbar;
+    TensorMapEmu map;
+    int c0, c1;
+};
+
+// One warpgroup (4 consecutive warps, first warp index divisible by 4): threads meeting in a
+// warpgroup-collective instruction, and wgmma operations issued but not carried out yet —
+// the open group (since the last commit) and the committed groups, oldest first.
+struct WgmmaOp {
+    uint64_t desc_a, desc_b;
+    int n, scale_d;
+    float* d[128];
+};
+struct Warpgroup {
+    const char* name = nullptr;
+    unsigned arrived = 0;
+    GroupOp* ops[128] = {};
+    std::vector<WgmmaOp> open;
+    std::vector<std::vector<WgmmaOp>> committed;
+};
+
 // One OS thread's emulation state: the block it runs now.
 struct Worker {
     void (*entry)(void* const*);
@@ -166,8 +199,14 @@ struct Worker {
     bool failed = false;
     std::string error;
     Ctx sched;
-    unsigned char* dyn = nullptr;
+    unsigned char* dyn = nullptr;  // dynamic shared memory, at shared address kSharedBase
+    unsigned char* window = nullptr;  // shared address 0 (the allocation)
     size_t dyn_bytes = 0;
+    // Hopper's asynchronous machinery (sm90.h): mbarriers, bulk tensor copies not landed yet,
+    // and per warpgroup the rendezvous and the wgmma operations not carried out yet.
+    std::vector<Mbarrier> mbars;
+    std::vector<TensorCopy> copies;
+    std::vector<Warpgroup> groups;
 };
 
 __thread Worker* g_worker;
@@ -279,6 +318,11 @@ std::string where(const Worker& w, const Fiber* f) {
         fail("returned while %u thread(s) of the block wait at __syncthreads(): a barrier "
              "must be reached by every thread of the block",
              w.at_barrier);
+    if (!w.groups.empty()) {
+        const Warpgroup& g = w.groups[f->linear / 128];
+        if (g.arrived)
+            fail("returned while %u thread(s) of its warpgroup wait for it in %s", g.arrived, g.name);
+    }
     park(f);
     __builtin_unreachable();
 }
@@ -295,6 +339,17 @@ std::string describe_stuck(const Worker& w) {
                      pd.arrived, pd.name, pd.mask);
             s += buf;
         }
+    unsigned at_mbar = 0, in_group = 0;
+    for (const Fiber& f : w.fibers) {
+        at_mbar += f.state == AT_MBARRIER;
+        in_group += f.state == IN_GROUP_OP;
+    }
+    if (at_mbar) s += "; " + std::to_string(at_mbar) + " thread(s) wait on an mbarrier phase that never completes";
+    for (size_t g = 0; g < w.groups.size(); ++g)
+        if (w.groups[g].arrived)
+            s += "; warpgroup " + std::to_string(g) + ": " + std::to_string(w.groups[g].arrived) +
+                 " of 128 threads wait in " + w.groups[g].name;
+    (void)in_group;
     return s;
 }
 
@@ -319,6 +374,9 @@ bool run_block(Worker& w, uint64_t linear_block) {
     w.at_barrier = w.exited = 0;
     w.failed = false;
     if (w.dyn_bytes) std::memset(w.dyn, 0xff, w.dyn_bytes);
+    w.mbars.clear();
+    w.copies.clear();
+    w.groups.assign(w.nthreads / 128, Warpgroup{});
 
     Fiber* first = pop_ready(w);
     g_cur = first;
@@ -331,6 +389,18 @@ bool run_block(Worker& w, uint64_t linear_block) {
         w.error = where(w, nullptr) + describe_stuck(w);
         return false;
     }
+    // Asynchronous work the block started and never waited for is a bug on a GPU too.
+    if (!w.copies.empty()) {
+        w.error = where(w, nullptr) + std::to_string(w.copies.size()) +
+                  " bulk tensor copy(ies) issued and never waited for on their mbarrier";
+        return false;
+    }
+    for (size_t g = 0; g < w.groups.size(); ++g)
+        if (!w.groups[g].open.empty() || !w.groups[g].committed.empty()) {
+            w.error = where(w, nullptr) + "warpgroup " + std::to_string(g) +
+                      " returned with wgmma operations not retired by wgmma.wait_group";
+            return false;
+        }
     return true;
 }
 
@@ -427,6 +497,317 @@ void warp_collective(WarpOp* op) {
         if ((mask >> l & 1) && l != lane) push_ready(w, base + l);
 }
 
+
+// ---- Hopper: shared addresses, mbarriers, bulk tensor copies, wgmma (sm90.h) ---------------
+
+namespace {
+
+size_t window_bytes(const Worker& w) { return kSharedBase + w.dyn_bytes; }
+
+Mbarrier* find_mbar(Worker& w, uint32_t addr, const char* what) {
+    for (auto& m : w.mbars)
+        if (m.addr == addr) return &m;
+    fail("%s: no mbarrier was initialised at shared address %u", what, addr);
+}
+
+// Completes the current phase if nothing more is expected, waking its waiters.
+void mbar_settle(Worker& w, Mbarrier& m) {
+    if (m.pending > 0 || m.tx != 0) return;
+    m.phase ^= 1;
+    m.pending = m.expected;
+    for (unsigned i = 0; i < w.nthreads; ++i)
+        if (w.fibers[i].state == AT_MBARRIER && w.fibers[i].wait_mbar == m.addr) push_ready(w, i);
+}
+
+// The shared address of box element (row, col) of a copy into dst: row-major rows of
+// box[0] elements, the 16-byte chunk index XORed with the row index mod 8 under the 128-byte
+// swizzle (the pattern is a function of address bits 4–6 and 7–9, hence the 1024-byte
+// alignment the ISA requires of such a destination).
+uint32_t swizzle128(uint32_t addr) { return addr ^ (((addr >> 7) & 7u) << 4); }
+
+void land(Worker& w, const TensorCopy& c) {
+    const TensorMapEmu& m = c.map;
+    const uint32_t eb = m.elem_bytes, row_bytes = m.box[0] * eb;
+    const uint32_t bytes = row_bytes * m.box[1];
+    auto* g = reinterpret_cast<const unsigned char*>(m.global);
+    for (uint32_t r = 0; r < m.box[1]; ++r) {
+        const int64_t gr = int64_t(c.c1) + r;
+        for (uint32_t col = 0; col < m.box[0]; ++col) {
+            const int64_t gc = int64_t(c.c0) + col;
+            uint32_t at = c.dst + r * row_bytes + col * eb;
+            if (m.swizzle == 3) at = swizzle128(at);
+            unsigned char* dst = w.window + at;
+            if (gr >= 0 && gc >= 0 && uint64_t(gr) < m.dims[1] && uint64_t(gc) < m.dims[0])
+                std::memcpy(dst, g + uint64_t(gr) * m.stride + uint64_t(gc) * eb, eb);
+            else
+                std::memset(dst, 0, eb);
+        }
+    }
+    Mbarrier* mb = find_mbar(w, c.mbar, "cp.async.bulk.tensor (landing)");
+    mb->tx -= bytes;
+    mbar_settle(w, *mb);
+}
+
+// Lands every copy not landed yet that completes on `mbar`, in issue order.
+void land_for(Worker& w, uint32_t mbar) {
+    for (size_t i = 0; i < w.copies.size();) {
+        if (w.copies[i].mbar == mbar) {
+            const TensorCopy c = w.copies[i];
+            w.copies.erase(w.copies.begin() + long(i));
+            land(w, c);
+        } else {
+            ++i;
+        }
+    }
+}
+
+Warpgroup& my_group(Worker& w, const char* what) {
+    if (w.nthreads % 128)
+        fail("%s: a warpgroup needs 4 full warps, and the block has %u threads", what, w.nthreads);
+    return w.groups[g_cur->linear / 128];
+}
+
+// Element (row, k) of a K-major operand described by `desc` (PTX ISA, "Matrix Descriptor
+// Format" and "Shared Memory Matrix Layout"), as f32.
+float operand(const Worker& w, uint64_t desc, unsigned row, unsigned k) {
+    const uint32_t start = uint32_t(desc & 0x3fff) << 4;
+    const uint32_t lbo = uint32_t((desc >> 16) & 0x3fff) << 4;
+    const uint32_t sbo = uint32_t((desc >> 32) & 0x3fff) << 4;
+    const unsigned mode = unsigned(desc >> 62);
+    uint32_t at;
+    if (mode == 1) {
+        // 128-byte swizzle: 8-row atoms of 128-byte rows, SBO between atoms along M/N, the
+        // k16 slice inside one 128-byte row; LBO unused.
+        at = swizzle128(start + (row / 8) * sbo + (row % 8) * 128 + k * 2);
+    } else {
+        // No swizzle: 8 × 16-byte core matrices, LBO between neighbours along K, SBO along M/N.
+        at = start + (row / 8) * sbo + (k / 8) * lbo + (row % 8) * 16 + (k % 8) * 2;
+    }
+    if (size_t(at) + 2 > window_bytes(w) || at < kSharedBase)
+        fail("wgmma: descriptor 0x%016llx reads shared address %u, outside dynamic shared memory "
+             "[%u, %zu)",
+             (unsigned long long)desc, at, kSharedBase, window_bytes(w));
+    half h;
+    std::memcpy(&h, w.window + at, 2);
+    return __half2float(h);
+}
+
+void check_desc(uint64_t desc) {
+    const unsigned mode = unsigned(desc >> 62);
+    if (mode != 0 && mode != 1)
+        fail("wgmma: descriptor 0x%016llx has swizzle mode %u; the emulation models none (0) and "
+             "128-byte (1)",
+             (unsigned long long)desc, mode);
+    if ((desc >> 49) & 7)
+        fail("wgmma: descriptor 0x%016llx has a matrix base offset; the emulation models 0",
+             (unsigned long long)desc);
+}
+
+// D (64 × n) = A (64 × 16) · B (16 × n) (+ D), into the 128 threads' fragments: thread t of
+// the warpgroup (warp t/32, lane l = t%32) holds, for j = 0 .. n/8−1, d[4j + i] =
+// D[16·(t/32) + l/4 + 8·(i/2)][8j + 2·(l%4) + i%2].
+void wgmma_execute(const Worker& w, const WgmmaOp& op) {
+    float a[64][16];
+    for (unsigned r = 0; r < 64; ++r)
+        for (unsigned k = 0; k < 16; ++k) a[r][k] = operand(w, op.desc_a, r, k);
+    std::vector<float> b(size_t(op.n) * 16);
+    for (int c = 0; c < op.n; ++c)
+        for (unsigned k = 0; k < 16; ++k) b[size_t(c) * 16 + k] = operand(w, op.desc_b, c, k);
+    for (unsigned t = 0; t < 128; ++t) {
+        const unsigned warp = t / 32, lane = t % 32;
+        for (int j = 0; j < op.n / 8; ++j)
+            for (unsigned i = 0; i < 4; ++i) {
+                const unsigned row = 16 * warp + lane / 4 + 8 * (i / 2);
+                const unsigned col = 8 * unsigned(j) + 2 * (lane % 4) + i % 2;
+                float acc = 0.f;
+                for (unsigned k = 0; k < 16; ++k) acc += a[row][k] * b[size_t(col) * 16 + k];
+                float& d = op.d[t][4 * j + i];
+                d = op.scale_d ? d + acc : acc;
+            }
+    }
+}
+
+struct WgmmaIssue : GroupOp {
+    float* d;
+    int n, scale_d;
+    uint64_t desc_a, desc_b;
+};
+struct WgmmaWait : GroupOp {
+    int pending;
+};
+
+void complete_issue(GroupOp* const* threads, unsigned first) {
+    Worker& w = *g_worker;
+    auto* t0 = static_cast<WgmmaIssue*>(threads[0]);
+    WgmmaOp op;
+    op.desc_a = t0->desc_a;
+    op.desc_b = t0->desc_b;
+    op.n = t0->n;
+    op.scale_d = t0->scale_d;
+    for (unsigned t = 0; t < 128; ++t) {
+        auto* x = static_cast<WgmmaIssue*>(threads[t]);
+        if (x->desc_a != op.desc_a || x->desc_b != op.desc_b || x->n != op.n ||
+            x->scale_d != op.scale_d)
+            fail("wgmma.mma_async: thread %u of the warpgroup passes other operands than thread "
+                 "%u (descriptors, n or scale-d must be the same in every thread)",
+                 first + t, first);
+        op.d[t] = x->d;
+    }
+    check_desc(op.desc_a);
+    check_desc(op.desc_b);
+    w.groups[first / 128].open.push_back(op);
+}
+
+void complete_commit(GroupOp* const*, unsigned first) {
+    Warpgroup& g = g_worker->groups[first / 128];
+    g.committed.push_back(std::move(g.open));
+    g.open.clear();
+}
+
+void complete_wait(GroupOp* const* threads, unsigned first) {
+    Worker& w = *g_worker;
+    Warpgroup& g = w.groups[first / 128];
+    const int keep = static_cast<WgmmaWait*>(threads[0])->pending;
+    while (int(g.committed.size()) > keep) {
+        for (const WgmmaOp& op : g.committed.front()) wgmma_execute(w, op);
+        g.committed.erase(g.committed.begin());
+    }
+}
+
+}  // namespace
+
+void group_collective(GroupOp* op) {
+    Worker& w = *g_worker;
+    Fiber* f = g_cur;
+    Warpgroup& g = my_group(w, op->name);
+    const unsigned first = f->linear / 128 * 128;
+    for (unsigned i = first; i < first + 128; ++i)
+        if (w.fibers[i].state == DONE)
+            fail("%s: thread %u of the warpgroup has returned; a warpgroup instruction needs all "
+                 "128 threads",
+                 op->name, i);
+    if (g.arrived && g.name != op->name && std::strcmp(g.name, op->name) != 0)
+        fail("%s while %u thread(s) of the warpgroup wait in %s", op->name, g.arrived, g.name);
+    g.name = op->name;
+    g.ops[f->linear - first] = op;
+    if (++g.arrived < 128) {
+        f->state = IN_GROUP_OP;
+        park(f);
+        return;  // completed by the last thread
+    }
+    GroupOp* ops[128];
+    std::memcpy(ops, g.ops, sizeof ops);
+    g.arrived = 0;
+    g.name = nullptr;
+    op->complete(ops, first);
+    for (unsigned i = first; i < first + 128; ++i)
+        if (i != f->linear) push_ready(w, i);
+}
+
+uint32_t shared_addr(const void* p) {
+    const Worker& w = *g_worker;
+    const auto* b = static_cast<const unsigned char*>(p);
+    if (!w.dyn || b < w.dyn || b >= w.dyn + w.dyn_bytes)
+        fail("__cvta_generic_to_shared: %p is not in this block's dynamic shared memory", p);
+    return uint32_t(b - w.window);
+}
+
+void* shared_ptr(uint32_t addr, size_t bytes, const char* what) {
+    const Worker& w = *g_worker;
+    if (addr < kSharedBase || size_t(addr) + bytes > window_bytes(w))
+        fail("%s: shared address %u (+%zu bytes) is outside dynamic shared memory [%u, %zu)", what,
+             addr, bytes, kSharedBase, window_bytes(w));
+    return w.window + addr;
+}
+
+void mbar_init(uint32_t addr, unsigned count) {
+    Worker& w = *g_worker;
+    shared_ptr(addr, 8, "mbarrier.init");
+    if (addr % 8) fail("mbarrier.init: shared address %u is not 8-byte aligned", addr);
+    if (count == 0 || count >= (1u << 20))
+        fail("mbarrier.init: count %u outside [1, 2^20)", count);
+    for (auto& m : w.mbars)
+        if (m.addr == addr) {
+            m = Mbarrier{addr, int(count), int(count), 0, 0};
+            return;
+        }
+    w.mbars.push_back(Mbarrier{addr, int(count), int(count), 0, 0});
+}
+
+void mbar_expect_tx(uint32_t addr, unsigned bytes) {
+    Worker& w = *g_worker;
+    find_mbar(w, addr, "mbarrier.expect_tx")->tx += bytes;
+}
+
+void mbar_arrive(uint32_t addr) {
+    Worker& w = *g_worker;
+    Mbarrier* m = find_mbar(w, addr, "mbarrier.arrive");
+    if (m->pending <= 0)
+        fail("mbarrier.arrive at %u: more arrivals than the %d its phase expects", addr,
+             m->expected);
+    --m->pending;
+    mbar_settle(w, *m);
+}
+
+void mbar_wait(uint32_t addr, unsigned parity) {
+    Worker& w = *g_worker;
+    Fiber* f = g_cur;
+    land_for(w, addr);
+    for (;;) {
+        const Mbarrier* m = find_mbar(w, addr, "mbarrier.try_wait.parity");
+        if ((m->phase & 1) != (parity & 1)) return;
+        f->state = AT_MBARRIER;
+        f->wait_mbar = addr;
+        park(f);
+    }
+}
+
+void bulk_tensor_load_2d(uint32_t dst, const TensorMapEmu* map, int c0, int c1, uint32_t mbar) {
+    Worker& w = *g_worker;
+    const char* what = "cp.async.bulk.tensor.2d";
+    if (map->magic != kTensorMapMagic)
+        fail("%s: the tensor map was not made by Device::tensor_map_2d", what);
+    if (map->swizzle != 0 && map->swizzle != 3)
+        fail("%s: swizzle %u is not emulated (none or 128-byte)", what, map->swizzle);
+    const size_t bytes = size_t(map->box[0]) * map->box[1] * map->elem_bytes;
+    shared_ptr(dst, bytes, what);
+    const uint32_t align = map->swizzle == 3 ? 1024 : 128;
+    if (dst % align)
+        fail("%s: destination shared address %u is not %u-byte aligned", what, dst, align);
+    find_mbar(w, mbar, what);
+    TensorCopy c{dst, mbar, *map, c0, c1};
+    if (w.reverse)
+        land(w, c);
+    else
+        w.copies.push_back(c);
+}
+
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d) {
+    if (n < 8 || n > 256 || n % 8) fail("wgmma.mma_async: n = %d is not a multiple of 8 in [8, 256]", n);
+    WgmmaIssue op;
+    op.name = "wgmma.mma_async";
+    op.complete = complete_issue;
+    op.d = d;
+    op.n = n;
+    op.scale_d = scale_d;
+    op.desc_a = desc_a;
+    op.desc_b = desc_b;
+    group_collective(&op);
+}
+
+void wgmma_commit() {
+    GroupOp op{"wgmma.commit_group", complete_commit};
+    group_collective(&op);
+}
+
+void wgmma_wait(int pending) {
+    WgmmaWait op;
+    op.name = "wgmma.wait_group";
+    op.complete = complete_wait;
+    op.pending = pending;
+    group_collective(&op);
+}
+
 }  // namespace icdit_emu
 
 extern "C" void icdit_fiber_main() {
@@ -480,8 +861,12 @@ void run_worker(Launch& L) {
         f.tid = uint3{i % L.block.x, (i / L.block.x) % L.block.y, i / (L.block.x * L.block.y)};
     }
     if (L.dyn_bytes) {
+        // The shared window: dynamic shared memory at kSharedBase, and a host address with the
+        // same residue mod 4096 as its shared address, so that aligning either aligns both.
         w.dyn_bytes = L.dyn_bytes;
-        w.dyn = static_cast<unsigned char*>(std::aligned_alloc(128, (L.dyn_bytes + 127) & ~size_t(127)));
+        const size_t total = (kSharedBase + L.dyn_bytes + 4095) & ~size_t(4095);
+        w.window = static_cast<unsigned char*>(std::aligned_alloc(4096, total));
+        w.dyn = w.window + kSharedBase;
     }
     gridDim = L.grid;
     blockDim = L.block;
@@ -496,7 +881,7 @@ void run_worker(Launch& L) {
         }
     }
     g_worker = nullptr;
-    std::free(w.dyn);
+    std::free(w.window);
     stack_release(w.stacks);
 }
 

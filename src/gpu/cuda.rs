@@ -19,7 +19,7 @@ use cust::stream::{Stream, StreamFlags};
 use cust::sys as cu;
 use cust::CudaFlags;
 
-use super::{check_range, kernels, ArenaRange, Device, Kernel, LaunchCfg};
+use super::{check_range, kernels, ArenaRange, Device, Kernel, LaunchCfg, TensorMap, TensorMapSpec};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
@@ -33,6 +33,32 @@ include!(concat!(env!("OUT_DIR"), "/cuda_modules.rs"));
 /// What ptxas reported (`-Xptxas -v`) for every embedded kernel: registers, shared memory,
 /// stack frame and spills. tests/gpu_ptxas.rs fails on any spill or local memory.
 pub const PTXAS_REPORT: &str = include_str!(concat!(env!("OUT_DIR"), "/ptxas-report.txt"));
+
+extern "C" {
+    // The driver's tensor map encoder (CUDA 12.0+; cust 0.3.2 predates it), from the libcuda
+    // cust links. Enumerations as plain integers: data type, interleave, swizzle, L2
+    // promotion and out-of-bounds fill.
+    fn cuTensorMapEncodeTiled(
+        tensor_map: *mut TensorMap,
+        data_type: u32,
+        rank: u32,
+        global_address: *mut c_void,
+        global_dim: *const u64,
+        global_strides: *const u64,
+        box_dim: *const u32,
+        element_strides: *const u32,
+        interleave: u32,
+        swizzle: u32,
+        l2_promotion: u32,
+        oob_fill: u32,
+    ) -> u32;
+}
+const CU_TENSOR_MAP_DATA_TYPE_FLOAT16: u32 = 6;
+const CU_TENSOR_MAP_INTERLEAVE_NONE: u32 = 0;
+const CU_TENSOR_MAP_SWIZZLE_128B: u32 = 3;
+const CU_TENSOR_MAP_L2_PROMOTION_L2_256B: u32 = 3;
+/// Out-of-bounds elements read as zero.
+const CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE: u32 = 0;
 
 fn cuda_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::gpu("CUDA call", format!("{what}: {e:?}"))
@@ -60,6 +86,9 @@ pub struct CudaDevice {
     name: String,
     /// Launches issued or recorded so far ([`Device::launches`]).
     launches: std::sync::atomic::AtomicU64,
+    multiprocessors: u32,
+    /// [`Device::gemm_sm90`].
+    sm90: std::cell::Cell<bool>,
     _context: Context,
 }
 
@@ -102,6 +131,10 @@ impl CudaDevice {
         let attr = |a| device.get_attribute(a).map_err(|e| cuda_err("cuDeviceGetAttribute", e));
         let (major, minor) =
             (attr(DeviceAttribute::ComputeCapabilityMajor)?, attr(DeviceAttribute::ComputeCapabilityMinor)?);
+        let multiprocessors = attr(DeviceAttribute::MultiprocessorCount)?.max(1) as u32;
+        // The Hopper GEMM's module holds wgmma code only when built for sm_90a (build.rs), and
+        // runs only on an sm_90 GPU.
+        let sm90 = major == 9 && ARCH == "90" && !super::emu::gemm_forced_wmma();
         let gpu = device.name().map_err(|e| cuda_err("cuDeviceGetName", e))?;
         let context = Context::new(device).map_err(|e| cuda_err("cuDevicePrimaryCtxRetain", e))?;
         let stream = Stream::new(StreamFlags::NON_BLOCKING, None).map_err(|e| cuda_err("cuStreamCreate", e))?;
@@ -182,6 +215,8 @@ impl CudaDevice {
             _modules: modules,
             name: format!("{gpu} (sm_{major}{minor}, kernels for sm_{ARCH})"),
             launches: std::sync::atomic::AtomicU64::new(0),
+            multiprocessors,
+            sm90: std::cell::Cell::new(sm90),
             _context: context,
         }))
     }
@@ -268,6 +303,49 @@ impl Device for CudaDevice {
 
     fn memory_info(&self) -> Option<(usize, usize)> {
         cust::memory::mem_get_info().ok()
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        self.multiprocessors
+    }
+
+    fn gemm_sm90(&self) -> bool {
+        self.sm90.get()
+    }
+
+    fn disable_gemm_sm90(&self) {
+        self.sm90.set(false);
+    }
+
+    fn tensor_map_2d(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        spec.check()?;
+        check_range(self.arena(), spec.addr, (((spec.rows - 1) * spec.stride + spec.cols) * 2) as usize)?;
+        let mut map = TensorMap([0; 16]);
+        let dims = [spec.cols, spec.rows];
+        let strides = [spec.stride * 2];
+        let boxes = [spec.box_cols, spec.box_rows];
+        let element_strides = [1u32, 1];
+        // SAFETY: every pointer is to a live local array of the length the rank (2) implies.
+        let r = unsafe {
+            cuTensorMapEncodeTiled(
+                &mut map,
+                CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+                2,
+                spec.addr as *mut c_void,
+                dims.as_ptr(),
+                strides.as_ptr(),
+                boxes.as_ptr(),
+                element_strides.as_ptr(),
+                CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        if r != 0 {
+            return Err(Error::gpu("CUDA call", format!("cuTensorMapEncodeTiled({spec:?}): CUresult {r}")));
+        }
+        Ok(map)
     }
 
     fn launches(&self) -> u64 {

@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_void, CStr};
 use std::ptr::NonNull;
 use std::time::Instant;
 
-use super::{check_range, ArenaRange, Device, EmuEntry, Kernel, LaunchCfg};
+use super::{check_range, ArenaRange, Device, EmuEntry, Kernel, LaunchCfg, TensorMap, TensorMapSpec};
 use crate::error::{Error, Result};
 use crate::plan::Plan;
 
@@ -31,6 +31,18 @@ extern "C" {
 /// Alignment of the arena, as cudaMalloc's.
 const ARENA_ALIGN: usize = 256;
 
+/// Multiprocessors the emulation reports: few, so that persistent kernels walk several tiles
+/// per block (and their pipelines wrap around their stages) even on small test shapes.
+pub const EMU_MULTIPROCESSORS: u32 = 3;
+
+/// kernels/emu/sm90.h's `kTensorMapMagic`.
+const TENSOR_MAP_MAGIC: u64 = 0x414d_5454_4944_434f;
+
+/// Whether `ICDIT_GEMM=wmma` forces the Hopper GEMM off (to compare it with the fallback).
+pub(crate) fn gemm_forced_wmma() -> bool {
+    std::env::var("ICDIT_GEMM").is_ok_and(|v| v == "wmma")
+}
+
 /// The CUDA execution model emulated on the CPU; see the module documentation.
 pub struct EmuDevice {
     base: NonNull<u8>,
@@ -41,6 +53,8 @@ pub struct EmuDevice {
     capture: RefCell<Option<Vec<Recorded>>>,
     /// Launches issued or recorded so far ([`Device::launches`]).
     launches: std::cell::Cell<u64>,
+    /// [`Device::gemm_sm90`]: the emulation models an sm_90 GPU.
+    sm90: std::cell::Cell<bool>,
 }
 
 /// One recorded launch: the kernel, its geometry, and its arguments copied into 8-byte
@@ -99,6 +113,7 @@ impl EmuDevice {
             name: format!("emulated GPU ({workers} thread{})", if workers == 1 { "" } else { "s" }),
             capture: RefCell::new(None),
             launches: std::cell::Cell::new(0),
+            sm90: std::cell::Cell::new(!gemm_forced_wmma()),
         })
     }
 
@@ -216,6 +231,33 @@ impl Device for EmuDevice {
 
     fn launches(&self) -> u64 {
         self.launches.get()
+    }
+
+    fn multiprocessors(&self) -> u32 {
+        EMU_MULTIPROCESSORS
+    }
+
+    fn gemm_sm90(&self) -> bool {
+        self.sm90.get()
+    }
+
+    fn disable_gemm_sm90(&self) {
+        self.sm90.set(false);
+    }
+
+    fn tensor_map_2d(&self, spec: &TensorMapSpec) -> Result<TensorMap> {
+        spec.check()?;
+        check_range(self.arena(), spec.addr, (((spec.rows - 1) * spec.stride + spec.cols) * 2) as usize)?;
+        let mut m = [0u64; 16];
+        m[0] = TENSOR_MAP_MAGIC;
+        m[1] = spec.addr;
+        m[2] = spec.cols;
+        m[3] = spec.rows;
+        m[4] = spec.stride * 2;
+        m[5] = spec.box_cols as u64 | (spec.box_rows as u64) << 32;
+        // Element bytes 2; swizzle 3 (CU_TENSOR_MAP_SWIZZLE_128B).
+        m[6] = 2 | 3 << 32;
+        Ok(TensorMap(m))
     }
 
     type Graph = EmuGraph;

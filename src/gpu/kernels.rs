@@ -8,7 +8,7 @@
 
 use std::ffi::c_void;
 
-use super::{f16, DevPtr, Device, Kernel, LaunchCfg};
+use super::{f16, DevPtr, Device, Kernel, LaunchCfg, TensorMap};
 use crate::error::Result;
 
 /// One kernel's module: its emulation declaration and entry, its [`Kernel`], its raw launch.
@@ -28,7 +28,9 @@ macro_rules! kernel_mod {
                 $(
                     // SAFETY: `launch` below built `args` from exactly these parameters.
                     let $arg: $ty = unsafe {
-                        let v = *(*_p as *const $ty);
+                        // Unaligned: a recorded graph keeps arguments in 8-byte slots, and a
+                    // tensor map is 64-byte aligned.
+                    let v = std::ptr::read_unaligned(*_p as *const $ty);
                         _p = _p.add(1);
                         v
                     };
@@ -128,6 +130,12 @@ kernels! {
             state: DevPtr<i32>, images: i32, cin: i32, cout: i32, hw: i32, guided_channels: i32,
             cfg_scale: f32, mode: i32, steps: i32, x0_out: DevPtr<f32>);
         check_finite_f32(v: DevPtr<f32>, n: i32, state: DevPtr<i32>, slot: i32);
+    }
+    "gemm_sm90" => {
+        gemm_sm90_f16_128x128_k64(map_a: TensorMap, map_w: TensorMap, map_w2: TensorMap,
+            out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, bias: DevPtr<f16>,
+            add: DevPtr<f16>, m: i32, n: i32, k: i32, ldc: i32, ld_add: i32, add_rows: i32,
+            out2: DevPtr<f32>, n2: i32, ld2: i32, ws: DevPtr<f32>, k_split: i32, act: i32);
     }
     "gemm" => {
         gemm_fused_f16_64x64_k64(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,

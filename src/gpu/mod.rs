@@ -17,6 +17,8 @@ mod emu;
 pub use emu::{EmuDevice, EmuGraph};
 #[cfg(test)]
 mod emu_selftest;
+#[cfg(test)]
+mod emu_sm90_selftest;
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -163,6 +165,52 @@ pub struct Kernel {
     pub arg_sizes: &'static [usize],
 }
 
+/// A 2-D tensor map for the Hopper bulk tensor copy (`cp.async.bulk.tensor`): 128 opaque
+/// bytes, 64-byte aligned, passed to a kernel by value. A CUDA device fills it with the
+/// driver's `cuTensorMapEncodeTiled`; the emulation with its own fields (kernels/emu/sm90.h).
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct TensorMap(pub(crate) [u64; 16]);
+
+impl std::fmt::Debug for TensorMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TensorMap(..)")
+    }
+}
+
+/// What a [`TensorMap`] describes: an f16 row-major matrix of `rows` × `cols` elements with
+/// `stride` elements between rows, copied in boxes of `box_rows` × `box_cols` elements with
+/// the 128-byte swizzle (`box_cols` = 64), elements outside the matrix read as zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorMapSpec {
+    pub addr: u64,
+    pub rows: u64,
+    pub cols: u64,
+    pub stride: u64,
+    pub box_rows: u32,
+    pub box_cols: u32,
+}
+
+impl TensorMapSpec {
+    /// The rules `cuTensorMapEncodeTiled` enforces, checked the same way on every device: a
+    /// 16-byte aligned start, a row stride that is a multiple of 16 bytes (and at least a row),
+    /// boxes of 1–256 elements a side whose rows fit the 128-byte swizzle.
+    pub fn check(&self) -> Result<()> {
+        let bad = if self.addr % 16 != 0 {
+            "the start is not 16-byte aligned"
+        } else if self.rows == 0 || self.cols == 0 || self.rows > u32::MAX as u64 || self.cols > u32::MAX as u64 {
+            "a dimension is 0 or above 2^32"
+        } else if (self.stride * 2) % 16 != 0 || self.stride < self.cols || self.stride * 2 >= 1 << 40 {
+            "the row stride is not a multiple of 16 bytes at least a row wide"
+        } else if !(1..=256).contains(&self.box_rows) || !(1..=256).contains(&self.box_cols) || self.box_cols * 2 > 128 {
+            "the box is not 1–256 elements a side with rows of at most 128 bytes"
+        } else {
+            return Ok(());
+        };
+        Err(Error::invalid("tensor map", format!("{self:?}: {bad}")))
+    }
+}
+
 /// Where the arena lies in device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct ArenaRange {
@@ -199,6 +247,22 @@ pub trait Device {
     /// Kernel launches issued so far on this device, those recorded into a graph included (a
     /// graph's replays are not counted again): the pipeline counts a step's launches with it.
     fn launches(&self) -> u64;
+
+    /// Multiprocessors: the persistent kernels run at most one block on each.
+    fn multiprocessors(&self) -> u32;
+
+    /// Whether the Hopper GEMM (kernels/gemm_sm90.cu) may run: an sm_90 GPU with kernels built
+    /// for sm_90a (or the emulation, which models one), not forced off by `ICDIT_GEMM=wmma`,
+    /// and not turned off by [`Device::disable_gemm_sm90`] after its first-use check failed.
+    fn gemm_sm90(&self) -> bool;
+
+    /// Turns the Hopper GEMM off for the rest of the device's life (the first-use check of
+    /// [`launch::gemm::check_sm90`] found it disagreeing with the fallback kernels).
+    fn disable_gemm_sm90(&self);
+
+    /// A tensor map for the bulk tensor copy of the matrix `spec` describes (checked by
+    /// [`TensorMapSpec::check`]).
+    fn tensor_map_2d(&self, spec: &TensorMapSpec) -> Result<TensorMap>;
 
     /// (free, total) bytes of device memory, where the device can tell.
     fn memory_info(&self) -> Option<(usize, usize)> {

@@ -111,7 +111,14 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], args: &B
     let out: DevSlice<f16> = dev.slice(plan.get(out_id))?;
     let pre: DevSlice<f16> = dev.slice(plan.get(pre_id))?;
     let ws: DevSlice<f32> = dev.slice(plan.get(ws_id))?;
+    // The Hopper kernel's first-use check, as the pipeline makes it (it turns the kernel off on
+    // disagreement, and says so).
+    let hopper = launch::check_sm90(dev, ws)?;
     println!("bench-gemm on {}: median of 3 timings of {} launches each", dev.name(), args.iters);
+    println!(
+        "Hopper GEMM (wgmma + TMA): {}",
+        if hopper { "on, first-use check passed" } else { "off (not an sm_90 device with sm_90a kernels, ICDIT_GEMM=wmma, or its check failed)" }
+    );
     println!("| shape | m | n | k | launch | µs | TFLOP/s | auto picks |");
     println!("|---|---|---|---|---|---|---|---|");
     for &m in &args.rows {
@@ -129,10 +136,13 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], args: &B
                 g.act = GemmAct::GeluTanh;
                 g.pre = Some(pre);
             }
-            let (auto_tile, auto_splits) = launch::gemm_choice(m as i32, s.n as i32, s.k as i32, ws.len(), s.minus);
+            let (auto_tile, auto_splits) = launch::gemm_choice_on(dev, &g, ws.len());
             let auto = format!("{} ×{auto_splits}", auto_tile.name());
             let mut variants = vec![("auto".to_string(), None)];
             for tile in GemmTile::ALL {
+                if tile == GemmTile::Sm90 && (!hopper || launch::sm90_unsupported(&g).is_some()) {
+                    continue;
+                }
                 variants.push((tile.name().to_string(), Some(GemmLaunch { tile, splits: 1 })));
             }
             for tile in [GemmTile::Small, GemmTile::Small32] {

@@ -1,12 +1,14 @@
 //! The launcher of the fused GEMM (kernels/gemm.cu: `gemm_fused_f16_64x64_k64`, `gemm_fused_f16_128x128_k32`,
-//! `gemm_splitk_reduce_f16`): every linear layer of the GPU pipeline, `out = act(a'·wᵀ + bias + add)` with `a' = a` or `a − a_minus` (the
+//! `gemm_splitk_reduce_f16`; kernels/gemm_sm90.cu: `gemm_sm90_f16_128x128_k64`): every linear layer of the GPU
+//! pipeline, `out = act(a'·wᵀ + bias + add)` with `a' = a` or `a − a_minus` (the
 //! increment-calibrated caching product `t = (x − x_s)·downᵀ`), an optional pre-activation
 //! copy, and strided operands so column groups of wider buffers can be read and written in
-//! place.
+//! place. On a device whose [`Device::gemm_sm90`] holds, the GEMMs the Hopper kernel takes
+//! (see [`sm90_unsupported`]) run on it; the rest, and every GEMM elsewhere, on gemm.cu's.
 
 use super::{covers, invalid, positive};
 use crate::error::Result;
-use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
+use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg, TensorMapSpec};
 
 const KERNEL: &str = "gemm_fused_f16_64x64_k64";
 
@@ -33,11 +35,14 @@ pub enum GemmTile {
     /// `gemm_fused_f16_64x64_k32_s2`: 64×64 tiles, 4 warps of 32×32, k step 32, 2 stages (the first kernel's
     /// configuration, kept for comparison).
     Classic,
+    /// `gemm_sm90_f16_128x128_k64` (kernels/gemm_sm90.cu): Hopper's wgmma on tiles the tensor memory
+    /// accelerator loads, 128×128 tiles, k step 64, 4 stages, a persistent grid; sm_90 only.
+    Sm90,
 }
 
 impl GemmTile {
-    pub const ALL: [GemmTile; 5] =
-        [GemmTile::Small, GemmTile::Large, GemmTile::Tall, GemmTile::Small32, GemmTile::Classic];
+    pub const ALL: [GemmTile; 6] =
+        [GemmTile::Small, GemmTile::Large, GemmTile::Tall, GemmTile::Small32, GemmTile::Classic, GemmTile::Sm90];
 
     fn shape(self) -> &'static Shape {
         match self {
@@ -46,6 +51,7 @@ impl GemmTile {
             GemmTile::Tall => &TALL,
             GemmTile::Small32 => &SMALL32,
             GemmTile::Classic => &CLASSIC,
+            GemmTile::Sm90 => &SM90,
         }
     }
 
@@ -56,6 +62,7 @@ impl GemmTile {
             GemmTile::Tall => "128x64 k32 s4",
             GemmTile::Small32 => "64x64 k32 s4",
             GemmTile::Classic => "64x64 k32 s2",
+            GemmTile::Sm90 => "sm90 128x128 k64 s4",
         }
     }
 }
@@ -65,6 +72,11 @@ const LARGE: Shape = Shape { bm: 128, bn: 128, bk: 32, stages: 4, threads: 256 }
 const TALL: Shape = Shape { bm: 128, bn: 64, bk: 32, stages: 4, threads: 128 };
 const SMALL32: Shape = Shape { bm: 64, bn: 64, bk: 32, stages: 4, threads: 128 };
 const CLASSIC: Shape = Shape { bm: 64, bn: 64, bk: 32, stages: 2, threads: 128 };
+/// kernels/gemm_sm90.cu's constants: a producer warpgroup and two consumer warpgroups.
+const SM90: Shape = Shape { bm: 128, bn: 128, bk: 64, stages: 4, threads: 384 };
+/// kernels/gemm_sm90.cu's dynamic shared memory: 4 stages of two 128 × 64 f16 tiles, 8
+/// mbarriers, and 1 KiB to align the stages to the 128-byte swizzle's 1024-byte period.
+const SM90_SMEM: u32 = 4 * 2 * 128 * 64 * 2 + 8 * 8 + 1024;
 
 /// Multiprocessors the tile choice aims to fill: an H100 or H200 SXM has 132. A smaller GPU is
 /// filled all the more; a larger one gets large tiles a little earlier than it would like.
@@ -249,6 +261,15 @@ fn stride_at_least(name: &str, ld: i32, width: i32) -> Result<()> {
     Ok(())
 }
 
+/// `p`, or null when `cond` holds (a split launch writes only its workspace).
+fn unless<T>(cond: bool, p: DevPtr<T>) -> DevPtr<T> {
+    if cond {
+        DevPtr::null()
+    } else {
+        p
+    }
+}
+
 fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
@@ -260,6 +281,40 @@ pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize, a_minus: bool
     (c.tile, c.splits as usize)
 }
 
+/// The launch [`gemm_ws`] makes of `spec` on `dev` with `workspace_elems` of workspace: the
+/// Hopper kernel where [`Device::gemm_sm90`] holds and it takes the GEMM, else
+/// [`gemm_choice`]'s rule. (tile, number of k slices).
+pub fn gemm_choice_on<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace_elems: usize) -> (GemmTile, usize) {
+    let c = choose_on(dev, spec, workspace_elems as i64);
+    (c.tile, c.splits as usize)
+}
+
+fn choose_on<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws_elems: i64) -> Choice {
+    let (m, n, k) = (spec.m as i64, spec.n_total() as i64, spec.k as i64);
+    if dev.gemm_sm90() && sm90_unsupported(spec).is_none() {
+        return choose_sm90(m, n, k, ws_elems, dev.multiprocessors() as i64);
+    }
+    choose(m, n, k, ws_elems, spec.a_minus.is_some())
+}
+
+/// The Hopper kernel's split of k (not measured yet: the first GPU check times it): while its
+/// 128×128 tiles would leave multiprocessors idle and the workspace allows, about one work unit
+/// per multiprocessor, slices of at least `MIN_SPLIT_K` and whole 64-wide k steps, at most
+/// `MAX_SPLITS`. At DiT-XL/2's batch 1 (512 rows, 132 SMs): proj and fc2 (36 tiles) in 4
+/// slices, qkv (108 tiles) in 2, fc1 (144 tiles) whole.
+fn choose_sm90(m: i64, n: i64, k: i64, ws_elems: i64, sms: i64) -> Choice {
+    let tiles = SM90.tiles(m, n);
+    let mut splits = 1;
+    if ws_elems > 0 && tiles < sms {
+        splits = ((sms + tiles - 1) / tiles).min(k / MIN_SPLIT_K).min(MAX_SPLITS).min(ws_elems / (m * n)).max(1);
+    }
+    if splits == 1 {
+        return Choice { tile: GemmTile::Sm90, splits: 1, k_split: k };
+    }
+    let k_split = ((k + splits - 1) / splits + SM90.bk - 1) / SM90.bk * SM90.bk;
+    Choice { tile: GemmTile::Sm90, splits: (k + k_split - 1) / k_split, k_split }
+}
+
 /// A launch chosen by the caller instead of [`gemm_ws`]'s rule (for `icdit bench-gemm`, which
 /// measures the alternatives): a tile shape, and about `splits` k slices (rounded to whole k
 /// steps; needs a workspace of `splits`·m·n).
@@ -267,6 +322,22 @@ pub fn gemm_choice(m: i32, n: i32, k: i32, workspace_elems: usize, a_minus: bool
 pub struct GemmLaunch {
     pub tile: GemmTile,
     pub splits: usize,
+}
+
+/// Why the Hopper kernel does not take `spec` (`None`: it does). It has no icc increment
+/// (`a_minus`), and its tensor maps need k and the row stride of `a` to be multiples of 8 and
+/// the matrices (a, w, a second weight) 16-byte aligned.
+pub fn sm90_unsupported(spec: &GemmSpec) -> Option<&'static str> {
+    let misaligned = |s: DevSlice<f16>| s.ptr().addr() % 16 != 0;
+    if spec.a_minus.is_some() {
+        Some("the icc increment (a − a_minus)")
+    } else if spec.k % 8 != 0 || spec.lda % 8 != 0 {
+        Some("k or lda not a multiple of 8")
+    } else if misaligned(spec.a) || misaligned(spec.w) || spec.also.is_some_and(|x| misaligned(x.w)) {
+        Some("a, w or the second weight not 16-byte aligned")
+    } else {
+        None
+    }
 }
 
 /// Runs the GEMM as `how` says; see [`gemm_ws`].
@@ -277,6 +348,14 @@ pub fn gemm_as<D: Device + ?Sized>(
     how: GemmLaunch,
 ) -> Result<()> {
     validate(spec)?;
+    if how.tile == GemmTile::Sm90 {
+        if let Some(why) = sm90_unsupported(spec) {
+            return Err(invalid(KERNEL, format!("the Hopper kernel does not take {why}")));
+        }
+        if !dev.gemm_sm90() {
+            return Err(invalid(KERNEL, format!("the Hopper kernel does not run on {}", dev.name())));
+        }
+    }
     let k = spec.k as i64;
     let bk = how.tile.shape().bk;
     let choice = if how.splits <= 1 {
@@ -307,13 +386,7 @@ pub fn gemm<D: Device + ?Sized>(dev: &D, spec: &GemmSpec) -> Result<()> {
 /// itself from k, lda and the alignment.
 pub fn gemm_ws<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, workspace: Option<DevSlice<f32>>) -> Result<()> {
     validate(spec)?;
-    let ws_elems = workspace.map_or(0, |s| s.len as i64);
-    launch_gemm(
-        dev,
-        spec,
-        workspace,
-        choose(spec.m as i64, spec.n_total() as i64, spec.k as i64, ws_elems, spec.a_minus.is_some()),
-    )
+    launch_gemm(dev, spec, workspace, choose_on(dev, spec, workspace.map_or(0, |s| s.len as i64)))
 }
 
 /// The checks on sizes and strides that need no launch choice.
@@ -402,44 +475,49 @@ fn launch_gemm<D: Device + ?Sized>(
         _ => DevPtr::null(),
     };
     let split = !ws.is_null();
-    let launch = match choice.tile {
-        GemmTile::Small => kernels::gemm_fused_f16_64x64_k64::launch::<D>,
-        GemmTile::Large => kernels::gemm_fused_f16_128x128_k32::launch::<D>,
-        GemmTile::Tall => kernels::gemm_fused_f16_128x64_k32::launch::<D>,
-        GemmTile::Small32 => kernels::gemm_fused_f16_64x64_k32::launch::<D>,
-        GemmTile::Classic => kernels::gemm_fused_f16_64x64_k32_s2::launch::<D>,
-    };
-    // SAFETY: every operand present covers the elements the kernel reads or writes for these
-    // sizes and strides (checked above); absent operands are null, which the kernel skips.
-    // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
-    // reads it and writes the outputs.
-    unsafe {
-        launch(
-            dev,
-            &cfg,
-            if split { DevPtr::null() } else { out16 },
-            if split { DevPtr::null() } else { out32 },
-            if split { DevPtr::null() } else { ptr_or_null(pre) },
-            a.ptr(),
-            ptr_or_null(a_minus),
-            w.ptr(),
-            ptr_or_null(bias),
-            ptr_or_null(add_slice),
-            ws,
-            m,
-            n,
-            k,
-            lda,
-            ldc,
-            ld_add,
-            add_rows,
-            choice.k_split as i32,
-            also.map_or(DevPtr::null(), |x| x.w.ptr()),
-            if split { DevPtr::null() } else { also.map_or(DevPtr::null(), |x| x.out.ptr()) },
-            also.map_or(0, |x| x.n),
-            also.map_or(0, |x| x.ld),
-            act.code(),
-        )?;
+    if choice.tile == GemmTile::Sm90 {
+        launch_sm90(dev, spec, ws, choice.k_split)?;
+    } else {
+        let launch = match choice.tile {
+            GemmTile::Small => kernels::gemm_fused_f16_64x64_k64::launch::<D>,
+            GemmTile::Large => kernels::gemm_fused_f16_128x128_k32::launch::<D>,
+            GemmTile::Tall => kernels::gemm_fused_f16_128x64_k32::launch::<D>,
+            GemmTile::Small32 => kernels::gemm_fused_f16_64x64_k32::launch::<D>,
+            GemmTile::Classic => kernels::gemm_fused_f16_64x64_k32_s2::launch::<D>,
+            GemmTile::Sm90 => unreachable!("launched above"),
+        };
+        // SAFETY: every operand present covers the elements the kernel reads or writes for these
+        // sizes and strides (checked above); absent operands are null, which the kernel skips.
+        // Split, the kernel writes only `ws` ((splits, m, n), covered) and the reduction below
+        // reads it and writes the outputs.
+        unsafe {
+            launch(
+                dev,
+                &cfg,
+                if split { DevPtr::null() } else { out16 },
+                if split { DevPtr::null() } else { out32 },
+                if split { DevPtr::null() } else { ptr_or_null(pre) },
+                a.ptr(),
+                ptr_or_null(a_minus),
+                w.ptr(),
+                ptr_or_null(bias),
+                ptr_or_null(add_slice),
+                ws,
+                m,
+                n,
+                k,
+                lda,
+                ldc,
+                ld_add,
+                add_rows,
+                choice.k_split as i32,
+                also.map_or(DevPtr::null(), |x| x.w.ptr()),
+                if split { DevPtr::null() } else { also.map_or(DevPtr::null(), |x| x.out.ptr()) },
+                also.map_or(0, |x| x.n),
+                also.map_or(0, |x| x.ld),
+                act.code(),
+            )?;
+        }
     }
     if !split {
         return Ok(());
@@ -470,6 +548,225 @@ fn launch_gemm<D: Device + ?Sized>(
             act.code(),
         )
     }
+}
+
+/// The Hopper kernel's launch (kernels/gemm_sm90.cu) for a checked `spec`: tensor maps of a, w
+/// and the second weight, a persistent grid of min(work units, multiprocessors) blocks; with
+/// `ws` not null, k slices of `k_split` into it (the caller then launches the reduction).
+fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_split: i64) -> Result<()> {
+    let &GemmSpec { out, pre, a, w, bias, add, m, n, k, lda, ldc, act, also, .. } = spec;
+    let (add_slice, ld_add, add_rows) = match add {
+        Some((s, ld, rows)) => (Some(s), ld, rows),
+        None => (None, n, m),
+    };
+    let (out16, out32) = match out {
+        GemmOut::F16(s) => (s.ptr(), DevPtr::null()),
+        GemmOut::F32(s) => (DevPtr::null(), s.ptr()),
+    };
+    let split = !ws.is_null();
+    let map = |s: DevSlice<f16>, rows: i32, stride: i32| {
+        dev.tensor_map_2d(&TensorMapSpec {
+            addr: s.ptr().addr(),
+            rows: rows as u64,
+            cols: k as u64,
+            stride: stride as u64,
+            box_rows: SM90.bm as u32,
+            box_cols: SM90.bk as u32,
+        })
+    };
+    let (map_a, map_w) = (map(a, m, lda)?, map(w, n, k)?);
+    // Without a second weight the kernel never reads its map: w's stands in.
+    let map_w2 = match also {
+        Some(x) => map(x.w, x.n, k)?,
+        None => map_w,
+    };
+    let up = |x: i64, t: i64| (x + t - 1) / t;
+    let tiles = up(m as i64, SM90.bm) * (up(n as i64, SM90.bn) + also.map_or(0, |x| up(x.n as i64, SM90.bn)));
+    let units = tiles * up(k as i64, k_split);
+    let cfg = LaunchCfg {
+        grid: [units.min(dev.multiprocessors() as i64).max(1) as u32, 1, 1],
+        block: [SM90.threads, 1, 1],
+        dyn_smem: SM90_SMEM,
+    };
+    // SAFETY: the tensor maps cover exactly a (m × k, stride lda), w (n × k) and the second
+    // weight, inside their slices; the other operands were checked by the caller as for
+    // gemm.cu's kernels (split: only `ws`, (splits, m, n + n2), is written).
+    unsafe {
+        kernels::gemm_sm90_f16_128x128_k64::launch(
+            dev,
+            &cfg,
+            map_a,
+            map_w,
+            map_w2,
+            unless(split, out16),
+            unless(split, out32),
+            unless(split, ptr_or_null(pre)),
+            ptr_or_null(bias),
+            ptr_or_null(add_slice),
+            m,
+            n,
+            k,
+            ldc,
+            ld_add,
+            add_rows,
+            unless(split, also.map_or(DevPtr::null(), |x| x.out.ptr())),
+            also.map_or(0, |x| x.n),
+            also.map_or(0, |x| x.ld),
+            ws,
+            k_split as i32,
+            act.code(),
+        )
+    }
+}
+
+/// The first-use check of the Hopper GEMM on a device (issue 26): a few small GEMMs with
+/// every epilogue (bias, row-wrapped add, pre-activation copy, GELU and SiLU, f16 and f32 out,
+/// a second weight, split-K; shapes that are not multiples of the tile) on the Hopper kernel
+/// and on gemm.cu's, compared
+/// within `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each
+/// output rounded once to f16: a rounding step apart at most). On disagreement the device
+/// turns the Hopper kernel off ([`Device::disable_gemm_sm90`]) and this says so once on
+/// stderr; a launch error is returned. `scratch` is f32 workspace (the pipeline's split-K
+/// buffer, before anything uses it) of at least [`SM90_CHECK_ELEMS`]. Returns whether the
+/// Hopper kernel stays on.
+pub fn check_sm90<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<bool> {
+    if !dev.gemm_sm90() {
+        return Ok(false);
+    }
+    if let Some(bad) = sm90_disagreement(dev, scratch)? {
+        dev.disable_gemm_sm90();
+        eprintln!(
+            "icdit: the Hopper GEMM (wgmma + TMA) disagrees with the fallback kernels on its first-use check \
+             ({bad}); {} uses the fallback kernels",
+            dev.name()
+        );
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+/// f32 elements of scratch [`check_sm90`] needs.
+pub const SM90_CHECK_ELEMS: usize = 1 << 18;
+
+/// One first-use case: sizes, activation, f32 or f16 out, which operands are present (add
+/// rows 0: no add), and the second weight's columns (0: none).
+struct CheckCase {
+    m: i32,
+    n: i32,
+    k: i32,
+    act: GemmAct,
+    f32_out: bool,
+    bias: bool,
+    add_rows: i32,
+    pre: bool,
+    n2: i32,
+    /// k slices of the Hopper launch (the fallback's is whole).
+    splits: usize,
+}
+
+const SM90_CASES: [CheckCase; 5] = [
+    CheckCase { m: 200, n: 136, k: 72, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 50, pre: true, n2: 0, splits: 1 },
+    CheckCase { m: 130, n: 200, k: 136, act: GemmAct::Silu, f32_out: false, bias: false, add_rows: 0, pre: false, n2: 40, splits: 1 },
+    CheckCase { m: 64, n: 64, k: 64, act: GemmAct::None, f32_out: true, bias: true, add_rows: 64, pre: false, n2: 0, splits: 1 },
+    CheckCase { m: 300, n: 24, k: 200, act: GemmAct::None, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 130, splits: 1 },
+    CheckCase { m: 100, n: 72, k: 520, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 24, splits: 3 },
+];
+
+/// The first case whose Hopper result differs from the fallback's, described; `None`: all agree.
+fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<Option<String>> {
+    let end = scratch.ptr().addr() + scratch.len as u64 * 4;
+    let s16 = |addr: u64, len: usize| DevSlice::<f16> { addr, len, _t: std::marker::PhantomData };
+    let s32 = |addr: u64, len: usize| DevSlice::<f32> { addr, len, _t: std::marker::PhantomData };
+    for (index, c) in SM90_CASES.iter().enumerate() {
+        // Each case carves 16-byte aligned regions out of the scratch bytes, from the start.
+        let mut at = scratch.ptr().addr().div_ceil(16) * 16;
+        let mut take = |bytes: usize| -> Result<u64> {
+            let start = at;
+            at += (bytes as u64).div_ceil(16) * 16;
+            if at > end {
+                return Err(invalid(KERNEL, "the first-use check's scratch is too small".to_string()));
+            }
+            Ok(start)
+        };
+        let (m, n, k, n2) = (c.m as usize, c.n as usize, c.k as usize, c.n2 as usize);
+        let a = s16(take(m * k * 2)?, m * k);
+        let w = s16(take(n * k * 2)?, n * k);
+        let w2 = s16(take(n2.max(1) * k * 2)?, n2.max(1) * k);
+        let bias = s16(take(n * 2)?, n);
+        let add = s16(take(c.add_rows.max(1) as usize * n * 2)?, c.add_rows.max(1) as usize * n);
+        // Per kernel: out (f16 or f32), pre, out2.
+        let outs = [take(m * n * 4)?, take(m * n * 4)?];
+        let pres = [s16(take(m * n * 2)?, m * n), s16(take(m * n * 2)?, m * n)];
+        let outs2 = [s32(take(m * n2.max(1) * 4)?, m * n2.max(1)), s32(take(m * n2.max(1) * 4)?, m * n2.max(1))];
+        let ws = s32(take(c.splits * m * (n + n2) * 4)?, c.splits * m * (n + n2));
+        // Deterministic values in [−1, 1) (an LCG), the weights scaled by 1/√k.
+        let mut state = 0x9e37_79b9u32.wrapping_mul(index as u32 + 1);
+        let mut fill = |s: DevSlice<f16>, scale: f32| -> Result<()> {
+            let v: Vec<f16> = (0..s.len)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    f16::from_f32(((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
+                })
+                .collect();
+            dev.upload(s, &v)
+        };
+        fill(a, 1.0)?;
+        fill(w, 1.0 / (k as f32).sqrt())?;
+        fill(w2, 1.0 / (k as f32).sqrt())?;
+        fill(bias, 0.5)?;
+        fill(add, 0.5)?;
+        let mut results: Vec<Vec<(&str, f32)>> = Vec::new();
+        for (i, tile) in [GemmTile::Sm90, GemmTile::Small].into_iter().enumerate() {
+            let out = if c.f32_out { GemmOut::F32(s32(outs[i], m * n)) } else { GemmOut::F16(s16(outs[i], m * n)) };
+            let spec = GemmSpec {
+                pre: c.pre.then_some(pres[i]),
+                bias: c.bias.then_some(bias),
+                add: (c.add_rows > 0).then_some((add, c.n, c.add_rows)),
+                act: c.act,
+                also: (n2 > 0).then_some(GemmAlso { w: w2, n: c.n2, out: outs2[i], ld: c.n2 }),
+                ..GemmSpec::new(out, a, w, c.m, c.n, c.k)
+            };
+            let splits = if tile == GemmTile::Sm90 { c.splits } else { 1 };
+            gemm_as(dev, &spec, (splits > 1).then_some(ws), GemmLaunch { tile, splits })?;
+            let mut got = Vec::new();
+            match out {
+                GemmOut::F32(s) => {
+                    let mut v = vec![0f32; s.len];
+                    dev.download(s, &mut v)?;
+                    got.extend(v.into_iter().map(|x| ("out", x)));
+                }
+                GemmOut::F16(s) => {
+                    let mut v = vec![f16::ZERO; s.len];
+                    dev.download(s, &mut v)?;
+                    got.extend(v.iter().map(|x| ("out", x.to_f32())));
+                }
+            }
+            if c.pre {
+                let mut v = vec![f16::ZERO; m * n];
+                dev.download(pres[i], &mut v)?;
+                got.extend(v.iter().map(|x| ("pre", x.to_f32())));
+            }
+            if n2 > 0 {
+                let mut v = vec![0f32; m * n2];
+                dev.download(outs2[i], &mut v)?;
+                got.extend(v.into_iter().map(|x| ("out2", x)));
+            }
+            results.push(got);
+        }
+        let (h, f) = (&results[0], &results[1]);
+        if let Some(i) = (0..h.len()).find(|&i| !((h[i].1 - f[i].1).abs() <= 4e-3 * f[i].1.abs() + 2e-3)) {
+            return Ok(Some(format!(
+                "{m}×{n}×{k}{} {:?}: {} element {} = {} against {}",
+                if n2 > 0 { format!(" + {n2} columns of a second weight") } else { String::new() },
+                c.act,
+                h[i].0,
+                i,
+                h[i].1,
+                f[i].1
+            )));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -520,10 +817,31 @@ mod tests {
     }
 
     #[test]
+    fn hopper_split_choice() {
+        let ws = 1 << 24;
+        let pick = |m, n, k| {
+            let c = choose_sm90(m, n, k, ws, 132);
+            assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k && c.k_split % 64 == 0 || c.splits == 1);
+            c.splits
+        };
+        // DiT-XL/2, batch 1 with guidance: 512 rows.
+        assert_eq!(pick(512, 1152, 1152), 4); // proj: 36 tiles
+        assert_eq!(pick(512, 1152, 4608), 4); // fc2
+        assert_eq!(pick(512, 3456, 1152), 2); // qkv: 108 tiles
+        assert_eq!(pick(512, 4608, 1152), 1); // fc1: 144 tiles
+        assert_eq!(pick(8192, 1152, 1152), 1); // batch 16
+        // Short k is not split below 256 per slice; no workspace, no split.
+        assert_eq!(pick(512, 128, 300), 1);
+        assert_eq!(choose_sm90(512, 1152, 1152, 0, 132).splits, 1);
+    }
+
+    #[test]
     fn shared_memory_fits_hopper() {
         for t in GemmTile::ALL {
             assert!(t.shape().smem(true) <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
         }
+        assert!(SM90_SMEM <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
+        assert_eq!(SM90_SMEM, 132_160);
         assert_eq!(SMALL.smem(false), 73728);
         assert_eq!(LARGE.smem(true), 122880);
     }

@@ -130,6 +130,8 @@ impl<D: Device> GpuBackend<D> {
             ));
         }
         let dev = open(&plan)?;
+        // The Hopper GEMM's first-use check, in the split-K workspace before anything uses it.
+        launch::check_sm90(&dev, dev.slice::<f32>(plan.get(buffers.split_ws))?)?;
         let steps = schedule.len();
         let mut backend = GpuBackend {
             model,

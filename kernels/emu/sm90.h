@@ -1,0 +1,80 @@
+// Hopper's (sm_90a) asynchronous machinery, emulated from the PTX ISA's definitions: what
+// kernels/sm90.cuh's wrappers call when the kernels are built as C++. Design and limits:
+// docs/gpu-emulation.md, "Hopper primitives".
+//
+//   shared addresses   __cvta_generic_to_shared: dynamic shared memory starts at shared
+//                      address kSharedBase (1152: 128-byte aligned, deliberately not 1024-byte
+//                      aligned, so a kernel must align its swizzled buffers itself, as on a
+//                      GPU where the start of dynamic shared memory is not promised either).
+//   mbarrier           init / arrive / expect_tx / complete_tx / wait on a phase's parity,
+//                      with the ISA's phase rule (try_wait.parity P succeeds once the phase of
+//                      parity P has completed, i.e. while the current phase's parity is not P).
+//                      A waiting thread is parked like one at a barrier; a wait that can never
+//                      complete is a reported deadlock.
+//   bulk tensor copy   cp.async.bulk.tensor.2d global → shared from a tensor map (ours: see
+//                      TensorMapEmu), box rows × columns, out-of-bounds elements zero, 128-byte
+//                      swizzle, completing on an mbarrier's transaction count. Even blocks
+//                      land a copy as late as possible (when some thread waits on its
+//                      mbarrier), odd blocks at once: a consumer that reads before waiting sees
+//                      stale data in one, a producer that overwrites a stage still being read
+//                      shows in the other.
+//   wgmma              mma_async m64nNk16, f16 × f16 → f32, A and B K-major from shared
+//                      memory matrix descriptors (no swizzle or 128-byte swizzle), the
+//                      accumulator fragment layout of the ISA; a warpgroup collective. An
+//                      operation is carried out at the wait_group that retires its commit
+//                      group, reading shared memory then and writing the registers then: a
+//                      kernel that reads its accumulators or reuses a stage before the wait
+//                      gets wrong data.
+//   elect.sync         one lane (the lowest) of a full warp returns true.
+//   fence.proxy.async, wgmma.fence, setmaxnreg: ordering and register-file hints with no
+//                      effect on a CPU (accepted, not modelled).
+#pragma once
+
+namespace icdit_emu {
+
+// Shared address of the start of dynamic shared memory.
+constexpr uint32_t kSharedBase = 1152;
+
+// A tensor map as the emulation encodes it (src/gpu/emu.rs, Device::tensor_map_2d): the same
+// 128 bytes, 64-byte aligned, that CUtensorMap is on a GPU, holding our own fields.
+struct alignas(64) TensorMapEmu {
+    uint64_t magic;         // kTensorMapMagic
+    uint64_t global;        // address of element (0, 0)
+    uint64_t dims[2];       // elements: dims[0] the contiguous (inner) one
+    uint64_t stride;        // bytes between consecutive dims[1] indices
+    uint32_t box[2];        // box elements, inner first
+    uint32_t elem_bytes;
+    uint32_t swizzle;       // CUtensorMapSwizzle: 0 none, 3 128-byte
+    uint64_t unused[9];
+};
+static_assert(sizeof(TensorMapEmu) == 128, "a tensor map is 128 bytes");
+constexpr uint64_t kTensorMapMagic = 0x414d54544944434full;  // "OCDITTMA"
+
+// One thread's part in a warpgroup-collective operation (wgmma.*): every thread of the
+// warpgroup passes one with the same name; the last to arrive completes them all.
+struct GroupOp {
+    const char* name;
+    void (*complete)(GroupOp* const* threads, unsigned first_thread);
+};
+void group_collective(GroupOp* op);
+
+uint32_t shared_addr(const void* p);
+void* shared_ptr(uint32_t addr, size_t bytes, const char* what);
+
+void mbar_init(uint32_t addr, unsigned count);
+void mbar_expect_tx(uint32_t addr, unsigned bytes);
+void mbar_arrive(uint32_t addr);
+void mbar_wait(uint32_t addr, unsigned parity);
+
+void bulk_tensor_load_2d(uint32_t dst, const TensorMapEmu* map, int c0, int c1, uint32_t mbar);
+
+// Issues one m64nNk16 operation of the calling thread's warpgroup; `d` is this thread's N/2
+// accumulators.
+void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d);
+void wgmma_commit();
+void wgmma_wait(int pending);
+
+}  // namespace icdit_emu
+
+inline uint32_t __cvta_generic_to_shared(const void* p) { return icdit_emu::shared_addr(p); }
+#define __grid_constant__
