@@ -232,6 +232,10 @@ pub fn forward<O: PixArtOps>(ops: &mut O, cfg: &PixArtConfig, rows: usize, kind:
                 ops.residual(s(Slot::Out2Y), rows);
                 ops.gated_residual(s(Slot::Ff2Y), gate_mlp, rows);
             }
+            // PixArt's policies (PixArtCache: none, reuse, icc) never schedule these.
+            StepKind::BranchFull | StepKind::TaylorFull | StepKind::Forecast => {
+                unreachable!("PixArt-α has no {kind:?} steps (fora and taylor are DiT-only for now)")
+            }
         }
     }
     ops.norm_modulate(Act::H, final_norm, rows);

@@ -375,6 +375,12 @@ fn cache_mode(policy: CachePolicy, factors: Option<&Path>, model: &PixArtModel) 
         (CachePolicy::Icc, None) => {
             return Err(Error::invalid("--cache icc", "needs --factors FILE (factors named after the layers)"))
         }
+        (CachePolicy::Fora | CachePolicy::Taylor, _) => {
+            return Err(Error::invalid(
+                "--cache",
+                format!("`{policy}` runs on DiT models only for now; PixArt-α takes none, reuse or icc"),
+            ))
+        }
     })
 }
 
