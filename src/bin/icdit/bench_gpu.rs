@@ -17,6 +17,7 @@ use icdit::engine::{EngineOptions, FullSteps, Request};
 use icdit::forward::StepKind;
 use icdit::gpu::{Device, EmuDevice, GpuEngine, OpTime, StepLaunches};
 use icdit::plan::Plan;
+use icdit::policy::Forecast;
 use icdit::{CacheMode, CachePolicy, DitConfig, DitModel, Error, Factors, IccForm, Sampler};
 
 #[derive(Args, Debug)]
@@ -68,7 +69,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// One timed kind of step of one engine.
 struct StepTime {
-    /// The engine: `none`, `reuse`, `icc` (the default form), `icc-direct`, `icc-folded`, `icc-gemms`.
+    /// The engine: `none`, `reuse`, `icc` (the default form), `icc-direct`, `icc-folded`, `icc-gemms`,
+    /// `fora`, `taylor` (order 2, warm-up 2).
     engine: String,
     kind: StepKind,
     ms: f32,
@@ -181,6 +183,9 @@ fn bench_batches<D: Device>(
             ("icc-direct", icc.clone(), IccForm::Direct, true, false),
             ("icc-folded", icc.clone(), IccForm::Folded, true, false),
             ("icc-gemms", icc, IccForm::Direct, false, false),
+            // The other caching policies (issue 24): their step kinds only, no end-to-end run.
+            ("fora", CacheMode::Fora, IccForm::Auto, true, false),
+            ("taylor", CacheMode::Taylor(Forecast::CLI_DEFAULT), IccForm::Auto, true, false),
         ];
         for (label, cache, icc_form, fused_lowrank, e2e) in engines {
             let opts = EngineOptions { cache, icc_form, fused_lowrank, ..base.clone() };
