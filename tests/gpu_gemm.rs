@@ -763,7 +763,11 @@ fn second_weight<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 dev.name()
             );
             assert_nontrivial(&what, &exact2);
-            assert_bits_eq(&what, &get::<f16, _>(&dev, &plan, bo), &exact.iter().map(|&v| f16_rne(v)).collect::<Vec<_>>());
+            assert_bits_eq(
+                &what,
+                &get::<f16, _>(&dev, &plan, bo),
+                &exact.iter().map(|&v| f16_rne(v)).collect::<Vec<_>>(),
+            );
             let got2 = get::<f32, _>(&dev, &plan, bo2);
             assert!(got2.iter().zip(&exact2).all(|(&g, &e)| g as f64 == e), "{what}: second output not exact");
             println!("{what}: exact");

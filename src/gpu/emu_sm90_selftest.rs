@@ -112,7 +112,8 @@ fn wgmma_fragments_follow_the_isa_layout() {
     dev.upload(a, &av.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     dev.upload(b, &bv.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     let (ma, mb) = (map(&dev, a, 64, 64, 64), map(&dev, b, 128, 64, 128));
-    let dd = |r: usize, c: usize, ks: std::ops::Range<usize>| -> f32 { ks.map(|k| av[r * 64 + k] * bv[c * 64 + k]).sum() };
+    let dd =
+        |r: usize, c: usize, ks: std::ops::Range<usize>| -> f32 { ks.map(|k| av[r * 64 + k] * bv[c * 64 + k]).sum() };
     for (kk, mode) in [(0, 0), (1, 0), (3, 0), (1, 2), (0, 1)] {
         // SAFETY: the kernel writes 2 blocks × 128 threads × 64 floats into `out`.
         unsafe { emu_selftest_wgmma::launch(&dev, &cfg(2, 128, 192 * 128 + 1024 + 64), ma, mb, out.ptr(), kk, mode) }
@@ -190,13 +191,24 @@ fn gemm_mutants_fail() {
     dev.upload(a, &av.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     dev.upload(w, &wv.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     let (ma, mw) = (map(&dev, a, m as u64, k as u64, 128), map(&dev, w, n as u64, k as u64, 128));
-    let want: Vec<f32> =
-        (0..m * n).map(|i| f16::from_f32((0..k).map(|kk| av[i / n * k + kk] * wv[i % n * k + kk]).sum()).to_f32()).collect();
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| f16::from_f32((0..k).map(|kk| av[i / n * k + kk] * wv[i % n * k + kk]).sum()).to_f32())
+        .collect();
     let run = |mutant: i32| -> std::result::Result<usize, String> {
         dev.upload(o, &vec![f16::from_f32(f32::NAN); m * n]).unwrap();
         // SAFETY: the maps cover a and w; `o` holds m × n halves.
         unsafe {
-            emu_mutant_gemm_sm90::launch(&dev, &cfg(3, 384, 132_160), ma, mw, o.ptr(), m as i32, n as i32, k as i32, mutant)
+            emu_mutant_gemm_sm90::launch(
+                &dev,
+                &cfg(3, 384, 132_160),
+                ma,
+                mw,
+                o.ptr(),
+                m as i32,
+                n as i32,
+                k as i32,
+                mutant,
+            )
         }
         .map_err(|e| e.to_string())?;
         let mut got = vec![f16::ZERO; m * n];

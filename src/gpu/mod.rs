@@ -202,7 +202,8 @@ impl TensorMapSpec {
             "a dimension is 0 or above 2^32"
         } else if (self.stride * 2) % 16 != 0 || self.stride < self.cols || self.stride * 2 >= 1 << 40 {
             "the row stride is not a multiple of 16 bytes at least a row wide"
-        } else if !(1..=256).contains(&self.box_rows) || !(1..=256).contains(&self.box_cols) || self.box_cols * 2 > 128 {
+        } else if !(1..=256).contains(&self.box_rows) || !(1..=256).contains(&self.box_cols) || self.box_cols * 2 > 128
+        {
             "the box is not 1–256 elements a side with rows of at most 128 bytes"
         } else {
             return Ok(());

@@ -117,7 +117,11 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], args: &B
     println!("bench-gemm on {}: median of 3 timings of {} launches each", dev.name(), args.iters);
     println!(
         "Hopper GEMM (wgmma + TMA): {}",
-        if hopper { "on, first-use check passed" } else { "off (not an sm_90 device with sm_90a kernels, ICDIT_GEMM=wmma, or its check failed)" }
+        if hopper {
+            "on, first-use check passed"
+        } else {
+            "off (not an sm_90 device with sm_90a kernels, ICDIT_GEMM=wmma, or its check failed)"
+        }
     );
     println!("| shape | m | n | k | launch | µs | TFLOP/s | auto picks |");
     println!("|---|---|---|---|---|---|---|---|");

@@ -174,20 +174,19 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         let e = enc.encode(prompts, len)?;
         Embeddings::new(e.embeds, e.mask, e.batch, e.len, e.dim)
     };
-    let prompt = match (f.prompt_embeds, f.prompts) {
-        (Some(p), _) => Embeddings::load(p)?,
-        (None, prompts) if !prompts.is_empty() => {
-            let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
-            encode(&texts, f.max_sequence_length.unwrap_or(icdit::text::DEFAULT_MAX_LEN))?
-        }
-        (None, _) => {
-            return Err(Error::invalid(
+    let prompt =
+        match (f.prompt_embeds, f.prompts) {
+            (Some(p), _) => Embeddings::load(p)?,
+            (None, prompts) if !prompts.is_empty() => {
+                let texts: Vec<&str> = prompts.iter().map(String::as_str).collect();
+                encode(&texts, f.max_sequence_length.unwrap_or(icdit::text::DEFAULT_MAX_LEN))?
+            }
+            (None, _) => return Err(Error::invalid(
                 "--prompt",
                 "a PixArt-α pipeline samples from prompts: pass --prompt TEXT (one image each), or --prompt-embeds \
                  FILE (`prompt_embeds` f32 [B, L, D] and `attention_mask` i64 [B, L], as `icdit encode` writes them)",
-            ))
-        }
-    };
+            )),
+        };
     let sampler = match f.sampler {
         None | Some("dpm-solver") => PixArtSampler::DpmSolver,
         Some("ddim") => PixArtSampler::Ddim,

@@ -665,11 +665,66 @@ struct CheckCase {
 }
 
 const SM90_CASES: [CheckCase; 5] = [
-    CheckCase { m: 200, n: 136, k: 72, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 50, pre: true, n2: 0, splits: 1 },
-    CheckCase { m: 130, n: 200, k: 136, act: GemmAct::Silu, f32_out: false, bias: false, add_rows: 0, pre: false, n2: 40, splits: 1 },
-    CheckCase { m: 64, n: 64, k: 64, act: GemmAct::None, f32_out: true, bias: true, add_rows: 64, pre: false, n2: 0, splits: 1 },
-    CheckCase { m: 300, n: 24, k: 200, act: GemmAct::None, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 130, splits: 1 },
-    CheckCase { m: 100, n: 72, k: 520, act: GemmAct::GeluTanh, f32_out: false, bias: true, add_rows: 0, pre: true, n2: 24, splits: 3 },
+    CheckCase {
+        m: 200,
+        n: 136,
+        k: 72,
+        act: GemmAct::GeluTanh,
+        f32_out: false,
+        bias: true,
+        add_rows: 50,
+        pre: true,
+        n2: 0,
+        splits: 1,
+    },
+    CheckCase {
+        m: 130,
+        n: 200,
+        k: 136,
+        act: GemmAct::Silu,
+        f32_out: false,
+        bias: false,
+        add_rows: 0,
+        pre: false,
+        n2: 40,
+        splits: 1,
+    },
+    CheckCase {
+        m: 64,
+        n: 64,
+        k: 64,
+        act: GemmAct::None,
+        f32_out: true,
+        bias: true,
+        add_rows: 64,
+        pre: false,
+        n2: 0,
+        splits: 1,
+    },
+    CheckCase {
+        m: 300,
+        n: 24,
+        k: 200,
+        act: GemmAct::None,
+        f32_out: false,
+        bias: true,
+        add_rows: 0,
+        pre: true,
+        n2: 130,
+        splits: 1,
+    },
+    CheckCase {
+        m: 100,
+        n: 72,
+        k: 520,
+        act: GemmAct::GeluTanh,
+        f32_out: false,
+        bias: true,
+        add_rows: 0,
+        pre: true,
+        n2: 24,
+        splits: 3,
+    },
 ];
 
 /// The first case whose Hopper result differs from the fallback's, described; `None`: all agree.
@@ -821,7 +876,9 @@ mod tests {
         let ws = 1 << 24;
         let pick = |m, n, k| {
             let c = choose_sm90(m, n, k, ws, 132);
-            assert!(c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k && c.k_split % 64 == 0 || c.splits == 1);
+            assert!(
+                c.splits * c.k_split >= k && (c.splits - 1) * c.k_split < k && c.k_split % 64 == 0 || c.splits == 1
+            );
             c.splits
         };
         // DiT-XL/2, batch 1 with guidance: 512 rows.
@@ -830,7 +887,7 @@ mod tests {
         assert_eq!(pick(512, 3456, 1152), 2); // qkv: 108 tiles
         assert_eq!(pick(512, 4608, 1152), 1); // fc1: 144 tiles
         assert_eq!(pick(8192, 1152, 1152), 1); // batch 16
-        // Short k is not split below 256 per slice; no workspace, no split.
+                                               // Short k is not split below 256 per slice; no workspace, no split.
         assert_eq!(pick(512, 128, 300), 1);
         assert_eq!(choose_sm90(512, 1152, 1152, 0, 132).splits, 1);
     }
