@@ -212,6 +212,17 @@ pub trait SamplingBackend {
     }
 }
 
+/// A preview buffer holds one x̂₀ of the request's size.
+pub(crate) fn check_preview(preview: &[f32], out: &[f32]) -> Result<()> {
+    if preview.len() != out.len() {
+        return Err(Error::invalid(
+            "preview buffer",
+            format!("{} elements, expected {} (the output's size)", preview.len(), out.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// A model plus a sampler on a backend, ready to serve requests.
 ///
 /// An engine is `Send` when its backend is (the CPU engine is: it can move to another
@@ -289,12 +300,7 @@ impl<B: SamplingBackend> SamplingEngine<B> {
         if !self.backend.previews() {
             return Err(Error::invalid("preview", "this backend does not give per-step previews"));
         }
-        if preview.len() != out.len() {
-            return Err(Error::invalid(
-                "preview buffer",
-                format!("{} elements, expected {} (the output's size)", preview.len(), out.len()),
-            ));
-        }
+        check_preview(preview, out)?;
         self.run(req, out, Some(preview), on_step)
     }
 

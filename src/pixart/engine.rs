@@ -241,12 +241,7 @@ impl PixArtEngine {
         preview: &mut [f32],
         on_step: &mut dyn FnMut(Step, &[f32]),
     ) -> Result<()> {
-        if preview.len() != out.len() {
-            return Err(Error::invalid(
-                "preview buffer",
-                format!("{} elements, expected {} (the output's size)", preview.len(), out.len()),
-            ));
-        }
+        crate::engine::check_preview(preview, out)?;
         self.run(req, out, Some(preview), on_step)
     }
 
