@@ -112,3 +112,50 @@ fn impossible_settings_are_refused() {
     let e = engine.sample(&req, &mut out, &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("not finite"), "{e}");
 }
+
+/// The sampling loop conditions several steps at once (`CpuEngine::condition_ahead`: one
+/// modulation GEMM over steps × rows rows): each step's pass gives the bits of a standalone
+/// `forward_step` with that step's timesteps, under every kind of step icc schedules; steps
+/// outside what was conditioned are refused, and the non-finite probe after such a pass runs
+/// (on that step's own conditioning) without disturbing the engine.
+#[test]
+fn conditioning_ahead_gives_each_steps_own_bits() {
+    use icdit::forward::StepKind;
+    use icdit::{CacheMode, CpuEngine, CpuOptions, Factors};
+    let m = model();
+    let cfg = m.config;
+    let factors = Arc::new(Factors::load(&fixture("icc/factors_casvd_r8.safetensors"), &m).unwrap());
+    let opts = CpuOptions { max_batch: 1, guidance: true, threads: 2, cache: CacheMode::Icc(factors), isa: None };
+    let (mut each, mut ahead) =
+        (CpuEngine::new(Arc::clone(&m), &opts).unwrap(), CpuEngine::new(Arc::clone(&m), &opts).unwrap());
+    let rows = 2;
+    assert!(ahead.ahead_steps(rows) >= 5, "{} steps ahead at 2 rows", ahead.ahead_steps(rows));
+    let ts = [999i64, 700, 400, 100, 3];
+    let y = [3i64, cfg.null_class() as i64];
+    let kinds = [StepKind::Full, StepKind::Calibrated, StepKind::Reuse, StepKind::Calibrated, StepKind::Full];
+    ahead.condition_ahead(&ts, &y).unwrap();
+    let out_len = rows * cfg.output_elems();
+    let (mut a, mut b) = (vec![0.0f32; out_len], vec![0.0f32; out_len]);
+    for (j, (&t, &kind)) in ts.iter().zip(&kinds).enumerate() {
+        let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 37 + j * 11) % 101) as f32 / 50.0 - 1.0).collect();
+        each.forward_step(&x, &[t, t], &y, &mut a, kind).unwrap();
+        ahead.forward_step_ahead(&x, j, &mut b, kind).unwrap();
+        assert!(a.iter().any(|&v| v != 0.0), "step {j}: a trivial output");
+        assert!(a == b, "step {j} ({kind:?}, t = {t}): conditioned ahead differs from a standalone pass");
+    }
+    let x = vec![0.5f32; rows * cfg.image_elems()];
+    let err = ahead.forward_step_ahead(&x, 5, &mut b, StepKind::Plain).unwrap_err().to_string();
+    assert!(err.contains("conditioned step") && err.contains("hold 5"), "{err}");
+    let err = ahead.condition_ahead(&[500; 40], &y).unwrap_err().to_string();
+    assert!(err.contains("40 steps"), "{err}");
+    let err = ahead.condition_ahead(&[500, 1000], &y).unwrap_err().to_string();
+    assert!(err.contains("t[2] = 1000"), "{err}");
+    // A finite pass on step 3, probed: nothing found, and the probe ends the steps held ahead.
+    ahead.condition_ahead(&ts, &y).unwrap();
+    ahead.forward_step_ahead(&x, 3, &mut b, StepKind::Plain).unwrap();
+    assert!(ahead.locate_non_finite(rows, StepKind::Plain).is_none());
+    assert!(ahead.forward_step_ahead(&x, 4, &mut b, StepKind::Plain).is_err());
+    each.forward_step(&x, &[100, 100], &y, &mut a, StepKind::Plain).unwrap();
+    ahead.forward_step(&x, &[100, 100], &y, &mut b, StepKind::Plain).unwrap();
+    assert!(a == b, "a standalone pass after the probe differs");
+}

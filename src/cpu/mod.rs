@@ -101,6 +101,17 @@ struct ForwardBuffers {
     lowrank: Option<BufId>,
 }
 
+/// Rows the conditioning buffers hold at least: the sampling loop conditions
+/// ⌊AHEAD_ROWS / rows⌋ steps at once ([`CpuEngine::condition_ahead`]), so that at small
+/// batches one modulation GEMM reads the adaLN weights (0.8 GB in f32 at DiT-XL/2 size) for
+/// several steps instead of for each.
+pub const AHEAD_ROWS: usize = 16;
+
+/// Rows the conditioning buffers of a plan for `rows` model rows hold.
+fn conditioning_rows(rows: usize) -> usize {
+    rows.max(AHEAD_ROWS)
+}
+
 /// Rows (model batch) a plan must hold for `opts`.
 pub fn planned_rows(opts: &CpuOptions) -> usize {
     opts.max_batch.saturating_mul(if opts.guidance { 2 } else { 1 })
@@ -133,6 +144,7 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
     let (n, c, m) = (cfg.tokens(), cfg.hidden_size, cfg.mlp_hidden());
     let (i, p2) = (cfg.input_size, cfg.patch_size * cfg.patch_size);
     let mut p = Plan::new(format!("CPU forward plan ({rows} rows, {threads} threads)"));
+    let cr = conditioning_rows(rows);
     let bufs = ForwardBuffers {
         input: p.add("input", &[rows, cfg.in_channels, i, i], Dt::F32),
         patches: p.add("patches", &[rows, n, cfg.patch_dim()], Dt::F32),
@@ -144,11 +156,11 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         mlp: p.add("mlp", &[rows, n, m], Dt::F32),
         out: p.add("final_out", &[rows, n, p2 * cfg.out_channels()], Dt::F32),
         image: p.add("output", &[rows, cfg.out_channels(), i, i], Dt::F32),
-        tfreq: p.add("t_freq", &[rows, FREQ_DIM], Dt::F32),
-        temb: p.add("t_hidden", &[rows, c], Dt::F32),
-        c: p.add("c", &[rows, c], Dt::F32),
-        silu_c: p.add("silu_c", &[rows, c], Dt::F32),
-        modv: p.add("modulation", &[rows, forward::modulation_width(cfg)], Dt::F32),
+        tfreq: p.add("t_freq", &[cr, FREQ_DIM], Dt::F32),
+        temb: p.add("t_hidden", &[cr, c], Dt::F32),
+        c: p.add("c", &[cr, c], Dt::F32),
+        silu_c: p.add("silu_c", &[cr, c], Dt::F32),
+        modv: p.add("modulation", &[cr, forward::modulation_width(cfg)], Dt::F32),
         gemm_scratch: p.add("gemm_scratch", &[threads, gemm::SCRATCH_PER_THREAD], Dt::F32),
         gemm_packed_a: p.add(
             "gemm_packed_a",
@@ -214,6 +226,13 @@ fn resolve_threads(threads: usize) -> usize {
     }
 }
 
+/// The steps [`CpuEngine::condition_ahead`] conditioned.
+#[derive(Clone, Copy, Debug)]
+struct Ahead {
+    steps: usize,
+    rows: usize,
+}
+
 /// A DiT ready to run on the CPU.
 pub struct CpuEngine {
     model: Arc<DitModel>,
@@ -224,9 +243,15 @@ pub struct CpuEngine {
     bufs: ForwardBuffers,
     max_rows: usize,
     freqs: [f32; FREQ_DIM / 2],
-    /// Staged request: timesteps (as f32, as the model casts them) and labels.
+    /// Staged request: timesteps (as f32, as the model casts them) and labels, one per
+    /// conditioning row.
     t: Vec<f32>,
     y: Vec<usize>,
+    /// What the conditioning buffers hold for [`CpuEngine::forward_step_ahead`]: `steps`
+    /// steps of `rows` rows each (`None` after anything else wrote them).
+    ahead: Option<Ahead>,
+    /// The first modulation row of the pass being run (step j of [`Ahead`]: j · rows).
+    mod_base: usize,
     cache: CacheMode,
     /// Rows of the last full step, whose activations the caches hold.
     cached_rows: Option<usize>,
@@ -266,8 +291,10 @@ impl CpuEngine {
             bufs,
             max_rows,
             freqs,
-            t: vec![0.0; max_rows],
-            y: vec![0; max_rows],
+            t: vec![0.0; conditioning_rows(max_rows)],
+            y: vec![0; conditioning_rows(max_rows)],
+            ahead: None,
+            mod_base: 0,
             cache: opts.cache.clone(),
             cached_rows: None,
             forecast_step: ForecastStep::REUSE,
@@ -321,6 +348,81 @@ impl CpuEngine {
     pub fn forward_step(&mut self, x: &[f32], t: &[i64], y: &[i64], out: &mut [f32], kind: StepKind) -> Result<()> {
         policy::check_step(kind, &self.cache, self.cached_rows, t.len())?;
         let rows = self.stage(x, t, y)?;
+        self.check_output(rows, out)?;
+        self.ahead = None;
+        self.mod_base = 0;
+        forward::conditioning(self, rows);
+        self.run_pass(rows, out, kind);
+        Ok(())
+    }
+
+    /// How many steps [`CpuEngine::condition_ahead`] conditions at once for `rows` model rows:
+    /// ⌊[`AHEAD_ROWS`] / rows⌋, at least 1.
+    pub fn ahead_steps(&self, rows: usize) -> usize {
+        (self.t.len() / rows.max(1)).max(1)
+    }
+
+    /// Computes the conditioning (timestep and label embedding, every modulation vector) of
+    /// `t.len()` steps of one request at once: step j's rows are timestep `t[j]` with the
+    /// labels `y`. The modulation GEMM over steps × rows rows reads the adaLN weights once
+    /// for all of them, as the GPU pipeline does for a whole request. Each row's values are
+    /// those [`CpuEngine::forward_step`] computes (the GEMM sums every element in the same
+    /// order whatever the row count). At most [`CpuEngine::ahead_steps`] steps.
+    pub fn condition_ahead(&mut self, t: &[i64], y: &[i64]) -> Result<()> {
+        let (steps, rows) = (t.len(), y.len());
+        if rows == 0 || rows > self.max_rows {
+            return Err(Error::invalid(
+                "batch",
+                format!("{rows} rows; this engine was planned for 1..={} rows", self.max_rows),
+            ));
+        }
+        if steps == 0 || steps > self.ahead_steps(rows) {
+            return Err(Error::invalid(
+                "conditioned steps",
+                format!("{steps} steps of {rows} rows; expected 1..={}", self.ahead_steps(rows)),
+            ));
+        }
+        self.ahead = None;
+        for (j, &tj) in t.iter().enumerate() {
+            for (r, &yr) in y.iter().enumerate() {
+                self.stage_condition(j * rows + r, tj, yr)?;
+            }
+        }
+        forward::conditioning(self, steps * rows);
+        self.ahead = Some(Ahead { steps, rows });
+        Ok(())
+    }
+
+    /// A forward pass of the given kind, as [`CpuEngine::forward_step`], on step `step` of the
+    /// last [`CpuEngine::condition_ahead`] (its timestep and labels); `x` holds its rows.
+    pub fn forward_step_ahead(&mut self, x: &[f32], step: usize, out: &mut [f32], kind: StepKind) -> Result<()> {
+        let Some(ahead) = self.ahead.filter(|a| step < a.steps) else {
+            let held = self.ahead.map_or(0, |a| a.steps);
+            return Err(Error::invalid(
+                "conditioned step",
+                format!("step {step} of the steps conditioned ahead, which hold {held}"),
+            ));
+        };
+        let rows = ahead.rows;
+        policy::check_step(kind, &self.cache, self.cached_rows, rows)?;
+        self.stage_input(x, rows)?;
+        self.check_output(rows, out)?;
+        self.mod_base = step * rows;
+        self.run_pass(rows, out, kind);
+        Ok(())
+    }
+
+    /// The forward pass proper, on staged inputs and computed conditioning.
+    fn run_pass(&mut self, rows: usize, out: &mut [f32], kind: StepKind) {
+        let (cfg, eps) = (self.model.config, self.model.mlp_norm_eps);
+        forward::forward(self, &cfg, eps, rows, kind);
+        if kind.refreshes_caches() {
+            self.cached_rows = Some(rows);
+        }
+        out.copy_from_slice(&self.slice(self.bufs.image)[..out.len()]);
+    }
+
+    fn check_output(&self, rows: usize, out: &[f32]) -> Result<()> {
         let need = rows * self.model.config.output_elems();
         if out.len() != need {
             return Err(Error::invalid(
@@ -328,13 +430,6 @@ impl CpuEngine {
                 format!("has {} elements, expected {need} ({rows} × Cout × I × I)", out.len()),
             ));
         }
-        let (cfg, eps) = (self.model.config, self.model.mlp_norm_eps);
-        forward::conditioning(self, rows);
-        forward::forward(self, &cfg, eps, rows, kind);
-        if kind.refreshes_caches() {
-            self.cached_rows = Some(rows);
-        }
-        out.copy_from_slice(&self.slice(self.bufs.image)[..need]);
         Ok(())
     }
 
@@ -360,7 +455,6 @@ impl CpuEngine {
 
     /// Validates a request and copies it into the arena; returns the row count.
     fn stage(&mut self, x: &[f32], t: &[i64], y: &[i64]) -> Result<usize> {
-        let cfg = &self.model.config;
         let rows = t.len();
         if rows == 0 || rows > self.max_rows {
             return Err(Error::invalid(
@@ -368,14 +462,28 @@ impl CpuEngine {
                 format!("{rows} rows; this engine was planned for 1..={} rows", self.max_rows),
             ));
         }
-        if y.len() != rows || x.len() != rows * cfg.image_elems() {
+        if y.len() != rows {
+            return Err(Error::invalid(
+                "request shapes",
+                format!("t has {} elements and y {}; expected {rows} for both", t.len(), y.len()),
+            ));
+        }
+        self.stage_input(x, rows)?;
+        for (r, (&tr, &yr)) in t.iter().zip(y).enumerate() {
+            self.stage_condition(r, tr, yr)?;
+        }
+        Ok(rows)
+    }
+
+    /// Validates the latents of `rows` rows and copies them into the arena.
+    fn stage_input(&mut self, x: &[f32], rows: usize) -> Result<()> {
+        let cfg = &self.model.config;
+        if x.len() != rows * cfg.image_elems() {
             return Err(Error::invalid(
                 "request shapes",
                 format!(
-                    "x has {} elements, t {} and y {}; expected {rows} × {} × {} × {} for x and {rows} for t and y",
+                    "x has {} elements; expected {rows} × {} × {} × {}",
                     x.len(),
-                    t.len(),
-                    y.len(),
                     cfg.in_channels,
                     cfg.input_size,
                     cfg.input_size
@@ -385,26 +493,25 @@ impl CpuEngine {
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("x", format!("element {i} is {}", x[i])));
         }
-        for (r, (&tr, &yr)) in t.iter().zip(y).enumerate() {
-            if !(0..1000).contains(&tr) {
-                return Err(Error::invalid("timestep", format!("t[{r}] = {tr}; expected 0..=999")));
-            }
-            let labels = cfg.label_rows() as i64;
-            if !(0..labels).contains(&yr) {
-                return Err(Error::invalid(
-                    "class label",
-                    format!(
-                        "y[{r}] = {yr}; expected 0..{} (or {} for unconditional)",
-                        cfg.num_classes,
-                        cfg.null_class()
-                    ),
-                ));
-            }
-            self.t[r] = tr as f32;
-            self.y[r] = yr as usize;
-        }
         self.slice_mut(self.bufs.input)[..x.len()].copy_from_slice(x);
-        Ok(rows)
+        Ok(())
+    }
+
+    /// Validates one conditioning row's timestep and label and stages them as row `r`.
+    fn stage_condition(&mut self, r: usize, t: i64, y: i64) -> Result<()> {
+        let cfg = &self.model.config;
+        if !(0..1000).contains(&t) {
+            return Err(Error::invalid("timestep", format!("t[{r}] = {t}; expected 0..=999")));
+        }
+        if !(0..cfg.label_rows() as i64).contains(&y) {
+            return Err(Error::invalid(
+                "class label",
+                format!("y[{r}] = {y}; expected 0..{} (or {} for unconditional)", cfg.num_classes, cfg.null_class()),
+            ));
+        }
+        self.t[r] = t as f32;
+        self.y[r] = y as usize;
+        Ok(())
     }
 
     fn slice(&self, id: BufId) -> &[f32] {
@@ -420,6 +527,13 @@ impl CpuEngine {
     }
 
     /// Raw access to a buffer for ops that read one buffer while writing another.
+    /// The modulation vectors of the pass being run: row r's at r · modulation width.
+    fn modulations_ptr(&self) -> SendPtr {
+        let (m, _) = self.ptr(self.bufs.modv);
+        // SAFETY: mod_base ≤ the conditioning rows − rows: set with a checked step index.
+        SendPtr(unsafe { m.get().add(self.mod_base * forward::modulation_width(&self.model.config)) })
+    }
+
     fn ptr(&self, id: BufId) -> (SendPtr, usize) {
         let b = self.plan.get(id);
         (SendPtr(self.arena.f32_ptr(b)), b.elems())

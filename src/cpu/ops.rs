@@ -184,7 +184,7 @@ impl DitOps for CpuEngine {
         let eps = norm.eps;
         let (x, _) = self.ptr(self.bufs.x);
         let (h, _) = self.ptr(self.act_buf(dst));
-        let (m, _) = self.ptr(self.bufs.modv);
+        let m = self.modulations_ptr();
         self.par(rows * n, |range| {
             for tok in range {
                 let r = tok / n;
@@ -414,7 +414,7 @@ impl DitOps for CpuEngine {
         let gate = gate.offset(cfg);
         let (x, _) = self.ptr(self.bufs.x);
         let (s, _) = self.ptr(self.act_buf(src));
-        let (m, _) = self.ptr(self.bufs.modv);
+        let m = self.modulations_ptr();
         self.par(rows * n, |range| {
             for tok in range {
                 let r = tok / n;

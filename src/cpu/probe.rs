@@ -179,6 +179,15 @@ impl CpuEngine {
     pub fn locate_non_finite(&mut self, rows: usize, kind: StepKind) -> Option<NonFiniteAt> {
         let cfg = self.model.config;
         let eps = self.model.mlp_norm_eps;
+        // After a pass on steps conditioned ahead, that step's timesteps and labels become rows
+        // 0..rows again, and the probe computes their conditioning afresh.
+        if self.mod_base != 0 {
+            let base = self.mod_base;
+            self.t.copy_within(base..base + rows, 0);
+            self.y.copy_within(base..base + rows, 0);
+        }
+        self.ahead = None;
+        self.mod_base = 0;
         let found = {
             let mut probe = Probe { engine: self, block: None, modulation_checked: false, rows, found: None };
             forward::conditioning(&mut probe, rows);

@@ -39,11 +39,14 @@ pub struct CpuBackend {
     plan: Plan,
     arena: Arena,
     buffers: SamplerBuffers,
-    /// The model call's timesteps and labels, one per row.
-    t: Vec<i64>,
+    /// The model call's labels, one per row.
     y: Vec<i64>,
     /// Images of the request being sampled.
     images: usize,
+    /// Timesteps of the steps conditioned ahead, and which steps the forward pass holds the
+    /// conditioning of: (first step index, count) of this request.
+    ahead_t: Vec<i64>,
+    ahead: Option<(usize, usize)>,
 }
 
 impl CpuBackend {
@@ -106,9 +109,10 @@ impl CpuBackend {
             plan,
             arena,
             buffers,
-            t: vec![0; rows],
             y: vec![0; rows],
             images: 0,
+            ahead_t: vec![0; super::AHEAD_ROWS],
+            ahead: None,
         })
     }
 
@@ -239,6 +243,7 @@ impl SamplingBackend for CpuBackend {
             }
         }
         self.images = n;
+        self.ahead = None;
         Ok(())
     }
 
@@ -250,7 +255,6 @@ impl SamplingBackend for CpuBackend {
         let rows = self.opts.model_rows(n);
         let steps = self.schedule.len();
         let timestep = self.schedule.timestep_map[k];
-        self.t[..rows].fill(timestep as i64);
         // The model sees [x; x]: forward_with_cfg duplicates the conditional half.
         let guided = self.opts.guided();
         {
@@ -273,8 +277,22 @@ impl SamplingBackend for CpuBackend {
             if let Some(f) = self.opts.cache.forecast() {
                 self.forward.set_forecast_step(policy::forecast_step(&self.opts.full_steps, f, index));
             }
-            self.forward.forward_step(min, &self.t[..rows], &self.y[..rows], mout, kind)?;
+            // The conditioning of the next few steps at once (CpuEngine::condition_ahead).
+            let first = match self.ahead {
+                Some((first, count)) if (first..first + count).contains(&index) => first,
+                _ => {
+                    let count = self.forward.ahead_steps(rows).min(steps - index).min(self.ahead_t.len());
+                    for (j, t) in self.ahead_t[..count].iter_mut().enumerate() {
+                        *t = self.schedule.timestep_map[k - j] as i64;
+                    }
+                    self.forward.condition_ahead(&self.ahead_t[..count], &self.y[..rows])?;
+                    self.ahead = Some((index, count));
+                    index
+                }
+            };
+            self.forward.forward_step_ahead(min, index - first, mout, kind)?;
             if self.opts.check_finite && mout.iter().any(|v| !v.is_finite()) {
+                self.ahead = None;
                 let (location, cause) = match self.forward.locate_non_finite(rows, kind) {
                     Some(at) => (at.location, at.tensor.map(|t| format!(": {t}")).unwrap_or_default()),
                     None => ("the model output (not reproduced when the step was run again)".into(), String::new()),
