@@ -8,6 +8,8 @@
 #      "<test>: skipped: no CUDA device" and passing
 #   3. CUDA engine: `icdit bench-gpu` (step kinds, 50-step sampling, memory)  -> engine.log
 #   4. PyTorch baselines: tools/bench_pytorch_gpu.py (DiT-XL/2, random weights) -> pytorch.log/.json
+#  4b. PyTorch PixArt-α baseline: tools/bench_pytorch_pixart_gpu.py (PixArt-XL/2 at 256 and 512 px,
+#      random weights) -> appended to pytorch.log; its JSON goes into summary.json
 #   5. summary: a markdown table, printed last, and JSON                      -> summary.md/.json
 # Files go to ${OUT:-out/gpu-check}, flat (the device tool brings back at most 8 files: these 7
 # plus gpu-check.log, the whole stdout). Every step runs under its own `timeout`, cut to what is
@@ -19,13 +21,19 @@
 # batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2), GPU_CHECK_COMPILE_MODE (default
 # max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
 # `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_PYTORCH=0 (skip step 4),
-# GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
+# GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3);
+# step 4b: GPU_CHECK_PIXART=0 (skip it), GPU_CHECK_PIXART_BUDGET (its seconds, default 150, added to
+# the default budget), GPU_CHECK_PIXART_SIZES (default 256,512), GPU_CHECK_PIXART_BATCHES (default 1),
+# GPU_CHECK_PIXART_COMPILE_MODE (default "default": max-autotune's compile does not fit its budget).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
 set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
 cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT:-out/gpu-check}
-BUDGET=${GPU_CHECK_BUDGET:-330}
+# Step 4b's seconds, kept back from the steps before it and added to the default budget.
+RESERVE_PIXART=${GPU_CHECK_PIXART_BUDGET:-150}
+[[ "${GPU_CHECK_PIXART:-1}" == 0 ]] && RESERVE_PIXART=0
+BUDGET=${GPU_CHECK_BUDGET:-$((330 + RESERVE_PIXART))}
 BATCHES=${GPU_CHECK_BATCHES:-1,4,16}
 FAMILY=${GPU_CHECK_FAMILY:-XL/2}
 COMPILE_MODE=${GPU_CHECK_COMPILE_MODE:-max-autotune}
@@ -37,6 +45,7 @@ BIN=.device/bin
 # variants at batches 1,4,16 on an H100) and for the summary.
 RESERVE_PYTORCH=150
 [[ "${GPU_CHECK_PYTORCH:-1}" == 0 ]] && RESERVE_PYTORCH=0
+RESERVE_PYTORCH=$((RESERVE_PYTORCH + RESERVE_PIXART))
 RESERVE_SUMMARY=15
 # The test binaries prepare-device.sh builds: one per tests/gpu_*.rs, and the library's unit tests.
 EXPECTED_TESTS=()
@@ -109,6 +118,7 @@ main() {
     step_tests
     step_engine
     step_pytorch
+    step_pytorch_pixart
     step_summary
     if ((DRY)); then
         say "dry run: nothing was run; exit 0"
@@ -420,8 +430,8 @@ PYEOF
 # ---- 4. PyTorch baselines ------------------------------------------------------------------------
 step_pytorch() {
     local log="$OUT_DIR/pytorch.log" json="$OUT_DIR/pytorch.json" c ct t0 rc cmd
-    c=$(cap 100000 "$RESERVE_SUMMARY")
-    ((DRY)) && c=$((BUDGET - 60))
+    c=$(cap 100000 $((RESERVE_PIXART + RESERVE_SUMMARY)))
+    ((DRY)) && c=$((BUDGET - 60 - RESERVE_PIXART))
     ct=$COMPILE_TIMEOUT
     ((ct > c * 6 / 10)) && ct=$((c * 6 / 10))
     cmd=("$PY" tools/bench_pytorch_gpu.py --device cuda --family "$FAMILY" --batches "$BATCHES"
@@ -455,6 +465,56 @@ step_pytorch() {
     fi
 }
 
+# ---- 4b. PyTorch PixArt-α baseline ----------------------------------------------------------------
+# tools/bench_pytorch_pixart_gpu.py: PixArt-XL/2 (our port tools/pixart_torch.py, checked against
+# diffusers by tools/check_pixart_torch.py; the GPU machine has no diffusers) at 256 and 512 px, fp16
+# eager and fp16 torch.compile, forward at batch 2, 20-step DPM-Solver++ sampling, icc and reuse.
+# No new output file (the device tool brings back 8): the log is appended to pytorch.log, the JSON
+# goes into summary.json ("pytorch_pixart") and its table into summary.md.
+PIXART_JSON=""
+step_pytorch_pixart() {
+    local log="$OUT_DIR/pytorch.log" json="$WORK/pytorch-pixart.json" c ct t0 rc cmd
+    local sizes=${GPU_CHECK_PIXART_SIZES:-256,512} batches=${GPU_CHECK_PIXART_BATCHES:-1}
+    local mode=${GPU_CHECK_PIXART_COMPILE_MODE:-default}
+    c=$(cap "$RESERVE_PIXART" "$RESERVE_SUMMARY")
+    ((DRY)) && c=$RESERVE_PIXART
+    # Each size compiles once: the first compile may take 40 % of the step's time.
+    ct=$((c * 4 / 10))
+    cmd=("$PY" tools/bench_pytorch_pixart_gpu.py --device cuda --sizes "$sizes" --batches "$batches"
+         --budget "$c" --compile-mode "$mode" --compile-timeout "$ct" --json "$json")
+    say "== 4b. PyTorch PixArt-α baseline -> pytorch.log (appended), summary.json"
+    if [[ "${GPU_CHECK_PIXART:-1}" == 0 ]]; then
+        say "    GPU_CHECK_PIXART=0: skipped"
+        ((DRY)) || note "PyTorch PixArt" "skipped" 0 "GPU_CHECK_PIXART=0"
+        return
+    fi
+    if ((DRY)); then
+        show env PYTHONUNBUFFERED=1 timeout -k 10 $((c + 15)) "${cmd[@]}"
+        say "    (its output appended to $log; the JSON, in a temporary folder, goes into summary.json)"
+        say "    (--budget: GPU_CHECK_PIXART_BUDGET=${RESERVE_PIXART} s, cut to what is left less ${RESERVE_SUMMARY} s)"
+        return
+    fi
+    if ((c < 30)); then
+        note "PyTorch PixArt" "SKIPPED (budget)" 0 "${c} s left"
+        FAILED=1
+        return
+    fi
+    t0=$SECONDS
+    echo "===== tools/bench_pytorch_pixart_gpu.py (step 4b)" >>"$log"
+    PYTHONUNBUFFERED=1 timeout -k 10 $((c + 15)) "${cmd[@]}" >"$WORK/pixart.log" 2>&1
+    rc=$?
+    cat "$WORK/pixart.log" >>"$log"
+    sed -n '/^== bench_pytorch_pixart_gpu results ==/,$p' "$WORK/pixart.log"
+    [[ -f "$json" ]] && PIXART_JSON=$json
+    if ((rc == 0)); then
+        note "PyTorch PixArt" ok $((SECONDS - t0)) "PixArt-XL/2 $sizes px, batches $batches, compile $mode (limit ${ct} s)"
+    else
+        tail -n 20 "$WORK/pixart.log"
+        note "PyTorch PixArt" "$( ((rc == 124 || rc == 137)) && echo TIMEOUT || echo FAIL)" $((SECONDS - t0)) "exit $rc (pytorch.log)"
+        FAILED=1
+    fi
+}
+
 # ---- 5. summary ----------------------------------------------------------------------------------
 step_summary() {
     say "== 5. summary -> summary.md, summary.json"
@@ -462,7 +522,7 @@ step_summary() {
         show "$PY" - "<summary of the steps, pytorch.json and engine.log>"
         note "dry run" "no GPU" 0 "nothing run"
     fi
-    DRY=$DRY CARD="${CARD:-}" CARD_SHORT="${CARD_SHORT:-}" BUDGET=$BUDGET ELAPSED=$(elapsed) \
+    DRY=$DRY CARD="${CARD:-}" CARD_SHORT="${CARD_SHORT:-}" BUDGET=$BUDGET ELAPSED=$(elapsed) PIXART_JSON="$PIXART_JSON" \
         "$PY" - "$STEPS" "$OUT_DIR" <<'EOF'
 import datetime, json, os, sys
 steps_file, out = sys.argv[1], sys.argv[2]
@@ -497,6 +557,27 @@ try:
             st = f"compiled in {r['compile_s']:.0f} s ({r['compile_mode']})"
         lines.append(f"| {r['variant']} | {r['what']} | {f(r.get('images'), 'd')} | {f(r.get('median_ms'), '.2f')} | "
                      f"{f(r.get('ms_per_image'), '.2f')} | {f(r.get('tflops'), '.1f')} | {f(r.get('peak_mib'), '.0f')} | {st} |")
+except (OSError, ValueError, KeyError):
+    pass
+try:
+    px = json.load(open(os.environ["PIXART_JSON"]))
+    summary["pytorch_pixart"] = px
+    c = px["config"]
+    lines += ["", f"PyTorch {px['torch']} baseline, {c['model']} at {', '.join(map(str, c['sizes']))} px (random weights, "
+              f"caption {c['tokens']} tokens), DPM-Solver++ {c['steps']} steps, guidance {c['cfg']}, "
+              f"icc rank {c['rank']} period {c['period']}:", "",
+              "| px | variant | what | images | median ms | ms/image | TFLOP/s | peak MiB | status |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    f = lambda v, fmt: "" if v is None else format(v, fmt)
+    for r in px["results"]:
+        st = r["status"]
+        if r["what"] == "compile" and "compile_s" in r:
+            st = f"compiled in {r['compile_s']:.0f} s ({r['compile_mode']})"
+        elif r["what"] == "icc-check":
+            st = f"{st} (inc step after a full step reproduces it)"
+        lines.append(f"| {r.get('size', '')} | {r['variant']} | {r['what']} | {f(r.get('images'), 'd')} | "
+                     f"{f(r.get('median_ms'), '.2f')} | {f(r.get('ms_per_image'), '.2f')} | {f(r.get('tflops'), '.1f')} | "
+                     f"{f(r.get('peak_mib'), '.0f')} | {st} |")
 except (OSError, ValueError, KeyError):
     pass
 try:

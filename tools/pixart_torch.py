@@ -12,7 +12,8 @@ Parameter names equal diffusers' state dict (`pos_embed.proj.weight`,
 
 Contents:
   * `PixArtConfig`, `PixArt`: the transformer. `PixArt.forward(x, t, text, mask)` is one model
-    call; `encode_caption` / `denoise` split it so that a sampler projects the caption once.
+    call; `encode_caption` / `cross_kv` / `denoise` split it so that a sampler computes what
+    depends on the caption only (its projection, the cross-attention K/V) once per request.
   * `DpmSolverPP`: DPM-Solver++ 2M as diffusers' `DPMSolverMultistepScheduler` computes it with
     PixArt's published scheduler config (midpoint, final sigma zero: the last step is first order).
   * `Ddim`: diffusers' `DDIMScheduler` with `clip_sample=False`, `set_alpha_to_one=False`, eta 0.
@@ -62,7 +63,8 @@ class PixArtConfig:
             raise ValueError(f"norm_type {d['norm_type']!r}: only 'ada_norm_single' (PixArt-α) is implemented")
         if d.get("use_additional_conditions"):
             raise ValueError("use_additional_conditions: the 1024-MS micro-conditions are not implemented")
-        if d.get("cross_attention_dim") not in (None, d.get("num_attention_heads", 16) * d.get("attention_head_dim", 72)):
+        inner = d.get("num_attention_heads", 16) * d.get("attention_head_dim", 72)
+        if d.get("cross_attention_dim") not in (None, inner):
             raise ValueError("cross_attention_dim must equal the inner width (heads x head_dim)")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names and v is not None})
@@ -208,10 +210,12 @@ class Block(nn.Module):
         b, c = t_mod.shape[0], self.scale_shift_table.shape[1]
         return (self.scale_shift_table[None] + t_mod.view(b, 6, c)).chunk(6, dim=1)
 
-    def forward(self, x, t_mod, ctx, bias):
+    def forward(self, x, t_mod, ctx, bias, kv=None):
+        """kv: this block's cross-attention (K, V) when computed once per request, else None."""
         sh1, sc1, g1, sh2, sc2, g2 = self.modulation(t_mod)
         x = x + g1 * self.attn1(layer_norm(x, self.eps) * (1 + sc1) + sh1)
-        x = x + self.attn2(x, ctx, bias)  # no norm, no gate
+        a2 = self.attn2  # no norm, no gate
+        x = x + (a2(x, ctx, bias) if kv is None else a2.to_out[0](a2.attend(a2.to_q(x), kv[0], kv[1], bias)))
         return x + g2 * self.ff(layer_norm(x, self.eps) * (1 + sc2) + sh2)
 
 
@@ -243,6 +247,10 @@ class PixArt(nn.Module):
         dtype = self.proj_out.weight.dtype
         return self.caption_projection(text.to(dtype)), self.mask_bias(mask, dtype)
 
+    def cross_kv(self, ctx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention K and V: they depend on the caption only."""
+        return [(b.attn2.to_k(ctx), b.attn2.to_v(ctx)) for b in self.transformer_blocks]
+
     def embed(self, x: torch.Tensor, t: torch.Tensor):
         """Tokens, t_mod and the un-SiLU'd timestep embedding."""
         dtype = self.proj_out.weight.dtype
@@ -258,10 +266,12 @@ class PixArt(nn.Module):
         y = y.reshape(b, g, g, p, p, co).permute(0, 5, 1, 3, 2, 4)  # (B, c, h, p, w, q)
         return y.reshape(b, co, g * p, g * p)
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor, bias: torch.Tensor,
+                kv: list | None = None) -> torch.Tensor:
+        """The model call after `encode_caption`; `kv` from `cross_kv` (else computed here)."""
         tok, t_mod, emb = self.embed(x, t)
-        for blk in self.transformer_blocks:
-            tok = blk(tok, t_mod, ctx, bias)
+        for i, blk in enumerate(self.transformer_blocks):
+            tok = blk(tok, t_mod, ctx, bias, None if kv is None else kv[i])
         return self.head(tok, emb)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -357,13 +367,15 @@ def guided_eps(out: torch.Tensor, scale: float, in_channels: int) -> torch.Tenso
 def sample(model: PixArt, scheduler, z, text, mask, neg_text=None, neg_mask=None, scale: float = 4.5,
            step_fn=None, trajectory: list | None = None) -> torch.Tensor:
     """PixArtAlphaPipeline's loop from noise z (B, C, H, W) float32: guidance when scale > 1 with
-    the batch [negative, positive]; the caption is projected once. `step_fn(x, t, ctx, bias, i)`
-    replaces the model call (caching); `trajectory` collects x after every step."""
+    the batch [negative, positive]; the caption projection and every block's cross-attention K/V
+    are computed once. `step_fn(x, t, ctx, bias, i)` replaces the model call (caching);
+    `trajectory` collects x after every step."""
     guided = scale > 1.0
     if guided:
         text, mask = torch.cat([neg_text, text]), torch.cat([neg_mask, mask])
     ctx, bias = model.encode_caption(text, mask)
-    call = step_fn or (lambda xx, tt, c_, b_, i: model.denoise(xx, tt, c_, b_))
+    kv = model.cross_kv(ctx)
+    call = step_fn or (lambda xx, tt, c_, b_, i: model.denoise(xx, tt, c_, b_, kv))
     dtype = model.proj_out.weight.dtype
     scheduler.reset()
     x = z.float()
