@@ -578,6 +578,17 @@ try:
         lines.append(f"| {r.get('size', '')} | {r['variant']} | {r['what']} | {f(r.get('images'), 'd')} | "
                      f"{f(r.get('median_ms'), '.2f')} | {f(r.get('ms_per_image'), '.2f')} | {f(r.get('tflops'), '.1f')} | "
                      f"{f(r.get('peak_mib'), '.0f')} | {st} |")
+    by = {(r.get("size"), r["variant"], r["what"]): r for r in px["results"] if r.get("median_ms") and r.get("images") == 1}
+    ratios = []
+    for size in c["sizes"]:
+        for num, den, label in (("icc-sample", "sample", f"{c['steps']}-step icc / none"),
+                                ("reuse-sample", "sample", f"{c['steps']}-step reuse / none"),
+                                ("icc-calibrated", "icc-full", "calibrated / full step")):
+            n_, d_ = by.get((size, "fp16", num)), by.get((size, "fp16", den))
+            if n_ and d_:
+                ratios.append(f"{size} px {label} {n_['median_ms'] / d_['median_ms']:.3f}")
+    if ratios:
+        lines += ["", "PixArt fp16 eager time ratios (batch 1): " + "; ".join(ratios) + "."]
 except (OSError, ValueError, KeyError):
     pass
 try:
