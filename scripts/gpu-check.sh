@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one-call GPU check (docs/gpu-check.md), run on a lent GPU machine (one H100 or H200, CUDA
 # driver, nvcc, PyTorch; no Rust toolchain, no network) with `.device/` carried from the
-# development machine (scripts/prepare-device.sh). In about 5.5 minutes:
+# development machine (scripts/prepare-device.sh). In about 8 minutes (5.5 with GPU_CHECK_PIXART=0):
 #   1. card: nvidia-smi, nvcc, torch, host, the .device manifest             -> card.txt
 #   2. Rust CUDA tests: each .device/bin/gpu_* and .device/bin/lib, one by one -> tests.log
 #      with ICDIT_REQUIRE_GPU=1, so a CUDA test that finds no device fails instead of printing
@@ -17,9 +17,9 @@
 # reported. With no GPU (neither nvidia-smi nor torch.cuda sees one) it prints
 # "no GPU present: dry run", lists each command it would run, and exits 0.
 #
-# Environment: GPU_CHECK_BUDGET (seconds for everything, default 330), GPU_CHECK_BATCHES (sampling
-# batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2), GPU_CHECK_COMPILE_MODE (default
-# max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
+# Environment: GPU_CHECK_BUDGET (seconds for everything, default 330 + step 4b's 150),
+# GPU_CHECK_BATCHES (sampling batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2),
+# GPU_CHECK_COMPILE_MODE (default max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
 # `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_PYTORCH=0 (skip step 4),
 # GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3);
 # step 4b: GPU_CHECK_PIXART=0 (skip it), GPU_CHECK_PIXART_BUDGET (its seconds, default 150, added to
