@@ -9,9 +9,12 @@ baseline) against diffusers on tiny random configurations, in float32 on the CPU
   * sampling: a 10-step guided (scale 4.5) trajectory with DPM-Solver++ 2M (PixArt's scheduler
     config) and with DDIM, diffusers' schedulers driven as PixArtAlphaPipeline drives them
     (guidance on all channels, variance half dropped) against `pixart_torch.sample`; every step's
-    latents relative L2 <= 1e-5; the timesteps must be identical.
+    latents relative L2 <= 1e-5; the timesteps must be identical;
+  * the GPU baseline's icc steps (tools/bench_pytorch_pixart_gpu.py `Icc`): with exact factors
+    (down = W, up = I) a calibrated step after a full step must give the model's output at a new
+    x and t (relative L2 <= 1e-6), while a reuse step there must differ (> 1e-3).
 
-    python3 tools/check_pixart_torch.py        # needs diffusers (0.42.1 here); ~5 s CPU (14 s wall with imports)
+    python3 tools/check_pixart_torch.py        # needs diffusers (0.42.1 here); ~5 s CPU (8-14 s wall with imports)
 
 Measured here (diffusers 0.42.1, torch 2.15, CPU, one thread): see MEASURED below, printed by
 each run; the numbers are also in docs/pixart.md.
@@ -21,6 +24,7 @@ MEASURED = """
 forward tiny-a: rel L2 0 (bit-identical), forward tiny-b: rel L2 0 (bit-identical)
 dpm-solver++ 10 steps, guided 4.5: max over steps rel L2 2.2e-07 (final 2.2e-07)
 ddim 10 steps, guided 4.5:         max over steps rel L2 2.9e-07 (final 2.9e-07)
+bench icc step, exact factors, new x and t: rel L2 2.1e-07 (a reuse step differs by 4.0e-01)
 (the check is not blind: dropping the caption mask gives 1.4e-01, interpolation_scale 1
 instead of 2 on tiny-b 2.4e-01)
 """
@@ -122,6 +126,34 @@ def check_sampling(m, p, cfg, steps=10, scale=4.5, seed=5):
     return results
 
 
+def check_icc(p: PixArt, seed=9):
+    """The GPU baseline's icc step kinds (tools/bench_pytorch_pixart_gpu.py) with exact factors
+    (down = W, up = I, so y_s + up·down·(x − x_s) = W·x + b) must give the model's own output at
+    another x and t than the full step's: every cached linear's input is then the right one."""
+    from bench_pytorch_pixart_gpu import CACHED, Icc
+
+    icc = Icc(p, rank=4, seed=0)
+    for blk, f in zip(p.transformer_blocks, icc.factors):
+        for name in CACHED:
+            w = blk.get_submodule(name).weight.detach()
+            f[name] = (w.clone(), torch.eye(w.shape[0]))
+    cfg = p.cfg
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = (torch.randn(2, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g) for _ in range(2))
+    text = torch.randn(2, L, cfg.caption_channels, generator=g)
+    mask = torch.tensor([[1, 1, 0, 0, 0, 0, 0], [1] * L])
+    with torch.no_grad():
+        ctx, bias = p.encode_caption(text, mask)
+        icc.prepare(ctx)
+        icc.full(x0, torch.tensor([800, 800]), ctx, bias)
+        t1 = torch.tensor([600, 600])
+        got = icc.calibrated(x1, t1, ctx, bias)
+        ref = p.denoise(x1, t1, ctx, bias)
+        # and not a blind comparison: the reuse step at the new inputs differs from the model
+        reuse = icc.reuse(x1, t1, ctx, bias)
+    return rel(got, ref), rel(reuse, ref)
+
+
 def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -139,6 +171,11 @@ def main():
         failed |= not ok
         print(f"{name} 10 steps (guided 4.5, timesteps {ts[0]}..{ts[-1]} identical): max over steps rel L2 "
               f"{worst:.1e}, final {final:.1e} (tolerance {SAMPLE_TOL:.0e}) {'ok' if ok else 'FAIL'}")
+    err, reuse = check_icc(p)
+    ok = err <= FORWARD_TOL and reuse > 1e-3
+    failed |= not ok
+    print(f"bench icc step with exact factors vs the model at new x, t: rel L2 {err:.1e} (tolerance {FORWARD_TOL:.0e}; "
+          f"a reuse step there differs by {reuse:.1e}) {'ok' if ok else 'FAIL'}")
     return 1 if failed else 0
 
 
