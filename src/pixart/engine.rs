@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use super::config::VAE_SCALE_FACTOR;
 use super::cpu::{PixArtCache, PixArtCpu, PixArtCpuOptions};
 use super::sampler::{PixArtSampler, PixArtSchedule};
 use super::weights::PixArtModel;
@@ -125,7 +126,7 @@ impl PixArtOptions {
 pub struct PixArtRequest<'a> {
     pub prompt: &'a Embeddings,
     pub negative: Option<&'a Embeddings>,
-    /// Initial latents z, (B, C, S, S); `None`: drawn from `seed` (image k from (seed, k)).
+    /// Initial latents z, (B, C, H, W) at the model's latent size; `None`: drawn from `seed` (image k from (seed, k)).
     pub noise: Option<&'a [f32]>,
     pub seed: u64,
     pub first_index: u64,
@@ -148,6 +149,10 @@ struct Core {
     /// Staged caption rows [negative…, positive…] and their masks.
     text: Vec<f32>,
     mask: Vec<i64>,
+    /// Micro-conditions per row (models with `use_additional_conditions`): (height, width) in
+    /// pixels and height / width, of the size sampled.
+    resolution: Vec<f32>,
+    aspect: Vec<f32>,
     images: usize,
 }
 
@@ -195,6 +200,8 @@ impl PixArtEngine {
                 t: vec![0.0; rows],
                 text: vec![0.0; rows * opts.max_text_len * cfg.caption_channels],
                 mask: vec![0; rows * opts.max_text_len],
+                resolution: vec![0.0; 2 * rows],
+                aspect: vec![0.0; rows],
                 images: 0,
             },
             interrupt: None,
@@ -345,6 +352,16 @@ impl Core {
             }
         }
         self.cpu.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
+        if cfg.use_additional_conditions {
+            // The pipeline's added_cond_kwargs: the sampled size in pixels on every row.
+            let (h, w) = ((cfg.height * VAE_SCALE_FACTOR) as f64, (cfg.width * VAE_SCALE_FACTOR) as f64);
+            for r in 0..rows {
+                self.resolution[2 * r..2 * r + 2].copy_from_slice(&[h as f32, w as f32]);
+            }
+            // float(height / width) in Python, then cast to the embeddings' f32.
+            self.aspect[..rows].fill((h / w) as f32);
+            self.cpu.stage_size(&self.resolution[..2 * rows], &self.aspect[..rows], rows)?;
+        }
         self.images = n;
         Ok(n)
     }
