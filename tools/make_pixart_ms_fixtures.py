@@ -13,6 +13,8 @@ the resolution / aspect-ratio micro-conditions, non-square latents and resolutio
   PixArtAlphaPipeline's loop with the added_cond_kwargs it builds for a 1024-MS model
   (resolution = the sampled size in pixels, 8 × the latent, aspect = height / width, on every
   row); the pipeline itself passes them only when sample_size is 128, so the loop is ours.
+* `converted/`: tiny_ms written in the official PixArt-α `.pth` layout and converted back by
+  `tools/convert_pixart_checkpoint.py` (a pipeline folder: model_index.json, transformer/, scheduler/).
 * `resize.safetensors` and `bins.json`: `PixArtImageProcessor.resize_and_crop_tensor` on random
   images and `classify_height_width_bin` on requested sizes for the three bin tables.
 
@@ -24,7 +26,9 @@ Runs on the CPU, one thread, deterministic algorithms.
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import torch
 from safetensors.torch import save_file
@@ -34,6 +38,7 @@ from diffusers.image_processor import PixArtImageProcessor
 from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as pipe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import convert_pixart_checkpoint as convert  # noqa: E402
 import make_pixart_fixtures as base  # noqa: E402
 
 CONFIG = dict(base.CONFIG, num_attention_heads=2, attention_head_dim=12, cross_attention_dim=24,
@@ -90,6 +95,14 @@ def main():
     torch.use_deterministic_algorithms(True)
     m = make_model()
     base.save_pipeline(m, os.path.join(a.out, "tiny_ms"), torch.float32)
+    # The same model through the official .pth layout and back by tools/convert_pixart_checkpoint.py.
+    cfg = {k: v for k, v in m.config.items() if not k.startswith("_")}
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"state_dict": convert.to_official(m.state_dict(), cfg)}, os.path.join(d, "tiny_ms.pth"))
+        sd, config = convert.to_diffusers(convert.load_official(os.path.join(d, "tiny_ms.pth")), num_heads=2)
+    dst = os.path.join(a.out, "converted")
+    shutil.rmtree(dst, ignore_errors=True)
+    convert.write_pipeline(sd, config, dst)
 
     g = torch.Generator().manual_seed(12)
     c = CONFIG["in_channels"]
@@ -138,6 +151,7 @@ def main():
         f.write("# PixArt-α 1024-MS fixtures\n\nMade by `tools/make_pixart_ms_fixtures.py` (do not edit by hand) "
                 f"with diffusers {diffusers.__version__}, torch {torch.__version__}; see the script's docstring.\n\n"
                 f"* `tiny_ms/`: `PixArtTransformer2DModel(**{json.dumps(CONFIG)})`, random weights.\n"
+                "* `converted/`: tiny_ms through the official `.pth` layout and back (tools/convert_pixart_checkpoint.py).\n"
                 "* `forward`: tiny_ms on x [2, 4, 8, 12] with per-row `resolution` [2, 2] and `aspect_ratio` [2, 1] "
                 "(`out`); ../pixart/tiny on `x_plain` [2, 4, 12, 8] (`out_plain`); same t, caption and mask.\n"
                 "* `sampling`: 5 guided (4.5) DPM-Solver++ steps of tiny_ms from `z` [2, 4, 12, 8] "
