@@ -88,3 +88,68 @@ fn calibrate_from_prompts() {
     let (ok, err) = icdit(&[&base[..], &["--calib-prompts", p(&empty), "--out", p(&a)]].concat());
     assert!(!ok && err.contains("no prompts"), "{err}");
 }
+
+/// `cache-report` on the pipeline folder (prompt embeddings from `icdit encode`, the negative
+/// prompt "" encoded by the report): one row per setting; icc's relative L2 is what sampling
+/// the same request with the same plain-SVD factors through the library gives (1e-9), reuse
+/// costs fewer MACs than icc, which costs fewer than full compute.
+#[test]
+fn cache_report_on_pixart() {
+    use icdit::pixart::{Embeddings, PixArtCache, PixArtFactors, PixArtModel, PixArtOptions};
+    use std::sync::Arc;
+    let dir = TempDir::new("pixart-pipe-report");
+    let e = dir.join("e.safetensors");
+    let (ok, err) =
+        icdit(&["encode", "--weights", p(&pipe()), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--out", p(&e)]);
+    assert!(ok, "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit"))
+        .args([
+            "cache-report",
+            "--weights",
+            p(&pipe()),
+            "--prompt-embeds",
+            p(&e),
+            "--policies",
+            "none,reuse,icc",
+            "--methods",
+            "svd",
+            "--ranks",
+            "4",
+            "--periods",
+            "2",
+            "--steps",
+            "4",
+            "--threads",
+            "2",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value = serde_json::from_str(text.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    let rows = v["results"].as_array().unwrap();
+    let settings: Vec<&str> = rows.iter().map(|r| r["setting"].as_str().unwrap()).collect();
+    assert_eq!(settings, ["full compute", "period 2", "svd r4 period 2"]);
+    let mac = |i: usize| rows[i]["mac_ratio"].as_f64().unwrap();
+    assert!(mac(1) < mac(2) && mac(2) < mac(0), "{rows:?}");
+
+    // The same icc run through the library.
+    let model = Arc::new(PixArtModel::load(&pipe()).unwrap());
+    let prompt = Embeddings::load(&e).unwrap();
+    let n = dir.join("n.safetensors");
+    assert!(icdit(&["encode", "--weights", p(&pipe()), "--prompt", "", "--out", p(&n)]).0);
+    let negative = Embeddings::load(&n).unwrap();
+    let f = dir.join("f.safetensors");
+    icdit::pixart::factors::calibrate_svd(&model, 4, &f).unwrap();
+    let base = PixArtOptions { max_batch: 2, max_text_len: prompt.len, steps: 4, threads: 2, ..Default::default() };
+    let icc = PixArtOptions {
+        cache: PixArtCache::Icc(Arc::new(PixArtFactors::load(&f, &model).unwrap())),
+        full_steps: icdit::policy::FullSteps::Period(2),
+        ..base.clone()
+    };
+    let set =
+        |o: &PixArtOptions| icdit::quality::pixart_sample_set_timed(&model, o, &prompt, Some(&negative), 0).unwrap();
+    let err = icdit::quality::rel_l2(&set(&icc).samples, &set(&base).samples);
+    assert!(err > 1e-4 && (err - rows[2]["rel_l2"].as_f64().unwrap()).abs() < 1e-9, "{err} vs {rows:?}");
+}

@@ -8,6 +8,7 @@
 //! - [`cpu`]: the CPU implementation of those ops.
 //! - [`micro`]: the 1024-MS model's resolution and aspect-ratio conditions.
 //! - [`size`]: image sizes, resolution binning ([`bins`]) and the resize back.
+//! - [`cost`]: MACs per step kind (cache-report's MAC ratio).
 //! - [`factors`]: icc's rank-r factors, named after the layers; plain SVD.
 //! - [`calibrate`]: CA-SVD factors calibrated on prompts the model samples itself.
 //! - [`sampler`]: DPM-Solver++ 2M and DDIM as diffusers computes them.
@@ -16,6 +17,7 @@
 pub mod bins;
 pub mod calibrate;
 pub mod config;
+pub mod cost;
 pub mod cpu;
 pub mod engine;
 pub mod factors;

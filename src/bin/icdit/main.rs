@@ -28,6 +28,7 @@ mod output;
 mod pixart;
 mod plot;
 mod report;
+mod report_pixart;
 mod sample;
 mod shard;
 use icdit::forward::StepKind;
