@@ -141,6 +141,12 @@ pub fn ca_svd_statistics(
         }
         let chunk = rows_of(prompts, range.clone())?;
         cpu.stage_text(&chunk.embeds, &chunk.mask, rows, chunk.len)?;
+        if cfg.use_additional_conditions {
+            // The 1024-MS model's conditions, as the sampling pass had them.
+            let (res, ar) = super::micro::pipeline_conditions(&cfg);
+            let res: Vec<f32> = res.iter().copied().cycle().take(2 * rows).collect();
+            cpu.stage_size(&res, &vec![ar; rows], rows)?;
+        }
         cpu.stage_inputs(&xt[..rows * img], &t[..rows], rows)?;
         cpu.run(rows, StepKind::Full)?;
         for (i, block) in mag.iter_mut().enumerate() {

@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use super::config::VAE_SCALE_FACTOR;
 use super::cpu::{PixArtCache, PixArtCpu, PixArtCpuOptions};
 use super::sampler::{PixArtSampler, PixArtSchedule};
 use super::weights::PixArtModel;
@@ -354,12 +353,11 @@ impl Core {
         self.cpu.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
         if cfg.use_additional_conditions {
             // The pipeline's added_cond_kwargs: the sampled size in pixels on every row.
-            let (h, w) = ((cfg.height * VAE_SCALE_FACTOR) as f64, (cfg.width * VAE_SCALE_FACTOR) as f64);
+            let (res, ar) = super::micro::pipeline_conditions(&cfg);
             for r in 0..rows {
-                self.resolution[2 * r..2 * r + 2].copy_from_slice(&[h as f32, w as f32]);
+                self.resolution[2 * r..2 * r + 2].copy_from_slice(&res);
             }
-            // float(height / width) in Python, then cast to the embeddings' f32.
-            self.aspect[..rows].fill((h / w) as f32);
+            self.aspect[..rows].fill(ar);
             self.cpu.stage_size(&self.resolution[..2 * rows], &self.aspect[..rows], rows)?;
         }
         self.images = n;

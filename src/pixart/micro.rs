@@ -8,10 +8,18 @@
 //!
 //! Constant over a request's steps, it is computed once when the request is staged.
 
+use super::config::{PixArtConfig, VAE_SCALE_FACTOR};
 use super::weights::{LinearTensors, PixArtModel};
 use crate::config::FREQ_DIM;
 use crate::cpu::math;
 use crate::embed;
+
+/// The pipeline's conditions for a model run at `cfg`'s latent size: the resolution
+/// (height, width) in pixels, 8 × the latent's, and `float(height / width)` cast to f32.
+pub fn pipeline_conditions(cfg: &PixArtConfig) -> ([f32; 2], f32) {
+    let (h, w) = ((cfg.height * VAE_SCALE_FACTOR) as f64, (cfg.width * VAE_SCALE_FACTOR) as f64);
+    ([h as f32, w as f32], (h / w) as f32)
+}
 
 /// Scratch values [`size_embedding`] needs: the sinusoid and one hidden layer.
 pub fn scratch_len(model: &PixArtModel) -> usize {

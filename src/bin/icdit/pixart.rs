@@ -277,7 +277,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         (CachePolicy::Icc, _) | (_, None) => cache_mode(f.cache, f.factors, &model)?,
         (_, Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
     };
-    if f.images.any() && (cfg.height != cfg.width || size.requested.0 != size.requested.1) {
+    if (f.images.any() || !f.compare.is_empty()) && (cfg.height != cfg.width || size.requested.0 != size.requested.1) {
         return Err(Error::invalid(
             "--height/--width",
             format!(
