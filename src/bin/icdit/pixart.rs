@@ -472,6 +472,17 @@ fn decode_write(
     for i in 0..count {
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut pixels[i * il..(i + 1) * il])?;
     }
+    if size.resized() && got != size.sampled.0 {
+        return Err(Error::Config {
+            origin: dir.display().to_string(),
+            reason: format!(
+                "the VAE decodes a {side}-latent to {got} pixels, not {}: resizing back to the requested size \
+                 assumes PixArt-α's 8× VAE (pass --no-resolution-binning)",
+                size.sampled.0
+            ),
+        });
+    }
+    let want = if size.resized() { want } else { got };
     if got != want {
         let ol = oc * want * want;
         let mut resized = vec![0.0f32; count * ol];
