@@ -18,7 +18,9 @@ Writes tests/fixtures/pixart_pipe/:
     binned_every4 (f32 [1, 3, 60, 60]): every 4th row and column of the pipeline's image in
       [0, 1] (output_type "pt", [1, 3, 240, 240]) for PROMPTS[0] at height = width = 240 with
       resolution binning on: sampled at the 256×256 bin from z[:1], 3 steps, decoded and
-      resized back by resize_and_crop_tensor.
+      resized back by resize_and_crop_tensor;
+    z_wide (f32 [1, 4, 24, 40]) and wide_every4 (f32 [1, 3, 50, 80]): the same for PROMPTS[1] at
+      200×320 (a non-square request: its bin is 192×320, the latent 24×40).
 
     python3 tools/make_pixart_pipeline_fixtures.py --out tests/fixtures/pixart_pipe
 
@@ -90,15 +92,21 @@ def main():
     )
     g = torch.Generator().manual_seed(22)
     z = torch.randn(2, CONFIG["in_channels"], CONFIG["sample_size"], CONFIG["sample_size"], generator=g)
+    # The 200×320 request's bin (ASPECT_RATIO_256_BIN, ratio 0.625 → 0.6: 192×320 → latent 24×40).
+    z2 = torch.randn(1, CONFIG["in_channels"], 24, 40, generator=g)
     with torch.no_grad():
         latents = pipe(prompt=PROMPTS, negative_prompt="", num_inference_steps=4, guidance_scale=4.5, latents=z,
                        height=256, width=256, use_resolution_binning=False, output_type="latent").images
         binned = pipe(prompt=PROMPTS[:1], negative_prompt="", num_inference_steps=3, guidance_scale=4.5,
                       latents=z[:1], height=240, width=240, use_resolution_binning=True, output_type="pt").images
+        wide = pipe(prompt=PROMPTS[1:], negative_prompt="", num_inference_steps=3, guidance_scale=4.5,
+                    latents=z2, height=200, width=320, use_resolution_binning=True, output_type="pt").images
     assert binned.shape == (1, 3, 240, 240), binned.shape
+    assert wide.shape == (1, 3, 200, 320), wide.shape
     # Every 4th row and column of the image keeps the file small (60×60 of 240×240).
     save_file({"z": z, "latents": latents.contiguous(),
-               "binned_every4": binned[:, :, ::4, ::4].contiguous()},
+               "binned_every4": binned[:, :, ::4, ::4].contiguous(), "z_wide": z2,
+               "wide_every4": wide[:, :, ::4, ::4].contiguous()},
               os.path.join(a.out, "reference.safetensors"))
     with open(os.path.join(a.out, "prompts.txt"), "w") as f:
         f.write("\n".join(PROMPTS) + "\n")

@@ -277,16 +277,6 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         (CachePolicy::Icc, _) | (_, None) => cache_mode(f.cache, f.factors, &model)?,
         (_, Some(_)) => return Err(Error::invalid("--factors", "only used with --cache icc")),
     };
-    if (f.images.any() || !f.compare.is_empty()) && (cfg.height != cfg.width || size.requested.0 != size.requested.1) {
-        return Err(Error::invalid(
-            "--height/--width",
-            format!(
-                "{}×{} sampled at {}×{}: the VAE decoder and the image writers are square-only for now; write \
-                 --out-latents (non-square latents) or ask for a square image",
-                size.requested.0, size.requested.1, size.sampled.0, size.sampled.1
-            ),
-        ));
-    }
     let vae = match f.vae {
         Some(p) => Some(p.to_path_buf()),
         None if f.weights.join("vae").join("config.json").is_file() => Some(f.weights.join("vae")),
@@ -440,9 +430,9 @@ fn cache_mode(policy: CachePolicy, factors: Option<&Path>, model: &PixArtModel) 
     })
 }
 
-/// Decodes `count` square latents with the VAE in `dir` (latents / its scaling factor),
-/// resizes them to the requested size when binning sampled another (diffusers'
-/// `resize_and_crop_tensor`) and writes them where `images` says, `cols` per grid row.
+/// Decodes `count` latents with the VAE in `dir` (latents / its scaling factor), resizes them
+/// to the requested size when binning sampled another (diffusers' `resize_and_crop_tensor`)
+/// and writes them where `images` says, `cols` per grid row.
 #[allow(clippy::too_many_arguments)]
 fn decode_write(
     dir: &Path,
@@ -465,37 +455,35 @@ fn decode_write(
             ),
         });
     }
-    let (side, want) = (size.latent().0, size.requested.0);
-    let mut dec = VaeDecoder::new(Arc::clone(&vae), side, threads)?;
-    let (ll, il, oc, got) = (dec.latent_len(), dec.image_len(), vae.config.out_channels, dec.out_side());
+    let mut dec = VaeDecoder::new_hw(Arc::clone(&vae), size.latent(), threads)?;
+    let (ll, il, oc, got) = (dec.latent_len(), dec.image_len(), vae.config.out_channels, dec.out_hw());
+    if size.resized() && got != size.sampled {
+        return Err(Error::Config {
+            origin: dir.display().to_string(),
+            reason: format!(
+                "the VAE decodes the {}×{} latent to {}×{} pixels, not {}×{}: resizing back to the requested size \
+                 assumes PixArt-α's 8× VAE (pass --no-resolution-binning)",
+                size.latent().0,
+                size.latent().1,
+                got.0,
+                got.1,
+                size.sampled.0,
+                size.sampled.1
+            ),
+        });
+    }
     let mut pixels = vec![0.0f32; count * il];
     for i in 0..count {
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut pixels[i * il..(i + 1) * il])?;
     }
-    if size.resized() && got != size.sampled.0 {
-        return Err(Error::Config {
-            origin: dir.display().to_string(),
-            reason: format!(
-                "the VAE decodes a {side}-latent to {got} pixels, not {}: resizing back to the requested size \
-                 assumes PixArt-α's 8× VAE (pass --no-resolution-binning)",
-                size.sampled.0
-            ),
-        });
-    }
-    let want = if size.resized() { want } else { got };
+    let want = if size.resized() { size.requested } else { got };
     if got != want {
-        let ol = oc * want * want;
+        let ol = oc * want.0 * want.1;
         let mut resized = vec![0.0f32; count * ol];
         for i in 0..count {
-            resize_and_crop(
-                &pixels[i * il..(i + 1) * il],
-                oc,
-                (got, got),
-                (want, want),
-                &mut resized[i * ol..(i + 1) * ol],
-            );
+            resize_and_crop(&pixels[i * il..(i + 1) * il], oc, got, want, &mut resized[i * ol..(i + 1) * ol]);
         }
         pixels = resized;
     }
-    images.write(&pixels, &vec![0; count], Some(seed), oc, want, cols)
+    images.write_hw(&pixels, &vec![0; count], Some(seed), oc, want, cols)
 }
