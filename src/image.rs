@@ -44,7 +44,19 @@ impl Rounding {
 /// `count` images (each (C, side, side) floats) → uint8 NHWC, the layout of PNG rows and of
 /// the FID evaluators' `arr_0`.
 pub fn to_nhwc_u8(images: &[f32], count: usize, channels: usize, side: usize, rounding: Rounding, out: &mut [u8]) {
-    let hw = side * side;
+    to_nhwc_u8_hw(images, count, channels, (side, side), rounding, out)
+}
+
+/// [`to_nhwc_u8`] for images of (height, width).
+pub fn to_nhwc_u8_hw(
+    images: &[f32],
+    count: usize,
+    channels: usize,
+    (h, w): (usize, usize),
+    rounding: Rounding,
+    out: &mut [u8],
+) {
+    let hw = h * w;
     for i in 0..count {
         let src = &images[i * channels * hw..(i + 1) * channels * hw];
         let dst = &mut out[i * channels * hw..(i + 1) * channels * hw];
@@ -67,17 +79,30 @@ pub fn write_grid_png(
     cols: usize,
     pad: usize,
 ) -> Result<()> {
+    write_grid_png_hw(path, pixels, count, channels, (side, side), cols, pad)
+}
+
+/// [`write_grid_png`] for images of (height, width).
+pub fn write_grid_png_hw(
+    path: &Path,
+    pixels: &[u8],
+    count: usize,
+    channels: usize,
+    (th, tw): (usize, usize),
+    cols: usize,
+    pad: usize,
+) -> Result<()> {
     check_channels(channels)?;
     let cols = cols.clamp(1, count.max(1));
     let rows = count.div_ceil(cols);
-    let (w, h) = (cols * (side + pad) + pad, rows * (side + pad) + pad);
+    let (w, h) = (cols * (tw + pad) + pad, rows * (th + pad) + pad);
     let mut canvas = vec![255u8; w * h * channels];
-    let row_bytes = side * channels;
+    let row_bytes = tw * channels;
     for i in 0..count {
-        let tile = &pixels[i * side * row_bytes..(i + 1) * side * row_bytes];
+        let tile = &pixels[i * th * row_bytes..(i + 1) * th * row_bytes];
         let (gy, gx) = (i / cols, i % cols);
-        for y in 0..side {
-            let dst = ((pad + gy * (side + pad) + y) * w + pad + gx * (side + pad)) * channels;
+        for y in 0..th {
+            let dst = ((pad + gy * (th + pad) + y) * w + pad + gx * (tw + pad)) * channels;
             canvas[dst..dst + row_bytes].copy_from_slice(&tile[y * row_bytes..(y + 1) * row_bytes]);
         }
     }
@@ -87,6 +112,11 @@ pub fn write_grid_png(
 /// Writes uint8 NHWC images as an `.npz` holding one array `arr_0` of shape (N, H, W, C),
 /// as `np.savez` does and as the ADM / guided-diffusion FID evaluator reads it.
 pub fn write_npz(path: &Path, pixels: &[u8], count: usize, side: usize, channels: usize) -> Result<()> {
+    write_npz_hw(path, pixels, count, (side, side), channels)
+}
+
+/// [`write_npz`] for images of (height, width): `arr_0` uint8 [N, H, W, C].
+pub fn write_npz_hw(path: &Path, pixels: &[u8], count: usize, (h, w): (usize, usize), channels: usize) -> Result<()> {
     let bad = |e: std::io::Error| Error::io(path, e);
     let mut buf = std::io::Cursor::new(Vec::with_capacity(pixels.len() + 4096));
     {
@@ -99,7 +129,7 @@ pub fn write_npz(path: &Path, pixels: &[u8], count: usize, side: usize, channels
             .array::<u8>("arr_0", opts)
             .map_err(bad)?
             .default_dtype()
-            .shape(&[count as u64, side as u64, side as u64, channels as u64])
+            .shape(&[count as u64, h as u64, w as u64, channels as u64])
             .begin_nd()
             .map_err(bad)?;
         w.extend(pixels.iter().copied()).map_err(bad)?;

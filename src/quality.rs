@@ -87,3 +87,35 @@ pub fn sample_set_timed(
     let (_, mac_ratio) = cost::schedule_macs(&model.config, kinds.into_iter(), &ranks);
     Ok(SampleSet { samples: out, mac_ratio, seconds })
 }
+
+/// PixArt-α's [`sample_set_timed`]: one image per prompt of `prompt` (batches of
+/// `opts.max_batch`, image k's noise from (seed, k)), guided by `negative` when
+/// `opts.cfg_scale` > 1, on the CPU backend; the MAC ratio by [`crate::pixart::cost`].
+pub fn pixart_sample_set_timed(
+    model: &Arc<crate::pixart::PixArtModel>,
+    opts: &crate::pixart::PixArtOptions,
+    prompt: &crate::pixart::Embeddings,
+    negative: Option<&crate::pixart::Embeddings>,
+    seed: u64,
+) -> Result<SampleSet> {
+    use crate::pixart::{calibrate::rows_of, PixArtCache, PixArtEngine, PixArtRequest};
+    let mut engine = PixArtEngine::new(Arc::clone(model), opts)?;
+    let (n, img, batch) = (prompt.rows, model.config.image_elems(), opts.max_batch.max(1));
+    let chunks: Vec<_> =
+        (0..n.div_ceil(batch)).map(|b| rows_of(prompt, b * batch..((b + 1) * batch).min(n))).collect::<Result<_>>()?;
+    let mut out = vec![0.0f32; n * img];
+    let start = std::time::Instant::now();
+    for (b, chunk) in chunks.iter().enumerate() {
+        let first = b * batch;
+        let req = PixArtRequest { prompt: chunk, negative, noise: None, seed, first_index: first as u64 };
+        engine.sample(&req, &mut out[first * img..(first + chunk.rows) * img], &mut |_| {})?;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let factors = match &opts.cache {
+        PixArtCache::Icc(f) => Some(f.as_ref()),
+        _ => None,
+    };
+    let kinds = (0..engine.schedule().len()).map(|i| engine.step_kind(i));
+    let mac_ratio = crate::pixart::cost::mac_ratio(&model.config, kinds, prompt.len, factors);
+    Ok(SampleSet { samples: out, mac_ratio, seconds })
+}

@@ -50,7 +50,8 @@ fn nothing_allocates_after_set_up() {
 }
 
 /// PixArt-α's sampling (tests/fixtures/pixart/tiny): DPM-Solver++ and DDIM under guidance,
-/// without caching, with reuse and with icc (rank-1 factors), after the first request.
+/// without caching, with reuse and with icc (rank-1 factors), after the first request; and
+/// the micro-conditioned model (tests/fixtures/pixart_ms/tiny_ms) on a non-square latent.
 fn pixart_sampling_allocates_nothing() {
     use icdit::pixart::{
         Embeddings, PixArtCache, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions, PixArtRequest, PixArtSampler,
@@ -92,6 +93,19 @@ fn pixart_sampling_allocates_nothing() {
         assert_eq!(during, 0, "PixArt sampling ({}, {policy}) allocated {during} times", sampler.name());
         assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
     }
+    // The 1024-MS path: micro-conditions staged per request, a non-square (12×8) latent.
+    let ms = Arc::new(PixArtModel::load_at(&common::fixture("pixart_ms/tiny_ms"), Some((12, 8))).unwrap());
+    let opts = PixArtOptions { max_batch: 2, max_text_len: 6, steps: 4, threads: 2, ..Default::default() };
+    let mut e = PixArtEngine::new(Arc::clone(&ms), &opts).unwrap();
+    let mut out = vec![0.0f32; 2 * ms.config.image_elems()];
+    let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };
+    e.sample(&req, &mut out, &mut |_| {}).unwrap();
+    let before = ALLOCS.load(Ordering::SeqCst);
+    e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
+    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    println!("PixArt 1024-MS path (micro-conditions, 12×8): {during} allocations in 1 request");
+    assert_eq!(during, 0, "PixArt sampling with micro-conditions allocated {during} times");
+    assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
 }
 
 /// The embedding layer the C ABI and Python wrap: pixels, latents and per-step previews

@@ -390,9 +390,10 @@ fn errors() {
     // A tensor of the wrong shape (the config says another caption width).
     let e = err(PixArtModel::load(&edited_pipeline(&dir.join("a"), |c| c["caption_channels"] = 16.into())));
     assert!(e.contains("caption_projection.linear_1.weight") && e.contains("16"), "{e}");
-    // The 1024-MS model's micro-conditions.
+    // The 1024-MS model's micro-conditions (on by default at sample_size 128) need hidden / 3
+    // wide embeddings: this model's hidden size 32 cannot hold them.
     let e = err(PixArtModel::load(&edited_pipeline(&dir.join("b"), |c| c["use_additional_conditions"] = true.into())));
-    assert!(e.contains("use_additional_conditions") && e.contains("not supported yet"), "{e}");
+    assert!(e.contains("use_additional_conditions") && e.contains("divisible by 3"), "{e}");
     let e = err(PixArtModel::load(&edited_pipeline(&dir.join("c"), |c| c["sample_size"] = 128.into())));
     assert!(e.contains("use_additional_conditions"), "{e}");
     // A scheduler config asking for another DPM-Solver variant.

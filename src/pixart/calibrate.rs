@@ -26,7 +26,7 @@ const BATCH: usize = 8;
 const GRID_STEPS: usize = 50;
 
 /// The rows `range` of an embeddings set, as their own set.
-fn rows_of(e: &Embeddings, range: std::ops::Range<usize>) -> Result<Embeddings> {
+pub(crate) fn rows_of(e: &Embeddings, range: std::ops::Range<usize>) -> Result<Embeddings> {
     let (row, len) = (e.len * e.dim, e.len);
     Embeddings::new(
         e.embeds[range.start * row..range.end * row].to_vec(),
@@ -52,10 +52,33 @@ pub fn calibrate_ca_svd(
     path: &Path,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<SvdLayer>> {
-    let cfg = model.config;
     if rank == 0 {
         return Err(Error::invalid("rank", "must be at least 1"));
     }
+    let stats = ca_svd_statistics(model, prompts, negative, steps, seed, threads, progress)?;
+    ca_svd_factors(model, &stats, rank, seed, path)
+}
+
+/// CA-SVD's channel magnitudes of every cache slot ([`calibrate_ca_svd`]'s passes 1 and 2),
+/// reusable for factors at several ranks.
+pub struct CaSvdStats {
+    /// Per block, per [`Slot::ALL`], the summed per-batch magnitudes.
+    mag: Vec<Vec<Vec<f32>>>,
+    batches: usize,
+    prompts: usize,
+}
+
+/// Samples x₀ for `prompts` and records the channel magnitudes (see [`calibrate_ca_svd`]).
+pub fn ca_svd_statistics(
+    model: &Arc<PixArtModel>,
+    prompts: &Embeddings,
+    negative: Option<&Embeddings>,
+    steps: usize,
+    seed: u64,
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<CaSvdStats> {
+    let cfg = model.config;
     if negative.is_some_and(|e| e.rows != 1) {
         return Err(Error::invalid(
             "negative embeddings",
@@ -118,6 +141,12 @@ pub fn calibrate_ca_svd(
         }
         let chunk = rows_of(prompts, range.clone())?;
         cpu.stage_text(&chunk.embeds, &chunk.mask, rows, chunk.len)?;
+        if cfg.use_additional_conditions {
+            // The 1024-MS model's conditions, as the sampling pass had them.
+            let (res, ar) = super::micro::pipeline_conditions(&cfg);
+            let res: Vec<f32> = res.iter().copied().cycle().take(2 * rows).collect();
+            cpu.stage_size(&res, &vec![ar; rows], rows)?;
+        }
         cpu.stage_inputs(&xt[..rows * img], &t[..rows], rows)?;
         cpu.run(rows, StepKind::Full)?;
         for (i, block) in mag.iter_mut().enumerate() {
@@ -128,7 +157,23 @@ pub fn calibrate_ca_svd(
         }
         progress(batches + b + 1, total);
     }
-    // 3. Weight vectors and factors.
+    Ok(CaSvdStats { mag, batches, prompts: n })
+}
+
+/// Pass 3 of [`calibrate_ca_svd`]: weight vectors from the statistics and factors at rank
+/// min(`rank`, out, in), written to `path`.
+pub fn ca_svd_factors(
+    model: &PixArtModel,
+    stats: &CaSvdStats,
+    rank: usize,
+    seed: u64,
+    path: &Path,
+) -> Result<Vec<SvdLayer>> {
+    if rank == 0 {
+        return Err(Error::invalid("rank", "must be at least 1"));
+    }
+    let cfg = model.config;
+    let (mag, batches, n) = (&stats.mag, stats.batches, stats.prompts);
     let vector = |m: &[f32]| -> Vec<f32> {
         let mut v: Vec<f32> = m.iter().map(|x| (x / batches as f32).powf(0.5)).collect();
         crate::calibrate::floor_at_ratio(&mut v, 1000.0);

@@ -8,8 +8,13 @@ use crate::error::{Error, Result};
 /// The shape of a `PixArtTransformer2DModel` (norm_type `ada_norm_single`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PixArtConfig {
-    /// Latent side the model was trained at (`sample_size`).
+    /// Latent side the model was trained at (`sample_size`): the position table's base size
+    /// is `sample_size / patch_size` whatever size it runs at.
     pub sample_size: usize,
+    /// Latent height and width the model runs at: `sample_size` unless loaded at another size
+    /// ([`PixArtConfig::at_size`]; the 1024-MS model's aspect-ratio bins are not square).
+    pub height: usize,
+    pub width: usize,
     pub patch_size: usize,
     pub in_channels: usize,
     /// Output channels: 2 × in_channels with the learned variance (PixArt-α), else in_channels.
@@ -23,7 +28,15 @@ pub struct PixArtConfig {
     pub interpolation_scale: f64,
     /// LayerNorm ε of the blocks and the final layer (`norm_eps`, 1e-6).
     pub norm_eps: f32,
+    /// The 1024-MS model's micro-conditions (`use_additional_conditions`; diffusers' default is
+    /// on when sample_size is 128): the image's resolution and aspect ratio, embedded and added
+    /// to the timestep embedding ([`super::micro`]).
+    pub use_additional_conditions: bool,
 }
+
+/// Pixels per latent of PixArt-α's VAE (the SD VAE, 4 blocks: 2³); the pipeline's
+/// resolution condition is the latent size times this.
+pub const VAE_SCALE_FACTOR: usize = 8;
 
 impl PixArtConfig {
     pub fn hidden_size(&self) -> usize {
@@ -33,20 +46,41 @@ impl PixArtConfig {
     pub fn mlp_hidden(&self) -> usize {
         4 * self.hidden_size()
     }
-    /// Patches per side.
-    pub fn grid(&self) -> usize {
+    /// Patch rows of the latent the model runs at.
+    pub fn grid_h(&self) -> usize {
+        self.height / self.patch_size
+    }
+    /// Patch columns.
+    pub fn grid_w(&self) -> usize {
+        self.width / self.patch_size
+    }
+    /// Patches per side at the trained size: the position table's `base_size`.
+    pub fn base_size(&self) -> usize {
         self.sample_size / self.patch_size
     }
     pub fn tokens(&self) -> usize {
-        self.grid() * self.grid()
+        self.grid_h() * self.grid_w()
     }
-    /// Values per image of the model input.
+    /// Values per image of the model input, (Cin, H, W).
     pub fn image_elems(&self) -> usize {
-        self.in_channels * self.sample_size * self.sample_size
+        self.in_channels * self.height * self.width
     }
-    /// Values per image of the model output.
+    /// Values per image of the model output, (Cout, H, W).
     pub fn out_elems(&self) -> usize {
-        self.out_channels * self.sample_size * self.sample_size
+        self.out_channels * self.height * self.width
+    }
+    /// Width of each micro-condition embedding (diffusers' `size_emb_dim`, hidden / 3).
+    pub fn size_emb_dim(&self) -> usize {
+        self.hidden_size() / 3
+    }
+
+    /// The same model run at a latent of `height` × `width` (multiples of the patch size): the
+    /// position table is computed for that grid from the trained base size, as diffusers'
+    /// `PatchEmbed` does when the input is not the trained size.
+    pub fn at_size(&self, height: usize, width: usize) -> Result<Self> {
+        let cfg = PixArtConfig { height, width, ..*self };
+        cfg.validate().map_err(|reason| Error::invalid("latent size", reason))?;
+        Ok(cfg)
     }
     /// Whether the output carries a learned-variance half that sampling drops.
     pub fn learn_sigma(&self) -> bool {
@@ -110,14 +144,6 @@ impl PixArtConfig {
         if norm != "ada_norm_single" {
             return Err(bad(format!("norm_type is `{norm}`; PixArt-α's is `ada_norm_single`")));
         }
-        // diffusers turns the micro-conditions on by default for the 1024 model (sample_size 128).
-        if hf.use_additional_conditions.unwrap_or(hf.sample_size == 128) {
-            return Err(bad(
-                "use_additional_conditions (the 1024-MS model's resolution and aspect-ratio conditions) is not \
-                 supported yet; use PixArt-XL-2-256x256 or -512x512"
-                    .into(),
-            ));
-        }
         if let Some(a) = hf.activation_fn.as_deref() {
             if a != "gelu-approximate" {
                 return Err(bad(format!("activation_fn is `{a}`; only `gelu-approximate` is supported")));
@@ -140,6 +166,8 @@ impl PixArtConfig {
         }
         let cfg = PixArtConfig {
             sample_size: hf.sample_size,
+            height: hf.sample_size,
+            width: hf.sample_size,
             patch_size: hf.patch_size,
             in_channels: hf.in_channels,
             out_channels: hf.out_channels.unwrap_or(hf.in_channels),
@@ -149,6 +177,8 @@ impl PixArtConfig {
             caption_channels,
             interpolation_scale: hf.interpolation_scale.unwrap_or((hf.sample_size / 64).max(1) as f64),
             norm_eps: hf.norm_eps.unwrap_or(1e-6) as f32,
+            // diffusers turns the micro-conditions on by default for the 1024 model (sample_size 128).
+            use_additional_conditions: hf.use_additional_conditions.unwrap_or(hf.sample_size == 128),
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)
@@ -175,6 +205,25 @@ impl PixArtConfig {
             return Err(format!(
                 "sample_size {} is not a multiple of patch_size {}",
                 self.sample_size, self.patch_size
+            ));
+        }
+        if self.height == 0 || self.width == 0 || self.height > 1 << 16 || self.width > 1 << 16 {
+            return Err(format!("latent size {}×{} must be 1 to 65536 per side", self.height, self.width));
+        }
+        if !self.height.is_multiple_of(self.patch_size) || !self.width.is_multiple_of(self.patch_size) {
+            return Err(format!(
+                "latent size {}×{} is not a multiple of patch_size {} (images: multiples of {} pixels)",
+                self.height,
+                self.width,
+                self.patch_size,
+                self.patch_size * VAE_SCALE_FACTOR
+            ));
+        }
+        if self.use_additional_conditions && !self.hidden_size().is_multiple_of(3) {
+            return Err(format!(
+                "use_additional_conditions needs a hidden size divisible by 3 (resolution and aspect-ratio \
+                 embeddings of hidden/3 each); it is {}",
+                self.hidden_size()
             ));
         }
         if !self.hidden_size().is_multiple_of(4) {

@@ -125,7 +125,7 @@ impl PixArtOptions {
 pub struct PixArtRequest<'a> {
     pub prompt: &'a Embeddings,
     pub negative: Option<&'a Embeddings>,
-    /// Initial latents z, (B, C, S, S); `None`: drawn from `seed` (image k from (seed, k)).
+    /// Initial latents z, (B, C, H, W) at the model's latent size; `None`: drawn from `seed` (image k from (seed, k)).
     pub noise: Option<&'a [f32]>,
     pub seed: u64,
     pub first_index: u64,
@@ -148,6 +148,10 @@ struct Core {
     /// Staged caption rows [negative…, positive…] and their masks.
     text: Vec<f32>,
     mask: Vec<i64>,
+    /// Micro-conditions per row (models with `use_additional_conditions`): (height, width) in
+    /// pixels and height / width, of the size sampled.
+    resolution: Vec<f32>,
+    aspect: Vec<f32>,
     images: usize,
 }
 
@@ -195,6 +199,8 @@ impl PixArtEngine {
                 t: vec![0.0; rows],
                 text: vec![0.0; rows * opts.max_text_len * cfg.caption_channels],
                 mask: vec![0; rows * opts.max_text_len],
+                resolution: vec![0.0; 2 * rows],
+                aspect: vec![0.0; rows],
                 images: 0,
             },
             interrupt: None,
@@ -345,6 +351,15 @@ impl Core {
             }
         }
         self.cpu.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
+        if cfg.use_additional_conditions {
+            // The pipeline's added_cond_kwargs: the sampled size in pixels on every row.
+            let (res, ar) = super::micro::pipeline_conditions(&cfg);
+            for r in 0..rows {
+                self.resolution[2 * r..2 * r + 2].copy_from_slice(&res);
+            }
+            self.aspect[..rows].fill(ar);
+            self.cpu.stage_size(&self.resolution[..2 * rows], &self.aspect[..rows], rows)?;
+        }
         self.images = n;
         Ok(n)
     }

@@ -125,8 +125,9 @@ pub trait PixArtOps {
     /// Caption projection `linear_2(gelu_tanh(linear_1(text)))` on every token, then every
     /// block's cross-attention K and V of it: once per request (they do not change over steps).
     fn encode_caption(&mut self, rows: usize);
-    /// emb = linear_2(SiLU(linear_1([cos, sin](t)))), t_mod = adaln_single.linear(SiLU(emb)),
-    /// then every modulation vector ([`modulation_offset`]'s layout).
+    /// emb = linear_2(SiLU(linear_1([cos, sin](t)))) (+ the staged micro-conditions'
+    /// embedding, [`super::micro`]), t_mod = adaln_single.linear(SiLU(emb)), then every
+    /// modulation vector ([`modulation_offset`]'s layout).
     fn conditioning(&mut self, rows: usize);
     /// X = patchify(input)·W_patchᵀ + b + pos_embed.
     fn embed_patches(&mut self, rows: usize);

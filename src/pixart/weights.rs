@@ -156,6 +156,17 @@ pub struct PixArtTensors {
     pub final_table: TRef,
     /// Every linear layer, by [`Layer::index`].
     pub linears: Vec<LinearTensors>,
+    /// The micro-conditions' MLPs (`use_additional_conditions` only).
+    pub size: Option<SizeEmbedders>,
+}
+
+/// `adaln_single.emb.resolution_embedder` and `aspect_ratio_embedder`: each
+/// `linear_2(SiLU(linear_1(·)))`, 256 → hidden/3 → hidden/3.
+#[derive(Clone, Copy, Debug)]
+pub struct SizeEmbedders {
+    /// (hidden/3, 256) and (hidden/3, hidden/3), with biases.
+    pub resolution: [LinearTensors; 2],
+    pub aspect_ratio: [LinearTensors; 2],
 }
 
 /// A loaded PixArt-α transformer: config, mapped weights and handles.
@@ -176,9 +187,19 @@ impl std::fmt::Debug for PixArtModel {
 }
 
 impl PixArtModel {
-    /// Loads the transformer of a pipeline folder and checks its scheduler config.
+    /// Loads the transformer of a pipeline folder at its trained size and checks its
+    /// scheduler config.
     pub fn load(dir: &Path) -> Result<Self> {
-        let config = PixArtConfig::load(dir)?;
+        Self::load_at(dir, None)
+    }
+
+    /// As [`load`](Self::load), run at a latent of (height, width) (`None`: the trained
+    /// size): the computed position table is the one for that grid.
+    pub fn load_at(dir: &Path, latent: Option<(usize, usize)>) -> Result<Self> {
+        let mut config = PixArtConfig::load(dir)?;
+        if let Some((h, w)) = latent {
+            config = config.at_size(h, w)?;
+        }
         check_scheduler(dir)?;
         let files = weight_files(&dir.join("transformer"))?;
         let mut b = StoreBuilder::new(files);
@@ -220,6 +241,15 @@ impl PixArtModel {
             .zip(&self.tensors.linears)
             .flat_map(|(l, t)| [(format!("{}.weight", l.name()), t.w), (format!("{}.bias", l.name()), t.b)])
             .collect();
+        if let Some(size) = self.tensors.size {
+            for (name, mlp) in [("resolution_embedder", size.resolution), ("aspect_ratio_embedder", size.aspect_ratio)]
+            {
+                for (i, t) in mlp.iter().enumerate() {
+                    let n = format!("adaln_single.emb.{name}.linear_{}", i + 1);
+                    named.extend([(format!("{n}.weight"), t.w), (format!("{n}.bias"), t.b)]);
+                }
+            }
+        }
         named.sort_by(|a, b| a.0.cmp(&b.0));
         named.into_iter().find(|(_, r)| self.w(*r).iter().any(|v| !v.is_finite())).map(|(n, _)| n)
     }
@@ -241,24 +271,42 @@ fn register(b: &mut StoreBuilder, cfg: &PixArtConfig) -> Result<PixArtTensors> {
         let bias = b.tensor(&format!("{name}.bias"), &[out])?;
         linears.push(LinearTensors { w, b: bias });
     }
-    // The model runs at its trained size, where the grid is the base size.
-    let (g, scale) = (cfg.grid(), cfg.interpolation_scale);
-    let pos_embed = b.generated(cfg.tokens() * c, move |out| pos_embed_2d(c, g, g, scale, out));
-    Ok(PixArtTensors { patch_w, patch_b, pos_embed, block_tables, final_table, linears })
+    let size = if cfg.use_additional_conditions {
+        let (s, f) = (cfg.size_emb_dim(), crate::config::FREQ_DIM);
+        let mut mlp = |name: &str| -> Result<[LinearTensors; 2]> {
+            let lin = |b: &mut StoreBuilder, i: usize, inp: usize| -> Result<LinearTensors> {
+                let n = format!("adaln_single.emb.{name}.linear_{i}");
+                Ok(LinearTensors {
+                    w: b.tensor(&format!("{n}.weight"), &[s, inp])?,
+                    b: b.tensor(&format!("{n}.bias"), &[s])?,
+                })
+            };
+            Ok([lin(b, 1, f)?, lin(b, 2, s)?])
+        };
+        Some(SizeEmbedders { resolution: mlp("resolution_embedder")?, aspect_ratio: mlp("aspect_ratio_embedder")? })
+    } else {
+        None
+    };
+    // The table for the grid the model runs at, from the trained base size.
+    let (gh, gw, base, scale) = (cfg.grid_h(), cfg.grid_w(), cfg.base_size(), cfg.interpolation_scale);
+    let pos_embed = b.generated(cfg.tokens() * c, move |out| pos_embed_2d(c, gh, gw, base, scale, out));
+    Ok(PixArtTensors { patch_w, patch_b, pos_embed, block_tables, final_table, linears, size })
 }
 
-/// Fills `out` (N·C, N = g²) with diffusers' `get_2d_sincos_pos_embed` for a g×g grid of
-/// base size `base`: position p = index / (g / base) / scale (in f32, as torch forms it),
-/// then `[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]`, each C/4 wide,
+/// Fills `out` (N·C, N = gh·gw, row-major) with diffusers' `get_2d_sincos_pos_embed` for a
+/// gh×gw grid of base size `base`: positions row i / (gh / base) / scale and column
+/// j / (gw / base) / scale (in f32, as torch forms them), then
+/// `[sin(col·ω), cos(col·ω), sin(row·ω), cos(row·ω)]`, each C/4 wide,
 /// ω_k = 10000^(−k/(C/4)), in f64 and rounded to f32.
-pub fn pos_embed_2d(c: usize, g: usize, base: usize, scale: f64, out: &mut [f32]) {
+pub fn pos_embed_2d(c: usize, gh: usize, gw: usize, base: usize, scale: f64, out: &mut [f32]) {
     let q = c / 4;
     let omega: Vec<f64> = (0..q).map(|k| 1.0 / 10000f64.powf(k as f64 / q as f64)).collect();
-    let pos = |i: usize| (i as f32 / (g as f32 / base as f32) / scale as f32) as f64;
-    for i in 0..g {
-        for j in 0..g {
-            let row = &mut out[(i * g + j) * c..][..c];
-            let (pj, pi) = (pos(j), pos(i));
+    // torch divides the f32 arange by the Python float g / base, then by the scale.
+    let pos = |i: usize, g: usize| (i as f32 / (g as f64 / base as f64) as f32 / scale as f32) as f64;
+    for i in 0..gh {
+        for j in 0..gw {
+            let row = &mut out[(i * gw + j) * c..][..c];
+            let (pj, pi) = (pos(j, gw), pos(i, gh));
             for k in 0..q {
                 row[k] = (pj * omega[k]).sin() as f32;
                 row[q + k] = (pj * omega[k]).cos() as f32;

@@ -45,7 +45,8 @@ struct DecoderBuffers {
 /// A VAE decoder for one latent size, ready to decode any number of latents.
 pub struct VaeDecoder {
     model: Arc<VaeModel>,
-    latent: usize,
+    /// The latent's (height, width).
+    latent: (usize, usize),
     plan: Plan,
     arena: Arena,
     pool: ThreadPool,
@@ -59,22 +60,29 @@ impl VaeDecoder {
     /// Plans and allocates everything a decode of `latent`×`latent` latents needs, with
     /// `threads` workers (0: all cores).
     pub fn new(model: Arc<VaeModel>, latent: usize, threads: usize) -> Result<Self> {
+        Self::new_hw(model, (latent, latent), threads)
+    }
+
+    /// [`new`](Self::new) for latents of (height, width), which need not be square.
+    pub fn new_hw(model: Arc<VaeModel>, latent: (usize, usize), threads: usize) -> Result<Self> {
         let cfg = &model.config;
-        if latent == 0 || latent > 1024 {
-            return Err(Error::invalid("latent size", format!("{latent}: expected 1 to 1024")));
+        let (lh, lw) = latent;
+        if lh == 0 || lh > 1024 || lw == 0 || lw > 1024 {
+            return Err(Error::invalid("latent size", format!("{lh}×{lw}: expected 1 to 1024 per side")));
         }
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let (lc, cm, oc) = (cfg.latent_channels, cfg.mid_channels(), cfg.out_channels);
-        let l2 = latent * latent;
-        let (biggest, side) = (cfg.largest_activation(latent), cfg.out_side(latent));
+        let l2 = lh * lw;
+        let biggest = cfg.largest_activation_hw(latent);
+        let (oh, ow) = (cfg.out_side(lh), cfg.out_side(lw));
         let max_channels = cfg.block_out_channels.iter().copied().max().unwrap_or(1).max(oc);
         let attn_px = if cfg.mid_attention { l2 } else { 0 };
-        let mut plan = Plan::new(format!("VAE decoder, latent {latent}×{latent} → {side}×{side}, {threads} threads"));
+        let mut plan = Plan::new(format!("VAE decoder, latent {lh}×{lw} → {oh}×{ow}, {threads} threads"));
         let buffers = DecoderBuffers {
             latent: plan.add("latent", &[l2, lc], Dt::F32),
             post_quant: plan.add("post_quant", &[l2, lc], Dt::F32),
             work: std::array::from_fn(|i| plan.add(format!("act{i}"), &[biggest], Dt::F32)),
-            image: plan.add("image (NHWC)", &[side * side, oc], Dt::F32),
+            image: plan.add("image (NHWC)", &[oh * ow, oc], Dt::F32),
             attn_q: plan.add("attn_q", &[attn_px, cm], Dt::F32),
             attn_k: plan.add("attn_k", &[attn_px, cm], Dt::F32),
             attn_v: plan.add("attn_v", &[attn_px, cm], Dt::F32),
@@ -108,19 +116,26 @@ impl VaeDecoder {
     pub fn model(&self) -> &VaeModel {
         &self.model
     }
+    /// The latent's height (its side, for a square decoder).
     pub fn latent_side(&self) -> usize {
-        self.latent
+        self.latent.0
     }
+    /// The image's height (its side, for a square decoder).
     pub fn out_side(&self) -> usize {
-        self.model.config.out_side(self.latent)
+        self.model.config.out_side(self.latent.0)
+    }
+    /// The image's (height, width).
+    pub fn out_hw(&self) -> (usize, usize) {
+        (self.model.config.out_side(self.latent.0), self.model.config.out_side(self.latent.1))
     }
     /// Floats of one latent (C, h, w).
     pub fn latent_len(&self) -> usize {
-        self.model.config.latent_channels * self.latent * self.latent
+        self.model.config.latent_channels * self.latent.0 * self.latent.1
     }
     /// Floats of one decoded image (C, H, W).
     pub fn image_len(&self) -> usize {
-        self.model.config.out_channels * self.out_side() * self.out_side()
+        let (h, w) = self.out_hw();
+        self.model.config.out_channels * h * w
     }
 
     /// Decodes one latent (C, h, w), as the sampler produced it (before the scaling factor
@@ -135,8 +150,8 @@ impl VaeDecoder {
                     image.len(),
                     self.latent_len(),
                     self.model.config.latent_channels,
-                    self.latent,
-                    self.latent,
+                    self.latent.0,
+                    self.latent.1,
                     self.image_len()
                 ),
             ));
@@ -144,11 +159,12 @@ impl VaeDecoder {
         let model = Arc::clone(&self.model);
         let cfg = &model.config;
         let l = self.latent;
-        let lat = self.slice(self.buffers.latent, l * l * cfg.latent_channels);
+        let lat = self.slice(self.buffers.latent, l.0 * l.1 * cfg.latent_channels);
         graph::stage_latents(&model, l, latent, |i, z| lat[i] = z)?;
         graph::decode(self, &model, l)?;
-        let (oc, side) = (cfg.out_channels, cfg.out_side(l));
-        let px = side * side;
+        let (oh, ow) = self.out_hw();
+        let oc = cfg.out_channels;
+        let px = oh * ow;
         let out = self.slice(self.buffers.image, px * oc);
         graph::unstage_images(out, oc, px, image)
     }
@@ -234,10 +250,10 @@ impl VaeOps for VaeDecoder {
         dst: VaeAct,
         residual: Option<VaeAct>,
     ) -> Result<()> {
-        let Conv { kernel, side, cin, cout } = shape;
+        let Conv { kernel, h, w, cin, cout } = shape;
         let (k, conv) = match kernel {
             Kernel::OneByOne => (cin, None),
-            Kernel::ThreeByThree { upsample } => (9 * cin, Some(Conv3 { h: side, w: side, up2: upsample })),
+            Kernel::ThreeByThree { upsample } => (9 * cin, Some(Conv3 { h, w, up2: upsample })),
         };
         let px = shape.pixels();
         let (dp, _) = self.ptr(self.buffer(dst));

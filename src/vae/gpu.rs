@@ -114,7 +114,7 @@ impl<D: Device> GpuVaeDecoder<D> {
         let attn_px = if cfg.mid_attention { l2 } else { 1 };
         let mut plan = Plan::new(format!("GPU VAE decoder, {n} × latent {latent}×{latent} → {side}×{side}"));
         let mut list = WeightList::default();
-        graph::decode(&mut list, &model, latent)?;
+        graph::decode(&mut list, &model, (latent, latent))?;
         let weights = list
             .0
             .iter()
@@ -270,7 +270,7 @@ impl<D: Device> GpuVaeDecoder<D> {
         let (lc, l) = (model.config.latent_channels, self.latent);
         let l2 = l * l;
         let host = &mut self.latent_host;
-        graph::stage_latents(&model, l, latents, |i, z| host[i] = f16::from_f32(z))?;
+        graph::stage_latents(&model, (l, l), latents, |i, z| host[i] = f16::from_f32(z))?;
         let staged = self.slice::<f16>(self.buffers.latent)?.sub(0, n * l2 * lc)?;
         self.dev.upload(staged, &self.latent_host[..n * l2 * lc])?;
         if self.graphs.len() < n {
@@ -278,7 +278,8 @@ impl<D: Device> GpuVaeDecoder<D> {
         }
         if self.graphs[n - 1].is_none() {
             self.dev.begin_capture()?;
-            let recorded = graph::decode(&mut DevicePass { decoder: &*self, images: n }, &self.model, self.latent);
+            let recorded =
+                graph::decode(&mut DevicePass { decoder: &*self, images: n }, &self.model, (self.latent, self.latent));
             let captured = self.dev.end_capture();
             recorded?;
             self.graphs[n - 1] = Some(captured?);
@@ -309,7 +310,7 @@ impl<D: Device> VaeOps for DevicePass<'_, D> {
         residual: Option<VaeAct>,
     ) -> Result<()> {
         let d = self.decoder;
-        let Conv { kernel, side, cin, cout } = shape;
+        let Conv { kernel, h, w, cin, cout } = shape;
         match kernel {
             Kernel::OneByOne => {
                 let px = (self.images * shape.pixels()) as i32;
@@ -326,8 +327,8 @@ impl<D: Device> VaeOps for DevicePass<'_, D> {
                     d.output(dst)?,
                     d.act(src)?,
                     d.weight(weights.weight)?,
-                    side as i32,
-                    side as i32,
+                    h as i32,
+                    w as i32,
                     cin as i32,
                     cout as i32,
                 );
@@ -428,7 +429,7 @@ mod tests {
         let cfg = VaeConfig { block_out_channels: vec![32, 64], layers_per_block: 1, ..VaeConfig::sd() };
         let model = VaeModel::random(&cfg, 3).unwrap();
         let mut list = WeightList::default();
-        graph::decode(&mut list, &model, 4).unwrap();
+        graph::decode(&mut list, &model, (4, 4)).unwrap();
         let total: usize = list.0.iter().map(|(r, _)| r.len()).sum();
         assert_eq!(total, model.params, "the graph reads every parameter the model holds");
         for (i, (r, _)) in list.0.iter().enumerate() {

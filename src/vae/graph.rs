@@ -40,30 +40,31 @@ pub(crate) enum Kernel {
     ThreeByThree { upsample: bool },
 }
 
-/// The shape of one convolution, per image: `side`×`side` output pixels, `cin` → `cout`
+/// The shape of one convolution, per image: `h`×`w` output pixels, `cin` → `cout`
 /// channels. The weight is PyTorch's (cout, cin, k, k) as stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Conv {
     pub kernel: Kernel,
-    pub side: usize,
+    pub h: usize,
+    pub w: usize,
     pub cin: usize,
     pub cout: usize,
 }
 
 impl Conv {
-    pub fn one_by_one(side: usize, cin: usize, cout: usize) -> Self {
-        Conv { kernel: Kernel::OneByOne, side, cin, cout }
+    pub fn one_by_one((h, w): (usize, usize), cin: usize, cout: usize) -> Self {
+        Conv { kernel: Kernel::OneByOne, h, w, cin, cout }
     }
-    pub fn three_by_three(side: usize, cin: usize, cout: usize) -> Self {
-        Conv { kernel: Kernel::ThreeByThree { upsample: false }, side, cin, cout }
+    pub fn three_by_three((h, w): (usize, usize), cin: usize, cout: usize) -> Self {
+        Conv { kernel: Kernel::ThreeByThree { upsample: false }, h, w, cin, cout }
     }
-    /// A 3×3 convolution of the source upsampled 2×: `side` is the output's (twice the source's).
-    pub fn upsampled_three_by_three(side: usize, cin: usize, cout: usize) -> Self {
-        Conv { kernel: Kernel::ThreeByThree { upsample: true }, side, cin, cout }
+    /// A 3×3 convolution of the source upsampled 2×: `(h, w)` is the output's (twice the source's).
+    pub fn upsampled_three_by_three((h, w): (usize, usize), cin: usize, cout: usize) -> Self {
+        Conv { kernel: Kernel::ThreeByThree { upsample: true }, h, w, cin, cout }
     }
     /// Output pixels per image.
     pub fn pixels(&self) -> usize {
-        self.side * self.side
+        self.h * self.w
     }
     /// Source pixels per image (a quarter of the output's when upsampled).
     pub fn src_pixels(&self) -> usize {
@@ -113,9 +114,9 @@ pub(crate) trait VaeOps {
     ) -> Result<()>;
 }
 
-/// The decoder for latents of side `latent`, from the staged latent ([`VaeAct::Latent`]) to
-/// the image ([`VaeAct::Image`]).
-pub(crate) fn decode<O: VaeOps>(ops: &mut O, model: &VaeModel, latent: usize) -> Result<()> {
+/// The decoder for latents of `latent` = (height, width), from the staged latent
+/// ([`VaeAct::Latent`]) to the image ([`VaeAct::Image`]).
+pub(crate) fn decode<O: VaeOps>(ops: &mut O, model: &VaeModel, latent: (usize, usize)) -> Result<()> {
     let (cfg, t) = (&model.config, &model.tensors);
     let (lc, cm) = (cfg.latent_channels, cfg.mid_channels());
     let z = match &t.post_quant {
@@ -130,8 +131,8 @@ pub(crate) fn decode<O: VaeOps>(ops: &mut O, model: &VaeModel, latent: usize) ->
     x = resnet(ops, &t.mid[0], latent, x)?;
     if let Some(a) = &t.attn {
         let [normed, out, _] = free_work_buffers(x);
-        ops.group_norm(&a.norm, latent * latent, cm, false, x, normed)?;
-        ops.attention(a, latent * latent, cm, normed, x, out)?;
+        ops.group_norm(&a.norm, latent.0 * latent.1, cm, false, x, normed)?;
+        ops.attention(a, latent.0 * latent.1, cm, normed, x, out)?;
         x = out;
     }
     x = resnet(ops, &t.mid[1], latent, x)?;
@@ -143,24 +144,24 @@ pub(crate) fn decode<O: VaeOps>(ops: &mut O, model: &VaeModel, latent: usize) ->
         if let Some(upsample) = &block.upsample {
             let c = cfg.up_channels(i).1;
             let [dst, ..] = free_work_buffers(x);
-            side *= 2;
+            side = (2 * side.0, 2 * side.1);
             ops.conv(upsample, Conv::upsampled_three_by_three(side, c, c), x, dst, None)?;
             x = dst;
         }
     }
     let (c0, oc) = (cfg.block_out_channels[0], cfg.out_channels);
     let [normed, ..] = free_work_buffers(x);
-    ops.group_norm(&t.norm_out, side * side, c0, true, x, normed)?;
+    ops.group_norm(&t.norm_out, side.0 * side.1, c0, true, x, normed)?;
     ops.conv(&t.conv_out, Conv::three_by_three(side, c0, oc), normed, VaeAct::Image, None)
 }
 
-/// Stages `latents` as the sampler produced them ((C, h, h) per image, before the scaling
+/// Stages `latents` as the sampler produced them ((C, h, w) per image, before the scaling
 /// factor is undone) for the decoder: refuses non-finite values, then hands `put` each value
 /// z = latent / scaling + shift (a division, as DiT's sample.py does) with its index in NHWC
 /// order. Both decoders stage through this; each stores the values its own way.
 pub(crate) fn stage_latents(
     model: &VaeModel,
-    side: usize,
+    (h, w): (usize, usize),
     latents: &[f32],
     mut put: impl FnMut(usize, f32),
 ) -> Result<()> {
@@ -168,7 +169,7 @@ pub(crate) fn stage_latents(
         return Err(Error::invalid("latents", format!("value {} at index {i} is not finite", latents[i])));
     }
     let cfg = &model.config;
-    let (lc, l2) = (cfg.latent_channels, side * side);
+    let (lc, l2) = (cfg.latent_channels, h * w);
     let (scale, shift) = (cfg.scaling_factor as f32, cfg.shift_factor as f32);
     for img in 0..latents.len() / (lc * l2) {
         for p in 0..l2 {
@@ -201,9 +202,9 @@ pub(crate) fn unstage_images(nhwc: &[f32], channels: usize, pixels: usize, image
 
 /// ResnetBlock2D: h = conv1(SiLU(GN1(x))); out = conv2(SiLU(GN2(h))) + (x or shortcut(x)).
 /// Returns the buffer holding out.
-fn resnet<O: VaeOps>(ops: &mut O, r: &Resnet, side: usize, x: VaeAct) -> Result<VaeAct> {
+fn resnet<O: VaeOps>(ops: &mut O, r: &Resnet, side: (usize, usize), x: VaeAct) -> Result<VaeAct> {
     let [normed, h, shortcut] = free_work_buffers(x);
-    let px = side * side;
+    let px = side.0 * side.1;
     ops.group_norm(&r.norm1, px, r.cin, true, x, normed)?;
     ops.conv(&r.conv1, Conv::three_by_three(side, r.cin, r.cout), normed, h, None)?;
     ops.group_norm(&r.norm2, px, r.cout, true, h, normed)?;

@@ -67,17 +67,22 @@ impl VaeConfig {
     /// stage, pixels × the wider of its channel counts), which sizes the decoders' reused
     /// activation buffers.
     pub fn largest_activation(&self, latent: usize) -> usize {
-        let mut biggest = latent * latent * self.mid_channels();
-        let mut side = latent;
+        self.largest_activation_hw((latent, latent))
+    }
+
+    /// [`largest_activation`](Self::largest_activation) of a latent of (height, width).
+    pub fn largest_activation_hw(&self, latent: (usize, usize)) -> usize {
+        let mut px = latent.0 * latent.1;
+        let mut biggest = px * self.mid_channels();
         for i in 0..self.block_out_channels.len() {
             let (cin, cout) = self.up_channels(i);
-            biggest = biggest.max(side * side * cin.max(cout));
+            biggest = biggest.max(px * cin.max(cout));
             if i + 1 < self.block_out_channels.len() {
-                side *= 2;
-                biggest = biggest.max(side * side * cout);
+                px *= 4;
+                biggest = biggest.max(px * cout);
             }
         }
-        biggest.max(side * side * self.out_channels)
+        biggest.max(px * self.out_channels)
     }
 
     /// (input channels, output channels) of up block `i`.

@@ -46,10 +46,15 @@ pub struct CalibrateArgs {
     calib_self: Option<usize>,
     /// PixArt-α, `--method ca-svd`: the calibration prompts' embeddings (`prompt_embeds`,
     /// `attention_mask`, as `icdit encode` writes them); the model samples each itself.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "calib_prompts")]
     calib_embeds: Option<PathBuf>,
+    /// PixArt-α, `--method ca-svd`: a text file of calibration prompts, one a line (blank
+    /// lines skipped), encoded with the folder's text encoder (120 tokens); the model samples
+    /// each itself, guided at 4.5 by the negative prompt "" (or --negative-embeds).
+    #[arg(long)]
+    calib_prompts: Option<PathBuf>,
     /// PixArt-α: the negative prompt's embeddings (1 row); calibration samples are then
-    /// guided at 4.5, else unguided.
+    /// guided at 4.5 (with --calib-embeds and without it: unguided).
     #[arg(long)]
     negative_embeds: Option<PathBuf>,
     /// Samples per statistics forward (icc: 16).
@@ -191,23 +196,60 @@ pub fn run(args: CalibrateArgs) -> Result<(), Error> {
     Ok(())
 }
 
+/// The calibration prompts of `--calib-prompts` (one a line, blank lines skipped) and the
+/// negative prompt "", encoded with the pipeline's text encoder, which is closed again before
+/// sampling (its weights unmapped).
+fn encode_calib_prompts(
+    dir: &std::path::Path,
+    file: &std::path::Path,
+    threads: usize,
+) -> Result<(icdit::pixart::Embeddings, icdit::pixart::Embeddings), Error> {
+    let text = std::fs::read_to_string(file).map_err(|e| Error::Io { path: file.to_path_buf(), source: e })?;
+    let prompts: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if prompts.is_empty() {
+        return Err(Error::invalid("--calib-prompts", format!("{} holds no prompts (one a line)", file.display())));
+    }
+    let enc = icdit::text::TextEncoder::open(dir, &icdit::text::TextOptions { threads, isa: None })?;
+    let len = icdit::text::DEFAULT_MAX_LEN;
+    let as_embeddings =
+        |e: icdit::text::Embeddings| icdit::pixart::Embeddings::new(e.embeds, e.mask, e.batch, e.len, e.dim);
+    Ok((as_embeddings(enc.encode(&prompts, len)?)?, as_embeddings(enc.encode(&[""], len)?)?))
+}
+
 /// `icdit calibrate` on a PixArt-α pipeline folder: plain SVD of the weights, or CA-SVD
-/// calibrated on prompt embeddings (`--calib-embeds`) the model samples itself.
+/// calibrated on prompts (`--calib-prompts`, encoded here) or their embeddings
+/// (`--calib-embeds`) that the model samples itself.
 fn pixart(dir: &std::path::Path, args: &CalibrateArgs) -> Result<(), Error> {
     if args.calib_latents.is_some() || args.calib_self.is_some() {
         return Err(Error::invalid(
             "calibration data",
-            "PixArt-α calibrates on prompts: --calib-embeds FILE (with --method ca-svd), not --calib-latents/--calib-self",
+            "PixArt-α calibrates on prompts: --calib-prompts FILE or --calib-embeds FILE (with --method ca-svd), not \
+             --calib-latents/--calib-self",
         ));
     }
     let model = Arc::new(icdit::pixart::PixArtModel::load(dir)?);
     let start = Instant::now();
-    let report = match (args.method.as_str(), &args.calib_embeds) {
+    let calib = match (&args.calib_prompts, &args.calib_embeds) {
+        (Some(file), _) => {
+            let (prompts, empty) = encode_calib_prompts(dir, file, args.threads)?;
+            let negative = match &args.negative_embeds {
+                Some(p) => icdit::pixart::Embeddings::load(p)?,
+                None => empty,
+            };
+            Some((prompts, Some(negative)))
+        }
+        (None, Some(p)) => Some((
+            icdit::pixart::Embeddings::load(p)?,
+            args.negative_embeds.as_deref().map(icdit::pixart::Embeddings::load).transpose()?,
+        )),
+        (None, None) => None,
+    };
+    let report = match (args.method.as_str(), calib) {
         ("svd", None) => icdit::pixart::factors::calibrate_svd(&model, args.rank, &args.out)?,
-        ("svd", Some(_)) => return Err(Error::invalid("--calib-embeds", "only used with --method ca-svd")),
-        ("ca-svd", Some(p)) => {
-            let prompts = icdit::pixart::Embeddings::load(p)?;
-            let negative = args.negative_embeds.as_deref().map(icdit::pixart::Embeddings::load).transpose()?;
+        ("svd", Some(_)) => {
+            return Err(Error::invalid("--calib-prompts/--calib-embeds", "only used with --method ca-svd"))
+        }
+        ("ca-svd", Some((prompts, negative))) => {
             let b = bar(2 * prompts.rows.div_ceil(8), "sampling, statistics");
             let report = icdit::pixart::calibrate::calibrate_ca_svd(
                 &model,
@@ -232,7 +274,8 @@ fn pixart(dir: &std::path::Path, args: &CalibrateArgs) -> Result<(), Error> {
         ("ca-svd", None) => {
             return Err(Error::invalid(
                 "calibration data",
-                "ca-svd on PixArt-α needs --calib-embeds FILE (the calibration prompts' embeddings)",
+                "ca-svd on PixArt-α needs --calib-prompts FILE (prompts, one a line) or --calib-embeds FILE (their \
+                 embeddings)",
             ))
         }
         (other, _) => return Err(Error::invalid("method", format!("`{other}` on PixArt-α: expected svd or ca-svd"))),

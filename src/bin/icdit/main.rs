@@ -28,6 +28,7 @@ mod output;
 mod pixart;
 mod plot;
 mod report;
+mod report_pixart;
 mod sample;
 mod shard;
 use icdit::forward::StepKind;
@@ -104,7 +105,9 @@ struct ForwardArgs {
     weights: PathBuf,
     /// safetensors with `x` f32 [B, C, H, W], `t` i64 [B] (original timesteps), `y` i64 [B];
     /// for a PixArt-α pipeline folder `encoder_hidden_states` f32 [B, L, D] and
-    /// `encoder_attention_mask` i64 [B, L] instead of `y`.
+    /// `encoder_attention_mask` i64 [B, L] instead of `y` (any H, W that are multiples of the
+    /// patch size), and for the 1024-MS model also `resolution` f32 [B, 2] (height, width in
+    /// pixels) and `aspect_ratio` f32 [B, 1].
     #[arg(long)]
     input: PathBuf,
     /// Output safetensors with `out` f32 [B, Cout, H, W].

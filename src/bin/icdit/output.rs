@@ -69,25 +69,38 @@ impl ImageOut {
         side: usize,
         default_cols: usize,
     ) -> Result<Vec<PathBuf>, Error> {
+        self.write_hw(images, classes, seed, channels, (side, side), default_cols)
+    }
+
+    /// [`write`](Self::write) for images of (height, width).
+    pub fn write_hw(
+        &self,
+        images: &[f32],
+        classes: &[i64],
+        seed: Option<u64>,
+        channels: usize,
+        (h, w): (usize, usize),
+        default_cols: usize,
+    ) -> Result<Vec<PathBuf>, Error> {
         let n = classes.len();
-        let mut pixels = vec![0u8; n * side * side * channels];
-        image::to_nhwc_u8(images, n, channels, side, self.rounding()?, &mut pixels);
+        let mut pixels = vec![0u8; n * h * w * channels];
+        image::to_nhwc_u8_hw(images, n, channels, (h, w), self.rounding()?, &mut pixels);
         let mut written = Vec::new();
         if let Some(dir) = &self.out {
-            let per = side * side * channels;
+            let per = h * w * channels;
             for (i, &c) in classes.iter().enumerate() {
                 let path = dir.join(png_name(i as u64, c, seed));
-                image::write_png(&path, &pixels[i * per..(i + 1) * per], side, side, channels)?;
+                image::write_png(&path, &pixels[i * per..(i + 1) * per], w, h, channels)?;
             }
             written.push(dir.clone());
         }
         if let Some(path) = &self.grid {
             let cols = self.grid_cols.unwrap_or(default_cols);
-            image::write_grid_png(path, &pixels, n, channels, side, cols, 2)?;
+            image::write_grid_png_hw(path, &pixels, n, channels, (h, w), cols, 2)?;
             written.push(path.clone());
         }
         if let Some(path) = &self.npz {
-            image::write_npz(path, &pixels, n, side, channels)?;
+            image::write_npz_hw(path, &pixels, n, (h, w), channels)?;
             written.push(path.clone());
         }
         Ok(written)

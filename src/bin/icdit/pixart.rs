@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use icdit::pixart::size::resize_and_crop;
+use icdit::pixart::ImageSize;
 use icdit::pixart::{
     Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
     PixArtRequest, PixArtSampler,
@@ -35,6 +37,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), Error> {
             "hidden_size": c.hidden_size(),
             "caption_channels": c.caption_channels,
             "interpolation_scale": c.interpolation_scale,
+            "use_additional_conditions": c.use_additional_conditions,
             "tokens": c.tokens(),
             "dtypes": model.dtypes,
             "file_bytes": model.file_bytes(),
@@ -56,34 +59,43 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), Error> {
             c.out_channels
         );
         outln!(
-            "  caption channels {}, interpolation scale {}, no additional conditions",
+            "  caption channels {}, interpolation scale {}, {}",
             c.caption_channels,
-            c.interpolation_scale
+            c.interpolation_scale,
+            if c.use_additional_conditions {
+                "resolution and aspect-ratio conditions (use_additional_conditions)"
+            } else {
+                "no additional conditions"
+            }
         );
         outln!("  weights: {} ({})", icdit::units::human(model.file_bytes() as u64), dtypes.join(", "));
     }
     Ok(())
 }
 
-/// `icdit forward` on a pipeline folder: inputs `x`, `t`, `encoder_hidden_states`,
-/// `encoder_attention_mask`; output `out`.
+/// `icdit forward` on a pipeline folder: inputs `x` (at any latent size that is a multiple of
+/// the patch size), `t`, `encoder_hidden_states`, `encoder_attention_mask`, and for models
+/// with micro-conditions `resolution` and `aspect_ratio`; output `out`.
 pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) -> Result<(), Error> {
-    let model = Arc::new(PixArtModel::load(weights)?);
-    let cfg = model.config;
     let f = TensorFile::open(input)?;
     let bad = |reason: String| Error::Layout { path: input.to_path_buf(), reason };
     let (xs, x) = f.read_f32("x")?;
     let (ts, t) = f.read_i64("t")?;
-    let (es, text) = f.read_f32("encoder_hidden_states")?;
-    let (ms, mask) = f.read_i64("encoder_attention_mask")?;
     let b = ts.first().copied().unwrap_or(0);
-    let (s, cin) = (cfg.sample_size, cfg.in_channels);
     if ts.len() != 1 || b == 0 {
         return Err(bad(format!("`t` has shape {ts:?}; expected [B] with B ≥ 1")));
     }
-    if xs != [b, cin, s, s] {
-        return Err(bad(format!("`x` has shape {xs:?}; expected [{b}, {cin}, {s}, {s}]")));
+    let [xb, xc, h, w] = xs[..] else {
+        return Err(bad(format!("`x` has shape {xs:?}; expected [{b}, C, H, W]")));
+    };
+    let model = Arc::new(PixArtModel::load_at(weights, Some((h, w)))?);
+    let cfg = model.config;
+    let cin = cfg.in_channels;
+    if [xb, xc] != [b, cin] {
+        return Err(bad(format!("`x` has shape {xs:?}; expected [{b}, {cin}, H, W]")));
     }
+    let (es, text) = f.read_f32("encoder_hidden_states")?;
+    let (ms, mask) = f.read_i64("encoder_attention_mask")?;
     let [eb, len, d] = es[..] else {
         return Err(bad(format!(
             "`encoder_hidden_states` has shape {es:?}; expected [{b}, L, {}]",
@@ -107,11 +119,38 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
         Arc::clone(&model),
         &PixArtCpuOptions { max_rows: b, max_text_len: len, threads, ..Default::default() },
     )?;
+    if cfg.use_additional_conditions {
+        // diffusers' added_cond_kwargs: required by a model with use_additional_conditions.
+        let missing = |name: &str| {
+            bad(format!(
+                "this model uses the resolution and aspect-ratio conditions (use_additional_conditions): \
+                 the input needs `{name}` ({})",
+                if name == "resolution" {
+                    "f32 [B, 2], height and width in pixels"
+                } else {
+                    "f32 [B, 1], height / width"
+                }
+            ))
+        };
+        for name in ["resolution", "aspect_ratio"] {
+            if f.get(name).is_none() {
+                return Err(missing(name));
+            }
+        }
+        let (rs, res) = f.read_f32("resolution")?;
+        let (ars, ar) = f.read_f32("aspect_ratio")?;
+        if rs != [b, 2] || ars != [b, 1] {
+            return Err(bad(format!(
+                "`resolution` has shape {rs:?} and `aspect_ratio` {ars:?}; expected [{b}, 2] and [{b}, 1]"
+            )));
+        }
+        cpu.stage_size(&res, &ar, b)?;
+    }
     let mut out = vec![0.0f32; b * cfg.out_elems()];
     let start = Instant::now();
     cpu.forward(&x, &tf, &text, &mask, len, &mut out)?;
     let secs = start.elapsed().as_secs_f64();
-    write_safetensors(out_path, &[("out", &[b, cfg.out_channels, s, s], &out)], &[], None)?;
+    write_safetensors(out_path, &[("out", &[b, cfg.out_channels, h, w], &out)], &[], None)?;
     eprintln!(
         "forward (PixArt-α): batch {b}, {len} text tokens, in {:.1} ms on {} threads ({}); wrote {}",
         secs * 1e3,
@@ -149,6 +188,11 @@ pub struct SampleFlags<'a> {
     pub vae: Option<&'a Path>,
     pub threads: usize,
     pub backend: &'a str,
+    /// `--height`/`--width` in pixels (default: the model's square size).
+    pub height: Option<usize>,
+    pub width: Option<usize>,
+    /// Map a requested size to the nearest aspect-ratio bin (not `--no-resolution-binning`).
+    pub resolution_binning: bool,
 }
 
 pub fn sample(f: SampleFlags) -> Result<(), Error> {
@@ -158,8 +202,22 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
             format!("`{}`: PixArt runs on the CPU backend only for now (use --backend cpu)", f.backend),
         ));
     }
-    let model = Arc::new(PixArtModel::load(f.weights)?);
+    // The size sampled: the request, or (binning) its nearest aspect-ratio bin; without
+    // --height/--width the trained square size, which is its own bin for every published model.
+    let trained = icdit::pixart::PixArtConfig::load(f.weights)?;
+    let size = if f.height.is_none() && f.width.is_none() {
+        ImageSize::plan(&trained, None, None, false)?
+    } else {
+        ImageSize::plan(&trained, f.height, f.width, f.resolution_binning)?
+    };
+    let model = Arc::new(PixArtModel::load_at(f.weights, Some(size.latent()))?);
     let cfg = model.config;
+    if size.sampled != size.requested {
+        eprintln!(
+            "resolution binning: {}×{} is sampled at the nearest aspect-ratio bin, {}×{}, and resized back",
+            size.requested.0, size.requested.1, size.sampled.0, size.sampled.1
+        );
+    }
     // The text encoder is opened only when a prompt must be encoded (its weights stay unmapped
     // otherwise); a request's embeddings are computed once, before sampling.
     let mut encoder: Option<icdit::text::TextEncoder> = None;
@@ -273,7 +331,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         Some(p) => {
             let file = TensorFile::open(p)?;
             let (shape, z) = file.read_f32("z")?;
-            let want = [n, cfg.in_channels, cfg.sample_size, cfg.sample_size];
+            let want = [n, cfg.in_channels, cfg.height, cfg.width];
             if shape != want {
                 return Err(Error::Layout {
                     path: p.to_path_buf(),
@@ -320,8 +378,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         }
         let all: Vec<f32> = rows.iter().flat_map(|r| r.1.iter().copied()).collect();
         let dir = vae.as_deref().unwrap_or(f.weights);
-        let written =
-            decode_write(dir, &all, rows.len() * n, cfg.sample_size, cfg.in_channels, f.threads, f.images, f.seed, n)?;
+        let written = decode_write(dir, &all, rows.len() * n, &size, cfg.in_channels, f.threads, f.images, f.seed, n)?;
         eprintln!(
             "sample --compare (PixArt-α): {n} image(s) × {} policies in {:.2} s; wrote {}",
             rows.len(),
@@ -332,7 +389,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     let (latents, threads) = sample_with(&opts)?;
     let secs = start.elapsed().as_secs_f64();
-    let shape = [n, cfg.in_channels, cfg.sample_size, cfg.sample_size];
+    let shape = [n, cfg.in_channels, cfg.height, cfg.width];
     let mut written: Vec<PathBuf> = Vec::new();
     if let Some(p) = f.out_latents {
         write_safetensors(p, &[("latents", &shape, &latents)], &[], None)?;
@@ -340,17 +397,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     if let Some(dir) = vae.as_deref().filter(|_| f.images.any()) {
         let cols = n.min(8);
-        written.extend(decode_write(
-            dir,
-            &latents,
-            n,
-            cfg.sample_size,
-            cfg.in_channels,
-            f.threads,
-            f.images,
-            f.seed,
-            cols,
-        )?);
+        written.extend(decode_write(dir, &latents, n, &size, cfg.in_channels, f.threads, f.images, f.seed, cols)?);
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
@@ -383,14 +430,15 @@ fn cache_mode(policy: CachePolicy, factors: Option<&Path>, model: &PixArtModel) 
     })
 }
 
-/// Decodes `count` latents with the VAE in `dir` (latents / its scaling factor) and writes
-/// them where `images` says, `cols` per grid row.
+/// Decodes `count` latents with the VAE in `dir` (latents / its scaling factor), resizes them
+/// to the requested size when binning sampled another (diffusers' `resize_and_crop_tensor`)
+/// and writes them where `images` says, `cols` per grid row.
 #[allow(clippy::too_many_arguments)]
 fn decode_write(
     dir: &Path,
     latents: &[f32],
     count: usize,
-    side: usize,
+    size: &ImageSize,
     channels: usize,
     threads: usize,
     images: &ImageOut,
@@ -407,11 +455,35 @@ fn decode_write(
             ),
         });
     }
-    let mut dec = VaeDecoder::new(Arc::clone(&vae), side, threads)?;
-    let (ll, il) = (dec.latent_len(), dec.image_len());
+    let mut dec = VaeDecoder::new_hw(Arc::clone(&vae), size.latent(), threads)?;
+    let (ll, il, oc, got) = (dec.latent_len(), dec.image_len(), vae.config.out_channels, dec.out_hw());
+    if size.resized() && got != size.sampled {
+        return Err(Error::Config {
+            origin: dir.display().to_string(),
+            reason: format!(
+                "the VAE decodes the {}×{} latent to {}×{} pixels, not {}×{}: resizing back to the requested size \
+                 assumes PixArt-α's 8× VAE (pass --no-resolution-binning)",
+                size.latent().0,
+                size.latent().1,
+                got.0,
+                got.1,
+                size.sampled.0,
+                size.sampled.1
+            ),
+        });
+    }
     let mut pixels = vec![0.0f32; count * il];
     for i in 0..count {
         dec.decode(&latents[i * ll..(i + 1) * ll], &mut pixels[i * il..(i + 1) * il])?;
     }
-    images.write(&pixels, &vec![0; count], Some(seed), vae.config.out_channels, dec.out_side(), cols)
+    let want = if size.resized() { size.requested } else { got };
+    if got != want {
+        let ol = oc * want.0 * want.1;
+        let mut resized = vec![0.0f32; count * ol];
+        for i in 0..count {
+            resize_and_crop(&pixels[i * il..(i + 1) * il], oc, got, want, &mut resized[i * ol..(i + 1) * ol]);
+        }
+        pixels = resized;
+    }
+    images.write_hw(&pixels, &vec![0; count], Some(seed), oc, want, cols)
 }

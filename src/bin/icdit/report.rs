@@ -22,65 +22,77 @@ use crate::model_args::ModelArgs;
 pub struct ReportArgs {
     /// Weights (official .safetensors or diffusers folder); default: the bundled model.
     #[arg(long)]
-    weights: Option<PathBuf>,
+    pub(crate) weights: Option<PathBuf>,
     #[command(flatten)]
-    model: ModelArgs,
+    pub(crate) model: ModelArgs,
     /// Policies to compare: `none` (full compute, the reference; always sampled), `reuse`,
     /// `icc`, `fora`, `taylor` (docs/caching-policies.md).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "reuse,icc")]
-    policies: Vec<CachePolicy>,
+    pub(crate) policies: Vec<CachePolicy>,
     /// icc: factor ranks to compare (uniform over the six layer types).
     #[arg(long, value_delimiter = ',', default_value = "4,8,16,32,64")]
-    ranks: Vec<usize>,
+    pub(crate) ranks: Vec<usize>,
     /// Cache periods (full-step intervals) to compare: every N-th step full.
     #[arg(long, value_delimiter = ',', default_value = "2,3,5")]
-    periods: Vec<usize>,
+    pub(crate) periods: Vec<usize>,
     /// icc: factor methods, `svd`, `ca-svd`.
     #[arg(long, value_delimiter = ',', default_value = "svd,ca-svd")]
-    methods: Vec<String>,
+    pub(crate) methods: Vec<String>,
     /// taylor: orders to compare (0, 1, 2; 0 is fora's block reuse).
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    orders: Vec<usize>,
+    pub(crate) orders: Vec<usize>,
     /// taylor: warm-up full steps (the first N steps full, besides every period's).
     #[arg(long, default_value_t = Forecast::CLI_DEFAULT.warmup)]
-    taylor_warmup: usize,
+    pub(crate) taylor_warmup: usize,
     /// Samples the model draws itself for CA-SVD's statistics.
     #[arg(long, default_value_t = 64)]
-    calib_self: usize,
+    pub(crate) calib_self: usize,
     /// Images per class in the evaluated request (every class of small models; else 16 random classes).
     #[arg(long, default_value_t = 4)]
-    per_class: usize,
+    pub(crate) per_class: usize,
     #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Sampling: DiT respacing "N" steps with `--sampler`, guidance `--cfg`.
-    #[arg(long, default_value_t = 50)]
-    steps: usize,
-    #[arg(long, default_value = "ddim")]
-    sampler: String,
-    #[arg(long, default_value_t = 4.0)]
-    cfg: f32,
+    pub(crate) seed: u64,
+    /// Sampling: DiT respacing "N" steps with `--sampler`, guidance `--cfg` (defaults 50, ddim,
+    /// 4.0; on a PixArt-α folder 20, dpm-solver, 4.5, the pipeline's).
+    #[arg(long)]
+    pub(crate) steps: Option<usize>,
+    #[arg(long)]
+    pub(crate) sampler: Option<String>,
+    #[arg(long)]
+    pub(crate) cfg: Option<f32>,
+    /// PixArt-α (--weights a pipeline folder): the evaluated prompts' embeddings, one image each
+    /// (`prompt_embeds`, `attention_mask`, as `icdit encode` writes them).
+    #[arg(long)]
+    pub(crate) prompt_embeds: Option<PathBuf>,
+    /// PixArt-α: the negative prompt's embeddings (1 row) for guidance; default: "" encoded with
+    /// the folder's text encoder.
+    #[arg(long)]
+    pub(crate) negative_embeds: Option<PathBuf>,
+    /// PixArt-α: CA-SVD's calibration prompts' embeddings (default: the evaluated prompts).
+    #[arg(long)]
+    pub(crate) calib_embeds: Option<PathBuf>,
     /// Where sampling runs (and is timed): `cpu`, `cuda` (the GPU pipeline; a build with the
     /// `cuda` feature) or `emu` (the pipeline on its CPU emulation: correct, not fast).
     #[arg(long, default_value = "cpu")]
-    backend: String,
+    pub(crate) backend: String,
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
-    threads: usize,
+    pub(crate) threads: usize,
     /// Sample every setting (and the timed full-compute run) this many times and keep the
     /// fastest: a machine shared with other jobs slows some runs down, never speeds one up.
     #[arg(long, default_value_t = 1)]
-    repeats: usize,
+    pub(crate) repeats: usize,
     /// Also write the tables as Markdown to this file.
     #[arg(long)]
-    out_md: Option<PathBuf>,
+    pub(crate) out_md: Option<PathBuf>,
     /// Print the results as JSON on stdout.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     /// Draw the quality–cost frontier into this PNG: PSNR against the time ratio (left panel)
     /// and against the MAC ratio (right panel), one marker series per policy, points labelled
     /// with their settings.
     #[arg(long)]
-    plot: Option<PathBuf>,
+    pub(crate) plot: Option<PathBuf>,
 }
 
 /// One policy at one setting, measured against full compute.
@@ -100,13 +112,24 @@ pub(crate) struct Row {
 const BUDGETS: [f64; 2] = [0.5, 0.35];
 
 pub fn run(args: ReportArgs) -> Result<(), Error> {
+    if let Some(dir) = args.weights.as_deref().filter(|w| icdit::pixart::is_pipeline(w)) {
+        return crate::report_pixart::run(dir, &args);
+    }
+    if args.prompt_embeds.is_some() || args.negative_embeds.is_some() || args.calib_embeds.is_some() {
+        return Err(Error::invalid(
+            "--prompt-embeds",
+            "prompt embeddings drive a PixArt-α pipeline folder (--weights)",
+        ));
+    }
+    let (steps, cfg_scale) = (args.steps.unwrap_or(50), args.cfg.unwrap_or(4.0));
+    let sampler_name = args.sampler.clone().unwrap_or_else(|| "ddim".into());
     let weights = args.weights.clone().unwrap_or_else(crate::sample::default_weights);
     let model = Arc::new(args.model.load(&weights)?);
     let cfg = model.config;
     let start = Instant::now();
-    let sampler = icdit::session::parse_sampler(&args.sampler, 0.0)?;
+    let sampler = icdit::session::parse_sampler(&sampler_name, 0.0)?;
     let backend: Backend = args.backend.parse()?;
-    if args.steps == 0 || args.per_class == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
+    if steps == 0 || args.per_class == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
         return Err(Error::invalid("cache-report", "steps, per-class and ranks must be ≥ 1 and periods ≥ 2"));
     }
     for &order in &args.orders {
@@ -129,12 +152,12 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     let base = EngineOptions {
         max_batch: classes.len().min(40),
         respacing: if matches!(sampler, icdit::Sampler::Ddim { .. }) {
-            format!("ddim{}", args.steps)
+            format!("ddim{steps}")
         } else {
-            args.steps.to_string()
+            steps.to_string()
         },
         sampler,
-        cfg_scale: args.cfg,
+        cfg_scale,
         threads: args.threads,
         ..Default::default()
     };
@@ -149,7 +172,7 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     // Full compute first as the reference, which also warms the caches and pages; then timed.
     let reference = sample_set_timed(&model, &base, &classes, args.seed, backend)?.samples;
     let full_seconds = timed(&base)?.seconds;
-    eprintln!("reference: {} images, {} steps, full compute: {full_seconds:.2} s", classes.len(), args.steps);
+    eprintln!("reference: {} images, {steps} steps, full compute: {full_seconds:.2} s", classes.len());
 
     // icc: per method the calibration statistics once, factors per rank.
     let threads =
@@ -227,9 +250,9 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     let title = format!(
         "{} images, {} {} steps, cfg {}, {} backend, full compute {full_seconds:.2} s{}",
         classes.len(),
-        args.steps,
-        args.sampler,
-        args.cfg,
+        steps,
+        sampler_name,
+        cfg_scale,
         backend.name(),
         if args.repeats > 1 { format!(" (fastest of {})", args.repeats) } else { String::new() }
     );
@@ -253,8 +276,8 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
             .collect();
         outln!(
             "{}",
-            serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": args.steps,
-                "sampler": args.sampler, "cfg": args.cfg, "seed": args.seed, "calib_self": args.calib_self,
+            serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": steps,
+                "sampler": sampler_name, "cfg": cfg_scale, "seed": args.seed, "calib_self": args.calib_self,
                 "backend": backend.name(), "full_compute_seconds": full_seconds, "taylor_warmup": args.taylor_warmup,
                 "repeats": args.repeats,
                 "results": v})
@@ -273,7 +296,7 @@ fn method_name(m: Method) -> &'static str {
 }
 
 /// One row per policy and setting; then, per policy, the best PSNR within each time budget.
-fn markdown(rows: &[Row], policies: &[CachePolicy], title: &str) -> String {
+pub(crate) fn markdown(rows: &[Row], policies: &[CachePolicy], title: &str) -> String {
     let mut s = format!("{title}\n\n| policy | setting | rel. L2 | PSNR dB | MAC ratio | time ratio |\n");
     s.push_str("| --- | --- | ---: | ---: | ---: | ---: |\n");
     for r in rows {

@@ -44,6 +44,18 @@ pub struct SampleArgs {
     /// PixArt-α: tokens per prompt (default 120, PixArt-α's; at most 512).
     #[arg(long)]
     max_sequence_length: Option<usize>,
+    /// PixArt-α: image height in pixels (default: the model's, sample_size × 8). With
+    /// resolution binning the nearest aspect-ratio bin's size is sampled and the images are
+    /// resized back, as PixArtAlphaPipeline does.
+    #[arg(long)]
+    height: Option<usize>,
+    /// PixArt-α: image width in pixels (default: the model's).
+    #[arg(long)]
+    width: Option<usize>,
+    /// PixArt-α: sample --height × --width as given (multiples of 8 × the patch size) instead of
+    /// the nearest aspect-ratio bin's size.
+    #[arg(long)]
+    no_resolution_binning: bool,
     /// Comma-separated class labels, one image each.
     #[arg(long, value_delimiter = ',', conflicts_with = "random_classes")]
     class: Vec<i64>,
@@ -151,9 +163,12 @@ pub fn run(mut args: SampleArgs) -> Result<(), Error> {
         || !args.prompt.is_empty()
         || args.negative_prompt.is_some()
         || args.max_sequence_length.is_some()
+        || args.height.is_some()
+        || args.width.is_some()
+        || args.no_resolution_binning
     {
         return Err(Error::invalid(
-            "--prompt/--prompt-embeds",
+            "--prompt/--prompt-embeds/--height/--width",
             "prompts drive a text-to-image model: pass a PixArt-α pipeline folder as --weights",
         ));
     }
@@ -640,5 +655,8 @@ fn pixart_sample(weights: &Path, args: &mut SampleArgs) -> Result<(), Error> {
         vae: args.vae.as_deref(),
         threads: args.threads,
         backend: &args.backend,
+        height: args.height,
+        width: args.width,
+        resolution_binning: !args.no_resolution_binning,
     })
 }

@@ -90,6 +90,9 @@ struct Buffers {
     cache: Vec<[BufId; 14]>,
     /// (x − x_s)·downᵀ of calibrated steps.
     lowrank: Option<BufId>,
+    /// The micro-conditions' embedding per row (rows, C) and its scratch
+    /// (`use_additional_conditions` only).
+    size: Option<(BufId, BufId)>,
 }
 
 /// A PixArt-α transformer ready to run on the CPU.
@@ -107,6 +110,8 @@ pub struct PixArtCpu {
     t: Vec<f32>,
     /// Caption length of the staged request.
     text_len: usize,
+    /// Rows whose micro-conditions are staged (models with `use_additional_conditions`).
+    size_rows: usize,
     cache: PixArtCache,
     cached_rows: Option<usize>,
 }
@@ -184,7 +189,14 @@ impl PixArtCpu {
             attn_scratch: add("attention scores", threads * n * n.max(l)),
             cache: Vec::new(),
             lowrank: None,
+            size: None,
         };
+        if cfg.use_additional_conditions {
+            bufs.size = Some((
+                add("micro-condition embedding", rows * c),
+                add("micro-condition scratch", super::micro::scratch_len(&model)),
+            ));
+        }
         if !matches!(opts.cache, PixArtCache::None) {
             bufs.cache = (0..cfg.depth)
                 .map(|i| Slot::ALL.map(|slot| add(&format!("block {i} cache {slot:?}"), tok * slot.width(&cfg))))
@@ -213,6 +225,7 @@ impl PixArtCpu {
             freqs: embed::timestep_freqs(Numerics::Official),
             t: vec![0.0; rows],
             text_len: 0,
+            size_rows: 0,
             cache: opts.cache.clone(),
             cached_rows: None,
         })
@@ -351,11 +364,57 @@ impl PixArtCpu {
         Ok(())
     }
 
-    /// One forward pass of `kind` over the staged rows (after [`stage_text`](Self::stage_text)
-    /// and [`stage_inputs`](Self::stage_inputs)); the output is [`output`](Self::output).
+    /// Stages the micro-conditions of `rows` rows (models with `use_additional_conditions`):
+    /// `resolution` (rows, 2) as (height, width) in pixels and `aspect` (rows) = height / width,
+    /// and computes their embeddings (once per request: they do not change over steps).
+    pub fn stage_size(&mut self, resolution: &[f32], aspect: &[f32], rows: usize) -> Result<()> {
+        let Some((emb, scratch)) = self.bufs.size else {
+            return Err(Error::invalid(
+                "micro-conditions",
+                "this model has no use_additional_conditions: it takes no resolution or aspect ratio",
+            ));
+        };
+        if rows == 0 || rows > self.max_rows || resolution.len() != 2 * rows || aspect.len() != rows {
+            return Err(Error::invalid(
+                "micro-conditions",
+                format!(
+                    "{} resolution and {} aspect-ratio values for {rows} rows (expected 2 and 1 per row, at most {} rows)",
+                    resolution.len(),
+                    aspect.len(),
+                    self.max_rows
+                ),
+            ));
+        }
+        if let Some(i) = resolution.iter().chain(aspect).position(|v| !v.is_finite()) {
+            return Err(Error::invalid("micro-conditions", format!("value {i} is not finite")));
+        }
+        let c = self.model.config.hidden_size();
+        // SAFETY: the embedding and the scratch are distinct buffers, nothing else reads them.
+        let (out, tmp) = unsafe { (self.view_mut(emb), self.view_mut(scratch)) };
+        for r in 0..rows {
+            let res = [resolution[2 * r], resolution[2 * r + 1]];
+            super::micro::size_embedding(&self.model, res, aspect[r], &self.freqs, tmp, &mut out[r * c..(r + 1) * c]);
+        }
+        self.size_rows = rows;
+        Ok(())
+    }
+
+    /// One forward pass of `kind` over the staged rows (after [`stage_text`](Self::stage_text),
+    /// [`stage_inputs`](Self::stage_inputs) and, for models with micro-conditions,
+    /// [`stage_size`](Self::stage_size)); the output is [`output`](Self::output).
     pub fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
         if self.text_len == 0 {
             return Err(Error::invalid("caption", "no caption staged before the forward pass"));
+        }
+        if self.bufs.size.is_some() && self.size_rows < rows {
+            return Err(Error::invalid(
+                "micro-conditions",
+                format!(
+                    "this model uses the resolution and aspect-ratio conditions (use_additional_conditions): \
+                     {} rows staged for a pass of {rows}",
+                    self.size_rows
+                ),
+            ));
         }
         let policy = self.cache.policy();
         if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {

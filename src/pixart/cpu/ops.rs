@@ -42,6 +42,14 @@ impl PixArtOps for PixArtCpu {
             *v = math::silu(*v);
         }
         self.linear_raw(Layer::Time2, temb, emb, rows, gemm::Act::None);
+        if let Some((size, _)) = self.bufs.size {
+            // emb += the staged micro-conditions' embedding (micro.rs).
+            // SAFETY: size is read while emb (distinct) is written.
+            let add = unsafe { self.view(size) };
+            for (e, &a) in unsafe { self.view_mut(emb) }[..rows * c].iter_mut().zip(add) {
+                *e += a;
+            }
+        }
         // SAFETY: emb is read while silu_emb (distinct) is written.
         let e = unsafe { self.view(emb) };
         for (s, &v) in unsafe { self.view_mut(silu_emb) }[..rows * c].iter_mut().zip(e) {
@@ -70,8 +78,8 @@ impl PixArtOps for PixArtCpu {
 
     fn embed_patches(&mut self, rows: usize) {
         let cfg = self.model.config;
-        let (p, g, cin, s, c, n) =
-            (cfg.patch_size, cfg.grid(), cfg.in_channels, cfg.sample_size, cfg.hidden_size(), cfg.tokens());
+        let (p, gw, cin, (h, w), c, n) =
+            (cfg.patch_size, cfg.grid_w(), cfg.in_channels, (cfg.height, cfg.width), cfg.hidden_size(), cfg.tokens());
         let pd = cin * p * p;
         let (input, patches) = (self.bufs.input, self.bufs.patches);
         // SAFETY: input is read, patches written.
@@ -79,12 +87,12 @@ impl PixArtOps for PixArtCpu {
         let pt = unsafe { self.view_mut(patches) };
         for r in 0..rows {
             for t in 0..n {
-                let (gi, gj) = (t / g, t % g);
+                let (gi, gj) = (t / gw, t % gw);
                 let row = &mut pt[(r * n + t) * pd..][..pd];
                 for ch in 0..cin {
                     for a in 0..p {
                         for b in 0..p {
-                            row[(ch * p + a) * p + b] = x[((r * cin + ch) * s + gi * p + a) * s + gj * p + b];
+                            row[(ch * p + a) * p + b] = x[((r * cin + ch) * h + gi * p + a) * w + gj * p + b];
                         }
                     }
                 }
@@ -236,19 +244,20 @@ impl PixArtOps for PixArtCpu {
 
     fn unpatchify(&mut self, rows: usize) {
         let cfg = self.model.config;
-        let (p, g, co, s, n) = (cfg.patch_size, cfg.grid(), cfg.out_channels, cfg.sample_size, cfg.tokens());
+        let (p, gw, co, (h, w), n) =
+            (cfg.patch_size, cfg.grid_w(), cfg.out_channels, (cfg.height, cfg.width), cfg.tokens());
         // SAFETY: out is read, image written.
         let out = unsafe { self.view(self.bufs.out) };
         let image = self.bufs.image;
         let img = unsafe { self.view_mut(image) };
         for r in 0..rows {
             for t in 0..n {
-                let (gi, gj) = (t / g, t % g);
+                let (gi, gj) = (t / gw, t % gw);
                 let tok = r * n + t;
                 for a in 0..p {
                     for b in 0..p {
                         for ch in 0..co {
-                            img[((r * co + ch) * s + gi * p + a) * s + gj * p + b] =
+                            img[((r * co + ch) * h + gi * p + a) * w + gj * p + b] =
                                 out[(tok * p * p + a * p + b) * co + ch];
                         }
                     }
