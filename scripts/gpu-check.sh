@@ -17,13 +17,13 @@
 # reported. With no GPU (neither nvidia-smi nor torch.cuda sees one) it prints
 # "no GPU present: dry run", lists each command it would run, and exits 0.
 #
-# Environment: GPU_CHECK_BUDGET (seconds for everything, default 330 + step 4b's 150),
+# Environment: GPU_CHECK_BUDGET (seconds for everything, default 330 + step 4b's 90),
 # GPU_CHECK_BATCHES (sampling batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2),
 # GPU_CHECK_COMPILE_MODE (default max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s),
 # GPU_CHECK_ENGINE_ARGS (arguments of `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"),
 # GPU_CHECK_PYTORCH=0 (skip step 4), GPU_CHECK_NCU=0 (skip the per-kernel profile),
 # GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3); step 4b: GPU_CHECK_PIXART=0 (skip it),
-# GPU_CHECK_PIXART_BUDGET (its seconds, default 150, added to the default budget),
+# GPU_CHECK_PIXART_BUDGET (its seconds, default 90, added to the default budget),
 # GPU_CHECK_PIXART_SIZES (default 256,512), GPU_CHECK_PIXART_BATCHES (default 1),
 # GPU_CHECK_PIXART_COMPILE_MODE (default "default": max-autotune's compile does not fit its budget).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
@@ -32,7 +32,7 @@ cd "$(dirname "$0")/.."
 
 OUT_DIR=${OUT:-out/gpu-check}
 # Step 4b's seconds, kept back from the steps before it and added to the default budget.
-RESERVE_PIXART=${GPU_CHECK_PIXART_BUDGET:-150}
+RESERVE_PIXART=${GPU_CHECK_PIXART_BUDGET:-90}
 [[ "${GPU_CHECK_PIXART:-1}" == 0 ]] && RESERVE_PIXART=0
 BUDGET=${GPU_CHECK_BUDGET:-$((330 + RESERVE_PIXART))}
 BATCHES=${GPU_CHECK_BATCHES:-1,4,16}
