@@ -272,6 +272,8 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         }
         None => None,
     };
+    // Embeddings are all computed: the encoder (its mapping and arena) is not kept while sampling.
+    drop(encoder);
     let cache = match (f.cache, f.factors) {
         (_, Some(_)) if !f.compare.is_empty() => PixArtCache::None,
         (CachePolicy::Icc, _) | (_, None) => cache_mode(f.cache, f.factors, &model)?,
