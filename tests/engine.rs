@@ -137,7 +137,8 @@ fn conditioning_ahead_gives_each_steps_own_bits() {
     let out_len = rows * cfg.output_elems();
     let (mut a, mut b) = (vec![0.0f32; out_len], vec![0.0f32; out_len]);
     for (j, (&t, &kind)) in ts.iter().zip(&kinds).enumerate() {
-        let x: Vec<f32> = (0..rows * cfg.image_elems()).map(|i| ((i * 37 + j * 11) % 101) as f32 / 50.0 - 1.0).collect();
+        let x: Vec<f32> =
+            (0..rows * cfg.image_elems()).map(|i| ((i * 37 + j * 11) % 101) as f32 / 50.0 - 1.0).collect();
         each.forward_step(&x, &[t, t], &y, &mut a, kind).unwrap();
         ahead.forward_step_ahead(&x, j, &mut b, kind).unwrap();
         assert!(a.iter().any(|&v| v != 0.0), "step {j}: a trivial output");
