@@ -239,6 +239,29 @@ fn xl_full_forward_matches_cpu_emulated() {
 
 fn xl_forward<D: Device>(depth: usize, tol: f64, open: Open<D>) {
     let cfg = DitConfig { depth, ..DitConfig::xl2_256() };
+    random_forward(&cfg, &format!("XL width, {depth} block(s)"), tol, open);
+}
+
+/// The attention kernels of head dims 64 (DiT-S/B/L) and 128 in the pipeline: the bundled
+/// model's shapes (256 tokens) with 2 heads of 64 and 1 head of 128 (C = 128), one block,
+/// random weights, one plain forward pass against the CPU.
+#[test]
+fn head_dims_64_and_128_forward_matches_cpu() {
+    head_dims_forward(EmuDevice::new);
+}
+
+fn head_dims_forward<D: Device>(open: Open<D>) {
+    let base = bundled().config;
+    for heads in [2, 1] {
+        let cfg = DitConfig { hidden_size: 128, num_heads: heads, depth: 1, ..base };
+        random_forward(&cfg, &format!("head dim {}", cfg.head_dim()), FORWARD_TOL, open);
+    }
+}
+
+/// One plain forward pass of a random model of `cfg` (seed 3) on the GPU pipeline against the
+/// CPU backend, within `tol`.
+fn random_forward<D: Device>(cfg: &DitConfig, tag: &str, tol: f64, open: Open<D>) {
+    let cfg = *cfg;
     let model = Arc::new(DitModel::random(&cfg, 3).unwrap());
     let opts = EngineOptions { max_batch: 1, cfg_scale: 1.0, ..Default::default() };
     let mut gpu = engine(&model, &opts, open);
@@ -246,9 +269,10 @@ fn xl_forward<D: Device>(depth: usize, tol: f64, open: Open<D>) {
         CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 1, threads: 2, ..Default::default() }).unwrap();
     let x = inputs(cfg.image_elems(), 5);
     let (mut want, mut got) = (vec![0.0f32; cfg.output_elems()], vec![0.0f32; cfg.output_elems()]);
-    cpu.forward(&x, &[250], &[207], &mut want).unwrap();
-    gpu.forward_step(&x, &[250], &[207], &mut got, StepKind::Plain).unwrap_or_else(|e| panic!("{e}"));
-    assert_close(&format!("XL width, {depth} block(s): forward"), &got, &want, tol);
+    let y = [207 % cfg.num_classes as i64];
+    cpu.forward(&x, &[250], &y, &mut want).unwrap();
+    gpu.forward_step(&x, &[250], &y, &mut got, StepKind::Plain).unwrap_or_else(|e| panic!("{e}"));
+    assert_close(&format!("{tag}: forward"), &got, &want, tol);
 }
 
 fn sample_both<D: Device>(
@@ -496,6 +520,13 @@ mod cuda {
     fn cuda_xl_forward_matches_cpu() {
         if cuda_present("cuda_xl_forward_matches_cpu") {
             xl_forward(28, XL_TOL, open);
+        }
+    }
+
+    #[test]
+    fn cuda_head_dims_64_and_128_forward_matches_cpu() {
+        if cuda_present("cuda_head_dims_64_and_128_forward_matches_cpu") {
+            head_dims_forward(open);
         }
     }
 

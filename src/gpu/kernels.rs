@@ -108,6 +108,8 @@ kernels! {
     }
     "attention" => {
         attention_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
+        attention_d64_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
+        attention_d128_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
     }
     "embed" => {
         patchify_f16(patches: DevPtr<f16>, x: DevPtr<f32>, rows: i32, images: i32, channels: i32,

@@ -100,15 +100,15 @@ impl<D: Device> GpuBackend<D> {
     fn new(model: Arc<DitModel>, opts: &EngineOptions, open: impl FnOnce(&Plan) -> Result<D>) -> Result<Self> {
         let cfg = model.config;
         let schedule = opts.validate(&cfg)?;
-        if cfg.head_dim() as i32 != launch::ATTENTION_HEAD_DIM {
+        if !launch::ATTENTION_HEAD_DIMS.contains(&(cfg.head_dim() as i32)) {
             return Err(Error::invalid(
                 "GPU pipeline",
                 format!(
-                    "head dim {} ({} channels / {} heads): the attention kernel is built for head dim {} only",
+                    "head dim {} ({} channels / {} heads): the attention kernels are built for head dims {:?}",
                     cfg.head_dim(),
                     cfg.hidden_size,
                     cfg.num_heads,
-                    launch::ATTENTION_HEAD_DIM
+                    launch::ATTENTION_HEAD_DIMS
                 ),
             ));
         }
