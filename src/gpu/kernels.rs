@@ -135,7 +135,7 @@ kernels! {
     }
     "gemm_sm90" => {
         gemm_sm90_f16_128x128_k64(map_a: TensorMap, map_w: TensorMap, map_w2: TensorMap,
-            out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, bias: DevPtr<f16>,
+            map_am: TensorMap, minus: i32, out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, bias: DevPtr<f16>,
             add: DevPtr<f16>, m: i32, n: i32, k: i32, ldc: i32, ld_add: i32, add_rows: i32,
             out2: DevPtr<f32>, n2: i32, ld2: i32, ws: DevPtr<f32>, k_split: i32, act: i32);
     }
