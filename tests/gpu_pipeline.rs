@@ -626,6 +626,42 @@ fn icc_forms_agree_on_a_calibrated_step() {
     }
 }
 
+/// Every GEMM of the pipeline runs on the Hopper kernel where the device has it (the emulation
+/// models an sm_90 GPU): the embeddings' and the adaLN modulations' GEMMs, every block linear,
+/// the final layer, and icc's direct form on two GEMMs (its a − a_minus down projections and
+/// its up projections) on full and calibrated steps. A rank that is not a multiple of 8 sends
+/// the up projections (k = rank) to the fallback kernels, which the count must see. The model:
+/// the bundled one's shapes with 4 input channels as DiT's latents have (the bundled
+/// pixel-space model's 3 give a patch embedding of k = 12, whose rows the tensor map cannot
+/// address: that one GEMM falls back), 1 block, random weights.
+#[test]
+fn every_gemm_runs_on_the_hopper_kernel() {
+    let cfg = DitConfig { in_channels: 4, depth: 1, ..bundled().config };
+    let model = Arc::new(DitModel::random(&cfg, 5).unwrap());
+    let run = |rank: usize| {
+        let opts = EngineOptions {
+            max_batch: 1,
+            cfg_scale: 4.0,
+            cache: CacheMode::Icc(svd_factors(&model, rank)),
+            icc_form: IccForm::Direct,
+            fused_lowrank: false,
+            ..Default::default()
+        };
+        let mut gpu = emu_engine(&model, &opts);
+        let (t, y) = ([640i64, 640], [3i64, cfg.null_class() as i64]);
+        let mut out = vec![0.0f32; 2 * cfg.output_elems()];
+        for (i, kind) in [StepKind::Full, StepKind::Calibrated].into_iter().enumerate() {
+            gpu.forward_step(&inputs(2 * cfg.image_elems(), 3 + i as u64), &t, &y, &mut out, kind).unwrap();
+        }
+        assert_eq!(gpu.icc_form(), (IccForm::Direct, false), "rank {rank}: two GEMMs per calibrated linear");
+        gpu.gemm_fallbacks()
+    };
+    assert_eq!(run(16), (0, None), "rank 16: GEMMs on the fallback kernels");
+    let (n, why) = run(12);
+    println!("rank 12: {n} GEMMs on the fallback kernels ({why:?})");
+    assert!(n > 0 && why.is_some_and(|w| w.contains("multiple of 8")), "rank 12: {n} fallbacks, {why:?}");
+}
+
 /// Kernel launches per block, counted as each step kind is recorded: a calibrated block is
 /// seven launches with the fused low-rank kernel in every form (q|k|v, attention, proj, the
 /// residual + LayerNorm, fc1, fc2, the residual + LayerNorm), against more on two GEMMs; the
