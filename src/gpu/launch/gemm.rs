@@ -716,7 +716,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 64,
         pre: false,
         n2: 0,
-        minus: false,
+        minus: true,
         splits: 1,
     },
     CheckCase {
@@ -729,7 +729,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 0,
         pre: true,
         n2: 130,
-        minus: true,
+        minus: false,
         splits: 1,
     },
     CheckCase {
