@@ -4,7 +4,12 @@
 //   qkv: (B, N, 3C) f16 row-major, q[b, n, h, d] = qkv[b, n, h·D + d], k at + C, v at + 2C;
 //   out: (B, N, C) f16 row-major, heads concatenated (index h·D + d): the proj GEMM's input.
 // C = heads · D. Built for D = 72 (DiT-XL/2: C = 1152, 16 heads; the small test configs use
-// 72 too); the launcher rejects any other head dim. N is any token count ≥ 1 (256 at 256 px,
+// 72 too), D = 64 (DiT-S/B/L) and D = 128: one body templated on the head dim (Head<D> below
+// holds every size that depends on it), one exported kernel per D; the launcher rejects any
+// other head dim. The description below is of D = 72; for 64 and 128 there is no padding
+// (D is a multiple of 16), the tiles are D + 8 halves wide and the scratch rows D + 4 floats,
+// and D = 128 is built for 1 or 2 key splits only (4 would not fit the shared memory). N is any
+// token count ≥ 1 (256 at 256 px,
 // 1024 at 512 px), B any batch.
 //
 // Launch: grid (⌈N/64⌉, heads, B), KS·128 threads = KS key splits × 4 warps, KS ∈ {1, 2, 4}
@@ -58,7 +63,8 @@
 // With R = 1 (N ≤ 256 at KS = 4, or N ≤ 64) a block passes 3 barriers in all.
 //
 // Shared memory (dynamic, 11,264 + KS · 44,032 B: 55,296 B at KS = 1, 99,328 B at KS = 2,
-// 187,392 B at KS = 4; above 48 KiB the launch needs the opt-in, ≤ 227 KiB on sm_90):
+// 187,392 B at KS = 4; above 48 KiB the launch needs the opt-in, ≤ 227 KiB on sm_90; D = 64:
+// 9,216 + KS · 35,840 B, D = 128: 17,408 + KS · 68,608 B, 154,624 B at its KS = 2):
 //   Q        64 × 88 halves        11,264 B  row stride 176 B: 80 columns + 8 so that the
 //   K round  KS · 64 × 88 halves  KS · 11,264 B  rows of an 8×16 B wmma load fall in distinct
 //   V round  KS · 64 × 88 halves  KS · 11,264 B  banks
@@ -83,7 +89,7 @@
 //   bytes: qkv read 3.54 MB (each block re-reads its head's K and V: 9.4 MB of K/V reads in
 //          all, mostly from L2), out written 1.18 MB: 4.7 MB to and from DRAM. At N = 1024
 //          the FLOPs grow 16×, the bytes 4×.
-// Exported: attention_f16.
+// Exported: attention_f16 (D = 72), attention_d64_f16 (D = 64), attention_d128_f16 (D = 128).
 
 #include "device.cuh"
 
@@ -91,67 +97,91 @@ using namespace nvcuda;
 
 namespace {
 
-constexpr int D = 72;                    // head dim
-constexpr int DP = 80;                   // D padded to a multiple of the WMMA k step 16
 constexpr int BM = 64, BN = 64;          // queries per block, keys per tile
 constexpr int ROW_BLOCKS = BM / 16;      // warps per key split: one 16-row WMMA block each
 constexpr int SPLIT_THREADS = ROW_BLOCKS * 32;
-constexpr int MAX_SPLITS = 4;            // the launcher passes 1, 2 or 4 splits
-constexpr int LDH = DP + 8;              // f16 tile row stride (halves): 176 B
-constexpr int LDF = 84;                  // f32 scratch row stride (floats): 336 B
-constexpr int LDP = 2 * LDF;             // P row stride (halves): P row r over S row r
-constexpr int M_COL = DP, L_COL = DP + 1;  // scratch columns of a row's m and l in the merge
-constexpr int CHUNKS = D / 8;            // 16-byte chunks of a row of q, k or v: 9
-constexpr int HALF_COLS = DP / 2;        // output columns per lane (two lanes per row): 40
-constexpr int PAIRS = D / 2;             // half2 outputs per row in the merge: 36
-constexpr int TILE_HALVES = BN * LDH;
-constexpr int Q_HALVES = BM * LDH;
-constexpr int Q_SMEM = Q_HALVES * 2;
-constexpr int SCRATCH_FLOATS = 16 * LDF;  // per warp
-constexpr int SPLIT_SMEM = 2 * TILE_HALVES * 2 + ROW_BLOCKS * SCRATCH_FLOATS * 4;
+constexpr float NEG_INF = -INFINITY;
+
+// Everything that depends on the head dim D (72, 64 or 128), for the one kernel body below.
+template <int D_>
+struct Head {
+    static constexpr int D = D_;
+    static constexpr int DP = (D + 15) / 16 * 16;  // D padded to the WMMA k step 16: 80, 64, 128
+    // Key splits the launcher may pass: 4 (512 threads) where 4 splits' buffers fit sm_90's
+    // opted-in shared memory, else 2.
+    static constexpr int MAX_SPLITS = D <= 80 ? 4 : 2;
+    static constexpr int LDH = DP + 8;  // f16 tile row stride (halves): 176, 144, 272 B
+    // f32 scratch row stride (floats): a row of S (BN) or of P·V (DP), m and l beside O; a
+    // multiple of 4 (wmma's ldm for f32).
+    static constexpr int LDF = ((DP + 2 > BN ? DP + 2 : BN) + 3) / 4 * 4;  // 84, 68, 132
+    static constexpr int LDP = 2 * LDF;            // P row stride (halves): P row r over S row r
+    static constexpr int M_COL = DP, L_COL = DP + 1;  // scratch columns of m and l in the merge
+    static constexpr int CHUNKS = D / 8;          // 16-byte chunks of a row of q, k or v
+    static constexpr int HALF_COLS = DP / 2;      // output columns per lane (two lanes per row)
+    static constexpr int PAIRS = D / 2;           // half2 outputs per row in the merge
+    static constexpr int TILE_HALVES = BN * LDH;
+    static constexpr int Q_HALVES = BM * LDH;
+    static constexpr int Q_SMEM = Q_HALVES * 2;
+    static constexpr int SCRATCH_FLOATS = 16 * LDF;  // per warp
+    static constexpr int SPLIT_SMEM = 2 * TILE_HALVES * 2 + ROW_BLOCKS * SCRATCH_FLOATS * 4;
+    // 1/√D · log2(e), rounded once to f32: scores are scaled into base-2 exponents.
+    static constexpr float SCALE_LOG2E =
+        float((D == 72 ? 0.11785113019775792 : D == 64 ? 0.125 : 0.08838834764831845) *
+              1.4426950408889634);
+
+    static_assert(D == 72 || D == 64 || D == 128, "a head dim the launcher knows");
+    static_assert(Q_SMEM + MAX_SPLITS * SPLIT_SMEM <= 227 * 1024, "fits sm_90's opted-in smem");
+    static_assert(16 % MAX_SPLITS == 0, "the merge gives each split's warp 16/KS rows");
+    static_assert(D % 8 == 0 && DP % 16 == 0 && DP >= D && DP - D <= 8, "at most one zero chunk");
+    static_assert(BN == 64 && HALF_COLS % 8 == 0, "the softmax gives each lane half a row of 32");
+    static_assert(DP <= LDF && BN <= LDF, "a scratch row holds a row of S and of P·V");
+    static_assert(L_COL < LDF, "m and l fit beside a row of O");
+    static_assert((16 * LDH * 2) % 32 == 0 && (SCRATCH_FLOATS * 4) % 32 == 0 && LDF % 4 == 0 &&
+                      (TILE_HALVES * 2) % 32 == 0 && Q_SMEM % 32 == 0,
+                  "wmma pointers 256-bit aligned, ldm a multiple of 16 bytes");
+};
 // The launcher passes Q_SMEM + splits · SPLIT_SMEM as the dynamic shared memory
 // (attention_smem in src/gpu/launch.rs).
-static_assert(Q_SMEM == 11264 && SPLIT_SMEM == 44032, "update attention_smem in src/gpu/launch.rs");
-static_assert(Q_SMEM + MAX_SPLITS * SPLIT_SMEM <= 227 * 1024, "fits sm_90's opted-in smem");
-static_assert(16 % MAX_SPLITS == 0, "the merge gives each split's warp 16/KS rows");
-static_assert(D % 8 == 0 && DP % 16 == 0 && DP >= D && DP - D <= 8, "one zero chunk of padding");
-static_assert(BN == 64 && HALF_COLS % 8 == 0, "the softmax gives each lane half a row of 32");
-static_assert(DP <= LDF && BN <= LDF, "a scratch row holds a row of S and of P·V");
-static_assert(L_COL < LDF, "m and l fit beside a row of O");
-static_assert((16 * LDH * 2) % 32 == 0 && (SCRATCH_FLOATS * 4) % 32 == 0 && LDF % 4 == 0 &&
-                  (TILE_HALVES * 2) % 32 == 0 && Q_SMEM % 32 == 0,
-              "wmma pointers 256-bit aligned, ldm a multiple of 16 bytes");
-
-// 1/√72 · log2(e), rounded once to f32: scores are scaled into base-2 exponents.
-constexpr float SCALE_LOG2E = float(0.11785113019775792 * 1.4426950408889634);
-constexpr float NEG_INF = -INFINITY;
+static_assert(Head<72>::Q_SMEM == 11264 && Head<72>::SPLIT_SMEM == 44032 &&
+                  Head<64>::Q_SMEM == 9216 && Head<64>::SPLIT_SMEM == 35840 &&
+                  Head<128>::Q_SMEM == 17408 && Head<128>::SPLIT_SMEM == 68608,
+              "update attention_smem in src/gpu/launch.rs");
 
 // Tokens [tok0, tok0 + rows) of one q, k or v column block (pointer `g` at token 0 of this
 // batch item and head; tokens 3C apart) into a `rows` × LDH tile, columns 0..D−1; tokens at
 // or past N are zero-filled. Threads `first`, `first` + `stride`, … share the copies.
+template <class H>
 __device__ __forceinline__ void load_rows(half* s, const half* g, size_t row_stride, int tok0,
                                           int rows, int N, int first, int stride) {
-    for (int c = first; c < rows * CHUNKS; c += stride) {
-        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+    for (int c = first; c < rows * H::CHUNKS; c += stride) {
+        const int r = c / H::CHUNKS, col = (c % H::CHUNKS) * 8;
         const bool valid = tok0 + r < N;
-        cp_async_16(s + r * LDH + col, valid ? g + (tok0 + r) * row_stride + col : g, valid);
+        cp_async_16(s + r * H::LDH + col, valid ? g + (tok0 + r) * row_stride + col : g, valid);
     }
 }
 
-// Columns D..DP−1 (one 16-byte chunk per row) of `rows` tile rows to zero.
+// Columns D..DP−1 (one 16-byte chunk per row) of `rows` tile rows to zero; nothing when D is
+// a multiple of 16.
+template <class H>
 __device__ __forceinline__ void zero_padding(half* s, const half* g, int rows, int first,
                                              int stride) {
-    for (int r = first; r < rows; r += stride) cp_async_16(s + r * LDH + D, g, false);
+    if (H::DP == H::D) return;
+    for (int r = first; r < rows; r += stride) cp_async_16(s + r * H::LDH + H::D, g, false);
 }
 
 __device__ __forceinline__ float4 load4(const float* p) {
     return *reinterpret_cast<const float4*>(p);
 }
 
-}  // namespace
-
-extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
-    attention_f16(half* __restrict__ out, const half* __restrict__ qkv, int tokens, int heads) {
+// The kernel body for head dim H::D (the exported kernels below are its instances).
+template <class H>
+__device__ __forceinline__ void attention(half* __restrict__ out, const half* __restrict__ qkv,
+                                          int tokens, int heads) {
+    constexpr int D = H::D, DP = H::DP, LDH = H::LDH, LDF = H::LDF, LDP = H::LDP;
+    constexpr int HALF_COLS = H::HALF_COLS, PAIRS = H::PAIRS;
+    constexpr int TILE_HALVES = H::TILE_HALVES, SCRATCH_FLOATS = H::SCRATCH_FLOATS;
+    constexpr int M_COL = H::M_COL, L_COL = H::L_COL;
+    constexpr float SCALE_LOG2E = H::SCALE_LOG2E;
     const int N = tokens;
     const int splits = blockDim.x / SPLIT_THREADS;  // 1, 2 or 4 (the launcher's choice)
     const int threads = blockDim.x, tid = threadIdx.x;
@@ -159,7 +189,7 @@ extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
     const int rb = warp % ROW_BLOCKS, split = warp / ROW_BLOCKS;
     unsigned char* smem = dynamic_shared<unsigned char>();
     half* qs = reinterpret_cast<half*>(smem);  // the block's BM query rows
-    half* ks = qs + Q_HALVES;                  // K of a round: `splits` tiles of BN rows
+    half* ks = qs + H::Q_HALVES;               // K of a round: `splits` tiles of BN rows
     half* vs = ks + splits * TILE_HALVES;      // V of a round
     float* scr0 = reinterpret_cast<float*>(vs + splits * TILE_HALVES);
     float* scr = scr0 + warp * SCRATCH_FLOATS;
@@ -176,13 +206,13 @@ extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
 
     // Prologue: the block's query rows and K of round 0 (group 1), V of round 0 (group 2),
     // the padding columns with them. Q is never written again.
-    zero_padding(qs, q, BM, tid, threads);
-    load_rows(qs, q, row_stride, m0, BM, N, tid, threads);
-    zero_padding(ks, q, round_keys, tid, threads);
-    load_rows(ks, k, row_stride, 0, round_keys, N, tid, threads);
+    zero_padding<H>(qs, q, BM, tid, threads);
+    load_rows<H>(qs, q, row_stride, m0, BM, N, tid, threads);
+    zero_padding<H>(ks, q, round_keys, tid, threads);
+    load_rows<H>(ks, k, row_stride, 0, round_keys, N, tid, threads);
     cp_async_commit();
-    zero_padding(vs, q, round_keys, tid, threads);
-    load_rows(vs, v, row_stride, 0, round_keys, N, tid, threads);
+    zero_padding<H>(vs, q, round_keys, tid, threads);
+    load_rows<H>(vs, v, row_stride, 0, round_keys, N, tid, threads);
     cp_async_commit();
 
     // Lane l: softmax row r = l/2 (of the warp's 16), half hc of the keys and of the output
@@ -221,7 +251,7 @@ extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
         }
         if (more) {
             __syncthreads();  // B2: every warp is done with K of this round: refill it
-            load_rows(ks, k, row_stride, (round + 1) * round_keys, round_keys, N, tid, threads);
+            load_rows<H>(ks, k, row_stride, (round + 1) * round_keys, round_keys, N, tid, threads);
         }
         cp_async_commit();  // (an empty group on the last round keeps the counting uniform)
 
@@ -288,15 +318,15 @@ extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
         }
         if (more) {
             __syncthreads();  // B4: every warp is done with V of this round: refill it
-            load_rows(vs, v, row_stride, (round + 1) * round_keys, round_keys, N, tid, threads);
+            load_rows<H>(vs, v, row_stride, (round + 1) * round_keys, round_keys, N, tid, threads);
         }
         cp_async_commit();
     }
     cp_async_wait<0>();  // (only empty groups remain)
 
     // Merge. Each warp publishes its partial (m, l, O) of its 16 rows in its own scratch:
-    // O row r columns hc·40 .. +40 (the places this lane last read P·V from), m and the
-    // row's whole l in columns 80 and 81.
+    // O row r columns hc·DP/2 .. +DP/2 (the places this lane last read P·V from), m and the
+    // row's whole l in columns DP and DP + 1 (80 and 81 at D = 72).
     const float l_row = l_run + __shfl_xor_sync(0xffffffffu, l_run, 1);
     __syncwarp();  // every lane is done with the scratch's P·V before it is overwritten
     for (int i = 0; i < HALF_COLS; i += 4)
@@ -333,4 +363,23 @@ extern "C" __global__ void __launch_bounds__(MAX_SPLITS * SPLIT_THREADS)
         *reinterpret_cast<half2*>(out + ((size_t)blockIdx.z * N + n) * C + head * D + c) =
             __floats2half2_rn(a0 * inv, a1 * inv);
     }
+}
+
+}  // namespace
+
+// One instance per head dim; the launcher picks by head dim (attention_f16 for 72, the DiT-XL/2
+// kernel whose name and code predate the others).
+extern "C" __global__ void __launch_bounds__(Head<72>::MAX_SPLITS * SPLIT_THREADS)
+    attention_f16(half* __restrict__ out, const half* __restrict__ qkv, int tokens, int heads) {
+    attention<Head<72>>(out, qkv, tokens, heads);
+}
+
+extern "C" __global__ void __launch_bounds__(Head<64>::MAX_SPLITS * SPLIT_THREADS)
+    attention_d64_f16(half* __restrict__ out, const half* __restrict__ qkv, int tokens, int heads) {
+    attention<Head<64>>(out, qkv, tokens, heads);
+}
+
+extern "C" __global__ void __launch_bounds__(Head<128>::MAX_SPLITS * SPLIT_THREADS)
+    attention_d128_f16(half* __restrict__ out, const half* __restrict__ qkv, int tokens, int heads) {
+    attention<Head<128>>(out, qkv, tokens, heads);
 }

@@ -15,6 +15,8 @@
 //   smem_desc_sw128(addr, sbo)             matrix descriptor: K-major, 128-byte swizzle
 //   elect_one()                            elect.sync over the full warp
 //   fence_proxy_async()                    fence.proxy.async.shared::cta
+//   warpgroup_sync<ID>()                   bar.sync ID, 128: the calling warpgroup's 128
+//                                          threads only (ID 1–15; 0 is __syncthreads')
 //   setmaxnreg_inc<R>(), setmaxnreg_dec<R>()
 // The tensor map is CUtensorMap on a GPU and icdit_emu::TensorMapEmu in the emulation (both
 // 128 bytes, 64-byte aligned), passed to kernels by value as a __grid_constant__ parameter.
@@ -132,6 +134,12 @@ __device__ __forceinline__ void fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+template <int ID>
+__device__ __forceinline__ void warpgroup_sync() {
+    static_assert(ID > 0 && ID < 16, "named barriers 1-15 (0 is __syncthreads')");
+    asm volatile("bar.sync %0, 128;\n" ::"n"(ID) : "memory");
+}
+
 template <int R>
 __device__ __forceinline__ void setmaxnreg_inc() {
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R));
@@ -168,6 +176,11 @@ inline void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b, i
 }
 inline bool elect_one() { return __ballot_sync(0xffffffffu, 1) && icdit_emu::lane_id() == 0; }
 inline void fence_proxy_async() {}
+template <int ID>
+inline void warpgroup_sync() {
+    static_assert(ID > 0 && ID < 16, "named barriers 1-15 (0 is __syncthreads')");
+    icdit_emu::warpgroup_barrier();
+}
 template <int R>
 inline void setmaxnreg_inc() {}
 template <int R>

@@ -356,7 +356,7 @@ step_engine() {
     c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
     if ((c >= 10)); then
         { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
-        grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 40
+        grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 60
     fi
     # The Hopper GEMM (issue 26): its SASS must use the tensor memory accelerator and wgmma
     # (UTMALDG, HGMMA), its first-use check must have passed, and the same engine on the

@@ -35,10 +35,9 @@ use gpu_common::*;
 use icdit::gpu::{f16, launch, DevSlice, Device};
 use icdit::plan::{Dt, Plan};
 
-const D: usize = 72;
-const DP: f64 = 80.0; // D padded to the WMMA k step in the kernel
-
 struct Shape {
+    /// Head dim: 72 (DiT-XL/2; padded to 80 in the kernel), 64 (DiT-S/B/L) or 128.
+    d: usize,
     batch: usize,
     tokens: usize,
     heads: usize,
@@ -49,7 +48,18 @@ struct Shape {
 }
 
 const fn s(batch: usize, tokens: usize, heads: usize, amp: f64) -> Shape {
-    Shape { batch, tokens, heads, amp }
+    Shape { d: 72, batch, tokens, heads, amp }
+}
+
+const fn sd(d: usize, batch: usize, tokens: usize, heads: usize, amp: f64) -> Shape {
+    Shape { d, batch, tokens, heads, amp }
+}
+
+impl Shape {
+    /// The head dim padded to the WMMA k step 16, as the kernel computes q·k.
+    fn padded(&self) -> f64 {
+        self.d.div_ceil(16) as f64 * 16.0
+    }
 }
 
 const SHAPES: &[Shape] = &[
@@ -61,11 +71,17 @@ const SHAPES: &[Shape] = &[
     s(2, 256, 16, 2.0), // DiT-XL/2 at 256 px (C = 1152)
     s(1, 1024, 1, 2.0), // one head of DiT-XL/2 at 512 px: 16 key tiles
     s(2, 1024, 2, 2.0), // 512 px with B > 1 and heads > 1
+    // Head dim 64 (DiT-S/B/L) and 128: ragged in queries and keys, several rounds at every
+    // split count (5 tiles: a last round with idle splits), a sharp softmax.
+    sd(64, 2, 77, 2, 2.0),
+    sd(64, 1, 320, 3, 4.0),
+    sd(128, 2, 77, 2, 2.0),
+    sd(128, 1, 200, 2, 4.0),
 ];
 
 /// qkv (batch, tokens, 3C): q and k columns in [-amp, amp], v columns in [-1, 1].
 fn data(sh: &Shape, rng: &mut Rng) -> Vec<f16> {
-    let c = sh.heads * D;
+    let c = sh.heads * sh.d;
     (0..sh.batch * sh.tokens * 3 * c)
         .map(|i| {
             let amp = if i % (3 * c) < 2 * c { sh.amp } else { 1.0 };
@@ -76,9 +92,9 @@ fn data(sh: &Shape, rng: &mut Rng) -> Vec<f16> {
 
 /// Exact attention and the per-element error bound of the header, in f64.
 fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
-    let (n, c) = (sh.tokens, sh.heads * D);
+    let (n, c, dd) = (sh.tokens, sh.heads * sh.d, sh.d);
     let x = f64s(qkv);
-    let scale = 1.0 / (D as f64).sqrt();
+    let scale = 1.0 / (dd as f64).sqrt();
     let tiles = n.div_ceil(64) as f64;
     let mut exact = vec![0.0; sh.batch * n * c];
     let mut bound = vec![0.0; sh.batch * n * c];
@@ -87,9 +103,9 @@ fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
         let row = |t: usize| &x[(b * n + t) * 3 * c..(b * n + t + 1) * 3 * c];
         for h in 0..sh.heads {
             for i in 0..n {
-                let q = &row(i)[h * D..h * D + D];
+                let q = &row(i)[h * dd..h * dd + dd];
                 for j in 0..n {
-                    let k = &row(j)[c + h * D..c + h * D + D];
+                    let k = &row(j)[c + h * dd..c + h * dd + dd];
                     sc[j] = q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() * scale;
                     mag[j] = q.iter().zip(k).map(|(a, b)| (a * b).abs()).sum::<f64>();
                 }
@@ -99,18 +115,18 @@ fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
                     w[j] = (sc[j] - max).exp();
                 }
                 let l: f64 = w.iter().sum();
-                let eta = 2.0 * scale * g * (2.0 * DP + 8.0) * U32 + 4.0 * U32;
+                let eta = 2.0 * scale * g * (2.0 * sh.padded() + 8.0) * U32 + 4.0 * U32;
                 let acc = 3.0 * (n as f64 + 2.0 * tiles + 12.0) * U32;
-                for d in 0..D {
+                for d in 0..dd {
                     let (mut o, mut wv, mut av) = (0.0, 0.0, 0.0);
                     for j in 0..n {
-                        let v = row(j)[2 * c + h * D + d];
+                        let v = row(j)[2 * c + h * dd + d];
                         o += w[j] * v;
                         wv += w[j] * v.abs();
                         av += v.abs();
                     }
                     let (o, wv, av) = (o / l, wv / l, av / l);
-                    let idx = (b * n + i) * c + h * D + d;
+                    let idx = (b * n + i) * c + h * dd + d;
                     exact[idx] = o;
                     bound[idx] =
                         U16 * o.abs() + F16_TINY + (1.0 + U16) * ((U16 + 2.0 * eta + acc) * wv + F16_TINY * av);
@@ -123,24 +139,32 @@ fn reference(sh: &Shape, qkv: &[f16]) -> (Vec<f64>, Vec<f64>) {
 
 fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     for sh in SHAPES {
-        let c = sh.heads * D;
+        let c = sh.heads * sh.d;
         let rows = sh.batch * sh.tokens;
         let mut plan = Plan::new("attention test");
         let qkv_buf = add(&mut plan, "qkv", rows * 3 * c, Dt::F16);
         let out_buf = add(&mut plan, "out", rows * c, Dt::F16);
         let Some(dev) = open(&plan) else { return };
-        let tag =
-            format!("attention B={} N={} heads={} amp={} ({})", sh.batch, sh.tokens, sh.heads, sh.amp, dev.name());
+        let tag = format!(
+            "attention D={} B={} N={} heads={} amp={} ({})",
+            sh.d,
+            sh.batch,
+            sh.tokens,
+            sh.heads,
+            sh.amp,
+            dev.name()
+        );
         let mut rng = Rng::new((sh.batch * 1_000_003 + sh.tokens * 1009 + sh.heads) as u64 ^ sh.amp.to_bits());
         let qkv_data = data(sh, &mut rng);
 
         let (exact, bound) = reference(sh, &qkv_data);
-        let (b, n, h) = (sh.batch as i32, sh.tokens as i32, sh.heads as i32);
+        let (b, n, h, d) = (sh.batch as i32, sh.tokens as i32, sh.heads as i32, sh.d as i32);
         let tiles = sh.tokens.div_ceil(64) as i32;
-        let chosen = launch::attention_splits(b, n, h);
+        let chosen = launch::attention_splits(b, n, h, d);
+        let max = launch::attention_max_splits(d);
         // None: the launcher's own choice; Some(s): s key splits.
-        let runs =
-            std::iter::once(None).chain(launch::ATTENTION_SPLITS.iter().filter(|&&s| s <= tiles).map(|&s| Some(s)));
+        let runs = std::iter::once(None)
+            .chain(launch::ATTENTION_SPLITS.iter().filter(|&&s| s <= tiles && s <= max).map(|&s| Some(s)));
         for splits in runs {
             let tag = match splits {
                 None => format!("{tag} launcher's splits {chosen}"),
@@ -151,8 +175,8 @@ fn check_shapes<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             // Fresh NaN-filled output each run: a row the kernel misses shows as NaN.
             let out: DevSlice<f16> = out(&dev, &plan, out_buf);
             match splits {
-                None => launch::attention_f16(&dev, out, qkv, b, n, h, D as i32),
-                Some(s) => launch::attention_f16_splits(&dev, out, qkv, b, n, h, D as i32, s),
+                None => launch::attention_f16(&dev, out, qkv, b, n, h, d),
+                Some(s) => launch::attention_f16_splits(&dev, out, qkv, b, n, h, d, s),
             }
             .unwrap_or_else(|e| panic!("{tag}: {e}"));
             dev.synchronize().unwrap();
@@ -180,10 +204,11 @@ fn attention_cuda() {
 /// for, buffers too short or misaligned for the shape, an empty shape.
 fn check_bad_launches<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let (batch, tokens, heads) = (1usize, 70usize, 2usize);
-    let c = heads * D;
+    let c = heads * 72;
     let mut plan = Plan::new("attention bad launches");
-    let qkv_buf = add(&mut plan, "qkv", batch * tokens * 3 * c + 8, Dt::F16);
-    let out_buf = add(&mut plan, "out", batch * tokens * c + 8, Dt::F16);
+    // Room for one head of 128 over 256 tokens too (the split cap of head dim 128, below).
+    let qkv_buf = add(&mut plan, "qkv", 256 * 3 * 128 + 8, Dt::F16);
+    let out_buf = add(&mut plan, "out", 256 * 128 + 8, Dt::F16);
     let Some(dev) = open(&plan) else { return };
     let qkv_all = put(&dev, &plan, qkv_buf, &vec![f16::ZERO; qkv_buf.len]);
     let out_all: DevSlice<f16> = out(&dev, &plan, out_buf);
@@ -191,9 +216,10 @@ fn check_bad_launches<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
     let out = out_all.sub(0, batch * tokens * c).unwrap();
     let (b, n, h) = (batch as i32, tokens as i32, heads as i32);
     let cases: [(&str, DevSlice<f16>, DevSlice<f16>, i32, i32, i32, i32, &str); 7] = [
-        // 144 channels as 2 heads of 72 are also 4 heads of 36: the same buffers, refused.
+        // 144 channels as 2 heads of 72 are also 4 heads of 36 or 3 of 48: the same buffers,
+        // refused.
         ("head_dim 36", out, qkv, b, n, 2 * h, 36, "head_dim 36 is not supported"),
-        ("head_dim 64", out, qkv, b, n, h, 64, "head_dim 64 is not supported"),
+        ("head_dim 48", out, qkv, b, n, 3, 48, "head_dim 48 is not supported"),
         ("short out", out_all.sub(0, batch * tokens * c - 1).unwrap(), qkv, b, n, h, 72, "out has"),
         ("short qkv", out, qkv_all.sub(0, batch * tokens * 3 * c - 1).unwrap(), b, n, h, 72, "qkv has"),
         ("misaligned qkv", out, qkv_all.sub(1, batch * tokens * 3 * c).unwrap(), b, n, h, 72, "aligned"),
@@ -217,6 +243,11 @@ fn check_bad_launches<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         assert!(msg.contains(expect), "splits {splits}: error {msg:?} does not mention {expect:?}");
         println!("splits {splits}: refused: {msg}");
     }
+    // Head dim 128 is built for 1 or 2 splits: 4 are refused even where the keys have 4 tiles.
+    let (q128, o128) = (qkv_all.sub(0, 256 * 3 * 128).unwrap(), out_all.sub(0, 256 * 128).unwrap());
+    let err = launch::attention_f16_splits(&dev, o128, q128, 1, 256, 1, 128, 4).err().expect("4 splits at 128");
+    assert!(err.to_string().contains("≤ 2 (head dim 128)"), "{err}");
+    launch::attention_f16_splits(&dev, o128, q128, 1, 256, 1, 128, 2).unwrap();
     // The device is still usable: the well-formed launch on the same buffers runs.
     launch::attention_f16(&dev, out, qkv, b, n, h, 72).unwrap();
     let got = get::<f16, _>(&dev, &plan, out_buf);

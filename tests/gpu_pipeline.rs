@@ -239,6 +239,29 @@ fn xl_full_forward_matches_cpu_emulated() {
 
 fn xl_forward<D: Device>(depth: usize, tol: f64, open: Open<D>) {
     let cfg = DitConfig { depth, ..DitConfig::xl2_256() };
+    random_forward(&cfg, &format!("XL width, {depth} block(s)"), tol, open);
+}
+
+/// The attention kernels of head dims 64 (DiT-S/B/L) and 128 in the pipeline: the bundled
+/// model's shapes (256 tokens) with 2 heads of 64 and 1 head of 128 (C = 128), one block,
+/// random weights, one plain forward pass against the CPU.
+#[test]
+fn head_dims_64_and_128_forward_matches_cpu() {
+    head_dims_forward(EmuDevice::new);
+}
+
+fn head_dims_forward<D: Device>(open: Open<D>) {
+    let base = bundled().config;
+    for heads in [2, 1] {
+        let cfg = DitConfig { hidden_size: 128, num_heads: heads, depth: 1, ..base };
+        random_forward(&cfg, &format!("head dim {}", cfg.head_dim()), FORWARD_TOL, open);
+    }
+}
+
+/// One plain forward pass of a random model of `cfg` (seed 3) on the GPU pipeline against the
+/// CPU backend, within `tol`.
+fn random_forward<D: Device>(cfg: &DitConfig, tag: &str, tol: f64, open: Open<D>) {
+    let cfg = *cfg;
     let model = Arc::new(DitModel::random(&cfg, 3).unwrap());
     let opts = EngineOptions { max_batch: 1, cfg_scale: 1.0, ..Default::default() };
     let mut gpu = engine(&model, &opts, open);
@@ -246,9 +269,10 @@ fn xl_forward<D: Device>(depth: usize, tol: f64, open: Open<D>) {
         CpuEngine::new(Arc::clone(&model), &CpuOptions { max_batch: 1, threads: 2, ..Default::default() }).unwrap();
     let x = inputs(cfg.image_elems(), 5);
     let (mut want, mut got) = (vec![0.0f32; cfg.output_elems()], vec![0.0f32; cfg.output_elems()]);
-    cpu.forward(&x, &[250], &[207], &mut want).unwrap();
-    gpu.forward_step(&x, &[250], &[207], &mut got, StepKind::Plain).unwrap_or_else(|e| panic!("{e}"));
-    assert_close(&format!("XL width, {depth} block(s): forward"), &got, &want, tol);
+    let y = [207 % cfg.num_classes as i64];
+    cpu.forward(&x, &[250], &y, &mut want).unwrap();
+    gpu.forward_step(&x, &[250], &y, &mut got, StepKind::Plain).unwrap_or_else(|e| panic!("{e}"));
+    assert_close(&format!("{tag}: forward"), &got, &want, tol);
 }
 
 fn sample_both<D: Device>(
@@ -500,6 +524,13 @@ mod cuda {
     }
 
     #[test]
+    fn cuda_head_dims_64_and_128_forward_matches_cpu() {
+        if cuda_present("cuda_head_dims_64_and_128_forward_matches_cpu") {
+            head_dims_forward(open);
+        }
+    }
+
+    #[test]
     fn cuda_sampling_matches_cpu_under_every_policy() {
         if cuda_present("cuda_sampling_matches_cpu_under_every_policy") {
             sampling_policies(open);
@@ -593,6 +624,42 @@ fn icc_forms_agree_on_a_calibrated_step() {
         );
         assert!(fd > 0.0 && pd > 0.0, "{tag}: two forms gave bit-identical outputs: is the form option honoured?");
     }
+}
+
+/// Every GEMM of the pipeline runs on the Hopper kernel where the device has it (the emulation
+/// models an sm_90 GPU): the embeddings' and the adaLN modulations' GEMMs, every block linear,
+/// the final layer, and icc's direct form on two GEMMs (its a − a_minus down projections and
+/// its up projections) on full and calibrated steps. A rank that is not a multiple of 8 sends
+/// the up projections (k = rank) to the fallback kernels, which the count must see. The model:
+/// the bundled one's shapes with 4 input channels as DiT's latents have (the bundled
+/// pixel-space model's 3 give a patch embedding of k = 12, whose rows the tensor map cannot
+/// address: that one GEMM falls back), 1 block, random weights.
+#[test]
+fn every_gemm_runs_on_the_hopper_kernel() {
+    let cfg = DitConfig { in_channels: 4, depth: 1, ..bundled().config };
+    let model = Arc::new(DitModel::random(&cfg, 5).unwrap());
+    let run = |rank: usize| {
+        let opts = EngineOptions {
+            max_batch: 1,
+            cfg_scale: 4.0,
+            cache: CacheMode::Icc(svd_factors(&model, rank)),
+            icc_form: IccForm::Direct,
+            fused_lowrank: false,
+            ..Default::default()
+        };
+        let mut gpu = emu_engine(&model, &opts);
+        let (t, y) = ([640i64, 640], [3i64, cfg.null_class() as i64]);
+        let mut out = vec![0.0f32; 2 * cfg.output_elems()];
+        for (i, kind) in [StepKind::Full, StepKind::Calibrated].into_iter().enumerate() {
+            gpu.forward_step(&inputs(2 * cfg.image_elems(), 3 + i as u64), &t, &y, &mut out, kind).unwrap();
+        }
+        assert_eq!(gpu.icc_form(), (IccForm::Direct, false), "rank {rank}: two GEMMs per calibrated linear");
+        gpu.gemm_fallbacks()
+    };
+    assert_eq!(run(16), (0, None), "rank 16: GEMMs on the fallback kernels");
+    let (n, why) = run(12);
+    println!("rank 12: {n} GEMMs on the fallback kernels ({why:?})");
+    assert!(n > 0 && why.is_some_and(|w| w.contains("multiple of 8")), "rank 12: {n} fallbacks, {why:?}");
 }
 
 /// Kernel launches per block, counted as each step kind is recorded: a calibrated block is

@@ -548,9 +548,13 @@ void land(Worker& w, const TensorCopy& c) {
     mbar_settle(w, *mb);
 }
 
-// Lands every copy not landed yet that completes on `mbar`, in issue order.
-void land_for(Worker& w, uint32_t mbar) {
+// Lands the copies not landed yet that complete on `mbar`, in issue order, until the phase of
+// parity `parity` has completed: as late as possible, so a copy the waiter does not need (one
+// whose bytes the phase did not expect) stays in flight, and a kernel that reads it stale
+// shows.
+void land_for(Worker& w, uint32_t mbar, unsigned parity) {
     for (size_t i = 0; i < w.copies.size();) {
+        if ((find_mbar(w, mbar, "mbarrier.try_wait.parity")->phase & 1) != (parity & 1)) return;
         if (w.copies[i].mbar == mbar) {
             const TensorCopy c = w.copies[i];
             w.copies.erase(w.copies.begin() + long(i));
@@ -720,6 +724,11 @@ void* shared_ptr(uint32_t addr, size_t bytes, const char* what) {
     return w.window + addr;
 }
 
+void warpgroup_barrier() {
+    GroupOp op{"bar.sync (warpgroup)", [](GroupOp* const*, unsigned) {}};
+    group_collective(&op);
+}
+
 void mbar_init(uint32_t addr, unsigned count) {
     Worker& w = *g_worker;
     shared_ptr(addr, 8, "mbarrier.init");
@@ -752,7 +761,7 @@ void mbar_arrive(uint32_t addr) {
 void mbar_wait(uint32_t addr, unsigned parity) {
     Worker& w = *g_worker;
     Fiber* f = g_cur;
-    land_for(w, addr);
+    land_for(w, addr, parity);
     for (;;) {
         const Mbarrier* m = find_mbar(w, addr, "mbarrier.try_wait.parity");
         if ((m->phase & 1) != (parity & 1)) return;

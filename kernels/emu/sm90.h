@@ -15,7 +15,8 @@
 //                      TensorMapEmu), box rows × columns, out-of-bounds elements zero, 128-byte
 //                      swizzle, completing on an mbarrier's transaction count. Even blocks
 //                      land a copy as late as possible (when some thread waits on its
-//                      mbarrier), odd blocks at once: a consumer that reads before waiting sees
+//                      mbarrier, in issue order, and only until the awaited phase completes:
+//                      bytes the phase did not expect stay in flight), odd blocks at once: a consumer that reads before waiting sees
 //                      stale data in one, a producer that overwrites a stage still being read
 //                      shows in the other.
 //   wgmma              mma_async m64nNk16, f16 × f16 → f32, A and B K-major from shared
@@ -26,6 +27,7 @@
 //                      kernel that reads its accumulators or reuses a stage before the wait
 //                      gets wrong data.
 //   elect.sync         one lane (the lowest) of a full warp returns true.
+//   bar.sync id, 128   a named barrier over one warpgroup: a rendezvous of its 128 threads.
 //   fence.proxy.async, wgmma.fence, setmaxnreg: ordering and register-file hints with no
 //                      effect on a CPU (accepted, not modelled).
 #pragma once
@@ -57,6 +59,9 @@ struct GroupOp {
     void (*complete)(GroupOp* const* threads, unsigned first_thread);
 };
 void group_collective(GroupOp* op);
+// bar.sync over the calling thread's warpgroup (a named barrier of 128 threads): every thread
+// waits until all 128 have arrived.
+void warpgroup_barrier();
 
 uint32_t shared_addr(const void* p);
 void* shared_ptr(uint32_t addr, size_t bytes, const char* what);

@@ -15,7 +15,7 @@ use std::ffi::c_void;
 kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_tma(map: TensorMap, out: DevPtr<f16>, c0: i32, c1: i32, box_rows: i32, mode: i32));
 kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_wgmma(map_a: TensorMap, map_b: TensorMap, out: DevPtr<f32>, kk: i32, mode: i32));
 kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_sm90_broken(mode: i32));
-kernel_mod!("gemm_sm90", usize::MAX, emu_mutant_gemm_sm90(map_a: TensorMap, map_w: TensorMap, out: DevPtr<f16>, m: i32, n: i32, k: i32, mutant: i32));
+kernel_mod!("gemm_sm90", usize::MAX, emu_mutant_gemm_sm90(map_a: TensorMap, map_w: TensorMap, map_am: TensorMap, minus: i32, out: DevPtr<f16>, m: i32, n: i32, k: i32, mutant: i32));
 
 fn cfg(blocks: u32, threads: u32, dyn_smem: u32) -> LaunchCfg {
     LaunchCfg { grid: [blocks, 1, 1], block: [threads, 1, 1], dyn_smem }
@@ -182,27 +182,40 @@ fn hopper_misuses_are_reported_not_hung() {
 #[test]
 fn gemm_mutants_fail() {
     // 300 × 200 × 256 (k: 4 stages of 64, so the pipeline wraps around its stages; 3 × 2 tiles
-    // on the 3 emulated multiprocessors: two tiles per block).
+    // on the 3 emulated multiprocessors: two tiles per block); then the same with icc's
+    // increment (a − a_minus, a_minus's values different from a's so that the difference is
+    // not a).
     let (m, n, k) = (300usize, 200usize, 256usize);
-    let (dev, buf, _) = device(m * k + n * k + m * n, 16);
+    let (dev, buf, _) = device(2 * m * k + n * k + m * n, 16);
     let (a, w, o) = (sub(buf, 0, m * k), sub(buf, m * k, n * k), sub(buf, m * k + n * k, m * n));
+    let am = sub(buf, m * k + n * k + m * n, m * k);
     let av: Vec<f32> = (0..m * k).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
+    let amv: Vec<f32> = (0..m * k).map(|i| ((i * 3 + 2) % 5) as f32 - 2.0).collect();
     let wv: Vec<f32> = (0..n * k).map(|i| ((i * 5 + 1) % 7) as f32 - 3.0).collect();
     dev.upload(a, &av.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
+    dev.upload(am, &amv.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     dev.upload(w, &wv.iter().map(|&x| f16::from_f32(x)).collect::<Vec<_>>()).unwrap();
     let (ma, mw) = (map(&dev, a, m as u64, k as u64, 128), map(&dev, w, n as u64, k as u64, 128));
-    let want: Vec<f32> = (0..m * n)
-        .map(|i| f16::from_f32((0..k).map(|kk| av[i / n * k + kk] * wv[i % n * k + kk]).sum()).to_f32())
-        .collect();
-    let run = |mutant: i32| -> std::result::Result<usize, String> {
+    let mam = map(&dev, am, m as u64, k as u64, 128);
+    // Small integers: every product and sum is exact in f32, every output exact in f16.
+    let want = |minus: bool| -> Vec<f32> {
+        let ap = |i: usize| if minus { av[i] - amv[i] } else { av[i] };
+        (0..m * n)
+            .map(|i| f16::from_f32((0..k).map(|kk| ap(i / n * k + kk) * wv[i % n * k + kk]).sum()).to_f32())
+            .collect()
+    };
+    let run = |minus: bool, mutant: i32| -> std::result::Result<usize, String> {
         dev.upload(o, &vec![f16::from_f32(f32::NAN); m * n]).unwrap();
-        // SAFETY: the maps cover a and w; `o` holds m × n halves.
+        let smem = if minus { 197_696 } else { 132_160 };
+        // SAFETY: the maps cover a, a_minus and w; `o` holds m × n halves.
         unsafe {
             emu_mutant_gemm_sm90::launch(
                 &dev,
-                &cfg(3, 384, 132_160),
+                &cfg(3, 384, smem),
                 ma,
                 mw,
+                mam,
+                minus as i32,
                 o.ptr(),
                 m as i32,
                 n as i32,
@@ -213,12 +226,19 @@ fn gemm_mutants_fail() {
         .map_err(|e| e.to_string())?;
         let mut got = vec![f16::ZERO; m * n];
         dev.download(o, &mut got).unwrap();
-        Ok(got.iter().zip(&want).filter(|(g, w)| g.to_f32() != **w).count())
+        Ok(got.iter().zip(&want(minus)).filter(|(g, w)| g.to_f32() != **w).count())
     };
-    assert_eq!(run(0), Ok(0), "the sound kernel");
-    for (mutant, what) in [(1, "no full wait"), (2, "no empty wait"), (3, "early release"), (4, "no init barrier")] {
-        let r = run(mutant);
+    let mutants = [(1, "no full wait"), (2, "no empty wait"), (3, "early release"), (4, "no init barrier")];
+    assert_eq!(run(false, 0), Ok(0), "the sound kernel");
+    for (mutant, what) in mutants {
+        let r = run(false, mutant);
         println!("mutant {mutant} ({what}): {r:?}");
         assert!(!matches!(r, Ok(0)), "mutant {mutant} ({what}) computed the right result");
+    }
+    assert_eq!(run(true, 0), Ok(0), "the sound kernel, a − a_minus");
+    for (mutant, what) in mutants.into_iter().chain([(5, "no subtraction"), (6, "a_minus's bytes not expected")]) {
+        let r = run(true, mutant);
+        println!("a − a_minus, mutant {mutant} ({what}): {r:?}");
+        assert!(!matches!(r, Ok(0)), "a − a_minus, mutant {mutant} ({what}) computed the right result");
     }
 }

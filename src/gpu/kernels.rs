@@ -108,6 +108,8 @@ kernels! {
     }
     "attention" => {
         attention_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
+        attention_d64_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
+        attention_d128_f16(out: DevPtr<f16>, qkv: DevPtr<f16>, tokens: i32, heads: i32);
     }
     "embed" => {
         patchify_f16(patches: DevPtr<f16>, x: DevPtr<f32>, rows: i32, images: i32, channels: i32,
@@ -133,7 +135,7 @@ kernels! {
     }
     "gemm_sm90" => {
         gemm_sm90_f16_128x128_k64(map_a: TensorMap, map_w: TensorMap, map_w2: TensorMap,
-            out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, bias: DevPtr<f16>,
+            map_am: TensorMap, minus: i32, out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, bias: DevPtr<f16>,
             add: DevPtr<f16>, m: i32, n: i32, k: i32, ldc: i32, ld_add: i32, add_rows: i32,
             out2: DevPtr<f32>, n2: i32, ld2: i32, ws: DevPtr<f32>, k_split: i32, act: i32);
     }

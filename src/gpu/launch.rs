@@ -306,28 +306,51 @@ pub fn gated_residual_add_f32_stream<D: Device + ?Sized>(
     }
 }
 
-/// Dynamic shared memory of `attention_f16` with `splits` key splits: Q_SMEM + splits ·
-/// SPLIT_SMEM in kernels/attention.cu, which static_asserts both numbers: the block's 64 query
-/// rows (64 × 88 halves), and per split a K and a V tile (64 × 88 halves each) and four warps'
-/// 16 × 84 f32 scratch. 55,296 B at one split: above 48 KiB, so the launch needs the opt-in
-/// (the CUDA device opts every kernel in at load).
-const fn attention_smem(splits: i32) -> u32 {
-    11_264 + splits as u32 * 44_032
+/// The attention kernel of each head dim (kernels/attention.cu: one template instance per D):
+/// (head dim, Q_SMEM, SPLIT_SMEM, the most key splits), the sizes kernels/attention.cu
+/// static_asserts. The dynamic shared memory with `splits` key splits is Q_SMEM + splits ·
+/// SPLIT_SMEM: the block's 64 query rows (64 × (D' + 8) halves, D' the head dim padded to a
+/// multiple of 16), and per split a K and a V tile of the same shape and four warps' 16 ×
+/// (D' + 4) f32 scratch. Above 48 KiB the launch needs the opt-in (the CUDA device opts every
+/// kernel in at load). Head dim 128 is built for 1 or 2 splits (4 would not fit).
+const ATTENTION_KERNELS: [(i32, u32, u32, i32); 3] =
+    [(64, 9_216, 35_840, 4), (72, 11_264, 44_032, 4), (128, 17_408, 68_608, 2)];
+const fn attention_smem(kernel: (i32, u32, u32, i32), splits: i32) -> u32 {
+    kernel.1 + splits as u32 * kernel.2
 }
-/// Key splits `attention_f16` is built for: 1, 2 or 4 groups of 4 warps (blockDim.x / 128).
+const _: () = {
+    let mut i = 0;
+    while i < ATTENTION_KERNELS.len() {
+        let k = ATTENTION_KERNELS[i];
+        assert!(attention_smem(k, k.3) <= MAX_DYN_SMEM_OPT_IN, "attention fits sm_90's shared memory");
+        i += 1;
+    }
+};
+/// Head dims the attention kernels are built for (DiT-S/B/L: 64, DiT-XL/2: 72, and 128).
+pub const ATTENTION_HEAD_DIMS: [i32; 3] = [64, 72, 128];
+/// Key splits the attention kernels are built for: 1, 2 or 4 groups of 4 warps
+/// (blockDim.x / 128), at most [`attention_max_splits`] of the head dim.
 pub const ATTENTION_SPLITS: [i32; 3] = [1, 2, 4];
-const _: () = assert!(attention_smem(4) <= MAX_DYN_SMEM_OPT_IN, "attention_f16 fits sm_90's shared memory");
-/// The one head dim `attention_f16` is built for (D in kernels/attention.cu).
-pub const ATTENTION_HEAD_DIM: i32 = 72;
 /// SMs of the GPUs the split choice is tuned for (H100 SXM and H200: 132). Only speed depends
 /// on it: every split count gives the same result up to the f32 rounding of the merge.
 const ATTENTION_TUNED_SMS: i64 = 132;
 
+fn attention_kernel(head_dim: i32) -> Option<(i32, u32, u32, i32)> {
+    ATTENTION_KERNELS.iter().copied().find(|k| k.0 == head_dim)
+}
+
+/// The most key splits the attention kernel of `head_dim` is built for (4; 2 at head dim 128;
+/// 0 for a head dim without a kernel).
+pub fn attention_max_splits(head_dim: i32) -> i32 {
+    attention_kernel(head_dim).map_or(0, |k| k.3)
+}
+
 /// The key splits [`attention_f16`] uses for a shape: 4 when the ⌈tokens/64⌉ · heads · batch
 /// blocks of 64 queries fit one per SM (DiT-XL/2 at batch 1 with guidance: 128 blocks), so
 /// each warp gets a quarter of the keys; 2 when they fit two per SM; else 1 (batch 16, 512 px:
-/// enough blocks already). Never more splits than key tiles of 64 tokens.
-pub fn attention_splits(batch: i32, tokens: i32, heads: i32) -> i32 {
+/// enough blocks already). Never more splits than key tiles of 64 tokens, nor than the head
+/// dim's kernel is built for.
+pub fn attention_splits(batch: i32, tokens: i32, heads: i32, head_dim: i32) -> i32 {
     let tiles = (tokens.max(1) as i64 + 63) / 64;
     let blocks = tiles * heads.max(1) as i64 * batch.max(1) as i64;
     let mut splits = if blocks <= ATTENTION_TUNED_SMS {
@@ -337,7 +360,7 @@ pub fn attention_splits(batch: i32, tokens: i32, heads: i32) -> i32 {
     } else {
         1
     };
-    while splits as i64 > tiles {
+    while splits as i64 > tiles || splits > attention_max_splits(head_dim).max(1) {
         splits /= 2;
     }
     splits
@@ -346,9 +369,9 @@ pub fn attention_splits(batch: i32, tokens: i32, heads: i32) -> i32 {
 /// Multi-head self-attention `softmax(q·kᵀ/√D)·v` per (batch item, head)
 /// (kernels/attention.cu). qkv: (batch, tokens, 3C) with q, k, v the column blocks
 /// [0, C), [C, 2C), [2C, 3C), head h at columns h·D .. h·D + D of each; out: (batch, tokens, C),
-/// heads concatenated; C = heads · head_dim. Only head_dim 72 (DiT-XL/2 and the small test
-/// configs) is built. Both buffers must be 16-byte aligned (the tiles are copied with 16-byte
-/// cp.async). Grid (⌈tokens/64⌉, heads, batch), 128 · [`attention_splits`] threads.
+/// heads concatenated; C = heads · head_dim. Head dims 64, 72 and 128 are built
+/// ([`ATTENTION_HEAD_DIMS`]). Both buffers must be 16-byte aligned (the tiles are copied with
+/// 16-byte cp.async). Grid (⌈tokens/64⌉, heads, batch), 128 · [`attention_splits`] threads.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_f16<D: Device + ?Sized>(
     dev: &D,
@@ -359,11 +382,12 @@ pub fn attention_f16<D: Device + ?Sized>(
     heads: i32,
     head_dim: i32,
 ) -> Result<()> {
-    attention_f16_splits(dev, out, qkv, batch, tokens, heads, head_dim, attention_splits(batch, tokens, heads))
+    let splits = attention_splits(batch, tokens, heads, head_dim);
+    attention_f16_splits(dev, out, qkv, batch, tokens, heads, head_dim, splits)
 }
 
 /// [`attention_f16`] with the key splits chosen by the caller (one of [`ATTENTION_SPLITS`], at
-/// most ⌈tokens/64⌉): for tests of every split count at every shape.
+/// most ⌈tokens/64⌉ and [`attention_max_splits`]): for tests of every split count at every shape.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_f16_splits<D: Device + ?Sized>(
     dev: &D,
@@ -377,24 +401,28 @@ pub fn attention_f16_splits<D: Device + ?Sized>(
 ) -> Result<()> {
     const K: &str = "attention_f16";
     positive(K, &[("batch", batch), ("tokens", tokens), ("heads", heads), ("head_dim", head_dim)])?;
-    if head_dim != ATTENTION_HEAD_DIM {
+    let Some(kernel) = attention_kernel(head_dim) else {
         return Err(invalid(
             K,
             format!(
-                "head_dim {head_dim} is not supported: the kernel is built for {ATTENTION_HEAD_DIM} only (DiT-XL/2)"
+                "head_dim {head_dim} is not supported: the kernels are built for head dims {ATTENTION_HEAD_DIMS:?}"
             ),
         ));
-    }
+    };
     if batch > 65535 || heads > 65535 {
         return Err(invalid(K, format!("batch {batch} and heads {heads} must be ≤ 65535 (grid z and y)")));
     }
     // The kernel's merge gives each split's warp 16/splits query rows, and relies on every
     // split having a key tile in the first round (a finite running max).
     let tiles = (tokens - 1) / 64 + 1; // tokens ≥ 1
-    if !ATTENTION_SPLITS.contains(&splits) || splits > tiles {
+    if !ATTENTION_SPLITS.contains(&splits) || splits > tiles || splits > kernel.3 {
         return Err(invalid(
             K,
-            format!("splits {splits} must be one of {ATTENTION_SPLITS:?} and ≤ {tiles} (the key tiles of 64 tokens)"),
+            format!(
+                "splits {splits} must be one of {ATTENTION_SPLITS:?}, ≤ {tiles} (the key tiles of 64 tokens) \
+                 and ≤ {} (head dim {head_dim})",
+                kernel.3
+            ),
         ));
     }
     let channels = heads as i64 * head_dim as i64;
@@ -404,9 +432,16 @@ pub fn attention_f16_splits<D: Device + ?Sized>(
     let cfg = LaunchCfg {
         grid: [tiles as u32, heads as u32, batch as u32], // BM = 64 queries per block
         block: [128 * splits as u32, 1, 1],               // SPLIT_THREADS per split
-        dyn_smem: attention_smem(splits),
+        dyn_smem: attention_smem(kernel, splits),
     };
+    let (o, q) = (out.ptr(), qkv.ptr());
     // SAFETY: qkv holds batch × tokens × 3C and out batch × tokens × C elements, both 16-byte
-    // aligned; the kernel reads and writes nothing else.
-    unsafe { kernels::attention_f16::launch(dev, &cfg, out.ptr(), qkv.ptr(), tokens, heads) }
+    // aligned; the kernel of this head dim reads and writes nothing else.
+    unsafe {
+        match head_dim {
+            64 => kernels::attention_d64_f16::launch(dev, &cfg, o, q, tokens, heads),
+            72 => kernels::attention_f16::launch(dev, &cfg, o, q, tokens, heads),
+            _ => kernels::attention_d128_f16::launch(dev, &cfg, o, q, tokens, heads),
+        }
+    }
 }

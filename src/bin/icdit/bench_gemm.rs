@@ -167,35 +167,39 @@ fn bench<D: Device>(dev: &D, plan: &Plan, ids: [icdit::plan::BufId; 8], args: &B
         }
     }
 
-    // Attention: (batch · 2 with guidance) sequences of `tokens`, 16 heads of 72.
-    println!("| attention | sequences | tokens | key splits | µs | TFLOP/s | auto picks |");
-    println!("|---|---|---|---|---|---|---|");
-    let heads = 16;
+    // Attention: (batch · 2 with guidance) sequences of `tokens`, 16 heads of 72 (DiT-XL/2)
+    // at every key split count, and the other head dims' kernels at the launcher's choice:
+    // 16 heads of 64 (DiT-L/2) and 8 heads of 128 (the qkv rows fit the buffers: 3C ≤ 4608).
+    println!("| attention | head dim | heads | sequences | tokens | key splits | µs | TFLOP/s | auto picks |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let max_rows = args.rows.iter().copied().max().unwrap_or(1);
-    for &(seqs, tokens) in &[(2usize, 256usize), (8, 256), (32, 256), (2, 1024)] {
-        if seqs * tokens > max_rows {
-            continue;
-        }
-        let auto = launch::attention_splits(seqs as i32, tokens as i32, heads);
-        let tiles = tokens.div_ceil(64);
-        for splits in [0, 1, 2, 4] {
-            if splits > tiles {
+    for (head_dim, heads, every_split) in [(72i32, 16i32, true), (64, 16, false), (128, 8, false)] {
+        for &(seqs, tokens) in &[(2usize, 256usize), (8, 256), (32, 256), (2, 1024)] {
+            if seqs * tokens > max_rows {
                 continue;
             }
-            let us = time_us(dev, args.iters, || {
-                let (b, n) = (seqs as i32, tokens as i32);
-                if splits == 0 {
-                    launch::attention_f16(dev, out, x, b, n, heads, 72)
-                } else {
-                    launch::attention_f16_splits(dev, out, x, b, n, heads, 72, splits as i32)
+            let auto = launch::attention_splits(seqs as i32, tokens as i32, heads, head_dim);
+            let tiles = tokens.div_ceil(64) as i32;
+            let max = if every_split { launch::attention_max_splits(head_dim) } else { 0 };
+            for splits in [0, 1, 2, 4] {
+                if splits > tiles || splits > max {
+                    continue;
                 }
-            })?;
-            let flops = 4.0 * (seqs * heads as usize * tokens * tokens * 72) as f64;
-            let name = if splits == 0 { "auto".to_string() } else { splits.to_string() };
-            println!(
-                "| attention | {seqs} | {tokens} | {name} | {us:.2} | {:.1} | {auto} |",
-                flops / (us * 1e-6) / 1e12
-            );
+                let us = time_us(dev, args.iters, || {
+                    let (b, n) = (seqs as i32, tokens as i32);
+                    if splits == 0 {
+                        launch::attention_f16(dev, out, x, b, n, heads, head_dim)
+                    } else {
+                        launch::attention_f16_splits(dev, out, x, b, n, heads, head_dim, splits)
+                    }
+                })?;
+                let flops = 4.0 * (seqs * heads as usize * tokens * tokens * head_dim as usize) as f64;
+                let name = if splits == 0 { "auto".to_string() } else { splits.to_string() };
+                println!(
+                    "| attention | {head_dim} | {heads} | {seqs} | {tokens} | {name} | {us:.2} | {:.1} | {auto} |",
+                    flops / (us * 1e-6) / 1e12
+                );
+            }
         }
     }
     Ok(())

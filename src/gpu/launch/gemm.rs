@@ -77,6 +77,9 @@ const SM90: Shape = Shape { bm: 128, bn: 128, bk: 64, stages: 4, threads: 384 };
 /// kernels/gemm_sm90.cu's dynamic shared memory: 4 stages of two 128 × 64 f16 tiles, 8
 /// mbarriers, and 1 KiB to align the stages to the 128-byte swizzle's 1024-byte period.
 const SM90_SMEM: u32 = 4 * 2 * 128 * 64 * 2 + 8 * 8 + 1024;
+/// The same with icc's increment: a third tile (a_minus's) per stage.
+const SM90_SMEM_MINUS: u32 = 4 * 3 * 128 * 64 * 2 + 8 * 8 + 1024;
+const _: () = assert!(SM90_SMEM_MINUS <= crate::gpu::MAX_DYN_SMEM_OPT_IN, "the Hopper GEMM fits sm_90's shared memory");
 
 /// Multiprocessors the tile choice aims to fill: an H100 or H200 SXM has 132. A smaller GPU is
 /// filled all the more; a larger one gets large tiles a little earlier than it would like.
@@ -324,17 +327,19 @@ pub struct GemmLaunch {
     pub splits: usize,
 }
 
-/// Why the Hopper kernel does not take `spec` (`None`: it does). It has no icc increment
-/// (`a_minus`), and its tensor maps need k and the row stride of `a` to be multiples of 8 and
-/// the matrices (a, w, a second weight) 16-byte aligned.
+/// Why the Hopper kernel does not take `spec` (`None`: it does): its tensor maps need k and
+/// the row stride of `a` (and `a_minus`) to be multiples of 8 and the matrices (a, a_minus, w,
+/// a second weight) 16-byte aligned.
 pub fn sm90_unsupported(spec: &GemmSpec) -> Option<&'static str> {
     let misaligned = |s: DevSlice<f16>| s.ptr().addr() % 16 != 0;
-    if spec.a_minus.is_some() {
-        Some("the icc increment (a − a_minus)")
-    } else if spec.k % 8 != 0 || spec.lda % 8 != 0 {
+    if spec.k % 8 != 0 || spec.lda % 8 != 0 {
         Some("k or lda not a multiple of 8")
-    } else if misaligned(spec.a) || misaligned(spec.w) || spec.also.is_some_and(|x| misaligned(x.w)) {
-        Some("a, w or the second weight not 16-byte aligned")
+    } else if misaligned(spec.a)
+        || misaligned(spec.w)
+        || spec.a_minus.is_some_and(misaligned)
+        || spec.also.is_some_and(|x| misaligned(x.w))
+    {
+        Some("a, a_minus, w or the second weight not 16-byte aligned")
     } else {
         None
     }
@@ -550,11 +555,11 @@ fn launch_gemm<D: Device + ?Sized>(
     }
 }
 
-/// The Hopper kernel's launch (kernels/gemm_sm90.cu) for a checked `spec`: tensor maps of a, w
-/// and the second weight, a persistent grid of min(work units, multiprocessors) blocks; with
+/// The Hopper kernel's launch (kernels/gemm_sm90.cu) for a checked `spec`: tensor maps of a, w,
+/// a_minus and the second weight, a persistent grid of min(work units, multiprocessors) blocks; with
 /// `ws` not null, k slices of `k_split` into it (the caller then launches the reduction).
 fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_split: i64) -> Result<()> {
-    let &GemmSpec { out, pre, a, w, bias, add, m, n, k, lda, ldc, act, also, .. } = spec;
+    let &GemmSpec { out, pre, a, a_minus, w, bias, add, m, n, k, lda, ldc, act, also } = spec;
     let (add_slice, ld_add, add_rows) = match add {
         Some((s, ld, rows)) => (Some(s), ld, rows),
         None => (None, n, m),
@@ -580,13 +585,18 @@ fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_
         Some(x) => map(x.w, x.n, k)?,
         None => map_w,
     };
+    // Without a_minus the kernel never reads its map either: a's stands in.
+    let map_am = match a_minus {
+        Some(s) => map(s, m, lda)?,
+        None => map_a,
+    };
     let up = |x: i64, t: i64| (x + t - 1) / t;
     let tiles = up(m as i64, SM90.bm) * (up(n as i64, SM90.bn) + also.map_or(0, |x| up(x.n as i64, SM90.bn)));
     let units = tiles * up(k as i64, k_split);
     let cfg = LaunchCfg {
         grid: [units.min(dev.multiprocessors() as i64).max(1) as u32, 1, 1],
         block: [SM90.threads, 1, 1],
-        dyn_smem: SM90_SMEM,
+        dyn_smem: if a_minus.is_some() { SM90_SMEM_MINUS } else { SM90_SMEM },
     };
     // SAFETY: the tensor maps cover exactly a (m × k, stride lda), w (n × k) and the second
     // weight, inside their slices; the other operands were checked by the caller as for
@@ -598,6 +608,8 @@ fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_
             map_a,
             map_w,
             map_w2,
+            map_am,
+            a_minus.is_some() as i32,
             unless(split, out16),
             unless(split, out32),
             unless(split, ptr_or_null(pre)),
@@ -621,7 +633,8 @@ fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_
 
 /// The first-use check of the Hopper GEMM on a device (issue 26): a few small GEMMs with
 /// every epilogue (bias, row-wrapped add, pre-activation copy, GELU and SiLU, f16 and f32 out,
-/// a second weight, split-K; shapes that are not multiples of the tile) on the Hopper kernel
+/// a second weight, split-K, icc's increment a − a_minus; shapes that are not multiples of the
+/// tile) on the Hopper kernel
 /// and on gemm.cu's, compared
 /// within `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each
 /// output rounded once to f16: a rounding step apart at most). On disagreement the device
@@ -662,6 +675,8 @@ struct CheckCase {
     n2: i32,
     /// k slices of the Hopper launch (the fallback's is whole).
     splits: usize,
+    /// icc's increment: the product of a − a_minus.
+    minus: bool,
 }
 
 const SM90_CASES: [CheckCase; 5] = [
@@ -675,6 +690,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 50,
         pre: true,
         n2: 0,
+        minus: false,
         splits: 1,
     },
     CheckCase {
@@ -687,6 +703,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 0,
         pre: false,
         n2: 40,
+        minus: false,
         splits: 1,
     },
     CheckCase {
@@ -699,6 +716,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 64,
         pre: false,
         n2: 0,
+        minus: true,
         splits: 1,
     },
     CheckCase {
@@ -711,6 +729,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 0,
         pre: true,
         n2: 130,
+        minus: false,
         splits: 1,
     },
     CheckCase {
@@ -723,6 +742,7 @@ const SM90_CASES: [CheckCase; 5] = [
         add_rows: 0,
         pre: true,
         n2: 24,
+        minus: true,
         splits: 3,
     },
 ];
@@ -745,6 +765,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
         };
         let (m, n, k, n2) = (c.m as usize, c.n as usize, c.k as usize, c.n2 as usize);
         let a = s16(take(m * k * 2)?, m * k);
+        let am = s16(take(m * k * 2)?, m * k);
         let w = s16(take(n * k * 2)?, n * k);
         let w2 = s16(take(n2.max(1) * k * 2)?, n2.max(1) * k);
         let bias = s16(take(n * 2)?, n);
@@ -766,6 +787,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
             dev.upload(s, &v)
         };
         fill(a, 1.0)?;
+        fill(am, 1.0)?;
         fill(w, 1.0 / (k as f32).sqrt())?;
         fill(w2, 1.0 / (k as f32).sqrt())?;
         fill(bias, 0.5)?;
@@ -779,6 +801,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
                 add: (c.add_rows > 0).then_some((add, c.n, c.add_rows)),
                 act: c.act,
                 also: (n2 > 0).then_some(GemmAlso { w: w2, n: c.n2, out: outs2[i], ld: c.n2 }),
+                a_minus: c.minus.then_some(am),
                 ..GemmSpec::new(out, a, w, c.m, c.n, c.k)
             };
             let splits = if tile == GemmTile::Sm90 { c.splits } else { 1 };
@@ -899,6 +922,7 @@ mod tests {
         }
         assert!(SM90_SMEM <= crate::gpu::MAX_DYN_SMEM_OPT_IN);
         assert_eq!(SM90_SMEM, 132_160);
+        assert_eq!(SM90_SMEM_MINUS, 197_696);
         assert_eq!(SMALL.smem(false), 73728);
         assert_eq!(LARGE.smem(true), 122880);
     }

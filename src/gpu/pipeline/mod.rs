@@ -33,6 +33,7 @@ mod upload;
 
 pub use plan::plan_for;
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use super::launch::{self, GemmSpec, SamplerMode, SamplerParams};
@@ -71,6 +72,9 @@ pub struct GpuBackend<D: Device> {
     icc: IccLayout,
     /// Kernel launches of each recorded step kind.
     launches: Vec<(StepKind, StepLaunches)>,
+    /// GEMMs sent to gemm.cu's kernels though the device runs the Hopper kernel, and the first
+    /// one's reason ([`GpuEngine::gemm_fallbacks`]).
+    gemm_fallbacks: Cell<(u64, Option<&'static str>)>,
 }
 
 /// Device time of one kind of op over a profiled forward pass ([`GpuEngine::profile_step`]).
@@ -100,15 +104,15 @@ impl<D: Device> GpuBackend<D> {
     fn new(model: Arc<DitModel>, opts: &EngineOptions, open: impl FnOnce(&Plan) -> Result<D>) -> Result<Self> {
         let cfg = model.config;
         let schedule = opts.validate(&cfg)?;
-        if cfg.head_dim() as i32 != launch::ATTENTION_HEAD_DIM {
+        if !launch::ATTENTION_HEAD_DIMS.contains(&(cfg.head_dim() as i32)) {
             return Err(Error::invalid(
                 "GPU pipeline",
                 format!(
-                    "head dim {} ({} channels / {} heads): the attention kernel is built for head dim {} only",
+                    "head dim {} ({} channels / {} heads): the attention kernels are built for head dims {:?}",
                     cfg.head_dim(),
                     cfg.hidden_size,
                     cfg.num_heads,
-                    launch::ATTENTION_HEAD_DIM
+                    launch::ATTENTION_HEAD_DIMS
                 ),
             ));
         }
@@ -148,6 +152,7 @@ impl<D: Device> GpuBackend<D> {
             images: 0,
             icc,
             launches: Vec::new(),
+            gemm_fallbacks: Cell::new((0, None)),
         };
         backend.upload_weights()?;
         if let Some(f) = &factors {
@@ -338,6 +343,12 @@ impl<D: Device> GpuBackend<D> {
 
     /// One fused GEMM, split along k into the planned workspace when that fills the GPU better.
     fn gemm(&self, g: &GemmSpec) -> Result<()> {
+        if self.dev.gemm_sm90() {
+            if let Some(why) = launch::sm90_unsupported(g) {
+                let (n, first) = self.gemm_fallbacks.get();
+                self.gemm_fallbacks.set((n + 1, first.or(Some(why))));
+            }
+        }
         launch::gemm_ws(&self.dev, g, Some(self.slice(self.buffers.split_ws)?))
     }
 
@@ -655,6 +666,13 @@ impl<D: Device> SamplingEngine<GpuBackend<D>> {
     pub fn icc_form(&self) -> (IccForm, bool) {
         let icc = self.backend().icc;
         (icc.form, icc.fused)
+    }
+
+    /// GEMMs (launched, or recorded into a step's graph) that went to the fallback kernels
+    /// (gemm.cu) although the device runs the Hopper kernel, and the first one's reason
+    /// ([`launch::sm90_unsupported`]): none on DiT shapes with icc ranks that are multiples of 8.
+    pub fn gemm_fallbacks(&self) -> (u64, Option<&'static str>) {
+        self.backend().gemm_fallbacks.get()
     }
 
     pub fn device(&self) -> &D {
