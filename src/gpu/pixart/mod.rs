@@ -1,0 +1,497 @@
+//! PixArt-α on the GPU pipeline's device (issue 23): [`PixArtGpu`] runs the forward pass
+//! written once in [`crate::pixart::forward`] as kernel launches, from one arena planned before
+//! anything is allocated — the f16 weights and icc factors, the caption's cross-attention K/V
+//! of every block (computed once per request), the adaLN-single conditioning, the activations
+//! and every block's cache slots. It serves the same calls as the CPU's
+//! [`PixArtCpu`](crate::pixart::PixArtCpu) (stage the caption, stage the inputs, run a pass of a
+//! step kind, read the output), so [`PixArtEngine`](crate::pixart::PixArtEngine)'s sampling loop
+//! drives either (`PixArtRunner`).
+//!
+//! What runs on the device: the caption projection and every block's K/V; per pass the
+//! timestep embedding, adaLN-single and every modulation vector; the whole transformer
+//! (DiT's GEMM with its fused epilogues, LayerNorm-modulate, gated residuals, the flash
+//! self-attention at head dim 72 or `attention_rows_f16` at other head dims, the masked
+//! cross-attention of kernels/pixart.cu, icc's fused low-rank kernel or its two-GEMM fallback
+//! in the direct form); unpatchify. The sampler update and guidance run on the host, on the
+//! model output copied back after each pass (direct launches, no CUDA graph yet).
+//!
+//! Precision as DiT's pipeline: weights, activations and caches f16; GEMMs and reductions
+//! accumulate in f32; the residual stream, the timestep embedding, t_mod and the output f32.
+
+mod ops;
+
+use std::sync::Arc;
+
+use crate::config::FREQ_DIM;
+use crate::embed;
+use crate::error::{Error, Result};
+use crate::forward::StepKind;
+use crate::gpu::launch;
+use crate::gpu::{f16, DevSlice, DevType, Device};
+use crate::pixart::forward::{self as pforward, modulation_width, Slot};
+use crate::pixart::{Layer, PixArtCache, PixArtModel};
+use crate::plan::{BufId, Dt, Plan};
+use ops::Pass;
+
+/// Elements converted to f16 per upload while the weights are staged (2 MiB).
+const STAGING: usize = 1 << 20;
+
+/// How to size a PixArt forward pass on a device.
+#[derive(Clone, Debug)]
+pub struct PixArtGpuOptions {
+    /// Model rows (images, twice that under guidance).
+    pub max_rows: usize,
+    /// Longest caption (tokens) a request may give.
+    pub max_text_len: usize,
+    pub cache: PixArtCache,
+}
+
+impl Default for PixArtGpuOptions {
+    fn default() -> Self {
+        PixArtGpuOptions { max_rows: 1, max_text_len: 120, cache: PixArtCache::None }
+    }
+}
+
+/// A cached linear's factors on the device.
+#[derive(Clone, Copy, Debug)]
+struct DevFactors {
+    down: BufId,
+    up: BufId,
+    rank: usize,
+}
+
+struct Buffers {
+    /// Per layer ([`Layer::index`]): weight (out, in) and bias, f16.
+    linears: Vec<(BufId, BufId)>,
+    patch_w: BufId,
+    patch_b: BufId,
+    pos: BufId,
+    /// Every block's scale_shift_table, then the final one, f32.
+    tables: BufId,
+    freqs: BufId,
+    /// Per layer index, icc's factors of the cached linears.
+    factors: Vec<Option<DevFactors>>,
+    input: BufId,
+    t: BufId,
+    tfreq: BufId,
+    temb_h: BufId,
+    emb: BufId,
+    silu_emb: BufId,
+    tmod: BufId,
+    modv: BufId,
+    text: BufId,
+    cap_h: BufId,
+    cap: BufId,
+    mask_bias: BufId,
+    /// Per block, cross-attention's K and V of the caption, (rows, L, C) f16.
+    cross: Vec<[BufId; 2]>,
+    patches: BufId,
+    x: BufId,
+    /// The residual stream rounded to f16 (the input of cross-attention's q).
+    xh: BufId,
+    h: BufId,
+    /// q | k | v, (rows, N, 3C).
+    qkv: BufId,
+    attn: BufId,
+    y: BufId,
+    mlp: BufId,
+    out: BufId,
+    image: BufId,
+    /// (rows, C) ones: the gate of an ungated residual add.
+    ones: BufId,
+    /// Per block, the cache slots in [`Slot::ALL`] order (q, k and v's outputs share one
+    /// (rows, N, 3C) buffer); empty without caching.
+    cache: Vec<[BufId; 14]>,
+    /// The two-GEMM calibrated path's rank-r intermediate.
+    lowrank: Option<BufId>,
+    split_ws: BufId,
+}
+
+/// A PixArt-α transformer on a device, ready to run passes.
+pub struct PixArtGpu<D: Device> {
+    model: Arc<PixArtModel>,
+    dev: D,
+    plan: Plan,
+    bufs: Buffers,
+    max_rows: usize,
+    max_text_len: usize,
+    text_len: usize,
+    cache: PixArtCache,
+    cached_rows: Option<usize>,
+    /// Host staging of the caption (f16), its mask bias and the output.
+    text_host: Vec<f16>,
+    bias_host: Vec<f32>,
+    out_host: Vec<f32>,
+}
+
+impl<D: Device> PixArtGpu<D> {
+    /// Plans the arena, opens the device on it (`open`, e.g. `EmuDevice::new`) and uploads
+    /// the weights (and factors) in f16.
+    pub fn new(
+        model: Arc<PixArtModel>,
+        opts: &PixArtGpuOptions,
+        open: impl FnOnce(&Plan) -> Result<D>,
+    ) -> Result<Self> {
+        let cfg = model.config;
+        let rows = opts.max_rows;
+        if rows == 0 || rows > 1 << 15 {
+            return Err(Error::invalid("max batch", format!("{rows} model rows: must be 1 to 32768")));
+        }
+        if opts.max_text_len == 0 || opts.max_text_len > 4096 {
+            return Err(Error::invalid("text length", format!("{} tokens: must be 1 to 4096", opts.max_text_len)));
+        }
+        if cfg.head_dim as i32 > launch::ATTENTION_ROWS_MAX_HEAD_DIM {
+            return Err(Error::invalid(
+                "GPU pipeline",
+                format!(
+                    "head dim {}: PixArt's attention kernels take at most {}",
+                    cfg.head_dim,
+                    launch::ATTENTION_ROWS_MAX_HEAD_DIM
+                ),
+            ));
+        }
+        if cfg.hidden_size() % 8 != 0 || cfg.caption_channels % 8 != 0 {
+            return Err(Error::invalid(
+                "GPU pipeline",
+                format!(
+                    "hidden size {} and caption channels {} must be multiples of 8 (16-byte rows for the GEMM)",
+                    cfg.hidden_size(),
+                    cfg.caption_channels
+                ),
+            ));
+        }
+        if let PixArtCache::Icc(f) = &opts.cache {
+            f.check(&model)?;
+        }
+        let (plan, bufs) = plan(&model, rows, opts.max_text_len, &opts.cache);
+        if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
+            return Err(Error::invalid(
+                "GPU pipeline",
+                format!(
+                    "buffer `{}` would hold {} elements, past 32-bit kernel indices; lower the batch",
+                    big.name,
+                    big.elems()
+                ),
+            ));
+        }
+        let dev = open(&plan)?;
+        launch::check_sm90(&dev, dev.slice::<f32>(plan.get(bufs.split_ws))?)?;
+        let l = opts.max_text_len;
+        let mut g = PixArtGpu {
+            model,
+            dev,
+            plan,
+            bufs,
+            max_rows: rows,
+            max_text_len: l,
+            text_len: 0,
+            cache: opts.cache.clone(),
+            cached_rows: None,
+            text_host: vec![f16::ZERO; rows * l * cfg.caption_channels],
+            bias_host: vec![0.0; rows * l],
+            out_host: vec![0.0; rows * cfg.out_elems()],
+        };
+        g.upload()?;
+        g.dev.synchronize()?;
+        Ok(g)
+    }
+
+    pub fn model(&self) -> &Arc<PixArtModel> {
+        &self.model
+    }
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+    pub fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+    pub fn max_text_len(&self) -> usize {
+        self.max_text_len
+    }
+    pub fn cache(&self) -> &PixArtCache {
+        &self.cache
+    }
+    /// Rows of the last full step, whose activations the caches hold.
+    pub fn cached_rows(&self) -> Option<usize> {
+        self.cached_rows
+    }
+
+    fn slice<T: DevType>(&self, id: BufId) -> Result<DevSlice<T>> {
+        self.dev.slice::<T>(self.plan.get(id))
+    }
+
+    /// Converts `src` to f16 through `staging` and uploads it at `dst`.
+    fn put_f16(&self, dst: DevSlice<f16>, src: &[f32], staging: &mut [f16]) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(Error::invalid("GPU upload", format!("{} values for {dst:?}", src.len())));
+        }
+        let per = staging.len();
+        for (i, chunk) in src.chunks(per).enumerate() {
+            let st = &mut staging[..chunk.len()];
+            for (h, &v) in st.iter_mut().zip(chunk) {
+                *h = f16::from_f32(v);
+            }
+            self.dev.upload(dst.sub(i * per, chunk.len())?, st)?;
+        }
+        Ok(())
+    }
+
+    /// Weights and factors in f16, the modulation tables and timestep frequencies in f32, the
+    /// ones of the ungated residual.
+    fn upload(&mut self) -> Result<()> {
+        let model = Arc::clone(&self.model);
+        let (cfg, t) = (model.config, &model.tensors);
+        let mut staging = vec![f16::ZERO; STAGING];
+        let b = &self.bufs;
+        for (layer, &(w, bias)) in Layer::all(cfg.depth).zip(&b.linears) {
+            let (lw, lb) = model.linear(layer);
+            self.put_f16(self.slice(w)?, lw, &mut staging)?;
+            self.put_f16(self.slice(bias)?, lb, &mut staging)?;
+        }
+        self.put_f16(self.slice(b.patch_w)?, model.w(t.patch_w), &mut staging)?;
+        self.put_f16(self.slice(b.patch_b)?, model.w(t.patch_b), &mut staging)?;
+        self.put_f16(self.slice(b.pos)?, model.w(t.pos_embed), &mut staging)?;
+        let c = cfg.hidden_size();
+        let tables = self.slice::<f32>(b.tables)?;
+        for (i, &tab) in t.block_tables.iter().enumerate() {
+            self.dev.upload(tables.sub(6 * i * c, 6 * c)?, model.w(tab))?;
+        }
+        self.dev.upload(tables.sub(6 * cfg.depth * c, 2 * c)?, model.w(t.final_table))?;
+        self.dev.upload(self.slice::<f32>(b.freqs)?, &embed::timestep_freqs(crate::config::Numerics::Official))?;
+        let ones = self.slice::<f16>(b.ones)?;
+        self.dev.upload(ones, &vec![f16::ONE; ones.len()])?;
+        if let PixArtCache::Icc(f) = &self.cache {
+            let f = Arc::clone(f);
+            for layer in Layer::all(cfg.depth) {
+                if let (Some(df), Some(lf)) = (b.factors[layer.index(cfg.depth)], f.get(layer)) {
+                    self.put_f16(self.slice(df.down)?, f.w(lf.down), &mut staging)?;
+                    self.put_f16(self.slice(df.up)?, f.w(lf.up), &mut staging)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stages `rows` model rows: latents (rows, Cin, S, S) and timesteps.
+    pub fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
+        let img = self.model.config.image_elems();
+        if rows == 0 || rows > self.max_rows || x.len() != rows * img || t.len() != rows {
+            return Err(Error::invalid(
+                "model input",
+                format!(
+                    "{rows} rows ({} latent values, {} timesteps) for an engine of {} rows of {img}",
+                    x.len(),
+                    t.len(),
+                    self.max_rows
+                ),
+            ));
+        }
+        self.dev.upload(self.slice::<f32>(self.bufs.input)?.sub(0, x.len())?, x)?;
+        self.dev.upload(self.slice::<f32>(self.bufs.t)?.sub(0, rows)?, t)?;
+        Ok(())
+    }
+
+    /// Stages the caption of `rows` rows — `text` (rows, L, D), `mask` (rows, L) of 0/1 — and
+    /// computes the caption projection and every block's cross-attention K and V (once per
+    /// request).
+    pub fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
+        let d = self.model.config.caption_channels;
+        if len == 0 || len > self.max_text_len {
+            return Err(Error::invalid(
+                "text length",
+                format!("{len} tokens; this engine was planned for 1 to {} (max text length)", self.max_text_len),
+            ));
+        }
+        if rows == 0 || rows > self.max_rows || text.len() != rows * len * d || mask.len() != rows * len {
+            return Err(Error::invalid(
+                "caption",
+                format!(
+                    "{} embedding values and {} mask values for {rows} rows of {len} tokens × {d}",
+                    text.len(),
+                    mask.len()
+                ),
+            ));
+        }
+        if let Some(i) = mask.iter().position(|&v| v != 0 && v != 1) {
+            return Err(Error::invalid("attention mask", format!("element {i} is {}; masks are 0 or 1", mask[i])));
+        }
+        for (h, &v) in self.text_host.iter_mut().zip(text) {
+            *h = f16::from_f32(v);
+        }
+        for (b, &m) in self.bias_host.iter_mut().zip(mask) {
+            *b = (1 - m) as f32 * -10000.0;
+        }
+        let (tb, mb) = (self.bufs.text, self.bufs.mask_bias);
+        self.dev.upload(self.slice::<f16>(tb)?.sub(0, text.len())?, &self.text_host[..text.len()])?;
+        self.dev.upload(self.slice::<f32>(mb)?.sub(0, mask.len())?, &self.bias_host[..mask.len()])?;
+        self.text_len = len;
+        let mut pass = Pass::new(self);
+        pforward::PixArtOps::encode_caption(&mut pass, rows);
+        pass.finish()
+    }
+
+    /// One forward pass of `kind` over the staged rows (after
+    /// [`stage_text`](Self::stage_text) and [`stage_inputs`](Self::stage_inputs)); the output,
+    /// copied back, is [`output`](Self::output).
+    pub fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
+        if self.text_len == 0 {
+            return Err(Error::invalid("caption", "no caption staged before the forward pass"));
+        }
+        if rows == 0 || rows > self.max_rows {
+            return Err(Error::invalid(
+                "model input",
+                format!("{rows} rows; this engine takes 1 to {}", self.max_rows),
+            ));
+        }
+        let policy = self.cache.policy();
+        if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {
+            return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
+        }
+        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(rows) {
+            return Err(Error::invalid(
+                "step kind",
+                format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
+            ));
+        }
+        let cfg = self.model.config;
+        {
+            let mut pass = Pass::new(self);
+            pforward::PixArtOps::conditioning(&mut pass, rows);
+            pforward::forward(&mut pass, &cfg, rows, kind);
+            pass.finish()?;
+        }
+        let n = rows * cfg.out_elems();
+        let image = self.slice::<f32>(self.bufs.image)?.sub(0, n)?;
+        self.dev.download(image, &mut self.out_host[..n])?;
+        if kind == StepKind::Full {
+            self.cached_rows = Some(rows);
+        }
+        Ok(())
+    }
+
+    /// The last pass's output, (rows, Cout, S, S).
+    pub fn output(&self, rows: usize) -> &[f32] {
+        &self.out_host[..rows * self.model.config.out_elems()]
+    }
+
+    /// Convenience: one plain forward pass on `rows` rows (the `icdit forward` command).
+    pub fn forward(
+        &mut self,
+        x: &[f32],
+        t: &[f32],
+        text: &[f32],
+        mask: &[i64],
+        len: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let rows = t.len();
+        self.stage_text(text, mask, rows, len)?;
+        self.stage_inputs(x, t, rows)?;
+        self.run(rows, StepKind::Plain)?;
+        if out.len() != rows * self.model.config.out_elems() {
+            return Err(Error::invalid(
+                "output buffer",
+                format!("{} values, expected {}", out.len(), rows * self.model.config.out_elems()),
+            ));
+        }
+        out.copy_from_slice(self.output(rows));
+        Ok(())
+    }
+}
+
+/// The arena of a PixArt pass for `rows` model rows and captions of up to `l` tokens.
+fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Plan, Buffers) {
+    let cfg = model.config;
+    let (n, c, m, d) = (cfg.tokens(), cfg.hidden_size(), cfg.mlp_hidden(), cfg.depth);
+    let p = cfg.patch_size;
+    let (pd, fin) = (cfg.in_channels * p * p, p * p * cfg.out_channels);
+    let h = Dt::F16;
+    let mut pl = Plan::new(format!("PixArt GPU forward ({rows} rows, {l} text tokens)"));
+    let linears = Layer::all(d)
+        .map(|layer| {
+            let (out, inp) = layer.shape(&cfg);
+            let name = layer.name();
+            (pl.add(format!("{name}.w"), &[out, inp], h), pl.add(format!("{name}.b"), &[out], h))
+        })
+        .collect();
+    let factors = match cache {
+        PixArtCache::Icc(f) => Layer::all(d)
+            .map(|layer| {
+                let lf = pforward::slots(layer).and(f.get(layer))?;
+                let (out, inp) = layer.shape(&cfg);
+                let name = layer.name();
+                Some(DevFactors {
+                    down: pl.add(format!("factors {name}.down"), &[lf.rank, inp], h),
+                    up: pl.add(format!("factors {name}.up"), &[out, lf.rank], h),
+                    rank: lf.rank,
+                })
+            })
+            .collect(),
+        _ => vec![None; Layer::all(d).count()],
+    };
+    let cache_bufs = if matches!(cache, PixArtCache::None) {
+        Vec::new()
+    } else {
+        (0..d)
+            .map(|i| {
+                let qkv = pl.add(format!("cache.{i}.qkv_y"), &[rows, n, 3 * c], h);
+                Slot::ALL.map(|s| match s {
+                    Slot::Q1Y | Slot::K1Y | Slot::V1Y => qkv,
+                    _ => pl.add(format!("cache.{i}.{s:?}"), &[rows, n, s.width(&cfg)], h),
+                })
+            })
+            .collect()
+    };
+    let lowrank = match cache {
+        PixArtCache::Icc(f) => Some(pl.add("icc low-rank", &[rows, n, f.max_rank().max(1)], h)),
+        _ => None,
+    };
+    let bufs = Buffers {
+        linears,
+        patch_w: pl.add("patch.w", &[c, pd], h),
+        patch_b: pl.add("patch.b", &[c], h),
+        pos: pl.add("pos_embed", &[n, c], h),
+        tables: pl.add("scale_shift_tables", &[modulation_width(&cfg)], Dt::F32),
+        freqs: pl.add("t_freqs", &[FREQ_DIM / 2], Dt::F32),
+        factors,
+        input: pl.add("latents (model input)", &[rows, cfg.image_elems()], Dt::F32),
+        t: pl.add("timesteps", &[rows], Dt::F32),
+        tfreq: pl.add("t_freq", &[rows, FREQ_DIM], h),
+        temb_h: pl.add("t_hidden", &[rows, c], h),
+        emb: pl.add("emb", &[rows, c], Dt::F32),
+        silu_emb: pl.add("silu_emb", &[rows, c], h),
+        tmod: pl.add("t_mod", &[rows, 6 * c], Dt::F32),
+        modv: pl.add("modulation", &[rows, modulation_width(&cfg)], h),
+        text: pl.add("caption embeddings", &[rows, l, cfg.caption_channels], h),
+        cap_h: pl.add("caption hidden", &[rows, l, c], h),
+        cap: pl.add("caption", &[rows, l, c], h),
+        mask_bias: pl.add("caption mask bias", &[rows, l], Dt::F32),
+        cross: (0..d)
+            .map(|i| {
+                [
+                    pl.add(format!("block {i} cross k"), &[rows, l, c], h),
+                    pl.add(format!("block {i} cross v"), &[rows, l, c], h),
+                ]
+            })
+            .collect(),
+        patches: pl.add("patches", &[rows, n, pd], h),
+        x: pl.add("x (residual stream)", &[rows, n, c], Dt::F32),
+        xh: pl.add("x in f16", &[rows, n, c], h),
+        h: pl.add("h", &[rows, n, c], h),
+        qkv: pl.add("qkv", &[rows, n, 3 * c], h),
+        attn: pl.add("attn", &[rows, n, c], h),
+        y: pl.add("y", &[rows, n, c], h),
+        mlp: pl.add("mlp", &[rows, n, m], h),
+        out: pl.add("final_out", &[rows, n, fin], Dt::F32),
+        image: pl.add("model output", &[rows, cfg.out_elems()], Dt::F32),
+        ones: pl.add("ones", &[rows, c], h),
+        cache: cache_bufs,
+        lowrank,
+        split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
+    };
+    pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
+    (pl, bufs)
+}

