@@ -1,8 +1,11 @@
-//! Sampling PixArt-α on the CPU: [`PixArtEngine`] stages a request (prompt and negative
+//! Sampling PixArt-α: [`PixArtEngine`] stages a request (prompt and negative
 //! embeddings, initial latents), computes the caption's cross-attention K/V once, and lets
 //! the sampling loop of [`crate::engine::run_steps`] drive its steps: the model call over
 //! [negative, positive] rows, guidance on all channels with the variance half dropped, and
-//! the DPM-Solver++ or DDIM update. Every buffer is allocated when the engine is built.
+//! the DPM-Solver++ or DDIM update. Every buffer is allocated when the engine is built. The
+//! model passes run on a [`PixArtRunner`]: the CPU backend ([`PixArtCpu`], the default) or the
+//! GPU pipeline's device ([`crate::gpu::pixart::PixArtGpu`]); the loop, guidance and the sampler
+//! update are this file's, on the host, for both.
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -131,9 +134,57 @@ pub struct PixArtRequest<'a> {
     pub first_index: u64,
 }
 
+/// What the PixArt sampling loop needs from a backend of the forward pass: the CPU's
+/// [`PixArtCpu`] or the device's [`crate::gpu::pixart::PixArtGpu`].
+pub trait PixArtRunner {
+    fn model(&self) -> &Arc<PixArtModel>;
+    /// Model rows a pass takes at most.
+    fn max_rows(&self) -> usize;
+    /// Longest caption (tokens) a request may give.
+    fn max_text_len(&self) -> usize;
+    /// Stages a request's captions (rows, L, D) and masks (rows, L) and computes what depends
+    /// on them only (the caption projection, every block's cross-attention K and V).
+    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()>;
+    /// Stages a pass's latents (rows, C, S, S) and timesteps.
+    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()>;
+    /// One forward pass of `kind` over the staged rows.
+    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()>;
+    /// The last pass's output, (rows, Cout, S, S).
+    fn output(&self, rows: usize) -> &[f32];
+    /// Rows of the last full step, whose activations the caches hold.
+    fn cached_rows(&self) -> Option<usize>;
+}
+
+impl PixArtRunner for PixArtCpu {
+    fn model(&self) -> &Arc<PixArtModel> {
+        PixArtCpu::model(self)
+    }
+    fn max_rows(&self) -> usize {
+        PixArtCpu::max_rows(self)
+    }
+    fn max_text_len(&self) -> usize {
+        PixArtCpu::max_text_len(self)
+    }
+    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
+        PixArtCpu::stage_text(self, text, mask, rows, len)
+    }
+    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
+        PixArtCpu::stage_inputs(self, x, t, rows)
+    }
+    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
+        PixArtCpu::run(self, rows, kind)
+    }
+    fn output(&self, rows: usize) -> &[f32] {
+        PixArtCpu::output(self, rows)
+    }
+    fn cached_rows(&self) -> Option<usize> {
+        PixArtCpu::cached_rows(self)
+    }
+}
+
 /// Everything but the interrupt flag: the step loop's view of a staged request.
-struct Core {
-    cpu: PixArtCpu,
+struct Core<M> {
+    runner: M,
     schedule: PixArtSchedule,
     opts: PixArtOptions,
     /// x_t, (B, C, S, S).
@@ -151,25 +202,34 @@ struct Core {
     images: usize,
 }
 
-/// A PixArt-α transformer plus a sampler on the CPU backend, ready to serve requests.
-pub struct PixArtEngine {
-    core: Core,
+/// A PixArt-α transformer plus a sampler, ready to serve requests; its passes run on `M`
+/// (the CPU backend by default).
+pub struct PixArtEngine<M: PixArtRunner = PixArtCpu> {
+    core: Core<M>,
     interrupt: Option<Arc<AtomicBool>>,
 }
 
-impl PixArtEngine {
+impl PixArtOptions {
+    /// Checks the options and builds their schedule.
+    pub fn validate(&self) -> Result<PixArtSchedule> {
+        if !(self.cfg_scale.is_finite() && self.cfg_scale >= 1.0) {
+            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", self.cfg_scale)));
+        }
+        if self.max_batch == 0 || self.max_batch > 1 << 15 {
+            return Err(Error::invalid("max batch", format!("{}: must be 1 to 32768 images", self.max_batch)));
+        }
+        let schedule = PixArtSchedule::new(self.sampler, self.steps)?;
+        if !matches!(self.cache, PixArtCache::None) {
+            self.full_steps.validate(schedule.len())?;
+        }
+        Ok(schedule)
+    }
+}
+
+impl PixArtEngine<PixArtCpu> {
+    /// An engine on the CPU backend.
     pub fn new(model: Arc<PixArtModel>, opts: &PixArtOptions) -> Result<Self> {
-        if !(opts.cfg_scale.is_finite() && opts.cfg_scale >= 1.0) {
-            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", opts.cfg_scale)));
-        }
-        if opts.max_batch == 0 || opts.max_batch > 1 << 15 {
-            return Err(Error::invalid("max batch", format!("{}: must be 1 to 32768 images", opts.max_batch)));
-        }
-        let schedule = PixArtSchedule::new(opts.sampler, opts.steps)?;
-        if !matches!(opts.cache, PixArtCache::None) {
-            opts.full_steps.validate(schedule.len())?;
-        }
-        let cfg = model.config;
+        opts.validate()?;
         let rows = opts.model_rows(opts.max_batch);
         let cpu = PixArtCpu::new(
             model,
@@ -181,11 +241,40 @@ impl PixArtEngine {
                 isa: opts.isa,
             },
         )?;
+        Self::with_runner(cpu, opts)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.core.runner.threads()
+    }
+    pub fn isa(&self) -> Isa {
+        self.core.runner.isa()
+    }
+}
+
+impl<M: PixArtRunner> PixArtEngine<M> {
+    /// An engine whose passes run on `runner`, which must take the options' rows (twice the
+    /// batch under guidance), caption length and cache policy.
+    pub fn with_runner(runner: M, opts: &PixArtOptions) -> Result<Self> {
+        let schedule = opts.validate()?;
+        let rows = opts.model_rows(opts.max_batch);
+        if runner.max_rows() < rows || runner.max_text_len() < opts.max_text_len {
+            return Err(Error::invalid(
+                "PixArt engine",
+                format!(
+                    "the backend takes {} rows of {} caption tokens; these options need {rows} rows of {}",
+                    runner.max_rows(),
+                    runner.max_text_len(),
+                    opts.max_text_len
+                ),
+            ));
+        }
+        let cfg = runner.model().config;
         let img = cfg.image_elems();
         let b = opts.max_batch;
         Ok(PixArtEngine {
             core: Core {
-                cpu,
+                runner,
                 schedule,
                 opts: opts.clone(),
                 latents: vec![0.0; b * img],
@@ -202,7 +291,7 @@ impl PixArtEngine {
     }
 
     pub fn model(&self) -> &Arc<PixArtModel> {
-        self.core.cpu.model()
+        self.core.runner.model()
     }
     pub fn options(&self) -> &PixArtOptions {
         &self.core.opts
@@ -210,11 +299,9 @@ impl PixArtEngine {
     pub fn schedule(&self) -> &PixArtSchedule {
         &self.core.schedule
     }
-    pub fn threads(&self) -> usize {
-        self.core.cpu.threads()
-    }
-    pub fn isa(&self) -> Isa {
-        self.core.cpu.isa()
+    /// The backend of the forward pass.
+    pub fn runner(&self) -> &M {
+        &self.core.runner
     }
     /// The kind of model call at sampling step `index`.
     pub fn step_kind(&self, index: usize) -> StepKind {
@@ -263,10 +350,10 @@ impl PixArtEngine {
     }
 }
 
-impl Core {
+impl<M: PixArtRunner> Core<M> {
     /// Validates and stages a request; returns its number of images.
     fn stage(&mut self, req: &PixArtRequest, out_len: usize) -> Result<usize> {
-        let cfg = self.cpu.model().config;
+        let cfg = self.runner.model().config;
         let (p, img) = (req.prompt, cfg.image_elems());
         let n = p.rows;
         if n > self.opts.max_batch {
@@ -344,13 +431,13 @@ impl Core {
                 }
             }
         }
-        self.cpu.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
+        self.runner.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
         self.images = n;
         Ok(n)
     }
 }
 
-impl StepLoop for Core {
+impl<M: PixArtRunner> StepLoop for Core<M> {
     fn steps(&self) -> usize {
         self.schedule.len()
     }
@@ -379,7 +466,7 @@ impl StepLoop for Core {
         if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {
             return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
         }
-        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cpu.cached_rows() != Some(rows) {
+        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.runner.cached_rows() != Some(rows) {
             return Err(Error::invalid(
                 "step kind",
                 format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
@@ -389,7 +476,7 @@ impl StepLoop for Core {
     }
 
     fn step(&mut self, index: usize, _k: usize, kind: StepKind) -> Result<()> {
-        let cfg = self.cpu.model().config;
+        let cfg = self.runner.model().config;
         let (n, img) = (self.images, cfg.image_elems());
         let rows = self.opts.model_rows(n);
         let guided = self.opts.guided();
@@ -399,9 +486,9 @@ impl StepLoop for Core {
         if guided {
             self.model_in.copy_within(0..n * img, n * img);
         }
-        self.cpu.stage_inputs(&self.model_in[..rows * img], &self.t[..rows], rows)?;
-        self.cpu.run(rows, kind)?;
-        let out = self.cpu.output(rows);
+        self.runner.stage_inputs(&self.model_in[..rows * img], &self.t[..rows], rows)?;
+        self.runner.run(rows, kind)?;
+        let out = self.runner.output(rows);
         // ε: the first in_channels of each image's output (the variance half dropped), mixed
         // as u + s·(c − u) under guidance (rows [negative…, positive…]).
         let (oimg, s) = (cfg.out_elems(), self.opts.cfg_scale);

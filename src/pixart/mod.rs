@@ -22,7 +22,7 @@ pub mod weights;
 
 pub use config::{is_pipeline, PixArtConfig};
 pub use cpu::{PixArtCache, PixArtCpu, PixArtCpuOptions};
-pub use engine::{Embeddings, PixArtEngine, PixArtOptions, PixArtRequest};
+pub use engine::{Embeddings, PixArtEngine, PixArtOptions, PixArtRequest, PixArtRunner};
 pub use factors::PixArtFactors;
 pub use sampler::{PixArtSampler, PixArtSchedule};
 pub use weights::{Layer, PixArtModel};

@@ -28,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::launch;
 use crate::gpu::{f16, DevSlice, DevType, Device};
+use crate::pixart::engine::PixArtRunner;
 use crate::pixart::forward::{self as pforward, modulation_width, Slot};
-use crate::pixart::{Layer, PixArtCache, PixArtModel};
+use crate::pixart::{Layer, PixArtCache, PixArtEngine, PixArtModel, PixArtOptions};
 use crate::plan::{BufId, Dt, Plan};
 use ops::Pass;
 
@@ -494,4 +495,52 @@ fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Pla
     };
     pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
     (pl, bufs)
+}
+
+impl<D: Device> PixArtRunner for PixArtGpu<D> {
+    fn model(&self) -> &Arc<PixArtModel> {
+        &self.model
+    }
+    fn max_rows(&self) -> usize {
+        self.max_rows
+    }
+    fn max_text_len(&self) -> usize {
+        self.max_text_len
+    }
+    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
+        PixArtGpu::stage_text(self, text, mask, rows, len)
+    }
+    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
+        PixArtGpu::stage_inputs(self, x, t, rows)
+    }
+    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
+        PixArtGpu::run(self, rows, kind)
+    }
+    fn output(&self, rows: usize) -> &[f32] {
+        PixArtGpu::output(self, rows)
+    }
+    fn cached_rows(&self) -> Option<usize> {
+        self.cached_rows
+    }
+}
+
+/// A PixArt-α sampler whose passes run on a device.
+pub type PixArtGpuEngine<D> = PixArtEngine<PixArtGpu<D>>;
+
+impl<D: Device> PixArtEngine<PixArtGpu<D>> {
+    /// A PixArt engine on the device `open` gives (e.g. `EmuDevice::new`), planned for the
+    /// options' batch (rows under guidance), caption length and cache policy.
+    pub fn new_gpu(
+        model: Arc<PixArtModel>,
+        opts: &PixArtOptions,
+        open: impl FnOnce(&Plan) -> Result<D>,
+    ) -> Result<Self> {
+        opts.validate()?;
+        let gpu_opts = PixArtGpuOptions {
+            max_rows: opts.model_rows(opts.max_batch),
+            max_text_len: opts.max_text_len,
+            cache: opts.cache.clone(),
+        };
+        PixArtEngine::with_runner(PixArtGpu::new(model, &gpu_opts, open)?, opts)
+    }
 }
