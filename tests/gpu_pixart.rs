@@ -307,3 +307,86 @@ fn bad_input() {
     let e = g.stage_text(text, &[2; 8], 2, 4).unwrap_err().to_string();
     assert!(e.contains("masks are 0 or 1"), "{e}");
 }
+
+fn icdit(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// `icdit forward --backend emu` writes diffusers' output within the f16 bound; `icdit sample
+/// --backend emu` the CPU backend's latents within the guided bound (DPM-Solver++, 6 steps),
+/// and `--compare none,reuse` runs on it too; `--backend cuda` without the feature says so.
+#[test]
+fn cli_backend_emu() {
+    let dir = TempDir::new("pixart-gpu-cli");
+    let out = dir.join("out.safetensors");
+    let input = fixture("pixart/forward_in.safetensors");
+    let (ok, err) =
+        icdit(&["forward", "--weights", p(&tiny()), "--input", p(&input), "--out", p(&out), "--backend", "emu"]);
+    assert!(ok && err.contains("on emu"), "{err}");
+    let got = TensorFile::open(&out).unwrap().read_f32("out").unwrap();
+    let diffusers = TensorFile::open(&fixture("pixart/forward_out.safetensors")).unwrap().read_f32("out").unwrap().1;
+    assert_close("icdit forward --backend emu vs diffusers", &got.1, &diffusers, FORWARD_TOL);
+    let (pe, ne, z) = (
+        fixture("pixart/prompt_embeds.safetensors"),
+        fixture("pixart/negative_embeds.safetensors"),
+        fixture("pixart/noise.safetensors"),
+    );
+    let mut latents = Vec::new();
+    for backend in ["emu", "cpu"] {
+        let lat = dir.join(format!("{backend}.safetensors"));
+        let (ok, err) = icdit(&[
+            "sample",
+            "--weights",
+            p(&tiny()),
+            "--prompt-embeds",
+            p(&pe),
+            "--negative-embeds",
+            p(&ne),
+            "--noise",
+            p(&z),
+            "--steps",
+            "6",
+            "--threads",
+            "2",
+            "--backend",
+            backend,
+            "--out-latents",
+            p(&lat),
+        ]);
+        assert!(ok && err.contains(&format!("on {backend}")), "{err}");
+        latents.push(TensorFile::open(&lat).unwrap().read_f32("latents").unwrap().1);
+    }
+    assert_close("icdit sample --backend emu vs cpu", &latents[0], &latents[1], GUIDED_TOL);
+    let cmp = dir.join("compare.png");
+    let (ok, err) = icdit(&[
+        "sample",
+        "--weights",
+        p(&tiny()),
+        "--prompt-embeds",
+        p(&pe),
+        "--negative-embeds",
+        p(&ne),
+        "--steps",
+        "4",
+        "--backend",
+        "emu",
+        "--compare",
+        "none,reuse",
+        "--vae",
+        p(&fixture("vae/new")),
+        "--grid",
+        p(&cmp),
+    ]);
+    assert!(ok && err.contains("reuse: relative L2 of the latents to `none`"), "{err}");
+    assert!(std::fs::read(&cmp).unwrap().starts_with(b"\x89PNG"), "{err}");
+    if !cfg!(feature = "cuda") {
+        let (ok, err) =
+            icdit(&["forward", "--weights", p(&tiny()), "--input", p(&input), "--out", p(&out), "--backend", "cuda"]);
+        assert!(!ok && err.contains("without CUDA support"), "{err}");
+    }
+}

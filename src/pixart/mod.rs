@@ -10,7 +10,9 @@
 //! - [`calibrate`]: CA-SVD factors calibrated on prompts the model samples itself.
 //! - [`sampler`]: DPM-Solver++ 2M and DDIM as diffusers computes them.
 //! - [`engine`]: the sampling backend the engine's loop drives, and the embeddings files.
+//! - [`backend`]: the engine and the forward pass on the CPU, CUDA or emulated device.
 
+pub mod backend;
 pub mod calibrate;
 pub mod config;
 pub mod cpu;

@@ -1,14 +1,13 @@
 //! The PixArt-α side of `icdit inspect`, `forward` and `sample`: taken when the weights are
-//! a PixArt-α pipeline folder (`icdit::pixart::is_pipeline`). CPU backend only for now.
+//! a PixArt-α pipeline folder (`icdit::pixart::is_pipeline`), on `--backend cpu|cuda|emu`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use icdit::pixart::{
-    Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
-    PixArtRequest, PixArtSampler,
-};
+use icdit::backend::Backend;
+use icdit::pixart::backend::{forward_on, AnyPixArtEngine};
+use icdit::pixart::{Embeddings, PixArtCache, PixArtFactors, PixArtModel, PixArtOptions, PixArtRequest, PixArtSampler};
 use icdit::tensorfile::{write_safetensors, TensorFile};
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CachePolicy, Error, FullSteps};
@@ -67,7 +66,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), Error> {
 
 /// `icdit forward` on a pipeline folder: inputs `x`, `t`, `encoder_hidden_states`,
 /// `encoder_attention_mask`; output `out`.
-pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) -> Result<(), Error> {
+pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize, backend: Backend) -> Result<(), Error> {
     let model = Arc::new(PixArtModel::load(weights)?);
     let cfg = model.config;
     let f = TensorFile::open(input)?;
@@ -103,20 +102,14 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
         return Err(bad(format!("`t` element {i} is {}; timesteps are 0 to 999", t[i])));
     }
     let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-    let mut cpu = PixArtCpu::new(
-        Arc::clone(&model),
-        &PixArtCpuOptions { max_rows: b, max_text_len: len, threads, ..Default::default() },
-    )?;
     let mut out = vec![0.0f32; b * cfg.out_elems()];
     let start = Instant::now();
-    cpu.forward(&x, &tf, &text, &mask, len, &mut out)?;
+    let on = forward_on(backend, Arc::clone(&model), &x, &tf, &text, &mask, len, threads, &mut out)?;
     let secs = start.elapsed().as_secs_f64();
     write_safetensors(out_path, &[("out", &[b, cfg.out_channels, s, s], &out)], &[], None)?;
     eprintln!(
-        "forward (PixArt-α): batch {b}, {len} text tokens, in {:.1} ms on {} threads ({}); wrote {}",
+        "forward (PixArt-α): batch {b}, {len} text tokens, in {:.1} ms on {on}; wrote {}",
         secs * 1e3,
-        cpu.threads(),
-        cpu.isa(),
         out_path.display()
     );
     Ok(())
@@ -152,12 +145,7 @@ pub struct SampleFlags<'a> {
 }
 
 pub fn sample(f: SampleFlags) -> Result<(), Error> {
-    if f.backend != "cpu" {
-        return Err(Error::invalid(
-            "--backend",
-            format!("`{}`: PixArt runs on the CPU backend only for now (use --backend cpu)", f.backend),
-        ));
-    }
+    let backend: Backend = f.backend.parse()?;
     let model = Arc::new(PixArtModel::load(f.weights)?);
     let cfg = model.config;
     // The text encoder is opened only when a prompt must be encoded (its weights stay unmapped
@@ -292,12 +280,12 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         first_index: 0,
     };
     let start = Instant::now();
-    let sample_with = |opts: &PixArtOptions| -> Result<(Vec<f32>, usize), Error> {
-        let mut engine = PixArtEngine::new(Arc::clone(&model), opts)?;
+    let sample_with = |opts: &PixArtOptions| -> Result<(Vec<f32>, String), Error> {
+        let mut engine = AnyPixArtEngine::new(Arc::clone(&model), opts, backend)?;
         engine.set_interrupt(Some(crate::interrupt::flag()));
         let mut latents = vec![0.0f32; n * cfg.image_elems()];
         engine.sample(&req, &mut latents, &mut |_| {})?;
-        Ok((latents, engine.threads()))
+        Ok((latents, engine.describe()))
     };
     if !f.compare.is_empty() {
         // One row of images per policy, in the order given; distances to `none` if it is one.
@@ -330,7 +318,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let (latents, threads) = sample_with(&opts)?;
+    let (latents, on) = sample_with(&opts)?;
     let secs = start.elapsed().as_secs_f64();
     let shape = [n, cfg.in_channels, cfg.sample_size, cfg.sample_size];
     let mut written: Vec<PathBuf> = Vec::new();
@@ -354,12 +342,11 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
-        "sample (PixArt-α): {n} image(s), {} {} steps at guidance {cfg_scale}, cache {}, in {:.2} s on {} threads; wrote {}",
+        "sample (PixArt-α): {n} image(s), {} {} steps at guidance {cfg_scale}, cache {}, in {:.2} s on {on}; wrote {}",
         opts.steps,
         sampler.name(),
         opts.cache.policy(),
         secs,
-        threads,
         names.join(", ")
     );
     Ok(())
