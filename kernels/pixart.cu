@@ -112,3 +112,32 @@ extern "C" __global__ void __launch_bounds__(256)
         out[o] = __float2half_rn(table[j] + t);
     }
 }
+
+// pixart_sampler_step_f32: guidance and one DPM-Solver++ or DDIM update of every latent value
+// (src/pixart/sampler.rs `update_coeffs`): for image k, value e of img = C·H·W,
+//   ε = u + s·(c − u) with u = out[k, e], c = out[images + k, e] (rows [negative, positive],
+//       every channel guided, the variance half after img dropped), or ε = out[k, e] unguided;
+//   x̂₀ = (x − σ·ε)/α;  x ← A·x + B·x̂₀ + C·ε + D·x̂₀_prev;  x0[k, e] = x̂₀,
+// coeffs = [α, σ, A, B, C, D] of this step (f32). x̂₀_prev (x0 before the write) is read only
+// when D ≠ 0. f32 throughout; 256 threads, grid-stride loop.
+extern "C" __global__ void __launch_bounds__(256)
+    pixart_sampler_step_f32(float* __restrict__ x, float* __restrict__ x0,
+                            const float* __restrict__ out, const float* __restrict__ coeffs,
+                            int images, int img, int out_img, int guided, float cfg_scale) {
+    const float alpha = coeffs[0], sigma = coeffs[1], A = coeffs[2], B = coeffs[3],
+                C = coeffs[4], D = coeffs[5];
+    GRID_STRIDE(i, (long long)images * img) {
+        const long long k = i / img, e = i % img;
+        float eps = out[k * out_img + e];
+        if (guided) {
+            const float c = out[(images + k) * out_img + e];
+            eps = eps + cfg_scale * (c - eps);
+        }
+        const float xv = x[i];
+        const float x0v = (xv - sigma * eps) / alpha;
+        float xn = A * xv + B * x0v + C * eps;
+        if (D != 0.f) xn += D * x0[i];
+        x0[i] = x0v;
+        x[i] = xn;
+    }
+}

@@ -128,6 +128,8 @@ kernels! {
         silu_f32_to_f16(out: DevPtr<f16>, x: DevPtr<f32>, n: i32);
         pixart_modulation_f16(out: DevPtr<f16>, tmod: DevPtr<f32>, emb: DevPtr<f32>,
             table: DevPtr<f32>, rows: i32, channels: i32, depth: i32);
+        pixart_sampler_step_f32(x: DevPtr<f32>, x0: DevPtr<f32>, out: DevPtr<f32>,
+            coeffs: DevPtr<f32>, images: i32, img: i32, out_img: i32, guided: i32, cfg_scale: f32);
     }
     "activation" => {
         gelu_f16(out: DevPtr<f16>, x: DevPtr<f16>, n: i32);

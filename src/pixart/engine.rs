@@ -153,6 +153,28 @@ pub trait PixArtRunner {
     fn output(&self, rows: usize) -> &[f32];
     /// Rows of the last full step, whose activations the caches hold.
     fn cached_rows(&self) -> Option<usize>;
+    /// A backend that keeps the latents on its device and runs guidance and the sampler update
+    /// there too (the GPU pipeline); `None`: the engine does both on the host (the CPU).
+    fn device_steps(&mut self) -> Option<&mut dyn PixArtDeviceSteps> {
+        None
+    }
+}
+
+/// The sampling steps of a backend that keeps a request's latents on its device: the same
+/// update as [`PixArtSchedule::step`], from the six numbers of
+/// [`PixArtSchedule::update_coeffs`] per step.
+pub trait PixArtDeviceSteps {
+    /// Takes every step's six numbers (steps × 6), once, when the engine is built.
+    fn set_schedule(&mut self, coeffs: &[f32]) -> Result<()>;
+    /// Takes a request's initial latents (images, C, S, S) after its caption was staged.
+    fn begin(&mut self, latents: &[f32], images: usize, guided: bool, cfg_scale: f32) -> Result<()>;
+    /// Step `index`: the model pass of `kind` at `timestep` over [negative…, positive…] rows
+    /// (guided) or the images, guidance on every channel, the update of the latents.
+    fn step(&mut self, index: usize, timestep: f32, kind: StepKind) -> Result<()>;
+    /// The current latents, (images, C, S, S).
+    fn latents(&mut self, out: &mut [f32]) -> Result<()>;
+    /// The last step's x̂₀, same layout.
+    fn denoised(&mut self, out: &mut [f32]) -> Result<()>;
 }
 
 impl PixArtRunner for PixArtCpu {
@@ -269,6 +291,11 @@ impl<M: PixArtRunner> PixArtEngine<M> {
                 ),
             ));
         }
+        let mut runner = runner;
+        if let Some(d) = runner.device_steps() {
+            let coeffs: Vec<f32> = (0..schedule.len()).flat_map(|i| schedule.update_coeffs(i)).collect();
+            d.set_schedule(&coeffs)?;
+        }
         let cfg = runner.model().config;
         let img = cfg.image_elems();
         let b = opts.max_batch;
@@ -342,6 +369,9 @@ impl<M: PixArtRunner> PixArtEngine<M> {
         let n = self.core.stage(req, out.len())?;
         let rows = self.core.opts.model_rows(n);
         run_steps(&mut self.core, n, rows, self.interrupt.as_deref(), preview, on_step)?;
+        if let Some(d) = self.core.runner.device_steps() {
+            d.latents(&mut self.core.latents[..out.len()])?;
+        }
         out.copy_from_slice(&self.core.latents[..out.len()]);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
@@ -432,6 +462,9 @@ impl<M: PixArtRunner> Core<M> {
             }
         }
         self.runner.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
+        if let Some(d) = self.runner.device_steps() {
+            d.begin(&self.latents[..n * img], n, guided, self.opts.cfg_scale)?;
+        }
         self.images = n;
         Ok(n)
     }
@@ -481,6 +514,9 @@ impl<M: PixArtRunner> StepLoop for Core<M> {
         let rows = self.opts.model_rows(n);
         let guided = self.opts.guided();
         let timestep = self.schedule.timesteps[index];
+        if let Some(d) = self.runner.device_steps() {
+            return d.step(index, timestep as f32, kind);
+        }
         self.t[..rows].fill(timestep as f32);
         self.model_in[..n * img].copy_from_slice(&self.latents[..n * img]);
         if guided {
@@ -521,6 +557,9 @@ impl<M: PixArtRunner> StepLoop for Core<M> {
     }
 
     fn denoised(&mut self, _k: usize, out: &mut [f32]) -> Result<()> {
+        if let Some(d) = self.runner.device_steps() {
+            return d.denoised(out);
+        }
         out.copy_from_slice(&self.x0[..out.len()]);
         Ok(())
     }

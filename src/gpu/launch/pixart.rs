@@ -132,3 +132,47 @@ pub fn pixart_modulation_f16<D: Device + ?Sized>(
         )
     }
 }
+
+/// Guidance and one DPM-Solver++ or DDIM update of `images` latents in place (kernels/pixart.cu):
+/// x, x0 (images, img) f32, out (rows, out_img) f32 model output (rows = 2·images guided),
+/// coeffs this step's six numbers (`PixArtSchedule::update_coeffs`).
+#[allow(clippy::too_many_arguments)]
+pub fn pixart_sampler_step_f32<D: Device + ?Sized>(
+    dev: &D,
+    x: DevSlice<f32>,
+    x0: DevSlice<f32>,
+    out: DevSlice<f32>,
+    coeffs: DevSlice<f32>,
+    images: i32,
+    img: i32,
+    out_img: i32,
+    guided: bool,
+    cfg_scale: f32,
+) -> Result<()> {
+    const K: &str = "pixart_sampler_step_f32";
+    positive(K, &[("images", images), ("img", img), ("out_img", out_img)])?;
+    if out_img < img {
+        return Err(invalid(K, format!("out_img {out_img} is less than img {img}")));
+    }
+    let elems = images as i64 * img as i64;
+    covers(K, "x", x, elems, 4)?;
+    covers(K, "x0", x0, elems, 4)?;
+    covers(K, "out", out, (1 + guided as i64) * images as i64 * out_img as i64, 4)?;
+    covers(K, "coeffs", coeffs, 6, 4)?;
+    // SAFETY: every buffer covers what the kernel reads or writes.
+    unsafe {
+        kernels::pixart_sampler_step_f32::launch(
+            dev,
+            &elementwise(elems),
+            x.ptr(),
+            x0.ptr(),
+            out.ptr(),
+            coeffs.ptr(),
+            images,
+            img,
+            out_img,
+            guided as i32,
+            cfg_scale,
+        )
+    }
+}

@@ -28,8 +28,9 @@ use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::launch;
 use crate::gpu::{f16, DevSlice, DevType, Device};
-use crate::pixart::engine::PixArtRunner;
+use crate::pixart::engine::{PixArtDeviceSteps, PixArtRunner};
 use crate::pixart::forward::{self as pforward, modulation_width, Slot};
+use crate::pixart::sampler::TRAIN_STEPS;
 use crate::pixart::{Layer, PixArtCache, PixArtEngine, PixArtModel, PixArtOptions};
 use crate::plan::{BufId, Dt, Plan};
 use ops::Pass;
@@ -106,6 +107,11 @@ struct Buffers {
     /// The two-GEMM calibrated path's rank-r intermediate.
     lowrank: Option<BufId>,
     split_ws: BufId,
+    /// Sampling on the device: the request's latents and last x̂₀ (images, C, S, S), every
+    /// step's update numbers (up to 1000 steps × 6).
+    latents: BufId,
+    x0: BufId,
+    coeffs: BufId,
 }
 
 /// A PixArt-α transformer on a device, ready to run passes.
@@ -123,6 +129,13 @@ pub struct PixArtGpu<D: Device> {
     text_host: Vec<f16>,
     bias_host: Vec<f32>,
     out_host: Vec<f32>,
+    /// Sampling on the device: steps in the uploaded schedule, the request's images, guidance,
+    /// and the host staging of a step's timesteps.
+    steps: usize,
+    images: usize,
+    guided: bool,
+    cfg_scale: f32,
+    t_host: Vec<f32>,
 }
 
 impl<D: Device> PixArtGpu<D> {
@@ -191,6 +204,11 @@ impl<D: Device> PixArtGpu<D> {
             text_host: vec![f16::ZERO; rows * l * cfg.caption_channels],
             bias_host: vec![0.0; rows * l],
             out_host: vec![0.0; rows * cfg.out_elems()],
+            steps: 0,
+            images: 0,
+            guided: false,
+            cfg_scale: 1.0,
+            t_host: vec![0.0; rows],
         };
         g.upload()?;
         g.dev.synchronize()?;
@@ -329,7 +347,7 @@ impl<D: Device> PixArtGpu<D> {
         self.dev.upload(self.slice::<f16>(tb)?.sub(0, text.len())?, &self.text_host[..text.len()])?;
         self.dev.upload(self.slice::<f32>(mb)?.sub(0, mask.len())?, &self.bias_host[..mask.len()])?;
         self.text_len = len;
-        let mut pass = Pass::new(self);
+        let mut pass = Pass::new(self, None);
         pforward::PixArtOps::encode_caption(&mut pass, rows);
         pass.finish()
     }
@@ -338,6 +356,17 @@ impl<D: Device> PixArtGpu<D> {
     /// [`stage_text`](Self::stage_text) and [`stage_inputs`](Self::stage_inputs)); the output,
     /// copied back, is [`output`](Self::output).
     pub fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
+        self.pass(rows, kind, None)?;
+        let n = rows * self.model.config.out_elems();
+        let image = self.slice::<f32>(self.bufs.image)?.sub(0, n)?;
+        self.dev.download(image, &mut self.out_host[..n])?;
+        Ok(())
+    }
+
+    /// Checks and runs the conditioning and a forward pass of `kind` on `rows` rows, their
+    /// latents the staged inputs, or the sampler's `images` latents (row r reads image
+    /// r mod images).
+    fn pass(&mut self, rows: usize, kind: StepKind, images: Option<usize>) -> Result<()> {
         if self.text_len == 0 {
             return Err(Error::invalid("caption", "no caption staged before the forward pass"));
         }
@@ -359,14 +388,11 @@ impl<D: Device> PixArtGpu<D> {
         }
         let cfg = self.model.config;
         {
-            let mut pass = Pass::new(self);
+            let mut pass = Pass::new(self, images);
             pforward::PixArtOps::conditioning(&mut pass, rows);
             pforward::forward(&mut pass, &cfg, rows, kind);
             pass.finish()?;
         }
-        let n = rows * cfg.out_elems();
-        let image = self.slice::<f32>(self.bufs.image)?.sub(0, n)?;
-        self.dev.download(image, &mut self.out_host[..n])?;
         if kind == StepKind::Full {
             self.cached_rows = Some(rows);
         }
@@ -492,6 +518,9 @@ fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Pla
         cache: cache_bufs,
         lowrank,
         split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
+        latents: pl.add("sampler latents", &[rows, cfg.image_elems()], Dt::F32),
+        x0: pl.add("sampler x̂₀", &[rows, cfg.image_elems()], Dt::F32),
+        coeffs: pl.add("sampler coefficients", &[TRAIN_STEPS, 6], Dt::F32),
     };
     pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
     (pl, bufs)
@@ -521,6 +550,75 @@ impl<D: Device> PixArtRunner for PixArtGpu<D> {
     }
     fn cached_rows(&self) -> Option<usize> {
         self.cached_rows
+    }
+    fn device_steps(&mut self) -> Option<&mut dyn PixArtDeviceSteps> {
+        Some(self)
+    }
+}
+
+impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
+    fn set_schedule(&mut self, coeffs: &[f32]) -> Result<()> {
+        let steps = coeffs.len() / 6;
+        if steps == 0 || steps > TRAIN_STEPS || coeffs.len() != steps * 6 {
+            return Err(Error::invalid(
+                "sampler coefficients",
+                format!("{} values: 6 per step, 1 to {TRAIN_STEPS} steps", coeffs.len()),
+            ));
+        }
+        self.dev.upload(self.slice::<f32>(self.bufs.coeffs)?.sub(0, coeffs.len())?, coeffs)?;
+        self.steps = steps;
+        Ok(())
+    }
+
+    fn begin(&mut self, latents: &[f32], images: usize, guided: bool, cfg_scale: f32) -> Result<()> {
+        let img = self.model.config.image_elems();
+        let rows = if guided { 2 * images } else { images };
+        if images == 0 || rows > self.max_rows || latents.len() != images * img {
+            return Err(Error::invalid(
+                "latents",
+                format!(
+                    "{} values for {images} images ({rows} rows; this engine takes {})",
+                    latents.len(),
+                    self.max_rows
+                ),
+            ));
+        }
+        self.dev.upload(self.slice::<f32>(self.bufs.latents)?.sub(0, latents.len())?, latents)?;
+        (self.images, self.guided, self.cfg_scale) = (images, guided, cfg_scale);
+        Ok(())
+    }
+
+    fn step(&mut self, index: usize, timestep: f32, kind: StepKind) -> Result<()> {
+        if index >= self.steps || self.images == 0 {
+            return Err(Error::invalid("sampling step", format!("step {index} of {} (no request begun?)", self.steps)));
+        }
+        let n = self.images;
+        let rows = if self.guided { 2 * n } else { n };
+        self.t_host[..rows].fill(timestep);
+        self.dev.upload(self.slice::<f32>(self.bufs.t)?.sub(0, rows)?, &self.t_host[..rows])?;
+        self.pass(rows, kind, Some(n))?;
+        let cfg = self.model.config;
+        let b = &self.bufs;
+        launch::pixart_sampler_step_f32(
+            &self.dev,
+            self.slice(b.latents)?,
+            self.slice(b.x0)?,
+            self.slice(b.image)?,
+            self.slice::<f32>(b.coeffs)?.sub(6 * index, 6)?,
+            n as i32,
+            cfg.image_elems() as i32,
+            cfg.out_elems() as i32,
+            self.guided,
+            self.cfg_scale,
+        )
+    }
+
+    fn latents(&mut self, out: &mut [f32]) -> Result<()> {
+        self.dev.download(self.slice::<f32>(self.bufs.latents)?.sub(0, out.len())?, out)
+    }
+
+    fn denoised(&mut self, out: &mut [f32]) -> Result<()> {
+        self.dev.download(self.slice::<f32>(self.bufs.x0)?.sub(0, out.len())?, out)
     }
 }
 

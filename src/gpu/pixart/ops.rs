@@ -24,6 +24,9 @@ struct Loc {
 
 pub(super) struct Pass<'a, D: Device> {
     g: &'a PixArtGpu<D>,
+    /// `Some(images)`: the rows embed the sampler's latents, row r image r mod images;
+    /// `None`: the staged model input, one image per row.
+    images: Option<usize>,
     err: Option<Error>,
 }
 
@@ -35,8 +38,8 @@ fn gemm_act(a: Activation) -> GemmAct {
 }
 
 impl<'a, D: Device> Pass<'a, D> {
-    pub(super) fn new(g: &'a PixArtGpu<D>) -> Self {
-        Pass { g, err: None }
+    pub(super) fn new(g: &'a PixArtGpu<D>, images: Option<usize>) -> Self {
+        Pass { g, images, err: None }
     }
 
     /// Ends the pass: the first launch error, if any.
@@ -201,12 +204,16 @@ impl<D: Device> PixArtOps for Pass<'_, D> {
         self.run(|p| {
             let cfg = p.cfg();
             let b = &p.g.bufs;
+            let (input, images) = match p.images {
+                Some(n) => (b.latents, n),
+                None => (b.input, rows),
+            };
             launch::patchify_f16(
                 &p.g.dev,
                 p.s16(b.patches)?,
-                p.s32(b.input)?,
+                p.s32(input)?,
                 rows as i32,
-                rows as i32,
+                images as i32,
                 cfg.in_channels as i32,
                 cfg.sample_size as i32,
                 cfg.patch_size as i32,
