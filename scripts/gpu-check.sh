@@ -19,7 +19,8 @@
 # batches, default 1,4,16), GPU_CHECK_FAMILY (default XL/2), GPU_CHECK_COMPILE_MODE (default
 # max-autotune), GPU_CHECK_COMPILE_TIMEOUT (default 150 s), GPU_CHECK_ENGINE_ARGS (arguments of
 # `icdit bench-gpu`, default "--batches 1,4,16 --e2e-runs 2"), GPU_CHECK_PYTORCH=0 (skip step 4),
-# GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3).
+# GPU_CHECK_NCU=0 (skip the per-kernel profile), GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3),
+# GPU_CHECK_PIXART=DIR (a PixArt-α pipeline folder on the machine: its pass times; unset, skipped).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
 set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
 cd "$(dirname "$0")/.."
@@ -321,6 +322,7 @@ step_engine() {
         show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
         show timeout -k 5 60 "$BIN/icdit" bench-gemm
+        [[ -n "${GPU_CHECK_PIXART:-}" ]] && show timeout -k 5 60 "$BIN/icdit" bench-gpu --pixart "$GPU_CHECK_PIXART" --batches 1 --iters 10
         show cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit"
         show env ICDIT_GEMM=wmma timeout -k 5 60 "$BIN/icdit" bench-gpu --batches 1 --e2e-runs 1
         show timeout -k 5 90 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0
@@ -346,6 +348,15 @@ step_engine() {
     if ((c >= 10)); then
         { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
         grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 40
+    fi
+    # PixArt-α (issue 23), only with GPU_CHECK_PIXART=DIR: a PixArt pipeline folder already on
+    # the machine (the check downloads nothing; e.g. PixArt-XL-2-256x256 carried by hand). Per-step
+    # pass times of none / reuse, prefixed `# ` after the engine's JSON line.
+    c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+    if [[ -n "${GPU_CHECK_PIXART:-}" ]] && ((c >= 10)); then
+        { echo "## icdit bench-gpu --pixart $GPU_CHECK_PIXART"
+          timeout -k 5 "$c" "$BIN/icdit" bench-gpu --pixart "$GPU_CHECK_PIXART" --batches 1 --iters 10 2>&1 | sed 's/^/# /'; } >>"$log"
+        grep -E '^# \| 1 \|' "$log" | tail -n 3
     fi
     # The Hopper GEMM (issue 26): its SASS must use the tensor memory accelerator and wgmma
     # (UTMALDG, HGMMA), its first-use check must have passed, and the same engine on the

@@ -399,6 +399,23 @@ impl<D: Device> PixArtGpu<D> {
         Ok(())
     }
 
+    /// Device time of one pass of `kind` on `rows` staged rows, in ms: the mean over `iters`
+    /// passes between two device events (a full pass first for the cached kinds; nothing is
+    /// copied back). For `icdit bench-gpu --pixart`.
+    pub fn time_pass(&mut self, rows: usize, kind: StepKind, iters: usize) -> Result<f32> {
+        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) {
+            self.pass(rows, StepKind::Full, None)?;
+        }
+        let iters = iters.max(1);
+        let start = self.dev.record_event()?;
+        for _ in 0..iters {
+            self.pass(rows, kind, None)?;
+        }
+        let end = self.dev.record_event()?;
+        self.dev.synchronize()?;
+        Ok(self.dev.elapsed_ms(&start, &end)? / iters as f32)
+    }
+
     /// The last pass's output, (rows, Cout, S, S).
     pub fn output(&self, rows: usize) -> &[f32] {
         &self.out_host[..rows * self.model.config.out_elems()]
