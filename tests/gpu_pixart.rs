@@ -215,18 +215,36 @@ fn both(opts: &PixArtOptions) -> (Vec<f32>, Vec<f32>) {
     let model = load(&tiny());
     let mut g = PixArtEngine::new_gpu(Arc::clone(&model), opts, EmuDevice::new).unwrap_or_else(|e| panic!("{e}"));
     let mut c = PixArtEngine::new(model, opts).unwrap_or_else(|e| panic!("{e}"));
-    (sample(&mut g), sample(&mut c))
+    let got = sample(&mut g);
+    // A full-size request replays one recorded step per step kind of the policy.
+    assert_eq!(g.runner().graphs(), opts.cache.policy().step_kinds().len());
+    (got, sample(&mut c))
 }
 
 /// 10 guided steps (scale 4.5, guidance on all channels, rows [negative, positive]) of
-/// DPM-Solver++ 2M and of DDIM: the device's passes in the CPU's sampling loop match the CPU
-/// backend within the guided bound (module header).
+/// DPM-Solver++ 2M and of DDIM: the device's steps (recorded graphs for full-size requests,
+/// direct launches for a smaller one) match the CPU backend within the guided bound.
 #[test]
 fn sampling_matches_cpu() {
     for sampler in [PixArtSampler::DpmSolver, PixArtSampler::Ddim] {
         let (gpu, cpu) = both(&options(sampler, 10, PixArtCache::None, 1));
         assert_close(&format!("{} 10 steps, guided: device vs CPU", sampler.name()), &gpu, &cpu, GUIDED_TOL);
     }
+    // One image on an engine built for two: direct launches instead of the recorded steps.
+    let opts = options(PixArtSampler::DpmSolver, 10, PixArtCache::None, 1);
+    let model = load(&tiny());
+    let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
+    let one =
+        Embeddings::new(pos.embeds[..pos.len * pos.dim].to_vec(), pos.mask[..pos.len].to_vec(), 1, pos.len, pos.dim)
+            .unwrap();
+    let req = PixArtRequest { prompt: &one, negative: Some(&neg), noise: None, seed: 9, first_index: 0 };
+    let n = model.config.image_elems();
+    let (mut got, mut want) = (vec![0.0; n], vec![0.0; n]);
+    let mut g = PixArtEngine::new_gpu(Arc::clone(&model), &opts, EmuDevice::new).unwrap();
+    g.sample(&req, &mut got, &mut |_| {}).unwrap();
+    assert_eq!(g.runner().graphs(), 0, "a smaller request launches directly");
+    PixArtEngine::new(model, &opts).unwrap().sample(&req, &mut want, &mut |_| {}).unwrap();
+    assert_close("dpm-solver, 1 of 2 images (direct launches): device vs CPU", &got, &want, GUIDED_TOL);
 }
 
 /// icc factors that are exact: up·down = W for every cached linear (rank 32, which the fused

@@ -4,8 +4,9 @@
 //! [negative, positive] rows, guidance on all channels with the variance half dropped, and
 //! the DPM-Solver++ or DDIM update. Every buffer is allocated when the engine is built. The
 //! model passes run on a [`PixArtRunner`]: the CPU backend ([`PixArtCpu`], the default) or the
-//! GPU pipeline's device ([`crate::gpu::pixart::PixArtGpu`]); the loop, guidance and the sampler
-//! update are this file's, on the host, for both.
+//! GPU pipeline's device ([`crate::gpu::pixart::PixArtGpu`]). The loop is this file's for both;
+//! guidance and the sampler update run here on the host for the CPU, and on the device for a
+//! backend that keeps the latents there ([`PixArtDeviceSteps`]).
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;

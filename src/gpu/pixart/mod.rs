@@ -12,8 +12,9 @@
 //! (DiT's GEMM with its fused epilogues, LayerNorm-modulate, gated residuals, the flash
 //! self-attention at head dim 72 or `attention_rows_f16` at other head dims, the masked
 //! cross-attention of kernels/pixart.cu, icc's fused low-rank kernel or its two-GEMM fallback
-//! in the direct form); unpatchify. The sampler update and guidance run on the host, on the
-//! model output copied back after each pass (direct launches, no CUDA graph yet).
+//! in the direct form); unpatchify; guidance and the DPM-Solver++/DDIM update
+//! (`PixArtDeviceSteps`: the latents stay on the device; each step uploads its timesteps and
+//! update numbers and replays the recorded graph of its step kind, for full-size requests).
 //!
 //! Precision as DiT's pipeline: weights, activations and caches f16; GEMMs and reductions
 //! accumulate in f32; the residual stream, the timestep embedding, t_mod and the output f32.
@@ -37,6 +38,8 @@ use ops::Pass;
 
 /// Elements converted to f16 per upload while the weights are staged (2 MiB).
 const STAGING: usize = 1 << 20;
+/// The sampler's numbers of a step, uploaded before it with the rows' timesteps.
+const STEP_IN: usize = 6;
 
 /// How to size a PixArt forward pass on a device.
 #[derive(Clone, Debug)]
@@ -74,7 +77,8 @@ struct Buffers {
     /// Per layer index, icc's factors of the cached linears.
     factors: Vec<Option<DevFactors>>,
     input: BufId,
-    t: BufId,
+    /// This step's six update numbers, then the timestep of every row (f32).
+    step_in: BufId,
     tfreq: BufId,
     temb_h: BufId,
     emb: BufId,
@@ -107,16 +111,19 @@ struct Buffers {
     /// The two-GEMM calibrated path's rank-r intermediate.
     lowrank: Option<BufId>,
     split_ws: BufId,
-    /// Sampling on the device: the request's latents and last x̂₀ (images, C, S, S), every
-    /// step's update numbers (up to 1000 steps × 6).
+    /// Sampling on the device: the request's latents and last x̂₀ (images, C, S, S).
     latents: BufId,
     x0: BufId,
-    coeffs: BufId,
 }
 
 /// A PixArt-α transformer on a device, ready to run passes.
 pub struct PixArtGpu<D: Device> {
     model: Arc<PixArtModel>,
+    /// One recorded sampling step per step kind of the cache policy, for full-size requests
+    /// (declared before `dev`: dropped while the device still exists), and the (caption
+    /// length, images, guided) they were recorded for.
+    graphs: Vec<(StepKind, D::Graph)>,
+    graph_key: Option<(usize, usize, bool)>,
     dev: D,
     plan: Plan,
     bufs: Buffers,
@@ -129,13 +136,13 @@ pub struct PixArtGpu<D: Device> {
     text_host: Vec<f16>,
     bias_host: Vec<f32>,
     out_host: Vec<f32>,
-    /// Sampling on the device: steps in the uploaded schedule, the request's images, guidance,
-    /// and the host staging of a step's timesteps.
-    steps: usize,
+    /// Sampling on the device: every step's six update numbers, the request's images,
+    /// guidance, and the host staging of a step's numbers and timesteps.
+    coeffs_host: Vec<f32>,
     images: usize,
     guided: bool,
     cfg_scale: f32,
-    t_host: Vec<f32>,
+    step_host: Vec<f32>,
 }
 
 impl<D: Device> PixArtGpu<D> {
@@ -193,6 +200,8 @@ impl<D: Device> PixArtGpu<D> {
         let l = opts.max_text_len;
         let mut g = PixArtGpu {
             model,
+            graphs: Vec::new(),
+            graph_key: None,
             dev,
             plan,
             bufs,
@@ -204,11 +213,11 @@ impl<D: Device> PixArtGpu<D> {
             text_host: vec![f16::ZERO; rows * l * cfg.caption_channels],
             bias_host: vec![0.0; rows * l],
             out_host: vec![0.0; rows * cfg.out_elems()],
-            steps: 0,
+            coeffs_host: Vec::new(),
             images: 0,
             guided: false,
             cfg_scale: 1.0,
-            t_host: vec![0.0; rows],
+            step_host: vec![0.0; STEP_IN + rows],
         };
         g.upload()?;
         g.dev.synchronize()?;
@@ -309,7 +318,7 @@ impl<D: Device> PixArtGpu<D> {
             ));
         }
         self.dev.upload(self.slice::<f32>(self.bufs.input)?.sub(0, x.len())?, x)?;
-        self.dev.upload(self.slice::<f32>(self.bufs.t)?.sub(0, rows)?, t)?;
+        self.dev.upload(self.slice::<f32>(self.bufs.step_in)?.sub(STEP_IN, rows)?, t)?;
         Ok(())
     }
 
@@ -367,6 +376,54 @@ impl<D: Device> PixArtGpu<D> {
     /// latents the staged inputs, or the sampler's `images` latents (row r reads image
     /// r mod images).
     fn pass(&mut self, rows: usize, kind: StepKind, images: Option<usize>) -> Result<()> {
+        self.check(rows, kind)?;
+        self.forward_launches(rows, kind, images)?;
+        if kind == StepKind::Full {
+            self.cached_rows = Some(rows);
+        }
+        Ok(())
+    }
+
+    /// The conditioning and forward pass's launches (no checks).
+    fn forward_launches(&self, rows: usize, kind: StepKind, images: Option<usize>) -> Result<()> {
+        let cfg = self.model.config;
+        let mut pass = Pass::new(self, images);
+        pforward::PixArtOps::conditioning(&mut pass, rows);
+        pforward::forward(&mut pass, &cfg, rows, kind);
+        pass.finish()
+    }
+
+    /// A sampling step's launches on the request's latents: the pass, guidance and the update
+    /// with the numbers in `step_in`.
+    fn step_launches(&self, kind: StepKind) -> Result<()> {
+        let n = self.images;
+        let rows = if self.guided { 2 * n } else { n };
+        self.forward_launches(rows, kind, Some(n))?;
+        let cfg = self.model.config;
+        let b = &self.bufs;
+        launch::pixart_sampler_step_f32(
+            &self.dev,
+            self.slice(b.latents)?,
+            self.slice(b.x0)?,
+            self.slice(b.image)?,
+            self.slice::<f32>(b.step_in)?.sub(0, STEP_IN)?,
+            n as i32,
+            cfg.image_elems() as i32,
+            cfg.out_elems() as i32,
+            self.guided,
+            self.cfg_scale,
+        )
+    }
+
+    /// Recorded graphs in use (one per step kind of the cache policy, once a full-size
+    /// request has begun).
+    pub fn graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// A pass of `kind` on `rows` rows may run: a caption staged, rows in range, the kind in
+    /// the policy, a full step on the same rows before a cached one.
+    fn check(&self, rows: usize, kind: StepKind) -> Result<()> {
         if self.text_len == 0 {
             return Err(Error::invalid("caption", "no caption staged before the forward pass"));
         }
@@ -385,16 +442,6 @@ impl<D: Device> PixArtGpu<D> {
                 "step kind",
                 format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
             ));
-        }
-        let cfg = self.model.config;
-        {
-            let mut pass = Pass::new(self, images);
-            pforward::PixArtOps::conditioning(&mut pass, rows);
-            pforward::forward(&mut pass, &cfg, rows, kind);
-            pass.finish()?;
-        }
-        if kind == StepKind::Full {
-            self.cached_rows = Some(rows);
         }
         Ok(())
     }
@@ -502,7 +549,7 @@ fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Pla
         freqs: pl.add("t_freqs", &[FREQ_DIM / 2], Dt::F32),
         factors,
         input: pl.add("latents (model input)", &[rows, cfg.image_elems()], Dt::F32),
-        t: pl.add("timesteps", &[rows], Dt::F32),
+        step_in: pl.add("step numbers and timesteps", &[STEP_IN + rows], Dt::F32),
         tfreq: pl.add("t_freq", &[rows, FREQ_DIM], h),
         temb_h: pl.add("t_hidden", &[rows, c], h),
         emb: pl.add("emb", &[rows, c], Dt::F32),
@@ -537,7 +584,6 @@ fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Pla
         split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
         latents: pl.add("sampler latents", &[rows, cfg.image_elems()], Dt::F32),
         x0: pl.add("sampler x̂₀", &[rows, cfg.image_elems()], Dt::F32),
-        coeffs: pl.add("sampler coefficients", &[TRAIN_STEPS, 6], Dt::F32),
     };
     pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
     (pl, bufs)
@@ -582,8 +628,7 @@ impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
                 format!("{} values: 6 per step, 1 to {TRAIN_STEPS} steps", coeffs.len()),
             ));
         }
-        self.dev.upload(self.slice::<f32>(self.bufs.coeffs)?.sub(0, coeffs.len())?, coeffs)?;
-        self.steps = steps;
+        self.coeffs_host = coeffs.to_vec();
         Ok(())
     }
 
@@ -602,32 +647,51 @@ impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
         }
         self.dev.upload(self.slice::<f32>(self.bufs.latents)?.sub(0, latents.len())?, latents)?;
         (self.images, self.guided, self.cfg_scale) = (images, guided, cfg_scale);
+        // Full-size requests replay one recorded step per kind; recorded again only when the
+        // caption length (or the request's shape) changes.
+        let key = (self.text_len, images, guided);
+        if rows == self.max_rows && self.graph_key != Some(key) {
+            self.graphs.clear();
+            self.graph_key = None;
+            for &kind in self.cache.policy().step_kinds() {
+                self.dev.begin_capture()?;
+                let recorded = self.step_launches(kind);
+                let graph = self.dev.end_capture();
+                recorded?;
+                self.graphs.push((kind, graph?));
+            }
+            self.graph_key = Some(key);
+        }
         Ok(())
     }
 
     fn step(&mut self, index: usize, timestep: f32, kind: StepKind) -> Result<()> {
-        if index >= self.steps || self.images == 0 {
-            return Err(Error::invalid("sampling step", format!("step {index} of {} (no request begun?)", self.steps)));
+        let steps = self.coeffs_host.len() / STEP_IN;
+        if index >= steps || self.images == 0 {
+            return Err(Error::invalid("sampling step", format!("step {index} of {steps} (no request begun?)")));
         }
         let n = self.images;
         let rows = if self.guided { 2 * n } else { n };
-        self.t_host[..rows].fill(timestep);
-        self.dev.upload(self.slice::<f32>(self.bufs.t)?.sub(0, rows)?, &self.t_host[..rows])?;
-        self.pass(rows, kind, Some(n))?;
-        let cfg = self.model.config;
-        let b = &self.bufs;
-        launch::pixart_sampler_step_f32(
-            &self.dev,
-            self.slice(b.latents)?,
-            self.slice(b.x0)?,
-            self.slice(b.image)?,
-            self.slice::<f32>(b.coeffs)?.sub(6 * index, 6)?,
-            n as i32,
-            cfg.image_elems() as i32,
-            cfg.out_elems() as i32,
-            self.guided,
-            self.cfg_scale,
-        )
+        self.check(rows, kind)?;
+        // This step's numbers and timesteps: one small upload, read by the step's launches.
+        self.step_host[..STEP_IN].copy_from_slice(&self.coeffs_host[index * STEP_IN..][..STEP_IN]);
+        self.step_host[STEP_IN..STEP_IN + rows].fill(timestep);
+        let len = STEP_IN + rows;
+        self.dev.upload(self.slice::<f32>(self.bufs.step_in)?.sub(0, len)?, &self.step_host[..len])?;
+        let graph = match self.graph_key {
+            Some((len, images, guided)) if (len, images, guided) == (self.text_len, n, self.guided) => {
+                self.graphs.iter().find(|g| g.0 == kind)
+            }
+            _ => None,
+        };
+        match graph {
+            Some((_, g)) => self.dev.launch_graph(g)?,
+            None => self.step_launches(kind)?,
+        }
+        if kind == StepKind::Full {
+            self.cached_rows = Some(rows);
+        }
+        Ok(())
     }
 
     fn latents(&mut self, out: &mut [f32]) -> Result<()> {

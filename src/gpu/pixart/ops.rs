@@ -182,7 +182,9 @@ impl<D: Device> PixArtOps for Pass<'_, D> {
         self.run(|p| {
             let cfg = p.cfg();
             let (b, dev, c) = (&p.g.bufs, &p.g.dev, cfg.hidden_size());
-            launch::timestep_freq_f16(dev, p.s16(b.tfreq)?, p.s32(b.t)?, p.s32(b.freqs)?, rows as i32)?;
+            let t = p.s32(b.step_in)?;
+            let t = t.sub(super::STEP_IN, t.len() - super::STEP_IN)?;
+            launch::timestep_freq_f16(dev, p.s16(b.tfreq)?, t, p.s32(b.freqs)?, rows as i32)?;
             p.linear_raw(Layer::Time1, b.tfreq, GemmOut::F16(p.s16(b.temb_h)?), rows, GemmAct::Silu)?;
             p.linear_raw(Layer::Time2, b.temb_h, GemmOut::F32(p.s32(b.emb)?), rows, GemmAct::None)?;
             launch::silu_f32_to_f16(dev, p.s16(b.silu_emb)?, p.s32(b.emb)?, (rows * c) as i32)?;
