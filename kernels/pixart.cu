@@ -15,13 +15,15 @@
 //                          for the final layer's 2C (table: every block's scale_shift_table,
 //                          then the final one, f32).
 //
-// attention_rows_f16: one thread per query; grid (⌈nq/64⌉, heads, rows), 64 threads. Keys
-// and values go through shared memory in tiles of 32 keys (f32, D ≤ 128: 32 KiB static); each
-// thread keeps its query and its output accumulator in f32 registers and an online softmax
-// (running max and sum, the accumulator rescaled once per tile). Scores, exponentials
-// (expf) and sums in f32; the output rounded once to f16. A row whose keys are all masked gets
-// the softmax of its biased scores like the reference (uniform weights when all biases are
-// equal). Scalar FMA work: cross-attention has ≤ 120 keys, so it is a small part of a block.
+// attention_rows_f16: 16 queries of one (row, head) per block; grid (⌈nq/16⌉, heads, rows),
+// 128 threads. The queries (f32) and the output accumulators (f32) live in shared memory, keys
+// and values go through it in tiles of 32 keys (f16, D ≤ 128; 34 KiB static in all, no
+// per-thread arrays, so nothing spills to local memory): per tile the threads compute the
+// (query, key) scores, one thread per query the online softmax (running max and sum, the
+// accumulators rescaled once per tile), then the (query, dim) accumulators. Scores,
+// exponentials (expf) and sums in f32; the output rounded once to f16. A row whose keys are
+// all masked gets the softmax of its biased scores like the reference (uniform weights when all
+// biases are equal). Scalar FMA work: cross-attention has ≤ 120 keys, a small part of a block.
 // The elementwise kernels: 256 threads, grid-stride loops.
 
 #include "device.cuh"
@@ -31,65 +33,89 @@
          i += (long long)gridDim.x * blockDim.x)
 
 namespace {
-constexpr int AR_THREADS = 64;  // queries per block
-constexpr int AR_KEYS = 32;     // keys per shared-memory tile
-constexpr int AR_MAX_D = 128;   // largest head dim
+constexpr int AR_Q = 16;         // queries per block
+constexpr int AR_KEYS = 32;      // keys per shared-memory tile
+constexpr int AR_MAX_D = 128;    // largest head dim
+constexpr int AR_THREADS = 128;  // threads per block
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(64)
+extern "C" __global__ void __launch_bounds__(128)
     attention_rows_f16(half* __restrict__ out, const half* __restrict__ q,
                        const half* __restrict__ k, const half* __restrict__ v,
                        const float* __restrict__ bias, int nq, int nk, int head_dim, int ldq,
                        int ldkv, int ldo, float scale, int has_bias) {
-    __shared__ float ks[AR_KEYS][AR_MAX_D];
-    __shared__ float vs[AR_KEYS][AR_MAX_D];
-    const int h = blockIdx.y, r = blockIdx.z;
-    const int i = blockIdx.x * AR_THREADS + threadIdx.x;
-    const bool live = i < nq;
-    const int D = head_dim;
-    float qv[AR_MAX_D], acc[AR_MAX_D];
-    const half* qrow = q + ((long long)r * nq + (live ? i : 0)) * ldq + (long long)h * D;
-    for (int d = 0; d < D; ++d) {
-        qv[d] = __half2float(qrow[d]);
-        acc[d] = 0.f;
+    __shared__ float qs[AR_Q][AR_MAX_D];
+    __shared__ half ks[AR_KEYS][AR_MAX_D];
+    __shared__ half vs[AR_KEYS][AR_MAX_D];
+    __shared__ float ps[AR_Q][AR_KEYS];
+    __shared__ float os[AR_Q][AR_MAX_D];
+    __shared__ float run_max[AR_Q], run_sum[AR_Q], rescale[AR_Q];
+    const int h = blockIdx.y, r = blockIdx.z, q0 = blockIdx.x * AR_Q;
+    const int D = head_dim, t = threadIdx.x;
+    for (int e = t; e < AR_Q * D; e += AR_THREADS) {
+        const int i = e / D, d = e % D;
+        // Rows past nq repeat the last query; they are never written out.
+        const int qi = min(q0 + i, nq - 1);
+        qs[i][d] = __half2float(q[((long long)r * nq + qi) * ldq + (long long)h * D + d]);
+        os[i][d] = 0.f;
     }
-    float m = -INFINITY, l = 0.f;
-    const half* kbase = k + (long long)r * nk * ldkv + (long long)h * D;
-    const half* vbase = v + (long long)r * nk * ldkv + (long long)h * D;
+    if (t < AR_Q) {
+        run_max[t] = -INFINITY;
+        run_sum[t] = 0.f;
+    }
     for (int j0 = 0; j0 < nk; j0 += AR_KEYS) {
         const int tile = min(AR_KEYS, nk - j0);
-        __syncthreads();  // the previous tile is no longer read
-        for (int e = threadIdx.x; e < tile * D; e += AR_THREADS) {
+        __syncthreads();  // the previous tile is no longer read (first: q, o and the runs set)
+        for (int e = t; e < tile * D; e += AR_THREADS) {
             const int j = e / D, d = e % D;
-            ks[j][d] = __half2float(kbase[(long long)(j0 + j) * ldkv + d]);
-            vs[j][d] = __half2float(vbase[(long long)(j0 + j) * ldkv + d]);
+            const long long src = ((long long)r * nk + j0 + j) * ldkv + (long long)h * D + d;
+            ks[j][d] = k[src];
+            vs[j][d] = v[src];
         }
         __syncthreads();
-        float s[AR_KEYS];
-        float tmax = -INFINITY;
-        for (int j = 0; j < tile; ++j) {
+        // Scores of the tile: (query, key) pairs over the threads.
+        for (int e = t; e < AR_Q * tile; e += AR_THREADS) {
+            const int i = e / tile, j = e % tile;
             float dot = 0.f;
-            for (int d = 0; d < D; ++d) dot += qv[d] * ks[j][d];
-            float sj = dot * scale;
-            if (has_bias) sj += bias[(long long)r * nk + j0 + j];
-            s[j] = sj;
-            tmax = fmaxf(tmax, sj);
+            for (int d = 0; d < D; ++d) dot += qs[i][d] * __half2float(ks[j][d]);
+            float sc = dot * scale;
+            if (has_bias) sc += bias[(long long)r * nk + j0 + j];
+            ps[i][j] = sc;
         }
-        const float mnew = fmaxf(m, tmax);
-        const float corr = expf(m - mnew);  // 0 on the first tile (m = −inf)
-        l *= corr;
-        for (int d = 0; d < D; ++d) acc[d] *= corr;
-        for (int j = 0; j < tile; ++j) {
-            const float p = expf(s[j] - mnew);
-            l += p;
-            for (int d = 0; d < D; ++d) acc[d] += p * vs[j][d];
+        __syncthreads();
+        // Online softmax, one thread per query: the new running max, the tile's weights.
+        if (t < AR_Q) {
+            float tmax = -INFINITY;
+            for (int j = 0; j < tile; ++j) tmax = fmaxf(tmax, ps[t][j]);
+            const float mnew = fmaxf(run_max[t], tmax);
+            const float corr = expf(run_max[t] - mnew);  // 0 on the first tile (max −inf)
+            float sum = 0.f;
+            for (int j = 0; j < tile; ++j) {
+                const float p = expf(ps[t][j] - mnew);
+                ps[t][j] = p;
+                sum += p;
+            }
+            run_sum[t] = run_sum[t] * corr + sum;
+            run_max[t] = mnew;
+            rescale[t] = corr;
         }
-        m = mnew;
+        __syncthreads();
+        // The output accumulators, (query, dim) elements over the threads (each element
+        // always the same thread's).
+        for (int e = t; e < AR_Q * D; e += AR_THREADS) {
+            const int i = e / D, d = e % D;
+            float a = os[i][d] * rescale[i];
+            for (int j = 0; j < tile; ++j) a += ps[i][j] * __half2float(vs[j][d]);
+            os[i][d] = a;
+        }
     }
-    if (!live) return;
-    const float inv = 1.f / l;
-    half* orow = out + ((long long)r * nq + i) * ldo + (long long)h * D;
-    for (int d = 0; d < D; ++d) orow[d] = __float2half_rn(acc[d] * inv);
+    __syncthreads();
+    for (int e = t; e < AR_Q * D; e += AR_THREADS) {
+        const int i = e / D, d = e % D;
+        if (q0 + i < nq)
+            out[((long long)r * nq + q0 + i) * ldo + (long long)h * D + d] =
+                __float2half_rn(os[i][d] / run_sum[i]);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(256)

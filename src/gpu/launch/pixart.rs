@@ -38,7 +38,7 @@ fn span(rows: i64, ld: i32, width: i64) -> i64 {
 }
 
 /// `out = softmax(q·kᵀ/√head_dim + bias)·v` per (row, head) (kernels/pixart.cu). Grid
-/// (⌈nq/64⌉, heads, rows), 64 threads, one query each.
+/// (⌈nq/16⌉, heads, rows), 128 threads: 16 queries per block.
 pub fn attention_rows_f16<D: Device + ?Sized>(dev: &D, a: &AttentionRows) -> Result<()> {
     const K: &str = "attention_rows_f16";
     positive(K, &[("rows", a.rows), ("nq", a.nq), ("nk", a.nk), ("heads", a.heads), ("head_dim", a.head_dim)])?;
@@ -62,8 +62,11 @@ pub fn attention_rows_f16<D: Device + ?Sized>(dev: &D, a: &AttentionRows) -> Res
     if let Some(b) = a.bias {
         covers(K, "bias", b, k_rows, 4)?;
     }
-    let cfg =
-        LaunchCfg { grid: [((a.nq + 63) / 64) as u32, a.heads as u32, a.rows as u32], block: [64, 1, 1], dyn_smem: 0 };
+    let cfg = LaunchCfg {
+        grid: [((a.nq + 15) / 16) as u32, a.heads as u32, a.rows as u32], // AR_Q = 16 queries per block
+        block: [128, 1, 1],                                               // AR_THREADS
+        dyn_smem: 0,
+    };
     let scale = 1.0 / (a.head_dim as f32).sqrt();
     // SAFETY: every operand covers the rows, strides and widths the kernel reads or writes.
     unsafe {
