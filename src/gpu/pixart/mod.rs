@@ -184,6 +184,9 @@ impl<D: Device> PixArtGpu<D> {
         if let PixArtCache::Icc(f) = &opts.cache {
             f.check(&model)?;
         }
+        // The 1024-MS model's micro-conditions (`use_additional_conditions`) are refused when its
+        // config is loaded; once the config carries them, this conditioning must refuse them too
+        // (it adds no resolution / aspect-ratio embedding).
         let (plan, bufs) = plan(&model, rows, opts.max_text_len, &opts.cache);
         if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
             return Err(Error::invalid(
