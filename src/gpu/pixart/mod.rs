@@ -16,24 +16,28 @@
 //! (`PixArtDeviceSteps`: the latents stay on the device; each step uploads its timesteps and
 //! update numbers and replays the recorded graph of its step kind, for full-size requests).
 //!
+//! Files: this one (the backend, uploads, staging, passes), `plan.rs` (the arena), `ops.rs`
+//! (`PixArtOps` as launches), `steps.rs` (sampling steps on the device, the engine on it).
+//!
 //! Precision as DiT's pipeline: weights, activations and caches f16; GEMMs and reductions
 //! accumulate in f32; the residual stream, the timestep embedding, t_mod and the output f32.
 
 mod ops;
+mod plan;
+mod steps;
+
+pub use steps::PixArtGpuEngine;
 
 use std::sync::Arc;
 
-use crate::config::FREQ_DIM;
 use crate::embed;
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::launch;
 use crate::gpu::{f16, DevSlice, DevType, Device};
-use crate::pixart::engine::{PixArtDeviceSteps, PixArtRunner};
-use crate::pixart::forward::{self as pforward, modulation_width, Slot};
-use crate::pixart::sampler::TRAIN_STEPS;
-use crate::pixart::{Layer, PixArtCache, PixArtEngine, PixArtModel, PixArtOptions};
-use crate::plan::{BufId, Dt, Plan};
+use crate::pixart::forward as pforward;
+use crate::pixart::{Layer, PixArtCache, PixArtModel};
+use crate::plan::{BufId, Plan};
 use ops::Pass;
 
 /// Elements converted to f16 per upload while the weights are staged (2 MiB).
@@ -187,7 +191,7 @@ impl<D: Device> PixArtGpu<D> {
         // The 1024-MS model's micro-conditions (`use_additional_conditions`) are refused when its
         // config is loaded; once the config carries them, this conditioning must refuse them too
         // (it adds no resolution / aspect-ratio embedding).
-        let (plan, bufs) = plan(&model, rows, opts.max_text_len, &opts.cache);
+        let (plan, bufs) = plan::plan(&model, rows, opts.max_text_len, &opts.cache);
         if let Some(big) = plan.buffers().iter().find(|b| i32::try_from(b.elems()).is_err()) {
             return Err(Error::invalid(
                 "GPU pipeline",
@@ -493,236 +497,5 @@ impl<D: Device> PixArtGpu<D> {
         }
         out.copy_from_slice(self.output(rows));
         Ok(())
-    }
-}
-
-/// The arena of a PixArt pass for `rows` model rows and captions of up to `l` tokens.
-fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCache) -> (Plan, Buffers) {
-    let cfg = model.config;
-    let (n, c, m, d) = (cfg.tokens(), cfg.hidden_size(), cfg.mlp_hidden(), cfg.depth);
-    let p = cfg.patch_size;
-    let (pd, fin) = (cfg.in_channels * p * p, p * p * cfg.out_channels);
-    let h = Dt::F16;
-    let mut pl = Plan::new(format!("PixArt GPU forward ({rows} rows, {l} text tokens)"));
-    let linears = Layer::all(d)
-        .map(|layer| {
-            let (out, inp) = layer.shape(&cfg);
-            let name = layer.name();
-            (pl.add(format!("{name}.w"), &[out, inp], h), pl.add(format!("{name}.b"), &[out], h))
-        })
-        .collect();
-    let factors = match cache {
-        PixArtCache::Icc(f) => Layer::all(d)
-            .map(|layer| {
-                let lf = pforward::slots(layer).and(f.get(layer))?;
-                let (out, inp) = layer.shape(&cfg);
-                let name = layer.name();
-                Some(DevFactors {
-                    down: pl.add(format!("factors {name}.down"), &[lf.rank, inp], h),
-                    up: pl.add(format!("factors {name}.up"), &[out, lf.rank], h),
-                    rank: lf.rank,
-                })
-            })
-            .collect(),
-        _ => vec![None; Layer::all(d).count()],
-    };
-    let cache_bufs = if matches!(cache, PixArtCache::None) {
-        Vec::new()
-    } else {
-        (0..d)
-            .map(|i| {
-                let qkv = pl.add(format!("cache.{i}.qkv_y"), &[rows, n, 3 * c], h);
-                Slot::ALL.map(|s| match s {
-                    Slot::Q1Y | Slot::K1Y | Slot::V1Y => qkv,
-                    _ => pl.add(format!("cache.{i}.{s:?}"), &[rows, n, s.width(&cfg)], h),
-                })
-            })
-            .collect()
-    };
-    let lowrank = match cache {
-        PixArtCache::Icc(f) => Some(pl.add("icc low-rank", &[rows, n, f.max_rank().max(1)], h)),
-        _ => None,
-    };
-    let bufs = Buffers {
-        linears,
-        patch_w: pl.add("patch.w", &[c, pd], h),
-        patch_b: pl.add("patch.b", &[c], h),
-        pos: pl.add("pos_embed", &[n, c], h),
-        tables: pl.add("scale_shift_tables", &[modulation_width(&cfg)], Dt::F32),
-        freqs: pl.add("t_freqs", &[FREQ_DIM / 2], Dt::F32),
-        factors,
-        input: pl.add("latents (model input)", &[rows, cfg.image_elems()], Dt::F32),
-        step_in: pl.add("step numbers and timesteps", &[STEP_IN + rows], Dt::F32),
-        tfreq: pl.add("t_freq", &[rows, FREQ_DIM], h),
-        temb_h: pl.add("t_hidden", &[rows, c], h),
-        emb: pl.add("emb", &[rows, c], Dt::F32),
-        silu_emb: pl.add("silu_emb", &[rows, c], h),
-        tmod: pl.add("t_mod", &[rows, 6 * c], Dt::F32),
-        modv: pl.add("modulation", &[rows, modulation_width(&cfg)], h),
-        text: pl.add("caption embeddings", &[rows, l, cfg.caption_channels], h),
-        cap_h: pl.add("caption hidden", &[rows, l, c], h),
-        cap: pl.add("caption", &[rows, l, c], h),
-        mask_bias: pl.add("caption mask bias", &[rows, l], Dt::F32),
-        cross: (0..d)
-            .map(|i| {
-                [
-                    pl.add(format!("block {i} cross k"), &[rows, l, c], h),
-                    pl.add(format!("block {i} cross v"), &[rows, l, c], h),
-                ]
-            })
-            .collect(),
-        patches: pl.add("patches", &[rows, n, pd], h),
-        x: pl.add("x (residual stream)", &[rows, n, c], Dt::F32),
-        xh: pl.add("x in f16", &[rows, n, c], h),
-        h: pl.add("h", &[rows, n, c], h),
-        qkv: pl.add("qkv", &[rows, n, 3 * c], h),
-        attn: pl.add("attn", &[rows, n, c], h),
-        y: pl.add("y", &[rows, n, c], h),
-        mlp: pl.add("mlp", &[rows, n, m], h),
-        out: pl.add("final_out", &[rows, n, fin], Dt::F32),
-        image: pl.add("model output", &[rows, cfg.out_elems()], Dt::F32),
-        ones: pl.add("ones", &[rows, c], h),
-        cache: cache_bufs,
-        lowrank,
-        split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
-        latents: pl.add("sampler latents", &[rows, cfg.image_elems()], Dt::F32),
-        x0: pl.add("sampler x̂₀", &[rows, cfg.image_elems()], Dt::F32),
-    };
-    pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
-    (pl, bufs)
-}
-
-impl<D: Device> PixArtRunner for PixArtGpu<D> {
-    fn model(&self) -> &Arc<PixArtModel> {
-        &self.model
-    }
-    fn max_rows(&self) -> usize {
-        self.max_rows
-    }
-    fn max_text_len(&self) -> usize {
-        self.max_text_len
-    }
-    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
-        PixArtGpu::stage_text(self, text, mask, rows, len)
-    }
-    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
-        PixArtGpu::stage_inputs(self, x, t, rows)
-    }
-    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
-        PixArtGpu::run(self, rows, kind)
-    }
-    fn output(&self, rows: usize) -> &[f32] {
-        PixArtGpu::output(self, rows)
-    }
-    fn cached_rows(&self) -> Option<usize> {
-        self.cached_rows
-    }
-    fn device_steps(&mut self) -> Option<&mut dyn PixArtDeviceSteps> {
-        Some(self)
-    }
-}
-
-impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
-    fn set_schedule(&mut self, coeffs: &[f32]) -> Result<()> {
-        let steps = coeffs.len() / 6;
-        if steps == 0 || steps > TRAIN_STEPS || coeffs.len() != steps * 6 {
-            return Err(Error::invalid(
-                "sampler coefficients",
-                format!("{} values: 6 per step, 1 to {TRAIN_STEPS} steps", coeffs.len()),
-            ));
-        }
-        self.coeffs_host = coeffs.to_vec();
-        Ok(())
-    }
-
-    fn begin(&mut self, latents: &[f32], images: usize, guided: bool, cfg_scale: f32) -> Result<()> {
-        let img = self.model.config.image_elems();
-        let rows = if guided { 2 * images } else { images };
-        if images == 0 || rows > self.max_rows || latents.len() != images * img {
-            return Err(Error::invalid(
-                "latents",
-                format!(
-                    "{} values for {images} images ({rows} rows; this engine takes {})",
-                    latents.len(),
-                    self.max_rows
-                ),
-            ));
-        }
-        self.dev.upload(self.slice::<f32>(self.bufs.latents)?.sub(0, latents.len())?, latents)?;
-        (self.images, self.guided, self.cfg_scale) = (images, guided, cfg_scale);
-        // Full-size requests replay one recorded step per kind; recorded again only when the
-        // caption length (or the request's shape) changes.
-        let key = (self.text_len, images, guided);
-        if rows == self.max_rows && self.graph_key != Some(key) {
-            self.graphs.clear();
-            self.graph_key = None;
-            for &kind in self.cache.policy().step_kinds() {
-                self.dev.begin_capture()?;
-                let recorded = self.step_launches(kind);
-                let graph = self.dev.end_capture();
-                recorded?;
-                self.graphs.push((kind, graph?));
-            }
-            self.graph_key = Some(key);
-        }
-        Ok(())
-    }
-
-    fn step(&mut self, index: usize, timestep: f32, kind: StepKind) -> Result<()> {
-        let steps = self.coeffs_host.len() / STEP_IN;
-        if index >= steps || self.images == 0 {
-            return Err(Error::invalid("sampling step", format!("step {index} of {steps} (no request begun?)")));
-        }
-        let n = self.images;
-        let rows = if self.guided { 2 * n } else { n };
-        self.check(rows, kind)?;
-        // This step's numbers and timesteps: one small upload, read by the step's launches.
-        self.step_host[..STEP_IN].copy_from_slice(&self.coeffs_host[index * STEP_IN..][..STEP_IN]);
-        self.step_host[STEP_IN..STEP_IN + rows].fill(timestep);
-        let len = STEP_IN + rows;
-        self.dev.upload(self.slice::<f32>(self.bufs.step_in)?.sub(0, len)?, &self.step_host[..len])?;
-        let graph = match self.graph_key {
-            Some((len, images, guided)) if (len, images, guided) == (self.text_len, n, self.guided) => {
-                self.graphs.iter().find(|g| g.0 == kind)
-            }
-            _ => None,
-        };
-        match graph {
-            Some((_, g)) => self.dev.launch_graph(g)?,
-            None => self.step_launches(kind)?,
-        }
-        if kind == StepKind::Full {
-            self.cached_rows = Some(rows);
-        }
-        Ok(())
-    }
-
-    fn latents(&mut self, out: &mut [f32]) -> Result<()> {
-        self.dev.download(self.slice::<f32>(self.bufs.latents)?.sub(0, out.len())?, out)
-    }
-
-    fn denoised(&mut self, out: &mut [f32]) -> Result<()> {
-        self.dev.download(self.slice::<f32>(self.bufs.x0)?.sub(0, out.len())?, out)
-    }
-}
-
-/// A PixArt-α sampler whose passes run on a device.
-pub type PixArtGpuEngine<D> = PixArtEngine<PixArtGpu<D>>;
-
-impl<D: Device> PixArtEngine<PixArtGpu<D>> {
-    /// A PixArt engine on the device `open` gives (e.g. `EmuDevice::new`), planned for the
-    /// options' batch (rows under guidance), caption length and cache policy.
-    pub fn new_gpu(
-        model: Arc<PixArtModel>,
-        opts: &PixArtOptions,
-        open: impl FnOnce(&Plan) -> Result<D>,
-    ) -> Result<Self> {
-        opts.validate()?;
-        let gpu_opts = PixArtGpuOptions {
-            max_rows: opts.model_rows(opts.max_batch),
-            max_text_len: opts.max_text_len,
-            cache: opts.cache.clone(),
-        };
-        PixArtEngine::with_runner(PixArtGpu::new(model, &gpu_opts, open)?, opts)
     }
 }
