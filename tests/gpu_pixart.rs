@@ -304,7 +304,8 @@ fn caching_matches_cpu() {
 }
 
 /// Bad input gives errors naming what is wrong: a caption longer than the engine was planned
-/// for, a calibrated step without a full step before it, a step kind outside the policy.
+/// for, a calibrated step without a full step before it, a step kind outside the policy, a
+/// mask value that is not 0 or 1, latents whose model output overflows.
 #[test]
 fn bad_input() {
     let model = load(&tiny());
@@ -324,6 +325,16 @@ fn bad_input() {
     assert!(e.contains("under cache policy reuse"), "{e}");
     let e = g.stage_text(text, &[2; 8], 2, 4).unwrap_err().to_string();
     assert!(e.contains("masks are 0 or 1"), "{e}");
+    // Latents that overflow f16 make the first step's model output non-finite: the request
+    // fails naming step 0, found by the device's check (one compare per value, read once).
+    let opts = options(PixArtSampler::Ddim, 3, PixArtCache::None, 1);
+    let mut e = PixArtEngine::new_gpu(Arc::clone(&model), &opts, EmuDevice::new).unwrap();
+    let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
+    let z = vec![1e30f32; 2 * model.config.image_elems()];
+    let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: Some(&z), seed: 0, first_index: 0 };
+    let mut out = vec![0.0; z.len()];
+    let err = e.sample(&req, &mut out, &mut |_| {}).unwrap_err().to_string();
+    assert!(err.contains("sampling step 0 of 3") && err.contains("the model output on the device"), "{err}");
 }
 
 fn icdit(args: &[&str]) -> (bool, String) {

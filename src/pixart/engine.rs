@@ -176,6 +176,9 @@ pub trait PixArtDeviceSteps {
     fn latents(&mut self, out: &mut [f32]) -> Result<()>;
     /// The last step's x̂₀, same layout.
     fn denoised(&mut self, out: &mut [f32]) -> Result<()>;
+    /// After a request's steps: the first step whose model output (or updated latents) held a
+    /// NaN or ±Inf, and which of the two.
+    fn first_non_finite(&mut self) -> Result<Option<(usize, &'static str)>>;
 }
 
 impl PixArtRunner for PixArtCpu {
@@ -372,6 +375,16 @@ impl<M: PixArtRunner> PixArtEngine<M> {
         run_steps(&mut self.core, n, rows, self.interrupt.as_deref(), preview, on_step)?;
         if let Some(d) = self.core.runner.device_steps() {
             d.latents(&mut self.core.latents[..out.len()])?;
+            if let Some((step, what)) = d.first_non_finite()? {
+                let s = &self.core.schedule;
+                return Err(Error::NonFinite {
+                    step,
+                    steps: s.len(),
+                    timestep: s.timesteps[step.min(s.len() - 1)],
+                    location: format!("{what} on the device"),
+                    cause: String::from(": the weights, the embeddings or the latents overflow"),
+                });
+            }
         }
         out.copy_from_slice(&self.core.latents[..out.len()]);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {

@@ -44,6 +44,9 @@ use ops::Pass;
 const STAGING: usize = 1 << 20;
 /// The sampler's numbers of a step, uploaded before it with the rows' timesteps.
 const STEP_IN: usize = 6;
+/// Request state slots of the first step whose model output / updated latents were not finite.
+const BAD_OUTPUT: i32 = 1;
+const BAD_LATENTS: i32 = 2;
 
 /// How to size a PixArt forward pass on a device.
 #[derive(Clone, Debug)]
@@ -115,9 +118,12 @@ struct Buffers {
     /// The two-GEMM calibrated path's rank-r intermediate.
     lowrank: Option<BufId>,
     split_ws: BufId,
-    /// Sampling on the device: the request's latents and last x̂₀ (images, C, S, S).
+    /// Sampling on the device: the request's latents and last x̂₀ (images, C, S, S), and the
+    /// request state (i32: the step, the first step whose model output or latents were not
+    /// finite, −1 while none).
     latents: BufId,
     x0: BufId,
+    state: BufId,
 }
 
 /// A PixArt-α transformer on a device, ready to run passes.
@@ -408,6 +414,9 @@ impl<D: Device> PixArtGpu<D> {
         self.forward_launches(rows, kind, Some(n))?;
         let cfg = self.model.config;
         let b = &self.bufs;
+        let state = self.slice::<i32>(b.state)?;
+        let out_len = (rows * cfg.out_elems()) as i32;
+        launch::check_finite_f32(&self.dev, self.slice(b.image)?, out_len, state, BAD_OUTPUT)?;
         launch::pixart_sampler_step_f32(
             &self.dev,
             self.slice(b.latents)?,
@@ -419,7 +428,15 @@ impl<D: Device> PixArtGpu<D> {
             cfg.out_elems() as i32,
             self.guided,
             self.cfg_scale,
-        )
+        )?;
+        launch::check_finite_f32(
+            &self.dev,
+            self.slice(b.latents)?,
+            (n * cfg.image_elems()) as i32,
+            state,
+            BAD_LATENTS,
+        )?;
+        launch::step_advance(&self.dev, state)
     }
 
     /// Recorded graphs in use (one per step kind of the cache policy, once a full-size

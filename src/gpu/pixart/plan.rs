@@ -100,6 +100,7 @@ pub(super) fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCac
         split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),
         latents: pl.add("sampler latents", &[rows, cfg.image_elems()], Dt::F32),
         x0: pl.add("sampler x̂₀", &[rows, cfg.image_elems()], Dt::F32),
+        state: pl.add("request state", &[3], Dt::I32),
     };
     pl.outside("weights, memory-mapped file(s) on the host", model.file_bytes());
     (pl, bufs)

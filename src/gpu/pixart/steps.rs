@@ -70,6 +70,7 @@ impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
             ));
         }
         self.dev.upload(self.slice::<f32>(self.bufs.latents)?.sub(0, latents.len())?, latents)?;
+        self.dev.upload(self.slice::<i32>(self.bufs.state)?, &[0, -1, -1])?;
         (self.images, self.guided, self.cfg_scale) = (images, guided, cfg_scale);
         // Full-size requests replay one recorded step per kind; recorded again only when the
         // caption length (or the request's shape) changes.
@@ -120,6 +121,16 @@ impl<D: Device> PixArtDeviceSteps for PixArtGpu<D> {
 
     fn latents(&mut self, out: &mut [f32]) -> Result<()> {
         self.dev.download(self.slice::<f32>(self.bufs.latents)?.sub(0, out.len())?, out)
+    }
+
+    fn first_non_finite(&mut self) -> Result<Option<(usize, &'static str)>> {
+        let mut state = [0i32; 3];
+        self.dev.download(self.slice::<i32>(self.bufs.state)?, &mut state)?;
+        Ok(match state {
+            [_, s, _] if s >= 0 => Some((s as usize, "the model output")),
+            [_, _, s] if s >= 0 => Some((s as usize, "the latents after the sampler update")),
+            _ => None,
+        })
     }
 
     fn denoised(&mut self, out: &mut [f32]) -> Result<()> {
