@@ -475,3 +475,64 @@ fn device_sampler_matches_host_update() {
     .unwrap();
     assert_eq!((k, previews.last().unwrap()), (4, &out_g), "the last preview is the device's result");
 }
+
+/// A one-block PixArt pipeline with DiT-XL/2's head dim (72, 2 heads: C = 144) and seeded
+/// random weights (uniform, scaled 1/√fan-in), written next to the tiny pipeline's configs.
+fn head72_pipeline(dir: &Path) -> PathBuf {
+    let root = dir.join("pipe72");
+    std::fs::create_dir_all(root.join("transformer")).unwrap();
+    std::fs::create_dir_all(root.join("scheduler")).unwrap();
+    for f in ["model_index.json", "scheduler/scheduler_config.json"] {
+        std::fs::copy(tiny().join(f), root.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny().join("transformer/config.json")).unwrap()).unwrap();
+    cfg["attention_head_dim"] = 72.into();
+    cfg["num_layers"] = 1.into();
+    cfg["cross_attention_dim"] = 144.into();
+    std::fs::write(root.join("transformer/config.json"), cfg.to_string()).unwrap();
+    let cfg = icdit::pixart::PixArtConfig::load(&root).unwrap();
+    let c = cfg.hidden_size();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, scale: f32| {
+        let seed = tensors.len() as u64 + 2;
+        let v = values(shape.iter().product(), seed, scale).iter().map(|h| h.to_f32()).collect();
+        tensors.push((name, shape, v));
+    };
+    add("pos_embed.proj.weight".into(), vec![c, cfg.in_channels, cfg.patch_size, cfg.patch_size], 0.5);
+    add("pos_embed.proj.bias".into(), vec![c], 0.1);
+    add("transformer_blocks.0.scale_shift_table".into(), vec![6, c], 0.3);
+    add("scale_shift_table".into(), vec![2, c], 0.3);
+    for layer in icdit::pixart::Layer::all(cfg.depth) {
+        let (out, inp) = layer.shape(&cfg);
+        add(format!("{}.weight", layer.name()), vec![out, inp], 1.0 / (inp as f32).sqrt());
+        add(format!("{}.bias", layer.name()), vec![out], 0.1);
+    }
+    let views: Vec<(&str, &[usize], &[f32])> =
+        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
+    write_safetensors(&root.join("transformer/diffusion_pytorch_model.safetensors"), &views, &[], None).unwrap();
+    root
+}
+
+/// At head dim 72 (PixArt-α-XL/2's) self-attention runs on DiT's flash kernel: one forward
+/// pass of a random one-block model with the fixture's inputs against the CPU backend, the f16
+/// bound 2e-3 (measured 2.8e-4).
+#[test]
+fn head_dim_72_forward_matches_cpu() {
+    let dir = TempDir::new("pixart-head72");
+    let model = load(&head72_pipeline(&dir));
+    assert_eq!((model.config.head_dim, model.config.hidden_size()), (72, 144));
+    let inp = forward_in();
+    let rows = inp.t.len();
+    let n = rows * model.config.out_elems();
+    let mut cpu = PixArtCpu::new(
+        Arc::clone(&model),
+        &PixArtCpuOptions { max_rows: rows, max_text_len: inp.len, threads: 2, ..Default::default() },
+    )
+    .unwrap();
+    let (mut want, mut got) = (vec![0.0; n], vec![0.0; n]);
+    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut want).unwrap();
+    let mut g = gpu(&model, rows, inp.len, PixArtCache::None);
+    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut got).unwrap_or_else(|e| panic!("{e}"));
+    assert_close("head dim 72 forward: device vs CPU", &got, &want, FORWARD_TOL);
+}
