@@ -25,7 +25,9 @@
 # GPU_CHECK_DRY_RUN=1 (list only), PYTHON (default python3); step 4b: GPU_CHECK_PIXART=0 (skip it),
 # GPU_CHECK_PIXART_BUDGET (its seconds, default 90, added to the default budget),
 # GPU_CHECK_PIXART_SIZES (default 256,512), GPU_CHECK_PIXART_BATCHES (default 1),
-# GPU_CHECK_PIXART_COMPILE_MODE (default "default": max-autotune's compile does not fit its budget).
+# GPU_CHECK_PIXART_COMPILE_MODE (default "default": max-autotune's compile does not fit its budget);
+# GPU_CHECK_PIXART_DIR=DIR (a PixArt-α pipeline folder on the machine: step 3 times its passes
+# with `bench-gpu --pixart`; unset: a random-weight PixArt-XL-2-256 folder is made with torch).
 # Exit status: 0 when every step passed (or in a dry run), 1 otherwise.
 set -uo pipefail  # not -e: a failing step is recorded and the next one still runs
 cd "$(dirname "$0")/.."
@@ -332,6 +334,12 @@ step_engine() {
         show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
         show timeout -k 5 60 "$BIN/icdit" bench-gemm
+        if [[ -n "${GPU_CHECK_PIXART_DIR:-}" ]]; then
+            show timeout -k 5 60 "$BIN/icdit" bench-gpu --pixart "$GPU_CHECK_PIXART_DIR" --batches 1 --iters 10
+        else
+            show timeout -k 5 60 "$PY" tools/make_random_pixart.py --sample-size 32 --out "$OUT_DIR/pixart-256" --factors "$OUT_DIR/pixart-256-r128.safetensors" --rank 128
+            show timeout -k 5 60 "$BIN/icdit" bench-gpu --pixart "$OUT_DIR/pixart-256" --pixart-factors "$OUT_DIR/pixart-256-r128.safetensors" --batches 1 --iters 10
+        fi
         show cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit"
         show env ICDIT_GEMM=wmma timeout -k 5 60 "$BIN/icdit" bench-gpu --batches 1 --e2e-runs 1
         show timeout -k 5 90 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0
@@ -357,6 +365,31 @@ step_engine() {
     if ((c >= 10)); then
         { echo "## icdit bench-gemm"; timeout -k 5 "$c" "$BIN/icdit" bench-gemm 2>&1 | sed 's/^/# /'; } >>"$log"
         grep -E '^# \| (qkv|proj|fc1|fc2|icc|attention)' "$log" | grep -E '\| auto \|' | head -n 60
+    fi
+    # PixArt-α (issue 23): per-step pass times of none / reuse / icc (bench-gpu --pixart), prefixed
+    # `# ` after the engine's JSON line, on GPU_CHECK_PIXART_DIR (a pipeline folder already on the
+    # machine; the check downloads nothing) or else on a random-weight PixArt-XL-2-256x256 folder
+    # with random rank-128 factors made here with torch (tools/make_random_pixart.py; removed after).
+    c=$(cap 90 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+    if ((c >= 30)); then
+        local pdir="${GPU_CHECK_PIXART_DIR:-}" pfac=() made=""
+        if [[ -z "$pdir" ]]; then
+            pdir="$OUT_DIR/pixart-256"
+            made="$pdir $OUT_DIR/pixart-256-r128.safetensors"
+            timeout -k 5 60 "$PY" tools/make_random_pixart.py --sample-size 32 --out "$pdir" \
+                --factors "$OUT_DIR/pixart-256-r128.safetensors" --rank 128 >>"$log" 2>&1 || pdir=""
+            [[ -n "$pdir" ]] && pfac=(--pixart-factors "$OUT_DIR/pixart-256-r128.safetensors")
+        fi
+        c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
+        if [[ -n "$pdir" ]] && ((c >= 10)); then
+            { echo "## icdit bench-gpu --pixart $pdir ${pfac[*]}"
+              timeout -k 5 "$c" "$BIN/icdit" bench-gpu --pixart "$pdir" "${pfac[@]}" --batches 1 --iters 10 2>&1 | sed 's/^/# /'; } >>"$log"
+            grep -E '^# \| 1 \|' "$log" | tail -n 4
+        else
+            echo "## PixArt-α pass times: no pipeline folder (tools/make_random_pixart.py failed, or no time left)" >>"$log"
+        fi
+        # shellcheck disable=SC2086
+        [[ -n "$made" ]] && rm -rf $made
     fi
     # The Hopper GEMM (issue 26): its SASS must use the tensor memory accelerator and wgmma
     # (UTMALDG, HGMMA), its first-use check must have passed, and the same engine on the

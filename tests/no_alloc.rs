@@ -1,5 +1,5 @@
 //! Proves the CPU forward pass, the sampling engine, the VAE decoder, the GPU pipeline
-//! (on the emulated device) and PixArt-α's CPU sampling allocate nothing
+//! (on the emulated device) and PixArt-α's sampling (CPU and emulated device) allocate nothing
 //! after set-up: a
 //! counting global allocator sees every heap allocation on every thread (the worker pools
 //! included).
@@ -50,9 +50,12 @@ fn nothing_allocates_after_set_up() {
 }
 
 /// PixArt-α's sampling (tests/fixtures/pixart/tiny): DPM-Solver++ and DDIM under guidance,
-/// without caching, with reuse and with icc (rank-1 factors), after the first request; and
-/// the micro-conditioned model (tests/fixtures/pixart_ms/tiny_ms) on a non-square latent.
+/// without caching, with reuse and with icc (rank-1 factors), after the first request, on the
+/// CPU backend and on the emulated device (`--backend emu`); and the micro-conditioned model
+/// (tests/fixtures/pixart_ms/tiny_ms) on a non-square latent (CPU).
 fn pixart_sampling_allocates_nothing() {
+    use icdit::backend::Backend;
+    use icdit::pixart::backend::AnyPixArtEngine;
     use icdit::pixart::{
         Embeddings, PixArtCache, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions, PixArtRequest, PixArtSampler,
     };
@@ -73,15 +76,17 @@ fn pixart_sampling_allocates_nothing() {
     let factors = Arc::new(PixArtFactors::load(&path, &model).unwrap());
     let load = |name: &str| Embeddings::load(&common::fixture(&format!("pixart/{name}.safetensors"))).unwrap();
     let (pos, neg) = (load("prompt_embeds"), load("negative_embeds"));
-    for (sampler, cache) in [
-        (PixArtSampler::DpmSolver, PixArtCache::None),
-        (PixArtSampler::Ddim, PixArtCache::Reuse),
-        (PixArtSampler::DpmSolver, PixArtCache::Icc(factors)),
-    ] {
+    for (backend, sampler, cache) in [Backend::Cpu, Backend::Emu].into_iter().flat_map(|b| {
+        [
+            (b, PixArtSampler::DpmSolver, PixArtCache::None),
+            (b, PixArtSampler::Ddim, PixArtCache::Reuse),
+            (b, PixArtSampler::DpmSolver, PixArtCache::Icc(Arc::clone(&factors))),
+        ]
+    }) {
         let policy = cache.policy();
         let opts =
             PixArtOptions { max_batch: 2, max_text_len: 6, sampler, steps: 5, threads: 2, cache, ..Default::default() };
-        let mut e = PixArtEngine::new(Arc::clone(&model), &opts).unwrap();
+        let mut e = AnyPixArtEngine::new(Arc::clone(&model), &opts, backend).unwrap();
         let mut out = vec![0.0f32; 2 * model.config.image_elems()];
         let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };
         e.sample(&req, &mut out, &mut |_| {}).unwrap();
@@ -89,8 +94,9 @@ fn pixart_sampling_allocates_nothing() {
         e.sample(&req, &mut out, &mut |_| {}).unwrap();
         e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
         let during = ALLOCS.load(Ordering::SeqCst) - before;
-        println!("PixArt {} / {policy}: {during} allocations in 2 requests", sampler.name());
-        assert_eq!(during, 0, "PixArt sampling ({}, {policy}) allocated {during} times", sampler.name());
+        let (on, name) = (backend.name(), sampler.name());
+        println!("PixArt on {on}, {name} / {policy}: {during} allocations in 2 requests");
+        assert_eq!(during, 0, "PixArt sampling on {on} ({name}, {policy}) allocated {during} times");
         assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
     }
     // The 1024-MS path: micro-conditions staged per request, a non-square (12×8) latent.

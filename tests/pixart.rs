@@ -404,7 +404,7 @@ fn errors() {
     std::fs::write(pipe.join("scheduler/scheduler_config.json"), sched).unwrap();
     let e = err(PixArtModel::load(&pipe));
     assert!(e.contains("solver_order is 3"), "{e}");
-    // CLI: another backend, missing negative embeddings, embeddings of the wrong width.
+    // CLI: an unknown backend, missing negative embeddings, embeddings of the wrong width.
     let pe = fixture("pixart/prompt_embeds.safetensors");
     let lat = dir.join("l.safetensors");
     let (ok, e) = icdit(&[
@@ -414,11 +414,11 @@ fn errors() {
         "--prompt-embeds",
         p(&pe),
         "--backend",
-        "emu",
+        "gpu",
         "--out-latents",
         p(&lat),
     ]);
-    assert!(!ok && e.contains("PixArt runs on the CPU backend only for now"), "{e}");
+    assert!(!ok && e.contains("expected cpu, cuda or emu"), "{e}");
     let (ok, e) = icdit(&["sample", "--weights", p(&tiny()), "--prompt-embeds", p(&pe), "--out-latents", p(&lat)]);
     assert!(!ok && e.contains("--negative-embeds") && e.contains("no text_encoder/"), "{e}");
     let narrow = dir.join("narrow.safetensors");

@@ -123,6 +123,16 @@ kernels! {
             steps: i32);
         step_advance(state: DevPtr<i32>);
     }
+    "pixart" => {
+        attention_rows_f16(out: DevPtr<f16>, q: DevPtr<f16>, k: DevPtr<f16>, v: DevPtr<f16>,
+            bias: DevPtr<f32>, nq: i32, nk: i32, head_dim: i32, ldq: i32, ldkv: i32, ldo: i32,
+            scale: f32, has_bias: i32);
+        silu_f32_to_f16(out: DevPtr<f16>, x: DevPtr<f32>, n: i32);
+        pixart_modulation_f16(out: DevPtr<f16>, tmod: DevPtr<f32>, emb: DevPtr<f32>,
+            table: DevPtr<f32>, rows: i32, channels: i32, depth: i32);
+        pixart_sampler_step_f32(x: DevPtr<f32>, x0: DevPtr<f32>, out: DevPtr<f32>,
+            coeffs: DevPtr<f32>, images: i32, img: i32, out_img: i32, guided: i32, cfg_scale: f32);
+    }
     "activation" => {
         gelu_f16(out: DevPtr<f16>, x: DevPtr<f16>, n: i32);
     }

@@ -14,9 +14,11 @@ mod embed;
 mod vae;
 pub use vae::*;
 mod forecast;
+mod pixart;
 mod sampler;
 pub use embed::*;
 pub use forecast::*;
+pub use pixart::*;
 pub use sampler::*;
 
 fn invalid(kernel: &str, reason: String) -> Error {

@@ -11,6 +11,7 @@
 pub mod kernels;
 pub mod launch;
 pub mod pipeline;
+pub mod pixart;
 pub use pipeline::{GpuBackend, GpuEngine, OpTime, StepLaunches};
 
 mod emu;

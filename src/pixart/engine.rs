@@ -1,8 +1,12 @@
-//! Sampling PixArt-α on the CPU: [`PixArtEngine`] stages a request (prompt and negative
+//! Sampling PixArt-α: [`PixArtEngine`] stages a request (prompt and negative
 //! embeddings, initial latents), computes the caption's cross-attention K/V once, and lets
 //! the sampling loop of [`crate::engine::run_steps`] drive its steps: the model call over
 //! [negative, positive] rows, guidance on all channels with the variance half dropped, and
-//! the DPM-Solver++ or DDIM update. Every buffer is allocated when the engine is built.
+//! the DPM-Solver++ or DDIM update. Every buffer is allocated when the engine is built. The
+//! model passes run on a [`PixArtRunner`]: the CPU backend ([`PixArtCpu`], the default) or the
+//! GPU pipeline's device ([`crate::gpu::pixart::PixArtGpu`]). The loop is this file's for both;
+//! guidance and the sampler update run here on the host for the CPU, and on the device for a
+//! backend that keeps the latents there ([`PixArtDeviceSteps`]).
 
 use std::path::Path;
 use std::sync::atomic::AtomicBool;
@@ -131,9 +135,89 @@ pub struct PixArtRequest<'a> {
     pub first_index: u64,
 }
 
+/// What the PixArt sampling loop needs from a backend of the forward pass: the CPU's
+/// [`PixArtCpu`] or the device's [`crate::gpu::pixart::PixArtGpu`].
+pub trait PixArtRunner {
+    fn model(&self) -> &Arc<PixArtModel>;
+    /// Model rows a pass takes at most.
+    fn max_rows(&self) -> usize;
+    /// Longest caption (tokens) a request may give.
+    fn max_text_len(&self) -> usize;
+    /// Stages a request's captions (rows, L, D) and masks (rows, L) and computes what depends
+    /// on them only (the caption projection, every block's cross-attention K and V).
+    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()>;
+    /// Stages the micro-conditions of `rows` rows (models with `use_additional_conditions`):
+    /// `resolution` (rows, 2) as (height, width) in pixels, `aspect` (rows) = height / width;
+    /// their embeddings are computed once per request.
+    fn stage_size(&mut self, resolution: &[f32], aspect: &[f32], rows: usize) -> Result<()>;
+    /// Stages a pass's latents (rows, C, S, S) and timesteps.
+    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()>;
+    /// One forward pass of `kind` over the staged rows.
+    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()>;
+    /// The last pass's output, (rows, Cout, S, S).
+    fn output(&self, rows: usize) -> &[f32];
+    /// Rows of the last full step, whose activations the caches hold.
+    fn cached_rows(&self) -> Option<usize>;
+    /// A backend that keeps the latents on its device and runs guidance and the sampler update
+    /// there too (the GPU pipeline); `None`: the engine does both on the host (the CPU).
+    fn device_steps(&mut self) -> Option<&mut dyn PixArtDeviceSteps> {
+        None
+    }
+}
+
+/// The sampling steps of a backend that keeps a request's latents on its device: the same
+/// update as [`PixArtSchedule::step`], from the six numbers of
+/// [`PixArtSchedule::update_coeffs`] per step.
+pub trait PixArtDeviceSteps {
+    /// Takes every step's six numbers (steps × 6), once, when the engine is built.
+    fn set_schedule(&mut self, coeffs: &[f32]) -> Result<()>;
+    /// Takes a request's initial latents (images, C, S, S) after its caption was staged.
+    fn begin(&mut self, latents: &[f32], images: usize, guided: bool, cfg_scale: f32) -> Result<()>;
+    /// Step `index`: the model pass of `kind` at `timestep` over [negative…, positive…] rows
+    /// (guided) or the images, guidance on every channel, the update of the latents.
+    fn step(&mut self, index: usize, timestep: f32, kind: StepKind) -> Result<()>;
+    /// The current latents, (images, C, S, S).
+    fn latents(&mut self, out: &mut [f32]) -> Result<()>;
+    /// The last step's x̂₀, same layout.
+    fn denoised(&mut self, out: &mut [f32]) -> Result<()>;
+    /// After a request's steps: the first step whose model output (or updated latents) held a
+    /// NaN or ±Inf, and which of the two.
+    fn first_non_finite(&mut self) -> Result<Option<(usize, &'static str)>>;
+}
+
+impl PixArtRunner for PixArtCpu {
+    fn model(&self) -> &Arc<PixArtModel> {
+        PixArtCpu::model(self)
+    }
+    fn max_rows(&self) -> usize {
+        PixArtCpu::max_rows(self)
+    }
+    fn max_text_len(&self) -> usize {
+        PixArtCpu::max_text_len(self)
+    }
+    fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
+        PixArtCpu::stage_text(self, text, mask, rows, len)
+    }
+    fn stage_size(&mut self, resolution: &[f32], aspect: &[f32], rows: usize) -> Result<()> {
+        PixArtCpu::stage_size(self, resolution, aspect, rows)
+    }
+    fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
+        PixArtCpu::stage_inputs(self, x, t, rows)
+    }
+    fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
+        PixArtCpu::run(self, rows, kind)
+    }
+    fn output(&self, rows: usize) -> &[f32] {
+        PixArtCpu::output(self, rows)
+    }
+    fn cached_rows(&self) -> Option<usize> {
+        PixArtCpu::cached_rows(self)
+    }
+}
+
 /// Everything but the interrupt flag: the step loop's view of a staged request.
-struct Core {
-    cpu: PixArtCpu,
+struct Core<M> {
+    runner: M,
     schedule: PixArtSchedule,
     opts: PixArtOptions,
     /// x_t, (B, C, S, S).
@@ -155,25 +239,34 @@ struct Core {
     images: usize,
 }
 
-/// A PixArt-α transformer plus a sampler on the CPU backend, ready to serve requests.
-pub struct PixArtEngine {
-    core: Core,
+/// A PixArt-α transformer plus a sampler, ready to serve requests; its passes run on `M`
+/// (the CPU backend by default).
+pub struct PixArtEngine<M: PixArtRunner = PixArtCpu> {
+    core: Core<M>,
     interrupt: Option<Arc<AtomicBool>>,
 }
 
-impl PixArtEngine {
+impl PixArtOptions {
+    /// Checks the options and builds their schedule.
+    pub fn validate(&self) -> Result<PixArtSchedule> {
+        if !(self.cfg_scale.is_finite() && self.cfg_scale >= 1.0) {
+            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", self.cfg_scale)));
+        }
+        if self.max_batch == 0 || self.max_batch > 1 << 15 {
+            return Err(Error::invalid("max batch", format!("{}: must be 1 to 32768 images", self.max_batch)));
+        }
+        let schedule = PixArtSchedule::new(self.sampler, self.steps)?;
+        if !matches!(self.cache, PixArtCache::None) {
+            self.full_steps.validate(schedule.len())?;
+        }
+        Ok(schedule)
+    }
+}
+
+impl PixArtEngine<PixArtCpu> {
+    /// An engine on the CPU backend.
     pub fn new(model: Arc<PixArtModel>, opts: &PixArtOptions) -> Result<Self> {
-        if !(opts.cfg_scale.is_finite() && opts.cfg_scale >= 1.0) {
-            return Err(Error::invalid("cfg scale", format!("{}: must be a number ≥ 1", opts.cfg_scale)));
-        }
-        if opts.max_batch == 0 || opts.max_batch > 1 << 15 {
-            return Err(Error::invalid("max batch", format!("{}: must be 1 to 32768 images", opts.max_batch)));
-        }
-        let schedule = PixArtSchedule::new(opts.sampler, opts.steps)?;
-        if !matches!(opts.cache, PixArtCache::None) {
-            opts.full_steps.validate(schedule.len())?;
-        }
-        let cfg = model.config;
+        opts.validate()?;
         let rows = opts.model_rows(opts.max_batch);
         let cpu = PixArtCpu::new(
             model,
@@ -185,11 +278,45 @@ impl PixArtEngine {
                 isa: opts.isa,
             },
         )?;
+        Self::with_runner(cpu, opts)
+    }
+
+    pub fn threads(&self) -> usize {
+        self.core.runner.threads()
+    }
+    pub fn isa(&self) -> Isa {
+        self.core.runner.isa()
+    }
+}
+
+impl<M: PixArtRunner> PixArtEngine<M> {
+    /// An engine whose passes run on `runner`, which must take the options' rows (twice the
+    /// batch under guidance), caption length and cache policy.
+    pub fn with_runner(runner: M, opts: &PixArtOptions) -> Result<Self> {
+        let schedule = opts.validate()?;
+        let rows = opts.model_rows(opts.max_batch);
+        if runner.max_rows() < rows || runner.max_text_len() < opts.max_text_len {
+            return Err(Error::invalid(
+                "PixArt engine",
+                format!(
+                    "the backend takes {} rows of {} caption tokens; these options need {rows} rows of {}",
+                    runner.max_rows(),
+                    runner.max_text_len(),
+                    opts.max_text_len
+                ),
+            ));
+        }
+        let mut runner = runner;
+        if let Some(d) = runner.device_steps() {
+            let coeffs: Vec<f32> = (0..schedule.len()).flat_map(|i| schedule.update_coeffs(i)).collect();
+            d.set_schedule(&coeffs)?;
+        }
+        let cfg = runner.model().config;
         let img = cfg.image_elems();
         let b = opts.max_batch;
         Ok(PixArtEngine {
             core: Core {
-                cpu,
+                runner,
                 schedule,
                 opts: opts.clone(),
                 latents: vec![0.0; b * img],
@@ -208,7 +335,7 @@ impl PixArtEngine {
     }
 
     pub fn model(&self) -> &Arc<PixArtModel> {
-        self.core.cpu.model()
+        self.core.runner.model()
     }
     pub fn options(&self) -> &PixArtOptions {
         &self.core.opts
@@ -216,11 +343,9 @@ impl PixArtEngine {
     pub fn schedule(&self) -> &PixArtSchedule {
         &self.core.schedule
     }
-    pub fn threads(&self) -> usize {
-        self.core.cpu.threads()
-    }
-    pub fn isa(&self) -> Isa {
-        self.core.cpu.isa()
+    /// The backend of the forward pass.
+    pub fn runner(&self) -> &M {
+        &self.core.runner
     }
     /// The kind of model call at sampling step `index`.
     pub fn step_kind(&self, index: usize) -> StepKind {
@@ -261,6 +386,19 @@ impl PixArtEngine {
         let n = self.core.stage(req, out.len())?;
         let rows = self.core.opts.model_rows(n);
         run_steps(&mut self.core, n, rows, self.interrupt.as_deref(), preview, on_step)?;
+        if let Some(d) = self.core.runner.device_steps() {
+            d.latents(&mut self.core.latents[..out.len()])?;
+            if let Some((step, what)) = d.first_non_finite()? {
+                let s = &self.core.schedule;
+                return Err(Error::NonFinite {
+                    step,
+                    steps: s.len(),
+                    timestep: s.timesteps[step.min(s.len() - 1)],
+                    location: format!("{what} on the device"),
+                    cause: String::from(": the weights, the embeddings or the latents overflow"),
+                });
+            }
+        }
         out.copy_from_slice(&self.core.latents[..out.len()]);
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(Error::invalid("sample", format!("element {i} of the result is not finite")));
@@ -269,10 +407,10 @@ impl PixArtEngine {
     }
 }
 
-impl Core {
+impl<M: PixArtRunner> Core<M> {
     /// Validates and stages a request; returns its number of images.
     fn stage(&mut self, req: &PixArtRequest, out_len: usize) -> Result<usize> {
-        let cfg = self.cpu.model().config;
+        let cfg = self.runner.model().config;
         let (p, img) = (req.prompt, cfg.image_elems());
         let n = p.rows;
         if n > self.opts.max_batch {
@@ -350,7 +488,7 @@ impl Core {
                 }
             }
         }
-        self.cpu.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
+        self.runner.stage_text(&self.text[..rows * row], &self.mask[..rows * len], rows, len)?;
         if cfg.use_additional_conditions {
             // The pipeline's added_cond_kwargs: the sampled size in pixels on every row.
             let (res, ar) = super::micro::pipeline_conditions(&cfg);
@@ -358,14 +496,17 @@ impl Core {
                 self.resolution[2 * r..2 * r + 2].copy_from_slice(&res);
             }
             self.aspect[..rows].fill(ar);
-            self.cpu.stage_size(&self.resolution[..2 * rows], &self.aspect[..rows], rows)?;
+            self.runner.stage_size(&self.resolution[..2 * rows], &self.aspect[..rows], rows)?;
+        }
+        if let Some(d) = self.runner.device_steps() {
+            d.begin(&self.latents[..n * img], n, guided, self.opts.cfg_scale)?;
         }
         self.images = n;
         Ok(n)
     }
 }
 
-impl StepLoop for Core {
+impl<M: PixArtRunner> StepLoop for Core<M> {
     fn steps(&self) -> usize {
         self.schedule.len()
     }
@@ -394,7 +535,7 @@ impl StepLoop for Core {
         if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {
             return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
         }
-        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cpu.cached_rows() != Some(rows) {
+        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.runner.cached_rows() != Some(rows) {
             return Err(Error::invalid(
                 "step kind",
                 format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
@@ -404,19 +545,22 @@ impl StepLoop for Core {
     }
 
     fn step(&mut self, index: usize, _k: usize, kind: StepKind) -> Result<()> {
-        let cfg = self.cpu.model().config;
+        let cfg = self.runner.model().config;
         let (n, img) = (self.images, cfg.image_elems());
         let rows = self.opts.model_rows(n);
         let guided = self.opts.guided();
         let timestep = self.schedule.timesteps[index];
+        if let Some(d) = self.runner.device_steps() {
+            return d.step(index, timestep as f32, kind);
+        }
         self.t[..rows].fill(timestep as f32);
         self.model_in[..n * img].copy_from_slice(&self.latents[..n * img]);
         if guided {
             self.model_in.copy_within(0..n * img, n * img);
         }
-        self.cpu.stage_inputs(&self.model_in[..rows * img], &self.t[..rows], rows)?;
-        self.cpu.run(rows, kind)?;
-        let out = self.cpu.output(rows);
+        self.runner.stage_inputs(&self.model_in[..rows * img], &self.t[..rows], rows)?;
+        self.runner.run(rows, kind)?;
+        let out = self.runner.output(rows);
         // ε: the first in_channels of each image's output (the variance half dropped), mixed
         // as u + s·(c − u) under guidance (rows [negative…, positive…]).
         let (oimg, s) = (cfg.out_elems(), self.opts.cfg_scale);
@@ -449,6 +593,9 @@ impl StepLoop for Core {
     }
 
     fn denoised(&mut self, _k: usize, out: &mut [f32]) -> Result<()> {
+        if let Some(d) = self.runner.device_steps() {
+            return d.denoised(out);
+        }
         out.copy_from_slice(&self.x0[..out.len()]);
         Ok(())
     }

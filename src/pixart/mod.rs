@@ -13,7 +13,9 @@
 //! - [`calibrate`]: CA-SVD factors calibrated on prompts the model samples itself.
 //! - [`sampler`]: DPM-Solver++ 2M and DDIM as diffusers computes them.
 //! - [`engine`]: the sampling backend the engine's loop drives, and the embeddings files.
+//! - [`backend`]: the engine and the forward pass on the CPU, CUDA or emulated device.
 
+pub mod backend;
 pub mod bins;
 pub mod calibrate;
 pub mod config;
@@ -29,7 +31,7 @@ pub mod weights;
 
 pub use config::{is_pipeline, PixArtConfig};
 pub use cpu::{PixArtCache, PixArtCpu, PixArtCpuOptions};
-pub use engine::{Embeddings, PixArtEngine, PixArtOptions, PixArtRequest};
+pub use engine::{Embeddings, PixArtEngine, PixArtOptions, PixArtRequest, PixArtRunner};
 pub use factors::PixArtFactors;
 pub use sampler::{PixArtSampler, PixArtSchedule};
 pub use size::ImageSize;

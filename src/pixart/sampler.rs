@@ -111,6 +111,41 @@ impl PixArtSchedule {
         a.ln() - s.ln()
     }
 
+    /// Step `index`'s update as six numbers [α, σ, A, B, C, D] of one formula, for samplers on
+    /// a device: x̂₀ = (x − σ·ε)/α, then x ← A·x + B·x̂₀ + C·ε + D·x̂₀_prev (D = 0 when the
+    /// previous x̂₀ is not read). The same update as [`step`](Self::step), its terms grouped
+    /// (DPM-Solver++'s second order: B = −c₀·(1 + 1/(2r)), D = c₀/(2r)).
+    pub fn update_coeffs(&self, index: usize) -> [f32; 6] {
+        match self.sampler {
+            PixArtSampler::DpmSolver => {
+                let (sigma_s, sigma_t) = (self.sigmas[index], self.sigmas[index + 1]);
+                let (alpha_s, sig_s) = Self::alpha_sigma(sigma_s);
+                if sigma_t == 0.0 {
+                    return [alpha_s, sig_s, 0.0, 1.0, 0.0, 0.0];
+                }
+                let (alpha_t, sig_t) = Self::alpha_sigma(sigma_t);
+                let (lambda_t, lambda_s) = (Self::lambda(sigma_t), Self::lambda(sigma_s));
+                let h = lambda_t - lambda_s;
+                let ratio = sig_t / sig_s;
+                let c0 = alpha_t * ((-h).exp() - 1.0);
+                if index == 0 || index + 1 == self.len() {
+                    [alpha_s, sig_s, ratio, -c0, 0.0, 0.0]
+                } else {
+                    let r0 = (lambda_s - Self::lambda(self.sigmas[index - 1])) / h;
+                    let d = 0.5 * c0 * (1.0 / r0);
+                    [alpha_s, sig_s, ratio, -c0 - d, 0.0, d]
+                }
+            }
+            PixArtSampler::Ddim => {
+                let t = self.timesteps[index];
+                let prev = t as isize - (TRAIN_STEPS / self.len()) as isize;
+                let a_t = self.alphas_cumprod[t];
+                let a_prev = if prev >= 0 { self.alphas_cumprod[prev as usize] } else { self.alphas_cumprod[0] };
+                [a_t.sqrt(), (1.0 - a_t).sqrt(), 0.0, a_prev.sqrt(), (1.0 - a_prev).sqrt(), 0.0]
+            }
+        }
+    }
+
     /// Step `index` (0 first) of the latents `x` with the guided ε: the sampler's update in
     /// place. `x0` receives this step's x̂₀ (the model's estimate of the clean latents, what
     /// previews show); DPM-Solver++ reads the previous step's from it (same length as x).

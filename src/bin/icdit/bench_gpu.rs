@@ -6,6 +6,7 @@
 //! to end under no cache, naive reuse and icc, arena size and device memory — printed as tables
 //! and, last, one JSON line (scripts/gpu-check.sh collects it). `--backend emu` runs the same on the CPU
 //! emulation (for checking the command without a GPU: use a small `--depth` and `--image-size`).
+//! `--pixart DIR` times PixArt-α passes of a pipeline folder instead (`bench_pixart`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,6 +57,15 @@ pub struct BenchGpuArgs {
     /// the steps are recorded; nothing runs): exact on any backend, fast under emulation.
     #[arg(long)]
     launches_only: bool,
+    /// Time PixArt-α passes instead: the transformer of this pipeline folder (e.g.
+    /// PixArt-XL-2-256x256), per-step device time of a plain pass (no cache), a full and a
+    /// reuse pass (reuse), and a calibrated pass (icc, with --pixart-factors), at each batch
+    /// (rows doubled under guidance), 120 caption tokens.
+    #[arg(long)]
+    pixart: Option<std::path::PathBuf>,
+    /// icc factors for --pixart (`icdit calibrate` on the folder); without them no icc row.
+    #[arg(long, requires = "pixart")]
+    pixart_factors: Option<std::path::PathBuf>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -199,6 +209,9 @@ fn bench_batches<D: Device>(
 
 pub fn run(args: BenchGpuArgs) -> Result<(), Error> {
     let backend: Backend = args.backend.parse()?;
+    if let Some(dir) = &args.pixart {
+        return bench_pixart(dir, &args, backend);
+    }
     let mut cfg = DitConfig::family(&args.family, args.image_size / 8).ok_or_else(|| {
         Error::invalid("--family", format!("`{}` at {} px: expected XL/2, XL/4 or XL/8", args.family, args.image_size))
     })?;
@@ -350,4 +363,103 @@ fn cuda(_: &Arc<DitModel>, _: &BenchGpuArgs) -> Result<(String, Vec<Row>), Error
         "bench-gpu",
         "this icdit was built without CUDA support: rebuild with `--features cuda` (README: CUDA), or pass --backend emu",
     ))
+}
+
+/// `bench-gpu --pixart DIR`: per-step device time of PixArt-α passes of each kind on the
+/// folder's transformer (direct launches; the table, then one JSON line).
+fn bench_pixart(dir: &std::path::Path, args: &BenchGpuArgs, backend: Backend) -> Result<(), Error> {
+    use icdit::gpu::pixart::{PixArtGpu, PixArtGpuOptions};
+    use icdit::pixart::{PixArtCache, PixArtFactors, PixArtModel};
+    if args.batches.is_empty() || args.batches.contains(&0) {
+        return Err(Error::invalid("--batches", "give one or more batch sizes ≥ 1"));
+    }
+    let model = Arc::new(PixArtModel::load(dir)?);
+    let cfg = model.config;
+    let factors = args.pixart_factors.as_deref().map(|p| PixArtFactors::load(p, &model)).transpose()?.map(Arc::new);
+    let start = Instant::now();
+    let len = 120;
+    let mut engines = vec![
+        ("none", PixArtCache::None, vec![StepKind::Plain]),
+        ("reuse", PixArtCache::Reuse, vec![StepKind::Full, StepKind::Reuse]),
+    ];
+    if let Some(f) = factors {
+        engines.push(("icc", PixArtCache::Icc(f), vec![StepKind::Calibrated]));
+    }
+    // Seeded pseudo-random inputs in (−1, 1): the time does not depend on them.
+    let mut state = 0x2545f4914f6cdd1du64;
+    let mut rand = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    };
+    let mut device = String::new();
+    let mut results: Vec<(usize, &str, StepKind, f32)> = Vec::new();
+    for &batch in &args.batches {
+        let rows = if args.cfg > 1.0 { 2 * batch } else { batch };
+        let (x, text) = (rand(rows * cfg.image_elems()), rand(rows * len * cfg.caption_channels));
+        let (t, mask) = (vec![500.0f32; rows], vec![1i64; rows * len]);
+        for (name, cache, kinds) in &engines {
+            let opts = PixArtGpuOptions { max_rows: rows, max_text_len: len, cache: cache.clone() };
+            let mut time = |g: &mut dyn FnMut(StepKind) -> Result<f32, Error>| -> Result<(), Error> {
+                for &k in kinds {
+                    results.push((batch, name, k, g(k)?));
+                }
+                Ok(())
+            };
+            macro_rules! on {
+                ($open:expr) => {{
+                    let mut g = PixArtGpu::new(Arc::clone(&model), &opts, $open)?;
+                    device = g.device().name().to_string();
+                    g.stage_text(&text, &mask, rows, len)?;
+                    g.stage_inputs(&x, &t, rows)?;
+                    time(&mut |k| g.time_pass(rows, k, args.iters))?;
+                }};
+            }
+            match backend {
+                Backend::Emu => on!(EmuDevice::new),
+                #[cfg(feature = "cuda")]
+                Backend::Cuda => on!(|plan: &Plan| {
+                    icdit::gpu::CudaDevice::open(plan)?
+                        .ok_or_else(|| Error::gpu("bench-gpu", "no CUDA GPU found (the driver reports no device)"))
+                }),
+                #[cfg(not(feature = "cuda"))]
+                Backend::Cuda => {
+                    return Err(Error::gpu(
+                        "bench-gpu",
+                        "this icdit was built without CUDA support: rebuild with `--features cuda` (README: CUDA), or pass --backend emu",
+                    ))
+                }
+                Backend::Cpu => return Err(Error::invalid("--backend", "bench-gpu runs cuda or emu")),
+            }
+        }
+    }
+    println!("device: {device}");
+    println!(
+        "PixArt-α {} ({} blocks, {} tokens, {len} caption tokens), direct launches, cfg {}",
+        dir.display(),
+        cfg.depth,
+        cfg.tokens(),
+        args.cfg
+    );
+    println!("| batch | engine | step | ms |");
+    println!("|---|---|---|---|");
+    for (b, e, k, ms) in &results {
+        println!("| {b} | {e} | {} | {ms:.3} |", k.name());
+    }
+    let json = serde_json::json!({
+        "tool": "icdit bench-gpu --pixart",
+        "device": device,
+        "backend": backend.name(),
+        "pixart": dir.display().to_string(),
+        "depth": cfg.depth, "tokens": cfg.tokens(), "caption_tokens": len, "cfg": args.cfg, "iters": args.iters,
+        "seconds": start.elapsed().as_secs_f64(),
+        "steps": results.iter().map(|(b, e, k, ms)| serde_json::json!({"batch": b, "engine": e, "kind": k.name(), "ms": ms})).collect::<Vec<_>>(),
+    });
+    println!("{json}");
+    Ok(())
 }

@@ -118,6 +118,10 @@ struct ForwardArgs {
     /// CPU threads (0: all cores).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Where a PixArt-α pass runs: `cpu`, `cuda` (a build with `--features cuda`) or `emu`
+    /// (the GPU pipeline on the CPU emulation). DiT models: cpu only.
+    #[arg(long, default_value = "cpu")]
+    backend: String,
 }
 
 #[derive(Args)]
@@ -226,7 +230,16 @@ fn inspect(args: InspectArgs) -> Result<(), Error> {
 
 fn forward(args: ForwardArgs) -> Result<(), Error> {
     if icdit::pixart::is_pipeline(&args.weights) {
-        return pixart::forward(&args.weights, &args.input, &args.out, args.threads);
+        return pixart::forward(&args.weights, &args.input, &args.out, args.threads, args.backend.parse()?);
+    }
+    if args.backend != "cpu" {
+        return Err(Error::invalid(
+            "--backend",
+            format!(
+                "`{}`: `forward` runs DiT models on the CPU backend only (GPU backends: PixArt-α folders)",
+                args.backend
+            ),
+        ));
     }
     let model = Arc::new(args.model.load(&args.weights)?);
     let cfg = model.config;

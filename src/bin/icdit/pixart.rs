@@ -1,16 +1,15 @@
 //! The PixArt-α side of `icdit inspect`, `forward` and `sample`: taken when the weights are
-//! a PixArt-α pipeline folder (`icdit::pixart::is_pipeline`). CPU backend only for now.
+//! a PixArt-α pipeline folder (`icdit::pixart::is_pipeline`), on `--backend cpu|cuda|emu`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use icdit::backend::Backend;
+use icdit::pixart::backend::{forward_on, AnyPixArtEngine};
 use icdit::pixart::size::resize_and_crop;
 use icdit::pixart::ImageSize;
-use icdit::pixart::{
-    Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
-    PixArtRequest, PixArtSampler,
-};
+use icdit::pixart::{Embeddings, PixArtCache, PixArtFactors, PixArtModel, PixArtOptions, PixArtRequest, PixArtSampler};
 use icdit::tensorfile::{write_safetensors, TensorFile};
 use icdit::vae::{VaeDecoder, VaeModel};
 use icdit::{CachePolicy, Error, FullSteps};
@@ -76,7 +75,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), Error> {
 /// `icdit forward` on a pipeline folder: inputs `x` (at any latent size that is a multiple of
 /// the patch size), `t`, `encoder_hidden_states`, `encoder_attention_mask`, and for models
 /// with micro-conditions `resolution` and `aspect_ratio`; output `out`.
-pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) -> Result<(), Error> {
+pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize, backend: Backend) -> Result<(), Error> {
     let f = TensorFile::open(input)?;
     let bad = |reason: String| Error::Layout { path: input.to_path_buf(), reason };
     let (xs, x) = f.read_f32("x")?;
@@ -115,10 +114,7 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
         return Err(bad(format!("`t` element {i} is {}; timesteps are 0 to 999", t[i])));
     }
     let tf: Vec<f32> = t.iter().map(|&v| v as f32).collect();
-    let mut cpu = PixArtCpu::new(
-        Arc::clone(&model),
-        &PixArtCpuOptions { max_rows: b, max_text_len: len, threads, ..Default::default() },
-    )?;
+    let mut size = None;
     if cfg.use_additional_conditions {
         // diffusers' added_cond_kwargs: required by a model with use_additional_conditions.
         let missing = |name: &str| {
@@ -144,18 +140,17 @@ pub fn forward(weights: &Path, input: &Path, out_path: &Path, threads: usize) ->
                 "`resolution` has shape {rs:?} and `aspect_ratio` {ars:?}; expected [{b}, 2] and [{b}, 1]"
             )));
         }
-        cpu.stage_size(&res, &ar, b)?;
+        size = Some((res, ar));
     }
     let mut out = vec![0.0f32; b * cfg.out_elems()];
     let start = Instant::now();
-    cpu.forward(&x, &tf, &text, &mask, len, &mut out)?;
+    let size = size.as_ref().map(|(res, ar)| (&res[..], &ar[..]));
+    let on = forward_on(backend, Arc::clone(&model), &x, &tf, &text, &mask, len, threads, size, &mut out)?;
     let secs = start.elapsed().as_secs_f64();
     write_safetensors(out_path, &[("out", &[b, cfg.out_channels, h, w], &out)], &[], None)?;
     eprintln!(
-        "forward (PixArt-α): batch {b}, {len} text tokens, in {:.1} ms on {} threads ({}); wrote {}",
+        "forward (PixArt-α): batch {b}, {len} text tokens, in {:.1} ms on {on}; wrote {}",
         secs * 1e3,
-        cpu.threads(),
-        cpu.isa(),
         out_path.display()
     );
     Ok(())
@@ -196,12 +191,7 @@ pub struct SampleFlags<'a> {
 }
 
 pub fn sample(f: SampleFlags) -> Result<(), Error> {
-    if f.backend != "cpu" {
-        return Err(Error::invalid(
-            "--backend",
-            format!("`{}`: PixArt runs on the CPU backend only for now (use --backend cpu)", f.backend),
-        ));
-    }
+    let backend: Backend = f.backend.parse()?;
     // The size sampled: the request, or (binning) its nearest aspect-ratio bin; without
     // --height/--width the trained square size, which is its own bin for every published model.
     let trained = icdit::pixart::PixArtConfig::load(f.weights)?;
@@ -352,12 +342,12 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         first_index: 0,
     };
     let start = Instant::now();
-    let sample_with = |opts: &PixArtOptions| -> Result<(Vec<f32>, usize), Error> {
-        let mut engine = PixArtEngine::new(Arc::clone(&model), opts)?;
+    let sample_with = |opts: &PixArtOptions| -> Result<(Vec<f32>, String), Error> {
+        let mut engine = AnyPixArtEngine::new(Arc::clone(&model), opts, backend)?;
         engine.set_interrupt(Some(crate::interrupt::flag()));
         let mut latents = vec![0.0f32; n * cfg.image_elems()];
         engine.sample(&req, &mut latents, &mut |_| {})?;
-        Ok((latents, engine.threads()))
+        Ok((latents, engine.describe()))
     };
     if !f.compare.is_empty() {
         // One row of images per policy, in the order given; distances to `none` if it is one.
@@ -389,7 +379,7 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
         );
         return Ok(());
     }
-    let (latents, threads) = sample_with(&opts)?;
+    let (latents, on) = sample_with(&opts)?;
     let secs = start.elapsed().as_secs_f64();
     let shape = [n, cfg.in_channels, cfg.height, cfg.width];
     let mut written: Vec<PathBuf> = Vec::new();
@@ -403,12 +393,11 @@ pub fn sample(f: SampleFlags) -> Result<(), Error> {
     }
     let names: Vec<String> = written.iter().map(|p| p.display().to_string()).collect();
     eprintln!(
-        "sample (PixArt-α): {n} image(s), {} {} steps at guidance {cfg_scale}, cache {}, in {:.2} s on {} threads; wrote {}",
+        "sample (PixArt-α): {n} image(s), {} {} steps at guidance {cfg_scale}, cache {}, in {:.2} s on {on}; wrote {}",
         opts.steps,
         sampler.name(),
         opts.cache.policy(),
         secs,
-        threads,
         names.join(", ")
     );
     Ok(())
