@@ -440,3 +440,18 @@ fn head_dim_72_forward_matches_cpu() {
     g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut got).unwrap_or_else(|e| panic!("{e}"));
     assert_close("head dim 72 forward: device vs CPU", &got, &want, FORWARD_TOL);
 }
+
+/// What runs on the CPU backend only for now is refused when a device engine is built, naming
+/// the setting and `--backend cpu`: the 1024-MS model's micro-conditions, and a latent size other
+/// than the trained square (resolution binning's bins).
+#[test]
+fn gpu_refuses_micro_conditions_and_other_sizes() {
+    let opts = PixArtGpuOptions { max_rows: 2, max_text_len: 6, cache: PixArtCache::None };
+    let ms = Arc::new(PixArtModel::load(&fixture("pixart_ms/tiny_ms")).unwrap());
+    assert!(ms.config.use_additional_conditions);
+    let e = PixArtGpu::new(ms, &opts, EmuDevice::new).err().expect("refused").to_string();
+    assert!(e.contains("use_additional_conditions") && e.contains("--backend cpu"), "{e}");
+    let wide = Arc::new(PixArtModel::load_at(&tiny(), Some((8, 12))).unwrap());
+    let e = PixArtGpu::new(wide, &opts, EmuDevice::new).err().expect("refused").to_string();
+    assert!(e.contains("8×12") && e.contains("--backend cpu"), "{e}");
+}
