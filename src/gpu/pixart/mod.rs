@@ -112,6 +112,9 @@ struct Buffers {
     image: BufId,
     /// (rows, C) ones: the gate of an ungated residual add.
     ones: BufId,
+    /// The 1024-MS model's micro-condition embedding per row, (rows, C) f16, added to `emb` by
+    /// the GEMM that makes it; `None` for models without micro-conditions.
+    size_emb: Option<BufId>,
     /// Per block, the cache slots in [`Slot::ALL`] order (q, k and v's outputs share one
     /// (rows, N, 3C) buffer); empty without caching.
     cache: Vec<[BufId; 14]>,
@@ -153,6 +156,13 @@ pub struct PixArtGpu<D: Device> {
     guided: bool,
     cfg_scale: f32,
     step_host: Vec<f32>,
+    /// Micro-conditions: rows staged by [`PixArtGpu::stage_size`], their embedding computed
+    /// on the host (f32, then f16 for the upload), its scratch, and the sinusoid's frequencies.
+    size_rows: usize,
+    size_host: Vec<f32>,
+    size_h16: Vec<f16>,
+    size_scratch: Vec<f32>,
+    freqs: [f32; crate::config::FREQ_DIM / 2],
 }
 
 impl<D: Device> PixArtGpu<D> {
@@ -194,17 +204,9 @@ impl<D: Device> PixArtGpu<D> {
         if let PixArtCache::Icc(f) = &opts.cache {
             f.check(&model)?;
         }
-        // The 1024-MS model's micro-conditions and latents of another size than the trained
-        // square (resolution binning) run on the CPU backend only for now: this conditioning adds
-        // no resolution / aspect-ratio embedding, and patchify, the position table and
-        // unpatchify here take the square `sample_size` side.
-        if cfg.use_additional_conditions {
-            return Err(Error::invalid(
-                "GPU pipeline",
-                "this model has micro-conditions (`use_additional_conditions`, the 1024-MS model): \
-                 they run on the CPU backend only for now (--backend cpu)",
-            ));
-        }
+        // Latents of another size than the trained square (resolution binning's bins) run on the
+        // CPU backend only for now: patchify, the position table and unpatchify here take the
+        // square `sample_size` side. (The 1024-MS model at its trained 1024² runs here.)
         if (cfg.height, cfg.width) != (cfg.sample_size, cfg.sample_size) {
             return Err(Error::invalid(
                 "GPU pipeline",
@@ -229,6 +231,7 @@ impl<D: Device> PixArtGpu<D> {
         let dev = open(&plan)?;
         launch::check_sm90(&dev, dev.slice::<f32>(plan.get(bufs.split_ws))?)?;
         let l = opts.max_text_len;
+        let size_scratch = if cfg.use_additional_conditions { crate::pixart::micro::scratch_len(&model) } else { 0 };
         let mut g = PixArtGpu {
             model,
             graphs: Vec::new(),
@@ -249,6 +252,11 @@ impl<D: Device> PixArtGpu<D> {
             guided: false,
             cfg_scale: 1.0,
             step_host: vec![0.0; STEP_IN + rows],
+            size_rows: 0,
+            size_host: vec![0.0; if cfg.use_additional_conditions { rows * cfg.hidden_size() } else { 0 }],
+            size_h16: vec![f16::ZERO; if cfg.use_additional_conditions { rows * cfg.hidden_size() } else { 0 }],
+            size_scratch: vec![0.0; size_scratch],
+            freqs: embed::timestep_freqs(crate::config::Numerics::Official),
         };
         g.upload()?;
         g.dev.synchronize()?;
@@ -392,6 +400,45 @@ impl<D: Device> PixArtGpu<D> {
         pass.finish()
     }
 
+    /// Stages the micro-conditions of `rows` rows (models with `use_additional_conditions`):
+    /// `resolution` (rows, 2) as (height, width) in pixels and `aspect` (rows) = height / width.
+    /// Their embedding is computed on the host in f32 (as the CPU backend computes it), once
+    /// per request, and uploaded in f16; the conditioning adds it to `emb`.
+    pub fn stage_size(&mut self, resolution: &[f32], aspect: &[f32], rows: usize) -> Result<()> {
+        let Some(buf) = self.bufs.size_emb else {
+            return Err(Error::invalid(
+                "micro-conditions",
+                "this model has no use_additional_conditions: it takes no resolution or aspect ratio",
+            ));
+        };
+        if rows == 0 || rows > self.max_rows || resolution.len() != 2 * rows || aspect.len() != rows {
+            return Err(Error::invalid(
+                "micro-conditions",
+                format!(
+                    "{} resolution and {} aspect-ratio values for {rows} rows (expected 2 and 1 per row, at most {} rows)",
+                    resolution.len(),
+                    aspect.len(),
+                    self.max_rows
+                ),
+            ));
+        }
+        if let Some(i) = resolution.iter().chain(aspect).position(|v| !v.is_finite()) {
+            return Err(Error::invalid("micro-conditions", format!("value {i} is not finite")));
+        }
+        let c = self.model.config.hidden_size();
+        for r in 0..rows {
+            let res = [resolution[2 * r], resolution[2 * r + 1]];
+            let out = &mut self.size_host[r * c..(r + 1) * c];
+            crate::pixart::micro::size_embedding(&self.model, res, aspect[r], &self.freqs, &mut self.size_scratch, out);
+        }
+        for (h, &v) in self.size_h16.iter_mut().zip(&self.size_host[..rows * c]) {
+            *h = f16::from_f32(v);
+        }
+        self.dev.upload(self.slice::<f16>(buf)?.sub(0, rows * c)?, &self.size_h16[..rows * c])?;
+        self.size_rows = rows;
+        Ok(())
+    }
+
     /// One forward pass of `kind` over the staged rows (after
     /// [`stage_text`](Self::stage_text) and [`stage_inputs`](Self::stage_inputs)); the output,
     /// copied back, is [`output`](Self::output).
@@ -473,6 +520,16 @@ impl<D: Device> PixArtGpu<D> {
             return Err(Error::invalid(
                 "model input",
                 format!("{rows} rows; this engine takes 1 to {}", self.max_rows),
+            ));
+        }
+        if self.bufs.size_emb.is_some() && self.size_rows < rows {
+            return Err(Error::invalid(
+                "micro-conditions",
+                format!(
+                    "this model uses the resolution and aspect-ratio conditions (use_additional_conditions): \
+                     {} rows staged for a pass of {rows}",
+                    self.size_rows
+                ),
             ));
         }
         let policy = self.cache.policy();

@@ -186,7 +186,24 @@ impl<D: Device> PixArtOps for Pass<'_, D> {
             let t = t.sub(super::STEP_IN, t.len() - super::STEP_IN)?;
             launch::timestep_freq_f16(dev, p.s16(b.tfreq)?, t, p.s32(b.freqs)?, rows as i32)?;
             p.linear_raw(Layer::Time1, b.tfreq, GemmOut::F16(p.s16(b.temb_h)?), rows, GemmAct::Silu)?;
-            p.linear_raw(Layer::Time2, b.temb_h, GemmOut::F32(p.s32(b.emb)?), rows, GemmAct::None)?;
+            match b.size_emb {
+                // emb = linear_2(…) + the micro-condition embedding, added in the GEMM's epilogue.
+                Some(size) => {
+                    let (w, bias) = b.linears[Layer::Time2.index(cfg.depth)];
+                    let mut g = GemmSpec::new(
+                        GemmOut::F32(p.s32(b.emb)?),
+                        p.s16(b.temb_h)?,
+                        p.s16(w)?,
+                        rows as i32,
+                        c as i32,
+                        c as i32,
+                    );
+                    g.bias = Some(p.s16(bias)?);
+                    g.add = Some((p.s16(size)?, c as i32, rows as i32));
+                    p.gemm(&g)?;
+                }
+                None => p.linear_raw(Layer::Time2, b.temb_h, GemmOut::F32(p.s32(b.emb)?), rows, GemmAct::None)?,
+            }
             launch::silu_f32_to_f16(dev, p.s16(b.silu_emb)?, p.s32(b.emb)?, (rows * c) as i32)?;
             p.linear_raw(Layer::AdaLn, b.silu_emb, GemmOut::F32(p.s32(b.tmod)?), rows, GemmAct::None)?;
             launch::pixart_modulation_f16(

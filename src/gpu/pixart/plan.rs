@@ -95,6 +95,7 @@ pub(super) fn plan(model: &PixArtModel, rows: usize, l: usize, cache: &PixArtCac
         out: pl.add("final_out", &[rows, n, fin], Dt::F32),
         image: pl.add("model output", &[rows, cfg.out_elems()], Dt::F32),
         ones: pl.add("ones", &[rows, c], h),
+        size_emb: cfg.use_additional_conditions.then(|| pl.add("micro-condition embedding", &[rows, c], h)),
         cache: cache_bufs,
         lowrank,
         split_ws: pl.add("GEMM split-k partial sums", &[launch::SPLIT_WORKSPACE_ELEMS], Dt::F32),

@@ -26,12 +26,8 @@ impl<D: Device> PixArtRunner for PixArtGpu<D> {
     fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
         PixArtGpu::stage_text(self, text, mask, rows, len)
     }
-    fn stage_size(&mut self, _resolution: &[f32], _aspect: &[f32], _rows: usize) -> Result<()> {
-        // Unreachable: `PixArtGpu::new` refuses models with micro-conditions.
-        Err(Error::invalid(
-            "micro-conditions",
-            "the GPU pipeline does not run the 1024-MS model's micro-conditions yet",
-        ))
+    fn stage_size(&mut self, resolution: &[f32], aspect: &[f32], rows: usize) -> Result<()> {
+        PixArtGpu::stage_size(self, resolution, aspect, rows)
     }
     fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
         PixArtGpu::stage_inputs(self, x, t, rows)
