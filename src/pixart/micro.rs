@@ -13,6 +13,7 @@ use super::weights::{LinearTensors, PixArtModel};
 use crate::config::FREQ_DIM;
 use crate::cpu::math;
 use crate::embed;
+use crate::error::{Error, Result};
 
 /// The pipeline's conditions for a model run at `cfg`'s latent size: the resolution
 /// (height, width) in pixels, 8 × the latent's, and `float(height / width)` cast to f32.
@@ -61,4 +62,45 @@ pub fn size_embedding(
         }
         dense(model, mlp[1], hidden, &mut out[k * s..(k + 1) * s]);
     }
+}
+
+/// The micro-condition embeddings of `rows` rows, as a backend stages them: checks
+/// `resolution` (rows, 2: height, width in pixels) and `aspect` (rows: height / width) for a
+/// backend planned for `max_rows`, then writes row r's C values at `out[r·C..]`.
+#[allow(clippy::too_many_arguments)]
+pub fn size_embeddings(
+    model: &PixArtModel,
+    resolution: &[f32],
+    aspect: &[f32],
+    rows: usize,
+    max_rows: usize,
+    freqs: &[f32; FREQ_DIM / 2],
+    scratch: &mut [f32],
+    out: &mut [f32],
+) -> Result<()> {
+    if model.tensors.size.is_none() {
+        return Err(Error::invalid(
+            "micro-conditions",
+            "this model has no use_additional_conditions: it takes no resolution or aspect ratio",
+        ));
+    }
+    if rows == 0 || rows > max_rows || resolution.len() != 2 * rows || aspect.len() != rows {
+        return Err(Error::invalid(
+            "micro-conditions",
+            format!(
+                "{} resolution and {} aspect-ratio values for {rows} rows (expected 2 and 1 per row, at most {max_rows} rows)",
+                resolution.len(),
+                aspect.len(),
+            ),
+        ));
+    }
+    if let Some(i) = resolution.iter().chain(aspect).position(|v| !v.is_finite()) {
+        return Err(Error::invalid("micro-conditions", format!("value {i} is not finite")));
+    }
+    let c = model.config.hidden_size();
+    for r in 0..rows {
+        let res = [resolution[2 * r], resolution[2 * r + 1]];
+        size_embedding(model, res, aspect[r], freqs, scratch, &mut out[r * c..(r + 1) * c]);
+    }
+    Ok(())
 }

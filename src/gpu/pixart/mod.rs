@@ -411,26 +411,17 @@ impl<D: Device> PixArtGpu<D> {
                 "this model has no use_additional_conditions: it takes no resolution or aspect ratio",
             ));
         };
-        if rows == 0 || rows > self.max_rows || resolution.len() != 2 * rows || aspect.len() != rows {
-            return Err(Error::invalid(
-                "micro-conditions",
-                format!(
-                    "{} resolution and {} aspect-ratio values for {rows} rows (expected 2 and 1 per row, at most {} rows)",
-                    resolution.len(),
-                    aspect.len(),
-                    self.max_rows
-                ),
-            ));
-        }
-        if let Some(i) = resolution.iter().chain(aspect).position(|v| !v.is_finite()) {
-            return Err(Error::invalid("micro-conditions", format!("value {i} is not finite")));
-        }
         let c = self.model.config.hidden_size();
-        for r in 0..rows {
-            let res = [resolution[2 * r], resolution[2 * r + 1]];
-            let out = &mut self.size_host[r * c..(r + 1) * c];
-            crate::pixart::micro::size_embedding(&self.model, res, aspect[r], &self.freqs, &mut self.size_scratch, out);
-        }
+        crate::pixart::micro::size_embeddings(
+            &self.model,
+            resolution,
+            aspect,
+            rows,
+            self.max_rows,
+            &self.freqs,
+            &mut self.size_scratch,
+            &mut self.size_host,
+        )?;
         for (h, &v) in self.size_h16.iter_mut().zip(&self.size_host[..rows * c]) {
             *h = f16::from_f32(v);
         }

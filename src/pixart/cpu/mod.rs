@@ -374,27 +374,9 @@ impl PixArtCpu {
                 "this model has no use_additional_conditions: it takes no resolution or aspect ratio",
             ));
         };
-        if rows == 0 || rows > self.max_rows || resolution.len() != 2 * rows || aspect.len() != rows {
-            return Err(Error::invalid(
-                "micro-conditions",
-                format!(
-                    "{} resolution and {} aspect-ratio values for {rows} rows (expected 2 and 1 per row, at most {} rows)",
-                    resolution.len(),
-                    aspect.len(),
-                    self.max_rows
-                ),
-            ));
-        }
-        if let Some(i) = resolution.iter().chain(aspect).position(|v| !v.is_finite()) {
-            return Err(Error::invalid("micro-conditions", format!("value {i} is not finite")));
-        }
-        let c = self.model.config.hidden_size();
         // SAFETY: the embedding and the scratch are distinct buffers, nothing else reads them.
         let (out, tmp) = unsafe { (self.view_mut(emb), self.view_mut(scratch)) };
-        for r in 0..rows {
-            let res = [resolution[2 * r], resolution[2 * r + 1]];
-            super::micro::size_embedding(&self.model, res, aspect[r], &self.freqs, tmp, &mut out[r * c..(r + 1) * c]);
-        }
+        super::micro::size_embeddings(&self.model, resolution, aspect, rows, self.max_rows, &self.freqs, tmp, out)?;
         self.size_rows = rows;
         Ok(())
     }
