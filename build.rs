@@ -125,11 +125,12 @@ fn build_cuda(kernels: &Path, out: &Path, sources: &[PathBuf]) {
         // One fatbin per file: SASS for sm_<arch> (loaded as is: no JIT at start-up, and it
         // is the code the ptxas report below describes) plus compute_<arch> PTX, which the
         // driver can JIT for a newer GPU. Measurements behind this choice: docs/gpu-emulation.md.
-        // The Hopper GEMM's wgmma and setmaxnreg exist only for the arch-specific sm_90a
-        // target (written as -gencode: the -arch shorthand has been seen to also run a plain
-        // sm_90 pass that rejects them); built for another architecture, its kernel is a stub
-        // the launcher never picks (Device::gemm_sm90).
-        let gencode = if name == "gemm_sm90" && digits == "90" {
+        // The Hopper kernels' (*_sm90.cu: the GEMM, the VAE convolution) wgmma and setmaxnreg
+        // exist only for the arch-specific sm_90a target (written as -gencode: the -arch
+        // shorthand has been seen to also run a plain sm_90 pass that rejects them); built for
+        // another architecture, their kernels are stubs the launchers never pick
+        // (Device::gemm_sm90).
+        let gencode = if name.ends_with("_sm90") && digits == "90" {
             "-gencode=arch=compute_90a,code=sm_90a".to_string()
         } else {
             format!("-gencode=arch=compute_{arch},code=[sm_{arch},compute_{arch}]")

@@ -10,6 +10,10 @@
 //                                          parity has completed
 //   tma_load_2d(dst, map, c0, c1, bar)     cp.async.bulk.tensor.2d global → shared, box at
 //                                          (inner c0, outer c1), completing on bar
+//   cp_async_16_shared(dst, src, valid)    cp.async.cg 16 bytes global → shared address dst
+//                                          (zero fill when !valid: src-size 0)
+//   cp_async_mbar_arrive_noinc(bar)        cp.async.mbarrier.arrive.noinc: one arrival on bar
+//                                          once the thread's earlier cp.async have landed
 //   wgmma_fence(), wgmma_commit(), wgmma_wait<N>()   the warpgroup's ordering instructions
 //   wgmma_m64n128k16(d, desc_a, desc_b, scale_d)     D (64 × 128, f32 fragments) = A·B (+ D)
 //   smem_desc_sw128(addr, sbo)             matrix descriptor: K-major, 128-byte swizzle
@@ -84,6 +88,14 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const TensorMap* map, 
         " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
         "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
         : "memory");
+}
+
+__device__ __forceinline__ void cp_async_16_shared(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -165,6 +177,10 @@ inline void mbar_wait(uint32_t bar, unsigned parity) { icdit_emu::mbar_wait(bar,
 inline void tma_load_2d(uint32_t dst, const TensorMap* map, int c0, int c1, uint32_t bar) {
     icdit_emu::bulk_tensor_load_2d(dst, map, c0, c1, bar);
 }
+inline void cp_async_16_shared(uint32_t dst, const void* src, bool valid) {
+    icdit_emu::gather_16(dst, src, valid);
+}
+inline void cp_async_mbar_arrive_noinc(uint32_t bar) { icdit_emu::gather_arrive_noinc(bar); }
 inline void wgmma_fence() {}
 inline void wgmma_commit() { icdit_emu::wgmma_commit(); }
 template <int N>

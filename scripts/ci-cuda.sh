@@ -2,7 +2,9 @@
 # CI for the `cuda` feature on a machine without a GPU (issue 6; docs/gpu-emulation.md):
 #   1. installs the pinned CUDA 13.0 toolchain (cached under ${XDG_CACHE_HOME:-~/.cache}/icdit),
 #   2. builds every target with `--features cuda` (nvcc compiles kernels/*.cu for sm_90),
-#   3. prints ptxas's resource usage of every kernel and fails on any spill or local memory,
+#   3. prints ptxas's resource usage of every kernel and fails on any spill or local memory;
+#      disassembles the Hopper kernels (scripts/check-sass.sh: HGMMA and UTMALDG present, no
+#      LDL/STL),
 #   4. runs the cuda-feature GPU tests (every one has `cuda` in its name): without a GPU each
 #      prints "<test>: skipped: no CUDA device". The emulated tests in the same binaries are not
 #      run again: the README's test command ran them, and the feature changes no emulated code.
@@ -19,6 +21,9 @@ cargo build --release --features cuda --all-targets
 echo "ci-cuda: cuda build done after $((SECONDS - start)) s"
 
 cargo test --release --features cuda --test gpu_ptxas -- --nocapture
+# The cuda build's fatbins: the build-script output folder that holds them, newest first.
+kernels_dir=$(dirname "$(ls -t target/release/build/icdit-*/out/gemm_sm90.fatbin | head -n1)")
+bash scripts/check-sass.sh "$kernels_dir"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

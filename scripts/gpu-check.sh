@@ -330,8 +330,10 @@ step_engine() {
         return
     fi
     if ((DRY)); then
-        show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 1 --runs 5
-        show timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
+        show timeout -k 5 40 "$BIN/icdit" bench-vae --backend cuda --batch 1 --runs 5
+        show timeout -k 5 40 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
+        show env ICDIT_GEMM=wmma timeout -k 5 40 "$BIN/icdit" bench-vae --backend cuda --batch 1 --runs 5
+        show env ICDIT_GEMM=wmma timeout -k 5 40 "$BIN/icdit" bench-vae --backend cuda --batch 16 --runs 5
         show timeout -k 5 240 "$BIN/icdit" bench-gpu "${args[@]}"
         show timeout -k 5 60 "$BIN/icdit" bench-gemm
         if [[ -n "${GPU_CHECK_PIXART_DIR:-}" ]]; then
@@ -340,7 +342,7 @@ step_engine() {
             show timeout -k 5 60 "$PY" tools/make_random_pixart.py --sample-size 32 --out "$OUT_DIR/pixart-256" --factors "$OUT_DIR/pixart-256-r128.safetensors" --rank 128
             show timeout -k 5 60 "$BIN/icdit" bench-gpu --pixart "$OUT_DIR/pixart-256" --pixart-factors "$OUT_DIR/pixart-256-r128.safetensors" --batches 1 --iters 10
         fi
-        show cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit"
+        show bash scripts/check-sass.sh .device/kernels
         show env ICDIT_GEMM=wmma timeout -k 5 60 "$BIN/icdit" bench-gpu --batches 1 --e2e-runs 1
         show timeout -k 5 90 ncu --clock-control none --metrics gpu__time_duration.sum --csv "$BIN/icdit" bench-gpu --depth 2 --batches 1 --iters 1 --e2e-runs 0
         return
@@ -348,11 +350,15 @@ step_engine() {
     c=$(cap 240 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
     t0=$SECONDS
     { "$BIN/icdit" --version; } >"$log" 2>&1
-    # The GPU VAE decoder (SD-VAE shapes, random weights): one 256×256 image, then batch 16.
-    # Run first and briefly; its JSON lines are not the engine's last line.
-    for vb in 1 16; do
-        timeout -k 5 60 "$BIN/icdit" bench-vae --backend cuda --batch "$vb" --runs 5 >>"$log" 2>&1 ||
-            echo "bench-vae --batch $vb: exit $?" >>"$log"
+    # The GPU VAE decoder (SD-VAE shapes, random weights): one 256×256 image, then batch 16, on
+    # the Hopper kernels ("hopper_kernels": true) and then on the fallback kernels
+    # (ICDIT_GEMM=wmma) for the comparison. Run first and briefly; its JSON lines are not the
+    # engine's last line.
+    for gemm in auto wmma; do
+        for vb in 1 16; do
+            ICDIT_GEMM=$gemm timeout -k 5 40 "$BIN/icdit" bench-vae --backend cuda --batch "$vb" --runs 5 >>"$log" 2>&1 ||
+                echo "ICDIT_GEMM=$gemm bench-vae --batch $vb: exit $?" >>"$log"
+        done
     done
     grep '"icdit-cuda-vae"' "$log" | sed 's/^/  vae: /'
     c=$(cap 240 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))
@@ -391,24 +397,23 @@ step_engine() {
         # shellcheck disable=SC2086
         [[ -n "$made" ]] && rm -rf $made
     fi
-    # The Hopper GEMM (issue 26): its SASS must use the tensor memory accelerator and wgmma
-    # (UTMALDG, HGMMA), its first-use check must have passed, and the same engine on the
-    # fallback kernels (ICDIT_GEMM=wmma, batch 1) gives the comparison in this run.
-    if command -v cuobjdump >/dev/null 2>&1; then
-        local sass="$WORK/sm90.sass" hg tm
-        cuobjdump -sass -fun gemm_sm90_f16_128x128_k64 "$BIN/icdit" >"$sass" 2>&1
-        hg=$(grep -c 'HGMMA' "$sass")
-        tm=$(grep -c 'UTMALDG' "$sass")
-        echo "## SASS of gemm_sm90_f16_128x128_k64: $hg HGMMA, $tm UTMALDG, $(grep -c 'USETMAXREG' "$sass") USETMAXREG, $(grep -cE '\b(LDL|STL)' "$sass") LDL/STL" | tee -a "$log"
-        if ((hg == 0 || tm == 0)); then
-            note "Hopper GEMM SASS" FAIL 0 "$hg HGMMA, $tm UTMALDG in gemm_sm90_f16_128x128_k64"
+    # The Hopper kernels (issue 26): their SASS must use the tensor memory accelerator and wgmma
+    # (UTMALDG, HGMMA) and no local memory (scripts/check-sass.sh on the fatbins prepare-device.sh
+    # copied to .device/kernels), their first-use check must have passed, and the same engine on
+    # the fallback kernels (ICDIT_GEMM=wmma, batch 1) gives the comparison in this run.
+    if command -v cuobjdump >/dev/null 2>&1 || [[ -x "${CUDA_PATH:-/nonexistent}/bin/cuobjdump" ]]; then
+        local sass_out sass_rc=0
+        sass_out=$(bash scripts/check-sass.sh .device/kernels 2>&1) || sass_rc=$?
+        sed 's/^/## /' <<<"$sass_out" | tee -a "$log"
+        if ((sass_rc != 0)); then
+            note "Hopper kernels' SASS" FAIL 0 "$(tr '\n' ' ' <<<"$sass_out")"
             FAILED=1
         fi
     else
-        echo "## cuobjdump: not on PATH (Hopper GEMM SASS not checked)" >>"$log"
+        echo "## cuobjdump: not on PATH (Hopper kernels' SASS not checked)" >>"$log"
     fi
-    if grep -q 'disagrees with the fallback kernels' "$log"; then
-        note "Hopper GEMM first-use check" FAIL 0 "$(grep -m1 'disagrees with the fallback' "$log")"
+    if grep -qE 'disagrees? with the fallback kernels' "$log"; then
+        note "Hopper kernels' first-use check" FAIL 0 "$(grep -m1 -E 'disagrees? with the fallback' "$log")"
         FAILED=1
     fi
     c=$(cap 60 $((RESERVE_PYTORCH + RESERVE_SUMMARY)))

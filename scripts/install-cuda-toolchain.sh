@@ -2,7 +2,8 @@
 # Installs the CUDA 13.0 toolchain icdit's `cuda` feature builds with, on a machine with no GPU
 # and no CUDA install, from the package registries alone (recipe: docs/gpu-emulation.md):
 #   - nvcc, ptxas, headers and CCCL from PyPI wheels pinned to 13.0 (the GPU machines' driver
-#     is CUDA 13.0), into a virtual environment;
+#     is CUDA 13.0), into a virtual environment, with cuobjdump and nvdisasm (13.2: the oldest
+#     on PyPI) for the SASS check;
 #   - libcuda.so for linking from Debian's non-free `libcuda1`, downloaded (not installed) and
 #     unpacked with `dpkg -x`; at run time without a GPU it makes cuInit report "no device".
 # Idempotent: every step is skipped when its result is already in the cache folder, so a CI
@@ -39,6 +40,14 @@ ROOT=$(ls -d "$VENV"/lib/python3*/site-packages/nvidia/cu13 2>/dev/null | head -
     echo "install-cuda-toolchain: $ROOT/bin/nvcc or include/cuda.h missing after install" >&2
     exit 1
 }
+
+# 1b. cuobjdump and nvdisasm, for the SASS check of the Hopper kernels (scripts/check-sass.sh).
+#     PyPI has them from 13.2 on; a newer disassembler reads 13.0's sm_90a code.
+if [[ ! -x "$ROOT/bin/cuobjdump" || ! -x "$ROOT/bin/nvdisasm" ]]; then
+    echo "install-cuda-toolchain: cuobjdump and nvdisasm 13.2 (PyPI) into $ROOT/bin"
+    "$VENV/bin/pip" install --quiet --no-deps --cache-dir "$CACHE/pip" \
+        "nvidia-cuda-cuobjdump==13.2.*" "nvidia-cuda-nvdisasm==13.2.*"
+fi
 
 # 2. libcuda.so from Debian non-free, through a private apt configuration that adds
 #    `contrib non-free` to the mirror and suite this machine already uses.

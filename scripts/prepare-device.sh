@@ -39,7 +39,7 @@ trap 'rm -f "$json" "$list"' EXIT
 cargo test --release --features cuda --lib --test 'gpu_*' --no-run --message-format=json >"$json"
 cargo build --release --features cuda --bin icdit --message-format=json >>"$json"
 python3 - "$json" >"$list" <<'EOF'
-import json, sys
+import json, os, sys
 found = {}
 for line in open(sys.argv[1]):
     if not line.startswith("{"):
@@ -54,8 +54,17 @@ for line in open(sys.argv[1]):
         found[t["name"]] = m["executable"]
     elif not test and "bin" in t["kind"] and t["name"] == "icdit":
         found["icdit"] = m["executable"]
+kernels = None
+for line in open(sys.argv[1]):
+    if line.startswith("{"):
+        m = json.loads(line)
+        if m.get("reason") == "build-script-executed" and "icdit" in m.get("package_id", "") \
+                and os.path.exists(os.path.join(m.get("out_dir", ""), "gemm_sm90.fatbin")):
+            kernels = m["out_dir"]
 for name, path in sorted(found.items()):
     print(name, path)
+if kernels:
+    print("kernels", kernels)
 EOF
 wanted=(lib icdit)
 for f in tests/gpu_*.rs; do wanted+=("$(basename "$f" .rs)"); done
@@ -63,9 +72,14 @@ for want in "${wanted[@]}"; do
     grep -q "^$want " "$list" || { echo "prepare-device: cargo reported no executable for $want" >&2; exit 1; }
 done
 
-# 3. Copy with stable names, without debug information.
-rm -rf "$DEST/bin"
-mkdir -p "$DEST/bin"
+# 3. Copy with stable names, without debug information; the Hopper kernels' fatbins (the build
+#    script's output folder) to .device/kernels, for gpu-check.sh's SASS check (check-sass.sh).
+rm -rf "$DEST/bin" "$DEST/kernels"
+mkdir -p "$DEST/bin" "$DEST/kernels"
+kernels_dir=$(sed -n 's/^kernels //p' "$list")
+[[ -n "$kernels_dir" ]] || { echo "prepare-device: cargo reported no build-script output with the fatbins" >&2; exit 1; }
+cp "$kernels_dir"/*_sm90.fatbin "$DEST/kernels/"
+sed -i '/^kernels /d' "$list"
 while read -r name path; do
     if command -v strip >/dev/null; then
         strip --strip-all -o "$DEST/bin/$name" "$path"

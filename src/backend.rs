@@ -305,6 +305,18 @@ impl AnyVae {
         }
     }
     /// Latents per call: 1 on the CPU, the planned batch on a device.
+    /// Whether the decoder runs the Hopper kernels (kernels/*_sm90.cu, after their first-use
+    /// check); `None` on the CPU.
+    pub fn hopper_kernels(&self) -> Option<bool> {
+        use crate::gpu::Device;
+        match self {
+            AnyVae::Cpu(_) => None,
+            AnyVae::Emu(d) => Some(d.device().gemm_sm90()),
+            #[cfg(feature = "cuda")]
+            AnyVae::Cuda(d) => Some(d.device().gemm_sm90()),
+        }
+    }
+
     pub fn batch(&self) -> usize {
         match self {
             AnyVae::Cpu(_) => 1,

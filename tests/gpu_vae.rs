@@ -106,6 +106,17 @@ const CONVS: &[(&str, Conv)] = &[
         "128×128 tile, last conv 40→3, 13×11, f32 out, no bias",
         large(Conv { f32_out: true, bias: false, ..conv(13, 11, 40, 3) }),
     ),
+    // The Hopper kernel (kernels/conv_sm90.cu: tap-major weights, cin % 64 == 0), which the
+    // emulated device (an sm_90 GPU) runs wherever it can. 3 emulated multiprocessors: a
+    // persistent block walks several tiles, its 4-stage ring wrapping within and across them.
+    (
+        "Hopper, 3 images 10×13 (390 pixels: 4×2 tiles), 128→150, tap-major, add, f32 out",
+        Conv { images: 3, tap_major: true, add: true, f32_out: true, tile: ConvTile::Sm90, ..conv(10, 13, 128, 150) },
+    ),
+    (
+        "Hopper, up2 9×7→18×14, 64→129 (odd cout: single columns), tap-major, no bias",
+        Conv { up2: true, tap_major: true, bias: false, tile: ConvTile::Sm90, ..conv(18, 14, 64, 129) },
+    ),
     // The launcher's own choice of the 128×128 tile: ⌈M/128⌉·⌈cout/128⌉ = 128·1 tiles.
     (
         "auto: 128×128 tile chosen, 128×128 image, 8→72, tap-major, add",
@@ -279,6 +290,22 @@ fn conv3x3_tile_rule() {
     assert_eq!(ConvTile::Small.choose(1 << 20, 512), ConvTile::Small);
     let (_, last) = CONVS[CONVS.len() - 1];
     assert_eq!(ConvTile::Auto.choose(last.pixels() as i64, last.cout as i32), ConvTile::Large);
+    // Which convolutions the Hopper kernel takes (on the emulated sm_90 device): the decoder's
+    // 3×3 convolutions but conv_in (cin = 4), tap-major.
+    let mut plan = Plan::new("hopper rule");
+    let b = add(&mut plan, "buf", 1 << 16, Dt::F16);
+    let dev = emu(&plan).unwrap();
+    let s = out::<f16, _>(&dev, &plan, b);
+    let spec = |cin: i32, layout: ConvWeights, off: usize| Conv3Spec {
+        layout,
+        ..Conv3Spec::new(GemmOut::F16(s.sub(0, 8).unwrap()), s.sub(off, 8).unwrap(), s.sub(0, 8).unwrap(), 1, 1, cin, 1)
+    };
+    for cin in [128, 256, 512] {
+        assert_eq!(launch::conv_sm90_unsupported(&dev, &spec(cin, ConvWeights::TapMajor, 0)), None, "cin {cin}");
+    }
+    assert!(launch::conv_sm90_unsupported(&dev, &spec(4, ConvWeights::TapMajor, 0)).is_some(), "conv_in");
+    assert!(launch::conv_sm90_unsupported(&dev, &spec(128, ConvWeights::Torch, 0)).is_some(), "PyTorch layout");
+    assert!(launch::conv_sm90_unsupported(&dev, &spec(128, ConvWeights::TapMajor, 4)).is_some(), "8-byte input");
 }
 
 // ---- 1×1 convolution = gemm_fused_f16_64x64_k64 over pixels ------------------------------------------------
@@ -534,6 +561,19 @@ fn attention_composed_emulated() {
 
 // ---- launcher rejections ------------------------------------------------------------------------
 
+/// The Hopper kernels' first-use check (src/gpu/launch/gemm.rs `check_sm90`: GEMMs with every
+/// epilogue and 3×3 convolutions against the fallback kernels) passes on the emulated sm_90
+/// device and leaves the Hopper path on.
+#[test]
+fn hopper_first_use_check_passes_emulated() {
+    let mut plan = Plan::new("first-use check");
+    let b = add(&mut plan, "scratch", launch::SM90_CHECK_ELEMS, Dt::F32);
+    let dev = emu(&plan).unwrap();
+    assert!(dev.gemm_sm90(), "the emulated device models an sm_90 GPU");
+    let ok = launch::check_sm90(&dev, out::<f32, _>(&dev, &plan, b)).unwrap();
+    assert!(ok && dev.gemm_sm90(), "the Hopper kernels disagree with the fallback kernels");
+}
+
 #[test]
 fn vae_launchers_reject_bad_arguments() {
     let mut plan = Plan::new("rejections");
@@ -559,6 +599,8 @@ fn vae_launchers_reject_bad_arguments() {
         ("bias too short", Conv3Spec { bias: Some(s.sub(0, 4).unwrap()), ..base }),
         ("add too short", Conv3Spec { add: Some(small), ..base }),
         ("more than 65535 row tiles", Conv3Spec { images: 200_000, ..base }),
+        ("Hopper kernel, PyTorch weights", Conv3Spec { tile: ConvTile::Sm90, ..base }),
+        ("Hopper kernel, cin = 8", Conv3Spec { tile: ConvTile::Sm90, layout: ConvWeights::TapMajor, ..base }),
     ];
     launch::conv3x3_f16(&dev, &base).expect("the base spec is valid");
     for (what, spec) in bad_convs {

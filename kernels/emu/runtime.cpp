@@ -169,6 +169,18 @@ struct TensorCopy {
     int c0, c1;
 };
 
+// A thread's gathered 16-byte copies (cp.async tracked by an mbarrier): issued ones wait in
+// the thread's list; its arrive turns them into a batch that lands, then arrives, at once in
+// odd blocks and as late as possible in even ones.
+struct Chunk {
+    uint32_t dst;
+    unsigned char bytes[16];
+};
+struct GatherBatch {
+    uint32_t mbar;
+    std::vector<Chunk> chunks;
+};
+
 // One warpgroup (4 consecutive warps, first warp index divisible by 4): threads meeting in a
 // warpgroup-collective instruction, and wgmma operations issued but not carried out yet —
 // the open group (since the last commit) and the committed groups, oldest first.
@@ -206,6 +218,8 @@ struct Worker {
     // and per warpgroup the rendezvous and the wgmma operations not carried out yet.
     std::vector<Mbarrier> mbars;
     std::vector<TensorCopy> copies;
+    std::vector<std::vector<Chunk>> gathering;  // per thread: issued, not arrived on yet
+    std::vector<GatherBatch> gathers;           // arrived on, not landed yet
     std::vector<Warpgroup> groups;
 };
 
@@ -283,8 +297,13 @@ inline void to_scheduler(Fiber* from) {
 
 // The fiber running now cannot go on: run the next runnable one, or give control back to the
 // scheduler, which then finds the block finished or stuck.
+bool land_oldest(Worker& w);
+
 void park(Fiber* self) {
-    if (Fiber* next = pop_ready(*g_worker))
+    Worker& w = *g_worker;
+    Fiber* next = pop_ready(w);
+    while (!next && land_oldest(w)) next = pop_ready(w);
+    if (next)
         run(self, next);
     else
         to_scheduler(self);
@@ -376,6 +395,8 @@ bool run_block(Worker& w, uint64_t linear_block) {
     if (w.dyn_bytes) std::memset(w.dyn, 0xff, w.dyn_bytes);
     w.mbars.clear();
     w.copies.clear();
+    w.gathering.assign(w.nthreads, {});
+    w.gathers.clear();
     w.groups.assign(w.nthreads / 128, Warpgroup{});
 
     Fiber* first = pop_ready(w);
@@ -393,6 +414,18 @@ bool run_block(Worker& w, uint64_t linear_block) {
     if (!w.copies.empty()) {
         w.error = where(w, nullptr) + std::to_string(w.copies.size()) +
                   " bulk tensor copy(ies) issued and never waited for on their mbarrier";
+        return false;
+    }
+    for (unsigned i = 0; i < w.nthreads; ++i)
+        if (!w.gathering[i].empty()) {
+            w.error = where(w, nullptr) + "thread " + std::to_string(i) + " issued " +
+                      std::to_string(w.gathering[i].size()) +
+                      " cp.async copy(ies) and no cp.async.mbarrier.arrive to complete them";
+            return false;
+        }
+    if (!w.gathers.empty()) {
+        w.error = where(w, nullptr) + std::to_string(w.gathers.size()) +
+                  " cp.async.mbarrier.arrive(s) whose copies no thread waited for";
         return false;
     }
     for (size_t g = 0; g < w.groups.size(); ++g)
@@ -552,9 +585,20 @@ void land(Worker& w, const TensorCopy& c) {
 // parity `parity` has completed: as late as possible, so a copy the waiter does not need (one
 // whose bytes the phase did not expect) stays in flight, and a kernel that reads it stale
 // shows.
+void land_gathers(Worker& w, const GatherBatch& b) {
+    for (const Chunk& c : b.chunks) std::memcpy(w.window + c.dst, c.bytes, 16);
+    Mbarrier* m = find_mbar(w, b.mbar, "cp.async.mbarrier.arrive (landing)");
+    if (m->pending <= 0)
+        fail("cp.async.mbarrier.arrive.noinc at %u: more arrivals than the %d its phase expects",
+             b.mbar, m->expected);
+    --m->pending;
+    mbar_settle(w, *m);
+}
+
 void land_for(Worker& w, uint32_t mbar, unsigned parity) {
+    auto done = [&] { return (find_mbar(w, mbar, "mbarrier.try_wait.parity")->phase & 1) != (parity & 1); };
     for (size_t i = 0; i < w.copies.size();) {
-        if ((find_mbar(w, mbar, "mbarrier.try_wait.parity")->phase & 1) != (parity & 1)) return;
+        if (done()) return;
         if (w.copies[i].mbar == mbar) {
             const TensorCopy c = w.copies[i];
             w.copies.erase(w.copies.begin() + long(i));
@@ -563,6 +607,33 @@ void land_for(Worker& w, uint32_t mbar, unsigned parity) {
             ++i;
         }
     }
+    for (size_t i = 0; i < w.gathers.size();) {
+        if (done()) return;
+        if (w.gathers[i].mbar == mbar) {
+            const GatherBatch b = std::move(w.gathers[i]);
+            w.gathers.erase(w.gathers.begin() + long(i));
+            land_gathers(w, b);
+        } else {
+            ++i;
+        }
+    }
+}
+
+// No thread can run: the oldest bulk copy, else the oldest gathered batch, lands (false: none).
+bool land_oldest(Worker& w) {
+    if (!w.copies.empty()) {
+        const TensorCopy c = w.copies.front();
+        w.copies.erase(w.copies.begin());
+        land(w, c);
+        return true;
+    }
+    if (!w.gathers.empty()) {
+        const GatherBatch b = std::move(w.gathers.front());
+        w.gathers.erase(w.gathers.begin());
+        land_gathers(w, b);
+        return true;
+    }
+    return false;
 }
 
 Warpgroup& my_group(Worker& w, const char* what) {
@@ -789,6 +860,32 @@ void bulk_tensor_load_2d(uint32_t dst, const TensorMapEmu* map, int c0, int c1, 
         land(w, c);
     else
         w.copies.push_back(c);
+}
+
+void gather_16(uint32_t dst, const void* src, bool valid) {
+    Worker& w = *g_worker;
+    const char* what = "cp.async (gathered)";
+    shared_ptr(dst, 16, what);
+    if (dst % 16 || (valid && reinterpret_cast<uintptr_t>(src) % 16))
+        fail("%s: shared address %u <- %p is not 16-byte aligned", what, dst, src);
+    Chunk c;
+    c.dst = dst;
+    if (valid)
+        std::memcpy(c.bytes, src, 16);
+    else
+        std::memset(c.bytes, 0, 16);
+    w.gathering[g_cur->linear].push_back(c);
+}
+
+void gather_arrive_noinc(uint32_t mbar) {
+    Worker& w = *g_worker;
+    find_mbar(w, mbar, "cp.async.mbarrier.arrive.noinc");
+    GatherBatch b{mbar, std::move(w.gathering[g_cur->linear])};
+    w.gathering[g_cur->linear].clear();
+    if (w.reverse)
+        land_gathers(w, b);
+    else
+        w.gathers.push_back(std::move(b));
 }
 
 void wgmma_issue(float* d, int n, uint64_t desc_a, uint64_t desc_b, int scale_d) {

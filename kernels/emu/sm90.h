@@ -19,6 +19,13 @@
 //                      bytes the phase did not expect stay in flight), odd blocks at once: a consumer that reads before waiting sees
 //                      stale data in one, a producer that overwrites a stage still being read
 //                      shows in the other.
+//   gathered copies    cp.async (16 bytes, non-bulk, zero fill) whose completion an mbarrier
+//                      tracks (cp.async.mbarrier.arrive.noinc): the thread's copies since
+//                      its last such arrive land together, then count as one arrival. Even
+//                      blocks land them as late as the bulk copies, odd blocks at the arrive.
+//   landing when stuck when no thread can run, the oldest copy not landed yet lands (on a GPU
+//                      every copy completes eventually), so a wait issued before its copies
+//                      is no deadlock.
 //   wgmma              mma_async m64nNk16, f16 × f16 → f32, A and B K-major from shared
 //                      memory matrix descriptors (no swizzle or 128-byte swizzle), the
 //                      accumulator fragment layout of the ISA; a warpgroup collective. An
@@ -72,6 +79,13 @@ void mbar_arrive(uint32_t addr);
 void mbar_wait(uint32_t addr, unsigned parity);
 
 void bulk_tensor_load_2d(uint32_t dst, const TensorMapEmu* map, int c0, int c1, uint32_t mbar);
+
+// cp.async.cg 16 bytes from global `src` (16-byte aligned) to shared `dst`, zeros when
+// !valid; it lands with the thread's next gather_arrive_noinc.
+void gather_16(uint32_t dst, const void* src, bool valid);
+// cp.async.mbarrier.arrive.noinc: once the calling thread's gathered copies have landed, one
+// arrival on `mbar` (counted in its expected arrivals).
+void gather_arrive_noinc(uint32_t mbar);
 
 // Issues one m64nNk16 operation of the calling thread's warpgroup; `d` is this thread's N/2
 // accumulators.

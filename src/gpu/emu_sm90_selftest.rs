@@ -2,8 +2,8 @@
 //! kernels/emu/sm90_selftest.cu, against layouts worked out by hand from the PTX ISA's figures:
 //! the 128-byte swizzle of a bulk tensor copy, out-of-bounds zero fill, the m64nNk16
 //! accumulator fragment layout, descriptors advanced along k; the misuses the emulation must
-//! report; and mutants of the Hopper GEMM (kernels/gemm_sm90.cu), each missing one
-//! synchronisation, which must fail.
+//! report; and mutants of the Hopper GEMM (kernels/gemm_sm90.cu) and convolution
+//! (kernels/conv_sm90.cu), each missing one synchronisation, which must fail.
 
 use super::kernels::kernel_mod;
 use super::{f16, DevPtr, DevSlice, Device, EmuDevice, Kernel, LaunchCfg, TensorMap, TensorMapSpec};
@@ -16,6 +16,8 @@ kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_tma(map: TensorMap, ou
 kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_wgmma(map_a: TensorMap, map_b: TensorMap, out: DevPtr<f32>, kk: i32, mode: i32));
 kernel_mod!("emu/sm90_selftest", usize::MAX, emu_selftest_sm90_broken(mode: i32));
 kernel_mod!("gemm_sm90", usize::MAX, emu_mutant_gemm_sm90(map_a: TensorMap, map_w: TensorMap, map_am: TensorMap, minus: i32, out: DevPtr<f16>, m: i32, n: i32, k: i32, mutant: i32));
+
+kernel_mod!("conv_sm90", usize::MAX, emu_mutant_conv_sm90(map_w: TensorMap, out: DevPtr<f16>, input: DevPtr<f16>, h: i32, w: i32, cin: i32, cout: i32, mutant: i32));
 
 fn cfg(blocks: u32, threads: u32, dyn_smem: u32) -> LaunchCfg {
     LaunchCfg { grid: [blocks, 1, 1], block: [threads, 1, 1], dyn_smem }
@@ -240,5 +242,67 @@ fn gemm_mutants_fail() {
         let r = run(true, mutant);
         println!("a − a_minus, mutant {mutant} ({what}): {r:?}");
         assert!(!matches!(r, Ok(0)), "a − a_minus, mutant {mutant} ({what}) computed the right result");
+    }
+}
+
+#[test]
+fn conv_mutants_fail() {
+    // A 12 × 13 image (156 pixels: 2 row tiles), 64 → 136 channels (2 column tiles): 4 tiles on
+    // the 3 emulated multiprocessors, 9 k steps each, so the 4-stage ring wraps within a tile
+    // and across the tiles a block walks. Small integers: every sum is exact, every output
+    // exact in f16.
+    let (h, w, cin, cout) = (12usize, 13usize, 64usize, 136usize);
+    let (px, k) = (h * w, 9 * cin);
+    let (dev, buf, _) = device(px * cin + cout * k + px * cout, 16);
+    let (x, wt, o) = (sub(buf, 0, px * cin), sub(buf, px * cin, cout * k), sub(buf, px * cin + cout * k, px * cout));
+    let xv: Vec<f32> = (0..px * cin).map(|i| ((i * 7 + 3) % 9) as f32 - 4.0).collect();
+    // Tap-major: column tap·cin + ci.
+    let wv: Vec<f32> = (0..cout * k).map(|i| ((i * 5 + 1) % 7) as f32 - 3.0).collect();
+    dev.upload(x, &xv.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()).unwrap();
+    dev.upload(wt, &wv.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>()).unwrap();
+    let mw = map(&dev, wt, cout as u64, k as u64, 128);
+    let want: Vec<f32> = (0..px * cout)
+        .map(|i| {
+            let (p, co) = (i / cout, i % cout);
+            let (y, xx) = ((p / w) as i64, (p % w) as i64);
+            let mut acc = 0f32;
+            for tap in 0..9 {
+                let (yy, xs) = (y + tap as i64 / 3 - 1, xx + tap as i64 % 3 - 1);
+                if yy < 0 || xs < 0 || yy >= h as i64 || xs >= w as i64 {
+                    continue;
+                }
+                let q = yy as usize * w + xs as usize;
+                acc += (0..cin).map(|ci| xv[q * cin + ci] * wv[co * k + tap * cin + ci]).sum::<f32>();
+            }
+            f16::from_f32(acc).to_f32()
+        })
+        .collect();
+    let run = |mutant: i32| -> std::result::Result<usize, String> {
+        dev.upload(o, &vec![f16::from_f32(f32::NAN); px * cout]).unwrap();
+        // SAFETY: the map covers the weight, `x` holds the image, `o` px × cout halves.
+        unsafe {
+            emu_mutant_conv_sm90::launch(
+                &dev,
+                &cfg(3, 384, 132_160),
+                mw,
+                o.ptr(),
+                x.ptr(),
+                h as i32,
+                w as i32,
+                cin as i32,
+                cout as i32,
+                mutant,
+            )
+        }
+        .map_err(|e| e.to_string())?;
+        let mut got = vec![f16::ZERO; px * cout];
+        dev.download(o, &mut got).unwrap();
+        Ok(got.iter().zip(&want).filter(|(g, w)| g.to_f32() != **w).count())
+    };
+    assert_eq!(run(0), Ok(0), "the sound kernel");
+    for (mutant, what) in [(1, "no full wait"), (2, "no empty wait"), (3, "early release"), (4, "no init barrier")] {
+        let r = run(mutant);
+        println!("conv mutant {mutant} ({what}): {r:?}");
+        assert!(!matches!(r, Ok(0)), "conv mutant {mutant} ({what}) computed the right result");
     }
 }

@@ -149,6 +149,10 @@ kernels! {
             add: DevPtr<f16>, m: i32, n: i32, k: i32, ldc: i32, ld_add: i32, add_rows: i32,
             out2: DevPtr<f32>, n2: i32, ld2: i32, ws: DevPtr<f32>, k_split: i32, act: i32);
     }
+    "conv_sm90" => {
+        conv3x3_sm90_f16(map_w: TensorMap, out: DevPtr<f16>, out_f32: DevPtr<f32>, input: DevPtr<f16>,
+            bias: DevPtr<f16>, add: DevPtr<f16>, images: i32, h: i32, w: i32, cin: i32, cout: i32, up2: i32);
+    }
     "gemm" => {
         gemm_fused_f16_64x64_k64(out: DevPtr<f16>, out_f32: DevPtr<f32>, pre: DevPtr<f16>, a: DevPtr<f16>,
             a_minus: DevPtr<f16>, w: DevPtr<f16>, bias: DevPtr<f16>, add: DevPtr<f16>,

@@ -37,6 +37,8 @@ struct DeviceBuffers {
     attn_v_t: BufId,
     attn_out: BufId,
     attn_scores: BufId,
+    /// f32 workspace of the Hopper kernels' first-use check ([`launch::check_sm90`]).
+    check_scratch: BufId,
     attn_probs: BufId,
 }
 
@@ -134,8 +136,11 @@ impl<D: Device> GpuVaeDecoder<D> {
             attn_scores: plan.add("attn_scores", &[attn_px, attn_px], h),
             attn_probs: plan.add("attn_probs", &[attn_px, attn_px], h),
             image: plan.add("image (NHWC f32)", &[n * side * side, oc], Dt::F32),
+            check_scratch: plan.add("Hopper first-use check scratch", &[launch::SM90_CHECK_ELEMS], Dt::F32),
         };
         let dev = open(&plan)?;
+        // The decoder may be the first user of this device's Hopper kernels (its own arena).
+        launch::check_sm90(&dev, dev.slice::<f32>(plan.get(buffers.check_scratch))?)?;
         let mut d = GpuVaeDecoder {
             model,
             dev,

@@ -303,6 +303,7 @@ fn bench_vae(args: BenchVaeArgs) -> Result<(), Error> {
             "out_side": dec.out_side(),
             "threads": args.threads,
             "cpu_isa": dec.cpu_isa().map(|i| i.name()),
+            "hopper_kernels": dec.hopper_kernels(),
             "gmacs": macs / 1e9,
             "median_ms": median,
             "min_ms": sorted[0],

@@ -631,25 +631,29 @@ fn launch_sm90<D: Device + ?Sized>(dev: &D, spec: &GemmSpec, ws: DevPtr<f32>, k_
     }
 }
 
-/// The first-use check of the Hopper GEMM on a device (issue 26): a few small GEMMs with
+/// The first-use check of the Hopper kernels on a device (issue 26): a few small GEMMs with
 /// every epilogue (bias, row-wrapped add, pre-activation copy, GELU and SiLU, f16 and f32 out,
 /// a second weight, split-K, icc's increment a − a_minus; shapes that are not multiples of the
-/// tile) on the Hopper kernel
-/// and on gemm.cu's, compared
-/// within `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each
-/// output rounded once to f16: a rounding step apart at most). On disagreement the device
-/// turns the Hopper kernel off ([`Device::disable_gemm_sm90`]) and this says so once on
-/// stderr; a launch error is returned. `scratch` is f32 workspace (the pipeline's split-K
-/// buffer, before anything uses it) of at least [`SM90_CHECK_ELEMS`]. Returns whether the
-/// Hopper kernel stays on.
+/// tile) on the Hopper GEMM and on gemm.cu's, and a few 3×3 convolutions on the Hopper
+/// convolution and vae_conv.cu's ([`super::vae::conv_sm90_disagreement`]), compared within
+/// `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each output
+/// rounded once to f16: a rounding step apart at most). On disagreement the device turns the
+/// Hopper kernels off ([`Device::disable_gemm_sm90`]) and this says so once on stderr; a launch
+/// error is returned. `scratch` is f32 workspace (the pipeline's split-K buffer, before
+/// anything uses it) of at least [`SM90_CHECK_ELEMS`]. Returns whether the Hopper kernels stay
+/// on.
 pub fn check_sm90<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<bool> {
     if !dev.gemm_sm90() {
         return Ok(false);
     }
-    if let Some(bad) = sm90_disagreement(dev, scratch)? {
+    let bad = match sm90_disagreement(dev, scratch)? {
+        Some(bad) => Some(bad),
+        None => super::vae::conv_sm90_disagreement(dev, scratch)?,
+    };
+    if let Some(bad) = bad {
         dev.disable_gemm_sm90();
         eprintln!(
-            "icdit: the Hopper GEMM (wgmma + TMA) disagrees with the fallback kernels on its first-use check \
+            "icdit: the Hopper kernels (wgmma + TMA) disagree with the fallback kernels on their first-use check \
              ({bad}); {} uses the fallback kernels",
             dev.name()
         );

@@ -11,7 +11,7 @@
 
 use super::{covers, invalid, positive, GemmOut};
 use crate::error::Result;
-use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg};
+use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg, TensorMapSpec};
 
 /// The layout of a 3×3 convolution weight (cout, 9·cin).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,16 +24,43 @@ pub enum ConvWeights {
     TapMajor,
 }
 
-/// The block tile of [`conv3x3_f16`] (kernels/vae_conv.cu: one kernel, the block size selects
-/// the tile).
+/// The kernel and block tile of [`conv3x3_f16`]: the Hopper kernel (kernels/conv_sm90.cu), or
+/// one of the two tiles of kernels/vae_conv.cu (one kernel, the block size selects the tile).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvTile {
-    /// The launcher's rule ([`ConvTile::choose`]).
+    /// The launcher's rule: the Hopper kernel where [`conv_sm90_unsupported`] finds nothing
+    /// against it, else [`ConvTile::choose`].
     Auto,
     /// 64×64 pixels × output channels, 128 threads, 40,960 B of dynamic shared memory.
     Small,
     /// 128×128, 256 threads, 81,920 B of dynamic shared memory (opted in above 48 KiB).
     Large,
+    /// kernels/conv_sm90.cu (wgmma, the weight tile by TMA, the input gathered by cp.async):
+    /// 128×128 tiles, a persistent grid of 384-thread blocks, [`CONV_SM90_SMEM`] bytes. An
+    /// error where [`conv_sm90_unsupported`] says why not.
+    Sm90,
+}
+
+/// Dynamic shared memory of kernels/conv_sm90.cu: 4 stages of 32 KiB, 8 mbarriers, 1 KiB of
+/// alignment slack.
+pub const CONV_SM90_SMEM: u32 = 132_160;
+
+/// Why the Hopper convolution cannot run `spec` on `dev` (`None`: it can): it needs an sm_90
+/// device whose Hopper GEMM passed its first-use check ([`Device::gemm_sm90`]), tap-major
+/// weights, cin a multiple of 64 (whole 64-channel k steps) and 16-byte aligned input and
+/// weight (16-byte gathers, the tensor map's rule).
+pub fn conv_sm90_unsupported<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Option<&'static str> {
+    if !dev.gemm_sm90() {
+        Some("it needs an sm_90 GPU (H100/H200) whose Hopper kernels passed their first-use check")
+    } else if spec.layout != ConvWeights::TapMajor {
+        Some("it needs tap-major weights")
+    } else if spec.cin % 64 != 0 {
+        Some("it needs cin to be a multiple of 64")
+    } else if spec.input.ptr().addr() % 16 != 0 || spec.weight.ptr().addr() % 16 != 0 {
+        Some("it needs 16-byte aligned input and weight")
+    } else {
+        None
+    }
 }
 
 impl ConvTile {
@@ -60,10 +87,12 @@ impl ConvTile {
         }
     }
 
-    /// (block tile side, threads, dynamic shared memory bytes): kernels/vae_conv.cu's Cfg.
+    /// (block tile side, threads, dynamic shared memory bytes): kernels/vae_conv.cu's Cfg,
+    /// kernels/conv_sm90.cu's constants.
     fn geometry(self) -> (i64, u32, u32) {
         match self {
             ConvTile::Large => (128, 256, 81_920),
+            ConvTile::Sm90 => (128, 384, CONV_SM90_SMEM),
             _ => (64, 128, 40_960),
         }
     }
@@ -121,11 +150,13 @@ fn ptr_or_null<T>(s: Option<DevSlice<T>>) -> DevPtr<T> {
     s.map_or(DevPtr::null(), DevSlice::ptr)
 }
 
-/// Runs the convolution `spec` describes (kernels/vae_conv.cu) with the tile
-/// [`ConvTile::choose`] picks: grid (⌈cout/T⌉, ⌈images·h·w/T⌉) of T×T tiles, 128 threads for
-/// T = 64, 256 for T = 128, and that tile's dynamic shared memory. Checks sizes (h and w even
-/// with `up2`), that every slice covers what the kernel reads or writes, and that the pixel
-/// count fits the grid. The outputs must not overlap the inputs (not checked).
+/// Runs the convolution `spec` describes: on an sm_90 device the Hopper kernel
+/// (kernels/conv_sm90.cu, [`ConvTile::Sm90`]) where it can run it, else kernels/vae_conv.cu
+/// with the tile [`ConvTile::choose`] picks: grid (⌈cout/T⌉, ⌈images·h·w/T⌉) of T×T tiles,
+/// 128 threads for T = 64, 256 for T = 128, and that tile's dynamic shared memory. Checks
+/// sizes (h and w even with `up2`), that every slice covers what the kernel reads or writes,
+/// and that the pixel count fits the grid. The outputs must not overlap the inputs (not
+/// checked).
 pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> {
     const K: &str = "conv3x3_f16";
     let &Conv3Spec { out, input, weight, layout, bias, add, images, h, w, cin, cout, up2, tile } = spec;
@@ -134,7 +165,14 @@ pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> 
         return Err(invalid(K, format!("up2 needs an even output size, got {h}×{w}")));
     }
     let pixels = images as i64 * h as i64 * w as i64;
-    let (tile_side, threads, smem) = tile.choose(pixels, cout).geometry();
+    let tile = match (tile, conv_sm90_unsupported(dev, spec)) {
+        (ConvTile::Sm90, Some(why)) => {
+            return Err(invalid(K, format!("the Hopper kernel cannot run this convolution: {why}")))
+        }
+        (ConvTile::Auto, None) => ConvTile::Sm90,
+        (t, _) => t.choose(pixels, cout),
+    };
+    let (tile_side, threads, smem) = tile.geometry();
     // The kernel indexes pixels and channels in `int`, up to a whole tile past the end.
     const TILE: i64 = 128;
     let k = 9 * cin as i64;
@@ -165,6 +203,43 @@ pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> 
     if let Some(s) = add {
         covers(K, "add", s, out_elems, 2)?;
     }
+    if tile == ConvTile::Sm90 {
+        let map_w = dev.tensor_map_2d(&TensorMapSpec {
+            addr: weight.ptr().addr(),
+            rows: cout as u64,
+            cols: k as u64,
+            stride: k as u64,
+            box_rows: 128,
+            box_cols: 64,
+        })?;
+        let units = grid_y * ((cout as i64 + tile_side - 1) / tile_side);
+        let cfg = LaunchCfg {
+            grid: [units.min(dev.multiprocessors() as i64).max(1) as u32, 1, 1],
+            block: [threads, 1, 1],
+            dyn_smem: smem,
+        };
+        // SAFETY: the tensor map covers the weight (cout × 9·cin, checked above); input, bias,
+        // add and the output cover what the kernel reads or writes for these sizes (checked
+        // above); absent ones are null, which the kernel skips.
+        return unsafe {
+            kernels::conv3x3_sm90_f16::launch(
+                dev,
+                &cfg,
+                map_w,
+                out16,
+                out32,
+                input.ptr(),
+                ptr_or_null(bias),
+                ptr_or_null(add),
+                images,
+                h,
+                w,
+                cin,
+                cout,
+                up2 as i32,
+            )
+        };
+    }
     let cfg = LaunchCfg {
         grid: [((cout as i64 + tile_side - 1) / tile_side) as u32, grid_y as u32, 1],
         block: [threads, 1, 1],
@@ -191,6 +266,118 @@ pub fn conv3x3_f16<D: Device + ?Sized>(dev: &D, spec: &Conv3Spec) -> Result<()> 
             (layout == ConvWeights::TapMajor) as i32,
         )
     }
+}
+
+/// One convolution of the Hopper kernel's first-use check: sizes, upsample, which operands
+/// are present, f32 or f16 out.
+struct ConvCheck {
+    images: i32,
+    h: i32,
+    w: i32,
+    cin: i32,
+    cout: i32,
+    up2: bool,
+    bias: bool,
+    add: bool,
+    f32_out: bool,
+}
+
+/// Two row tiles and a partial column tile with the upsample, bias and residual; then a single
+/// partial column tile (cout < 128, not a multiple of 8), f32 out, no bias.
+const CONV_CHECKS: [ConvCheck; 2] = [
+    ConvCheck { images: 2, h: 10, w: 12, cin: 64, cout: 136, up2: true, bias: true, add: true, f32_out: false },
+    ConvCheck { images: 1, h: 11, w: 13, cin: 128, cout: 42, up2: false, bias: false, add: false, f32_out: true },
+];
+
+/// The Hopper convolution's part of the first-use check ([`super::check_sm90`]): each of
+/// [`CONV_CHECKS`] on kernels/conv_sm90.cu and on vae_conv.cu's 64×64 tile, from
+/// deterministic values in [−1, 1) (weights scaled by 1/√(9·cin)), compared within
+/// `|h − f| ≤ 4e-3·|f| + 2e-3` (the same f16 products summed in another order, each output
+/// rounded once: a rounding step apart at most). `scratch` is f32 workspace; the first case that
+/// disagrees, described, or `None`.
+pub(crate) fn conv_sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<Option<String>> {
+    const K: &str = "conv3x3_sm90_f16 (first-use check)";
+    let end = scratch.ptr().addr() + scratch.len as u64 * 4;
+    for (index, c) in CONV_CHECKS.iter().enumerate() {
+        let mut at = scratch.ptr().addr().div_ceil(16) * 16;
+        let mut take = |bytes: usize| -> Result<u64> {
+            let start = at;
+            at += (bytes as u64).div_ceil(16) * 16;
+            if at > end {
+                return Err(invalid(K, "the first-use check's scratch is too small".to_string()));
+            }
+            Ok(start)
+        };
+        let s16 = |addr: u64, len: usize| DevSlice::<f16> { addr, len, _t: std::marker::PhantomData };
+        let px = (c.images * c.h * c.w) as usize;
+        let src_px = if c.up2 { px / 4 } else { px };
+        let (cin, cout) = (c.cin as usize, c.cout as usize);
+        let input = s16(take(src_px * cin * 2)?, src_px * cin);
+        let weight = s16(take(cout * 9 * cin * 2)?, cout * 9 * cin);
+        let bias = s16(take(cout * 2)?, cout);
+        let add = s16(take(px * cout * 2)?, px * cout);
+        let outs = [take(px * cout * 4)?, take(px * cout * 4)?];
+        let mut state = 0x85eb_ca6bu32.wrapping_mul(index as u32 + 1);
+        let mut fill = |s: DevSlice<f16>, scale: f32| -> Result<()> {
+            let v: Vec<f16> = (0..s.len)
+                .map(|_| {
+                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                    f16::from_f32(((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
+                })
+                .collect();
+            dev.upload(s, &v)
+        };
+        fill(input, 1.0)?;
+        fill(weight, 1.0 / (9.0 * cin as f32).sqrt())?;
+        fill(bias, 0.5)?;
+        fill(add, 0.5)?;
+        let mut results = Vec::new();
+        for (i, tile) in [ConvTile::Sm90, ConvTile::Small].into_iter().enumerate() {
+            let out = if c.f32_out {
+                GemmOut::F32(DevSlice { addr: outs[i], len: px * cout, _t: std::marker::PhantomData })
+            } else {
+                GemmOut::F16(s16(outs[i], px * cout))
+            };
+            let spec = Conv3Spec {
+                layout: ConvWeights::TapMajor,
+                bias: c.bias.then_some(bias),
+                add: c.add.then_some(add),
+                images: c.images,
+                up2: c.up2,
+                tile,
+                ..Conv3Spec::new(out, input, weight, c.h, c.w, c.cin, c.cout)
+            };
+            conv3x3_f16(dev, &spec)?;
+            let got: Vec<f32> = match out {
+                GemmOut::F32(s) => {
+                    let mut v = vec![0f32; s.len];
+                    dev.download(s, &mut v)?;
+                    v
+                }
+                GemmOut::F16(s) => {
+                    let mut v = vec![f16::ZERO; s.len];
+                    dev.download(s, &mut v)?;
+                    v.iter().map(|x| x.to_f32()).collect()
+                }
+            };
+            results.push(got);
+        }
+        let (h, f) = (&results[0], &results[1]);
+        if let Some(i) = (0..h.len()).find(|&i| !((h[i] - f[i]).abs() <= 4e-3 * f[i].abs() + 2e-3)) {
+            return Ok(Some(format!(
+                "3×3 convolution {}×{}×{} px, {}→{}{}: element {i} = {} against {}",
+                c.images,
+                c.h,
+                c.w,
+                c.cin,
+                c.cout,
+                if c.up2 { ", upsampled" } else { "" },
+                h[i],
+                f[i]
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// GroupNorm over `groups` groups of consecutive channels, statistics per image over all its
