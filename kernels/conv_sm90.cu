@@ -149,13 +149,8 @@ __device__ __forceinline__ void conv_persistent(const TensorMap* map_w, const Pa
     const int ksteps = 9 * p.cblocks;
     const int wg = threadIdx.x / 128;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 128 + 1);     // 128 gathers + the weight tile's expect_tx
-            mbar_init(empty0 + 8 * s, CONSUMERS);  // one arrival per consumer warpgroup
-        }
-        fence_mbar_init();
-    }
+    // Full: 128 gathers + the weight tile's expect_tx; empty: one arrival per consumer warpgroup.
+    if (threadIdx.x == 0) init_stage_barriers(full0, empty0, STAGES, 128 + 1, CONSUMERS);
     if (MUTANT != NO_INIT_BARRIER) __syncthreads();
 
     if (wg == 0) {
@@ -163,8 +158,7 @@ __device__ __forceinline__ void conv_persistent(const TensorMap* map_w, const Pa
         const int cc = t % 8, r0 = t / 8;  // chunk, first row (rows r0 + 16i)
         // This thread's chunk i lands at a_stage + dst + 2048·i (rows 16 apart: same r mod 8).
         const uint32_t dst = r0 * 128 + ((cc ^ (r0 % 8)) << 4);
-        int s = 0;
-        unsigned phase = 0;
+        RingPos r;
         for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
             const int m0 = (unit % tiles_m) * BM, n0 = (unit / tiles_m) * BN;
             Pixel rows[ROWS_PER_THREAD];
@@ -178,8 +172,8 @@ __device__ __forceinline__ void conv_persistent(const TensorMap* map_w, const Pa
                     SM90_UNROLL
                     for (int i = 0; i < ROWS_PER_THREAD; ++i) src[i] = tap_source(p, rows[i], dy, dx);
                 }
-                if (MUTANT != NO_EMPTY_WAIT) mbar_wait(empty0 + 8 * s, phase ^ 1);  // stage s released
-                const uint32_t st = base + s * STAGE_BYTES, full = full0 + 8 * s;
+                if (MUTANT != NO_EMPTY_WAIT) mbar_wait(empty0 + 8 * r.stage, r.phase ^ 1);  // stage s released
+                const uint32_t st = base + r.stage * STAGE_BYTES, full = full0 + 8 * r.stage;
                 if (t == 0) {
                     mbar_arrive_expect_tx(full, W_BYTES);
                     tma_load_2d(st + A_BYTES, map_w, tap * p.cin + cb * BK, n0, full);
@@ -193,10 +187,7 @@ __device__ __forceinline__ void conv_persistent(const TensorMap* map_w, const Pa
                     cb = 0;
                     ++tap;
                 }
-                if (++s == STAGES) {
-                    s = 0;
-                    phase ^= 1;
-                }
+                r.advance(STAGES);
             }
         }
         return;
@@ -205,29 +196,20 @@ __device__ __forceinline__ void conv_persistent(const TensorMap* map_w, const Pa
     const int c = wg - 1;  // rows 64c .. 64c + 63 of each tile
     const bool pairs = p.cout % 2 == 0 && aligned(p.bias, 4) && aligned(p.add, 4) && aligned(p.out, 4) &&
                        aligned(p.out_f32, 8);
-    int s = 0;
-    unsigned phase = 0;
+    RingPos r;
     float d[64];
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
         const int m0 = (unit % tiles_m) * BM, n0 = (unit / tiles_m) * BN;
         for (int kt = 0; kt < ksteps; ++kt) {
-            if (MUTANT != NO_FULL_WAIT) mbar_wait(full0 + 8 * s, phase);
+            if (MUTANT != NO_FULL_WAIT) mbar_wait(full0 + 8 * r.stage, r.phase);
             fence_proxy_async();  // the gathered A tile (generic proxy) before wgmma's reads
-            const uint32_t a_s = base + s * STAGE_BYTES + c * 64 * 128;
-            const uint32_t w_s = base + s * STAGE_BYTES + A_BYTES;
-            wgmma_fence();
-            SM90_UNROLL
-            for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_m64n128k16(d, smem_desc_sw128(a_s + 32 * kk, SWIZZLE_ATOM),
-                                 smem_desc_sw128(w_s + 32 * kk, SWIZZLE_ATOM), kt > 0 || kk > 0);
-            wgmma_commit();
-            if (MUTANT == EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * s);
+            const uint32_t a_s = base + r.stage * STAGE_BYTES + c * 64 * 128;
+            const uint32_t w_s = base + r.stage * STAGE_BYTES + A_BYTES;
+            wgmma_k64_sw128(d, a_s, w_s, kt > 0);
+            if (MUTANT == EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * r.stage);
             wgmma_wait<0>();
-            if (MUTANT != EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * s);
-            if (++s == STAGES) {
-                s = 0;
-                phase ^= 1;
-            }
+            if (MUTANT != EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * r.stage);
+            r.advance(STAGES);
         }
         epilogue(p, d, m0 + 64 * c, n0, pairs);
     }

@@ -173,20 +173,14 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
     auto k_tiles = [&](int z) { return (min(p.K, (z + 1) * p.k_split) - z * p.k_split + BK - 1) / BK; };
     const int wg = threadIdx.x / 128;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full0 + 8 * s, 1);           // the producer's arrive.expect_tx
-            mbar_init(empty0 + 8 * s, CONSUMERS);  // one arrival per consumer warpgroup
-        }
-        fence_mbar_init();
-    }
+    // Full: the producer's arrive.expect_tx; empty: one arrival per consumer warpgroup.
+    if (threadIdx.x == 0) init_stage_barriers(full0, empty0, STAGES, 1, CONSUMERS);
     if (MUTANT != NO_INIT_BARRIER) __syncthreads();
 
     if (wg == 0) {
         setmaxnreg_dec<40>();
         if (threadIdx.x < 32 && elect_one()) {
-            int s = 0;
-            unsigned phase = 0;
+            RingPos r;
             for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
                 const int tile = unit % tiles, z = unit / tiles, k0 = z * p.k_split;
                 const int m0 = (tile % tiles_m) * BM, tn = tile / tiles_m;
@@ -195,16 +189,13 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
                 const int n0 = (second ? tn - tiles_n1 : tn) * BN;
                 const int ktiles = k_tiles(z);
                 for (int kt = 0; kt < ktiles; ++kt) {
-                    if (MUTANT != NO_EMPTY_WAIT) mbar_wait(empty0 + 8 * s, phase ^ 1);  // stage s released
-                    mbar_arrive_expect_tx(full0 + 8 * s, MUTANT == SHORT_TX ? A_BYTES + W_BYTES : STAGE_BYTES);
-                    const uint32_t st = base + s * STAGE_BYTES;
-                    tma_load_2d(st, map_a, k0 + kt * BK, m0, full0 + 8 * s);
-                    tma_load_2d(st + A_BYTES, map_b, k0 + kt * BK, n0, full0 + 8 * s);
-                    if (MINUS) tma_load_2d(st + A_BYTES + W_BYTES, map_am, k0 + kt * BK, m0, full0 + 8 * s);
-                    if (++s == STAGES) {
-                        s = 0;
-                        phase ^= 1;
-                    }
+                    if (MUTANT != NO_EMPTY_WAIT) mbar_wait(empty0 + 8 * r.stage, r.phase ^ 1);  // stage s released
+                    mbar_arrive_expect_tx(full0 + 8 * r.stage, MUTANT == SHORT_TX ? A_BYTES + W_BYTES : STAGE_BYTES);
+                    const uint32_t st = base + r.stage * STAGE_BYTES;
+                    tma_load_2d(st, map_a, k0 + kt * BK, m0, full0 + 8 * r.stage);
+                    tma_load_2d(st + A_BYTES, map_b, k0 + kt * BK, n0, full0 + 8 * r.stage);
+                    if (MINUS) tma_load_2d(st + A_BYTES + W_BYTES, map_am, k0 + kt * BK, m0, full0 + 8 * r.stage);
+                    r.advance(STAGES);
                 }
             }
         }
@@ -214,32 +205,23 @@ __device__ __forceinline__ void gemm_persistent(const TensorMap* map_a, const Te
     setmaxnreg_inc<232>();
     const int c = wg - 1;  // rows 64c .. 64c + 63 of each tile
     const bool pairs = pairs_ok(p);
-    int s = 0;
-    unsigned phase = 0;
+    RingPos r;
     float d[64];
     for (int unit = blockIdx.x; unit < units; unit += gridDim.x) {
         const int tile = unit % tiles, z = unit / tiles;
         const int m0 = (tile % tiles_m) * BM, tn = tile / tiles_m;
         const int ktiles = k_tiles(z);
         for (int kt = 0; kt < ktiles; ++kt) {
-            if (MUTANT != NO_FULL_WAIT) mbar_wait(full0 + 8 * s, phase);
-            const uint32_t a_s = base + s * STAGE_BYTES + c * 64 * 128;
-            const uint32_t w_s = base + s * STAGE_BYTES + A_BYTES;
+            if (MUTANT != NO_FULL_WAIT) mbar_wait(full0 + 8 * r.stage, r.phase);
+            const uint32_t a_s = base + r.stage * STAGE_BYTES + c * 64 * 128;
+            const uint32_t w_s = base + r.stage * STAGE_BYTES + A_BYTES;
             if (MINUS && MUTANT != NO_SUBTRACT)
                 subtract_rows(raw + (a_s - raw_s), raw + (a_s + A_BYTES + W_BYTES - raw_s), c);
-            wgmma_fence();
-            SM90_UNROLL
-            for (int kk = 0; kk < BK / 16; ++kk)
-                wgmma_m64n128k16(d, smem_desc_sw128(a_s + 32 * kk, SWIZZLE_ATOM),
-                                 smem_desc_sw128(w_s + 32 * kk, SWIZZLE_ATOM), kt > 0 || kk > 0);
-            wgmma_commit();
-            if (MUTANT == EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * s);
+            wgmma_k64_sw128(d, a_s, w_s, kt > 0);
+            if (MUTANT == EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * r.stage);
             wgmma_wait<0>();
-            if (MUTANT != EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * s);
-            if (++s == STAGES) {
-                s = 0;
-                phase ^= 1;
-            }
+            if (MUTANT != EARLY_RELEASE && threadIdx.x % 128 == 0) mbar_arrive(empty0 + 8 * r.stage);
+            r.advance(STAGES);
         }
         const int col0 = tn < tiles_n1 ? tn * BN : p.N + (tn - tiles_n1) * BN;
         const int limit = tn < tiles_n1 ? p.N : p.N + p.n2;

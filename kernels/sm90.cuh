@@ -203,3 +203,42 @@ template <int R>
 inline void setmaxnreg_dec() {}
 
 #endif
+
+// ---- Built on the wrappers: what both Hopper kernels (gemm_sm90.cu, conv_sm90.cu) do alike ----
+
+// The stage ring's barriers (one thread, before a __syncthreads): per stage a full barrier
+// expecting `full_count` arrivals and an empty one expecting `empty_count`, 8 bytes apart.
+__device__ __forceinline__ void init_stage_barriers(uint32_t full0, uint32_t empty0, int stages,
+                                                    unsigned full_count, unsigned empty_count) {
+    for (int s = 0; s < stages; ++s) {
+        mbar_init(full0 + 8 * s, full_count);
+        mbar_init(empty0 + 8 * s, empty_count);
+    }
+    fence_mbar_init();
+}
+
+// A position in the stage ring: the stage and the parity of its current use.
+struct RingPos {
+    int stage = 0;
+    unsigned phase = 0;
+    __device__ __forceinline__ void advance(int stages) {
+        if (++stage == stages) {
+            stage = 0;
+            phase ^= 1;
+        }
+    }
+};
+
+// One 64-wide k step of a consumer warpgroup, issued and committed as one group:
+// D (64 × 128) (+)= A (64 rows × 64 at a_s) · B (128 rows × 64 at w_s)ᵀ, both K-major with
+// the 128-byte swizzle in packed 1024-byte atoms; four wgmma m64n128k16, the descriptors'
+// start moving 32 bytes per 16 k (the swizzle is a function of the address). `accumulate`
+// false: the first k step of a tile (D is overwritten).
+__device__ __forceinline__ void wgmma_k64_sw128(float (&d)[64], uint32_t a_s, uint32_t w_s, bool accumulate) {
+    wgmma_fence();
+    SM90_UNROLL
+    for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n128k16(d, smem_desc_sw128(a_s + 32 * kk, 1024), smem_desc_sw128(w_s + 32 * kk, 1024),
+                         accumulate || kk > 0);
+    wgmma_commit();
+}

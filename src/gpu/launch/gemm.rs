@@ -751,54 +751,106 @@ const SM90_CASES: [CheckCase; 5] = [
     },
 ];
 
+/// The scratch of a first-use check ([`check_sm90`]), carved into 16-byte aligned regions from
+/// its start, and deterministic values for them (an LCG from `seed`).
+pub(super) struct CheckScratch<'a, D: Device + ?Sized> {
+    dev: &'a D,
+    at: u64,
+    end: u64,
+    state: u32,
+}
+
+impl<'a, D: Device + ?Sized> CheckScratch<'a, D> {
+    pub(super) fn new(dev: &'a D, scratch: DevSlice<f32>, seed: u32) -> Self {
+        let start = scratch.ptr().addr();
+        CheckScratch { dev, at: start.div_ceil(16) * 16, end: start + scratch.len as u64 * 4, state: seed }
+    }
+
+    fn take(&mut self, bytes: usize) -> Result<u64> {
+        let start = self.at;
+        self.at += (bytes as u64).div_ceil(16) * 16;
+        if self.at > self.end {
+            return Err(invalid("first-use check", "the scratch is too small".to_string()));
+        }
+        Ok(start)
+    }
+
+    pub(super) fn f16(&mut self, len: usize) -> Result<DevSlice<f16>> {
+        Ok(DevSlice { addr: self.take(len * 2)?, len, _t: std::marker::PhantomData })
+    }
+
+    pub(super) fn f32(&mut self, len: usize) -> Result<DevSlice<f32>> {
+        Ok(DevSlice { addr: self.take(len * 4)?, len, _t: std::marker::PhantomData })
+    }
+
+    /// An output of `s`'s elements: f32 as carved, or f16 over its first half.
+    pub(super) fn out(s: DevSlice<f32>, f32_out: bool) -> GemmOut {
+        if f32_out {
+            GemmOut::F32(s)
+        } else {
+            GemmOut::F16(DevSlice { addr: s.addr, len: s.len, _t: std::marker::PhantomData })
+        }
+    }
+
+    /// Uploads values uniform in [−scale, scale) to `s`.
+    pub(super) fn fill(&mut self, s: DevSlice<f16>, scale: f32) -> Result<()> {
+        let v: Vec<f16> = (0..s.len)
+            .map(|_| {
+                self.state = self.state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                f16::from_f32(((self.state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
+            })
+            .collect();
+        self.dev.upload(s, &v)
+    }
+}
+
+/// The first-use checks' bound: `|h − f| ≤ 4e-3·|f| + 2e-3` (false for NaN).
+pub(super) fn check_agrees(hopper: f32, fallback: f32) -> bool {
+    (hopper - fallback).abs() <= 4e-3 * fallback.abs() + 2e-3
+}
+
+/// An output's elements as f32.
+pub(super) fn download_out<D: Device + ?Sized>(dev: &D, out: GemmOut) -> Result<Vec<f32>> {
+    Ok(match out {
+        GemmOut::F32(s) => {
+            let mut v = vec![0f32; s.len];
+            dev.download(s, &mut v)?;
+            v
+        }
+        GemmOut::F16(s) => {
+            let mut v = vec![f16::ZERO; s.len];
+            dev.download(s, &mut v)?;
+            v.iter().map(|x| x.to_f32()).collect()
+        }
+    })
+}
+
 /// The first case whose Hopper result differs from the fallback's, described; `None`: all agree.
 fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<Option<String>> {
-    let end = scratch.ptr().addr() + scratch.len as u64 * 4;
-    let s16 = |addr: u64, len: usize| DevSlice::<f16> { addr, len, _t: std::marker::PhantomData };
-    let s32 = |addr: u64, len: usize| DevSlice::<f32> { addr, len, _t: std::marker::PhantomData };
     for (index, c) in SM90_CASES.iter().enumerate() {
-        // Each case carves 16-byte aligned regions out of the scratch bytes, from the start.
-        let mut at = scratch.ptr().addr().div_ceil(16) * 16;
-        let mut take = |bytes: usize| -> Result<u64> {
-            let start = at;
-            at += (bytes as u64).div_ceil(16) * 16;
-            if at > end {
-                return Err(invalid(KERNEL, "the first-use check's scratch is too small".to_string()));
-            }
-            Ok(start)
-        };
+        let mut sc = CheckScratch::new(dev, scratch, 0x9e37_79b9u32.wrapping_mul(index as u32 + 1));
         let (m, n, k, n2) = (c.m as usize, c.n as usize, c.k as usize, c.n2 as usize);
-        let a = s16(take(m * k * 2)?, m * k);
-        let am = s16(take(m * k * 2)?, m * k);
-        let w = s16(take(n * k * 2)?, n * k);
-        let w2 = s16(take(n2.max(1) * k * 2)?, n2.max(1) * k);
-        let bias = s16(take(n * 2)?, n);
-        let add = s16(take(c.add_rows.max(1) as usize * n * 2)?, c.add_rows.max(1) as usize * n);
+        let a = sc.f16(m * k)?;
+        let am = sc.f16(m * k)?;
+        let w = sc.f16(n * k)?;
+        let w2 = sc.f16(n2.max(1) * k)?;
+        let bias = sc.f16(n)?;
+        let add = sc.f16(c.add_rows.max(1) as usize * n)?;
         // Per kernel: out (f16 or f32), pre, out2.
-        let outs = [take(m * n * 4)?, take(m * n * 4)?];
-        let pres = [s16(take(m * n * 2)?, m * n), s16(take(m * n * 2)?, m * n)];
-        let outs2 = [s32(take(m * n2.max(1) * 4)?, m * n2.max(1)), s32(take(m * n2.max(1) * 4)?, m * n2.max(1))];
-        let ws = s32(take(c.splits * m * (n + n2) * 4)?, c.splits * m * (n + n2));
-        // Deterministic values in [−1, 1) (an LCG), the weights scaled by 1/√k.
-        let mut state = 0x9e37_79b9u32.wrapping_mul(index as u32 + 1);
-        let mut fill = |s: DevSlice<f16>, scale: f32| -> Result<()> {
-            let v: Vec<f16> = (0..s.len)
-                .map(|_| {
-                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    f16::from_f32(((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
-                })
-                .collect();
-            dev.upload(s, &v)
-        };
-        fill(a, 1.0)?;
-        fill(am, 1.0)?;
-        fill(w, 1.0 / (k as f32).sqrt())?;
-        fill(w2, 1.0 / (k as f32).sqrt())?;
-        fill(bias, 0.5)?;
-        fill(add, 0.5)?;
+        let outs = [sc.f32(m * n)?, sc.f32(m * n)?];
+        let pres = [sc.f16(m * n)?, sc.f16(m * n)?];
+        let outs2 = [sc.f32(m * n2.max(1))?, sc.f32(m * n2.max(1))?];
+        let ws = sc.f32(c.splits * m * (n + n2))?;
+        // The weights scaled by 1/√k.
+        sc.fill(a, 1.0)?;
+        sc.fill(am, 1.0)?;
+        sc.fill(w, 1.0 / (k as f32).sqrt())?;
+        sc.fill(w2, 1.0 / (k as f32).sqrt())?;
+        sc.fill(bias, 0.5)?;
+        sc.fill(add, 0.5)?;
         let mut results: Vec<Vec<(&str, f32)>> = Vec::new();
         for (i, tile) in [GemmTile::Sm90, GemmTile::Small].into_iter().enumerate() {
-            let out = if c.f32_out { GemmOut::F32(s32(outs[i], m * n)) } else { GemmOut::F16(s16(outs[i], m * n)) };
+            let out = CheckScratch::<D>::out(outs[i], c.f32_out);
             let spec = GemmSpec {
                 pre: c.pre.then_some(pres[i]),
                 bias: c.bias.then_some(bias),
@@ -810,19 +862,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
             };
             let splits = if tile == GemmTile::Sm90 { c.splits } else { 1 };
             gemm_as(dev, &spec, (splits > 1).then_some(ws), GemmLaunch { tile, splits })?;
-            let mut got = Vec::new();
-            match out {
-                GemmOut::F32(s) => {
-                    let mut v = vec![0f32; s.len];
-                    dev.download(s, &mut v)?;
-                    got.extend(v.into_iter().map(|x| ("out", x)));
-                }
-                GemmOut::F16(s) => {
-                    let mut v = vec![f16::ZERO; s.len];
-                    dev.download(s, &mut v)?;
-                    got.extend(v.iter().map(|x| ("out", x.to_f32())));
-                }
-            }
+            let mut got: Vec<(&str, f32)> = download_out(dev, out)?.into_iter().map(|x| ("out", x)).collect();
             if c.pre {
                 let mut v = vec![f16::ZERO; m * n];
                 dev.download(pres[i], &mut v)?;
@@ -836,7 +876,7 @@ fn sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Res
             results.push(got);
         }
         let (h, f) = (&results[0], &results[1]);
-        if let Some(i) = (0..h.len()).find(|&i| !((h[i].1 - f[i].1).abs() <= 4e-3 * f[i].1.abs() + 2e-3)) {
+        if let Some(i) = (0..h.len()).find(|&i| !check_agrees(h[i].1, f[i].1)) {
             return Ok(Some(format!(
                 "{m}×{n}×{k}{} {:?}: {} element {} = {} against {}",
                 if n2 > 0 { format!(" + {n2} columns of a second weight") } else { String::new() },

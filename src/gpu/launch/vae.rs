@@ -9,6 +9,7 @@
 //! S = q·kᵀ ([`super::gemm`] with `w` = k), P = [`softmax_rows_f16`]`(S, 1/√C)`, Vᵀ =
 //! [`transpose_f16`]`(v)`, O = P·V ([`super::gemm`] with `w` = Vᵀ).
 
+use super::gemm::{check_agrees, download_out, CheckScratch};
 use super::{covers, invalid, positive, GemmOut};
 use crate::error::Result;
 use crate::gpu::{f16, kernels, DevPtr, DevSlice, Device, LaunchCfg, TensorMapSpec};
@@ -296,48 +297,23 @@ const CONV_CHECKS: [ConvCheck; 2] = [
 /// rounded once: a rounding step apart at most). `scratch` is f32 workspace; the first case that
 /// disagrees, described, or `None`.
 pub(crate) fn conv_sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSlice<f32>) -> Result<Option<String>> {
-    const K: &str = "conv3x3_sm90_f16 (first-use check)";
-    let end = scratch.ptr().addr() + scratch.len as u64 * 4;
     for (index, c) in CONV_CHECKS.iter().enumerate() {
-        let mut at = scratch.ptr().addr().div_ceil(16) * 16;
-        let mut take = |bytes: usize| -> Result<u64> {
-            let start = at;
-            at += (bytes as u64).div_ceil(16) * 16;
-            if at > end {
-                return Err(invalid(K, "the first-use check's scratch is too small".to_string()));
-            }
-            Ok(start)
-        };
-        let s16 = |addr: u64, len: usize| DevSlice::<f16> { addr, len, _t: std::marker::PhantomData };
+        let mut sc = CheckScratch::new(dev, scratch, 0x85eb_ca6bu32.wrapping_mul(index as u32 + 1));
         let px = (c.images * c.h * c.w) as usize;
         let src_px = if c.up2 { px / 4 } else { px };
         let (cin, cout) = (c.cin as usize, c.cout as usize);
-        let input = s16(take(src_px * cin * 2)?, src_px * cin);
-        let weight = s16(take(cout * 9 * cin * 2)?, cout * 9 * cin);
-        let bias = s16(take(cout * 2)?, cout);
-        let add = s16(take(px * cout * 2)?, px * cout);
-        let outs = [take(px * cout * 4)?, take(px * cout * 4)?];
-        let mut state = 0x85eb_ca6bu32.wrapping_mul(index as u32 + 1);
-        let mut fill = |s: DevSlice<f16>, scale: f32| -> Result<()> {
-            let v: Vec<f16> = (0..s.len)
-                .map(|_| {
-                    state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                    f16::from_f32(((state >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * scale)
-                })
-                .collect();
-            dev.upload(s, &v)
-        };
-        fill(input, 1.0)?;
-        fill(weight, 1.0 / (9.0 * cin as f32).sqrt())?;
-        fill(bias, 0.5)?;
-        fill(add, 0.5)?;
+        let input = sc.f16(src_px * cin)?;
+        let weight = sc.f16(cout * 9 * cin)?;
+        let bias = sc.f16(cout)?;
+        let add = sc.f16(px * cout)?;
+        let outs = [sc.f32(px * cout)?, sc.f32(px * cout)?];
+        sc.fill(input, 1.0)?;
+        sc.fill(weight, 1.0 / (9.0 * cin as f32).sqrt())?;
+        sc.fill(bias, 0.5)?;
+        sc.fill(add, 0.5)?;
         let mut results = Vec::new();
         for (i, tile) in [ConvTile::Sm90, ConvTile::Small].into_iter().enumerate() {
-            let out = if c.f32_out {
-                GemmOut::F32(DevSlice { addr: outs[i], len: px * cout, _t: std::marker::PhantomData })
-            } else {
-                GemmOut::F16(s16(outs[i], px * cout))
-            };
+            let out = CheckScratch::<D>::out(outs[i], c.f32_out);
             let spec = Conv3Spec {
                 layout: ConvWeights::TapMajor,
                 bias: c.bias.then_some(bias),
@@ -348,22 +324,10 @@ pub(crate) fn conv_sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSl
                 ..Conv3Spec::new(out, input, weight, c.h, c.w, c.cin, c.cout)
             };
             conv3x3_f16(dev, &spec)?;
-            let got: Vec<f32> = match out {
-                GemmOut::F32(s) => {
-                    let mut v = vec![0f32; s.len];
-                    dev.download(s, &mut v)?;
-                    v
-                }
-                GemmOut::F16(s) => {
-                    let mut v = vec![f16::ZERO; s.len];
-                    dev.download(s, &mut v)?;
-                    v.iter().map(|x| x.to_f32()).collect()
-                }
-            };
-            results.push(got);
+            results.push(download_out(dev, out)?);
         }
         let (h, f) = (&results[0], &results[1]);
-        if let Some(i) = (0..h.len()).find(|&i| !((h[i] - f[i]).abs() <= 4e-3 * f[i].abs() + 2e-3)) {
+        if let Some(i) = (0..h.len()).find(|&i| !check_agrees(h[i], f[i])) {
             return Ok(Some(format!(
                 "3×3 convolution {}×{}×{} px, {}→{}{}: element {i} = {} against {}",
                 c.images,
