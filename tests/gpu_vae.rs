@@ -18,7 +18,7 @@ mod gpu_common;
 
 use gpu_common::*;
 use icdit::gpu::launch::{self, Conv3Spec, ConvTile, ConvWeights, GemmOut, GemmSpec};
-use icdit::gpu::{f16, Device};
+use icdit::gpu::{f16, DevSlice, Device};
 use icdit::plan::{Dt, Plan};
 
 // ---- 3×3 convolution ---------------------------------------------------------------------------
@@ -358,9 +358,22 @@ fn conv1x1_via_gemm_emulated() {
 // ---- GroupNorm + SiLU --------------------------------------------------------------------------
 
 /// (images, pixels, channels, groups, silu)
-const GNS: &[(usize, usize, usize, usize, bool)] =
-    &[(1, 25, 64, 32, true), (2, 300, 96, 32, false), (1, 1024, 128, 32, true), (1, 9, 512, 32, true)];
+const GNS: &[(usize, usize, usize, usize, bool)] = &[
+    (1, 25, 64, 32, true),
+    (2, 300, 96, 32, false),
+    (1, 1024, 128, 32, true),
+    (1, 9, 512, 32, true),
+    // Chunks with a partial last one (2 images × 41 chunks of 50 pixels, the last of 49), 4
+    // channels per group; then 256 chunks' worth for one image capped at 128 chunks of 61.
+    (2, 2049, 128, 32, false),
+    (1, 7808, 64, 16, true),
+];
 
+/// Every case runs both forms (kernels/vae.cu): `group_norm_silu_f16` (one block per group and
+/// image) and, with a statistics workspace, the two-kernel form over chunks of pixels where the
+/// channels allow (a multiple of 8 dividing 2048: all but 96 here). The chunked form sums at
+/// most as many terms per partial (⌈chunk·C/8/256⌉ per thread, 2048/groups per group, and a
+/// chunk combine whose every term is ≥ 0) as the bound below allows.
 /// Bound of one output, with z = (x − mean)·rstd exact, m = mean|x − mean|·rstd ≤ 1 + …, n the
 /// group's elements and T = 256 threads: each thread sums ⌈n/T⌉ values in f32 and the block
 /// sums 256 partials (8 warps × 5 shuffle levels + 8), so the mean and the variance carry a
@@ -379,6 +392,7 @@ fn check_group_norm<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             add(&mut plan, "beta", ch, Dt::F16),
             add(&mut plan, "out", n, Dt::F16),
         );
+        let bs = add(&mut plan, "stats", launch::group_norm_stats_len(images, groups), Dt::F32);
         let Some(dev) = open(&plan) else { return };
         let mut rng = Rng::new(300 + gi as u64);
         // An offset of 3 with spread 2: the mean is not small against the deviations.
@@ -387,22 +401,27 @@ fn check_group_norm<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         let beta = rng.f16s(ch, 0.5);
         let (dx, dg, db) = (put(&dev, &plan, bx, &x), put(&dev, &plan, bg, &gamma), put(&dev, &plan, bb, &beta));
         let dout = out(&dev, &plan, bo);
-        launch::group_norm_silu_f16(
-            &dev,
-            dout,
-            dx,
-            dg,
-            db,
-            images as i32,
-            px as i32,
-            ch as i32,
-            groups as i32,
-            1e-6,
-            silu,
-        )
-        .unwrap();
-        let got: Vec<f32> = get::<f16, _>(&dev, &plan, bo).iter().map(|h| h.to_f32()).collect();
-
+        let stats = out::<f32, _>(&dev, &plan, bs);
+        let mut runs = Vec::new();
+        for (form, st) in [("one block per group", None), ("chunked", Some(stats))] {
+            dev.upload(dout, &vec![f16::from_f32(f32::NAN); n]).unwrap();
+            launch::group_norm_silu_f16(
+                &dev,
+                dout,
+                dx,
+                dg,
+                db,
+                images as i32,
+                px as i32,
+                ch as i32,
+                groups as i32,
+                1e-6,
+                silu,
+                st,
+            )
+            .unwrap();
+            runs.push((form, get::<f16, _>(&dev, &plan, bo).iter().map(|h| h.to_f32()).collect::<Vec<f32>>()));
+        }
         let cpg = ch / groups;
         let cnt = px * cpg;
         let e = 2.0 * (cnt.div_ceil(256) as f64 + 16.0) * U32;
@@ -434,9 +453,13 @@ fn check_group_norm<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
                 }
             }
         }
-        let what =
-            format!("group_norm_silu_f16 {images}×{px} px, C={ch}, {groups} groups, silu={silu} ({})", dev.name());
-        assert_within(&what, &got, &exact, |i| bound[i]);
+        for (form, got) in &runs {
+            let what = format!(
+                "group_norm_silu_f16 {form}, {images}×{px} px, C={ch}, {groups} groups, silu={silu} ({})",
+                dev.name()
+            );
+            assert_within(&what, got, &exact, |i| bound[i]);
+        }
     }
 }
 
@@ -582,6 +605,7 @@ fn hopper_first_use_check_passes_emulated() {
 fn vae_launchers_reject_bad_arguments() {
     let mut plan = Plan::new("rejections");
     let b = add(&mut plan, "buf", 4096, Dt::F16);
+    let bf = add(&mut plan, "stats", 8, Dt::F32);
     let dev = emu(&plan).unwrap();
     let s = out::<f16, _>(&dev, &plan, b);
     let small = s.sub(0, 100).unwrap();
@@ -611,75 +635,17 @@ fn vae_launchers_reject_bad_arguments() {
         assert!(launch::conv3x3_f16(&dev, &spec).is_err(), "conv3x3: {what} accepted");
     }
     let (g, bt) = (s.sub(0, 64).unwrap(), s.sub(64, 64).unwrap());
-    assert!(launch::group_norm_silu_f16(
-        &dev,
-        s.sub(2048, 640).unwrap(),
-        s.sub(128, 640).unwrap(),
-        g,
-        bt,
-        1,
-        10,
-        64,
-        32,
-        1e-6,
-        true
-    )
-    .is_ok());
-    assert!(
-        launch::group_norm_silu_f16(
-            &dev,
-            s.sub(2048, 640).unwrap(),
-            s.sub(128, 640).unwrap(),
-            g,
-            bt,
-            1,
-            10,
-            60,
-            32,
-            1e-6,
-            true
-        )
-        .is_err(),
-        "channels not split into groups"
-    );
-    assert!(
-        launch::group_norm_silu_f16(
-            &dev,
-            s.sub(2048, 640).unwrap(),
-            s.sub(128, 640).unwrap(),
-            g,
-            bt,
-            2,
-            10,
-            64,
-            32,
-            1e-6,
-            true
-        )
-        .is_err(),
-        "x too short"
-    );
-    assert!(
-        launch::group_norm_silu_f16(&dev, s.sub(2048, 640).unwrap(), odd, g, bt, 1, 10, 64, 32, 1e-6, true).is_err(),
-        "x too short (200 elements)"
-    );
-    assert!(
-        launch::group_norm_silu_f16(
-            &dev,
-            s.sub(2048, 640).unwrap(),
-            s.sub(128, 640).unwrap(),
-            g,
-            bt,
-            1,
-            10,
-            64,
-            32,
-            -1.0,
-            true
-        )
-        .is_err(),
-        "negative eps"
-    );
+    let tiny_stats = out::<f32, _>(&dev, &plan, bf);
+    let gn = |x: DevSlice<f16>, images: i32, ch: i32, eps: f32, stats: Option<DevSlice<f32>>| {
+        launch::group_norm_silu_f16(&dev, s.sub(2048, 640).unwrap(), x, g, bt, images, 10, ch, 32, eps, true, stats)
+    };
+    let x = s.sub(128, 640).unwrap();
+    assert!(gn(x, 1, 64, 1e-6, None).is_ok());
+    assert!(gn(x, 1, 60, 1e-6, None).is_err(), "channels not split into groups");
+    assert!(gn(x, 2, 64, 1e-6, None).is_err(), "x too short");
+    assert!(gn(odd, 1, 64, 1e-6, None).is_err(), "x too short (200 elements)");
+    assert!(gn(x, 1, 64, -1.0, None).is_err(), "negative eps");
+    assert!(gn(x, 1, 64, 1e-6, Some(tiny_stats)).is_err(), "statistics workspace too short");
     assert!(launch::softmax_rows_f16(&dev, small, s.sub(200, 100).unwrap(), 10, 11, 1.0).is_err(), "softmax too short");
     assert!(
         launch::softmax_rows_f16(&dev, small, s.sub(200, 100).unwrap(), 10, 10, f32::NAN).is_err(),

@@ -201,6 +201,10 @@ kernels! {
     "vae" => {
         group_norm_silu_f16(out: DevPtr<f16>, x: DevPtr<f16>, gamma: DevPtr<f16>,
             beta: DevPtr<f16>, pixels: i32, channels: i32, groups: i32, eps: f32, silu: i32);
+        group_norm_stats_f16(stats: DevPtr<f32>, x: DevPtr<f16>, pixels: i32, channels: i32, groups: i32,
+            chunk_px: i32);
+        group_norm_apply_f16(out: DevPtr<f16>, x: DevPtr<f16>, stats: DevPtr<f32>, gamma: DevPtr<f16>,
+            beta: DevPtr<f16>, pixels: i32, channels: i32, groups: i32, chunk_px: i32, eps: f32, silu: i32);
         softmax_rows_f16(out: DevPtr<f16>, x: DevPtr<f16>, cols: i32, scale: f32);
         transpose_f16(out: DevPtr<f16>, input: DevPtr<f16>, rows: i32, cols: i32);
     }

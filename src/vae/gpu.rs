@@ -39,6 +39,8 @@ struct DeviceBuffers {
     attn_scores: BufId,
     /// f32 workspace of the Hopper kernels' first-use check ([`launch::check_sm90`]).
     check_scratch: BufId,
+    /// The GroupNorms' per-chunk statistics ([`launch::group_norm_stats_len`]).
+    gn_stats: BufId,
     attn_probs: BufId,
 }
 
@@ -137,6 +139,11 @@ impl<D: Device> GpuVaeDecoder<D> {
             attn_probs: plan.add("attn_probs", &[attn_px, attn_px], h),
             image: plan.add("image (NHWC f32)", &[n * side * side, oc], Dt::F32),
             check_scratch: plan.add("Hopper first-use check scratch", &[launch::SM90_CHECK_ELEMS], Dt::F32),
+            gn_stats: plan.add(
+                "GroupNorm statistics",
+                &[launch::group_norm_stats_len(n, cfg.norm_num_groups)],
+                Dt::F32,
+            ),
         };
         let dev = open(&plan)?;
         // The decoder may be the first user of this device's Hopper kernels (its own arena).
@@ -347,7 +354,8 @@ impl<D: Device> VaeOps for DevicePass<'_, D> {
         }
     }
 
-    /// `group_norm_silu_f16`: one block per (group, image).
+    /// `group_norm_silu_f16` with the statistics workspace: the two-kernel form over chunks of
+    /// pixels wherever the channels allow (every SD-VAE GroupNorm: 128–512 channels).
     fn group_norm(
         &mut self,
         norm: &WeightBias,
@@ -370,6 +378,7 @@ impl<D: Device> VaeOps for DevicePass<'_, D> {
             d.model.config.norm_num_groups as i32,
             GN_EPS,
             silu,
+            Some(d.slice::<f32>(d.buffers.gn_stats)?),
         )
     }
 

@@ -344,9 +344,32 @@ pub(crate) fn conv_sm90_disagreement<D: Device + ?Sized>(dev: &D, scratch: DevSl
     Ok(None)
 }
 
+/// Chunks per image of the two-kernel GroupNorm at most ([`group_norm_silu_f16`] with stats).
+pub const GN_MAX_CHUNKS: usize = 128;
+
+/// f32 elements of the statistics workspace [`group_norm_silu_f16`] needs for `images` images of
+/// `groups` groups: (images, chunks ≤ [`GN_MAX_CHUNKS`], groups, 2).
+pub fn group_norm_stats_len(images: usize, groups: usize) -> usize {
+    images * GN_MAX_CHUNKS * groups * 2
+}
+
+/// The two-kernel GroupNorm's chunking of an image of `pixels` pixels for `images` images:
+/// about 256 blocks in all, at most [`GN_MAX_CHUNKS`] per image, at least 16 pixels each.
+/// Returns (chunk pixels, chunks).
+fn gn_chunks(images: i64, pixels: i64) -> (i64, i64) {
+    let want = (256 + images - 1) / images;
+    let chunks = want.clamp(1, GN_MAX_CHUNKS as i64).min((pixels + 15) / 16).max(1);
+    let chunk_px = (pixels + chunks - 1) / chunks;
+    (chunk_px, (pixels + chunk_px - 1) / chunk_px)
+}
+
 /// GroupNorm over `groups` groups of consecutive channels, statistics per image over all its
 /// `pixels`, affine (`gamma`, `beta`, (channels) f16), then SiLU when `silu`; `x` and `out`
-/// (images·pixels, channels) f16 (kernels/vae.cu). Grid (groups, images), 256 threads.
+/// (images·pixels, channels) f16 (kernels/vae.cu). With `stats` (f32, at least
+/// [`group_norm_stats_len`]) and channels a multiple of 8 dividing 2048, groups ≤ 256, `x` and
+/// `out` 16-byte aligned: two kernels over (chunks, images) blocks of 256 threads,
+/// `group_norm_stats_f16` then `group_norm_apply_f16` (chunks by `gn_chunks`: about 256
+/// blocks); otherwise `group_norm_silu_f16`, grid (groups, images), 256 threads.
 #[allow(clippy::too_many_arguments)]
 pub fn group_norm_silu_f16<D: Device + ?Sized>(
     dev: &D,
@@ -360,6 +383,7 @@ pub fn group_norm_silu_f16<D: Device + ?Sized>(
     groups: i32,
     eps: f32,
     silu: bool,
+    stats: Option<DevSlice<f32>>,
 ) -> Result<()> {
     const K: &str = "group_norm_silu_f16";
     positive(K, &[("images", images), ("pixels", pixels), ("channels", channels), ("groups", groups)])?;
@@ -381,6 +405,46 @@ pub fn group_norm_silu_f16<D: Device + ?Sized>(
     covers(K, "x", x, elems, 2)?;
     covers(K, "gamma", gamma, channels as i64, 2)?;
     covers(K, "beta", beta, channels as i64, 2)?;
+    let vector = channels % 8 == 0
+        && 2048 % channels == 0
+        && groups <= 256
+        && out.ptr().addr() % 16 == 0
+        && x.ptr().addr() % 16 == 0;
+    if let (Some(st), true) = (stats, vector) {
+        let (chunk_px, chunks) = gn_chunks(images as i64, pixels as i64);
+        covers(K, "stats", st, images as i64 * chunks * groups as i64 * 2, 4)?;
+        let cfg = LaunchCfg { grid: [chunks as u32, images as u32, 1], block: [256, 1, 1], dyn_smem: 0 };
+        // SAFETY: x and out hold images·pixels·channels elements, 16-byte aligned, channels a
+        // multiple of 8 (whole vectors per pixel); stats holds (images, chunks, groups, 2);
+        // gamma and beta channels.
+        unsafe {
+            kernels::group_norm_stats_f16::launch(
+                dev,
+                &cfg,
+                st.ptr(),
+                x.ptr(),
+                pixels,
+                channels,
+                groups,
+                chunk_px as i32,
+            )?;
+            return kernels::group_norm_apply_f16::launch(
+                dev,
+                &cfg,
+                out.ptr(),
+                x.ptr(),
+                st.ptr(),
+                gamma.ptr(),
+                beta.ptr(),
+                pixels,
+                channels,
+                groups,
+                chunk_px as i32,
+                eps,
+                silu as i32,
+            );
+        }
+    }
     let cfg = LaunchCfg { grid: [groups as u32, images as u32, 1], block: [256, 1, 1], dyn_smem: 0 };
     // SAFETY: out and x hold images·pixels·channels elements, gamma and beta channels.
     unsafe {
