@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{assert_close, fixture, rel_l2, TempDir};
+use common::{assert_close, fixture, icdit, p, rel_l2, TempDir};
 use icdit::pixart::size::{bins_for, classify, resize_and_crop};
 use icdit::pixart::{
     Embeddings, ImageSize, PixArtConfig, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtModel, PixArtOptions,
@@ -149,15 +149,6 @@ fn image_sizes() {
     assert_eq!(ImageSize::plan(&tiny, Some(96), Some(64), false).unwrap().latent(), (12, 8));
     let err = ImageSize::plan(&tiny, Some(100), Some(64), false).unwrap_err().to_string();
     assert!(err.contains("multiple of 16"), "{err}");
-}
-
-fn icdit(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// `icdit forward` reads `resolution`/`aspect_ratio` and sizes the model from `x`; `icdit

@@ -1,4 +1,5 @@
-//! Shared test helpers: fixture paths, temporary folders and the one tolerance policy.
+//! Shared test helpers: fixture paths, temporary folders, running the `icdit` binary and the
+//! one tolerance policy; [`pixart`]: the PixArt-α tests' fixtures, engines and command lines.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
@@ -6,6 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use icdit::cpu::Isa;
 use icdit::tensorfile::TensorFile;
+
+pub mod pixart;
 
 /// Every CPU instruction-set path this machine runs, portable first; printed, so a test log
 /// shows which paths a check covered.
@@ -17,6 +20,17 @@ pub fn isas(what: &str) -> Vec<Isa> {
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Runs the `icdit` binary with `args`: (success, stderr).
+pub fn icdit(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
 }
 
 /// A fresh, empty folder under the system's temporary directory for one test, removed with
