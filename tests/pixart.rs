@@ -246,20 +246,12 @@ fn errors() {
     assert!(e.contains("solver_order is 3"), "{e}");
     // CLI: an unknown backend, missing negative embeddings, embeddings of the wrong width.
     let pe = fixture("pixart/prompt_embeds.safetensors");
-    let lat = dir.join("l.safetensors");
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--backend",
-        "gpu",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (lat, weights) = (dir.join("l.safetensors"), tiny());
+    let run_sample =
+        |rest: &[&str]| icdit(&[&["sample", "--weights", p(&weights), "--out-latents", p(&lat)], rest].concat());
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe), "--backend", "gpu"]);
     assert!(!ok && e.contains("expected cpu, cuda or emu"), "{e}");
-    let (ok, e) = icdit(&["sample", "--weights", p(&tiny()), "--prompt-embeds", p(&pe), "--out-latents", p(&lat)]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe)]);
     assert!(!ok && e.contains("--negative-embeds") && e.contains("no text_encoder/"), "{e}");
     let narrow = dir.join("narrow.safetensors");
     write_safetensors(
@@ -269,31 +261,9 @@ fn errors() {
         None,
     )
     .unwrap();
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&narrow),
-        "--cfg",
-        "1",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&narrow), "--cfg", "1"]);
     assert!(!ok && e.contains("caption_channels is 24"), "{e}");
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--cache",
-        "icc",
-        "--cfg",
-        "1",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe), "--cache", "icc", "--cfg", "1"]);
     assert!(!ok && e.contains("--factors"), "{e}");
 }
 
