@@ -10,6 +10,7 @@ mod counting_alloc;
 use std::sync::Arc;
 
 use icdit::factors::{FactorInfo, LayerType};
+use icdit::gpu::{EmuDevice, GpuEngine};
 use icdit::{
     CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions,
     Request, Sampler,
@@ -120,9 +121,8 @@ fn session_allocates_nothing() {
 /// calibrated linears fused in the projected and folded forms (rank 8) and as two GEMMs in the
 /// direct form (rank 4, which the fused kernel does not take).
 fn gpu_pipeline_allocates_nothing() {
-    use icdit::gpu::{EmuDevice, GpuEngine};
-    let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
     use icdit::IccForm;
+    let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
     for (rank, want, form) in [
         (8, IccForm::Auto, (IccForm::Projected, true)),
         (8, IccForm::Folded, (IccForm::Folded, true)),
@@ -138,24 +138,8 @@ fn gpu_pipeline_allocates_nothing() {
             icc_form: want,
             ..Default::default()
         };
-        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
+        let engine = gpu_requests_allocate_nothing(&m, &opts, &format!("icc rank {rank} {form:?}"));
         assert_eq!(engine.icc_form(), form, "rank {rank}");
-        let img = m.config.image_elems();
-        let mut out = vec![0.0; 2 * img];
-        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
-        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
-        let during = allocations_during(|| {
-            engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
-            engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
-        });
-        println!(
-            "GPU pipeline (emulated), icc rank {rank} {:?}: {during} host allocations in 2 requests ({} graphs)",
-            form,
-            engine.graph_count()
-        );
-        assert_eq!(during, 0, "the GPU pipeline allocated {during} times");
-        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and calibrated");
-        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
     }
     // FORA-style block reuse and Taylor forecasting (its per-step numbers read on the device).
     for cache in [CacheMode::Fora, CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 1 })] {
@@ -168,20 +152,29 @@ fn gpu_pipeline_allocates_nothing() {
             full_steps: FullSteps::Period(3),
             ..Default::default()
         };
-        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
-        let img = m.config.image_elems();
-        let mut out = vec![0.0; 2 * img];
-        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
-        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
-        let during = allocations_during(|| {
-            engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
-            engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
-        });
-        println!("GPU pipeline (emulated), {cache:?}: {during} host allocations in 2 requests");
-        assert_eq!(during, 0, "the GPU pipeline allocated {during} times under {cache:?}");
-        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and cached");
-        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+        gpu_requests_allocate_nothing(&m, &opts, &format!("{cache:?}"));
     }
+}
+
+/// An emulated-GPU engine for `opts`: after two warm-up requests (full-size and smaller), two
+/// more allocate nothing on the host; one graph recorded per step kind (full and cached); the
+/// output finite and not all zero.
+fn gpu_requests_allocate_nothing(m: &Arc<DitModel>, opts: &EngineOptions, label: &str) -> GpuEngine<EmuDevice> {
+    let mut engine = GpuEngine::new(Arc::clone(m), opts, EmuDevice::new).unwrap();
+    let img = m.config.image_elems();
+    let mut out = vec![0.0; 2 * img];
+    engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
+    engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
+    let during = allocations_during(|| {
+        engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
+        engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
+    });
+    let graphs = engine.graph_count();
+    println!("GPU pipeline (emulated), {label}: {during} host allocations in 2 requests ({graphs} graphs)");
+    assert_eq!(during, 0, "the GPU pipeline allocated {during} times under {label}");
+    assert_eq!(graphs, 2, "{label}: one graph per step kind: full and cached");
+    assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    engine
 }
 
 fn vae_decode_allocates_nothing() {
