@@ -34,14 +34,13 @@ use crate::embed;
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::launch;
+use crate::gpu::pipeline::F16Staging;
 use crate::gpu::{f16, DevSlice, DevType, Device};
 use crate::pixart::forward as pforward;
 use crate::pixart::{Layer, PixArtCache, PixArtModel};
 use crate::plan::{BufId, Plan};
 use ops::Pass;
 
-/// Elements converted to f16 per upload while the weights are staged (2 MiB).
-const STAGING: usize = 1 << 20;
 /// The sampler's numbers of a step, uploaded before it with the rows' timesteps.
 const STEP_IN: usize = 6;
 /// Request state slots of the first step whose model output / updated latents were not finite.
@@ -290,37 +289,21 @@ impl<D: Device> PixArtGpu<D> {
         self.dev.slice::<T>(self.plan.get(id))
     }
 
-    /// Converts `src` to f16 through `staging` and uploads it at `dst`.
-    fn put_f16(&self, dst: DevSlice<f16>, src: &[f32], staging: &mut [f16]) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(Error::invalid("GPU upload", format!("{} values for {dst:?}", src.len())));
-        }
-        let per = staging.len();
-        for (i, chunk) in src.chunks(per).enumerate() {
-            let st = &mut staging[..chunk.len()];
-            for (h, &v) in st.iter_mut().zip(chunk) {
-                *h = f16::from_f32(v);
-            }
-            self.dev.upload(dst.sub(i * per, chunk.len())?, st)?;
-        }
-        Ok(())
-    }
-
     /// Weights and factors in f16, the modulation tables and timestep frequencies in f32, the
     /// ones of the ungated residual.
     fn upload(&mut self) -> Result<()> {
         let model = Arc::clone(&self.model);
         let (cfg, t) = (model.config, &model.tensors);
-        let mut staging = vec![f16::ZERO; STAGING];
+        let mut staging = F16Staging::new();
         let b = &self.bufs;
         for (layer, &(w, bias)) in Layer::all(cfg.depth).zip(&b.linears) {
             let (lw, lb) = model.linear(layer);
-            self.put_f16(self.slice(w)?, lw, &mut staging)?;
-            self.put_f16(self.slice(bias)?, lb, &mut staging)?;
+            staging.put(&self.dev, self.slice(w)?, lw)?;
+            staging.put(&self.dev, self.slice(bias)?, lb)?;
         }
-        self.put_f16(self.slice(b.patch_w)?, model.w(t.patch_w), &mut staging)?;
-        self.put_f16(self.slice(b.patch_b)?, model.w(t.patch_b), &mut staging)?;
-        self.put_f16(self.slice(b.pos)?, model.w(t.pos_embed), &mut staging)?;
+        staging.put(&self.dev, self.slice(b.patch_w)?, model.w(t.patch_w))?;
+        staging.put(&self.dev, self.slice(b.patch_b)?, model.w(t.patch_b))?;
+        staging.put(&self.dev, self.slice(b.pos)?, model.w(t.pos_embed))?;
         let c = cfg.hidden_size();
         let tables = self.slice::<f32>(b.tables)?;
         for (i, &tab) in t.block_tables.iter().enumerate() {
@@ -334,8 +317,8 @@ impl<D: Device> PixArtGpu<D> {
             let f = Arc::clone(f);
             for layer in Layer::all(cfg.depth) {
                 if let (Some(df), Some(lf)) = (b.factors[layer.index(cfg.depth)], f.get(layer)) {
-                    self.put_f16(self.slice(df.down)?, f.w(lf.down), &mut staging)?;
-                    self.put_f16(self.slice(df.up)?, f.w(lf.up), &mut staging)?;
+                    staging.put(&self.dev, self.slice(df.down)?, f.w(lf.down))?;
+                    staging.put(&self.dev, self.slice(df.up)?, f.w(lf.up))?;
                 }
             }
         }
