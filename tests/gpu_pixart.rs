@@ -23,7 +23,7 @@ use icdit::gpu::pixart::{PixArtGpu, PixArtGpuOptions};
 use icdit::gpu::{f16, Device, EmuDevice};
 use icdit::pixart::{
     Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
-    PixArtRequest, PixArtSampler,
+    PixArtRequest, PixArtRunner, PixArtSampler,
 };
 use icdit::plan::{Dt, Plan};
 use icdit::tensorfile::{write_safetensors, TensorFile};
@@ -148,7 +148,7 @@ fn gpu_forward(model: &Arc<PixArtModel>) -> Vec<f32> {
     let rows = inp.t.len();
     let mut out = vec![0.0; rows * model.config.out_elems()];
     let mut g = gpu(model, rows, inp.len, PixArtCache::None);
-    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut out).unwrap_or_else(|e| panic!("{e}"));
+    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, None, &mut out).unwrap_or_else(|e| panic!("{e}"));
     out
 }
 
@@ -227,7 +227,7 @@ fn bad_input() {
     let inp = forward_in();
     let mut g = gpu(&model, 2, 4, PixArtCache::Reuse);
     let mut out = vec![0.0; 2 * model.config.out_elems()];
-    let e = g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut out).unwrap_err().to_string();
+    let e = g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, None, &mut out).unwrap_err().to_string();
     assert!(e.contains("6 tokens") && e.contains("max text length"), "{e}");
     let e = g.run(2, StepKind::Reuse).unwrap_err().to_string();
     assert!(e.contains("caption"), "{e}");

@@ -14,8 +14,8 @@ use common::pixart::{
 use common::{assert_close, fixture, icdit, p, rel_l2, TempDir};
 use icdit::forward::StepKind;
 use icdit::pixart::{
-    PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtRequest, PixArtSampler,
-    PixArtSchedule,
+    PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtRequest, PixArtRunner,
+    PixArtSampler, PixArtSchedule,
 };
 use icdit::tensorfile::{write_safetensors, TensorFile};
 
@@ -37,7 +37,7 @@ fn forward_matches_diffusers() {
     )
     .unwrap();
     let mut unmasked = vec![0.0; want.len()];
-    cpu.forward(&inp.x, &inp.t, &inp.text, &vec![1; inp.mask.len()], inp.len, &mut unmasked).unwrap();
+    cpu.forward(&inp.x, &inp.t, &inp.text, &vec![1; inp.mask.len()], inp.len, None, &mut unmasked).unwrap();
     let err = rel_l2(&unmasked, &want);
     assert!(err > 1e-3, "the caption mask made no difference ({err:.3e})");
     for threads in [1, 2] {

@@ -13,7 +13,7 @@ use common::{assert_close, fixture, icdit, p, rel_l2, TempDir};
 use icdit::pixart::size::{bins_for, classify, resize_and_crop};
 use icdit::pixart::{
     Embeddings, ImageSize, PixArtConfig, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtModel, PixArtOptions,
-    PixArtRequest,
+    PixArtRequest, PixArtRunner,
 };
 use icdit::tensorfile::{write_safetensors, TensorFile};
 
@@ -46,7 +46,7 @@ fn forward(cpu: &mut PixArtCpu, x: &[f32]) -> Vec<f32> {
     let t: Vec<f32> = read_i64("forward", "t").iter().map(|&t| t as f32).collect();
     let (text, mask) = (read("forward", "encoder_hidden_states"), read_i64("forward", "encoder_attention_mask"));
     let mut out = vec![0.0; 2 * cpu.model().config.out_elems()];
-    cpu.forward(x, &t, &text, &mask, 6, &mut out).unwrap();
+    cpu.forward(x, &t, &text, &mask, 6, None, &mut out).unwrap();
     out
 }
 
@@ -61,7 +61,7 @@ fn micro_conditions_match_diffusers() {
     let x = read("forward", "x");
     let mut three = vec![0.0; 2 * model.config.out_elems()];
     let err = cpu
-        .forward(&x, &[999.0, 420.0], &read("forward", "encoder_hidden_states"), &[1; 12], 6, &mut three)
+        .forward(&x, &[999.0, 420.0], &read("forward", "encoder_hidden_states"), &[1; 12], 6, None, &mut three)
         .unwrap_err();
     assert!(err.to_string().contains("use_additional_conditions"), "{err}");
     let (res, ar) = (read("forward", "resolution"), read("forward", "aspect_ratio"));

@@ -57,7 +57,7 @@ pub fn cpu_forward(model: &Arc<PixArtModel>, threads: usize) -> Vec<f32> {
     )
     .unwrap();
     let mut out = vec![0.0; rows * model.config.out_elems()];
-    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut out).unwrap();
+    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, None, &mut out).unwrap();
     out
 }
 
