@@ -2,6 +2,7 @@
 //! one tolerance policy; [`pixart`]: the PixArt-α tests' fixtures, engines and command lines.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -73,6 +74,34 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+/// All tensors of a safetensors file as (name, dtype, shape, bytes), sorted by name: for tests
+/// that write a damaged or edited copy of a weights file.
+pub type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The tensors of `path` and its metadata.
+pub fn read_all(path: &Path) -> (Tensors, HashMap<String, String>) {
+    let f = TensorFile::open(path).unwrap();
+    let mut names: Vec<String> = f.names().map(String::from).collect();
+    names.sort();
+    let t = names
+        .into_iter()
+        .map(|n| {
+            let e = f.get(&n).unwrap().clone();
+            let bytes = f.bytes(&e).to_vec();
+            (n, e.dtype, e.shape, bytes)
+        })
+        .collect();
+    (t, f.metadata().clone())
+}
+
+/// Writes `t` with `meta` as a safetensors file at `path`.
+pub fn write_all(path: &Path, t: &Tensors, meta: &HashMap<String, String>) {
+    use safetensors::tensor::TensorView;
+    let views: Vec<(String, TensorView)> =
+        t.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta.clone())).unwrap()).unwrap();
 }
 
 /// A forward reference: inputs and the official output.
