@@ -6,6 +6,7 @@ The models, their inputs, MAC counts and tables stay in each baseline.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -19,6 +20,31 @@ import time
 import warnings
 
 import torch
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+def add_timing_args(ap):
+    """The run's budget and how many untimed and timed calls each measurement makes."""
+    ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole run (0: no limit)")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed forwards")
+    ap.add_argument("--runs", type=int, default=20, help="timed forwards (median)")
+    ap.add_argument("--sample-warmup", type=int, default=1)
+    ap.add_argument("--sample-runs", type=int, default=3)
+
+
+def add_output_args(ap):
+    """--json, and the compile child's own options (hidden)."""
+    ap.add_argument("--json", help="write everything here")
+    ap.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--progress", help=argparse.SUPPRESS)
+
+
+def apply_quick(args):
+    """--quick's counts: 4 steps, 1 untimed and 2 timed forwards, 1 timed sampling run, the
+    first compile cut to 120 s."""
+    args.steps, args.warmup, args.runs, args.sample_warmup, args.sample_runs = 4, 1, 2, 0, 1
+    args.compile_timeout = min(args.compile_timeout, 120.0)
 
 
 # ---- timing -------------------------------------------------------------------------------------

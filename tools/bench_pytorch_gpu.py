@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_pytorch_common import (Budget, Clock, compiled_caller, finish, first_call, progress_writer,  # noqa: E402
-                                  record, rel_err, run_compile_child, run_info, set_tf32)
+from bench_pytorch_common import (Budget, Clock, add_output_args, add_timing_args, apply_quick,  # noqa: E402
+                                  compiled_caller, finish, first_call, progress_writer, record, rel_err,
+                                  run_compile_child, run_info, set_tf32)
 from dit_torch import DiT, DiTConfig, Diffusion, modulate  # noqa: E402
 
 # (depth, hidden, heads) per DiT family (docs/dit-reference.md B); the patch is the /p suffix.
@@ -384,21 +385,14 @@ def main():
                     help="torch.compile mode: max-autotune (default on cuda), default (default on cpu), "
                          "reduce-overhead, max-autotune-no-cudagraphs")
     ap.add_argument("--compile-timeout", type=float, default=180.0, help="seconds allowed for the first compile")
-    ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole run (0: no limit)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed forwards")
-    ap.add_argument("--runs", type=int, default=20, help="timed forwards (median)")
-    ap.add_argument("--sample-warmup", type=int, default=1)
-    ap.add_argument("--sample-runs", type=int, default=3)
+    add_timing_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 64 px unless --image-size, 4 steps, 2 timed forwards, 1 timed sampling run")
-    ap.add_argument("--json", help="write everything here")
-    ap.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--progress", help=argparse.SUPPRESS)
+    add_output_args(ap)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.runs, args.sample_warmup, args.sample_runs = 4, 1, 2, 0, 1
-        args.compile_timeout = min(args.compile_timeout, 120.0)
+        apply_quick(args)
         args.image_size = args.image_size or 64
     args.image_size = args.image_size or 256
     if args.compile_mode is None:

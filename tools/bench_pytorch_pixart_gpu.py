@@ -51,8 +51,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The baselines' timing, budget, compile-child and result machinery (same JSON fields as DiT's).
-from bench_pytorch_common import (Budget, Clock, compiled_caller, finish, first_call, progress_writer,  # noqa: E402
-                                  record, rel_err, run_compile_child, run_info, set_tf32)
+from bench_pytorch_common import (Budget, Clock, add_output_args, add_timing_args, apply_quick,  # noqa: E402
+                                  compiled_caller, finish, first_call, progress_writer, record, rel_err,
+                                  run_compile_child, run_info, set_tf32)
 from pixart_torch import DpmSolverPP, PixArt, PixArtConfig, guided_eps, layer_norm  # noqa: E402
 
 TABLE_MARK = "== bench_pytorch_pixart_gpu results =="
@@ -425,11 +426,7 @@ def main():
                     help="torch.compile backend: inductor (default), or aot_eager (default with --quick on the "
                          "CPU: the child-process plumbing without a C++ compile of a minute or more)")
     ap.add_argument("--compile-timeout", type=float, default=120.0, help="seconds allowed for each first compile")
-    ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole run (0: no limit)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--sample-warmup", type=int, default=1)
-    ap.add_argument("--sample-runs", type=int, default=3)
+    add_timing_args(ap)
     ap.add_argument("--depth", type=int, default=28, help="blocks (PixArt-XL/2: 28)")
     ap.add_argument("--heads", type=int, default=16, help="heads of 72 (PixArt-XL/2: 16)")
     ap.add_argument("--tokens", type=int, default=120, help="caption tokens")
@@ -437,14 +434,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 64 px, 2 blocks of 4 heads, 4 steps, 2 timed forwards, 1 timed sampling run")
-    ap.add_argument("--json", help="write everything here")
-    ap.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--progress", help=argparse.SUPPRESS)
+    add_output_args(ap)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.runs, args.sample_warmup, args.sample_runs = 4, 1, 2, 0, 1
+        apply_quick(args)
         args.depth, args.heads = min(args.depth, 2), min(args.heads, 4)
-        args.compile_timeout = min(args.compile_timeout, 120.0)
         args.sizes = args.sizes or "64"
     args.sizes_list = [int(s) for s in (args.sizes or "256,512").split(",") if s]
     if args.compile_backend is None:
