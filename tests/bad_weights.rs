@@ -4,9 +4,9 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{fixture, read_all, write_all, TempDir, Tensors};
+use common::{diffusers_copy, fixture, read_all, write_all, TempDir, Tensors};
 use icdit::{DitModel, Error, LoadOptions};
 use safetensors::Dtype;
 
@@ -181,17 +181,6 @@ fn unknown_layout_is_refused() {
     assert!(matches!(err, Error::Layout { .. }), "{err}");
     let err = load(&tmp.join("does-not-exist.safetensors")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("does-not-exist"), "{err}");
-}
-
-/// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &TempDir) -> PathBuf {
-    let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.join("transformer");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 #[test]

@@ -71,7 +71,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{fixture, read_all, write_all, TempDir};
+use common::{diffusers_copy, fixture, read_all, write_all, TempDir};
 use icdit::{DitModel, Engine, EngineOptions, Error, Factors, LoadOptions, Request, Sampler};
 use safetensors::Dtype;
 
@@ -321,17 +321,6 @@ fn malformed_shapes_and_names_are_errors_not_panics_or_hangs() {
     *e = f32_tensor("x_embedder.proj.weight", &[144, 0, 1 << 40, 1 << 40], &[]);
     write_all(&p, &t, &meta);
     assert_says(&load(&p).unwrap_err(), &["x_embedder.proj.weight", "p ≤ 4096"]);
-}
-
-/// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &TempDir) -> PathBuf {
-    let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.join("transformer");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 #[test]

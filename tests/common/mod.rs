@@ -76,6 +76,18 @@ impl Drop for TempDir {
     }
 }
 
+/// A copy of the hd72 diffusers transformer folder (config.json and weights) at
+/// `tmp/transformer`, to edit.
+pub fn diffusers_copy(tmp: &TempDir) -> PathBuf {
+    let src = fixture("hd72/diffusers/transformer");
+    let dst = tmp.join("transformer");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
 /// All tensors of a safetensors file as (name, dtype, shape, bytes), sorted by name: for tests
 /// that write a damaged or edited copy of a weights file.
 pub type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
