@@ -8,7 +8,7 @@
 #   .device/bin/icdit                                                         (the command)
 #   .device/manifest.txt   commit, date, toolchain, build path, size and sha256 of each binary
 # (the Python tools the PyTorch steps run, tools/bench_pytorch_gpu.py, tools/dit_torch.py,
-# tools/bench_pytorch_pixart_gpu.py, tools/pixart_torch.py, tools/make_random_pixart.py, travel with the working tree: checked below)
+# tools/bench_pytorch_pixart_gpu.py, tools/bench_pytorch_common.py, tools/pixart_torch.py, tools/make_random_pixart.py, travel with the working tree: checked below)
 # packed as .device/bin.tar.xz (about 8× smaller: the device tool carries 64 MiB with the tree),
 # which scripts/gpu-check.sh unpacks to .device/bin on the GPU machine.
 # Debug information and symbols are stripped (the GPU machine has no debugger for them, and the
@@ -143,7 +143,7 @@ fi
 
 # 7b. The Python tools gpu-check.sh runs travel with the working tree (tracked or untracked but
 #     not ignored files), not in .device/: check that none is missing or git-ignored.
-for f in tools/bench_pytorch_gpu.py tools/dit_torch.py tools/bench_pytorch_pixart_gpu.py tools/pixart_torch.py tools/make_random_pixart.py; do
+for f in tools/bench_pytorch_gpu.py tools/bench_pytorch_common.py tools/dit_torch.py tools/bench_pytorch_pixart_gpu.py tools/pixart_torch.py tools/make_random_pixart.py; do
     if [[ ! -f "$f" ]] || git check-ignore -q "$f"; then
         echo "prepare-device: $f is missing or git-ignored: gpu-check.sh's PyTorch steps need it on the GPU machine" >&2
         exit 1

@@ -4,38 +4,11 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use common::{fixture, TempDir};
-use icdit::tensorfile::TensorFile;
+use common::{diffusers_copy, fixture, read_all, write_all, TempDir, Tensors};
 use icdit::{DitModel, Error, LoadOptions};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-/// All tensors of a file as (name, dtype, shape, bytes), plus its metadata.
-type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-fn read_all(path: &Path) -> (Tensors, HashMap<String, String>) {
-    let f = TensorFile::open(path).unwrap();
-    let mut names: Vec<String> = f.names().map(String::from).collect();
-    names.sort();
-    let t = names
-        .into_iter()
-        .map(|n| {
-            let e = f.get(&n).unwrap().clone();
-            let bytes = f.bytes(&e).to_vec();
-            (n, e.dtype, e.shape, bytes)
-        })
-        .collect();
-    (t, f.metadata().clone())
-}
-
-fn write_all(path: &Path, t: &Tensors, meta: &HashMap<String, String>) {
-    let views: Vec<(String, TensorView)> =
-        t.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    let bytes = safetensors::serialize(views, Some(meta.clone())).unwrap();
-    std::fs::write(path, bytes).unwrap();
-}
 
 fn official() -> (Tensors, HashMap<String, String>) {
     read_all(&fixture("hd72/official.safetensors"))
@@ -208,17 +181,6 @@ fn unknown_layout_is_refused() {
     assert!(matches!(err, Error::Layout { .. }), "{err}");
     let err = load(&tmp.join("does-not-exist.safetensors")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }) && err.to_string().contains("does-not-exist"), "{err}");
-}
-
-/// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &TempDir) -> PathBuf {
-    let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.join("transformer");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 #[test]

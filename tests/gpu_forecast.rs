@@ -10,7 +10,8 @@
 mod gpu_common;
 
 use gpu_common::*;
-use icdit::gpu::{f16, launch, Device};
+use icdit::gpu::launch::{self, TaylorBranch};
+use icdit::gpu::{f16, DevSlice, Device};
 use icdit::plan::{Dt, Plan};
 
 const TABLE: usize = launch::FORECAST_TABLE;
@@ -39,10 +40,21 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         table[2 * TABLE..2 * TABLE + 2].copy_from_slice(&[2.0, 2.0]);
         let (df, dy, dt) = (put(&dev, &plan, bf, &old), put(&dev, &plan, by, &y), put(&dev, &plan, bt, &table));
         let what = |k: &str| format!("{k} n={n} ({})", dev.name());
+        // The branch's operands at step index `state`, with `y` as its output.
+        let branch = |y: DevSlice<f16>, state: DevSlice<i32>| TaylorBranch {
+            factors: df,
+            y,
+            table: dt,
+            state,
+            n: n as i32,
+            stride: stride as i32,
+            levels: levels as i32,
+            steps: 3,
+        };
         for step in [0i32, 2] {
             let ds = put(&dev, &plan, bs, &[step]);
             let before: Vec<f32> = get(&dev, &plan, bf);
-            launch::forecast_update_f32(&dev, df, dy, dt, ds, n as i32, stride as i32, levels as i32, 3).unwrap();
+            launch::forecast_update_f32(&dev, &branch(dy, ds)).unwrap();
             let got: Vec<f32> = get(&dev, &plan, bf);
             let (orders, delta) = (table[step as usize * TABLE] as usize, table[step as usize * TABLE + 1]);
             let mut want = before.clone();
@@ -73,7 +85,7 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
             if step == 0 {
                 let ds = put(&dev, &plan, bs, &[1]);
                 let dout = out::<f16, _>(&dev, &plan, bo);
-                launch::forecast_f16(&dev, dout, df, dt, ds, n as i32, stride as i32, levels as i32, 3).unwrap();
+                launch::forecast_f16(&dev, &branch(dout, ds)).unwrap();
                 let pred: Vec<f16> = get(&dev, &plan, bo);
                 let exact: Vec<f64> = (0..n)
                     .map(|e| (0..levels).map(|i| table[TABLE + 2 + i] as f64 * got[i * stride + e] as f64).sum())
@@ -93,7 +105,7 @@ fn check<D: Device>(open: impl Fn(&Plan) -> Option<D>) {
         // A step index outside the table: NaN, not a read past it.
         let ds = put(&dev, &plan, bs, &[7]);
         let dout = out::<f16, _>(&dev, &plan, bo);
-        launch::forecast_f16(&dev, dout, df, dt, ds, n as i32, stride as i32, levels as i32, 3).unwrap();
+        launch::forecast_f16(&dev, &branch(dout, ds)).unwrap();
         let pred: Vec<f16> = get(&dev, &plan, bo);
         assert!(pred.iter().all(|v| v.is_nan()), "{}", what("forecast_f16 outside the table"));
     }

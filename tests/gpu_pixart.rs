@@ -15,6 +15,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::pixart::{cpu_forward, embeddings, exact_factors, forward_in, load, options, sample, tiny};
 use common::{assert_close, fixture, rel_l2, TempDir};
 use icdit::forward::StepKind;
 use icdit::gpu::launch::{self, AttentionRows};
@@ -25,7 +26,6 @@ use icdit::pixart::{
     PixArtRequest, PixArtRunner, PixArtSampler,
 };
 use icdit::plan::{Dt, Plan};
-use icdit::policy::FullSteps;
 use icdit::tensorfile::{write_safetensors, TensorFile};
 
 const FORWARD_TOL: f64 = 2e-3;
@@ -33,34 +33,6 @@ const FORWARD_TOL: f64 = 2e-3;
 /// 6 with reuse or icc); DiT's guided bound is 1.5e-2, this one is tighter so a sampling-loop
 /// error of the device path shows.
 const GUIDED_TOL: f64 = 5e-3;
-
-fn tiny() -> PathBuf {
-    fixture("pixart/tiny")
-}
-
-fn load(dir: &Path) -> Arc<PixArtModel> {
-    Arc::new(PixArtModel::load(dir).unwrap_or_else(|e| panic!("{e}")))
-}
-
-struct ForwardIn {
-    x: Vec<f32>,
-    t: Vec<f32>,
-    text: Vec<f32>,
-    mask: Vec<i64>,
-    len: usize,
-}
-
-fn forward_in() -> ForwardIn {
-    let f = TensorFile::open(&fixture("pixart/forward_in.safetensors")).unwrap();
-    let (shape, text) = f.read_f32("encoder_hidden_states").unwrap();
-    ForwardIn {
-        x: f.read_f32("x").unwrap().1,
-        t: f.read_i64("t").unwrap().1.iter().map(|&t| t as f32).collect(),
-        text,
-        mask: f.read_i64("encoder_attention_mask").unwrap().1,
-        len: shape[1],
-    }
-}
 
 fn gpu(model: &Arc<PixArtModel>, rows: usize, len: usize, cache: PixArtCache) -> PixArtGpu<EmuDevice> {
     PixArtGpu::new(Arc::clone(model), &PixArtGpuOptions { max_rows: rows, max_text_len: len, cache }, EmuDevice::new)
@@ -164,49 +136,19 @@ fn masked_attention_kernel() {
 #[test]
 fn forward_matches_cpu_and_diffusers() {
     let model = load(&tiny());
-    let inp = forward_in();
-    let rows = inp.t.len();
-    let n = rows * model.config.out_elems();
-    let mut cpu = PixArtCpu::new(
-        Arc::clone(&model),
-        &PixArtCpuOptions { max_rows: rows, max_text_len: inp.len, threads: 2, ..Default::default() },
-    )
-    .unwrap();
-    let mut want = vec![0.0; n];
-    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut want).unwrap();
-    let mut g = gpu(&model, rows, inp.len, PixArtCache::None);
-    let mut got = vec![0.0; n];
-    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut got).unwrap_or_else(|e| panic!("{e}"));
-    assert_close("GPU forward vs CPU", &got, &want, FORWARD_TOL);
+    let got = gpu_forward(&model);
+    assert_close("GPU forward vs CPU", &got, &cpu_forward(&model, 2), FORWARD_TOL);
     let diffusers = TensorFile::open(&fixture("pixart/forward_out.safetensors")).unwrap().read_f32("out").unwrap().1;
     assert_close("GPU forward vs diffusers", &got, &diffusers, FORWARD_TOL);
 }
 
-fn embeddings(name: &str) -> Embeddings {
-    Embeddings::load(&fixture(&format!("pixart/{name}.safetensors"))).unwrap()
-}
-
-fn options(sampler: PixArtSampler, steps: usize, cache: PixArtCache, period: usize) -> PixArtOptions {
-    PixArtOptions {
-        max_batch: 2,
-        max_text_len: 6,
-        sampler,
-        steps,
-        cfg_scale: 4.5,
-        threads: 2,
-        cache,
-        full_steps: FullSteps::Period(period),
-        ..Default::default()
-    }
-}
-
-/// Samples the fixture's two prompts (guided, the fixture's negative prompt and noise).
-fn sample<M: PixArtRunner>(e: &mut PixArtEngine<M>) -> Vec<f32> {
-    let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
-    let z = TensorFile::open(&fixture("pixart/noise.safetensors")).unwrap().read_f32("z").unwrap().1;
-    let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: Some(&z), seed: 0, first_index: 0 };
-    let mut out = vec![0.0; z.len()];
-    e.sample(&req, &mut out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
+/// The emulated device's forward pass of `model` on the forward fixture's inputs.
+fn gpu_forward(model: &Arc<PixArtModel>) -> Vec<f32> {
+    let inp = forward_in();
+    let rows = inp.t.len();
+    let mut out = vec![0.0; rows * model.config.out_elems()];
+    let mut g = gpu(model, rows, inp.len, PixArtCache::None);
+    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, None, &mut out).unwrap_or_else(|e| panic!("{e}"));
     out
 }
 
@@ -227,11 +169,11 @@ fn both(opts: &PixArtOptions) -> (Vec<f32>, Vec<f32>) {
 #[test]
 fn sampling_matches_cpu() {
     for sampler in [PixArtSampler::DpmSolver, PixArtSampler::Ddim] {
-        let (gpu, cpu) = both(&options(sampler, 10, PixArtCache::None, 1));
+        let (gpu, cpu) = both(&options(sampler, 10, 4.5, PixArtCache::None, 1));
         assert_close(&format!("{} 10 steps, guided: device vs CPU", sampler.name()), &gpu, &cpu, GUIDED_TOL);
     }
     // One image on an engine built for two: direct launches instead of the recorded steps.
-    let opts = options(PixArtSampler::DpmSolver, 10, PixArtCache::None, 1);
+    let opts = options(PixArtSampler::DpmSolver, 10, 4.5, PixArtCache::None, 1);
     let model = load(&tiny());
     let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
     let one =
@@ -247,33 +189,6 @@ fn sampling_matches_cpu() {
     assert_close("dpm-solver, 1 of 2 images (direct launches): device vs CPU", &got, &want, GUIDED_TOL);
 }
 
-/// icc factors that are exact: up·down = W for every cached linear (rank 32, which the fused
-/// low-rank kernel takes; the fixture's rank-4 factors go through the two-GEMM path).
-fn exact_factors(dir: &Path) -> PathBuf {
-    let f = TensorFile::open(&tiny().join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for i in 0..2 {
-        for layer in icdit::pixart::Layer::cached(i) {
-            let name = layer.name();
-            let (shape, w) = f.read_f32(&format!("{name}.weight")).unwrap();
-            let (out, inp) = (shape[0], shape[1]);
-            let eye = |n: usize| (0..n * n).map(|j| if j / n == j % n { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
-            let (up, down) = if out >= inp {
-                ((vec![out, inp], w), (vec![inp, inp], eye(inp)))
-            } else {
-                ((vec![out, out], eye(out)), (vec![out, inp], w))
-            };
-            tensors.push((format!("{name}.up"), up.0, up.1));
-            tensors.push((format!("{name}.down"), down.0, down.1));
-        }
-    }
-    let path = dir.join("exact.safetensors");
-    let views: Vec<(&str, &[usize], &[f32])> =
-        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
-    write_safetensors(&path, &views, &[], None).unwrap();
-    path
-}
-
 /// Reuse (period 2) and icc (period 3; the fixture's rank-4 factors on the two-GEMM path, exact
 /// rank-32 factors on the fused kernel) on the device against the same policy on the CPU
 /// backend, DPM-Solver++ 6 guided steps: within the guided bound; and each cached run differs
@@ -284,13 +199,13 @@ fn caching_matches_cpu() {
     let dir = TempDir::new("pixart-gpu-factors");
     let rank4 = Arc::new(PixArtFactors::load(&fixture("pixart/factors_rank4.safetensors"), &model).unwrap());
     let exact = Arc::new(PixArtFactors::load(&exact_factors(&dir), &model).unwrap());
-    let (none, _) = both(&options(PixArtSampler::DpmSolver, 6, PixArtCache::None, 1));
+    let (none, _) = both(&options(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
     for (name, cache, period) in [
         ("reuse", PixArtCache::Reuse, 2),
         ("icc rank 4", PixArtCache::Icc(rank4), 3),
         ("icc exact", PixArtCache::Icc(exact), 3),
     ] {
-        let (gpu, cpu) = both(&options(PixArtSampler::DpmSolver, 6, cache, period));
+        let (gpu, cpu) = both(&options(PixArtSampler::DpmSolver, 6, 4.5, cache, period));
         let err = assert_close(&format!("{name}: device vs CPU"), &gpu, &cpu, GUIDED_TOL);
         let moved = rel_l2(&cpu, &none);
         println!("{name}: CPU vs uncached device {moved:.3e}");
@@ -312,7 +227,7 @@ fn bad_input() {
     let inp = forward_in();
     let mut g = gpu(&model, 2, 4, PixArtCache::Reuse);
     let mut out = vec![0.0; 2 * model.config.out_elems()];
-    let e = g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut out).unwrap_err().to_string();
+    let e = g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, None, &mut out).unwrap_err().to_string();
     assert!(e.contains("6 tokens") && e.contains("max text length"), "{e}");
     let e = g.run(2, StepKind::Reuse).unwrap_err().to_string();
     assert!(e.contains("caption"), "{e}");
@@ -327,7 +242,7 @@ fn bad_input() {
     assert!(e.contains("masks are 0 or 1"), "{e}");
     // Latents that overflow f16 make the first step's model output non-finite: the request
     // fails naming step 0, found by the device's check (one compare per value, read once).
-    let opts = options(PixArtSampler::Ddim, 3, PixArtCache::None, 1);
+    let opts = options(PixArtSampler::Ddim, 3, 4.5, PixArtCache::None, 1);
     let mut e = PixArtEngine::new_gpu(Arc::clone(&model), &opts, EmuDevice::new).unwrap();
     let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
     let z = vec![1e30f32; 2 * model.config.image_elems()];
@@ -361,7 +276,7 @@ fn device_sampler_matches_host_update() {
             assert_close(&format!("{} step {i}: x̂₀", sampler.name()), &pd, &p, 1e-5);
         }
     }
-    let opts = options(PixArtSampler::DpmSolver, 4, PixArtCache::None, 1);
+    let opts = options(PixArtSampler::DpmSolver, 4, 4.5, PixArtCache::None, 1);
     let model = load(&tiny());
     let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
     let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 5, first_index: 0 };
@@ -426,18 +341,7 @@ fn head_dim_72_forward_matches_cpu() {
     let dir = TempDir::new("pixart-head72");
     let model = load(&head72_pipeline(&dir));
     assert_eq!((model.config.head_dim, model.config.hidden_size()), (72, 144));
-    let inp = forward_in();
-    let rows = inp.t.len();
-    let n = rows * model.config.out_elems();
-    let mut cpu = PixArtCpu::new(
-        Arc::clone(&model),
-        &PixArtCpuOptions { max_rows: rows, max_text_len: inp.len, threads: 2, ..Default::default() },
-    )
-    .unwrap();
-    let (mut want, mut got) = (vec![0.0; n], vec![0.0; n]);
-    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut want).unwrap();
-    let mut g = gpu(&model, rows, inp.len, PixArtCache::None);
-    g.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut got).unwrap_or_else(|e| panic!("{e}"));
+    let (got, want) = (gpu_forward(&model), cpu_forward(&model, 2));
     assert_close("head dim 72 forward: device vs CPU", &got, &want, FORWARD_TOL);
 }
 
@@ -488,7 +392,7 @@ fn micro_conditions_match_cpu_and_other_sizes_are_refused() {
     let apart = rel_l2(&outs[0], &outs[1]);
     assert!(apart > 20.0 * 2e-3, "the conditions change the output by only {apart}");
     // Sampling: the pipeline's conditions (the trained size) staged by the engine.
-    let opts = PixArtOptions { max_text_len: 6, ..options(PixArtSampler::DpmSolver, 4, PixArtCache::None, 1) };
+    let opts = PixArtOptions { max_text_len: 6, ..options(PixArtSampler::DpmSolver, 4, 4.5, PixArtCache::None, 1) };
     let (pos, neg) = (embeddings("prompt_embeds"), embeddings("negative_embeds"));
     let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 7, first_index: 0 };
     let mut gpu = PixArtEngine::new_gpu(Arc::clone(&ms), &opts, EmuDevice::new).unwrap_or_else(|e| panic!("{e}"));

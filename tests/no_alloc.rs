@@ -5,37 +5,18 @@
 //! included).
 
 mod common;
+mod counting_alloc;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use icdit::factors::{FactorInfo, LayerType};
+use icdit::gpu::{EmuDevice, GpuEngine};
 use icdit::{
     CacheMode, CpuEngine, CpuOptions, DitConfig, DitModel, Engine, EngineOptions, Factors, FullSteps, LoadOptions,
     Request, Sampler,
 };
 
-struct Counting;
-
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
+use counting_alloc::allocations_during;
 
 /// One test function only: libtest's own reporting of a concurrently finishing test
 /// would allocate on the main thread while this test counts.
@@ -90,10 +71,10 @@ fn pixart_sampling_allocates_nothing() {
         let mut out = vec![0.0f32; 2 * model.config.image_elems()];
         let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };
         e.sample(&req, &mut out, &mut |_| {}).unwrap();
-        let before = ALLOCS.load(Ordering::SeqCst);
-        e.sample(&req, &mut out, &mut |_| {}).unwrap();
-        e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
-        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        let during = allocations_during(|| {
+            e.sample(&req, &mut out, &mut |_| {}).unwrap();
+            e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
+        });
         let (on, name) = (backend.name(), sampler.name());
         println!("PixArt on {on}, {name} / {policy}: {during} allocations in 2 requests");
         assert_eq!(during, 0, "PixArt sampling on {on} ({name}, {policy}) allocated {during} times");
@@ -106,9 +87,9 @@ fn pixart_sampling_allocates_nothing() {
     let mut out = vec![0.0f32; 2 * ms.config.image_elems()];
     let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: None, seed: 3, first_index: 0 };
     e.sample(&req, &mut out, &mut |_| {}).unwrap();
-    let before = ALLOCS.load(Ordering::SeqCst);
-    e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
-    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    let during = allocations_during(|| {
+        e.sample(&PixArtRequest { seed: 4, ..req }, &mut out, &mut |_| {}).unwrap();
+    });
     println!("PixArt 1024-MS path (micro-conditions, 12×8): {during} allocations in 1 request");
     assert_eq!(during, 0, "PixArt sampling with micro-conditions allocated {during} times");
     assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
@@ -123,12 +104,12 @@ fn session_allocates_nothing() {
     let (mut px, mut lat) = (vec![0u8; 2 * info.pixel_len()], vec![0.0f32; 2 * info.latent_len()]);
     let preview = SessionRequest { preview: true, ..SessionRequest::new(&[1, 2], 5) };
     s.sample_pixels(&preview, &mut px, &mut |_, _| {}).unwrap();
-    let before = ALLOCS.load(Ordering::SeqCst);
     let mut previews = 0;
-    s.sample_pixels(&preview, &mut px, &mut |_, p| previews += p.is_some() as usize).unwrap();
-    s.sample_latents(&SessionRequest::new(&[3, 4], 6), &mut lat, &mut |_, _| {}).unwrap();
-    s.sample_pixels(&SessionRequest::new(&[5], 7), &mut px[..info.pixel_len()], &mut |_, _| {}).unwrap();
-    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    let during = allocations_during(|| {
+        s.sample_pixels(&preview, &mut px, &mut |_, p| previews += p.is_some() as usize).unwrap();
+        s.sample_latents(&SessionRequest::new(&[3, 4], 6), &mut lat, &mut |_, _| {}).unwrap();
+        s.sample_pixels(&SessionRequest::new(&[5], 7), &mut px[..info.pixel_len()], &mut |_, _| {}).unwrap();
+    });
     println!("session: {during} allocations in 3 requests ({previews} previews)");
     assert_eq!(during, 0, "the session allocated {during} times");
     assert_eq!(previews, 3);
@@ -140,9 +121,8 @@ fn session_allocates_nothing() {
 /// calibrated linears fused in the projected and folded forms (rank 8) and as two GEMMs in the
 /// direct form (rank 4, which the fused kernel does not take).
 fn gpu_pipeline_allocates_nothing() {
-    use icdit::gpu::{EmuDevice, GpuEngine};
-    let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
     use icdit::IccForm;
+    let m = Arc::new(DitModel::load(&common::fixture("hd72/official.safetensors"), &LoadOptions::default()).unwrap());
     for (rank, want, form) in [
         (8, IccForm::Auto, (IccForm::Projected, true)),
         (8, IccForm::Folded, (IccForm::Folded, true)),
@@ -158,24 +138,8 @@ fn gpu_pipeline_allocates_nothing() {
             icc_form: want,
             ..Default::default()
         };
-        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
+        let engine = gpu_requests_allocate_nothing(&m, &opts, &format!("icc rank {rank} {form:?}"));
         assert_eq!(engine.icc_form(), form, "rank {rank}");
-        let img = m.config.image_elems();
-        let mut out = vec![0.0; 2 * img];
-        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
-        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
-        let before = ALLOCS.load(Ordering::SeqCst);
-        engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
-        engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
-        let during = ALLOCS.load(Ordering::SeqCst) - before;
-        println!(
-            "GPU pipeline (emulated), icc rank {rank} {:?}: {during} host allocations in 2 requests ({} graphs)",
-            form,
-            engine.graph_count()
-        );
-        assert_eq!(during, 0, "the GPU pipeline allocated {during} times");
-        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and calibrated");
-        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
     }
     // FORA-style block reuse and Taylor forecasting (its per-step numbers read on the device).
     for cache in [CacheMode::Fora, CacheMode::Taylor(icdit::Forecast { order: 2, warmup: 1 })] {
@@ -188,20 +152,29 @@ fn gpu_pipeline_allocates_nothing() {
             full_steps: FullSteps::Period(3),
             ..Default::default()
         };
-        let mut engine = GpuEngine::new(Arc::clone(&m), &opts, EmuDevice::new).unwrap();
-        let img = m.config.image_elems();
-        let mut out = vec![0.0; 2 * img];
-        engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
-        engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
-        let before = ALLOCS.load(Ordering::SeqCst);
+        gpu_requests_allocate_nothing(&m, &opts, &format!("{cache:?}"));
+    }
+}
+
+/// An emulated-GPU engine for `opts`: after two warm-up requests (full-size and smaller), two
+/// more allocate nothing on the host; one graph recorded per step kind (full and cached); the
+/// output finite and not all zero.
+fn gpu_requests_allocate_nothing(m: &Arc<DitModel>, opts: &EngineOptions, label: &str) -> GpuEngine<EmuDevice> {
+    let mut engine = GpuEngine::new(Arc::clone(m), opts, EmuDevice::new).unwrap();
+    let img = m.config.image_elems();
+    let mut out = vec![0.0; 2 * img];
+    engine.sample(&Request::new(&[1, 2], 1), &mut out, &mut |_| {}).unwrap();
+    engine.sample(&Request::new(&[3], 1), &mut out[..img], &mut |_| {}).unwrap();
+    let during = allocations_during(|| {
         engine.sample(&Request::new(&[4, 5], 2), &mut out, &mut |_| {}).unwrap();
         engine.sample(&Request::new(&[6], 2), &mut out[..img], &mut |_| {}).unwrap();
-        let during = ALLOCS.load(Ordering::SeqCst) - before;
-        println!("GPU pipeline (emulated), {cache:?}: {during} host allocations in 2 requests");
-        assert_eq!(during, 0, "the GPU pipeline allocated {during} times under {cache:?}");
-        assert_eq!(engine.graph_count(), 2, "one graph per step kind: full and cached");
-        assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
-    }
+    });
+    let graphs = engine.graph_count();
+    println!("GPU pipeline (emulated), {label}: {during} host allocations in 2 requests ({graphs} graphs)");
+    assert_eq!(during, 0, "the GPU pipeline allocated {during} times under {label}");
+    assert_eq!(graphs, 2, "{label}: one graph per step kind: full and cached");
+    assert!(out.iter().all(|v| v.is_finite()) && out.iter().any(|v| v.abs() > 1e-3));
+    engine
 }
 
 fn vae_decode_allocates_nothing() {
@@ -216,11 +189,11 @@ fn vae_decode_on_allocates_nothing(mut dec: icdit::vae::VaeDecoder) {
     let lat: Vec<f32> = (0..dec.latent_len()).map(|i| ((i * 13 % 29) as f32 / 29.0) - 0.5).collect();
     let mut img = vec![0.0f32; dec.image_len()];
     dec.decode(&lat, &mut img).unwrap(); // warm-up
-    let before = ALLOCS.load(Ordering::SeqCst);
-    for _ in 0..3 {
-        dec.decode(&lat, &mut img).unwrap();
-    }
-    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    let during = allocations_during(|| {
+        for _ in 0..3 {
+            dec.decode(&lat, &mut img).unwrap();
+        }
+    });
     println!("heap allocations during 3 VAE decodes: {during}");
     assert_eq!(during, 0, "the VAE decode allocated {during} times");
     assert!(img.iter().any(|v| v.abs() > 1e-2) && img.iter().all(|v| v.is_finite()));
@@ -256,17 +229,16 @@ fn cpu_forward_on_allocates_nothing(mut engine: CpuEngine, cfg: &DitConfig) {
     let mut out = vec![0.0f32; rows * cfg.output_elems()];
     engine.forward(&x, &t, &y, &mut out).unwrap(); // warm-up (thread start-up, lazy statics)
 
-    let before = ALLOCS.load(Ordering::SeqCst);
-    for _ in 0..3 {
-        engine.forward(&x, &t, &y, &mut out).unwrap();
-    }
-    let during = ALLOCS.load(Ordering::SeqCst) - before;
+    let during = allocations_during(|| {
+        for _ in 0..3 {
+            engine.forward(&x, &t, &y, &mut out).unwrap();
+        }
+    });
     println!("heap allocations during 3 forward passes: {during}");
     assert_eq!(during, 0, "the forward pass allocated {during} times");
     // The counter does see allocations: an error (a formatted message) allocates.
-    let before = ALLOCS.load(Ordering::SeqCst);
-    assert!(engine.forward(&x, &t, &[3, 7, 10, 99], &mut out).is_err());
-    assert!(ALLOCS.load(Ordering::SeqCst) > before, "counting allocator is not counting");
+    let on_error = allocations_during(|| assert!(engine.forward(&x, &t, &[3, 7, 10, 99], &mut out).is_err()));
+    assert!(on_error > 0, "counting allocator is not counting");
     // And the pass did real work.
     assert!(out.iter().any(|v| v.abs() > 1e-3) && out.iter().all(|v| v.is_finite()));
 }
@@ -309,11 +281,11 @@ fn sample_allocates_nothing_after_the_first_call() {
         let mut out = vec![0.0; 3 * m.config.image_elems()];
         let mut steps = 0usize;
         engine.sample(&Request::new(&classes, 1), &mut out, &mut |_| {}).unwrap();
-        let before = ALLOCS.load(Ordering::SeqCst);
-        for seed in 0..3 {
-            engine.sample(&Request::new(&classes, seed), &mut out, &mut |_| steps += 1).unwrap();
-        }
-        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        let during = allocations_during(|| {
+            for seed in 0..3 {
+                engine.sample(&Request::new(&classes, seed), &mut out, &mut |_| steps += 1).unwrap();
+            }
+        });
         let kinds: Vec<_> = (0..engine.steps()).map(|i| engine.step_kind(i)).collect();
         println!("{label}: {during} allocations in 3 requests of {} steps ({kinds:?})", engine.steps());
         assert_eq!(during, 0);

@@ -8,58 +8,19 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{assert_close, fixture, rel_l2, TempDir};
+use common::pixart::{
+    cpu_forward, embeddings, exact_factors, forward_in, load, noise, options, sample, sample_tiny, tiny,
+};
+use common::{assert_close, fixture, icdit, p, rel_l2, TempDir};
 use icdit::forward::StepKind;
 use icdit::pixart::{
-    Embeddings, PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtOptions,
-    PixArtRequest, PixArtSampler, PixArtSchedule,
+    PixArtCache, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtFactors, PixArtModel, PixArtRequest, PixArtRunner,
+    PixArtSampler, PixArtSchedule,
 };
-use icdit::policy::FullSteps;
 use icdit::tensorfile::{write_safetensors, TensorFile};
-
-fn tiny() -> PathBuf {
-    fixture("pixart/tiny")
-}
-
-fn load(dir: &Path) -> Arc<PixArtModel> {
-    Arc::new(PixArtModel::load(dir).unwrap_or_else(|e| panic!("{e}")))
-}
-
-struct ForwardIn {
-    x: Vec<f32>,
-    t: Vec<f32>,
-    text: Vec<f32>,
-    mask: Vec<i64>,
-    len: usize,
-}
-
-fn forward_in() -> ForwardIn {
-    let f = TensorFile::open(&fixture("pixart/forward_in.safetensors")).unwrap();
-    let (shape, text) = f.read_f32("encoder_hidden_states").unwrap();
-    ForwardIn {
-        x: f.read_f32("x").unwrap().1,
-        t: f.read_i64("t").unwrap().1.iter().map(|&t| t as f32).collect(),
-        text,
-        mask: f.read_i64("encoder_attention_mask").unwrap().1,
-        len: shape[1],
-    }
-}
 
 fn reference(name: &str) -> Vec<f32> {
     TensorFile::open(&fixture("pixart/forward_out.safetensors")).unwrap().read_f32(name).unwrap().1
-}
-
-fn run_forward(model: Arc<PixArtModel>, threads: usize) -> Vec<f32> {
-    let inp = forward_in();
-    let rows = inp.t.len();
-    let mut cpu = PixArtCpu::new(
-        Arc::clone(&model),
-        &PixArtCpuOptions { max_rows: rows, max_text_len: inp.len, threads, ..Default::default() },
-    )
-    .unwrap();
-    let mut out = vec![0.0; rows * model.config.out_elems()];
-    cpu.forward(&inp.x, &inp.t, &inp.text, &inp.mask, inp.len, &mut out).unwrap();
-    out
 }
 
 /// f32 weights: the forward matches diffusers within 1e-5 relative L2 (measured 1.0e-6),
@@ -76,16 +37,11 @@ fn forward_matches_diffusers() {
     )
     .unwrap();
     let mut unmasked = vec![0.0; want.len()];
-    cpu.forward(&inp.x, &inp.t, &inp.text, &vec![1; inp.mask.len()], inp.len, &mut unmasked).unwrap();
+    cpu.forward(&inp.x, &inp.t, &inp.text, &vec![1; inp.mask.len()], inp.len, None, &mut unmasked).unwrap();
     let err = rel_l2(&unmasked, &want);
     assert!(err > 1e-3, "the caption mask made no difference ({err:.3e})");
     for threads in [1, 2] {
-        assert_close(
-            &format!("forward, f32 weights, {threads} threads"),
-            &run_forward(Arc::clone(&model), threads),
-            &want,
-            1e-5,
-        );
+        assert_close(&format!("forward, f32 weights, {threads} threads"), &cpu_forward(&model, threads), &want, 1e-5);
     }
 }
 
@@ -99,7 +55,7 @@ fn forward_f16_bf16_weights() {
             model.dtypes.keys().copied().collect::<Vec<_>>(),
             vec![if name == "out_f16" { "f16" } else { "bf16" }]
         );
-        assert_close(&format!("forward, {name}"), &run_forward(model, 2), &reference(name), 1e-5);
+        assert_close(&format!("forward, {name}"), &cpu_forward(&model, 2), &reference(name), 1e-5);
     }
 }
 
@@ -110,35 +66,8 @@ fn sampling(name: &str) -> (Vec<usize>, Vec<usize>, Vec<f32>) {
     (ts, shape, traj)
 }
 
-fn embeddings(name: &str) -> Embeddings {
-    Embeddings::load(&fixture(&format!("pixart/{name}.safetensors"))).unwrap()
-}
-
-fn noise() -> Vec<f32> {
-    TensorFile::open(&fixture("pixart/noise.safetensors")).unwrap().read_f32("z").unwrap().1
-}
-
 fn engine(sampler: PixArtSampler, steps: usize, cfg: f32, cache: PixArtCache, period: usize) -> PixArtEngine {
-    let opts = PixArtOptions {
-        max_batch: 2,
-        max_text_len: 6,
-        sampler,
-        steps,
-        cfg_scale: cfg,
-        threads: 2,
-        cache,
-        full_steps: FullSteps::Period(period),
-        ..Default::default()
-    };
-    PixArtEngine::new(load(&tiny()), &opts).unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn sample_with(e: &mut PixArtEngine) -> Vec<f32> {
-    let (pos, neg, z) = (embeddings("prompt_embeds"), embeddings("negative_embeds"), noise());
-    let req = PixArtRequest { prompt: &pos, negative: Some(&neg), noise: Some(&z), seed: 0, first_index: 0 };
-    let mut out = vec![0.0; z.len()];
-    e.sample(&req, &mut out, &mut |_| {}).unwrap_or_else(|e| panic!("{e}"));
-    out
+    PixArtEngine::new(load(&tiny()), &options(sampler, steps, cfg, cache, period)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// DPM-Solver++'s and DDIM's timesteps are diffusers' (20-step default included).
@@ -187,39 +116,12 @@ fn sampling_matches_diffusers() {
             assert_eq!(out, preview, "{name}: the last x̂₀ is the result");
         }
         assert_close(&format!("{name}: final latents"), &out, &traj[traj.len() - img..], 1e-4);
-        assert_eq!(sample_with(&mut e), out, "{name}: sample and sample_previewed agree");
+        assert_eq!(sample(&mut e), out, "{name}: sample and sample_previewed agree");
     }
 }
 
 fn e_timestep(name: &str, index: usize) -> usize {
     sampling(name).0[index]
-}
-
-/// icc factors that are exact: up·down = W for every cached linear (rank min(out, in)), so a
-/// calibrated linear is y_s + W·(x − x_s) = W·x + b.
-fn exact_factors(dir: &Path) -> PathBuf {
-    let f = TensorFile::open(&tiny().join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-    for i in 0..2 {
-        for layer in icdit::pixart::Layer::cached(i) {
-            let name = layer.name();
-            let (shape, w) = f.read_f32(&format!("{name}.weight")).unwrap();
-            let (out, inp) = (shape[0], shape[1]);
-            let eye = |n: usize| (0..n * n).map(|j| if j / n == j % n { 1.0 } else { 0.0 }).collect::<Vec<f32>>();
-            let (up, down) = if out >= inp {
-                ((vec![out, inp], w), (vec![inp, inp], eye(inp)))
-            } else {
-                ((vec![out, out], eye(out)), (vec![out, inp], w))
-            };
-            tensors.push((format!("{name}.up"), up.0, up.1));
-            tensors.push((format!("{name}.down"), down.0, down.1));
-        }
-    }
-    let path = dir.join("exact.safetensors");
-    let views: Vec<(&str, &[usize], &[f32])> =
-        tensors.iter().map(|(n, s, d)| (n.as_str(), s.as_slice(), d.as_slice())).collect();
-    write_safetensors(&path, &views, &[], None).unwrap();
-    path
 }
 
 /// Caching: with period 1 every step is full, which equals no caching (tolerance 1e-6,
@@ -231,30 +133,21 @@ fn caching_policies() {
     let dir = TempDir::new("pixart-factors");
     let factors = Arc::new(PixArtFactors::load(&exact_factors(&dir), &load(&tiny())).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(factors.max_rank(), 32);
-    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    let none = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
     for cache in [PixArtCache::Reuse, PixArtCache::Icc(Arc::clone(&factors))] {
-        let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache.clone(), 1));
+        let got = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache.clone(), 1));
         assert_close(&format!("{} period 1 vs none", cache.policy()), &got, &none, 1e-6);
     }
     let mut icc_engine = engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(Arc::clone(&factors)), 3);
     let kinds: Vec<StepKind> = (0..6).map(|i| icc_engine.step_kind(i)).collect();
     use StepKind::{Calibrated, Full};
     assert_eq!(kinds, [Full, Calibrated, Calibrated, Full, Calibrated, Calibrated]);
-    let icc = sample_with(&mut icc_engine);
+    let icc = sample(&mut icc_engine);
     let icc_err = assert_close("icc, exact factors, period 3 vs none", &icc, &none, 1e-4);
-    let reuse = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Reuse, 2));
+    let reuse = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Reuse, 2));
     let reuse_err = rel_l2(&reuse, &none);
     println!("reuse, period 2 vs none: relative L2 {reuse_err:.3e}");
     assert!(reuse_err > 1e-3 && reuse_err > 100.0 * icc_err, "reuse {reuse_err:.3e}, icc {icc_err:.3e}");
-}
-
-fn icdit(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// `icdit forward` on the pipeline folder writes diffusers' output (1e-5).
@@ -276,34 +169,13 @@ fn cli_forward() {
 #[test]
 fn cli_sample() {
     let dir = TempDir::new("pixart-cli-sample");
-    let (pe, ne, z) = (
-        fixture("pixart/prompt_embeds.safetensors"),
-        fixture("pixart/negative_embeds.safetensors"),
-        fixture("pixart/noise.safetensors"),
-    );
+    let z = fixture("pixart/noise.safetensors");
     for (name, sampler) in [("dpm", "dpm-solver"), ("ddim", "ddim")] {
         let lat = dir.join(format!("{name}.safetensors"));
-        let (ok, err) = icdit(&[
-            "sample",
-            "--weights",
-            p(&tiny()),
-            "--prompt-embeds",
-            p(&pe),
-            "--negative-embeds",
-            p(&ne),
-            "--noise",
-            p(&z),
-            "--steps",
+        let (ok, err) = sample_tiny(
             "6",
-            "--sampler",
-            sampler,
-            "--cfg",
-            "4.5",
-            "--threads",
-            "2",
-            "--out-latents",
-            p(&lat),
-        ]);
+            &["--noise", p(&z), "--sampler", sampler, "--cfg", "4.5", "--threads", "2", "--out-latents", p(&lat)],
+        );
         assert!(ok, "{err}");
         let (_, shape, traj) = sampling(name);
         let img = traj.len() / shape[0];
@@ -311,52 +183,20 @@ fn cli_sample() {
         assert_eq!(got.0, vec![2, 4, 8, 8]);
         assert_close(&format!("icdit sample --sampler {sampler}"), &got.1, &traj[traj.len() - img..], 1e-4);
     }
-    let factors = exact_factors(&dir);
+    let (factors, vae) = (exact_factors(&dir), fixture("vae/new"));
     let grid = dir.join("grid.png");
-    let (ok, err) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--negative-embeds",
-        p(&ne),
-        "--steps",
+    let (ok, err) = sample_tiny(
         "4",
-        "--cache",
-        "icc",
-        "--period",
-        "2",
-        "--factors",
-        p(&factors),
-        "--vae",
-        p(&fixture("vae/new")),
-        "--grid",
-        p(&grid),
-    ]);
+        &["--cache", "icc", "--period", "2", "--factors", p(&factors), "--vae", p(&vae), "--grid", p(&grid)],
+    );
     assert!(ok, "{err}");
     assert!(std::fs::read(&grid).unwrap().starts_with(b"\x89PNG"), "{err}");
     // --compare: one grid row per policy, distances to `none` printed.
     let cmp = dir.join("compare.png");
-    let (ok, err) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--negative-embeds",
-        p(&ne),
-        "--steps",
+    let (ok, err) = sample_tiny(
         "4",
-        "--compare",
-        "none,reuse,icc",
-        "--factors",
-        p(&factors),
-        "--vae",
-        p(&fixture("vae/new")),
-        "--grid",
-        p(&cmp),
-    ]);
+        &["--compare", "none,reuse,icc", "--factors", p(&factors), "--vae", p(&vae), "--grid", p(&cmp)],
+    );
     assert!(ok, "{err}");
     assert!(err.contains("reuse: relative L2 of the latents to `none`") && err.contains("icc: relative L2"), "{err}");
     assert!(std::fs::read(&cmp).unwrap().starts_with(b"\x89PNG"), "{err}");
@@ -406,20 +246,12 @@ fn errors() {
     assert!(e.contains("solver_order is 3"), "{e}");
     // CLI: an unknown backend, missing negative embeddings, embeddings of the wrong width.
     let pe = fixture("pixart/prompt_embeds.safetensors");
-    let lat = dir.join("l.safetensors");
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--backend",
-        "gpu",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (lat, weights) = (dir.join("l.safetensors"), tiny());
+    let run_sample =
+        |rest: &[&str]| icdit(&[&["sample", "--weights", p(&weights), "--out-latents", p(&lat)], rest].concat());
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe), "--backend", "gpu"]);
     assert!(!ok && e.contains("expected cpu, cuda or emu"), "{e}");
-    let (ok, e) = icdit(&["sample", "--weights", p(&tiny()), "--prompt-embeds", p(&pe), "--out-latents", p(&lat)]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe)]);
     assert!(!ok && e.contains("--negative-embeds") && e.contains("no text_encoder/"), "{e}");
     let narrow = dir.join("narrow.safetensors");
     write_safetensors(
@@ -429,31 +261,9 @@ fn errors() {
         None,
     )
     .unwrap();
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&narrow),
-        "--cfg",
-        "1",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&narrow), "--cfg", "1"]);
     assert!(!ok && e.contains("caption_channels is 24"), "{e}");
-    let (ok, e) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--cache",
-        "icc",
-        "--cfg",
-        "1",
-        "--out-latents",
-        p(&lat),
-    ]);
+    let (ok, e) = run_sample(&["--prompt-embeds", p(&pe), "--cache", "icc", "--cfg", "1"]);
     assert!(!ok && e.contains("--factors"), "{e}");
 }
 
@@ -469,12 +279,12 @@ fn caching_matches_python_reference() {
             .unwrap_or_else(|e| panic!("{e}")),
     );
     assert_eq!(factors.max_rank(), 4);
-    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    let none = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
     for (name, cache, period) in
         [("icc_period3", PixArtCache::Icc(factors), 3), ("reuse_period2", PixArtCache::Reuse, 2)]
     {
         let want = f.read_f32(name).unwrap().1;
-        let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache, period));
+        let got = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, cache, period));
         assert_close(name, &got, &want, 1e-4);
         let vs_none = rel_l2(&got, &none);
         println!("{name} vs no caching: relative L2 {vs_none:.3e}");
@@ -488,7 +298,7 @@ fn caching_matches_python_reference() {
 #[test]
 fn cli_calibrate_svd() {
     let dir = TempDir::new("pixart-calibrate");
-    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    let none = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
     for (rank, exact) in [("32", true), ("4", false)] {
         let out = dir.join(format!("svd{rank}.safetensors"));
         let (ok, err) =
@@ -500,7 +310,7 @@ fn cli_calibrate_svd() {
             vec![rank.parse::<usize>().unwrap(), 128]
         );
         let factors = Arc::new(PixArtFactors::load(&out, &load(&tiny())).unwrap());
-        let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(factors), 3));
+        let got = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(factors), 3));
         if exact {
             assert_close("icc, full-rank SVD factors vs none", &got, &none, 1e-4);
         } else {
@@ -534,8 +344,8 @@ fn cli_calibrate_ca_svd() {
         out
     };
     let full = Arc::new(PixArtFactors::load(&run("32", "full.safetensors", "ca-svd"), &load(&tiny())).unwrap());
-    let none = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
-    let got = sample_with(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(full), 3));
+    let none = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::None, 1));
+    let got = sample(&mut engine(PixArtSampler::DpmSolver, 6, 4.5, PixArtCache::Icc(full), 3));
     assert_close("icc, full-rank CA-SVD factors vs none", &got, &none, 1e-4);
     let (ca, ca2, svd) = (
         run("4", "ca.safetensors", "ca-svd"),
@@ -583,7 +393,7 @@ fn sharded_weights() {
     std::fs::write(pipe.join("transformer/diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
     let model = load(&pipe);
     assert_eq!(model.store_files(), 2);
-    assert_close("forward, sharded weights", &run_forward(model, 1), &reference("out"), 1e-5);
+    assert_close("forward, sharded weights", &cpu_forward(&model, 1), &reference("out"), 1e-5);
 }
 
 /// `icdit sample --prompt`: the prompts go through the folder's text encoder (opened only

@@ -5,27 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use common::{assert_close, fixture, TempDir};
+use common::pixart::{sample_tiny, tiny};
+use common::{assert_close, fixture, icdit, p, TempDir};
 use icdit::tensorfile::TensorFile;
 
 /// As tests/gpu_pixart.rs: the f16 bound of one forward pass, and of guided sampling.
 const FORWARD_TOL: f64 = 2e-3;
 const GUIDED_TOL: f64 = 5e-3;
-
-fn tiny() -> PathBuf {
-    fixture("pixart/tiny")
-}
-
-fn icdit(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
 
 /// `icdit forward --backend emu` writes diffusers' output within the f16 bound; `icdit sample
 /// --backend emu` the CPU backend's latents within the guided bound (DPM-Solver++, 6 steps),
@@ -42,57 +28,20 @@ fn cli_backend_emu() {
     let got = TensorFile::open(&out).unwrap().read_f32("out").unwrap();
     let diffusers = TensorFile::open(&fixture("pixart/forward_out.safetensors")).unwrap().read_f32("out").unwrap().1;
     assert_close("icdit forward --backend emu vs diffusers", &got.1, &diffusers, FORWARD_TOL);
-    let (pe, ne, z) = (
-        fixture("pixart/prompt_embeds.safetensors"),
-        fixture("pixart/negative_embeds.safetensors"),
-        fixture("pixart/noise.safetensors"),
-    );
+    let z = fixture("pixart/noise.safetensors");
     let mut latents = Vec::new();
     for backend in ["emu", "cpu"] {
         let lat = dir.join(format!("{backend}.safetensors"));
-        let (ok, err) = icdit(&[
-            "sample",
-            "--weights",
-            p(&tiny()),
-            "--prompt-embeds",
-            p(&pe),
-            "--negative-embeds",
-            p(&ne),
-            "--noise",
-            p(&z),
-            "--steps",
-            "6",
-            "--threads",
-            "2",
-            "--backend",
-            backend,
-            "--out-latents",
-            p(&lat),
-        ]);
+        let (ok, err) =
+            sample_tiny("6", &["--noise", p(&z), "--threads", "2", "--backend", backend, "--out-latents", p(&lat)]);
         assert!(ok && err.contains(&format!("on {backend}")), "{err}");
         latents.push(TensorFile::open(&lat).unwrap().read_f32("latents").unwrap().1);
     }
     assert_close("icdit sample --backend emu vs cpu", &latents[0], &latents[1], GUIDED_TOL);
     let cmp = dir.join("compare.png");
-    let (ok, err) = icdit(&[
-        "sample",
-        "--weights",
-        p(&tiny()),
-        "--prompt-embeds",
-        p(&pe),
-        "--negative-embeds",
-        p(&ne),
-        "--steps",
-        "4",
-        "--backend",
-        "emu",
-        "--compare",
-        "none,reuse",
-        "--vae",
-        p(&fixture("vae/new")),
-        "--grid",
-        p(&cmp),
-    ]);
+    let vae = fixture("vae/new");
+    let (ok, err) =
+        sample_tiny("4", &["--backend", "emu", "--compare", "none,reuse", "--vae", p(&vae), "--grid", p(&cmp)]);
     assert!(ok && err.contains("reuse: relative L2 of the latents to `none`"), "{err}");
     assert!(std::fs::read(&cmp).unwrap().starts_with(b"\x89PNG"), "{err}");
     // bench-gpu --pixart on the emulation: a row per step kind, the JSON line last.

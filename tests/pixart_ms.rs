@@ -9,11 +9,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{assert_close, fixture, rel_l2, TempDir};
+use common::{assert_close, fixture, icdit, p, rel_l2, TempDir};
 use icdit::pixart::size::{bins_for, classify, resize_and_crop};
 use icdit::pixart::{
     Embeddings, ImageSize, PixArtConfig, PixArtCpu, PixArtCpuOptions, PixArtEngine, PixArtModel, PixArtOptions,
-    PixArtRequest,
+    PixArtRequest, PixArtRunner,
 };
 use icdit::tensorfile::{write_safetensors, TensorFile};
 
@@ -46,7 +46,7 @@ fn forward(cpu: &mut PixArtCpu, x: &[f32]) -> Vec<f32> {
     let t: Vec<f32> = read_i64("forward", "t").iter().map(|&t| t as f32).collect();
     let (text, mask) = (read("forward", "encoder_hidden_states"), read_i64("forward", "encoder_attention_mask"));
     let mut out = vec![0.0; 2 * cpu.model().config.out_elems()];
-    cpu.forward(x, &t, &text, &mask, 6, &mut out).unwrap();
+    cpu.forward(x, &t, &text, &mask, 6, None, &mut out).unwrap();
     out
 }
 
@@ -61,7 +61,7 @@ fn micro_conditions_match_diffusers() {
     let x = read("forward", "x");
     let mut three = vec![0.0; 2 * model.config.out_elems()];
     let err = cpu
-        .forward(&x, &[999.0, 420.0], &read("forward", "encoder_hidden_states"), &[1; 12], 6, &mut three)
+        .forward(&x, &[999.0, 420.0], &read("forward", "encoder_hidden_states"), &[1; 12], 6, None, &mut three)
         .unwrap_err();
     assert!(err.to_string().contains("use_additional_conditions"), "{err}");
     let (res, ar) = (read("forward", "resolution"), read("forward", "aspect_ratio"));
@@ -149,15 +149,6 @@ fn image_sizes() {
     assert_eq!(ImageSize::plan(&tiny, Some(96), Some(64), false).unwrap().latent(), (12, 8));
     let err = ImageSize::plan(&tiny, Some(100), Some(64), false).unwrap_err().to_string();
     assert!(err.contains("multiple of 16"), "{err}");
-}
-
-fn icdit(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// `icdit forward` reads `resolution`/`aspect_ratio` and sizes the model from `x`; `icdit

@@ -5,22 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{assert_close, fixture, TempDir};
+use common::{assert_close, fixture, icdit, p, TempDir};
 use icdit::tensorfile::TensorFile;
 
 fn pipe() -> PathBuf {
     fixture("pixart_pipe")
-}
-
-fn icdit(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 const PROMPTS: [&str; 2] = ["A red square on a white table", "two blue circles"];

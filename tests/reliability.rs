@@ -71,34 +71,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::{fixture, TempDir};
-use icdit::tensorfile::TensorFile;
+use common::{diffusers_copy, fixture, read_all, write_all, TempDir};
 use icdit::{DitModel, Engine, EngineOptions, Error, Factors, LoadOptions, Request, Sampler};
-use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-
-type Tensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
-
-fn read_all(path: &Path) -> (Tensors, HashMap<String, String>) {
-    let f = TensorFile::open(path).unwrap();
-    let mut names: Vec<String> = f.names().map(String::from).collect();
-    names.sort();
-    let t = names
-        .into_iter()
-        .map(|n| {
-            let e = f.get(&n).unwrap().clone();
-            let bytes = f.bytes(&e).to_vec();
-            (n, e.dtype, e.shape, bytes)
-        })
-        .collect();
-    (t, f.metadata().clone())
-}
-
-fn write_all(path: &Path, t: &Tensors, meta: &HashMap<String, String>) {
-    let views: Vec<(String, TensorView)> =
-        t.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
-    std::fs::write(path, safetensors::serialize(views, Some(meta.clone())).unwrap()).unwrap();
-}
 
 fn f32_tensor(name: &str, shape: &[usize], v: &[f32]) -> (String, Dtype, Vec<usize>, Vec<u8>) {
     (name.into(), Dtype::F32, shape.to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect())
@@ -346,17 +321,6 @@ fn malformed_shapes_and_names_are_errors_not_panics_or_hangs() {
     *e = f32_tensor("x_embedder.proj.weight", &[144, 0, 1 << 40, 1 << 40], &[]);
     write_all(&p, &t, &meta);
     assert_says(&load(&p).unwrap_err(), &["x_embedder.proj.weight", "p ≤ 4096"]);
-}
-
-/// Copies the diffusers fixture folder so it can be modified.
-fn diffusers_copy(tmp: &TempDir) -> PathBuf {
-    let src = fixture("hd72/diffusers/transformer");
-    let dst = tmp.join("transformer");
-    std::fs::create_dir_all(&dst).unwrap();
-    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
-        std::fs::copy(src.join(f), dst.join(f)).unwrap();
-    }
-    dst
 }
 
 #[test]

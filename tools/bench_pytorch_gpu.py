@@ -30,25 +30,20 @@ skipped and reported as such.
 from __future__ import annotations
 
 import argparse
-import copy
-import datetime
-import json
 import math
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_pytorch_common import (Budget, Clock, add_output_args, add_timing_args, apply_quick,  # noqa: E402
+                                  compiled_caller, finish, first_call, progress_writer, record, rel_err,
+                                  run_compile_child, run_info, set_tf32)
 from dit_torch import DiT, DiTConfig, Diffusion, modulate  # noqa: E402
 
 # (depth, hidden, heads) per DiT family (docs/dit-reference.md B); the patch is the /p suffix.
@@ -105,57 +100,6 @@ def inputs(cfg: DiTConfig, images: int, device: torch.device, seed: int):
     labels = torch.randint(0, cfg.num_classes, (images,), generator=g)
     y = torch.cat([labels, torch.full_like(labels, NULL_CLASS)])
     return z.to(device), y.to(device)
-
-
-# ---- timing -------------------------------------------------------------------------------------
-
-class Clock:
-    """Times a callable: CUDA events around each run (synchronised once per run), else perf_counter."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def run(self, fn, warmup: int, runs: int) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        out = []
-        for _ in range(runs):
-            if self.cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                b.synchronize()
-                out.append(a.elapsed_time(b))
-            else:
-                s = time.perf_counter()
-                fn()
-                out.append((time.perf_counter() - s) * 1e3)
-        return out
-
-    def reset_peak(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-
-    def peak_mib(self):
-        return torch.cuda.max_memory_allocated() / 2**20 if self.cuda else None
-
-
-def record(variant, what, images, rows, runs_ms, mac_total, clock, **extra):
-    med = statistics.median(runs_ms)
-    rec = {"variant": variant, "what": what, "images": images, "rows": rows, "median_ms": med,
-           "min_ms": min(runs_ms), "max_ms": max(runs_ms), "runs_ms": runs_ms,
-           "ms_per_image": med / images if images else None,
-           "tflops": 2 * mac_total / (med * 1e-3) / 1e12 if mac_total else None,
-           "macs": mac_total, "peak_mib": clock.peak_mib(), "status": "ok"}
-    rec.update(extra)
-    return rec
 
 
 # ---- the DDIM sampler with CFG ------------------------------------------------------------------
@@ -277,30 +221,6 @@ class Icc:
 
 # ---- the run --------------------------------------------------------------------------------------
 
-class Budget:
-    def __init__(self, seconds: float):
-        self.start = time.monotonic()
-        self.seconds = seconds
-
-    def left(self) -> float:
-        return math.inf if self.seconds <= 0 else self.seconds - (time.monotonic() - self.start)
-
-    def fits(self, estimate_s: float) -> bool:
-        return estimate_s <= self.left()
-
-
-def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    got, ref = got.double().cpu(), ref.double().cpu()
-    return float((got - ref).norm() / ref.norm())
-
-
-def set_tf32(on: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32 = on
-        torch.backends.cudnn.allow_tf32 = on
-
-
 def sanity_input(cfg, device, seed):
     z, y = inputs(cfg, 1, device, seed + 7)
     t = torch.full((2,), 500, dtype=torch.long, device=device)
@@ -378,9 +298,7 @@ def measure_icc(args, model, cfg, device, clock, budget, emit, fwd_ms):
 def child_compile(args):
     """The fp16-compile variant, in its own process: events go to --progress as JSON lines."""
     device = torch.device(args.device)
-    progress = open(args.progress, "a", buffering=1)
-    emit_raw = lambda obj: progress.write(json.dumps(obj) + "\n")
-    emit_raw({"event": "start", "t": time.time()})
+    emit_raw = progress_writer(args.progress)
     budget = Budget(args.budget)
     cfg = make_config(args.family, args.image_size)
     clock = Clock(device)
@@ -392,22 +310,10 @@ def child_compile(args):
     model.half()
     compiled = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode,
                              dynamic=False)
-    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
     # no_grad rather than inference_mode: parameters stay ordinary tensors for the compiler.
     with torch.no_grad():
-
-        def call(xx, t, y):
-            if mark is not None and clock.cuda:
-                mark()
-            return compiled(xx, t, y)
-
-        emit_raw({"event": "compiling", "t": time.time()})
-        s = time.perf_counter()
-        out = call(xs.half(), ts, ys).float()
-        clock.sync()
-        compile_s = time.perf_counter() - s
-        emit_raw({"event": "compiled", "t": time.time(), "compile_s": compile_s, "rel_err": rel_err(out, ref),
-                  "finite": bool(torch.isfinite(out).all())})
+        call = compiled_caller(compiled, clock)
+        compile_s = first_call(emit_raw, clock, lambda: call(xs.half(), ts, ys), ref)
         print(f"  fp16-compile: first call (compile) {compile_s:.1f} s", flush=True)
 
         def emit(rec):  # the parent prints the records when the child ends (or is stopped)
@@ -418,103 +324,19 @@ def child_compile(args):
     emit_raw({"event": "done", "t": time.time()})
 
 
-def _child_setup():
-    """In the compile child before exec: its own process group (so that it and its compile workers
-    can be stopped together; not a new session, which would outlive the device call), and SIGKILL
-    when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
-    os.setpgid(0, 0)
-    try:
-        import ctypes
-        ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))
-    except (OSError, AttributeError):
-        pass
-
-
-def _kill_group(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the child and its compile workers
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def read_events(path):
-    """The child's complete JSON lines (a line being written is left for the next read)."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n") and line.strip()]
-
-
 def run_compile(args, budget, emit):
     """Runs child_compile with a deadline for the first compile and one for the whole variant."""
     if not budget.fits(30):
         emit({"variant": "fp16-compile", "what": "forward", "status": "skipped: budget"})
         return
-    fd, progress = tempfile.mkstemp(prefix="bench-compile-", suffix=".jsonl")
-    os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-compile", "--progress", progress,
-           "--device", args.device, "--family", args.family, "--image-size", str(args.image_size),
-           "--batches", args.batches, "--steps", str(args.steps), "--cfg", str(args.cfg),
-           "--seed", str(args.seed), "--warmup", str(args.warmup), "--runs", str(args.runs),
-           "--sample-warmup", str(args.sample_warmup), "--sample-runs", str(args.sample_runs),
-           "--compile-mode", args.compile_mode, "--budget", str(max(1.0, budget.left() - 5))]
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, preexec_fn=_child_setup)
-    # If we are stopped (gpu-check's timeout sends SIGTERM), stop the child's group first.
-    def stop(signum, frame):
-        _kill_group(proc)
-        sys.exit(128 + signum)
-    old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    compiling_since = None  # the compile limit counts from the first call, not from the imports
-    end_deadline = started + max(1.0, budget.left() - 2)
-    events, why = [], None
-    while proc.poll() is None:
-        time.sleep(0.5)
-        events = read_events(progress)
-        names = {e["event"] for e in events}
-        now = time.monotonic()
-        if compiling_since is None and "compiling" in names:
-            compiling_since = now
-        if "compiled" not in names and compiling_since is not None and now > compiling_since + args.compile_timeout:
-            why = f"compile exceeded --compile-timeout {args.compile_timeout:.0f} s"
-        elif now > end_deadline:
-            why = "budget exhausted: stopped"
-        if why:
-            _kill_group(proc)
-            break
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
-    events = read_events(progress)
-    os.unlink(progress)
-    compiled = next((e for e in events if e["event"] == "compiled"), None)
-    head = {"variant": "fp16-compile", "what": "compile", "compile_mode": args.compile_mode,
-            "wall_s": time.monotonic() - started}
-    if compiled:
-        head.update(status="ok", compile_s=compiled["compile_s"], rel_err_vs_fp32=compiled["rel_err"],
-                    finite=compiled["finite"])
-    elif why:
-        head.update(status=why)
-    else:
-        head.update(status=f"error: child exited with {proc.returncode} before compiling (see the log)")
-    emit(head)
-    for e in events:
-        if e["event"] == "record":
-            emit(e["record"])
-    if compiled and why:
-        emit({"variant": "fp16-compile", "what": "(rest)", "status": why})
-    elif compiled and proc.returncode not in (0, None) and not why:
-        emit({"variant": "fp16-compile", "what": "(rest)", "status": f"error: child exited with {proc.returncode}"})
-
-
-def device_info(device):
-    info = {"type": device.type}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(name=p.name, capability=f"{p.major}.{p.minor}", sm_count=p.multi_processor_count,
-                    memory_gib=round(p.total_memory / 2**30, 1),
-                    l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
-    else:
-        info.update(name=platform.processor() or platform.machine(), threads=torch.get_num_threads())
-    return info
+    child_args = ["--device", args.device, "--family", args.family, "--image-size", str(args.image_size),
+                  "--batches", args.batches, "--steps", str(args.steps), "--cfg", str(args.cfg),
+                  "--seed", str(args.seed), "--warmup", str(args.warmup), "--runs", str(args.runs),
+                  "--sample-warmup", str(args.sample_warmup), "--sample-runs", str(args.sample_runs),
+                  "--compile-mode", args.compile_mode]
+    head = {"variant": "fp16-compile", "what": "compile", "compile_mode": args.compile_mode}
+    run_compile_child(__file__, child_args, head, {"variant": "fp16-compile", "what": "(rest)"}, budget,
+                      args.compile_timeout, emit, "bench-compile-")
 
 
 def print_table(result):
@@ -563,21 +385,14 @@ def main():
                     help="torch.compile mode: max-autotune (default on cuda), default (default on cpu), "
                          "reduce-overhead, max-autotune-no-cudagraphs")
     ap.add_argument("--compile-timeout", type=float, default=180.0, help="seconds allowed for the first compile")
-    ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole run (0: no limit)")
-    ap.add_argument("--warmup", type=int, default=5, help="untimed forwards")
-    ap.add_argument("--runs", type=int, default=20, help="timed forwards (median)")
-    ap.add_argument("--sample-warmup", type=int, default=1)
-    ap.add_argument("--sample-runs", type=int, default=3)
+    add_timing_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 64 px unless --image-size, 4 steps, 2 timed forwards, 1 timed sampling run")
-    ap.add_argument("--json", help="write everything here")
-    ap.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--progress", help=argparse.SUPPRESS)
+    add_output_args(ap)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.runs, args.sample_warmup, args.sample_runs = 4, 1, 2, 0, 1
-        args.compile_timeout = min(args.compile_timeout, 120.0)
+        apply_quick(args)
         args.image_size = args.image_size or 64
     args.image_size = args.image_size or 256
     if args.compile_mode is None:
@@ -636,9 +451,8 @@ def main():
             sanity["fp16-compile"] = comp["rel_err_vs_fp32"]
 
     result = {
-        "tool": "tools/bench_pytorch_gpu.py", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "host": platform.node(), "device": device_info(device), "torch": torch.__version__,
-        "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        **run_info("tools/bench_pytorch_gpu.py", device),
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "config": {"family": args.family, "image_size": args.image_size, "latent": cfg.input_size,
                    "tokens": (cfg.input_size // cfg.patch_size) ** 2, "hidden": cfg.hidden_size, "depth": cfg.depth,
                    "heads": cfg.num_heads, "macs_per_row": macs(cfg), "steps": args.steps, "cfg": args.cfg,
@@ -649,14 +463,7 @@ def main():
                    "weights": "random N(0, 0.02), seeded; never downloaded"},
         "sanity": sanity, "results": results, "elapsed_s": time.monotonic() - budget.start,
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    print_table(result)
-    bad = [r for r in results if r["status"] == "MISMATCH" or r.get("finite") is False]
-    return 1 if bad else 0
-
+    return finish(result, args.json, print_table)
 
 if __name__ == "__main__":
     sys.exit(main())

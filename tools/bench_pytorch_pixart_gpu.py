@@ -40,25 +40,20 @@ the whole run: a measurement that would not fit is skipped and reported as such.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-# The DiT baseline's timing, budget and child-process helpers (same conventions, same JSON fields).
-from bench_pytorch_gpu import (Budget, Clock, _child_setup, _kill_group, device_info, read_events,  # noqa: E402
-                               record, rel_err, set_tf32)
+# The baselines' timing, budget, compile-child and result machinery (same JSON fields as DiT's).
+from bench_pytorch_common import (Budget, Clock, add_output_args, add_timing_args, apply_quick,  # noqa: E402
+                                  compiled_caller, finish, first_call, progress_writer, record, rel_err,
+                                  run_compile_child, run_info, set_tf32)
 from pixart_torch import DpmSolverPP, PixArt, PixArtConfig, guided_eps, layer_norm  # noqa: E402
 
 TABLE_MARK = "== bench_pytorch_pixart_gpu results =="
@@ -334,9 +329,7 @@ def sanity_reference(model, cfg, args, device):
 
 def child_compile(args):
     device = torch.device(args.device)
-    progress = open(args.progress, "a", buffering=1)
-    emit_raw = lambda obj: progress.write(json.dumps(obj) + "\n")
-    emit_raw({"event": "start", "t": time.time()})
+    emit_raw = progress_writer(args.progress)
     budget = Budget(args.budget)
     cfg = make_config(args, args.sizes_list[0])
     clock = Clock(device)
@@ -345,22 +338,14 @@ def child_compile(args):
     model.half()
     mode = None if args.compile_mode == "default" or args.compile_backend != "inductor" else args.compile_mode
     compiled = torch.compile(model.denoise, backend=args.compile_backend, mode=mode, dynamic=False)
-    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
     with torch.no_grad():
+        denoise = compiled_caller(compiled, clock)
 
-        def denoise(xx, t, ctx, bias, kv):
-            if mark is not None and clock.cuda:
-                mark()
-            return compiled(xx, t, ctx, bias, kv)
+        def call():
+            ctx, bias = model.encode_caption(text, mask)
+            return denoise(xs.half(), ts, ctx, bias, model.cross_kv(ctx))
 
-        emit_raw({"event": "compiling", "t": time.time()})
-        s = time.perf_counter()
-        ctx, bias = model.encode_caption(text, mask)
-        out = denoise(xs.half(), ts, ctx, bias, model.cross_kv(ctx)).float()
-        clock.sync()
-        compile_s = time.perf_counter() - s
-        emit_raw({"event": "compiled", "t": time.time(), "compile_s": compile_s, "rel_err": rel_err(out, ref),
-                  "finite": bool(torch.isfinite(out).all())})
+        compile_s = first_call(emit_raw, clock, call, ref)
         print(f"  fp16-compile {args.sizes_list[0]} px: first call (compile) {compile_s:.1f} s", flush=True)
         emit = lambda rec: emit_raw({"event": "record", "record": rec})
         measure_variant(args, "fp16-compile", model, cfg, device, clock, budget, emit, denoise)
@@ -374,61 +359,16 @@ def run_compile(args, size, budget, emit):
     if not budget.fits(30):
         emit({**head, "status": "skipped: budget"})
         return None
-    fd, progress = tempfile.mkstemp(prefix="bench-pixart-compile-", suffix=".jsonl")
-    os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child-compile", "--progress", progress,
-           "--device", args.device, "--sizes", str(size), "--batches", args.batches, "--steps", str(args.steps),
-           "--cfg", str(args.cfg), "--seed", str(args.seed), "--warmup", str(args.warmup), "--runs", str(args.runs),
-           "--sample-warmup", str(args.sample_warmup), "--sample-runs", str(args.sample_runs),
-           "--depth", str(args.depth), "--heads", str(args.heads), "--tokens", str(args.tokens),
-           "--caption-channels", str(args.caption_channels), "--compile-mode", args.compile_mode,
-           "--compile-backend", args.compile_backend,
-           "--budget", str(max(1.0, budget.left() - 5))]
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, preexec_fn=_child_setup)
-
-    def stop(signum, frame):  # gpu-check's timeout: stop the child's group first
-        _kill_group(proc)
-        sys.exit(128 + signum)
-
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    compiling_since, why = None, None
-    end_deadline = started + max(1.0, budget.left() - 2)
-    while proc.poll() is None:
-        time.sleep(0.5)
-        names = {e["event"] for e in read_events(progress)}
-        now = time.monotonic()
-        if compiling_since is None and "compiling" in names:
-            compiling_since = now
-        if "compiled" not in names and compiling_since is not None and now > compiling_since + args.compile_timeout:
-            why = f"compile exceeded --compile-timeout {args.compile_timeout:.0f} s"
-        elif now > end_deadline:
-            why = "budget exhausted: stopped"
-        if why:
-            _kill_group(proc)
-            break
-    for sig, handler in old.items():
-        signal.signal(sig, handler)
-    events = read_events(progress)
-    os.unlink(progress)
-    compiled = next((e for e in events if e["event"] == "compiled"), None)
-    head["wall_s"] = time.monotonic() - started
-    if compiled:
-        head.update(status="ok", compile_s=compiled["compile_s"], rel_err_vs_fp32=compiled["rel_err"],
-                    finite=compiled["finite"])
-    elif why:
-        head.update(status=why)
-    else:
-        head.update(status=f"error: child exited with {proc.returncode} before compiling (see the log)")
-    emit(head)
-    for e in events:
-        if e["event"] == "record":
-            emit(e["record"])
-    if compiled and why:
-        emit({"variant": "fp16-compile", "what": "(rest)", "size": size, "status": why})
-    elif compiled and proc.returncode not in (0, None):
-        emit({"variant": "fp16-compile", "what": "(rest)", "size": size,
-              "status": f"error: child exited with {proc.returncode}"})
+    child_args = ["--device", args.device, "--sizes", str(size), "--batches", args.batches,
+                  "--steps", str(args.steps), "--cfg", str(args.cfg), "--seed", str(args.seed),
+                  "--warmup", str(args.warmup), "--runs", str(args.runs),
+                  "--sample-warmup", str(args.sample_warmup), "--sample-runs", str(args.sample_runs),
+                  "--depth", str(args.depth), "--heads", str(args.heads), "--tokens", str(args.tokens),
+                  "--caption-channels", str(args.caption_channels), "--compile-mode", args.compile_mode,
+                  "--compile-backend", args.compile_backend]
+    rest = {"variant": "fp16-compile", "what": "(rest)", "size": size}
+    compiled = run_compile_child(__file__, child_args, head, rest, budget, args.compile_timeout, emit,
+                                 "bench-pixart-compile-")
     return compiled["rel_err"] if compiled else None
 
 
@@ -486,11 +426,7 @@ def main():
                     help="torch.compile backend: inductor (default), or aot_eager (default with --quick on the "
                          "CPU: the child-process plumbing without a C++ compile of a minute or more)")
     ap.add_argument("--compile-timeout", type=float, default=120.0, help="seconds allowed for each first compile")
-    ap.add_argument("--budget", type=float, default=0.0, help="seconds for the whole run (0: no limit)")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--runs", type=int, default=20)
-    ap.add_argument("--sample-warmup", type=int, default=1)
-    ap.add_argument("--sample-runs", type=int, default=3)
+    add_timing_args(ap)
     ap.add_argument("--depth", type=int, default=28, help="blocks (PixArt-XL/2: 28)")
     ap.add_argument("--heads", type=int, default=16, help="heads of 72 (PixArt-XL/2: 16)")
     ap.add_argument("--tokens", type=int, default=120, help="caption tokens")
@@ -498,14 +434,11 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 64 px, 2 blocks of 4 heads, 4 steps, 2 timed forwards, 1 timed sampling run")
-    ap.add_argument("--json", help="write everything here")
-    ap.add_argument("--child-compile", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--progress", help=argparse.SUPPRESS)
+    add_output_args(ap)
     args = ap.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.runs, args.sample_warmup, args.sample_runs = 4, 1, 2, 0, 1
+        apply_quick(args)
         args.depth, args.heads = min(args.depth, 2), min(args.heads, 4)
-        args.compile_timeout = min(args.compile_timeout, 120.0)
         args.sizes = args.sizes or "64"
     args.sizes_list = [int(s) for s in (args.sizes or "256,512").split(",") if s]
     if args.compile_backend is None:
@@ -570,10 +503,7 @@ def main():
                 sanity[f"fp16-compile {size} px"] = err
 
     result = {
-        "tool": "tools/bench_pytorch_pixart_gpu.py",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "host": platform.node(), "device": device_info(device), "torch": torch.__version__,
-        "cuda": torch.version.cuda,
+        **run_info("tools/bench_pytorch_pixart_gpu.py", device),
         "config": {"model": "PixArt-XL/2" if (args.depth, args.heads) == (28, 16) else "PixArt (reduced)",
                    "sizes": args.sizes_list, "depth": args.depth, "heads": args.heads, "hidden": 72 * args.heads,
                    "tokens": args.tokens, "caption_channels": args.caption_channels, "steps": args.steps,
@@ -586,14 +516,7 @@ def main():
                    "caption": "random embeddings; positive 20 tokens, negative 1 token, of --tokens"},
         "sanity": sanity, "results": results, "elapsed_s": time.monotonic() - budget.start,
     }
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    print_table(result)
-    bad = [r for r in results if r["status"] == "MISMATCH" or r.get("finite") is False]
-    return 1 if bad else 0
-
+    return finish(result, args.json, print_table)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -62,11 +62,14 @@ L = 6  # caption tokens
 D = CONFIG["caption_channels"]
 
 
-def make_model():
+def make_model(config=CONFIG, seed=1):
+    """A random PixArtTransformer2DModel of `config` (every tiny fixture's: this one's, the 1024-MS
+    one's, the whole pipeline's), its parameters drawn from `seed`."""
     torch.manual_seed(0)
-    m = PixArtTransformer2DModel(**CONFIG).eval()
+    m = PixArtTransformer2DModel(**config).eval()
     # Redraw every parameter: the default init zeroes parts of the model (and so outputs).
-    g = torch.Generator().manual_seed(1)
+    # The scale-shift tables are drawn at 1/√D of this fixture's caption width (24) in all.
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith("scale_shift_table"):

@@ -47,18 +47,7 @@ D = CONFIG["caption_channels"]
 
 
 def make_model():
-    torch.manual_seed(0)
-    m = PixArtTransformer2DModel(**CONFIG).eval()
-    g = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("scale_shift_table"):
-                p.copy_(torch.randn(p.shape, generator=g) / D**0.5)
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return m
+    return base.make_model(CONFIG, seed=11)
 
 
 def forward(m, x, t, ehs, mask, cond=None):

@@ -36,7 +36,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 import diffusers
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline
 from transformers import T5EncoderModel, T5Tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -52,18 +52,7 @@ MODEL_INDEX = dict(base.MODEL_INDEX, text_encoder=["transformers", "T5EncoderMod
 
 
 def make_model():
-    torch.manual_seed(0)
-    m = PixArtTransformer2DModel(**CONFIG).eval()
-    g = torch.Generator().manual_seed(21)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("scale_shift_table"):
-                p.copy_(torch.randn(p.shape, generator=g) / 24**0.5)
-            elif p.ndim == 1:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
-    return m
+    return base.make_model(CONFIG, seed=21)
 
 
 def main():

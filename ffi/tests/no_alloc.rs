@@ -1,31 +1,13 @@
 //! A request through the C ABI allocates nothing after the first (a counting global
 //! allocator sees every thread's allocations).
 
-use std::alloc::{GlobalAlloc, Layout, System};
+#[path = "../../tests/counting_alloc/mod.rs"]
+mod counting_alloc;
+
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
+use counting_alloc::allocations_during;
 use icdit_c::*;
-
-struct Counting;
-static ALLOCS: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
-        System.alloc(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCS.fetch_add(1, Ordering::SeqCst);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static GLOBAL: Counting = Counting;
 
 unsafe extern "C" fn on_step(
     _: *mut std::ffi::c_void,
@@ -62,11 +44,11 @@ fn requests_allocate_nothing_after_open() {
         let mut px = vec![0u8; 2 * 3072];
         let mut lat = vec![0f32; 2 * 3072];
         assert_eq!(icdit_sample_pixels(h, &r, px.as_mut_ptr(), px.len()), IcditStatus::Ok);
-        let before = ALLOCS.load(Ordering::SeqCst);
-        assert_eq!(icdit_sample_pixels(h, &r, px.as_mut_ptr(), px.len()), IcditStatus::Ok);
-        r.preview = None;
-        assert_eq!(icdit_sample_latents(h, &r, lat.as_mut_ptr(), lat.len()), IcditStatus::Ok);
-        let during = ALLOCS.load(Ordering::SeqCst) - before;
+        let during = allocations_during(|| {
+            assert_eq!(icdit_sample_pixels(h, &r, px.as_mut_ptr(), px.len()), IcditStatus::Ok);
+            r.preview = None;
+            assert_eq!(icdit_sample_latents(h, &r, lat.as_mut_ptr(), lat.len()), IcditStatus::Ok);
+        });
         icdit_close(h);
         assert_eq!(during, 0, "{during} allocations in two requests through the C ABI");
         assert!(px.iter().any(|&v| v != px[0]) && lat.iter().any(|v| v.abs() > 1e-3));

@@ -11,7 +11,6 @@ use super::weights::PixArtModel;
 use crate::backend::Backend;
 use crate::engine::Step;
 use crate::error::{Error, Result};
-use crate::forward::StepKind;
 use crate::gpu::pixart::{PixArtGpu, PixArtGpuOptions};
 use crate::gpu::{Device, EmuDevice};
 
@@ -83,34 +82,6 @@ impl AnyPixArtEngine {
     }
 }
 
-/// One plain pass of `rows = t.len()` rows on a runner: stage, run, copy the output.
-#[allow(clippy::too_many_arguments)]
-#[allow(clippy::too_many_arguments)]
-fn forward_with<M: PixArtRunner>(
-    m: &mut M,
-    x: &[f32],
-    t: &[f32],
-    text: &[f32],
-    mask: &[i64],
-    len: usize,
-    size: Option<(&[f32], &[f32])>,
-    out: &mut [f32],
-) -> Result<()> {
-    let rows = t.len();
-    m.stage_text(text, mask, rows, len)?;
-    if let Some((resolution, aspect)) = size {
-        m.stage_size(resolution, aspect, rows)?;
-    }
-    m.stage_inputs(x, t, rows)?;
-    m.run(rows, StepKind::Plain)?;
-    let got = m.output(rows);
-    if out.len() != got.len() {
-        return Err(Error::invalid("output buffer", format!("{} values, expected {}", out.len(), got.len())));
-    }
-    out.copy_from_slice(got);
-    Ok(())
-}
-
 /// One plain forward pass (the `icdit forward` command) of `t.len()` rows on `backend`:
 /// latents x (rows, C, S, S), timesteps, captions (rows, len, D) and masks (rows, len) into
 /// `out` (rows, Cout, S, S); `size`: the micro-conditions (resolution (rows, 2) in pixels,
@@ -137,18 +108,18 @@ pub fn forward_on(
                 model,
                 &PixArtCpuOptions { max_rows: rows, max_text_len: len, threads, ..Default::default() },
             )?;
-            forward_with(&mut cpu, x, t, text, mask, len, size, out)?;
+            cpu.forward(x, t, text, mask, len, size, out)?;
             Ok(format!("cpu ({}), {} threads", cpu.isa(), cpu.threads()))
         }
         Backend::Emu => {
             let mut g = PixArtGpu::new(model, &gpu_opts, EmuDevice::new)?;
-            forward_with(&mut g, x, t, text, mask, len, size, out)?;
+            g.forward(x, t, text, mask, len, size, out)?;
             Ok(format!("emu: {}", g.device().name()))
         }
         #[cfg(feature = "cuda")]
         Backend::Cuda => {
             let mut g = PixArtGpu::new(model, &gpu_opts, open_cuda)?;
-            forward_with(&mut g, x, t, text, mask, len, size, out)?;
+            g.forward(x, t, text, mask, len, size, out)?;
             Ok(format!("cuda: {}", g.device().name()))
         }
         #[cfg(not(feature = "cuda"))]

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::weights::{read_config, DiffusersConfig};
 
 /// The shape of a `PixArtTransformer2DModel` (norm_type `ada_norm_single`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -88,20 +89,11 @@ impl PixArtConfig {
     }
 }
 
-/// The `config.json` fields icdit reads.
+/// PixArt-α's own `config.json` fields (beside those every diffusers transformer has).
 #[derive(serde::Deserialize)]
-struct HfConfig {
-    sample_size: usize,
-    patch_size: usize,
-    in_channels: usize,
-    out_channels: Option<usize>,
-    num_layers: usize,
-    num_attention_heads: usize,
-    attention_head_dim: usize,
+struct PixArtFields {
     caption_channels: Option<usize>,
     cross_attention_dim: Option<usize>,
-    norm_type: Option<String>,
-    norm_eps: Option<f64>,
     interpolation_scale: Option<f64>,
     use_additional_conditions: Option<bool>,
     activation_fn: Option<String>,
@@ -135,29 +127,27 @@ impl PixArtConfig {
                     .into(),
             });
         }
-        let text = crate::tensorfile::read_json_text(&path)?;
+        let (hf, own): (DiffusersConfig, PixArtFields) = read_config(&path, "PixArtTransformer2DModel")?;
         let origin = path.display().to_string();
         let bad = |reason: String| Error::Config { origin: origin.clone(), reason };
-        let hf: HfConfig =
-            serde_json::from_str(&text).map_err(|e| bad(format!("not a PixArtTransformer2DModel config: {e}")))?;
         let norm = hf.norm_type.as_deref().unwrap_or("ada_norm_single");
         if norm != "ada_norm_single" {
             return Err(bad(format!("norm_type is `{norm}`; PixArt-α's is `ada_norm_single`")));
         }
-        if let Some(a) = hf.activation_fn.as_deref() {
+        if let Some(a) = own.activation_fn.as_deref() {
             if a != "gelu-approximate" {
                 return Err(bad(format!("activation_fn is `{a}`; only `gelu-approximate` is supported")));
             }
         }
-        if hf.attention_bias == Some(false) {
+        if own.attention_bias == Some(false) {
             return Err(bad("attention_bias is false; PixArt-α's attention projections have biases".into()));
         }
-        if hf.norm_elementwise_affine == Some(true) {
+        if own.norm_elementwise_affine == Some(true) {
             return Err(bad("norm_elementwise_affine is true; PixArt-α's LayerNorms have no affine parameters".into()));
         }
         let hidden = hf.num_attention_heads * hf.attention_head_dim;
-        let caption_channels = hf.caption_channels.ok_or_else(|| bad("caption_channels is missing".into()))?;
-        if let Some(x) = hf.cross_attention_dim {
+        let caption_channels = own.caption_channels.ok_or_else(|| bad("caption_channels is missing".into()))?;
+        if let Some(x) = own.cross_attention_dim {
             if x != hidden {
                 return Err(bad(format!(
                     "cross_attention_dim {x} differs from the hidden size {hidden} (heads × head dim)"
@@ -175,10 +165,10 @@ impl PixArtConfig {
             num_heads: hf.num_attention_heads,
             head_dim: hf.attention_head_dim,
             caption_channels,
-            interpolation_scale: hf.interpolation_scale.unwrap_or((hf.sample_size / 64).max(1) as f64),
+            interpolation_scale: own.interpolation_scale.unwrap_or((hf.sample_size / 64).max(1) as f64),
             norm_eps: hf.norm_eps.unwrap_or(1e-6) as f32,
             // diffusers turns the micro-conditions on by default for the 1024 model (sample_size 128).
-            use_additional_conditions: hf.use_additional_conditions.unwrap_or(hf.sample_size == 128),
+            use_additional_conditions: own.use_additional_conditions.unwrap_or(hf.sample_size == 128),
         };
         cfg.validate().map_err(bad)?;
         Ok(cfg)

@@ -163,6 +163,37 @@ pub trait PixArtRunner {
     fn device_steps(&mut self) -> Option<&mut dyn PixArtDeviceSteps> {
         None
     }
+
+    /// One plain forward pass of `rows = t.len()` rows (the `icdit forward` command): stages
+    /// the captions `text` (rows, len, D) and masks (rows, len), the micro-conditions `size`
+    /// (resolution (rows, 2) in pixels, aspect ratio (rows); models with
+    /// `use_additional_conditions`) and the latents x (rows, C, H, W), runs, and copies the
+    /// output into `out` (rows, Cout, H, W).
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &mut self,
+        x: &[f32],
+        t: &[f32],
+        text: &[f32],
+        mask: &[i64],
+        len: usize,
+        size: Option<(&[f32], &[f32])>,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let rows = t.len();
+        self.stage_text(text, mask, rows, len)?;
+        if let Some((resolution, aspect)) = size {
+            self.stage_size(resolution, aspect, rows)?;
+        }
+        self.stage_inputs(x, t, rows)?;
+        self.run(rows, StepKind::Plain)?;
+        let got = self.output(rows);
+        if out.len() != got.len() {
+            return Err(Error::invalid("output buffer", format!("{} values, expected {}", out.len(), got.len())));
+        }
+        out.copy_from_slice(got);
+        Ok(())
+    }
 }
 
 /// The sampling steps of a backend that keeps a request's latents on its device: the same

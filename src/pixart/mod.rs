@@ -6,6 +6,7 @@
 //! - [`weights`]: the transformer's tensors, memory-mapped (f32/f16/bf16).
 //! - [`forward`]: the forward pass, written once against [`forward::PixArtOps`].
 //! - [`cpu`]: the CPU implementation of those ops.
+//! - `checks`: what every backend checks of the rows it stages and the passes it runs.
 //! - [`micro`]: the 1024-MS model's resolution and aspect-ratio conditions.
 //! - [`size`]: image sizes, resolution binning ([`bins`]) and the resize back.
 //! - [`cost`]: MACs per step kind (cache-report's MAC ratio).
@@ -18,6 +19,7 @@
 pub mod backend;
 pub mod bins;
 pub mod calibrate;
+pub(crate) mod checks;
 pub mod config;
 pub mod cost;
 pub mod cpu;

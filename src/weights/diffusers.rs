@@ -9,19 +9,37 @@ const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 const WEIGHTS_FP16: &str = "diffusion_pytorch_model.fp16.safetensors";
 const INDEX: &str = "diffusion_pytorch_model.safetensors.index.json";
 
-/// The config.json fields icdit needs.
+/// The `config.json` fields of a diffusers 2-D transformer that DiT's (`DiTTransformer2DModel`)
+/// and PixArt-α's (`PixArtTransformer2DModel`) configs share.
 #[derive(serde::Deserialize)]
-struct HfConfig {
-    sample_size: usize,
-    patch_size: usize,
-    in_channels: usize,
-    out_channels: Option<usize>,
-    num_layers: usize,
-    num_attention_heads: usize,
-    attention_head_dim: usize,
+pub(crate) struct DiffusersConfig {
+    pub sample_size: usize,
+    pub patch_size: usize,
+    pub in_channels: usize,
+    pub out_channels: Option<usize>,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub norm_type: Option<String>,
+    pub norm_eps: Option<f64>,
+}
+
+/// Reads the diffusers `config.json` at `path`: the shared fields and the model's own (`E`).
+/// One that does not parse is a config error naming the file, the place in it and `what` it
+/// should be.
+pub(crate) fn read_config<E: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<(DiffusersConfig, E)> {
+    let text = crate::tensorfile::read_json_text(path)?;
+    let bad = |e: serde_json::Error| Error::Config {
+        origin: path.display().to_string(),
+        reason: format!("not a {what} config: {e}"),
+    };
+    Ok((serde_json::from_str(&text).map_err(bad)?, serde_json::from_str(&text).map_err(bad)?))
+}
+
+/// DiT's own config.json field.
+#[derive(serde::Deserialize)]
+struct DitFields {
     num_embeds_ada_norm: Option<usize>,
-    norm_type: Option<String>,
-    norm_eps: Option<f64>,
 }
 
 pub(super) fn load_dir(dir: &Path, opts: &LoadOptions) -> Result<DitModel> {
@@ -81,10 +99,8 @@ fn shards(index: &Path) -> Result<Vec<TensorFile>> {
 
 pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts: &LoadOptions) -> Result<DitModel> {
     let cfg_path = dir.join("config.json");
-    let text = crate::tensorfile::read_json_text(&cfg_path)?;
+    let (hf, own): (DiffusersConfig, DitFields) = read_config(&cfg_path, "diffusers DiT")?;
     let origin = cfg_path.display().to_string();
-    let hf: HfConfig = serde_json::from_str(&text)
-        .map_err(|e| Error::Config { origin: origin.clone(), reason: format!("not a diffusers DiT config: {e}") })?;
     if let Some(t) = hf.norm_type.as_deref() {
         if t != "ada_norm_zero" {
             return Err(Error::Config {
@@ -95,7 +111,7 @@ pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts
     }
     let mut b = StoreBuilder::new(files);
     let path = b.file(0).path().to_path_buf();
-    let cfg = infer(&b, &hf, opts, &path, &origin)?;
+    let cfg = infer(&b, &hf, own.num_embeds_ada_norm, opts, &path, &origin)?;
     check_embedder_copies(&b, &cfg, &path)?;
     let tensors = register(&mut b, &cfg)?;
     // Blocks other than 0 carry copies of the embedders; they were compared above.
@@ -118,7 +134,14 @@ pub(super) fn load_files(source: &Path, dir: &Path, files: Vec<TensorFile>, opts
     })
 }
 
-fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origin: &str) -> Result<DitConfig> {
+fn infer(
+    b: &StoreBuilder,
+    hf: &DiffusersConfig,
+    num_embeds_ada_norm: Option<usize>,
+    opts: &LoadOptions,
+    path: &Path,
+    origin: &str,
+) -> Result<DitConfig> {
     let conflict = |reason: String| Error::Config { origin: origin.to_string(), reason };
     let pw = need_shape(b, "pos_embed.proj.weight")?;
     let [c, cin, p, p2] = *pw else {
@@ -170,7 +193,7 @@ fn infer(b: &StoreBuilder, hf: &HfConfig, opts: &LoadOptions, path: &Path, origi
         .first()
         .copied()
         .unwrap_or(0);
-    let num_classes = hf.num_embeds_ada_norm.unwrap_or(rows.saturating_sub(1));
+    let num_classes = num_embeds_ada_norm.unwrap_or(rows.saturating_sub(1));
     let dropout = if Some(rows) == num_classes.checked_add(1) {
         0.1
     } else if rows == num_classes {

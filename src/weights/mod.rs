@@ -9,7 +9,7 @@ mod synth;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-pub(crate) use diffusers::weight_files;
+pub(crate) use diffusers::{read_config, weight_files, DiffusersConfig};
 pub use store::{StoreBuilder, TRef, WeightStore};
 pub(crate) use synth::fill_uniform;
 pub use synth::write_random_official;

@@ -1,11 +1,15 @@
-//! Shared test helpers: fixture paths, temporary folders and the one tolerance policy.
+//! Shared test helpers: fixture paths, temporary folders, running the `icdit` binary and the
+//! one tolerance policy; [`pixart`]: the PixArt-α tests' fixtures, engines and command lines.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use icdit::cpu::Isa;
 use icdit::tensorfile::TensorFile;
+
+pub mod pixart;
 
 /// Every CPU instruction-set path this machine runs, portable first; printed, so a test log
 /// shows which paths a check covered.
@@ -17,6 +21,17 @@ pub fn isas(what: &str) -> Vec<Isa> {
 
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
+}
+
+/// Runs the `icdit` binary with `args`: (success, stderr).
+pub fn icdit(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icdit")).args(args).output().expect("run icdit");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A path as a command-line argument.
+pub fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
 }
 
 /// A fresh, empty folder under the system's temporary directory for one test, removed with
@@ -59,6 +74,46 @@ impl Drop for TempDir {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
+}
+
+/// A copy of the hd72 diffusers transformer folder (config.json and weights) at
+/// `tmp/transformer`, to edit.
+pub fn diffusers_copy(tmp: &TempDir) -> PathBuf {
+    let src = fixture("hd72/diffusers/transformer");
+    let dst = tmp.join("transformer");
+    std::fs::create_dir_all(&dst).unwrap();
+    for f in ["config.json", "diffusion_pytorch_model.safetensors"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    dst
+}
+
+/// All tensors of a safetensors file as (name, dtype, shape, bytes), sorted by name: for tests
+/// that write a damaged or edited copy of a weights file.
+pub type Tensors = Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)>;
+
+/// The tensors of `path` and its metadata.
+pub fn read_all(path: &Path) -> (Tensors, HashMap<String, String>) {
+    let f = TensorFile::open(path).unwrap();
+    let mut names: Vec<String> = f.names().map(String::from).collect();
+    names.sort();
+    let t = names
+        .into_iter()
+        .map(|n| {
+            let e = f.get(&n).unwrap().clone();
+            let bytes = f.bytes(&e).to_vec();
+            (n, e.dtype, e.shape, bytes)
+        })
+        .collect();
+    (t, f.metadata().clone())
+}
+
+/// Writes `t` with `meta` as a safetensors file at `path`.
+pub fn write_all(path: &Path, t: &Tensors, meta: &HashMap<String, String>) {
+    use safetensors::tensor::TensorView;
+    let views: Vec<(String, TensorView)> =
+        t.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, Some(meta.clone())).unwrap()).unwrap();
 }
 
 /// A forward reference: inputs and the official output.

@@ -4,6 +4,8 @@
 //! reports each one's error against the full-compute samples (relative L2, PSNR), its MAC
 //! ratio (src/cost.rs) and its wall-clock ratio (sampling time against the full-compute run,
 //! measured in the same run on the same backend); Markdown, JSON and a frontier plot.
+//! The measuring and writing ([`Reference`], [`write_report`]) serve both model families; this
+//! file holds DiT's settings, report_pixart.rs PixArt-α's.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,7 +15,7 @@ use clap::Args;
 use icdit::backend::Backend;
 use icdit::calibrate::{self, Method};
 use icdit::engine::EngineOptions;
-use icdit::quality::{psnr, rel_l2, sample_set_timed};
+use icdit::quality::{psnr, rel_l2, sample_set_timed, SampleSet};
 use icdit::{CacheMode, CachePolicy, Error, Forecast, FullSteps};
 
 use crate::model_args::ModelArgs;
@@ -135,15 +137,7 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
     for &order in &args.orders {
         Forecast { order, warmup: args.taylor_warmup }.validate()?;
     }
-    let methods: Vec<Method> = args
-        .methods
-        .iter()
-        .map(|m| match m.as_str() {
-            "svd" => Ok(Method::Svd),
-            "ca-svd" => Ok(Method::CaSvd),
-            other => Err(Error::invalid("--methods", format!("`{other}`: expected svd or ca-svd"))),
-        })
-        .collect::<Result<_, _>>()?;
+    let methods = methods(&args)?;
     let classes: Vec<i64> = if cfg.num_classes <= 32 {
         (0..cfg.num_classes as i64).flat_map(|c| std::iter::repeat_n(c, args.per_class)).collect()
     } else {
@@ -161,18 +155,8 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
         threads: args.threads,
         ..Default::default()
     };
-    // The fastest of `repeats` runs of a setting (their samples are identical).
-    let timed = |opts: &EngineOptions| -> Result<icdit::quality::SampleSet, Error> {
-        let mut best = sample_set_timed(&model, opts, &classes, args.seed, backend)?;
-        for _ in 1..args.repeats.max(1) {
-            best.seconds = best.seconds.min(sample_set_timed(&model, opts, &classes, args.seed, backend)?.seconds);
-        }
-        Ok(best)
-    };
-    // Full compute first as the reference, which also warms the caches and pages; then timed.
-    let reference = sample_set_timed(&model, &base, &classes, args.seed, backend)?.samples;
-    let full_seconds = timed(&base)?.seconds;
-    eprintln!("reference: {} images, {steps} steps, full compute: {full_seconds:.2} s", classes.len());
+    let sample = |opts: &EngineOptions| sample_set_timed(&model, opts, &classes, args.seed, backend);
+    let reference = Reference::sample(&args, &base, classes.len(), steps, &sample)?;
 
     // icc: per method the calibration statistics once, factors per rank.
     let threads =
@@ -199,70 +183,164 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
         }
     }
 
-    let mut rows = Vec::new();
-    if args.policies.contains(&CachePolicy::None) {
-        rows.push(Row {
-            policy: CachePolicy::None,
-            setting: "full compute".into(),
-            period: 1,
-            rel_l2: 0.0,
-            psnr: f64::INFINITY,
-            mac_ratio: 1.0,
-            time_ratio: 1.0,
-            seconds: full_seconds,
-        });
-    }
-    for &period in &args.periods {
-        let mut settings: Vec<(CachePolicy, String, CacheMode)> = Vec::new();
+    let rows = reference.rows(&args, &sample, |period| {
+        let mut settings = Vec::new();
         for &policy in &args.policies {
+            let mut add = |setting: String, cache: CacheMode| {
+                settings.push((
+                    policy,
+                    setting,
+                    EngineOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() },
+                ))
+            };
             match policy {
                 CachePolicy::None => {}
-                CachePolicy::Reuse => settings.push((policy, format!("period {period}"), CacheMode::Reuse)),
-                CachePolicy::Fora => settings.push((policy, format!("period {period}"), CacheMode::Fora)),
-                CachePolicy::Icc => settings.extend(
-                    factor_sets
-                        .iter()
-                        .map(|(n, f)| (policy, format!("{n} period {period}"), CacheMode::Icc(Arc::clone(f)))),
-                ),
-                CachePolicy::Taylor => settings.extend(args.orders.iter().map(|&order| {
-                    let f = Forecast { order, warmup: args.taylor_warmup };
-                    let warm = if f.warmup > 0 { format!(" warm-up {}", f.warmup) } else { String::new() };
-                    (policy, format!("order {order} period {period}{warm}"), CacheMode::Taylor(f))
-                })),
+                CachePolicy::Reuse => add(format!("period {period}"), CacheMode::Reuse),
+                CachePolicy::Fora => add(format!("period {period}"), CacheMode::Fora),
+                CachePolicy::Icc => {
+                    for (n, f) in &factor_sets {
+                        add(format!("{n} period {period}"), CacheMode::Icc(Arc::clone(f)));
+                    }
+                }
+                CachePolicy::Taylor => {
+                    for &order in &args.orders {
+                        let f = Forecast { order, warmup: args.taylor_warmup };
+                        let warm = if f.warmup > 0 { format!(" warm-up {}", f.warmup) } else { String::new() };
+                        add(format!("order {order} period {period}{warm}"), CacheMode::Taylor(f));
+                    }
+                }
             }
         }
-        for (policy, setting, cache) in settings {
-            let opts = EngineOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() };
-            let set = timed(&opts)?;
-            rows.push(Row {
-                policy,
-                setting,
-                period,
-                rel_l2: rel_l2(&set.samples, &reference),
-                psnr: psnr(&set.samples, &reference),
-                mac_ratio: set.mac_ratio,
-                time_ratio: set.seconds / full_seconds,
-                seconds: set.seconds,
-            });
-        }
-        eprintln!("period {period} done");
-    }
+        settings
+    })?;
     let title = format!(
-        "{} images, {} {} steps, cfg {}, {} backend, full compute {full_seconds:.2} s{}",
+        "{} images, {} {} steps, cfg {}, {} backend, full compute {:.2} s",
         classes.len(),
         steps,
         sampler_name,
         cfg_scale,
         backend.name(),
-        if args.repeats > 1 { format!(" (fastest of {})", args.repeats) } else { String::new() }
+        reference.seconds,
     );
-    let md = markdown(&rows, &args.policies, &title);
+    let summary = serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": steps,
+        "sampler": sampler_name, "cfg": cfg_scale, "seed": args.seed, "calib_self": args.calib_self,
+        "backend": backend.name(), "full_compute_seconds": reference.seconds, "taylor_warmup": args.taylor_warmup,
+        "repeats": args.repeats});
+    write_report(&args, &rows, &title, summary)?;
+    eprintln!("cache report in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// `--methods` as factor methods.
+pub(crate) fn methods(args: &ReportArgs) -> Result<Vec<Method>, Error> {
+    args.methods
+        .iter()
+        .map(|m| match m.as_str() {
+            "svd" => Ok(Method::Svd),
+            "ca-svd" => Ok(Method::CaSvd),
+            other => Err(Error::invalid("--methods", format!("`{other}`: expected svd or ca-svd"))),
+        })
+        .collect()
+}
+
+pub(crate) fn method_name(m: Method) -> &'static str {
+    match m {
+        Method::Svd => "svd",
+        Method::CaSvd => "ca-svd",
+        Method::CdSvd => "cd-svd",
+    }
+}
+
+/// The full-compute samples every setting is measured against, and their sampling time.
+pub(crate) struct Reference {
+    pub(crate) samples: Vec<f32>,
+    pub(crate) seconds: f64,
+}
+
+impl Reference {
+    /// Samples `base` (full compute) with `sample`: once for the reference, which also warms the
+    /// caches and pages, then timed as every setting is ([`fastest`]).
+    pub(crate) fn sample<O>(
+        args: &ReportArgs,
+        base: &O,
+        images: usize,
+        steps: usize,
+        sample: &impl Fn(&O) -> Result<SampleSet, Error>,
+    ) -> Result<Reference, Error> {
+        let samples = sample(base)?.samples;
+        let seconds = fastest(args.repeats, || sample(base))?.seconds;
+        eprintln!("reference: {images} images, {steps} steps, full compute: {seconds:.2} s");
+        Ok(Reference { samples, seconds })
+    }
+
+    /// The report's rows: full compute (where `none` is asked), then per period every setting
+    /// `settings(period)` lists (policy, setting's name, sampling options), sampled with
+    /// `sample` and measured against the reference.
+    pub(crate) fn rows<O>(
+        &self,
+        args: &ReportArgs,
+        sample: &impl Fn(&O) -> Result<SampleSet, Error>,
+        settings: impl Fn(usize) -> Vec<(CachePolicy, String, O)>,
+    ) -> Result<Vec<Row>, Error> {
+        let mut rows = Vec::new();
+        if args.policies.contains(&CachePolicy::None) {
+            rows.push(Row {
+                policy: CachePolicy::None,
+                setting: "full compute".into(),
+                period: 1,
+                rel_l2: 0.0,
+                psnr: f64::INFINITY,
+                mac_ratio: 1.0,
+                time_ratio: 1.0,
+                seconds: self.seconds,
+            });
+        }
+        for &period in &args.periods {
+            for (policy, setting, opts) in settings(period) {
+                let set = fastest(args.repeats, || sample(&opts))?;
+                rows.push(Row {
+                    policy,
+                    setting,
+                    period,
+                    rel_l2: rel_l2(&set.samples, &self.samples),
+                    psnr: psnr(&set.samples, &self.samples),
+                    mac_ratio: set.mac_ratio,
+                    time_ratio: set.seconds / self.seconds,
+                    seconds: set.seconds,
+                });
+            }
+            eprintln!("period {period} done");
+        }
+        Ok(rows)
+    }
+}
+
+/// The fastest of `repeats` runs of one setting (their samples are identical).
+fn fastest(repeats: usize, run: impl Fn() -> Result<SampleSet, Error>) -> Result<SampleSet, Error> {
+    let mut best = run()?;
+    for _ in 1..repeats.max(1) {
+        best.seconds = best.seconds.min(run()?.seconds);
+    }
+    Ok(best)
+}
+
+/// Prints the tables (and writes `--out-md`, `--plot`) under `title` (`--repeats` noted) and,
+/// with `--json`, `summary` with the rows as its `results`.
+pub(crate) fn write_report(
+    args: &ReportArgs,
+    rows: &[Row],
+    title: &str,
+    mut summary: serde_json::Value,
+) -> Result<(), Error> {
+    let repeats = if args.repeats > 1 { format!(" (fastest of {})", args.repeats) } else { String::new() };
+    let title = format!("{title}{repeats}");
+    let md = markdown(rows, &args.policies, &title);
     outln!("{md}");
     if let Some(path) = &args.out_md {
         icdit::atomic_write(path, md.as_bytes())?;
     }
     if let Some(path) = &args.plot {
-        crate::plot::frontier(path, &rows, &title)?;
+        crate::plot::frontier(path, rows, &title)?;
         eprintln!("wrote {}", path.display());
     }
     if args.json {
@@ -274,25 +352,10 @@ pub fn run(args: ReportArgs) -> Result<(), Error> {
                     "mac_ratio": r.mac_ratio, "time_ratio": r.time_ratio, "seconds": r.seconds})
             })
             .collect();
-        outln!(
-            "{}",
-            serde_json::json!({"weights": weights.display().to_string(), "images": classes.len(), "steps": steps,
-                "sampler": sampler_name, "cfg": cfg_scale, "seed": args.seed, "calib_self": args.calib_self,
-                "backend": backend.name(), "full_compute_seconds": full_seconds, "taylor_warmup": args.taylor_warmup,
-                "repeats": args.repeats,
-                "results": v})
-        );
+        summary["results"] = v.into();
+        outln!("{summary}");
     }
-    eprintln!("cache report in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
-}
-
-fn method_name(m: Method) -> &'static str {
-    match m {
-        Method::Svd => "svd",
-        Method::CaSvd => "ca-svd",
-        Method::CdSvd => "cd-svd",
-    }
 }
 
 /// One row per policy and setting; then, per policy, the best PSNR within each time budget.

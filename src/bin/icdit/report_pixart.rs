@@ -1,20 +1,21 @@
 //! `icdit cache-report` on a PixArt-α pipeline folder: the prompts of `--prompt-embeds`
 //! sampled at full compute (the reference, CPU backend), then under reuse and icc (plain SVD
 //! and CA-SVD factors at each rank) for each period; each setting's relative L2 and PSNR of
-//! the latents against the reference, MAC ratio (src/pixart/cost.rs) and time ratio, in the
-//! DiT report's tables, JSON and frontier plot.
+//! the latents against the reference, MAC ratio (src/pixart/cost.rs) and time ratio, measured
+//! and written by report.rs's shared part (the DiT report's tables, JSON and frontier plot).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use icdit::calibrate::Method;
 use icdit::pixart::calibrate::{ca_svd_factors, ca_svd_statistics};
 use icdit::pixart::factors::calibrate_svd;
 use icdit::pixart::{Embeddings, PixArtCache, PixArtFactors, PixArtModel, PixArtOptions, PixArtSampler};
-use icdit::quality::{pixart_sample_set_timed, psnr, rel_l2, SampleSet};
+use icdit::quality::pixart_sample_set_timed;
 use icdit::{CachePolicy, Error, FullSteps};
 
-use crate::report::{markdown, ReportArgs, Row};
+use crate::report::{method_name, methods, write_report, Reference, ReportArgs};
 
 /// A folder for the factor files, removed when dropped.
 struct Scratch(std::path::PathBuf);
@@ -48,11 +49,7 @@ pub(crate) fn run(dir: &Path, args: &ReportArgs) -> Result<(), Error> {
     if steps == 0 || args.periods.iter().any(|&p| p < 2) || args.ranks.contains(&0) {
         return Err(Error::invalid("cache-report", "steps and ranks must be ≥ 1 and periods ≥ 2"));
     }
-    for m in &args.methods {
-        if m != "svd" && m != "ca-svd" {
-            return Err(Error::invalid("--methods", format!("`{m}`: expected svd or ca-svd")));
-        }
-    }
+    let methods = methods(args)?;
     let model = Arc::new(PixArtModel::load(dir)?);
     let prompt_path = args.prompt_embeds.as_deref().ok_or_else(|| {
         Error::invalid(
@@ -89,26 +86,17 @@ pub(crate) fn run(dir: &Path, args: &ReportArgs) -> Result<(), Error> {
         threads: args.threads,
         ..Default::default()
     };
-    let timed = |opts: &PixArtOptions| -> Result<SampleSet, Error> {
-        let mut best = pixart_sample_set_timed(&model, opts, &prompt, negative.as_ref(), args.seed)?;
-        for _ in 1..args.repeats.max(1) {
-            let again = pixart_sample_set_timed(&model, opts, &prompt, negative.as_ref(), args.seed)?;
-            best.seconds = best.seconds.min(again.seconds);
-        }
-        Ok(best)
-    };
-    // Full compute first as the reference (also warming caches and pages), then timed.
-    let reference = pixart_sample_set_timed(&model, &base, &prompt, negative.as_ref(), args.seed)?.samples;
-    let full_seconds = timed(&base)?.seconds;
-    eprintln!("reference: {} images, {steps} steps, full compute: {full_seconds:.2} s", prompt.rows);
+    let sample = |opts: &PixArtOptions| pixart_sample_set_timed(&model, opts, &prompt, negative.as_ref(), args.seed);
+    let reference = Reference::sample(args, &base, prompt.rows, steps, &sample)?;
 
     let scratch = Scratch(std::env::temp_dir().join(format!("icdit-cache-report-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0).map_err(|e| Error::Io { path: scratch.0.clone(), source: e })?;
     let mut factor_sets: Vec<(String, Arc<PixArtFactors>)> = Vec::new();
     if args.policies.contains(&CachePolicy::Icc) {
-        for m in &args.methods {
+        for &m in &methods {
+            let m_name = method_name(m);
             // CA-SVD: the statistics once (on --calib-embeds, else the evaluated prompts), factors per rank.
-            let stats = if m == "ca-svd" {
+            let stats = if m == Method::CaSvd {
                 let calib = args.calib_embeds.as_deref().map(Embeddings::load).transpose()?;
                 let calib = calib.as_ref().unwrap_or(&prompt);
                 Some(ca_svd_statistics(
@@ -124,89 +112,47 @@ pub(crate) fn run(dir: &Path, args: &ReportArgs) -> Result<(), Error> {
                 None
             };
             for &r in &args.ranks {
-                let path = scratch.0.join(format!("{m}-r{r}.safetensors"));
+                let path = scratch.0.join(format!("{m_name}-r{r}.safetensors"));
                 match &stats {
                     Some(s) => ca_svd_factors(&model, s, r, args.seed, &path)?,
                     None => calibrate_svd(&model, r, &path)?,
                 };
-                factor_sets.push((format!("{m} r{r}"), Arc::new(PixArtFactors::load(&path, &model)?)));
+                factor_sets.push((format!("{m_name} r{r}"), Arc::new(PixArtFactors::load(&path, &model)?)));
             }
-            eprintln!("factors: {m} at ranks {:?}", args.ranks);
+            eprintln!("factors: {m_name} at ranks {:?}", args.ranks);
         }
     }
 
-    let mut rows = Vec::new();
-    if args.policies.contains(&CachePolicy::None) {
-        rows.push(Row {
-            policy: CachePolicy::None,
-            setting: "full compute".into(),
-            period: 1,
-            rel_l2: 0.0,
-            psnr: f64::INFINITY,
-            mac_ratio: 1.0,
-            time_ratio: 1.0,
-            seconds: full_seconds,
-        });
-    }
-    for &period in &args.periods {
-        let mut settings: Vec<(CachePolicy, String, PixArtCache)> = Vec::new();
+    let rows = reference.rows(args, &sample, |period| {
+        let mut settings = Vec::new();
         for &policy in &args.policies {
+            let mut add = |setting: String, cache: PixArtCache| {
+                settings.push((
+                    policy,
+                    setting,
+                    PixArtOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() },
+                ))
+            };
             match policy {
-                CachePolicy::Reuse => settings.push((policy, format!("period {period}"), PixArtCache::Reuse)),
-                CachePolicy::Icc => settings.extend(
-                    factor_sets
-                        .iter()
-                        .map(|(n, f)| (policy, format!("{n} period {period}"), PixArtCache::Icc(Arc::clone(f)))),
-                ),
+                CachePolicy::Reuse => add(format!("period {period}"), PixArtCache::Reuse),
+                CachePolicy::Icc => {
+                    for (n, f) in &factor_sets {
+                        add(format!("{n} period {period}"), PixArtCache::Icc(Arc::clone(f)));
+                    }
+                }
                 _ => {}
             }
         }
-        for (policy, setting, cache) in settings {
-            let opts = PixArtOptions { cache, full_steps: FullSteps::Period(period), ..base.clone() };
-            let set = timed(&opts)?;
-            rows.push(Row {
-                policy,
-                setting,
-                period,
-                rel_l2: rel_l2(&set.samples, &reference),
-                psnr: psnr(&set.samples, &reference),
-                mac_ratio: set.mac_ratio,
-                time_ratio: set.seconds / full_seconds,
-                seconds: set.seconds,
-            });
-        }
-        eprintln!("period {period} done");
-    }
+        settings
+    })?;
     let title = format!(
-        "PixArt-α, {} prompts, {steps} {sampler_name} steps, cfg {cfg_scale}, cpu backend, full compute {full_seconds:.2} s{}",
-        prompt.rows,
-        if args.repeats > 1 { format!(" (fastest of {})", args.repeats) } else { String::new() }
+        "PixArt-α, {} prompts, {steps} {sampler_name} steps, cfg {cfg_scale}, cpu backend, full compute {:.2} s",
+        prompt.rows, reference.seconds,
     );
-    let md = markdown(&rows, &args.policies, &title);
-    outln!("{md}");
-    if let Some(path) = &args.out_md {
-        icdit::atomic_write(path, md.as_bytes())?;
-    }
-    if let Some(path) = &args.plot {
-        crate::plot::frontier(path, &rows, &title)?;
-        eprintln!("wrote {}", path.display());
-    }
-    if args.json {
-        let v: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({"policy": r.policy.name(), "setting": r.setting, "period": r.period,
-                    "rel_l2": r.rel_l2, "psnr_db": if r.psnr.is_finite() { serde_json::json!(r.psnr) } else { serde_json::Value::Null },
-                    "mac_ratio": r.mac_ratio, "time_ratio": r.time_ratio, "seconds": r.seconds})
-            })
-            .collect();
-        outln!(
-            "{}",
-            serde_json::json!({"weights": dir.display().to_string(), "family": "PixArt-α", "images": prompt.rows,
-                "steps": steps, "sampler": sampler_name, "cfg": cfg_scale, "seed": args.seed,
-                "full_compute_seconds": full_seconds, "repeats": args.repeats, "results": v})
-        );
-    }
+    let summary = serde_json::json!({"weights": dir.display().to_string(), "family": "PixArt-α", "images": prompt.rows,
+        "steps": steps, "sampler": sampler_name, "cfg": cfg_scale, "seed": args.seed,
+        "full_compute_seconds": reference.seconds, "repeats": args.repeats});
+    write_report(args, &rows, &title, summary)?;
     eprintln!("cache report in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }

@@ -32,6 +32,7 @@ mod plan;
 mod upload;
 
 pub use plan::plan_for;
+pub(crate) use upload::F16Staging;
 
 use std::cell::Cell;
 use std::sync::Arc;

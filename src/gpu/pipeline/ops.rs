@@ -8,7 +8,7 @@ use super::GpuBackend;
 use crate::config::FREQ_DIM;
 use crate::error::{Error, Result};
 use crate::forward::{Act, Activation, Branch, ConditioningOps, DitOps, Linear, ModChunk, Norm, Slot};
-use crate::gpu::launch::{self, GemmAct, GemmAlso, GemmOut, GemmSpec, LowRankSpec};
+use crate::gpu::launch::{self, GemmAct, GemmAlso, GemmOut, GemmSpec, LowRankSpec, TaylorBranch};
 use crate::gpu::{f16, DevSlice, Device};
 use crate::plan::BufId;
 use crate::policy::IccForm;
@@ -362,26 +362,29 @@ impl<D: Device> Pass<'_, D> {
         self.pipeline.slice(self.act_id(a)?)
     }
 
-    /// One branch's Taylor factors, their stride, levels and the elements of `rows` rows.
-    fn forecast_args(&self, block: usize, branch: Branch, rows: usize) -> Result<(DevSlice<f32>, i32, i32, i32)> {
+    /// The Taylor kernels' operands on one branch of `block` for `rows` rows: its factors, the
+    /// activation `y` (read or written), the forecast table and the request state.
+    fn taylor_branch(&self, block: usize, branch: Branch, y: Act, rows: usize) -> Result<TaylorBranch> {
         let cfg = &self.pipeline.model.config;
         let b = &self.pipeline.buffers;
         let id =
             b.forecast.get(block).map(|f| f[branch as usize]).ok_or_else(|| {
                 Error::invalid("GPU pipeline", "no Taylor factors planned (cache policy taylor only)")
             })?;
-        let stride = self.pipeline.max_rows * cfg.tokens() * cfg.hidden_size;
-        let factors = self.pipeline.slice::<f32>(id)?;
-        let levels = factors.len() / stride;
-        Ok((factors, stride as i32, levels as i32, (rows * cfg.tokens() * cfg.hidden_size) as i32))
-    }
-
-    /// The forecast table and the request state.
-    fn forecast_table(&self) -> Result<(DevSlice<f32>, DevSlice<i32>)> {
-        let b = &self.pipeline.buffers;
         let table =
             b.forecast_table.ok_or_else(|| Error::invalid("GPU pipeline", "no Taylor forecast table planned"))?;
-        Ok((self.pipeline.slice(table)?, self.pipeline.slice(b.state)?))
+        let stride = self.pipeline.max_rows * cfg.tokens() * cfg.hidden_size;
+        let factors = self.pipeline.slice::<f32>(id)?;
+        Ok(TaylorBranch {
+            factors,
+            y: self.act_slice(y)?,
+            table: self.pipeline.slice(table)?,
+            state: self.pipeline.slice(b.state)?,
+            n: (rows * cfg.tokens() * cfg.hidden_size) as i32,
+            stride: stride as i32,
+            levels: (factors.len() / stride) as i32,
+            steps: self.pipeline.schedule.len() as i32,
+        })
     }
 
     /// (weight, bias, out, in) of a linear layer.
@@ -589,29 +592,13 @@ impl<D: Device> DitOps for Pass<'_, D> {
 
     fn forecast_update(&mut self, block: usize, branch: Branch, src: Act, rows: usize) {
         self.run("Taylor factor update", Some(block), |p| {
-            let (factors, stride, levels, n) = p.forecast_args(block, branch, rows)?;
-            let (table, state) = p.forecast_table()?;
-            let steps = p.pipeline.schedule.len() as i32;
-            launch::forecast_update_f32(
-                &p.pipeline.dev,
-                factors,
-                p.act_slice(src)?,
-                table,
-                state,
-                n,
-                stride,
-                levels,
-                steps,
-            )
+            launch::forecast_update_f32(&p.pipeline.dev, &p.taylor_branch(block, branch, src, rows)?)
         });
     }
 
     fn forecast(&mut self, block: usize, branch: Branch, dst: Act, rows: usize) {
         self.run("Taylor forecast", Some(block), |p| {
-            let (factors, stride, levels, n) = p.forecast_args(block, branch, rows)?;
-            let (table, state) = p.forecast_table()?;
-            let steps = p.pipeline.schedule.len() as i32;
-            launch::forecast_f16(&p.pipeline.dev, p.act_slice(dst)?, factors, table, state, n, stride, levels, steps)
+            launch::forecast_f16(&p.pipeline.dev, &p.taylor_branch(block, branch, dst, rows)?)
         });
     }
 

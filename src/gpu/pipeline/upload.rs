@@ -19,30 +19,41 @@ use crate::weights::TRef;
 /// Elements converted to f16 per upload while the weights are staged (2 MiB).
 const STAGING: usize = 1 << 20;
 
-impl<D: Device> GpuBackend<D> {
-    /// Converts `src` to f16 through the staging buffer and uploads it at `dst`.
-    fn put_f16(&self, dst: DevSlice<f16>, src: &[f32], staging: &mut [f16]) -> Result<()> {
+/// Uploads f32 host values into f16 device buffers through one fixed staging buffer, so that
+/// converting a model's weights never holds an f16 copy of them on the host (the DiT and
+/// PixArt-α pipelines' uploads).
+pub(crate) struct F16Staging(Vec<f16>);
+
+impl F16Staging {
+    pub(crate) fn new() -> Self {
+        F16Staging(vec![f16::ZERO; STAGING])
+    }
+
+    /// Converts `src` to f16 chunk by chunk and uploads it at `dst` (of the same length).
+    pub(crate) fn put<D: Device + ?Sized>(&mut self, dev: &D, dst: DevSlice<f16>, src: &[f32]) -> Result<()> {
         if src.len() != dst.len() {
             return Err(Error::invalid("GPU upload", format!("{} values for {dst:?}", src.len())));
         }
-        let per = staging.len();
+        let per = self.0.len();
         for (i, chunk) in src.chunks(per).enumerate() {
-            let st = &mut staging[..chunk.len()];
+            let st = &mut self.0[..chunk.len()];
             for (h, &v) in st.iter_mut().zip(chunk) {
                 *h = f16::from_f32(v);
             }
-            self.dev.upload(dst.sub(i * per, chunk.len())?, st)?;
+            dev.upload(dst.sub(i * per, chunk.len())?, st)?;
         }
         Ok(())
     }
+}
 
+impl<D: Device> GpuBackend<D> {
     /// Every weight in its f16 buffer; all blocks' adaLN weights and the final layer's as
     /// one stacked matrix (see `conditioning`).
     pub(super) fn upload_weights(&mut self) -> Result<()> {
         let model = Arc::clone(&self.model);
         let t = &model.tensors;
         let (c, d) = (model.config.hidden_size, model.config.depth);
-        let mut staging = vec![f16::ZERO; STAGING];
+        let mut staging = F16Staging::new();
         let b = &self.buffers;
         let mut pairs: Vec<(BufId, TRef)> = vec![
             (b.patch_w, t.patch_w),
@@ -69,29 +80,29 @@ impl<D: Device> GpuBackend<D> {
             ]);
         }
         for (id, r) in pairs {
-            self.put_f16(self.slice(id)?, model.w(r), &mut staging)?;
+            staging.put(&self.dev, self.slice(id)?, model.w(r))?;
         }
         // adaLN: every block's (6C, C) then the final (2C, C), one matrix.
         let (aw, ab) = (self.slice::<f16>(b.ada_w)?, self.slice::<f16>(b.ada_b)?);
         for (i, bt) in t.blocks.iter().enumerate() {
-            self.put_f16(aw.sub(i * 6 * c * c, 6 * c * c)?, model.w(bt.ada_w), &mut staging)?;
-            self.put_f16(ab.sub(i * 6 * c, 6 * c)?, model.w(bt.ada_b), &mut staging)?;
+            staging.put(&self.dev, aw.sub(i * 6 * c * c, 6 * c * c)?, model.w(bt.ada_w))?;
+            staging.put(&self.dev, ab.sub(i * 6 * c, 6 * c)?, model.w(bt.ada_b))?;
         }
-        self.put_f16(aw.sub(d * 6 * c * c, 2 * c * c)?, model.w(t.final_ada_w), &mut staging)?;
-        self.put_f16(ab.sub(d * 6 * c, 2 * c)?, model.w(t.final_ada_b), &mut staging)?;
+        staging.put(&self.dev, aw.sub(d * 6 * c * c, 2 * c * c)?, model.w(t.final_ada_w))?;
+        staging.put(&self.dev, ab.sub(d * 6 * c, 2 * c)?, model.w(t.final_ada_b))?;
         Ok(())
     }
 
     /// icc's rank-r factors in f16, and q, k and v's merged up factor where one is planned.
     pub(super) fn upload_factors(&mut self, f: &Factors) -> Result<()> {
-        let mut staging = vec![f16::ZERO; STAGING];
+        let mut staging = F16Staging::new();
         for (bf, blk) in self.buffers.factors.iter().zip(&f.blocks) {
-            self.put_f16(self.slice(bf.down[0])?, f.w(blk.qkv_down), &mut staging)?;
+            staging.put(&self.dev, self.slice(bf.down[0])?, f.w(blk.qkv_down))?;
             for (j, t) in [LayerType::Proj, LayerType::Fc1, LayerType::Fc2].into_iter().enumerate() {
-                self.put_f16(self.slice(bf.down[j + 1])?, f.w(blk.get(t).down), &mut staging)?;
+                staging.put(&self.dev, self.slice(bf.down[j + 1])?, f.w(blk.get(t).down))?;
             }
             for (j, t) in LayerType::ALL.into_iter().enumerate() {
-                self.put_f16(self.slice(bf.up[j])?, f.w(blk.get(t).up), &mut staging)?;
+                staging.put(&self.dev, self.slice(bf.up[j])?, f.w(blk.get(t).up))?;
             }
             if let Some(id) = bf.qkv_up {
                 // Rows g·C .. (g+1)·C hold group g's up factor at its columns of the shared
@@ -107,7 +118,7 @@ impl<D: Device> GpuBackend<D> {
                     }
                     r0 += r;
                 }
-                self.put_f16(self.slice(id)?, &merged, &mut staging)?;
+                staging.put(&self.dev, self.slice(id)?, &merged)?;
             }
         }
         Ok(())

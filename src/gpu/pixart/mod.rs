@@ -34,14 +34,14 @@ use crate::embed;
 use crate::error::{Error, Result};
 use crate::forward::StepKind;
 use crate::gpu::launch;
+use crate::gpu::pipeline::F16Staging;
 use crate::gpu::{f16, DevSlice, DevType, Device};
+use crate::pixart::checks;
 use crate::pixart::forward as pforward;
 use crate::pixart::{Layer, PixArtCache, PixArtModel};
 use crate::plan::{BufId, Plan};
 use ops::Pass;
 
-/// Elements converted to f16 per upload while the weights are staged (2 MiB).
-const STAGING: usize = 1 << 20;
 /// The sampler's numbers of a step, uploaded before it with the rows' timesteps.
 const STEP_IN: usize = 6;
 /// Request state slots of the first step whose model output / updated latents were not finite.
@@ -290,37 +290,21 @@ impl<D: Device> PixArtGpu<D> {
         self.dev.slice::<T>(self.plan.get(id))
     }
 
-    /// Converts `src` to f16 through `staging` and uploads it at `dst`.
-    fn put_f16(&self, dst: DevSlice<f16>, src: &[f32], staging: &mut [f16]) -> Result<()> {
-        if src.len() != dst.len() {
-            return Err(Error::invalid("GPU upload", format!("{} values for {dst:?}", src.len())));
-        }
-        let per = staging.len();
-        for (i, chunk) in src.chunks(per).enumerate() {
-            let st = &mut staging[..chunk.len()];
-            for (h, &v) in st.iter_mut().zip(chunk) {
-                *h = f16::from_f32(v);
-            }
-            self.dev.upload(dst.sub(i * per, chunk.len())?, st)?;
-        }
-        Ok(())
-    }
-
     /// Weights and factors in f16, the modulation tables and timestep frequencies in f32, the
     /// ones of the ungated residual.
     fn upload(&mut self) -> Result<()> {
         let model = Arc::clone(&self.model);
         let (cfg, t) = (model.config, &model.tensors);
-        let mut staging = vec![f16::ZERO; STAGING];
+        let mut staging = F16Staging::new();
         let b = &self.bufs;
         for (layer, &(w, bias)) in Layer::all(cfg.depth).zip(&b.linears) {
             let (lw, lb) = model.linear(layer);
-            self.put_f16(self.slice(w)?, lw, &mut staging)?;
-            self.put_f16(self.slice(bias)?, lb, &mut staging)?;
+            staging.put(&self.dev, self.slice(w)?, lw)?;
+            staging.put(&self.dev, self.slice(bias)?, lb)?;
         }
-        self.put_f16(self.slice(b.patch_w)?, model.w(t.patch_w), &mut staging)?;
-        self.put_f16(self.slice(b.patch_b)?, model.w(t.patch_b), &mut staging)?;
-        self.put_f16(self.slice(b.pos)?, model.w(t.pos_embed), &mut staging)?;
+        staging.put(&self.dev, self.slice(b.patch_w)?, model.w(t.patch_w))?;
+        staging.put(&self.dev, self.slice(b.patch_b)?, model.w(t.patch_b))?;
+        staging.put(&self.dev, self.slice(b.pos)?, model.w(t.pos_embed))?;
         let c = cfg.hidden_size();
         let tables = self.slice::<f32>(b.tables)?;
         for (i, &tab) in t.block_tables.iter().enumerate() {
@@ -334,8 +318,8 @@ impl<D: Device> PixArtGpu<D> {
             let f = Arc::clone(f);
             for layer in Layer::all(cfg.depth) {
                 if let (Some(df), Some(lf)) = (b.factors[layer.index(cfg.depth)], f.get(layer)) {
-                    self.put_f16(self.slice(df.down)?, f.w(lf.down), &mut staging)?;
-                    self.put_f16(self.slice(df.up)?, f.w(lf.up), &mut staging)?;
+                    staging.put(&self.dev, self.slice(df.down)?, f.w(lf.down))?;
+                    staging.put(&self.dev, self.slice(df.up)?, f.w(lf.up))?;
                 }
             }
         }
@@ -344,18 +328,7 @@ impl<D: Device> PixArtGpu<D> {
 
     /// Stages `rows` model rows: latents (rows, Cin, S, S) and timesteps.
     pub fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
-        let img = self.model.config.image_elems();
-        if rows == 0 || rows > self.max_rows || x.len() != rows * img || t.len() != rows {
-            return Err(Error::invalid(
-                "model input",
-                format!(
-                    "{rows} rows ({} latent values, {} timesteps) for an engine of {} rows of {img}",
-                    x.len(),
-                    t.len(),
-                    self.max_rows
-                ),
-            ));
-        }
+        checks::check_inputs(&self.model.config, self.max_rows, x, t, rows)?;
         self.dev.upload(self.slice::<f32>(self.bufs.input)?.sub(0, x.len())?, x)?;
         self.dev.upload(self.slice::<f32>(self.bufs.step_in)?.sub(STEP_IN, rows)?, t)?;
         Ok(())
@@ -365,31 +338,12 @@ impl<D: Device> PixArtGpu<D> {
     /// computes the caption projection and every block's cross-attention K and V (once per
     /// request).
     pub fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
-        let d = self.model.config.caption_channels;
-        if len == 0 || len > self.max_text_len {
-            return Err(Error::invalid(
-                "text length",
-                format!("{len} tokens; this engine was planned for 1 to {} (max text length)", self.max_text_len),
-            ));
-        }
-        if rows == 0 || rows > self.max_rows || text.len() != rows * len * d || mask.len() != rows * len {
-            return Err(Error::invalid(
-                "caption",
-                format!(
-                    "{} embedding values and {} mask values for {rows} rows of {len} tokens × {d}",
-                    text.len(),
-                    mask.len()
-                ),
-            ));
-        }
-        if let Some(i) = mask.iter().position(|&v| v != 0 && v != 1) {
-            return Err(Error::invalid("attention mask", format!("element {i} is {}; masks are 0 or 1", mask[i])));
-        }
+        checks::check_text(&self.model.config, self.max_rows, self.max_text_len, text, mask, rows, len)?;
         for (h, &v) in self.text_host.iter_mut().zip(text) {
             *h = f16::from_f32(v);
         }
         for (b, &m) in self.bias_host.iter_mut().zip(mask) {
-            *b = (1 - m) as f32 * -10000.0;
+            *b = checks::mask_bias(m);
         }
         let (tb, mb) = (self.bufs.text, self.bufs.mask_bias);
         self.dev.upload(self.slice::<f16>(tb)?.sub(0, text.len())?, &self.text_host[..text.len()])?;
@@ -504,36 +458,14 @@ impl<D: Device> PixArtGpu<D> {
     /// A pass of `kind` on `rows` rows may run: a caption staged, rows in range, the kind in
     /// the policy, a full step on the same rows before a cached one.
     fn check(&self, rows: usize, kind: StepKind) -> Result<()> {
-        if self.text_len == 0 {
-            return Err(Error::invalid("caption", "no caption staged before the forward pass"));
-        }
-        if rows == 0 || rows > self.max_rows {
-            return Err(Error::invalid(
-                "model input",
-                format!("{rows} rows; this engine takes 1 to {}", self.max_rows),
-            ));
-        }
-        if self.bufs.size_emb.is_some() && self.size_rows < rows {
-            return Err(Error::invalid(
-                "micro-conditions",
-                format!(
-                    "this model uses the resolution and aspect-ratio conditions (use_additional_conditions): \
-                     {} rows staged for a pass of {rows}",
-                    self.size_rows
-                ),
-            ));
-        }
-        let policy = self.cache.policy();
-        if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {
-            return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
-        }
-        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(rows) {
-            return Err(Error::invalid(
-                "step kind",
-                format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
-            ));
-        }
-        Ok(())
+        let staged = checks::Staged {
+            max_rows: self.max_rows,
+            text_len: self.text_len,
+            size_rows: self.bufs.size_emb.map(|_| self.size_rows),
+            cached_rows: self.cached_rows,
+            policy: self.cache.policy(),
+        };
+        checks::check_pass(&staged, rows, kind)
     }
 
     /// Device time of one pass of `kind` on `rows` staged rows, in ms: the mean over `iters`
@@ -556,29 +488,5 @@ impl<D: Device> PixArtGpu<D> {
     /// The last pass's output, (rows, Cout, S, S).
     pub fn output(&self, rows: usize) -> &[f32] {
         &self.out_host[..rows * self.model.config.out_elems()]
-    }
-
-    /// Convenience: one plain forward pass on `rows` rows (the `icdit forward` command).
-    pub fn forward(
-        &mut self,
-        x: &[f32],
-        t: &[f32],
-        text: &[f32],
-        mask: &[i64],
-        len: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let rows = t.len();
-        self.stage_text(text, mask, rows, len)?;
-        self.stage_inputs(x, t, rows)?;
-        self.run(rows, StepKind::Plain)?;
-        if out.len() != rows * self.model.config.out_elems() {
-            return Err(Error::invalid(
-                "output buffer",
-                format!("{} values, expected {}", out.len(), rows * self.model.config.out_elems()),
-            ));
-        }
-        out.copy_from_slice(self.output(rows));
-        Ok(())
     }
 }

@@ -6,6 +6,7 @@ mod ops;
 
 use std::sync::Arc;
 
+use super::checks;
 use super::factors::PixArtFactors;
 use super::forward::{self, modulation_width, Act, PixArtOps, Slot};
 use super::weights::{Layer, PixArtModel};
@@ -312,20 +313,9 @@ impl PixArtCpu {
 
     /// Stages `rows` model rows: latents (rows, Cin, S, S) and timesteps.
     pub fn stage_inputs(&mut self, x: &[f32], t: &[f32], rows: usize) -> Result<()> {
-        let img = self.model.config.image_elems();
-        if rows == 0 || rows > self.max_rows || x.len() != rows * img || t.len() != rows {
-            return Err(Error::invalid(
-                "model input",
-                format!(
-                    "{rows} rows ({} latent values, {} timesteps) for an engine of {} rows of {img}",
-                    x.len(),
-                    t.len(),
-                    self.max_rows
-                ),
-            ));
-        }
+        checks::check_inputs(&self.model.config, self.max_rows, x, t, rows)?;
         let input = self.bufs.input;
-        self.buf_mut(input)[..rows * img].copy_from_slice(x);
+        self.buf_mut(input)[..x.len()].copy_from_slice(x);
         self.t[..rows].copy_from_slice(t);
         Ok(())
     }
@@ -334,30 +324,11 @@ impl PixArtCpu {
     /// then runs the caption projection and every block's cross-attention K and V (once per
     /// request).
     pub fn stage_text(&mut self, text: &[f32], mask: &[i64], rows: usize, len: usize) -> Result<()> {
-        let d = self.model.config.caption_channels;
-        if len == 0 || len > self.max_text_len {
-            return Err(Error::invalid(
-                "text length",
-                format!("{len} tokens; this engine takes 1 to {}", self.max_text_len),
-            ));
-        }
-        if rows == 0 || rows > self.max_rows || text.len() != rows * len * d || mask.len() != rows * len {
-            return Err(Error::invalid(
-                "caption",
-                format!(
-                    "{} embedding values and {} mask values for {rows} rows of {len} tokens × {d}",
-                    text.len(),
-                    mask.len()
-                ),
-            ));
-        }
-        if let Some(i) = mask.iter().position(|&v| v != 0 && v != 1) {
-            return Err(Error::invalid("attention mask", format!("element {i} is {}; masks are 0 or 1", mask[i])));
-        }
+        checks::check_text(&self.model.config, self.max_rows, self.max_text_len, text, mask, rows, len)?;
         let (tb, mb) = (self.bufs.text, self.bufs.mask_bias);
         self.buf_mut(tb)[..text.len()].copy_from_slice(text);
         for (b, &m) in self.buf_mut(mb).iter_mut().zip(mask) {
-            *b = (1 - m) as f32 * -10000.0;
+            *b = checks::mask_bias(m);
         }
         self.text_len = len;
         self.encode_caption(rows);
@@ -385,29 +356,14 @@ impl PixArtCpu {
     /// [`stage_inputs`](Self::stage_inputs) and, for models with micro-conditions,
     /// [`stage_size`](Self::stage_size)); the output is [`output`](Self::output).
     pub fn run(&mut self, rows: usize, kind: StepKind) -> Result<()> {
-        if self.text_len == 0 {
-            return Err(Error::invalid("caption", "no caption staged before the forward pass"));
-        }
-        if self.bufs.size.is_some() && self.size_rows < rows {
-            return Err(Error::invalid(
-                "micro-conditions",
-                format!(
-                    "this model uses the resolution and aspect-ratio conditions (use_additional_conditions): \
-                     {} rows staged for a pass of {rows}",
-                    self.size_rows
-                ),
-            ));
-        }
-        let policy = self.cache.policy();
-        if kind != StepKind::Plain && !policy.step_kinds().contains(&kind) {
-            return Err(Error::invalid("step kind", format!("a {} step under cache policy {policy}", kind.name())));
-        }
-        if matches!(kind, StepKind::Calibrated | StepKind::Reuse) && self.cached_rows != Some(rows) {
-            return Err(Error::invalid(
-                "step kind",
-                format!("a {} step needs a full step with the same {rows} rows before it", kind.name()),
-            ));
-        }
+        let staged = checks::Staged {
+            max_rows: self.max_rows,
+            text_len: self.text_len,
+            size_rows: self.bufs.size.map(|_| self.size_rows),
+            cached_rows: self.cached_rows,
+            policy: self.cache.policy(),
+        };
+        checks::check_pass(&staged, rows, kind)?;
         self.conditioning(rows);
         let cfg = self.model.config;
         forward::forward(self, &cfg, rows, kind);
@@ -422,30 +378,6 @@ impl PixArtCpu {
         // SAFETY: read-only view; no op runs while it is borrowed (&self).
         let all = unsafe { self.view(self.bufs.image) };
         &all[..rows * self.model.config.out_elems()]
-    }
-
-    /// Convenience: one plain forward pass on `rows` rows (the `icdit forward` command).
-    pub fn forward(
-        &mut self,
-        x: &[f32],
-        t: &[f32],
-        text: &[f32],
-        mask: &[i64],
-        len: usize,
-        out: &mut [f32],
-    ) -> Result<()> {
-        let rows = t.len();
-        self.stage_text(text, mask, rows, len)?;
-        self.stage_inputs(x, t, rows)?;
-        self.run(rows, StepKind::Plain)?;
-        if out.len() != rows * self.model.config.out_elems() {
-            return Err(Error::invalid(
-                "output buffer",
-                format!("{} values, expected {}", out.len(), rows * self.model.config.out_elems()),
-            ));
-        }
-        out.copy_from_slice(self.output(rows));
-        Ok(())
     }
 
     /// C = act(A·Wᵀ + b (+ add)) over m rows, on the pool.
