@@ -338,7 +338,11 @@ impl DitOps for CpuEngine {
         if threads == 1 || m * rank_total * (inp + group) < gemm::SMALL_MACS {
             job(0, 0..m);
         } else {
-            self.pool.run(&|tid| job(tid, split(m, threads, tid, gemm::MR)));
+            // Rows in multiples of 4, not of MR: at DiT-XL/2's 512 rows each of two threads
+            // gets 256 (MR-aligned halves were 264 and 248, and the first thread's extra tile
+            // kept the other waiting); a last tile of ≤ 4 rows runs the AVX-512 kernel's
+            // 4-row build.
+            self.pool.run(&|tid| job(tid, split(m, threads, tid, 4)));
         }
     }
 

@@ -1,5 +1,9 @@
 //! The register-tile microkernels: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc, for one
-//! MR×NR tile of packed panels, one per instruction-set path.
+//! MR×NR tile of packed panels, one per instruction-set path. Every kernel takes the same
+//! arguments: `accumulate` adds the tile to what C holds (a later k block); a non-null `add`
+//! (row stride `ld_add`) is a matrix added as the tile is stored, after the C term, the order
+//! of the separate epilogue ((A·B + C) + add), so fusing it changes no bits; `pf` lists the
+//! lines to prefetch during the call ([`PfCursor`]).
 
 use super::{prefetch, Prefetch, LINE, MR, NR};
 
@@ -68,10 +72,11 @@ fn k_loop(kc: usize, cur: &mut PfCursor, mut step: impl FnMut(usize)) {
     }
 }
 
-/// Portable microkernel: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc.
+/// Portable microkernel: C[0..mr, 0..nr] (+)= Apanel · Bpanel over kc (+ add).
 ///
 /// # Safety
-/// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds.
+/// `a` holds kc·MR floats, `b` kc·NR, and C rows 0..mr × cols 0..nr are in bounds, and so
+/// are `add`'s (unless null).
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn kernel_portable(
     kc: usize,
@@ -82,6 +87,8 @@ pub(super) unsafe fn kernel_portable(
     mr: usize,
     nr: usize,
     accumulate: bool,
+    add: *const f32,
+    ld_add: usize,
     pf: Prefetch,
 ) {
     let _ = pf; // prefetching is for the SIMD paths
@@ -97,8 +104,9 @@ pub(super) unsafe fn kernel_portable(
     }
     for (i, row) in acc.iter().enumerate().take(mr) {
         let crow = std::slice::from_raw_parts_mut(c.add(i * ldc), nr);
-        for (cv, &v) in crow.iter_mut().zip(row) {
-            *cv = if accumulate { *cv + v } else { v };
+        for (j, (cv, &v)) in crow.iter_mut().zip(row).enumerate() {
+            let v = if accumulate { *cv + v } else { v };
+            *cv = if add.is_null() { v } else { v + *add.add(i * ld_add + j) };
         }
     }
 }
@@ -123,12 +131,14 @@ pub(super) unsafe fn kernel_avx512(
     mr: usize,
     nr: usize,
     accumulate: bool,
+    add: *const f32,
+    ld_add: usize,
     pf: Prefetch,
 ) {
     if mr <= 4 {
-        kernel_avx512_rows::<4>(kc, a, b, c, ldc, mr, nr, accumulate, pf)
+        kernel_avx512_rows::<4>(kc, a, b, c, ldc, mr, nr, accumulate, add, ld_add, pf)
     } else {
-        kernel_avx512_rows::<MR>(kc, a, b, c, ldc, mr, nr, accumulate, pf)
+        kernel_avx512_rows::<MR>(kc, a, b, c, ldc, mr, nr, accumulate, add, ld_add, pf)
     }
 }
 
@@ -149,6 +159,8 @@ unsafe fn kernel_avx512_rows<const R: usize>(
     mr: usize,
     nr: usize,
     accumulate: bool,
+    add: *const f32,
+    ld_add: usize,
     pf: Prefetch,
 ) {
     use std::arch::x86_64::*;
@@ -177,6 +189,11 @@ unsafe fn kernel_avx512_rows<const R: usize>(
             v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, cp));
             v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, cp.add(16)));
         }
+        if !add.is_null() {
+            let ap = add.add(i * ld_add);
+            v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, ap));
+            v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, ap.add(16)));
+        }
         _mm512_mask_storeu_ps(cp, m0, v0);
         _mm512_mask_storeu_ps(cp.add(16), m1, v1);
     }
@@ -200,6 +217,8 @@ pub(super) unsafe fn kernel_avx2(
     mr: usize,
     nr: usize,
     accumulate: bool,
+    add: *const f32,
+    ld_add: usize,
     pf: Prefetch,
 ) {
     use std::arch::x86_64::*;
@@ -225,12 +244,15 @@ pub(super) unsafe fn kernel_avx2(
                     let lo = j0 + 8 * h;
                     let w = nr.saturating_sub(lo).min(8);
                     let cp = c.add((i0 + i) * ldc + lo);
+                    let ap = add.wrapping_add((i0 + i) * ld_add + lo);
                     if w == 8 {
                         let v = if accumulate { _mm256_add_ps(v, _mm256_loadu_ps(cp)) } else { v };
+                        let v = if add.is_null() { v } else { _mm256_add_ps(v, _mm256_loadu_ps(ap)) };
                         _mm256_storeu_ps(cp, v);
                     } else if w > 0 {
                         let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(w as i32), lane);
                         let v = if accumulate { _mm256_add_ps(v, _mm256_maskload_ps(cp, mask)) } else { v };
+                        let v = if add.is_null() { v } else { _mm256_add_ps(v, _mm256_maskload_ps(ap, mask)) };
                         _mm256_maskstore_ps(cp, mask, v);
                     }
                 }
@@ -258,6 +280,8 @@ pub(super) unsafe fn kernel_neon(
     mr: usize,
     nr: usize,
     accumulate: bool,
+    add: *const f32,
+    ld_add: usize,
     pf: Prefetch,
 ) {
     use std::arch::aarch64::*;
@@ -282,14 +306,17 @@ pub(super) unsafe fn kernel_neon(
                     let lo = j0 + 4 * q;
                     let w = nr.saturating_sub(lo).min(4);
                     let cp = c.add((i0 + i) * ldc + lo);
+                    let ap = add.wrapping_add((i0 + i) * ld_add + lo);
                     if w == 4 {
                         let v = if accumulate { vaddq_f32(v, vld1q_f32(cp)) } else { v };
+                        let v = if add.is_null() { v } else { vaddq_f32(v, vld1q_f32(ap)) };
                         vst1q_f32(cp, v);
                     } else if w > 0 {
                         let mut lanes = [0.0f32; 4];
                         vst1q_f32(lanes.as_mut_ptr(), v);
                         for (l, &x) in lanes.iter().enumerate().take(w) {
-                            *cp.add(l) = if accumulate { *cp.add(l) + x } else { x };
+                            let x = if accumulate { *cp.add(l) + x } else { x };
+                            *cp.add(l) = if add.is_null() { x } else { x + *ap.add(l) };
                         }
                     }
                 }

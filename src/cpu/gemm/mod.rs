@@ -123,7 +123,8 @@ pub struct Gemm<'a> {
     pub ldc: usize,
 }
 
-type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool, Prefetch);
+type Kernel =
+    unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool, *const f32, usize, Prefetch);
 
 /// A run of consecutive 64-byte lines for a micro-kernel call to prefetch.
 #[derive(Clone, Copy)]
@@ -344,15 +345,22 @@ impl Gemmer {
                             apack
                         }
                     };
-                    // What the next pack_a and this block's epilogue will read (the icc
-                    // caches x_s and y_s are cold), fetched while the kernels run instead
-                    // of stalling the packer and the epilogue.
+                    // What the next pack_a and this block's epilogue (or its kernels) will
+                    // read (the icc caches x_s and y_s are cold), fetched while the kernels
+                    // run instead of stalling the packer and the epilogue.
                     let mut ahead = Ahead::new(mc.div_ceil(MR) * col_tiles);
-                    if last {
-                        if let Some((m, ld)) = g.add {
+                    // Without a bias, the added matrix (icc's cached y_s) is added by the kernel
+                    // as it stores each tile, rather than by a pass over the block after; the
+                    // sum is formed in the same order, (A·B [+ C]) + add, so the bits are
+                    // those of the epilogue.
+                    let fused_add = match g.add {
+                        Some(add) if last && g.bias.is_none() => Some(add),
+                        Some((m, ld)) if last => {
                             ahead.add(m, i0 * ld + j0, ld, mc, nc);
+                            None
                         }
-                    }
+                        _ => None,
+                    };
                     if pre.is_none() && g.conv.is_none() {
                         let next = if i0 + mc < rows.end {
                             Some((i0 + mc, MC.min(rows.end - i0 - mc), p0))
@@ -367,14 +375,34 @@ impl Gemmer {
                             }
                         }
                     }
+                    let ip_tiles = mc.div_ceil(MR);
                     for jp in 0..col_tiles {
                         let nr = NR.min(nc - jp * NR);
-                        for ip in 0..mc.div_ceil(MR) {
+                        for ip in 0..ip_tiles {
                             let mr = MR.min(mc - ip * MR);
                             // This call's share of the prefetches, issued by the kernel
                             // between its k steps so that a burst of misses never stalls it.
                             let mut nruns = 0;
-                            let lines = ahead.take(&mut runs, &mut nruns) + b_ahead.take(&mut runs, &mut nruns);
+                            let mut lines = ahead.take(&mut runs, &mut nruns) + b_ahead.take(&mut runs, &mut nruns);
+                            // With the added matrix fused, each call fetches the next tile's
+                            // part of it, which the next call reads as it stores.
+                            if let Some((m, ld)) = fused_add {
+                                let next = if ip + 1 < ip_tiles {
+                                    Some((ip + 1, jp))
+                                } else {
+                                    (jp + 1 < col_tiles).then_some((0, jp + 1))
+                                };
+                                if let Some((ni, nj)) = next {
+                                    let (r, c) = (i0 + ni * MR, j0 + nj * NR);
+                                    let mut tile = Ahead::new(1);
+                                    tile.add(m, r * ld + c, ld, MR.min(mc - ni * MR), NR.min(nc - nj * NR));
+                                    lines += tile.take(&mut runs, &mut nruns);
+                                }
+                            }
+                            let (add, ld_add) = match fused_add {
+                                Some((m, ld)) => (m[(i0 + ip * MR) * ld + j0 + jp * NR..].as_ptr(), ld),
+                                None => (std::ptr::null(), 0),
+                            };
                             let pf = Prefetch { runs: runs.as_ptr(), len: nruns, lines };
                             // SAFETY: bounds were checked in `check_bounds`; the packed
                             // panels are padded to full MR/NR tiles.
@@ -389,6 +417,8 @@ impl Gemmer {
                                     mr,
                                     nr,
                                     p0 > 0,
+                                    add,
+                                    ld_add,
                                     pf,
                                 );
                             }
@@ -397,6 +427,7 @@ impl Gemmer {
                     if last {
                         // The MC×NC block of C is still in L2: bias, added matrix and
                         // activation now rather than in a second pass over all rows.
+                        let g = if fused_add.is_some() { &Gemm { add: None, ..*g } } else { g };
                         epilogue(self.isa, g, i0..i0 + mc, j0..j0 + nc);
                     }
                     i0 += mc;
@@ -716,7 +747,9 @@ mod tests {
 
     /// B packed once for the whole product (what calibrated steps do with icc's factors)
     /// gives the bits of B packed per call, on every path, at shapes that cross the KC and
-    /// NC blocks and end mid-panel, with the increment operand, an added matrix and GELU.
+    /// NC blocks and end mid-panel, with the increment operand, an added matrix and GELU;
+    /// and the added matrix, which the kernels add as they store (no bias), gives the bits
+    /// of the product followed by the separate epilogue.
     #[test]
     fn b_packed_once_matches_b_packed_per_call() {
         for gm in Isa::available().map(Gemmer::new) {
@@ -750,6 +783,13 @@ mod tests {
                 assert!(c1.iter().any(|v| *v != 0.0) && c1.iter().all(|v| v.is_finite()), "trivial result");
                 let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
                 assert!(same, "{} m{m} n{n} k{k}: B packed once differs from B packed per call", gm.name());
+                let mut c3 = vec![f32::NAN; m * n];
+                gm.run_single(&mut scratch, &Gemm { add: None, act: Act::None, c: SendPtr(c3.as_mut_ptr()), ..g });
+                for (row, add) in c3.chunks_exact_mut(n).zip(add.chunks_exact(n)) {
+                    math::bias_act(gm.isa(), row, None, Some(add), true);
+                }
+                let same = c1.iter().zip(&c3).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} m{m} n{n} k{k}: the fused add differs from the epilogue's", gm.name());
             }
         }
     }
