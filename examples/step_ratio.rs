@@ -28,7 +28,12 @@ fn cpu_seconds() -> f64 {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let h = v.len() / 2;
+    if v.len() % 2 == 0 {
+        (v[h - 1] + v[h]) / 2.0
+    } else {
+        v[h]
+    }
 }
 
 fn main() -> Result<(), icdit::Error> {
@@ -79,27 +84,28 @@ fn main() -> Result<(), icdit::Error> {
     let (mut conditioning, mut j) = (0.0, 0);
     for round in 0..rounds {
         for (k, &kind) in kinds.iter().enumerate() {
-            let (mut cond, w0) = (0.0, std::time::Instant::now());
+            let (mut cond, mut cond_wall, w0) = (0.0, 0.0, std::time::Instant::now());
             let c0 = cpu_seconds();
             for _ in 0..steps {
                 if j % ahead == 0 {
-                    let c = cpu_seconds();
+                    let (c, w) = (cpu_seconds(), std::time::Instant::now());
                     engine.condition_ahead(&ts, &y)?;
                     cond += cpu_seconds() - c;
+                    cond_wall += w.elapsed().as_secs_f64();
                 }
                 let input = if kind == StepKind::Full { &x } else { &x_next };
                 engine.forward_step_ahead(input, j % ahead, &mut out, kind)?;
                 j += 1;
             }
             let cpu = (cpu_seconds() - c0 - cond) * 1e3 / steps as f64;
-            let wall = (w0.elapsed().as_secs_f64() - cond) * 1e3 / steps as f64;
+            let wall = (w0.elapsed().as_secs_f64() - cond_wall) * 1e3 / steps as f64;
             conditioning += cond;
             let mac_ratio = cost::step_macs(&cfg, kind, &ranks) as f64 / full_macs;
             // A hash of the output's bits, to compare binaries (every step of a kind has the
             // same inputs, so the same output).
             let bits = out.iter().fold(0u64, |h, v| h.wrapping_mul(0x100_0000_01b3).wrapping_add(v.to_bits() as u64));
             println!(
-                "round {round} {kind:?}: {cpu:.0} ms CPU, ~{wall:.0} ms wall per step without conditioning \
+                "round {round} {kind:?}: {cpu:.0} ms CPU, {wall:.0} ms wall per step without conditioning \
                  (MAC ratio {mac_ratio:.3}), output bits {bits:016x}"
             );
             per_kind[k].push(cpu);
