@@ -454,8 +454,10 @@ impl Gemmer {
 struct Ahead<'a> {
     regions: [(&'a [f32], usize, usize, usize, usize); 3],
     len: usize,
-    /// Kernel calls left to spread the lines over.
+    /// Kernel calls to spread the lines over, and the lines each takes (fixed at the
+    /// first call, so that no call divides).
     calls: usize,
+    share: usize,
     /// Cursor: region, row, float offset within the row.
     at: (usize, usize, usize),
     lines_left: usize,
@@ -466,7 +468,7 @@ pub(super) const LINE: usize = 16;
 
 impl<'a> Ahead<'a> {
     fn new(calls: usize) -> Self {
-        Ahead { regions: [(&[], 0, 0, 0, 0); 3], len: 0, calls: calls.max(1), at: (0, 0, 0), lines_left: 0 }
+        Ahead { regions: [(&[], 0, 0, 0, 0); 3], len: 0, calls: calls.max(1), share: 0, at: (0, 0, 0), lines_left: 0 }
     }
 
     fn add(&mut self, data: &'a [f32], start: usize, ld: usize, rows: usize, cols: usize) {
@@ -485,8 +487,10 @@ impl<'a> Ahead<'a> {
         if self.lines_left == 0 {
             return 0;
         }
-        let mut share = self.lines_left.div_ceil(self.calls);
-        self.calls = self.calls.saturating_sub(1).max(1);
+        if self.share == 0 {
+            self.share = self.lines_left.div_ceil(self.calls);
+        }
+        let mut share = self.share;
         let (mut region, mut r, mut c) = self.at;
         let mut taken = 0;
         while share > 0 && region < self.len && *n < RUNS_MAX {
