@@ -76,6 +76,14 @@ fn main() -> Result<(), icdit::Error> {
         engine.threads(),
         engine.gemm_kernel()
     );
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    let named = |n: &str| engine.plan().buffers().iter().filter(|b| b.name == n).map(|b| b.bytes()).sum::<usize>();
+    println!(
+        "arena {:.0} MiB, of which packed factors {:.0} MiB and modulation vectors {:.1} MiB",
+        mib(engine.plan().total_bytes()),
+        mib(named("icc_factors_packed")),
+        mib(named("modulation"))
+    );
     let full_macs = cost::step_macs(&cfg, StepKind::Full, &ranks) as f64;
     // CPU ms per step of each kind without the conditioning, per round; the conditioning
     // (computed every `ahead` steps, whatever kind comes next) is shared out evenly over all
