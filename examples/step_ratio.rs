@@ -29,7 +29,7 @@ fn cpu_seconds() -> f64 {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let h = v.len() / 2;
-    if v.len() % 2 == 0 {
+    if v.len().is_multiple_of(2) {
         (v[h - 1] + v[h]) / 2.0
     } else {
         v[h]

@@ -23,7 +23,7 @@ impl PfCursor {
     /// A cursor spreading `pf` over `steps` k steps.
     #[inline(always)]
     pub(super) fn new(pf: Prefetch, steps: usize) -> Self {
-        let stride = if pf.lines == 0 { usize::MAX } else { (steps / pf.lines).max(1) };
+        let stride = steps.checked_div(pf.lines).map_or(usize::MAX, |s| s.max(1));
         PfCursor { pf, next: 0, at: std::ptr::null(), left: 0, stride, countdown: stride }
     }
 
