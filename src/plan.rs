@@ -132,6 +132,22 @@ impl fmt::Display for Plan {
     }
 }
 
+/// Asks Linux to back the whole 2 MiB extents of `size` bytes at `ptr` with 2 MiB pages
+/// (transparent huge pages, which many systems give only on request). The CPU backend streams
+/// its block caches and packed factors through every cached step: with 4 KiB pages each 64
+/// cache lines cost a TLB miss and stop the hardware prefetcher at the page's end. Advice
+/// only: where it is refused, nothing changes. The allocation is fresh and untouched (a
+/// large zeroed allocation is mapped, not written), so the pages are huge from the start.
+#[cfg(target_os = "linux")]
+fn advise_huge_pages(ptr: *mut u8, size: usize) {
+    const HUGE: usize = 2 << 20;
+    let (start, end) = ((ptr as usize).next_multiple_of(HUGE), (ptr as usize + size) / HUGE * HUGE);
+    if end > start {
+        // SAFETY: the range lies inside this allocation; madvise changes only how it is backed.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+    }
+}
+
 /// The one allocation a plan describes, zero-initialised.
 pub struct Arena {
     ptr: NonNull<u8>,
@@ -152,6 +168,8 @@ impl Arena {
         let ptr = NonNull::new(ptr).ok_or_else(|| {
             Error::invalid("memory", format!("not enough memory for the {:.1} MiB arena:\n{plan}", mib(size)))
         })?;
+        #[cfg(target_os = "linux")]
+        advise_huge_pages(ptr.as_ptr(), size);
         Ok(Arena { ptr, layout })
     }
 

@@ -20,6 +20,7 @@ use crate::config::{DitConfig, FREQ_DIM};
 use crate::embed;
 use crate::engine::EngineOptions;
 use crate::error::{Error, Result};
+use crate::factors::LayerType;
 use crate::forward::{self, chunk, Act, ModChunk, Norm, Slot, StepKind};
 use crate::plan::{Arena, BufId, Dt, Plan};
 use crate::policy::{self, ForecastStep};
@@ -99,13 +100,30 @@ struct ForwardBuffers {
     forecast: Vec<[BufId; 2]>,
     /// The rank-r projection (x − x_s)·downᵀ of calibrated steps.
     lowrank: Option<BufId>,
+    /// icc's factors packed once into the GEMM's B panels ([`gemm::Gemmer::pack_b_whole`]),
+    /// and where each block's sit in that buffer: calibrated steps read them as they are
+    /// instead of packing every factor on every step (on each thread).
+    factors_packed: Option<BufId>,
+    packed_at: Vec<PackedFactors>,
+}
+
+/// Element offsets of a block's factors in the packed-factor buffer: q, k and v's stacked
+/// `down` (one B operand, n = r_q + r_k + r_v), every layer's `up` (n = out features,
+/// k = rank) and the `down` of proj, fc1 and fc2 (n = rank, k = in features), by
+/// [`LayerType`] index (q, k and v's own `down` are not used on their own).
+#[derive(Clone, Copy, Debug, Default)]
+struct PackedFactors {
+    qkv_down: usize,
+    down: [usize; 6],
+    up: [usize; 6],
 }
 
 /// Rows the conditioning buffers hold at least: the sampling loop conditions
 /// ⌊AHEAD_ROWS / rows⌋ steps at once ([`CpuEngine::condition_ahead`]), so that at small
 /// batches one modulation GEMM reads the adaLN weights (0.8 GB in f32 at DiT-XL/2 size) for
-/// several steps instead of for each.
-pub const AHEAD_ROWS: usize = 16;
+/// several steps instead of for each. 32 rows (16 steps at batch 1 with guidance) hold 25 MB
+/// of modulation vectors at DiT-XL/2 size (16 rows: 12.5 MB and twice the weight reads).
+pub const AHEAD_ROWS: usize = 32;
 
 /// Rows the conditioning buffers of a plan for `rows` model rows hold.
 fn conditioning_rows(rows: usize) -> usize {
@@ -171,6 +189,8 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
         cache: Vec::new(),
         forecast: Vec::new(),
         lowrank: None,
+        factors_packed: None,
+        packed_at: Vec::new(),
     };
     let mut bufs = bufs;
     let kept = |s: Slot| match cache {
@@ -195,6 +215,28 @@ fn plan(cfg: &DitConfig, rows: usize, threads: usize, cache: &CacheMode) -> (Pla
     if let Some(f) = cache.factors() {
         let (qkv_rank, one_rank) = f.max_ranks();
         bufs.lowrank = Some(p.add("icc_lowrank", &[rows, n, qkv_rank.max(one_rank)], Dt::F32));
+        let mut len = 0;
+        let mut at = |n: usize, k: usize| {
+            let o = len;
+            len += gemm::packed_b_len(n, k);
+            o
+        };
+        bufs.packed_at = f
+            .blocks
+            .iter()
+            .map(|b| {
+                let mut pf = PackedFactors { qkv_down: at(b.qkv_rank(), c), ..Default::default() };
+                for t in LayerType::ALL {
+                    let ((out, inp), rank) = (t.shape(c, m), b.get(t).rank);
+                    if matches!(t, LayerType::Proj | LayerType::Fc1 | LayerType::Fc2) {
+                        pf.down[t as usize] = at(rank, inp);
+                    }
+                    pf.up[t as usize] = at(out, rank);
+                }
+                pf
+            })
+            .collect();
+        bufs.factors_packed = Some(p.add("icc_factors_packed", &[len.max(1)], Dt::F32));
     }
     (p, bufs)
 }
@@ -216,6 +258,30 @@ pub fn plan_for(model: &DitModel, opts: &CpuOptions) -> Plan {
 fn add_weight_notes(p: &mut Plan, model: &DitModel) {
     p.outside("weights, memory-mapped file(s)", model.file_bytes());
     p.outside("weights converted to f32 at load", model.store.owned_bytes());
+}
+
+/// Packs every factor of `f` into the planned buffer `buf` at the offsets of `at`.
+fn pack_factors(
+    gemm: &Gemmer,
+    f: &crate::factors::Factors,
+    at: &[PackedFactors],
+    cfg: &DitConfig,
+    arena: &Arena,
+    buf: &crate::plan::Buffer,
+) {
+    // SAFETY: the buffer was planned for exactly these factors and nothing else uses it yet.
+    let out = unsafe { std::slice::from_raw_parts_mut(arena.f32_ptr(buf), buf.elems()) };
+    let (c, m) = (cfg.hidden_size, cfg.mlp_hidden());
+    for (b, pf) in f.blocks.iter().zip(at) {
+        gemm.pack_b_whole(BMat::weight(f.w(b.qkv_down), c), b.qkv_rank(), c, &mut out[pf.qkv_down..]);
+        for t in LayerType::ALL {
+            let ((out_f, inp), l) = (t.shape(c, m), b.get(t));
+            if matches!(t, LayerType::Proj | LayerType::Fc1 | LayerType::Fc2) {
+                gemm.pack_b_whole(BMat::weight(f.w(l.down), inp), l.rank, inp, &mut out[pf.down[t as usize]..]);
+            }
+            gemm.pack_b_whole(BMat::weight(f.w(l.up), l.rank), out_f, l.rank, &mut out[pf.up[t as usize]..]);
+        }
+    }
 }
 
 fn resolve_threads(threads: usize) -> usize {
@@ -282,10 +348,14 @@ impl CpuEngine {
         let pool = ThreadPool::new(threads)
             .map_err(|e| Error::invalid("threads", format!("cannot start {threads} threads: {e}")))?;
         let freqs = embed::timestep_freqs(model.numerics);
+        let gemm = Gemmer::new(isa);
+        if let (Some(f), Some(id)) = (opts.cache.factors(), bufs.factors_packed) {
+            pack_factors(&gemm, f, &bufs.packed_at, &model.config, &arena, plan.get(id));
+        }
         Ok(CpuEngine {
             model,
             pool,
-            gemm: Gemmer::new(isa),
+            gemm,
             plan,
             arena,
             bufs,

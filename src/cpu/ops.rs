@@ -269,6 +269,16 @@ impl DitOps for CpuEngine {
             )
         };
         let (gemmer, ld, group, act) = (self.gemm, rank_total.max(1), out / parts.len(), gemm_act(act));
+        // The factors as packed B panels (planned with the factors: both exist under icc).
+        let at = self.bufs.packed_at[i];
+        let packed = self.bufs.factors_packed.expect("planned");
+        // SAFETY: written once by `new`, only read since.
+        let packed = unsafe { self.view(packed, self.plan.get(packed).elems()) };
+        let down_at = match layer {
+            Linear::Qkv(_) => at.qkv_down,
+            _ => at.down[parts[0].0 as usize],
+        };
+        let run = |scratch: &mut [f32], g: &Gemm, pb: usize| gemmer.run_single_packed_b(scratch, g, &packed[pb..]);
         let job = |tid: usize, rows: std::ops::Range<usize>| {
             if rows.is_empty() {
                 return;
@@ -278,7 +288,7 @@ impl DitOps for CpuEngine {
             let scratch = unsafe {
                 std::slice::from_raw_parts_mut(sp.get().add(tid * gemm::SCRATCH_PER_THREAD), gemm::SCRATCH_PER_THREAD)
             };
-            gemmer.run_single(
+            run(
                 scratch,
                 &Gemm {
                     m: len,
@@ -295,13 +305,14 @@ impl DitOps for CpuEngine {
                     c: SendPtr(unsafe { lp.get().add(r * ld) }),
                     ldc: ld,
                 },
+                down_at,
             );
             // SAFETY: this thread's rows of T, complete now; nobody else writes them.
             let t = unsafe { std::slice::from_raw_parts(lp.get().add(r * ld), len * ld) };
             let mut r0 = 0;
             for &(lt, g) in parts {
                 let f = block.get(lt);
-                gemmer.run_single(
+                run(
                     scratch,
                     &Gemm {
                         m: len,
@@ -318,6 +329,7 @@ impl DitOps for CpuEngine {
                         c: SendPtr(unsafe { dp.get().add(r * out + g * group) }),
                         ldc: out,
                     },
+                    at.up[lt as usize],
                 );
                 r0 += f.rank;
             }
@@ -326,7 +338,11 @@ impl DitOps for CpuEngine {
         if threads == 1 || m * rank_total * (inp + group) < gemm::SMALL_MACS {
             job(0, 0..m);
         } else {
-            self.pool.run(&|tid| job(tid, split(m, threads, tid, gemm::MR)));
+            // Rows in multiples of 4, not of MR: at DiT-XL/2's 512 rows each of two threads
+            // gets 256 (MR-aligned halves were 264 and 248, and the first thread's extra tile
+            // kept the other waiting); a last tile of ≤ 4 rows runs the AVX-512 kernel's
+            // 4-row build.
+            self.pool.run(&|tid| job(tid, split(m, threads, tid, 4)));
         }
     }
 

@@ -123,7 +123,26 @@ pub struct Gemm<'a> {
     pub ldc: usize,
 }
 
-type Kernel = unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool);
+type Kernel =
+    unsafe fn(usize, *const f32, *const f32, *mut f32, usize, usize, usize, bool, *const f32, usize, Prefetch);
+
+/// A run of consecutive 64-byte lines for a micro-kernel call to prefetch.
+#[derive(Clone, Copy)]
+struct Run {
+    start: *const f32,
+    lines: usize,
+}
+
+/// The prefetches of one micro-kernel call: `len` runs at `runs` holding `lines` lines in all.
+#[derive(Clone, Copy)]
+pub(super) struct Prefetch {
+    runs: *const Run,
+    len: usize,
+    lines: usize,
+}
+
+/// Most runs one micro-kernel call prefetches (what is left waits for the next call).
+const RUNS_MAX: usize = 32;
 
 /// The microkernel and packing routines of one instruction-set path, chosen once.
 #[derive(Clone, Copy)]
@@ -168,7 +187,7 @@ impl Gemmer {
             // Too small to be worth waking the workers (or nobody to wake).
             // SAFETY: the scratch length was checked for at least one thread.
             let mine = unsafe { std::slice::from_raw_parts_mut(scratch.get(), SCRATCH_PER_THREAD) };
-            self.block(g, 0..g.m, 0..g.n, mine, None);
+            self.block(g, 0..g.m, 0..g.n, mine, None, None);
             return;
         }
         // A convolution's rows (pixels) are many and its A panels cost more to form, so each
@@ -203,7 +222,7 @@ impl Gemmer {
             let mine = unsafe {
                 std::slice::from_raw_parts_mut(scratch.get().add(tid * SCRATCH_PER_THREAD), SCRATCH_PER_THREAD)
             };
-            self.block(g, rows, cols, mine, pre);
+            self.block(g, rows, cols, mine, pre, None);
         };
         pool.run(&work);
     }
@@ -212,7 +231,31 @@ impl Gemmer {
     pub fn run_single(&self, scratch: &mut [f32], g: &Gemm) {
         assert!(scratch.len() >= SCRATCH_PER_THREAD, "GEMM scratch too small");
         check_bounds(g);
-        self.block(g, 0..g.m, 0..g.n, scratch, None);
+        self.block(g, 0..g.m, 0..g.n, scratch, None, None);
+    }
+
+    /// Packs all of B (`n`×`k`) into `out` ([`packed_b_len`]`(n, k)` floats) once, for
+    /// [`Gemmer::run_single_packed_b`]: NR-wide panels over the whole k, panel j at
+    /// `out[j·NR·k..]`, `out[j·NR·k + p·NR + jj] = B(j·NR + jj, p)` (zero past n).
+    pub fn pack_b_whole(&self, b: BMat, n: usize, k: usize, out: &mut [f32]) {
+        assert!(out.len() >= packed_b_len(n, k), "GEMM: packed B too small");
+        if k > 0 && n > 0 {
+            let last = (n - 1) * b.rs + (k - 1) * b.cs;
+            assert!(b.data.len() > last, "GEMM: B too small");
+        }
+        for j in (0..n).step_by(NR) {
+            pack_b(self.isa, b, j, NR.min(n - j), 0, k, &mut out[j * k..(j + NR) * k]);
+        }
+    }
+
+    /// [`Gemmer::run_single`] with B already packed whole by [`Gemmer::pack_b_whole`] from
+    /// `g.b` (the same n and k): a weight that many products read is packed once instead of
+    /// by every call. Packing only copies, so the bits are those of `run_single`.
+    pub fn run_single_packed_b(&self, scratch: &mut [f32], g: &Gemm, packed_b: &[f32]) {
+        assert!(scratch.len() >= SCRATCH_PER_THREAD, "GEMM scratch too small");
+        assert!(packed_b.len() >= packed_b_len(g.n, g.k), "GEMM: packed B too small");
+        check_bounds(g);
+        self.block(g, 0..g.m, 0..g.n, scratch, None, Some(packed_b));
     }
 
     /// Single-threaded GEMM whose A operand has contiguous columns: A(i, p) =
@@ -234,7 +277,7 @@ impl Gemmer {
             assert!(g.b.data.len() > last, "GEMM: B too small");
         }
         pack_a_cols(a_cols, cs, g.m, g.k, packed);
-        self.block(g, 0..g.m, 0..g.n, scratch, Some(&packed[..len]));
+        self.block(g, 0..g.m, 0..g.n, scratch, Some(&packed[..len]), None);
     }
 
     /// `dst[c·ds + r] = src[r·ss + c]`, r < rows, c < cols (by 4×4 register blocks).
@@ -246,7 +289,8 @@ impl Gemmer {
     }
 
     /// C[rows, cols] for one thread: the BLIS jc → pc → ic → jr → ir loop nest. With
-    /// `pre`, A was packed for all rows already (layout of [`packed_a_len`]).
+    /// `pre`, A was packed for all rows already (layout of [`packed_a_len`]); with `pre_b`,
+    /// all of B was ([`Gemmer::pack_b_whole`]; `cols.start` a multiple of NR).
     fn block(
         &self,
         g: &Gemm,
@@ -254,11 +298,13 @@ impl Gemmer {
         cols: std::ops::Range<usize>,
         scratch: &mut [f32],
         pre: Option<&[f32]>,
+        pre_b: Option<&[f32]>,
     ) {
         if rows.is_empty() || cols.is_empty() {
             return;
         }
         let (bpack, apack) = scratch.split_at_mut(KC * NC);
+        let mut runs = [Run { start: std::ptr::null(), lines: 0 }; RUNS_MAX];
         let row_tiles = rows.len().div_ceil(MR);
         let mut j0 = cols.start;
         while j0 < cols.end {
@@ -268,17 +314,27 @@ impl Gemmer {
             while p0 < g.k {
                 let kc = KC.min(g.k - p0);
                 let last = p0 + kc == g.k;
-                pack_b(self.isa, g.b, j0, nc, p0, kc, bpack);
-                // The next B block to pack (weights: a DRAM read), fetched while this one's
-                // kernels run, spread over all of them.
+                // The B panels of this block (panel jp at jp · panel_stride), and the next B
+                // block (weights: a DRAM read), fetched while this one's kernels run.
+                let next = if p0 + kc < g.k { Some((j0, nc, p0 + kc)) } else { None };
+                let next = next.or((j0 + nc < cols.end).then(|| (j0 + nc, NC.min(cols.end - j0 - nc), 0)));
                 let mut b_ahead = Ahead::new(row_tiles * col_tiles);
-                if g.b.cs == 1 {
-                    let next = if p0 + kc < g.k { Some((j0, nc, p0 + kc)) } else { None };
-                    let next = next.or((j0 + nc < cols.end).then(|| (j0 + nc, NC.min(cols.end - j0 - nc), 0)));
-                    if let Some((nj, nn, np)) = next {
-                        b_ahead.add(g.b.data, nj * g.b.rs + np, g.b.rs, nn, KC.min(g.k - np));
+                let (bpanels, panel_stride): (&[f32], usize) = match pre_b {
+                    Some(pb) => {
+                        if let Some((nj, nn, np)) = next {
+                            let nk = KC.min(g.k - np);
+                            b_ahead.add(pb, nj * g.k + np * NR, NR * g.k, nn.div_ceil(NR), nk * NR);
+                        }
+                        (&pb[j0 * g.k + p0 * NR..], NR * g.k)
                     }
-                }
+                    None => {
+                        pack_b(self.isa, g.b, j0, nc, p0, kc, bpack);
+                        if let (1, Some((nj, nn, np))) = (g.b.cs, next) {
+                            b_ahead.add(g.b.data, nj * g.b.rs + np, g.b.rs, nn, KC.min(g.k - np));
+                        }
+                        (bpack, NR * kc)
+                    }
+                };
                 let mut i0 = rows.start;
                 while i0 < rows.end {
                     let mc = MC.min(rows.end - i0);
@@ -289,15 +345,22 @@ impl Gemmer {
                             apack
                         }
                     };
-                    // What the next pack_a and this block's epilogue will read (the icc
-                    // caches x_s and y_s are cold), fetched while the kernels run instead
-                    // of stalling the packer and the epilogue.
+                    // What the next pack_a and this block's epilogue (or its kernels) will
+                    // read (the icc caches x_s and y_s are cold), fetched while the kernels
+                    // run instead of stalling the packer and the epilogue.
                     let mut ahead = Ahead::new(mc.div_ceil(MR) * col_tiles);
-                    if last {
-                        if let Some((m, ld)) = g.add {
+                    // Without a bias, the added matrix (icc's cached y_s) is added by the kernel
+                    // as it stores each tile, rather than by a pass over the block after; the
+                    // sum is formed in the same order, (A·B [+ C]) + add, so the bits are
+                    // those of the epilogue.
+                    let fused_add = match g.add {
+                        Some(add) if last && g.bias.is_none() => Some(add),
+                        Some((m, ld)) if last => {
                             ahead.add(m, i0 * ld + j0, ld, mc, nc);
+                            None
                         }
-                    }
+                        _ => None,
+                    };
                     if pre.is_none() && g.conv.is_none() {
                         let next = if i0 + mc < rows.end {
                             Some((i0 + mc, MC.min(rows.end - i0 - mc), p0))
@@ -312,12 +375,35 @@ impl Gemmer {
                             }
                         }
                     }
+                    let ip_tiles = mc.div_ceil(MR);
                     for jp in 0..col_tiles {
                         let nr = NR.min(nc - jp * NR);
-                        for ip in 0..mc.div_ceil(MR) {
+                        for ip in 0..ip_tiles {
                             let mr = MR.min(mc - ip * MR);
-                            ahead.step();
-                            b_ahead.step();
+                            // This call's share of the prefetches, issued by the kernel
+                            // between its k steps so that a burst of misses never stalls it.
+                            let mut nruns = 0;
+                            let mut lines = ahead.take(&mut runs, &mut nruns) + b_ahead.take(&mut runs, &mut nruns);
+                            // With the added matrix fused, each call fetches the next tile's
+                            // part of it, which the next call reads as it stores.
+                            if let Some((m, ld)) = fused_add {
+                                let next = if ip + 1 < ip_tiles {
+                                    Some((ip + 1, jp))
+                                } else {
+                                    (jp + 1 < col_tiles).then_some((0, jp + 1))
+                                };
+                                if let Some((ni, nj)) = next {
+                                    let (r, c) = (i0 + ni * MR, j0 + nj * NR);
+                                    let mut tile = Ahead::new(1);
+                                    tile.add(m, r * ld + c, ld, MR.min(mc - ni * MR), NR.min(nc - nj * NR));
+                                    lines += tile.take(&mut runs, &mut nruns);
+                                }
+                            }
+                            let (add, ld_add) = match fused_add {
+                                Some((m, ld)) => (m[(i0 + ip * MR) * ld + j0 + jp * NR..].as_ptr(), ld),
+                                None => (std::ptr::null(), 0),
+                            };
+                            let pf = Prefetch { runs: runs.as_ptr(), len: nruns, lines };
                             // SAFETY: bounds were checked in `check_bounds`; the packed
                             // panels are padded to full MR/NR tiles.
                             unsafe {
@@ -325,12 +411,15 @@ impl Gemmer {
                                 (self.kernel)(
                                     kc,
                                     apanels.as_ptr().add(ip * MR * kc),
-                                    bpack.as_ptr().add(jp * NR * kc),
+                                    bpanels.as_ptr().add(jp * panel_stride),
                                     c,
                                     g.ldc,
                                     mr,
                                     nr,
                                     p0 > 0,
+                                    add,
+                                    ld_add,
+                                    pf,
                                 );
                             }
                         }
@@ -338,6 +427,7 @@ impl Gemmer {
                     if last {
                         // The MC×NC block of C is still in L2: bias, added matrix and
                         // activation now rather than in a second pass over all rows.
+                        let g = if fused_add.is_some() { &Gemm { add: None, ..*g } } else { g };
                         epilogue(self.isa, g, i0..i0 + mc, j0..j0 + nc);
                     }
                     i0 += mc;
@@ -354,25 +444,31 @@ impl Gemmer {
 }
 
 /// Software prefetch of up to three row-major regions (`rows` × `cols` floats from `start`,
-/// row stride `ld`), issued a few cache lines per micro-kernel call so that the lines arrive
-/// while the kernels compute. Prefetching moves no values, so it changes no bits; on paths
+/// row stride `ld`), shared out over the micro-kernel calls of a block so that the lines
+/// arrive while the kernels compute. Each call gets its share as a few runs of consecutive
+/// lines and issues them one at a time between its k steps ([`kernels::PfCursor`]): issuing
+/// them here line by line before each call, as until 2026-12-05, cost 9 % of a calibrated
+/// DiT-XL/2 step (address bookkeeping per line, and bursts of 24–96 misses that stalled the
+/// core until they drained). Prefetching moves no values, so it changes no bits; on paths
 /// without a prefetch instruction here (aarch64, scalar builds elsewhere) it does nothing.
 struct Ahead<'a> {
     regions: [(&'a [f32], usize, usize, usize, usize); 3],
     len: usize,
-    /// Kernel calls left to spread the lines over.
+    /// Kernel calls to spread the lines over, and the lines each takes (fixed at the
+    /// first call, so that no call divides).
     calls: usize,
+    share: usize,
     /// Cursor: region, row, float offset within the row.
     at: (usize, usize, usize),
     lines_left: usize,
 }
 
 /// Floats per 64-byte cache line.
-const LINE: usize = 16;
+pub(super) const LINE: usize = 16;
 
 impl<'a> Ahead<'a> {
     fn new(calls: usize) -> Self {
-        Ahead { regions: [(&[], 0, 0, 0, 0); 3], len: 0, calls: calls.max(1), at: (0, 0, 0), lines_left: 0 }
+        Ahead { regions: [(&[], 0, 0, 0, 0); 3], len: 0, calls: calls.max(1), share: 0, at: (0, 0, 0), lines_left: 0 }
     }
 
     fn add(&mut self, data: &'a [f32], start: usize, ld: usize, rows: usize, cols: usize) {
@@ -383,33 +479,44 @@ impl<'a> Ahead<'a> {
         }
     }
 
-    /// Issues this call's share of the remaining lines.
+    /// Appends this call's share of the remaining lines to `out` from run `*n` on, as runs
+    /// of consecutive lines (as many as fit; the rest stay for later calls); returns the
+    /// lines added.
     #[inline]
-    fn step(&mut self) {
+    fn take(&mut self, out: &mut [Run; RUNS_MAX], n: &mut usize) -> usize {
         if self.lines_left == 0 {
-            return;
+            return 0;
         }
-        let mut n = self.lines_left.div_ceil(self.calls);
-        self.calls = self.calls.saturating_sub(1).max(1);
-        self.lines_left -= n;
-        while n > 0 && self.at.0 < self.len {
-            let (data, start, ld, rows, cols) = self.regions[self.at.0];
-            let (r, c) = (self.at.1, self.at.2);
-            prefetch(data.as_ptr().wrapping_add(start + r * ld + c));
-            n -= 1;
-            self.at = if c + LINE < cols {
-                (self.at.0, r, c + LINE)
+        if self.share == 0 {
+            self.share = self.lines_left.div_ceil(self.calls);
+        }
+        let mut share = self.share;
+        let (mut region, mut r, mut c) = self.at;
+        let mut taken = 0;
+        while share > 0 && region < self.len && *n < RUNS_MAX {
+            let (data, start, ld, rows, cols) = self.regions[region];
+            let row_lines = (cols - c).div_ceil(LINE);
+            let k = row_lines.min(share);
+            out[*n] = Run { start: data.as_ptr().wrapping_add(start + r * ld + c), lines: k };
+            *n += 1;
+            share -= k;
+            taken += k;
+            if k < row_lines {
+                c += k * LINE;
             } else if r + 1 < rows {
-                (self.at.0, r + 1, 0)
+                (r, c) = (r + 1, 0);
             } else {
-                (self.at.0 + 1, 0, 0)
-            };
+                (region, r, c) = (region + 1, 0, 0);
+            }
         }
+        self.at = (region, r, c);
+        self.lines_left -= taken;
+        taken
     }
 }
 
 #[inline(always)]
-fn prefetch(p: *const f32) {
+pub(super) fn prefetch(p: *const f32) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch never faults, whatever the address.
     unsafe {
@@ -418,6 +525,11 @@ fn prefetch(p: *const f32) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
+}
+
+/// Floats of a whole packed B (columns padded to NR): [`Gemmer::pack_b_whole`].
+pub fn packed_b_len(n: usize, k: usize) -> usize {
+    n.next_multiple_of(NR) * k
 }
 
 /// Floats of a whole packed A (rows padded to MR): the shared buffer of [`Gemmer::run`].
@@ -633,6 +745,55 @@ mod tests {
                         assert_eq!(t[j * (m + 1) + i].to_bits(), c1[i * n + j].to_bits(), "{} transpose", gm.name());
                     }
                 }
+            }
+        }
+    }
+
+    /// B packed once for the whole product (what calibrated steps do with icc's factors)
+    /// gives the bits of B packed per call, on every path, at shapes that cross the KC and
+    /// NC blocks and end mid-panel, with the increment operand, an added matrix and GELU;
+    /// and the added matrix, which the kernels add as they store (no bias), gives the bits
+    /// of the product followed by the separate epilogue.
+    #[test]
+    fn b_packed_once_matches_b_packed_per_call() {
+        for gm in Isa::available().map(Gemmer::new) {
+            for &(m, n, k) in &[(13, 33, 300), (37, 100, 72), (150, 400, 520), (24, 32, 128), (5, 3, 0)] {
+                let mut s = (m * 7 + n * 13 + k) as u64;
+                let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut s)).collect();
+                let minus: Vec<f32> = (0..m * k).map(|_| lcg(&mut s) * 0.5).collect();
+                let w: Vec<f32> = (0..n * k).map(|_| lcg(&mut s)).collect();
+                let add: Vec<f32> = (0..m * n).map(|_| lcg(&mut s)).collect();
+                let (mut c1, mut c2) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                let mut scratch = vec![0.0; SCRATCH_PER_THREAD];
+                let mut packed = vec![f32::NAN; packed_b_len(n, k)];
+                gm.pack_b_whole(BMat::weight(&w, k), n, k, &mut packed);
+                let g = Gemm {
+                    m,
+                    n,
+                    k,
+                    a: &a,
+                    a_minus: Some(&minus),
+                    lda: k,
+                    conv: None,
+                    b: BMat::weight(&w, k),
+                    bias: None,
+                    add: Some((&add, n)),
+                    act: Act::GeluTanh,
+                    c: SendPtr(c1.as_mut_ptr()),
+                    ldc: n,
+                };
+                gm.run_single(&mut scratch, &g);
+                gm.run_single_packed_b(&mut scratch, &Gemm { c: SendPtr(c2.as_mut_ptr()), ..g }, &packed);
+                assert!(c1.iter().any(|v| *v != 0.0) && c1.iter().all(|v| v.is_finite()), "trivial result");
+                let same = c1.iter().zip(&c2).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} m{m} n{n} k{k}: B packed once differs from B packed per call", gm.name());
+                let mut c3 = vec![f32::NAN; m * n];
+                gm.run_single(&mut scratch, &Gemm { add: None, act: Act::None, c: SendPtr(c3.as_mut_ptr()), ..g });
+                for (row, add) in c3.chunks_exact_mut(n).zip(add.chunks_exact(n)) {
+                    math::bias_act(gm.isa(), row, None, Some(add), true);
+                }
+                let same = c1.iter().zip(&c3).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{} m{m} n{n} k{k}: the fused add differs from the epilogue's", gm.name());
             }
         }
     }
