@@ -73,7 +73,8 @@ for want in "${wanted[@]}"; do
 done
 
 # 3. Copy with stable names, without debug information; the Hopper kernels' fatbins (the build
-#    script's output folder) to .device/kernels, for gpu-check.sh's SASS check (check-sass.sh).
+#    script's output folder) to .device/kernels, for gpu-check.sh's SASS check (check-sass.sh),
+#    packed with the binaries below.
 rm -rf "$DEST/bin" "$DEST/kernels"
 mkdir -p "$DEST/bin" "$DEST/kernels"
 kernels_dir=$(sed -n 's/^kernels //p' "$list")
@@ -117,10 +118,10 @@ baked=$(grep -rln 'CARGO_MANIFEST_DIR' tests/gpu_*.rs tests/gpu_common src 2>/de
     done <"$list"
 } >"$DEST/manifest.txt"
 
-# 6. Pack: bin/ becomes bin.tar.xz (the manifest describes the unpacked files).
+# 6. Pack: bin/ and kernels/ become bin.tar.xz (the manifest describes the unpacked files).
 rm -f "$DEST/bin.tar.xz"
-tar -C "$DEST" -cJf "$DEST/bin.tar.xz" bin
-rm -rf "$DEST/bin"
+tar -C "$DEST" -cJf "$DEST/bin.tar.xz" bin kernels
+rm -rf "$DEST/bin" "$DEST/kernels"
 
 # 7. With --with-dataset: the bundled model's training set, compressed (8 MB), for
 #    scripts/gpu-train.sh (generating it there would take a minute of device time).
